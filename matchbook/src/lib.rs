@@ -1,0 +1,4 @@
+//! matchbook: a limit-order matching engine, understudy's reference application.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]

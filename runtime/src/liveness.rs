@@ -1,0 +1,1 @@
+//! Liveness: process identity, robust mutex, pidfd.

@@ -1,0 +1,1 @@
+//! shm-layout: the bytes.

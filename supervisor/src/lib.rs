@@ -1,0 +1,4 @@
+//! understudy-supervisor: the operator's side.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
