@@ -1,1 +1,27 @@
-//! shm-layout: the bytes.
+//! shm-layout: the bytes understudy keeps in shared memory.
+//!
+//! This layer knows the layout of a region file (a superblock and a ring), the frame format,
+//! the versioned record templates, and the single-producer/single-consumer ring that moves
+//! frames from the active engine to the standby. It knows nothing of engines, roles, clusters
+//! or policy: no processes, no I/O beyond mapping a file.
+//!
+//! - [`region`]: create, open and validate a region file under /dev/shm.
+//! - [`ring`]: the SPSC ring of variable-length frames with batch publish.
+//! - [`frame`]: the 32-byte frame header and its checksum.
+//! - [`record`]: versioned zerocopy record templates and their fingerprints.
+//! - [`memory`]: the raw word region the ring runs over (a heap buffer in loom models).
+//!
+//! Everything read from shared memory is untrusted: the consumer copies a frame out, then
+//! checks sequence, lengths and checksum before any typed view is made.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
+
+pub mod frame;
+pub mod memory;
+pub mod record;
+pub mod region;
+pub mod ring;
+mod sync;
+
+pub use sync::{AtomicU64, Ordering};

@@ -1,0 +1,1073 @@
+//! The single-producer, single-consumer ring of variable-length frames.
+//!
+//! The ring lives in a [`WordMemory`] laid out as four 128-byte control lines and the data area:
+//!
+//! ```text
+//! line 0  producer: head position, head sequence      (written by the producer after a commit)
+//! line 1  consumer: tail position, tail sequence      (written by the consumer on release)
+//! line 2  consumer may sleep (futex waiting enabled)  (written once by the consumer)
+//! line 3  consumer asleep (the futex word)            (consumer sets, producer clears + wakes)
+//! data    capacity bytes, a power of two
+//! ```
+//!
+//! Each line is 128 bytes because modern x86 prefetches cache lines in adjacent pairs, so two
+//! counters 64 bytes apart still false-share (the same reason as crossbeam's `CachePadded`).
+//!
+//! Positions are monotonic `u64` byte counters, never wrapped; the offset in the data area is
+//! `position & (capacity - 1)`. The consumer does not poll the producer's head: it spins on the
+//! commit word of the next frame, so in steady state one cache line moves per record, not two.
+//! The producer reads the consumer's tail only when its cached copy says the ring is full.
+//!
+//! # Examples
+//!
+//! ```
+//! use shm_layout::memory::HeapMemory;
+//! use shm_layout::ring::{ring_words, BatchBuf, Consumer, Producer};
+//! use std::sync::Arc;
+//!
+//! let capacity = 4096;
+//! let mem = Arc::new(HeapMemory::new(ring_words(capacity)));
+//! let mut producer = Producer::create(mem.clone(), capacity).unwrap();
+//! let mut consumer = Consumer::attach(mem, capacity).unwrap();
+//!
+//! let mut batch = producer.batch();
+//! batch.push(7, 1, 5, b"hello").unwrap();
+//! batch.push(7, 1, 5, b"world").unwrap();
+//! batch.commit();
+//!
+//! let mut buf = BatchBuf::with_capacity(capacity);
+//! assert!(consumer.poll(&mut buf).unwrap());
+//! let payloads: Vec<&[u8]> = buf.frames().map(|f| f.payload).collect();
+//! assert_eq!(payloads, [&b"hello"[..], &b"world"[..]]);
+//! ```
+
+use crate::frame::{
+    commit_word, frame_bytes, word1, word2, Checksum, COMMIT_CONT, COMMIT_LEN_MASK, FLAG_PAD,
+    FRAME_ALIGN, HEADER_BYTES, PAD_RECORD_TYPE,
+};
+use crate::memory::WordMemory;
+use crate::sync::{fence, spin_hint, yield_now, Ordering};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+/// Words in one control line (128 bytes).
+const LINE_WORDS: usize = 16;
+const HEAD_POS: usize = 0;
+const HEAD_SEQ: usize = 1;
+const TAIL_POS: usize = LINE_WORDS;
+const TAIL_SEQ: usize = LINE_WORDS + 1;
+const MAY_SLEEP: usize = 2 * LINE_WORDS;
+const ASLEEP: usize = 3 * LINE_WORDS;
+/// First word of the data area.
+pub const DATA_WORD: usize = 4 * LINE_WORDS;
+/// Bytes of control lines before the data area.
+pub const CONTROL_BYTES: usize = DATA_WORD * 8;
+/// Smallest data capacity in bytes.
+pub const MIN_CAPACITY: usize = 1024;
+
+const _: () = assert!(CONTROL_BYTES == 512);
+
+/// Words of memory a ring with `capacity` data bytes needs.
+pub const fn ring_words(capacity: usize) -> usize {
+    DATA_WORD + capacity / 8
+}
+
+/// The largest batch (all frames, padding included) a ring of `capacity` bytes accepts:
+/// one frame slot is always kept free for the zeroed commit word past the last batch.
+pub const fn max_batch_bytes(capacity: usize) -> usize {
+    capacity - FRAME_ALIGN
+}
+
+/// A ring that cannot be set up over the memory given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RingError {
+    /// Capacity is not a power of two of at least [`MIN_CAPACITY`] bytes.
+    BadCapacity {
+        /// The capacity given.
+        found: usize,
+    },
+    /// The memory is smaller than the ring needs.
+    MemoryTooSmall {
+        /// Words needed.
+        expected_words: usize,
+        /// Words present.
+        found_words: usize,
+    },
+    /// The published positions are inconsistent (tail ahead of head, or more than a lap behind).
+    BadPositions {
+        /// Producer's head.
+        head: u64,
+        /// Consumer's tail.
+        tail: u64,
+    },
+}
+
+impl fmt::Display for RingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RingError::BadCapacity { found } => write!(
+                f,
+                "ring capacity: expected a power of two >= {MIN_CAPACITY} bytes, found {found}"
+            ),
+            RingError::MemoryTooSmall {
+                expected_words,
+                found_words,
+            } => write!(
+                f,
+                "ring memory: expected at least {expected_words} words, found {found_words}"
+            ),
+            RingError::BadPositions { head, tail } => write!(
+                f,
+                "ring positions: expected tail <= head <= tail + capacity, found head {head}, tail {tail}"
+            ),
+        }
+    }
+}
+impl std::error::Error for RingError {}
+
+fn check<M: WordMemory>(mem: &M, capacity: usize) -> Result<(), RingError> {
+    if !capacity.is_power_of_two() || capacity < MIN_CAPACITY || capacity > (1 << 30) {
+        return Err(RingError::BadCapacity { found: capacity });
+    }
+    if mem.len_words() < ring_words(capacity) {
+        return Err(RingError::MemoryTooSmall {
+            expected_words: ring_words(capacity),
+            found_words: mem.len_words(),
+        });
+    }
+    Ok(())
+}
+
+/// Why a frame could not be added to a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// No room until the consumer releases more; the batch so far is intact.
+    Full {
+        /// Bytes the batch would need in all.
+        needed_bytes: usize,
+        /// Bytes free now.
+        free_bytes: usize,
+    },
+    /// The frame (or the batch with it) can never fit in this ring.
+    TooLarge {
+        /// Bytes the batch would need.
+        needed_bytes: usize,
+        /// The most a batch may take.
+        max_bytes: usize,
+    },
+    /// `record_type` 0xFFFF is reserved for padding.
+    ReservedType,
+}
+
+impl fmt::Display for PushError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PushError::Full {
+                needed_bytes,
+                free_bytes,
+            } => write!(
+                f,
+                "ring full: batch needs {needed_bytes} bytes, {free_bytes} free"
+            ),
+            PushError::TooLarge {
+                needed_bytes,
+                max_bytes,
+            } => write!(
+                f,
+                "batch too large: needs {needed_bytes} bytes, a batch may take at most {max_bytes}"
+            ),
+            PushError::ReservedType => write!(f, "record type 0xFFFF is reserved for padding"),
+        }
+    }
+}
+impl std::error::Error for PushError {}
+
+/// The producing end. Exactly one exists per ring (the type is not `Clone`).
+pub struct Producer<M: WordMemory> {
+    mem: M,
+    mask: u64,
+    capacity: u64,
+    head: u64,
+    seq: u64,
+    cached_tail: u64,
+}
+
+impl<M: WordMemory> Producer<M> {
+    /// A producer for a fresh (zeroed) ring.
+    pub fn create(mem: M, capacity: usize) -> Result<Self, RingError> {
+        check(&mem, capacity)?;
+        Ok(Self::at(mem, capacity, 0, 0, 0))
+    }
+
+    fn at(mem: M, capacity: usize, head: u64, seq: u64, tail: u64) -> Self {
+        Producer {
+            mem,
+            mask: capacity as u64 - 1,
+            capacity: capacity as u64,
+            head,
+            seq,
+            cached_tail: tail,
+        }
+    }
+
+    /// A producer that continues a ring another producer (now dead) wrote: starts at the
+    /// published head and walks forward over batches committed after the last head publish.
+    pub fn resume(mem: M, capacity: usize) -> Result<Self, RingError> {
+        check(&mem, capacity)?;
+        let head = mem.word(HEAD_POS).load(Ordering::Acquire);
+        let seq = mem.word(HEAD_SEQ).load(Ordering::Acquire);
+        let tail = mem.word(TAIL_POS).load(Ordering::Acquire);
+        if tail > head || head - tail > capacity as u64 {
+            return Err(RingError::BadPositions { head, tail });
+        }
+        let mut p = Self::at(mem, capacity, head, seq, tail);
+        // A batch can be committed while its head publish was lost to a crash: skip over every
+        // committed batch head whose stamp is the next sequence.
+        loop {
+            let w = p.word_at(p.head).load(Ordering::Acquire);
+            let len = w & COMMIT_LEN_MASK;
+            if w == 0
+                || w & COMMIT_CONT != 0
+                || (w >> 32) as u32 != p.seq as u32
+                || len == 0
+                || len % FRAME_ALIGN as u64 != 0
+                || len > max_batch_bytes(capacity) as u64
+                || p.head + len - p.cached_tail > p.capacity
+            {
+                break;
+            }
+            // Count the frames of the batch to learn the next sequence number.
+            let mut at = p.head;
+            let end = p.head + len;
+            while at < end {
+                let w1 = p.word_at(at + 8).load(Ordering::Relaxed);
+                let fb = frame_bytes((w1 & 0xFFFF_FFFF) as usize) as u64;
+                at += fb.max(FRAME_ALIGN as u64);
+                p.seq += 1;
+            }
+            p.head = end;
+        }
+        p.publish_head();
+        Ok(p)
+    }
+
+    #[inline(always)]
+    fn word_at(&self, pos: u64) -> &crate::sync::AtomicU64 {
+        self.mem.word(DATA_WORD + ((pos & self.mask) >> 3) as usize)
+    }
+
+    /// The position the next batch will start at.
+    pub fn position(&self) -> u64 {
+        self.head
+    }
+
+    /// The sequence number of the next frame.
+    pub fn next_seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The ring's data capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.capacity as usize
+    }
+
+    /// The consumer's last released position, read fresh.
+    pub fn consumer_position(&mut self) -> u64 {
+        // SYNC POINT: slot released (Acquire side; Release is in `Consumer::release`).
+        self.cached_tail = self.mem.word(TAIL_POS).load(Ordering::Acquire);
+        self.cached_tail
+    }
+
+    /// Bytes the producer can still write before the consumer releases more.
+    pub fn free_bytes(&mut self) -> usize {
+        let tail = self.consumer_position();
+        (self.capacity - (self.head - tail)) as usize
+    }
+
+    /// Start a batch: its frames become visible to the consumer together, at [`Batch::commit`].
+    pub fn batch(&mut self) -> Batch<'_, M> {
+        let start = self.head;
+        let seq = self.seq;
+        Batch {
+            producer: self,
+            start,
+            pos: start,
+            start_seq: seq,
+            seq,
+            head_frame: None,
+            frames: 0,
+        }
+    }
+
+    /// Publish one frame as a batch of its own.
+    pub fn try_publish(
+        &mut self,
+        record_type: u16,
+        layout_version: u16,
+        block_length: u16,
+        payload: &[u8],
+    ) -> Result<(), PushError> {
+        let mut b = self.batch();
+        b.push(record_type, layout_version, block_length, payload)?;
+        b.commit();
+        Ok(())
+    }
+
+    /// Make room for `needed` bytes from `pos` (the zeroed word past the batch included).
+    #[inline]
+    fn reserve(&mut self, pos: u64, needed_end: u64) -> Result<(), PushError> {
+        let needed = needed_end - self.head;
+        if needed > max_batch_bytes(self.capacity as usize) as u64 + FRAME_ALIGN as u64 {
+            return Err(PushError::TooLarge {
+                needed_bytes: needed as usize,
+                max_bytes: max_batch_bytes(self.capacity as usize),
+            });
+        }
+        if needed_end - self.cached_tail <= self.capacity {
+            return Ok(());
+        }
+        let tail = self.consumer_position();
+        if needed_end - tail <= self.capacity {
+            return Ok(());
+        }
+        let _ = pos;
+        Err(PushError::Full {
+            needed_bytes: needed as usize,
+            free_bytes: (self.capacity - (self.head - tail)) as usize,
+        })
+    }
+
+    fn publish_head(&self) {
+        self.mem.word(HEAD_SEQ).store(self.seq, Ordering::Relaxed);
+        self.mem.word(HEAD_POS).store(self.head, Ordering::Release);
+    }
+
+    /// Wake a consumer sleeping on the futex; costs a load (and a fence) only when the consumer
+    /// has enabled sleeping, and a system call only when it is actually asleep.
+    #[inline]
+    fn wake_consumer(&self) {
+        if self.mem.word(MAY_SLEEP).load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        // SYNC POINT: sleep handshake (producer side). The commit store above and the load of
+        // ASLEEP below are ordered by this fence; the consumer stores ASLEEP, fences, then reads
+        // the commit word. One of the two sides must see the other's store.
+        fence(Ordering::SeqCst);
+        if self.mem.word(ASLEEP).load(Ordering::Relaxed) != 0 {
+            self.mem.word(ASLEEP).store(0, Ordering::Relaxed);
+            if let Some(fw) = self.mem.futex_word(ASLEEP) {
+                futex_wake(fw);
+            }
+        }
+    }
+}
+
+/// Frames being gathered into one batch; nothing is visible to the consumer until `commit`.
+/// Dropping a batch without committing abandons it: the ring is as before.
+pub struct Batch<'a, M: WordMemory> {
+    producer: &'a mut Producer<M>,
+    start: u64,
+    pos: u64,
+    start_seq: u64,
+    seq: u64,
+    /// Where the batch head frame is (its commit word is written last).
+    head_frame: Option<u64>,
+    frames: u32,
+}
+
+/// What a committed batch took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// Position of the batch's first frame.
+    pub start: u64,
+    /// Position just past the batch.
+    pub end: u64,
+    /// Sequence number of its first frame.
+    pub first_seq: u64,
+    /// Frames in it (padding included).
+    pub frames: u32,
+}
+
+impl<M: WordMemory> Batch<'_, M> {
+    /// Frames pushed so far.
+    pub fn len(&self) -> usize {
+        self.frames as usize
+    }
+
+    /// No frame pushed yet.
+    pub fn is_empty(&self) -> bool {
+        self.frames == 0
+    }
+
+    /// Bytes the batch takes so far.
+    pub fn bytes(&self) -> usize {
+        (self.pos - self.start) as usize
+    }
+
+    /// Append a frame whose payload is `payload`; `block_length` is the fixed-block length of
+    /// the record in it (see [`crate::record`]).
+    #[inline]
+    pub fn push(
+        &mut self,
+        record_type: u16,
+        layout_version: u16,
+        block_length: u16,
+        payload: &[u8],
+    ) -> Result<(), PushError> {
+        if record_type == PAD_RECORD_TYPE {
+            return Err(PushError::ReservedType);
+        }
+        let fb = frame_bytes(payload.len()) as u64;
+        let cap = self.producer.capacity;
+        let off = self.pos & self.producer.mask;
+        let pad = if off + fb > cap { cap - off } else { 0 };
+        // Room for padding, the frame and the zeroed commit word of the next batch.
+        self.producer
+            .reserve(self.pos, self.pos + pad + fb + FRAME_ALIGN as u64)?;
+        if pad > 0 {
+            self.write_frame(PAD_RECORD_TYPE, 0, 0, FLAG_PAD, None, pad as usize);
+        }
+        self.write_frame(
+            record_type,
+            layout_version,
+            block_length,
+            0,
+            Some(payload),
+            fb as usize,
+        );
+        Ok(())
+    }
+
+    /// Append a zerocopy record as one frame.
+    #[inline]
+    pub fn push_record<R: zerocopy::IntoBytes + zerocopy::Immutable>(
+        &mut self,
+        record_type: u16,
+        layout_version: u16,
+        record: &R,
+    ) -> Result<(), PushError> {
+        let bytes = record.as_bytes();
+        self.push(record_type, layout_version, bytes.len() as u16, bytes)
+    }
+
+    #[inline(always)]
+    fn write_frame(
+        &mut self,
+        record_type: u16,
+        layout_version: u16,
+        block_length: u16,
+        flags: u16,
+        payload: Option<&[u8]>,
+        fb: usize,
+    ) {
+        let p = &*self.producer;
+        let pos = self.pos;
+        let payload_len = fb - HEADER_BYTES;
+        let plen = payload.map_or(payload_len, |b| b.len());
+        let w1 = word1(plen as u32, record_type, layout_version);
+        let w2 = word2(flags, block_length);
+        let mut sum = Checksum::new(w1, w2, self.seq);
+        if let Some(bytes) = payload {
+            let mut at = pos + HEADER_BYTES as u64;
+            let mut chunks = bytes.chunks_exact(8);
+            for c in &mut chunks {
+                let w = u64::from_le_bytes(c.try_into().expect("chunk of 8"));
+                sum.add(w);
+                p.word_at(at).store(w, Ordering::Relaxed);
+                at += 8;
+            }
+            let rest = chunks.remainder();
+            if !rest.is_empty() {
+                let mut last = [0u8; 8];
+                last[..rest.len()].copy_from_slice(rest);
+                let w = u64::from_le_bytes(last);
+                sum.add(w);
+                p.word_at(at).store(w, Ordering::Relaxed);
+            }
+        }
+        p.word_at(pos + 8).store(w1, Ordering::Relaxed);
+        p.word_at(pos + 16)
+            .store(w2 | (sum.finish() as u64) << 32, Ordering::Relaxed);
+        p.word_at(pos + 24).store(self.seq, Ordering::Relaxed);
+        if self.head_frame.is_none() {
+            self.head_frame = Some(pos);
+        } else {
+            // A frame inside the batch: stamped now, published by the head's commit word.
+            p.word_at(pos)
+                .store(commit_word(self.seq, fb, true), Ordering::Relaxed);
+        }
+        self.pos += fb as u64;
+        self.seq += 1;
+        self.frames += 1;
+    }
+
+    /// Publish the batch: all its frames become visible to the consumer at once.
+    /// Returns `None` for an empty batch (nothing is written).
+    #[inline]
+    pub fn commit(self) -> Option<Committed> {
+        let head = self.head_frame?;
+        let p = &mut *self.producer;
+        debug_assert_eq!(head, self.start);
+        // The next batch's commit word must read 0 until that batch commits; it may hold a
+        // word from the previous lap. Ordered before the commit below by its Release.
+        p.word_at(self.pos).store(0, Ordering::Relaxed);
+        let len = (self.pos - self.start) as usize;
+        // SYNC POINT: frame committed (Release side; Acquire is in `Consumer::poll`). Every
+        // payload, header and continuation word of the batch was stored before this.
+        p.word_at(head)
+            .store(commit_word(self.start_seq, len, false), Ordering::Release);
+        p.head = self.pos;
+        p.seq = self.seq;
+        p.publish_head();
+        p.wake_consumer();
+        Some(Committed {
+            start: self.start,
+            end: self.pos,
+            first_seq: self.start_seq,
+            frames: self.frames,
+        })
+    }
+}
+
+/// One frame copied out of the ring and validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameMeta {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Position of its header in the ring.
+    pub pos: u64,
+    /// Record type.
+    pub record_type: u16,
+    /// Record layout version.
+    pub layout_version: u16,
+    /// Fixed-block length of the record.
+    pub block_length: u16,
+    /// Flags.
+    pub flags: u16,
+    payload_word: u32,
+    payload_len: u32,
+}
+
+/// A validated frame: its header fields and its payload, in the consumer's own memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Frame<'a> {
+    /// The header fields.
+    pub meta: FrameMeta,
+    /// The payload (exactly the bytes pushed).
+    pub payload: &'a [u8],
+}
+
+/// A reusable buffer a consumer copies one batch into. Reused across polls, it does not
+/// allocate once it has grown to the largest batch.
+#[derive(Default)]
+pub struct BatchBuf {
+    words: Vec<u64>,
+    frames: Vec<FrameMeta>,
+    start: u64,
+    end: u64,
+}
+
+impl BatchBuf {
+    /// A buffer sized for batches of up to `bytes`.
+    pub fn with_capacity(bytes: usize) -> Self {
+        BatchBuf {
+            words: Vec::with_capacity(bytes / 8),
+            frames: Vec::with_capacity(64),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// The frames of the last batch read, padding left out.
+    pub fn frames(&self) -> impl Iterator<Item = Frame<'_>> + '_ {
+        let bytes: &[u8] = zerocopy::IntoBytes::as_bytes(&self.words[..]);
+        self.frames.iter().map(move |m| {
+            let at = m.payload_word as usize * 8;
+            Frame {
+                meta: *m,
+                payload: &bytes[at..at + m.payload_len as usize],
+            }
+        })
+    }
+
+    /// The number of frames of the last batch read (padding left out).
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// No frames.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Position of the batch's first frame.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// Position just past the batch.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+}
+
+/// A frame that failed validation; the consumer stops at it (its position is unchanged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadError {
+    /// The commit word at a batch boundary is not a batch head of the expected sequence.
+    BadCommit {
+        /// Position.
+        pos: u64,
+        /// Sequence expected there.
+        expected_seq: u64,
+        /// The commit word found.
+        found_word: u64,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A frame inside a batch is out of sequence.
+    BadSequence {
+        /// Position.
+        pos: u64,
+        /// Expected.
+        expected: u64,
+        /// Found.
+        found: u64,
+    },
+    /// A length field is out of bounds.
+    BadLength {
+        /// Position.
+        pos: u64,
+        /// Which field.
+        field: &'static str,
+        /// Value found.
+        found: u64,
+        /// The bound it broke.
+        max: u64,
+    },
+    /// The checksum does not match the frame's bytes.
+    BadChecksum {
+        /// Position.
+        pos: u64,
+        /// Sequence.
+        seq: u64,
+        /// Stored.
+        stored: u32,
+        /// Computed.
+        computed: u32,
+    },
+}
+
+impl fmt::Display for ReadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadError::BadCommit {
+                pos,
+                expected_seq,
+                found_word,
+                why,
+            } => write!(
+                f,
+                "bad commit word at position {pos}: expected a batch head of sequence {expected_seq}, found {found_word:#018x} ({why})"
+            ),
+            ReadError::BadSequence {
+                pos,
+                expected,
+                found,
+            } => write!(
+                f,
+                "frame at position {pos}: expected sequence {expected}, found {found}"
+            ),
+            ReadError::BadLength {
+                pos,
+                field,
+                found,
+                max,
+            } => write!(
+                f,
+                "frame at position {pos}: field `{field}` out of bounds: expected at most {max}, found {found}"
+            ),
+            ReadError::BadChecksum {
+                pos,
+                seq,
+                stored,
+                computed,
+            } => write!(
+                f,
+                "frame {seq} at position {pos}: checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"
+            ),
+        }
+    }
+}
+impl std::error::Error for ReadError {}
+
+/// Where the committed prefix of a dead producer's ring ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TornTail {
+    /// Position just past the last committed batch (the consumer's position once drained).
+    pub committed_end: u64,
+    /// Sequence number expected there.
+    pub next_seq: u64,
+    /// The producer had started writing a batch there that it never committed.
+    pub uncommitted_bytes_seen: bool,
+}
+
+/// How a consumer waits for the next batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Spin on the commit word: lowest latency, burns a core.
+    Spin,
+    /// Spin `spins` times, then yield the CPU between polls.
+    Backoff {
+        /// Polls before yielding.
+        spins: u32,
+    },
+    /// Spin `spins` times, then sleep on a futex the producer wakes (a producer system call
+    /// only when the consumer is actually asleep). Falls back to `Backoff` on heap memory.
+    Futex {
+        /// Polls before sleeping.
+        spins: u32,
+    },
+}
+
+/// The consuming end. Exactly one exists per ring.
+pub struct Consumer<M: WordMemory> {
+    mem: M,
+    mask: u64,
+    capacity: u64,
+    pos: u64,
+    seq: u64,
+    released: u64,
+    released_seq: u64,
+    auto_release: bool,
+}
+
+impl<M: WordMemory> Consumer<M> {
+    /// A consumer that starts at the last released position (0 for a fresh ring) and releases
+    /// each batch as soon as it is copied out.
+    pub fn attach(mem: M, capacity: usize) -> Result<Self, RingError> {
+        check(&mem, capacity)?;
+        let tail = mem.word(TAIL_POS).load(Ordering::Acquire);
+        let seq = mem.word(TAIL_SEQ).load(Ordering::Acquire);
+        let head = mem.word(HEAD_POS).load(Ordering::Acquire);
+        if tail > head || head - tail > capacity as u64 {
+            return Err(RingError::BadPositions { head, tail });
+        }
+        Ok(Consumer {
+            mem,
+            mask: capacity as u64 - 1,
+            capacity: capacity as u64,
+            pos: tail,
+            seq,
+            released: tail,
+            released_seq: seq,
+            auto_release: true,
+        })
+    }
+
+    /// Keep read batches unreleased until [`Consumer::release_to`]: the producer cannot
+    /// overwrite them, so a successor can read them again (how ingress survives a crash).
+    pub fn set_auto_release(&mut self, on: bool) {
+        self.auto_release = on;
+    }
+
+    /// Continue reading at `pos` / `seq` (must lie between the released tail and the head),
+    /// e.g. at a position replicated from a dead consumer.
+    pub fn seek(&mut self, pos: u64, seq: u64) -> Result<(), RingError> {
+        if pos < self.released || pos - self.released > self.capacity || pos % 32 != 0 {
+            return Err(RingError::BadPositions {
+                head: pos,
+                tail: self.released,
+            });
+        }
+        self.pos = pos;
+        self.seq = seq;
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn word_at(&self, pos: u64) -> &crate::sync::AtomicU64 {
+        self.mem.word(DATA_WORD + ((pos & self.mask) >> 3) as usize)
+    }
+
+    /// The position of the next batch to read.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// The sequence number of the next frame to read.
+    pub fn next_seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The producer's published head (for lag reporting; the read path never needs it).
+    pub fn producer_position(&self) -> u64 {
+        self.mem.word(HEAD_POS).load(Ordering::Acquire)
+    }
+
+    /// Is a batch committed at the read position? (One load; does not validate it.)
+    #[inline]
+    pub fn has_next(&self) -> bool {
+        self.word_at(self.pos).load(Ordering::Relaxed) != 0
+    }
+
+    /// Copy the next committed batch into `buf` and validate every frame of it.
+    /// `Ok(false)`: nothing committed yet. On error the position does not move.
+    #[inline]
+    pub fn poll(&mut self, buf: &mut BatchBuf) -> Result<bool, ReadError> {
+        let pos = self.pos;
+        // SYNC POINT: frame committed (Acquire side; Release is in `Batch::commit`).
+        let w0 = self.word_at(pos).load(Ordering::Acquire);
+        if w0 == 0 {
+            return Ok(false);
+        }
+        let bad = |why| ReadError::BadCommit {
+            pos,
+            expected_seq: self.seq,
+            found_word: w0,
+            why,
+        };
+        if w0 & COMMIT_CONT != 0 {
+            return Err(bad("a continuation frame where a batch must start"));
+        }
+        if (w0 >> 32) as u32 != self.seq as u32 {
+            return Err(bad("sequence stamp is not the next sequence"));
+        }
+        let len = w0 & COMMIT_LEN_MASK;
+        let max = max_batch_bytes(self.capacity as usize) as u64;
+        if len == 0 || len % FRAME_ALIGN as u64 != 0 || len > max {
+            return Err(ReadError::BadLength {
+                pos,
+                field: "batch length",
+                found: len,
+                max,
+            });
+        }
+        buf.words.clear();
+        buf.frames.clear();
+        let end = pos + len;
+        let mut at = pos;
+        let mut seq = self.seq;
+        while at < end {
+            let w1 = self.word_at(at + 8).load(Ordering::Relaxed);
+            let w2 = self.word_at(at + 16).load(Ordering::Relaxed);
+            let fseq = self.word_at(at + 24).load(Ordering::Relaxed);
+            if at != pos {
+                let wc = self.word_at(at).load(Ordering::Relaxed);
+                if wc & COMMIT_CONT == 0 || (wc >> 32) as u32 != seq as u32 {
+                    return Err(ReadError::BadCommit {
+                        pos: at,
+                        expected_seq: seq,
+                        found_word: wc,
+                        why: "frame inside a batch is not stamped as its continuation",
+                    });
+                }
+            }
+            if fseq != seq {
+                return Err(ReadError::BadSequence {
+                    pos: at,
+                    expected: seq,
+                    found: fseq,
+                });
+            }
+            let payload_len = w1 & 0xFFFF_FFFF;
+            let record_type = (w1 >> 32) as u16;
+            let flags = w2 as u16;
+            let fb = frame_bytes(payload_len as usize) as u64;
+            let is_pad = flags & FLAG_PAD != 0;
+            let room = end - at;
+            let to_end = self.capacity - (at & self.mask);
+            if fb > room || (is_pad && fb != to_end) || (!is_pad && fb > to_end) {
+                return Err(ReadError::BadLength {
+                    pos: at,
+                    field: "payload length",
+                    found: payload_len,
+                    max: room.min(to_end) - HEADER_BYTES as u64,
+                });
+            }
+            if is_pad != (record_type == PAD_RECORD_TYPE) {
+                return Err(ReadError::BadLength {
+                    pos: at,
+                    field: "padding flag",
+                    found: flags as u64,
+                    max: FLAG_PAD as u64,
+                });
+            }
+            let stored = (w2 >> 32) as u32;
+            let mut sum = Checksum::new(w1, w2 & 0xFFFF_FFFF, seq);
+            if !is_pad {
+                let first = buf.words.len();
+                let nwords = (payload_len as usize).div_ceil(8);
+                let mut p = at + HEADER_BYTES as u64;
+                for _ in 0..nwords {
+                    let w = self.word_at(p).load(Ordering::Relaxed);
+                    sum.add(w);
+                    buf.words.push(w);
+                    p += 8;
+                }
+                buf.frames.push(FrameMeta {
+                    seq,
+                    pos: at,
+                    record_type,
+                    layout_version: (w1 >> 48) as u16,
+                    block_length: (w2 >> 16) as u16,
+                    flags,
+                    payload_word: first as u32,
+                    payload_len: payload_len as u32,
+                });
+            }
+            let computed = sum.finish();
+            if computed != stored {
+                return Err(ReadError::BadChecksum {
+                    pos: at,
+                    seq,
+                    stored,
+                    computed,
+                });
+            }
+            at += fb;
+            seq += 1;
+        }
+        buf.start = pos;
+        buf.end = end;
+        self.pos = end;
+        self.seq = seq;
+        if self.auto_release {
+            self.release_to(end, seq);
+        }
+        Ok(true)
+    }
+
+    /// Let the producer reuse everything before `pos` (the start of the frame with `seq`).
+    pub fn release_to(&mut self, pos: u64, seq: u64) {
+        if pos <= self.released {
+            return;
+        }
+        debug_assert!(pos <= self.pos);
+        self.released = pos;
+        self.released_seq = seq;
+        self.mem.word(TAIL_SEQ).store(seq, Ordering::Relaxed);
+        // SYNC POINT: slot released (Release side; Acquire is in `Producer::consumer_position`).
+        // Every copy out of the released bytes happened before this store.
+        self.mem.word(TAIL_POS).store(pos, Ordering::Release);
+    }
+
+    /// The last released position and sequence.
+    pub fn released(&self) -> (u64, u64) {
+        (self.released, self.released_seq)
+    }
+
+    /// Poll until a batch arrives, waiting as `wait` says, for at most `timeout` (`None`:
+    /// forever). `Ok(false)` on timeout.
+    pub fn poll_wait(
+        &mut self,
+        buf: &mut BatchBuf,
+        wait: Wait,
+        timeout: Option<Duration>,
+    ) -> Result<bool, ReadError> {
+        let started = Instant::now();
+        let mut polls: u32 = 0;
+        loop {
+            if self.poll(buf)? {
+                return Ok(true);
+            }
+            polls = polls.saturating_add(1);
+            if polls % 1024 == 0 {
+                if let Some(t) = timeout {
+                    if started.elapsed() >= t {
+                        return Ok(false);
+                    }
+                }
+            }
+            match wait {
+                Wait::Spin => spin_hint(),
+                Wait::Backoff { spins } => {
+                    if polls < spins {
+                        spin_hint()
+                    } else {
+                        yield_now()
+                    }
+                }
+                Wait::Futex { spins } => {
+                    if polls < spins {
+                        spin_hint();
+                    } else if !self.sleep(timeout.map(|t| t.saturating_sub(started.elapsed()))) {
+                        yield_now();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleep on the futex until the producer commits; false if futexes are unavailable.
+    fn sleep(&self, timeout: Option<Duration>) -> bool {
+        let Some(fw) = self.mem.futex_word(ASLEEP) else {
+            return false;
+        };
+        if self.mem.word(MAY_SLEEP).load(Ordering::Relaxed) == 0 {
+            self.mem.word(MAY_SLEEP).store(1, Ordering::Relaxed);
+        }
+        self.mem.word(ASLEEP).store(1, Ordering::Relaxed);
+        // SYNC POINT: sleep handshake (consumer side), pairs with `Producer::wake_consumer`.
+        fence(Ordering::SeqCst);
+        if self.has_next() {
+            self.mem.word(ASLEEP).store(0, Ordering::Relaxed);
+            return true;
+        }
+        let slice = timeout
+            .unwrap_or(Duration::from_millis(100))
+            .min(Duration::from_millis(100));
+        futex_wait(fw, 1, slice);
+        self.mem.word(ASLEEP).store(0, Ordering::Relaxed);
+        true
+    }
+
+    /// After the producer died: drain what is committed first ([`Consumer::poll`] until it
+    /// returns `false`), then ask where the committed prefix ends and whether a torn batch
+    /// follows it.
+    pub fn torn_tail(&self) -> TornTail {
+        // A torn batch leaves its head frame's header written (sequence word = the next
+        // sequence, a non-zero length word) while its commit word stays 0.
+        let p = self.pos;
+        let seen = self.word_at(p).load(Ordering::Relaxed) == 0
+            && self.word_at(p + 24).load(Ordering::Relaxed) == self.seq
+            && self.word_at(p + 8).load(Ordering::Relaxed) != 0;
+        TornTail {
+            committed_end: self.pos,
+            next_seq: self.seq,
+            uncommitted_bytes_seen: seen,
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", not(loom)))]
+fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `word` is a valid, aligned u32 in shared memory for the duration of the call;
+    // FUTEX_WAIT (not PRIVATE) because the producer is another process.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        );
+    }
+}
+
+#[cfg(all(target_os = "linux", not(loom)))]
+fn futex_wake(word: &std::sync::atomic::AtomicU32) {
+    // SAFETY: `word` is a valid, aligned u32 in shared memory; waking has no memory effects.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
+    }
+}
+
+#[cfg(any(not(target_os = "linux"), loom))]
+fn futex_wait(_: &std::sync::atomic::AtomicU32, _: u32, _: Duration) {}
+#[cfg(any(not(target_os = "linux"), loom))]
+fn futex_wake(_: &std::sync::atomic::AtomicU32) {}
