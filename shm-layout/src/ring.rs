@@ -126,7 +126,7 @@ impl fmt::Display for RingError {
 impl std::error::Error for RingError {}
 
 fn check<M: WordMemory>(mem: &M, capacity: usize) -> Result<(), RingError> {
-    if !capacity.is_power_of_two() || capacity < MIN_CAPACITY || capacity > (1 << 30) {
+    if !capacity.is_power_of_two() || !(MIN_CAPACITY..=(1 << 30)).contains(&capacity) {
         return Err(RingError::BadCapacity { found: capacity });
     }
     if mem.len_words() < ring_words(capacity) {

@@ -2,3 +2,6 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
+
+pub mod config;
+pub mod plan;
