@@ -1,0 +1,355 @@
+//! What an application implements to become an understudy engine, the transaction context
+//! its handler runs in, and the version handshake between two engines.
+
+use crate::protocol::{FeatureDecl, Hello};
+use crate::store::{Op, Store, Unit};
+use shm_layout::record::TemplateInfo;
+use std::fmt;
+
+/// A feature: an application capability that needs a layout version of one template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Feature {
+    /// Id, 0..64 (bit in the enabled set).
+    pub id: u16,
+    /// Name (<= 24 bytes).
+    pub name: &'static str,
+    /// The template whose newer layout it needs.
+    pub type_id: u16,
+    /// The layout version it needs.
+    pub layout_version: u16,
+}
+
+impl Feature {
+    /// Its declaration in a hello.
+    pub fn decl(&self) -> FeatureDecl {
+        let mut name = [0u8; 24];
+        let n = self.name.len().min(24);
+        name[..n].copy_from_slice(&self.name.as_bytes()[..n]);
+        FeatureDecl {
+            id: self.id,
+            type_id: self.type_id,
+            layout_version: self.layout_version,
+            name_len: n as u16,
+            name,
+        }
+    }
+}
+
+/// A request the handler refused: the transaction is rolled back, the response is still sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused(pub Vec<u8>);
+
+/// The application: one instance per engine process.
+pub trait Application {
+    /// The application's name; two engines of different applications never pair.
+    fn name(&self) -> &str;
+    /// Its version.
+    fn version(&self) -> u32;
+    /// The record templates it writes into work units and tables.
+    fn templates(&self) -> Vec<TemplateInfo>;
+    /// The features it has.
+    fn features(&self) -> Vec<Feature> {
+        Vec::new()
+    }
+    /// Process one request inside a transaction; write the response with [`Tx::respond`].
+    /// An `Err` rolls back the transaction's changes but still commits the response (so a
+    /// refused request is answered exactly once, like any other).
+    fn handle(&mut self, tx: &mut Tx<'_>, request: &[u8]) -> Result<(), Refused>;
+    /// Called on the standby for every change it applies (and on the active for its own
+    /// commits), so derived in-memory indexes stay hot and step-up does not rebuild them.
+    fn on_apply(&mut self, _op: &Op, _store: &Store) {}
+    /// Called on a standby after a snapshot replaced its whole state.
+    fn on_reset(&mut self, _store: &Store) {}
+}
+
+/// The transaction context: reads see the store plus this transaction's own changes.
+pub struct Tx<'a> {
+    pub(crate) store: &'a Store,
+    pub(crate) ops: &'a mut Vec<Op>,
+    pub(crate) response: &'a mut Vec<u8>,
+    pub(crate) enabled: u64,
+    pub(crate) write_versions: &'a [(u16, u16)],
+}
+
+impl Tx<'_> {
+    /// Register a new work unit.
+    pub fn register(&mut self, id: u64, kind: u16, layout_version: u16, state: &[u8]) {
+        self.put_unit(id, kind, layout_version, state)
+    }
+
+    /// Replace a work unit's state.
+    pub fn update(&mut self, id: u64, kind: u16, layout_version: u16, state: &[u8]) {
+        self.put_unit(id, kind, layout_version, state)
+    }
+
+    fn put_unit(&mut self, id: u64, kind: u16, layout_version: u16, state: &[u8]) {
+        self.ops.push(Op::PutUnit {
+            id,
+            kind,
+            layout_version,
+            state: state.to_vec(),
+        });
+    }
+
+    /// Retire a work unit.
+    pub fn retire(&mut self, id: u64) {
+        self.ops.push(Op::RetireUnit { id });
+    }
+
+    /// Put a record into table `table`.
+    pub fn put(&mut self, table: u16, key: &[u8], value: &[u8]) {
+        self.ops.push(Op::Put {
+            table,
+            key: key.to_vec(),
+            value: value.to_vec(),
+        });
+    }
+
+    /// Delete a record.
+    pub fn delete(&mut self, table: u16, key: &[u8]) {
+        self.ops.push(Op::Delete {
+            table,
+            key: key.to_vec(),
+        });
+    }
+
+    /// A work unit as this transaction sees it.
+    pub fn unit(&self, id: u64) -> Option<Unit> {
+        for op in self.ops.iter().rev() {
+            match op {
+                Op::PutUnit {
+                    id: i,
+                    kind,
+                    layout_version,
+                    state,
+                } if *i == id => {
+                    return Some(Unit {
+                        kind: *kind,
+                        layout_version: *layout_version,
+                        state: state.clone(),
+                    })
+                }
+                Op::RetireUnit { id: i } if *i == id => return None,
+                _ => {}
+            }
+        }
+        self.store.unit(id).cloned()
+    }
+
+    /// A record as this transaction sees it.
+    pub fn get(&self, table: u16, key: &[u8]) -> Option<Vec<u8>> {
+        for op in self.ops.iter().rev() {
+            match op {
+                Op::Put {
+                    table: t,
+                    key: k,
+                    value,
+                } if *t == table && k == key => return Some(value.clone()),
+                Op::Delete { table: t, key: k } if *t == table && k == key => return None,
+                _ => {}
+            }
+        }
+        self.store.get(table, key).map(|v| v.to_vec())
+    }
+
+    /// The committed store (without this transaction's changes).
+    pub fn store(&self) -> &Store {
+        self.store
+    }
+
+    /// Append to the response.
+    pub fn respond(&mut self, bytes: &[u8]) {
+        self.response.extend_from_slice(bytes);
+    }
+
+    /// Is feature `id` enabled (on both engines, from this point of the stream)?
+    pub fn feature_enabled(&self, id: u16) -> bool {
+        id < 64 && self.enabled & (1 << id) != 0
+    }
+
+    /// The layout version to write template `type_id` in: the oldest one, unless an enabled
+    /// feature needs a newer one (which both engines then support).
+    pub fn write_version(&self, type_id: u16) -> u16 {
+        self.write_versions
+            .iter()
+            .find(|(t, _)| *t == type_id)
+            .map_or(1, |(_, v)| *v)
+    }
+}
+
+/// Two engines that cannot pair; names both sides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandshakeError {
+    /// Different applications.
+    OtherApplication {
+        /// Ours.
+        ours: String,
+        /// Theirs.
+        theirs: String,
+    },
+    /// A template both use has no layout version both can read.
+    NoCommonLayout {
+        /// Type id.
+        type_id: u16,
+        /// Our range.
+        ours: (u16, u16),
+        /// Their range.
+        theirs: (u16, u16),
+    },
+    /// A template both use is laid out differently.
+    Fingerprint {
+        /// Type id.
+        type_id: u16,
+        /// Ours.
+        ours: u64,
+        /// Theirs.
+        theirs: u64,
+    },
+    /// The active has a feature enabled that the standby cannot follow.
+    FeatureUnsupported {
+        /// Feature name.
+        feature: String,
+        /// Layout version it needs.
+        needs: u16,
+        /// The peer's application version.
+        peer_version: u32,
+    },
+}
+
+impl fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HandshakeError::OtherApplication { ours, theirs } => write!(
+                f,
+                "peer runs another application: ours is `{ours}`, theirs is `{theirs}`"
+            ),
+            HandshakeError::NoCommonLayout {
+                type_id,
+                ours,
+                theirs,
+            } => write!(
+                f,
+                "template {type_id}: no layout version both can read: ours {}..={}, theirs {}..={}",
+                ours.0, ours.1, theirs.0, theirs.1
+            ),
+            HandshakeError::Fingerprint {
+                type_id,
+                ours,
+                theirs,
+            } => write!(
+                f,
+                "template {type_id}: layout fingerprint differs: ours {ours:#018x}, theirs {theirs:#018x}"
+            ),
+            HandshakeError::FeatureUnsupported {
+                feature,
+                needs,
+                peer_version,
+            } => write!(
+                f,
+                "feature `{feature}` is enabled and needs layout version {needs}, which the peer (application version {peer_version}) cannot read; it is refused this stream"
+            ),
+        }
+    }
+}
+impl std::error::Error for HandshakeError {}
+
+/// What two engines agreed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agreement {
+    /// Per template: the highest layout version both can read.
+    pub layouts: Vec<(u16, u16)>,
+    /// Features both have and whose layout both can read: the ones that may be enabled.
+    pub enableable: u64,
+    /// The peers run different application versions.
+    pub versions_differ: bool,
+}
+
+impl Agreement {
+    /// The lowest agreed layout version over all templates (what status shows).
+    pub fn layout_version(&self) -> u16 {
+        self.layouts.iter().map(|(_, v)| *v).min().unwrap_or(1)
+    }
+}
+
+/// Negotiate between our hello and theirs; `ours_enabled` is the active's enabled feature set
+/// (the check that a standby can follow it).
+pub fn negotiate(
+    ours: &Hello,
+    theirs: &Hello,
+    ours_enabled: u64,
+) -> Result<Agreement, HandshakeError> {
+    if ours.name != theirs.name {
+        return Err(HandshakeError::OtherApplication {
+            ours: ours.name.clone(),
+            theirs: theirs.name.clone(),
+        });
+    }
+    let mut layouts = Vec::new();
+    for t in &ours.templates {
+        let Some(p) = theirs.templates.iter().find(|p| p.type_id == t.type_id) else {
+            layouts.push((t.type_id, t.min_version));
+            continue;
+        };
+        if t.base_fingerprint != p.base_fingerprint {
+            return Err(HandshakeError::Fingerprint {
+                type_id: t.type_id,
+                ours: t.base_fingerprint,
+                theirs: p.base_fingerprint,
+            });
+        }
+        let lo = t.min_version.max(p.min_version);
+        let hi = t.max_version.min(p.max_version);
+        if lo > hi {
+            return Err(HandshakeError::NoCommonLayout {
+                type_id: t.type_id,
+                ours: (t.min_version, t.max_version),
+                theirs: (p.min_version, p.max_version),
+            });
+        }
+        layouts.push((t.type_id, hi));
+    }
+    let agreed = |type_id: u16| layouts.iter().find(|(t, _)| *t == type_id).map(|(_, v)| *v);
+    let mut enableable = 0u64;
+    for f in &ours.features {
+        let theirs_has = theirs.features.iter().any(|g| g.id == f.id);
+        let ok = theirs_has && agreed(f.type_id).is_some_and(|v| v >= f.layout_version);
+        if ok && f.id < 64 {
+            enableable |= 1 << f.id;
+        }
+        if ours_enabled & (1u64 << (f.id % 64)) != 0 && !ok {
+            return Err(HandshakeError::FeatureUnsupported {
+                feature: String::from_utf8_lossy(&f.name[..(f.name_len as usize).min(24)])
+                    .into_owned(),
+                needs: f.layout_version,
+                peer_version: theirs.app_version,
+            });
+        }
+    }
+    Ok(Agreement {
+        layouts,
+        enableable,
+        versions_differ: ours.app_version != theirs.app_version,
+    })
+}
+
+/// The write version of each template given the enabled features: the oldest layout unless an
+/// enabled feature needs a newer one.
+pub fn write_versions(
+    templates: &[TemplateInfo],
+    features: &[Feature],
+    enabled: u64,
+) -> Vec<(u16, u16)> {
+    templates
+        .iter()
+        .map(|t| {
+            let v = features
+                .iter()
+                .filter(|f| f.type_id == t.type_id && f.id < 64 && enabled & (1 << f.id) != 0)
+                .map(|f| f.layout_version)
+                .max()
+                .unwrap_or(t.min_version)
+                .clamp(t.min_version, t.max_version);
+            (t.type_id, v)
+        })
+        .collect()
+}

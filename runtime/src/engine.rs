@@ -1,0 +1,1552 @@
+//! The engine: one process of the application, active or standby, and every role change.
+//!
+//! - **Active**: takes requests from its [`Input`], runs each in a transaction, commits the
+//!   transaction's changes to every attached standby's stream as one batch, then answers.
+//!   Between requests it services standbys: attaches new ones (handshake, then a base position
+//!   or a chunked snapshot interleaved with live transactions), writes heartbeats, and obeys
+//!   commands (planned switchover, feature enable, stop).
+//! - **Standby**: applies each committed batch to its own store, and watches the active: the
+//!   robust mutex's owner-died bit (tens of µs after a SIGKILL), the active's identity (pidfd-
+//!   like backstop through /proc), and the active's heartbeat (a hung active is fenced with
+//!   SIGKILL). When the active dies it drains every committed batch, claims the next epoch by
+//!   compare-and-swap and becomes active.
+//! - **Planned switchover**: the active stops taking requests, pre-creates its own standby
+//!   stream for the next epoch, sends a step-up frame (position, count, digest) to the target,
+//!   releases the mutex and becomes the target's standby; the target verifies the digest, steps
+//!   up, and streams back without catch-up.
+
+use crate::app::{negotiate, write_versions, Agreement, Application, Feature, Refused, Tx};
+use crate::control::{self, cmd, monotonic_ns, realtime_ns, slot_cmd, Control, Field, Role, State};
+use crate::liveness::{LockWord, ProcessIdentity, TryLockOutcome};
+use crate::protocol::{self, rt, CommitBlock, FeaturesBlock, HeartbeatBlock, Hello, Position};
+use crate::store::{Op, Store};
+use shm_layout::record::{decode, TemplateInfo};
+use shm_layout::region::{Identity, Region, RegionMemory, RegionSpec};
+use shm_layout::ring::{BatchBuf, Consumer, Producer, PushError};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tracing::{debug, error, info, warn};
+
+/// The system table holding, per input source: position, sequence, last request sequence and
+/// the last response (so a new active can resume input and re-emit an unsent response).
+pub const SYS_INPUTS: u16 = 0xFFFF;
+
+/// What to do when a standby's stream is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backpressure {
+    /// Wait up to this long for room, then untether the standby.
+    Wait(Duration),
+    /// Untether the standby at once (it becomes stale and must catch up again).
+    Untether,
+}
+
+/// How an idle loop waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Idle {
+    /// Polls with a spin hint before sleeping.
+    pub spin_polls: u32,
+    /// Sleep per idle poll after that (0 = never sleep: lowest latency, burns a core).
+    pub sleep: Duration,
+}
+
+impl Idle {
+    /// Spin forever (benchmarks, pinned cores).
+    pub const SPIN: Idle = Idle {
+        spin_polls: u32::MAX,
+        sleep: Duration::ZERO,
+    };
+    /// Spin a little, then sleep 50 µs between polls (shared cores, tests).
+    pub const SHARED: Idle = Idle {
+        spin_polls: 20_000,
+        sleep: Duration::from_micros(50),
+    };
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The cluster directory (control file, streams).
+    pub dir: PathBuf,
+    /// This engine's slot (0 = a, 1 = b, 2 = c).
+    pub slot: usize,
+    /// Ring capacity of the streams this engine creates (as a standby).
+    pub ring_capacity: usize,
+    /// Back-pressure policy.
+    pub backpressure: Backpressure,
+    /// Idle strategy.
+    pub idle: Idle,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// A heartbeat older than this means the active is hung: the standby fences it.
+    pub hung_after: Duration,
+    /// Snapshot items per catch-up chunk (bounds the active's pause).
+    pub catchup_chunk: usize,
+    /// Start as standby even if no active exists (wait for one).
+    pub standby_only: bool,
+}
+
+impl Options {
+    /// Defaults for `dir` and `slot`.
+    pub fn new(dir: impl Into<PathBuf>, slot: usize) -> Options {
+        Options {
+            dir: dir.into(),
+            slot,
+            ring_capacity: 8 << 20,
+            backpressure: Backpressure::Wait(Duration::from_millis(5)),
+            idle: Idle::SHARED,
+            heartbeat: Duration::from_millis(1),
+            hung_after: Duration::from_millis(200),
+            catchup_chunk: 512,
+            standby_only: false,
+        }
+    }
+}
+
+/// Where requests come from and answers go.
+pub trait Input {
+    /// The next request, copied into `buf`; `None` if none is waiting.
+    fn poll(&mut self, buf: &mut Vec<u8>) -> Option<InputMeta>;
+    /// The transaction that consumed the request described by `meta` is committed to every
+    /// standby; `response` may now be delivered.
+    fn committed(&mut self, meta: &InputMeta, response: &[u8]);
+    /// This engine became active: resume every source after its replicated position (the
+    /// `SYS_INPUTS` table of `store`), re-emitting committed responses never delivered.
+    fn resume(&mut self, store: &Store);
+    /// Housekeeping hook called when idle (e.g. discovering new clients).
+    fn idle(&mut self) {}
+}
+
+/// Where a request came from and where the input stands after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InputMeta {
+    /// Source (client) id.
+    pub source: u64,
+    /// The request's sequence number at its source.
+    pub request_seq: u64,
+    /// Input position after the request.
+    pub next_pos: u64,
+    /// Input sequence after the request.
+    pub next_seq: u64,
+}
+
+/// The replicated position of one input source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourcePosition {
+    /// Input position after the last consumed request.
+    pub next_pos: u64,
+    /// Input sequence after it.
+    pub next_seq: u64,
+    /// The last request sequence consumed.
+    pub request_seq: u64,
+    /// The committed response to it.
+    pub response: Vec<u8>,
+}
+
+impl SourcePosition {
+    /// Encode as a `SYS_INPUTS` value.
+    pub fn encode(meta: &InputMeta, response: &[u8], out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(&meta.next_pos.to_le_bytes());
+        out.extend_from_slice(&meta.next_seq.to_le_bytes());
+        out.extend_from_slice(&meta.request_seq.to_le_bytes());
+        out.extend_from_slice(response);
+    }
+
+    /// Decode a `SYS_INPUTS` value (`None` if malformed).
+    pub fn decode(v: &[u8]) -> Option<SourcePosition> {
+        if v.len() < 24 {
+            return None;
+        }
+        let w = |i: usize| u64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().expect("8"));
+        Some(SourcePosition {
+            next_pos: w(0),
+            next_seq: w(1),
+            request_seq: w(2),
+            response: v[24..].to_vec(),
+        })
+    }
+
+    /// Every source's position in `store`.
+    pub fn all(store: &Store) -> Vec<(u64, SourcePosition)> {
+        store
+            .table(SYS_INPUTS)
+            .filter_map(|(k, v)| {
+                let id = u64::from_le_bytes(k.try_into().ok()?);
+                Some((id, SourcePosition::decode(v)?))
+            })
+            .collect()
+    }
+}
+
+/// Why an engine stopped.
+#[derive(Debug)]
+pub enum EngineError {
+    /// The control file.
+    Control(control::ControlError),
+    /// A region.
+    Region(shm_layout::region::RegionError),
+    /// The peer cannot pair with us.
+    Refused(String),
+    /// Anything else.
+    Other(String),
+}
+
+impl fmt::Display for EngineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EngineError::Control(e) => e.fmt(f),
+            EngineError::Region(e) => e.fmt(f),
+            EngineError::Refused(s) => write!(f, "refused by the active: {s}"),
+            EngineError::Other(s) => f.write_str(s),
+        }
+    }
+}
+impl std::error::Error for EngineError {}
+impl From<control::ControlError> for EngineError {
+    fn from(e: control::ControlError) -> Self {
+        EngineError::Control(e)
+    }
+}
+impl From<shm_layout::region::RegionError> for EngineError {
+    fn from(e: shm_layout::region::RegionError) -> Self {
+        EngineError::Region(e)
+    }
+}
+
+/// How the engine's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Stopped on command.
+    Stopped,
+}
+
+/// Region kind tags.
+const KIND_STREAM: u32 = 1;
+const KIND_FEEDBACK: u32 = 2;
+/// Close reasons.
+const CLOSE_UNTETHERED: u64 = 1;
+const CLOSE_CORRUPT: u64 = 2;
+const CLOSE_REFUSED: u64 = 3;
+const CLOSE_DETACHED: u64 = 4;
+
+/// Command result codes.
+pub mod result {
+    /// Done.
+    pub const OK: u64 = 0;
+    /// The target is not a hot standby.
+    pub const NOT_HOT: u64 = 2;
+    /// A feature cannot be enabled (a peer lacks it).
+    pub const NOT_ENABLEABLE: u64 = 3;
+    /// Unknown command.
+    pub const UNKNOWN: u64 = 4;
+}
+
+enum ReplicaPhase {
+    /// Waiting for the standby's hello on the feedback ring.
+    AwaitHello,
+    /// Streaming; `cursor` is the snapshot progress if a catch-up is under way.
+    Streaming(Option<Snapshot>),
+}
+
+struct Snapshot {
+    units_after: Option<u64>,
+    units_done: bool,
+    records_after: Option<(u16, Vec<u8>)>,
+}
+
+struct Replica {
+    slot: usize,
+    gen: u64,
+    stream_region: Region,
+    feedback_region: Region,
+    stream: Producer<RegionMemory>,
+    feedback: Consumer<RegionMemory>,
+    phase: ReplicaPhase,
+    agreement: Option<Agreement>,
+    hot: bool,
+}
+
+/// A standby's end of the stream.
+struct Upstream {
+    stream_region: Region,
+    feedback_region: Region,
+    stream: Consumer<RegionMemory>,
+    feedback: Producer<RegionMemory>,
+    active_slot: usize,
+    hello_seen: bool,
+    last_ack: Instant,
+}
+
+/// One engine process.
+pub struct Engine<A: Application, I: Input> {
+    app: A,
+    input: I,
+    opt: Options,
+    control: Control,
+    store: Store,
+    me: Identity,
+    hello_base: Hello,
+    templates: Vec<TemplateInfo>,
+    features: Vec<Feature>,
+    enabled: u64,
+    write_versions: Vec<(u16, u16)>,
+    epoch: u64,
+    commits: u64,
+    requests: u64,
+    // Scratch, reused so the hot path does not allocate once warm.
+    ops: Vec<Op>,
+    response: Vec<u8>,
+    request: Vec<u8>,
+    scratch: Vec<u8>,
+    sys_value: Vec<u8>,
+    buf: BatchBuf,
+    replicas: Vec<Replica>,
+    agreed_layout: u16,
+    cmd_seen: Option<(u64, Instant)>,
+}
+
+fn identity_of(p: &ProcessIdentity) -> Identity {
+    Identity {
+        pid: p.pid as u64,
+        start_time: p.start_time_ticks,
+    }
+}
+
+fn app_hash(name: &str) -> u64 {
+    crate::store::hash_parts(&[name.as_bytes()])
+}
+
+impl<A: Application, I: Input> Engine<A, I> {
+    /// Set up an engine in `opt.slot` of the cluster at `opt.dir` (creating the control file
+    /// if this is the first engine).
+    pub fn new(app: A, input: I, opt: Options) -> Result<Self, EngineError> {
+        let control = Control::open_or_create(&opt.dir)?;
+        let me = ProcessIdentity::current()
+            .map_err(|e| EngineError::Other(format!("reading own identity: {e}")))?;
+        let templates = app.templates();
+        let features = app.features();
+        let hello_base = Hello {
+            name: app.name().to_string(),
+            app_version: app.version(),
+            slot: opt.slot as u32,
+            templates: templates.clone(),
+            features: features.iter().map(Feature::decl).collect(),
+            enabled: 0,
+            commits: 0,
+            digest: 0,
+            epoch: 0,
+        };
+        let wv = write_versions(&templates, &features, 0);
+        let e = Engine {
+            app,
+            input,
+            control,
+            store: Store::new(),
+            me: identity_of(&me),
+            hello_base,
+            templates,
+            features,
+            enabled: 0,
+            write_versions: wv,
+            epoch: 0,
+            commits: 0,
+            requests: 0,
+            ops: Vec::with_capacity(64),
+            response: Vec::with_capacity(256),
+            request: Vec::with_capacity(256),
+            scratch: Vec::with_capacity(4096),
+            sys_value: Vec::with_capacity(256),
+            buf: BatchBuf::with_capacity(1 << 16),
+            replicas: Vec::new(),
+            agreed_layout: 1,
+            cmd_seen: None,
+            opt,
+        };
+        let s = e.opt.slot;
+        let c = &e.control;
+        c.set(s, Field::Pid, 0);
+        c.set(s, Field::StartTime, e.me.start_time);
+        c.set(s, Field::AppVersion, e.app.version() as u64);
+        c.set(s, Field::AppHash, app_hash(e.app.name()));
+        c.set(s, Field::Role, Role::None as u64);
+        c.set(s, Field::State, State::Starting as u64);
+        c.set(s, Field::Cmd, 0);
+        c.set(s, Field::Error, 0);
+        c.set(s, Field::HeartbeatNs, monotonic_ns());
+        c.set(s, Field::Pid, e.me.pid);
+        Ok(e)
+    }
+
+    /// The engine's store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The application.
+    pub fn app(&self) -> &A {
+        &self.app
+    }
+
+    /// Run until stopped.
+    pub fn run(mut self) -> Result<Exit, EngineError> {
+        let r = self.run_inner();
+        let s = self.opt.slot;
+        if let Err(e) = &r {
+            error!(slot = %control::slot_name(s), "engine stops: {e}");
+            self.control.set(s, Field::Error, 1);
+        }
+        self.control.set(s, Field::Role, Role::OutOfService as u64);
+        self.control.set(s, Field::State, State::Stopped as u64);
+        for rep in self.replicas.drain(..) {
+            rep.stream_region.close(CLOSE_DETACHED);
+        }
+        r
+    }
+
+    fn run_inner(&mut self) -> Result<Exit, EngineError> {
+        let fresh = self.control.epoch() == 0;
+        let mut next = if !self.opt.standby_only && fresh && self.try_become_first_active()? {
+            Next::Active
+        } else {
+            Next::Standby(None)
+        };
+        loop {
+            next = match next {
+                Next::Active => self.run_active()?,
+                Next::Standby(up) => self.run_standby(up)?,
+                Next::Stop => return Ok(Exit::Stopped),
+            };
+        }
+    }
+
+    /// No active holds the mutex and no live engine is active: take epoch 1 (or the next).
+    fn try_become_first_active(&mut self) -> Result<bool, EngineError> {
+        let lock = self.control.lock();
+        if let Some(a) = self.control.active_slot() {
+            if a != self.opt.slot && self.slot_alive(a) {
+                return Ok(false);
+            }
+        }
+        match lock.try_lock() {
+            Ok(TryLockOutcome::Acquired) | Ok(TryLockOutcome::OwnerDied) => {}
+            Ok(TryLockOutcome::WouldBlock) => return Ok(false),
+            Err(e) => return Err(EngineError::Other(format!("robust mutex: {e}"))),
+        }
+        let e = self.control.epoch();
+        match self.control.claim_epoch(e, self.opt.slot) {
+            Some(ne) => {
+                self.epoch = ne;
+                info!(slot = %control::slot_name(self.opt.slot), epoch = ne, "starting as active");
+                Ok(true)
+            }
+            None => {
+                let _ = lock.unlock();
+                Ok(false)
+            }
+        }
+    }
+
+    fn slot_alive(&self, slot: usize) -> bool {
+        let pid = self.control.get(slot, Field::Pid);
+        let st = self.control.get(slot, Field::StartTime);
+        if pid == 0 || pid > u32::MAX as u64 {
+            return false;
+        }
+        ProcessIdentity {
+            pid: pid as u32,
+            start_time_ticks: st,
+        }
+        .is_alive()
+    }
+
+    fn hello(&self) -> Hello {
+        let mut h = self.hello_base.clone();
+        h.enabled = self.enabled;
+        h.commits = self.commits;
+        h.digest = self.store.digest();
+        h.epoch = self.epoch;
+        h
+    }
+
+    fn position(&self, arg: u64) -> Position {
+        Position {
+            commits: self.commits,
+            input_pos: 0,
+            input_seq: 0,
+            digest: self.store.digest(),
+            units: self.store.unit_count() as u64,
+            epoch: self.epoch,
+            arg,
+        }
+    }
+
+    fn publish_status(&self, role: Role, state: State) {
+        let s = self.opt.slot;
+        let c = &self.control;
+        c.set(s, Field::Role, role as u64);
+        c.set(s, Field::State, state as u64);
+        c.set(s, Field::Epoch, self.epoch);
+        c.set(s, Field::Features, self.enabled);
+        c.set(s, Field::Layout, self.agreed_layout as u64);
+    }
+
+    // ------------------------------------------------------------------ active
+
+    fn run_active(&mut self) -> Result<Next, EngineError> {
+        let s = self.opt.slot;
+        self.publish_status(Role::Active, State::Serving);
+        self.input.resume(&self.store);
+        let mut idle_polls: u32 = 0;
+        let mut last_house = 0u64;
+        let mut last_hb_frame = 0u64;
+        let mut iter: u32 = 0;
+        loop {
+            iter = iter.wrapping_add(1);
+            if let Some((seq, c, a)) = self.control.pending() {
+                if let Some(next) = self.command(seq, c, a)? {
+                    return Ok(next);
+                }
+            }
+            let busy = if let Some(meta) = self.input.poll(&mut self.request) {
+                self.transact(meta);
+                idle_polls = 0;
+                true
+            } else {
+                false
+            };
+            if !busy || iter % 64 == 0 {
+                let now = monotonic_ns();
+                if now - last_house > 200_000 || !busy && now - last_house > 20_000 {
+                    last_house = now;
+                    self.control.set(s, Field::HeartbeatNs, now);
+                    self.control.set(s, Field::Commits, self.commits);
+                    self.control.set(s, Field::Requests, self.requests);
+                    self.control.set(s, Field::Digest, self.store.digest());
+                    if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
+                        self.control.set(s, Field::Cmd, 0);
+                        info!(slot = %control::slot_name(s), "stopping on command");
+                        return Ok(Next::Stop);
+                    }
+                    self.attach_new_replicas();
+                    self.service_replicas();
+                    if now - last_hb_frame > self.opt.heartbeat.as_nanos() as u64 * 10 {
+                        last_hb_frame = now;
+                        self.heartbeat_frames(now);
+                    }
+                }
+                if !busy {
+                    self.input.idle();
+                    idle_polls = idle_polls.saturating_add(1);
+                    self.idle_wait(idle_polls);
+                }
+            }
+        }
+    }
+
+    fn idle_wait(&self, polls: u32) {
+        if polls < self.opt.idle.spin_polls || self.opt.idle.sleep.is_zero() {
+            std::hint::spin_loop();
+        } else {
+            std::thread::sleep(self.opt.idle.sleep);
+        }
+    }
+
+    /// Run one request as a transaction and commit it.
+    fn transact(&mut self, meta: InputMeta) {
+        let req = std::mem::take(&mut self.request);
+        execute(
+            &mut self.app,
+            &self.store,
+            &mut self.ops,
+            &mut self.response,
+            &mut self.sys_value,
+            self.enabled,
+            &self.write_versions,
+            &meta,
+            &req,
+        );
+        self.request = req;
+        let commit = CommitBlock {
+            index: self.commits,
+            input_pos: meta.next_pos,
+            input_seq: meta.next_seq,
+            source: meta.source,
+            request_seq: meta.request_seq,
+            response_len: 0,
+            flags: 0,
+        };
+        self.replicate_tx(&commit);
+        for op in &self.ops {
+            self.store.apply(op);
+            self.app.on_apply(op, &self.store);
+        }
+        self.commits += 1;
+        self.requests += 1;
+        self.input.committed(&meta, &self.response);
+    }
+
+    /// Push the transaction's ops and commit to every streaming replica as one batch each.
+    fn replicate_tx(&mut self, commit: &CommitBlock) {
+        let mut i = 0;
+        while i < self.replicas.len() {
+            if !matches!(self.replicas[i].phase, ReplicaPhase::Streaming(_)) {
+                i += 1;
+                continue;
+            }
+            let started = Instant::now();
+            let ok = loop {
+                match push_tx(
+                    &mut self.replicas[i].stream,
+                    &self.ops,
+                    commit,
+                    &mut self.scratch,
+                ) {
+                    Ok(()) => break true,
+                    Err(PushError::Full { .. }) => match self.opt.backpressure {
+                        Backpressure::Wait(max) if started.elapsed() < max => {
+                            std::hint::spin_loop();
+                        }
+                        _ => break false,
+                    },
+                    Err(e) => {
+                        error!("transaction cannot be replicated: {e}");
+                        break false;
+                    }
+                }
+            };
+            if ok {
+                i += 1;
+            } else {
+                let rep = self.replicas.remove(i);
+                warn!(slot = %control::slot_name(rep.slot), "standby untethered: its stream is full");
+                rep.stream_region.close(CLOSE_UNTETHERED);
+                self.control
+                    .set(rep.slot, Field::State, State::Stale as u64);
+            }
+        }
+    }
+
+    fn heartbeat_frames(&mut self, now: u64) {
+        let hb = HeartbeatBlock {
+            now_ns: now,
+            commits: self.commits,
+        };
+        for r in &mut self.replicas {
+            if matches!(r.phase, ReplicaPhase::Streaming(_)) {
+                let _ =
+                    r.stream
+                        .try_publish(rt::HEARTBEAT, 1, 16, zerocopy::IntoBytes::as_bytes(&hb));
+            }
+        }
+    }
+
+    /// Handle a cluster command; `Some(next)` if the role changes.
+    fn command(&mut self, seq: u64, c: u64, arg: u64) -> Result<Option<Next>, EngineError> {
+        match c {
+            cmd::SWITCHOVER => {
+                let target = arg as usize;
+                let ok = self.replicas.iter().any(|r| {
+                    r.slot == target && r.hot && matches!(r.phase, ReplicaPhase::Streaming(None))
+                });
+                if !ok && target < control::SLOTS {
+                    // The target is attached but has not confirmed it is hot yet (acks come
+                    // every millisecond): keep the command pending for up to a second.
+                    let first = *self.cmd_seen.get_or_insert((seq, Instant::now()));
+                    if first.0 == seq && first.1.elapsed() < Duration::from_secs(1) {
+                        return Ok(None);
+                    }
+                }
+                self.cmd_seen = None;
+                if !ok {
+                    warn!(target = %control::slot_name(target.min(2)), "switchover refused: target is not a hot standby");
+                    self.control.ack(seq, result::NOT_HOT);
+                    return Ok(None);
+                }
+                let up = self.switchover(target)?;
+                self.control.ack(seq, result::OK);
+                Ok(Some(Next::Standby(Some(Box::new(up)))))
+            }
+            cmd::ENABLE_FEATURES => {
+                let want = arg;
+                let mut can = self
+                    .features
+                    .iter()
+                    .filter(|f| f.id < 64)
+                    .fold(0u64, |m, f| m | 1 << f.id);
+                for r in &self.replicas {
+                    match &r.agreement {
+                        Some(a) => can &= a.enableable,
+                        None => can = 0,
+                    }
+                }
+                if want & !can != 0 {
+                    warn!(
+                        want,
+                        can, "enable refused: not every engine supports these features"
+                    );
+                    self.control.ack(seq, result::NOT_ENABLEABLE);
+                    return Ok(None);
+                }
+                self.set_features(self.enabled | want);
+                self.control.ack(seq, result::OK);
+                Ok(None)
+            }
+            _ => {
+                self.control.ack(seq, result::UNKNOWN);
+                Ok(None)
+            }
+        }
+    }
+
+    fn set_features(&mut self, enabled: u64) {
+        let fb = FeaturesBlock {
+            enabled,
+            commits: self.commits,
+        };
+        for r in &mut self.replicas {
+            if matches!(r.phase, ReplicaPhase::Streaming(_)) {
+                let mut b = r.stream.batch();
+                let _ = b.push(rt::FEATURES, 1, 16, zerocopy::IntoBytes::as_bytes(&fb));
+                b.commit();
+            }
+        }
+        self.enabled = enabled;
+        self.write_versions = write_versions(&self.templates, &self.features, enabled);
+        self.control.set(self.opt.slot, Field::Features, enabled);
+        info!(enabled, "features enabled");
+    }
+
+    /// Planned switchover to `target`: returns this engine's new upstream (as standby).
+    fn switchover(&mut self, target: usize) -> Result<Upstream, EngineError> {
+        let t0 = Instant::now();
+        let s = self.opt.slot;
+        let next_epoch = self.epoch + 1;
+        // Pre-create our standby stream of the next epoch, so the new active streams to us
+        // from its first transaction on (no catch-up: our digest equals its digest).
+        let up = self.create_upstream(next_epoch, target)?;
+        let pos = self.position(target as u64);
+        let idx = self
+            .replicas
+            .iter()
+            .position(|r| r.slot == target)
+            .expect("target checked");
+        {
+            let r = &mut self.replicas[idx];
+            let mut b = r.stream.batch();
+            b.push(rt::STEP_UP, 1, 56, zerocopy::IntoBytes::as_bytes(&pos))
+                .map_err(|e| EngineError::Other(format!("step-up frame: {e}")))?;
+            b.commit();
+        }
+        // Detach every replica; the other standbys re-attach to the new active.
+        for rep in self.replicas.drain(..) {
+            if rep.slot != target {
+                rep.stream_region.close(CLOSE_DETACHED);
+            }
+        }
+        self.control
+            .lock()
+            .unlock()
+            .map_err(|e| EngineError::Other(format!("releasing the robust mutex: {e}")))?;
+        self.publish_status(Role::Standby, State::Syncing);
+        info!(slot = %control::slot_name(s), target = %control::slot_name(target), took_us = t0.elapsed().as_micros() as u64, "switched over; now standby");
+        Ok(up)
+    }
+
+    /// Find standbys that announced a new attach generation in our epoch and open them.
+    fn attach_new_replicas(&mut self) {
+        for slot in 0..control::SLOTS {
+            if slot == self.opt.slot {
+                continue;
+            }
+            let c = &self.control;
+            if Role::from_word(c.get(slot, Field::Role)) != Role::Standby
+                || c.get(slot, Field::Epoch) != self.epoch
+            {
+                continue;
+            }
+            let gen = c.get(slot, Field::AttachGen);
+            if self.replicas.iter().any(|r| r.slot == slot && r.gen == gen) {
+                continue;
+            }
+            self.replicas.retain(|r| r.slot != slot);
+            let sp = Control::stream_path(&self.opt.dir, self.epoch, slot, gen);
+            let fp = Control::feedback_path(&self.opt.dir, self.epoch, slot, gen);
+            let open = || -> Result<Replica, EngineError> {
+                let stream_region = Region::open(&sp, Duration::from_millis(1))?;
+                let feedback_region = Region::open(&fp, Duration::from_millis(1))?;
+                stream_region.set_producer_identity(self.me);
+                feedback_region.set_consumer_identity(self.me);
+                let stream = stream_region.producer()?;
+                let feedback = feedback_region.consumer()?;
+                Ok(Replica {
+                    slot,
+                    gen,
+                    stream_region,
+                    feedback_region,
+                    stream,
+                    feedback,
+                    phase: ReplicaPhase::AwaitHello,
+                    agreement: None,
+                    hot: false,
+                })
+            };
+            match open() {
+                Ok(r) => {
+                    debug!(slot = %control::slot_name(slot), gen, "standby attaching");
+                    self.replicas.push(r);
+                }
+                Err(e) => {
+                    debug!(slot = %control::slot_name(slot), "standby not ready to attach: {e}")
+                }
+            }
+        }
+    }
+
+    /// Handshakes, catch-up chunks, acks, detaches.
+    fn service_replicas(&mut self) {
+        let mut i = 0;
+        while i < self.replicas.len() {
+            match self.service_replica(i) {
+                Ok(()) => i += 1,
+                Err(why) => {
+                    let rep = self.replicas.remove(i);
+                    warn!(slot = %control::slot_name(rep.slot), "standby detached: {why}");
+                    rep.stream_region.close(CLOSE_DETACHED);
+                }
+            }
+        }
+        let peers: Vec<u64> = self
+            .replicas
+            .iter()
+            .filter_map(|r| {
+                r.agreement
+                    .as_ref()
+                    .map(|_| self.control.get(r.slot, Field::AppVersion))
+            })
+            .collect();
+        self.control.set(
+            self.opt.slot,
+            Field::PeerVersion,
+            peers.first().copied().unwrap_or(0),
+        );
+    }
+
+    fn service_replica(&mut self, i: usize) -> Result<(), String> {
+        let hello_now = self.hello();
+        let r = &mut self.replicas[i];
+        if r.feedback_region.closed().is_some() || r.stream_region.closed().is_some() {
+            return Err("its regions were closed".into());
+        }
+        // Feedback: hello, acks, refusals.
+        loop {
+            match r.feedback.poll(&mut self.buf) {
+                Ok(false) => break,
+                Ok(true) => {
+                    for f in self.buf.frames() {
+                        match f.meta.record_type {
+                            rt::HELLO if matches!(r.phase, ReplicaPhase::AwaitHello) => {
+                                let theirs = Hello::decode(f.payload, f.meta.block_length)
+                                    .map_err(|e| format!("bad hello: {e}"))?;
+                                match negotiate(&hello_now, &theirs, self.enabled) {
+                                    Ok(a) => {
+                                        if a.versions_differ {
+                                            info!(ours = hello_now.app_version, theirs = theirs.app_version, layout = a.layout_version(), "standby runs another version; streaming the agreed layout");
+                                        }
+                                        r.agreement = Some(a);
+                                        let mut b = r.stream.batch();
+                                        hello_now.encode(&mut self.scratch);
+                                        b.push(rt::HELLO, 1, 48, &self.scratch)
+                                            .map_err(|e| e.to_string())?;
+                                        let same = theirs.digest == hello_now.digest
+                                            && theirs.commits == hello_now.commits;
+                                        let pos = Position {
+                                            commits: self.commits,
+                                            input_pos: 0,
+                                            input_seq: 0,
+                                            digest: self.store.digest(),
+                                            units: self.store.unit_count() as u64,
+                                            epoch: self.epoch,
+                                            arg: 0,
+                                        };
+                                        if same {
+                                            b.push(
+                                                rt::BASE,
+                                                1,
+                                                56,
+                                                zerocopy::IntoBytes::as_bytes(&pos),
+                                            )
+                                            .map_err(|e| e.to_string())?;
+                                            r.phase = ReplicaPhase::Streaming(None);
+                                            r.hot = true;
+                                        } else {
+                                            b.push(
+                                                rt::SNAP_BEGIN,
+                                                1,
+                                                56,
+                                                zerocopy::IntoBytes::as_bytes(&pos),
+                                            )
+                                            .map_err(|e| e.to_string())?;
+                                            r.phase = ReplicaPhase::Streaming(Some(Snapshot {
+                                                units_after: None,
+                                                units_done: false,
+                                                records_after: None,
+                                            }));
+                                        }
+                                        b.commit();
+                                    }
+                                    Err(e) => {
+                                        let msg = format!(
+                                            "{e} (active: {} v{}, standby: {} v{})",
+                                            hello_now.name,
+                                            hello_now.app_version,
+                                            theirs.name,
+                                            theirs.app_version
+                                        );
+                                        let _ =
+                                            r.stream.try_publish(rt::REFUSE, 1, 0, msg.as_bytes());
+                                        r.stream_region.close(CLOSE_REFUSED);
+                                        return Err(format!("refused: {msg}"));
+                                    }
+                                }
+                            }
+                            rt::ACK => {
+                                if let Ok(p) = decode::<Position>(f.payload, f.meta.block_length) {
+                                    if p.arg == 1 {
+                                        r.hot = true;
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Err(e) => return Err(format!("corrupt feedback: {e}")),
+            }
+        }
+        // Catch-up chunk.
+        if let ReplicaPhase::Streaming(Some(snap)) = &mut r.phase {
+            let chunk = self.opt.catchup_chunk;
+            let done = send_chunk(&mut r.stream, &self.store, snap, chunk, &mut self.scratch)
+                .map_err(|e| format!("catch-up: {e}"))?;
+            if done {
+                let pos = Position {
+                    commits: self.commits,
+                    input_pos: 0,
+                    input_seq: 0,
+                    digest: self.store.digest(),
+                    units: self.store.unit_count() as u64,
+                    epoch: self.epoch,
+                    arg: 0,
+                };
+                match r
+                    .stream
+                    .try_publish(rt::SNAP_END, 1, 56, zerocopy::IntoBytes::as_bytes(&pos))
+                {
+                    Ok(()) => r.phase = ReplicaPhase::Streaming(None),
+                    Err(PushError::Full { .. }) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ standby
+
+    /// Create the standby's two regions for `epoch` and announce them in our slot.
+    fn create_upstream(&mut self, epoch: u64, active_slot: usize) -> Result<Upstream, EngineError> {
+        let s = self.opt.slot;
+        let gen = self.control.get(s, Field::AttachGen) + 1;
+        let sp = Control::stream_path(&self.opt.dir, epoch, s, gen);
+        let fp = Control::feedback_path(&self.opt.dir, epoch, s, gen);
+        let _ = Region::remove(&sp);
+        let _ = Region::remove(&fp);
+        let spec = |kind| RegionSpec {
+            capacity: self.opt.ring_capacity,
+            epoch,
+            kind,
+        };
+        let stream_region = Region::create(&sp, spec(KIND_STREAM), self.me)?;
+        let feedback_region = Region::create(&fp, spec(KIND_FEEDBACK), self.me)?;
+        stream_region.set_consumer_identity(self.me);
+        let stream = stream_region.consumer()?;
+        let mut feedback = feedback_region.producer()?;
+        let mut h = self.hello();
+        h.epoch = epoch;
+        h.encode(&mut self.scratch);
+        feedback
+            .try_publish(rt::HELLO, 1, 48, &self.scratch)
+            .map_err(|e| EngineError::Other(format!("hello: {e}")))?;
+        let c = &self.control;
+        c.set(s, Field::Epoch, epoch);
+        c.set(s, Field::Role, Role::Standby as u64);
+        c.set(s, Field::State, State::Syncing as u64);
+        c.set(s, Field::AttachGen, gen);
+        Ok(Upstream {
+            stream_region,
+            feedback_region,
+            stream,
+            feedback,
+            active_slot,
+            hello_seen: false,
+            last_ack: Instant::now(),
+        })
+    }
+
+    fn run_standby(&mut self, up: Option<Box<Upstream>>) -> Result<Next, EngineError> {
+        let s = self.opt.slot;
+        let mut up = up;
+        self.replicas.clear();
+        loop {
+            // Find the active and attach to it.
+            let mut u = match up.take() {
+                Some(u) => u,
+                None => match self.attach_upstream()? {
+                    Attach::Attached(u) => u,
+                    Attach::BecomeActive => return Ok(Next::Active),
+                    Attach::Stop => return Ok(Next::Stop),
+                },
+            };
+            match self.follow(&mut u)? {
+                Follow::Reattach => {
+                    u.feedback_region.close(CLOSE_DETACHED);
+                    let _ = Region::remove(u.stream_region.path());
+                    let _ = Region::remove(u.feedback_region.path());
+                    continue;
+                }
+                Follow::StepUp { planned } => {
+                    let _ = Region::remove(u.stream_region.path());
+                    let _ = Region::remove(u.feedback_region.path());
+                    if self.step_up(planned) {
+                        return Ok(Next::Active);
+                    }
+                    continue;
+                }
+                Follow::Stop => {
+                    u.feedback_region.close(CLOSE_DETACHED);
+                    let _ = Region::remove(u.stream_region.path());
+                    let _ = Region::remove(u.feedback_region.path());
+                    self.control.set(s, Field::Cmd, 0);
+                    return Ok(Next::Stop);
+                }
+            }
+        }
+    }
+
+    fn attach_upstream(&mut self) -> Result<Attach, EngineError> {
+        let s = self.opt.slot;
+        let started = Instant::now();
+        loop {
+            self.control.set(s, Field::HeartbeatNs, monotonic_ns());
+            if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
+                return Ok(Attach::Stop);
+            }
+            let epoch = self.control.epoch();
+            if let Some(a) = self.control.active_slot() {
+                if a != s
+                    && self.slot_alive(a)
+                    && self.control.get(a, Field::Epoch) == epoch
+                    && Role::from_word(self.control.get(a, Field::Role)) == Role::Active
+                {
+                    self.epoch = epoch;
+                    return Ok(Attach::Attached(Box::new(self.create_upstream(epoch, a)?)));
+                }
+            }
+            // No live active: if allowed, take over (the first engine, or after a death
+            // nobody else handled).
+            // A fresh cluster (epoch 0) has nothing to lose; later, only a hot standby
+            // steps up (an empty engine taking over would lose the state).
+            if !self.opt.standby_only
+                && self.control.epoch() == 0
+                && started.elapsed() > Duration::from_millis(20)
+                && self.try_become_first_active()?
+            {
+                self.mark_step_up(started, false);
+                return Ok(Attach::BecomeActive);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Apply the stream and watch the active until something happens.
+    fn follow(&mut self, u: &mut Upstream) -> Result<Follow, EngineError> {
+        let s = self.opt.slot;
+        let lock = self.control.lock();
+        let active = u.active_slot;
+        let apid = self.control.get(active, Field::Pid);
+        let active_id = ProcessIdentity {
+            pid: apid.min(u32::MAX as u64) as u32,
+            start_time_ticks: self.control.get(active, Field::StartTime),
+        };
+        let mut idle_polls = 0u32;
+        let mut last_house = 0u64;
+        let mut last_alive_check = monotonic_ns();
+        let mut state = State::Syncing;
+        loop {
+            // Fast path: the active's mutex word. The kernel sets OWNER_DIED in it while the
+            // dying process exits, before its memory is torn down.
+            let died = matches!(lock.word(), LockWord::OwnerDied { .. });
+            match u.stream.poll(&mut self.buf) {
+                Ok(true) => {
+                    idle_polls = 0;
+                    match self.apply_batch(u, &mut state) {
+                        Ok(Some(f)) => return Ok(f),
+                        Ok(None) => {}
+                        Err(e) => {
+                            warn!(slot = %control::slot_name(s), "stream rejected: {e}; resyncing");
+                            if let EngineError::Refused(_) = e {
+                                return Err(e);
+                            }
+                            self.control.set(s, Field::State, State::Stale as u64);
+                            u.stream_region.close(CLOSE_CORRUPT);
+                            return Ok(Follow::Reattach);
+                        }
+                    }
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(slot = %control::slot_name(s), "corrupt frame in the stream: {e}; resyncing");
+                    self.control.set(s, Field::State, State::Stale as u64);
+                    u.stream_region.close(CLOSE_CORRUPT);
+                    return Ok(Follow::Reattach);
+                }
+            }
+            if died {
+                // Drain what the active committed before it died.
+                while let Ok(true) = u.stream.poll(&mut self.buf) {
+                    if let Ok(Some(f)) = self.apply_batch(u, &mut state) {
+                        return Ok(f);
+                    }
+                }
+                let tail = u.stream.torn_tail();
+                info!(slot = %control::slot_name(s), committed_end = tail.committed_end, torn = tail.uncommitted_bytes_seen, "active died (owner-died); stepping up");
+                if state != State::Hot {
+                    warn!("the active died before this standby was hot; it cannot step up with a partial state");
+                    return Ok(Follow::Reattach);
+                }
+                return Ok(Follow::StepUp { planned: false });
+            }
+            let now = monotonic_ns();
+            if now - last_house > 500_000 {
+                last_house = now;
+                self.control.set(s, Field::HeartbeatNs, now);
+                self.control.set(s, Field::Commits, self.commits);
+                self.control.set(s, Field::Digest, self.store.digest());
+                let lag = u
+                    .stream
+                    .producer_position()
+                    .saturating_sub(u.stream.position());
+                self.control.set(s, Field::LagBytes, lag);
+                if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
+                    return Ok(Follow::Stop);
+                }
+                if u.stream_region.closed().is_some() {
+                    info!(slot = %control::slot_name(s), "stream closed by the active; re-attaching");
+                    if self.control.epoch() != self.epoch
+                        || u.stream_region.closed() == Some(CLOSE_DETACHED)
+                    {
+                        // Planned switchover elsewhere or detach: attach to whoever is active.
+                    } else {
+                        self.control.set(s, Field::State, State::Stale as u64);
+                    }
+                    return Ok(Follow::Reattach);
+                }
+                if u.last_ack.elapsed() > Duration::from_millis(1) {
+                    u.last_ack = Instant::now();
+                    let p = Position {
+                        commits: self.commits,
+                        input_pos: 0,
+                        input_seq: 0,
+                        digest: self.store.digest(),
+                        units: self.store.unit_count() as u64,
+                        epoch: self.epoch,
+                        arg: (state == State::Hot) as u64,
+                    };
+                    let _ =
+                        u.feedback
+                            .try_publish(rt::ACK, 1, 56, zerocopy::IntoBytes::as_bytes(&p));
+                }
+                // Backstop: the active's process is gone (or its pid reused), or it hangs.
+                if now - last_alive_check > 5_000_000 {
+                    last_alive_check = now;
+                    if self.control.epoch() != self.epoch {
+                        return Ok(Follow::Reattach);
+                    }
+                    if !active_id.is_alive() {
+                        while let Ok(true) = u.stream.poll(&mut self.buf) {
+                            if let Ok(Some(f)) = self.apply_batch(u, &mut state) {
+                                return Ok(f);
+                            }
+                        }
+                        info!("active process is gone (identity check); stepping up");
+                        if state != State::Hot {
+                            return Ok(Follow::Reattach);
+                        }
+                        return Ok(Follow::StepUp { planned: false });
+                    }
+                    let hb = self.control.get(active, Field::HeartbeatNs);
+                    if state == State::Hot
+                        && now.saturating_sub(hb) > self.opt.hung_after.as_nanos() as u64
+                    {
+                        warn!(
+                            pid = active_id.pid,
+                            "active is hung (heartbeat {} ms old); fencing it with SIGKILL",
+                            (now - hb) / 1_000_000
+                        );
+                        // SAFETY: kill has no memory-safety preconditions; the identity check
+                        // above makes it very unlikely the pid was reused.
+                        unsafe { libc::kill(active_id.pid as i32, libc::SIGKILL) };
+                    }
+                }
+            }
+            idle_polls = idle_polls.saturating_add(1);
+            self.idle_wait(idle_polls);
+        }
+    }
+
+    /// Apply the batch in `self.buf`. `Ok(Some)` when the batch changes the role.
+    fn apply_batch(
+        &mut self,
+        u: &mut Upstream,
+        state: &mut State,
+    ) -> Result<Option<Follow>, EngineError> {
+        let s = self.opt.slot;
+        let mut frames = std::mem::take(&mut self.buf);
+        let r = (|| {
+            for f in frames.frames() {
+                let bl = f.meta.block_length;
+                match f.meta.record_type {
+                    rt::PUT_UNIT | rt::RETIRE_UNIT | rt::PUT | rt::DELETE => {
+                        let op = protocol::decode_op(f.meta.record_type, f.payload, bl)
+                            .map_err(|e| EngineError::Other(e.to_string()))?;
+                        self.store.apply(&op);
+                        self.app.on_apply(&op, &self.store);
+                    }
+                    rt::COMMIT => {
+                        let (c, _) = protocol::decode_commit(f.payload, bl)
+                            .map_err(|e| EngineError::Other(e.to_string()))?;
+                        if *state == State::Hot && c.index != self.commits {
+                            return Err(EngineError::Other(format!(
+                                "commit out of order: expected transaction {}, found {}",
+                                self.commits, c.index
+                            )));
+                        }
+                        self.commits = c.index + 1;
+                    }
+                    rt::HELLO => {
+                        let theirs = Hello::decode(f.payload, bl)
+                            .map_err(|e| EngineError::Other(e.to_string()))?;
+                        let ours = self.hello();
+                        let a = negotiate(&ours, &theirs, 0)
+                            .map_err(|e| EngineError::Refused(e.to_string()))?;
+                        if a.versions_differ {
+                            info!(
+                                ours = ours.app_version,
+                                theirs = theirs.app_version,
+                                layout = a.layout_version(),
+                                "active runs another version"
+                            );
+                        }
+                        self.agreed_layout = a.layout_version();
+                        self.enabled = theirs.enabled;
+                        self.write_versions =
+                            write_versions(&self.templates, &self.features, self.enabled);
+                        self.control
+                            .set(s, Field::PeerVersion, theirs.app_version as u64);
+                        self.control
+                            .set(s, Field::Layout, self.agreed_layout as u64);
+                        self.control.set(s, Field::Features, self.enabled);
+                        self.control.set(s, Field::Enableable, a.enableable);
+                        u.hello_seen = true;
+                    }
+                    rt::BASE => {
+                        let p: Position =
+                            decode(f.payload, bl).map_err(|e| EngineError::Other(e.to_string()))?;
+                        if p.digest != self.store.digest() || p.commits != self.commits {
+                            return Err(EngineError::Other(format!(
+                                "base position differs: active at {} commits digest {:#x}, standby at {} digest {:#x}",
+                                p.commits, p.digest, self.commits, self.store.digest()
+                            )));
+                        }
+                        *state = State::Hot;
+                        self.control.set(s, Field::State, State::Hot as u64);
+                        info!(slot = %control::slot_name(s), commits = p.commits, "hot (no catch-up needed)");
+                    }
+                    rt::SNAP_BEGIN => {
+                        let p: Position =
+                            decode(f.payload, bl).map_err(|e| EngineError::Other(e.to_string()))?;
+                        self.store.clear();
+                        self.commits = p.commits;
+                        *state = State::Syncing;
+                        self.control.set(s, Field::State, State::Syncing as u64);
+                        info!(slot = %control::slot_name(s), units = p.units, "catch-up begins");
+                    }
+                    rt::SNAP_END => {
+                        let p: Position =
+                            decode(f.payload, bl).map_err(|e| EngineError::Other(e.to_string()))?;
+                        if p.digest != self.store.digest() || p.commits != self.commits {
+                            return Err(EngineError::Other(format!(
+                                "catch-up ended with a different state: active {} commits digest {:#x}, standby {} digest {:#x}",
+                                p.commits, p.digest, self.commits, self.store.digest()
+                            )));
+                        }
+                        self.app.on_reset(&self.store);
+                        *state = State::Hot;
+                        self.control.set(s, Field::State, State::Hot as u64);
+                        info!(slot = %control::slot_name(s), units = p.units, "hot (caught up)");
+                    }
+                    rt::FEATURES => {
+                        let fb: FeaturesBlock =
+                            decode(f.payload, bl).map_err(|e| EngineError::Other(e.to_string()))?;
+                        self.enabled = fb.enabled;
+                        self.write_versions =
+                            write_versions(&self.templates, &self.features, self.enabled);
+                        self.control.set(s, Field::Features, self.enabled);
+                        info!(enabled = fb.enabled, "features switched");
+                    }
+                    rt::HEARTBEAT => {}
+                    rt::STEP_UP => {
+                        let p: Position =
+                            decode(f.payload, bl).map_err(|e| EngineError::Other(e.to_string()))?;
+                        if p.digest != self.store.digest() || p.commits != self.commits {
+                            warn!("step-up description differs: active {} commits digest {:#x}, standby {} digest {:#x}; stepping up, the old active will catch up", p.commits, p.digest, self.commits, self.store.digest());
+                        }
+                        return Ok(Some(Follow::StepUp { planned: true }));
+                    }
+                    t if t == rt::REFUSE => {
+                        return Err(EngineError::Refused(
+                            String::from_utf8_lossy(f.payload).into_owned(),
+                        ));
+                    }
+                    other => {
+                        return Err(EngineError::Other(format!(
+                            "unknown record type {other} in the stream"
+                        )));
+                    }
+                }
+            }
+            Ok(None)
+        })();
+        self.buf = std::mem::take(&mut frames);
+        r
+    }
+
+    /// Take over: lock the mutex, claim the next epoch. False if another engine won.
+    fn step_up(&mut self, planned: bool) -> bool {
+        let t0 = Instant::now();
+        let lock = self.control.lock();
+        // A planned switchover: the old active releases the mutex right after the step-up
+        // frame; a crash: the mutex is owner-died and try_lock recovers it at once.
+        loop {
+            match lock.try_lock() {
+                Ok(TryLockOutcome::Acquired) | Ok(TryLockOutcome::OwnerDied) => break,
+                Ok(TryLockOutcome::WouldBlock) => {
+                    if t0.elapsed() > Duration::from_millis(500) {
+                        warn!("the mutex stays held: another engine stepped up");
+                        return false;
+                    }
+                    std::hint::spin_loop();
+                }
+                Err(e) => {
+                    error!("robust mutex: {e}");
+                    return false;
+                }
+            }
+        }
+        let e = self.epoch;
+        match self.control.claim_epoch(e, self.opt.slot) {
+            Some(ne) => {
+                self.epoch = ne;
+                self.mark_step_up(t0, planned);
+                true
+            }
+            None => {
+                let _ = lock.unlock();
+                false
+            }
+        }
+    }
+
+    fn mark_step_up(&mut self, t0: Instant, planned: bool) {
+        let s = self.opt.slot;
+        let c = &self.control;
+        c.set(s, Field::StepUps, c.get(s, Field::StepUps) + 1);
+        c.set(s, Field::LastStepUpNs, realtime_ns());
+        c.set(s, Field::LastStepUpDurNs, t0.elapsed().as_nanos() as u64);
+        c.set(s, Field::StepUpCommits, self.commits);
+        c.set(s, Field::StepUpDigest, self.store.digest());
+        self.publish_status(Role::Active, State::Serving);
+        info!(slot = %control::slot_name(s), epoch = self.epoch, planned, took_us = t0.elapsed().as_micros() as u64, "stepped up; now active");
+        // Attach the old active at once if it pre-created its stream (planned switchover),
+        // before the first transaction, so it needs no catch-up.
+        self.attach_new_replicas();
+        for _ in 0..3 {
+            self.service_replicas();
+        }
+    }
+}
+
+enum Next {
+    Stop,
+    Active,
+    Standby(Option<Box<Upstream>>),
+}
+
+enum Attach {
+    Attached(Box<Upstream>),
+    BecomeActive,
+    Stop,
+}
+
+enum Follow {
+    Reattach,
+    StepUp { planned: bool },
+    Stop,
+}
+
+/// Run the application's handler for one request against `store`, leaving the transaction's
+/// changes in `ops` (the input position record included) and its response in `response`.
+/// The store is not changed. Engines and test models share this, so both compute the same state.
+#[allow(clippy::too_many_arguments)]
+pub fn execute<A: Application>(
+    app: &mut A,
+    store: &Store,
+    ops: &mut Vec<Op>,
+    response: &mut Vec<u8>,
+    sys_value: &mut Vec<u8>,
+    enabled: u64,
+    write_versions: &[(u16, u16)],
+    meta: &InputMeta,
+    request: &[u8],
+) {
+    ops.clear();
+    response.clear();
+    let mut tx = Tx {
+        store,
+        ops,
+        response,
+        enabled,
+        write_versions,
+    };
+    if let Err(Refused(bytes)) = app.handle(&mut tx, request) {
+        ops.clear();
+        response.clear();
+        response.extend_from_slice(&bytes);
+    }
+    SourcePosition::encode(meta, response, sys_value);
+    ops.push(Op::Put {
+        table: SYS_INPUTS,
+        key: meta.source.to_le_bytes().to_vec(),
+        value: sys_value.clone(),
+    });
+}
+
+/// Run one request on a local store and apply it (a model of what an engine does, for tests
+/// and benchmarks); returns the response.
+pub fn execute_local<A: Application>(
+    app: &mut A,
+    store: &mut Store,
+    enabled: u64,
+    meta: &InputMeta,
+    request: &[u8],
+) -> Vec<u8> {
+    let wv = write_versions(&app.templates(), &app.features(), enabled);
+    let (mut ops, mut resp, mut sys) = (Vec::new(), Vec::new(), Vec::new());
+    execute(
+        app, store, &mut ops, &mut resp, &mut sys, enabled, &wv, meta, request,
+    );
+    for op in &ops {
+        store.apply(op);
+    }
+    resp
+}
+
+/// Push one transaction as a batch.
+fn push_tx(
+    stream: &mut Producer<RegionMemory>,
+    ops: &[Op],
+    commit: &CommitBlock,
+    scratch: &mut Vec<u8>,
+) -> Result<(), PushError> {
+    let mut b = stream.batch();
+    for op in ops {
+        let (t, bl) = protocol::encode_op(op, scratch);
+        b.push(t, 1, bl, scratch)?;
+    }
+    b.push(rt::COMMIT, 1, 48, zerocopy::IntoBytes::as_bytes(commit))?;
+    b.commit();
+    Ok(())
+}
+
+/// Send one catch-up chunk; true when the snapshot is complete.
+fn send_chunk(
+    stream: &mut Producer<RegionMemory>,
+    store: &Store,
+    snap: &mut Snapshot,
+    chunk: usize,
+    scratch: &mut Vec<u8>,
+) -> Result<bool, PushError> {
+    let mut b = stream.batch();
+    let mut n = 0;
+    if !snap.units_done {
+        let mut last = snap.units_after;
+        let mut full = false;
+        for (id, u) in store.units_after(snap.units_after, chunk) {
+            let op = Op::PutUnit {
+                id,
+                kind: u.kind,
+                layout_version: u.layout_version,
+                state: u.state.clone(),
+            };
+            let (t, bl) = protocol::encode_op(&op, scratch);
+            match b.push(t, 1, bl, scratch) {
+                Ok(()) => {}
+                Err(PushError::Full { .. }) => {
+                    full = true;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+            last = Some(id);
+            n += 1;
+        }
+        if !full && n < chunk {
+            snap.units_done = true;
+        }
+        snap.units_after = last;
+        if n > 0 {
+            b.commit();
+        }
+        return Ok(false);
+    }
+    let mut last = snap.records_after.clone();
+    let mut done = true;
+    for ((table, key), value) in store.records_after(snap.records_after.as_ref(), chunk) {
+        let op = Op::Put {
+            table: *table,
+            key: key.clone(),
+            value: value.clone(),
+        };
+        let (t, bl) = protocol::encode_op(&op, scratch);
+        match b.push(t, 1, bl, scratch) {
+            Ok(()) => {}
+            Err(PushError::Full { .. }) => {
+                done = false;
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+        last = Some((*table, key.clone()));
+        n += 1;
+    }
+    if n == chunk {
+        done = false;
+    }
+    snap.records_after = last;
+    if n > 0 {
+        b.commit();
+    }
+    Ok(done)
+}

@@ -1,0 +1,198 @@
+//! Two real engine processes of the test application: streaming, catch-up, crash step-up.
+mod common;
+use common::*;
+use std::time::Duration;
+use understudy_runtime::control::{Field, Role, State};
+
+#[test]
+#[ignore]
+fn child_engine() {
+    child_main();
+}
+
+/// After thousands of transactions the standby's state digest equals the active's, and equals
+/// the model's state after the same number of transactions.
+#[test]
+fn standby_mirrors_active_exactly() {
+    let mut cl = Cluster::new("mirror");
+    let c = cl.control();
+    cl.spawn("child_engine", 0, 1, 5000, false, &[]);
+    wait_until("a active", Duration::from_secs(10), || {
+        role(&c, 0) == Role::Active
+    });
+    cl.spawn("child_engine", 1, 1, 5000, true, &[]);
+    wait_until("b hot", Duration::from_secs(10), || {
+        state(&c, 1) == State::Hot
+    });
+    wait_until(
+        "all 5000 committed and applied",
+        Duration::from_secs(20),
+        || c.get(0, Field::Commits) == 5000 && c.get(1, Field::Commits) == 5000,
+    );
+    let mut m = Model::new(1);
+    let d = m.advance_to(5000);
+    wait_until("digests published", Duration::from_secs(5), || {
+        c.get(0, Field::Digest) == d && c.get(1, Field::Digest) == d
+    });
+}
+
+fn side_path(cl: &Cluster, slot: usize) -> std::path::PathBuf {
+    cl.dir.with_extension(format!("side-{slot}"))
+}
+
+struct SideCleanup(Vec<std::path::PathBuf>);
+impl Drop for SideCleanup {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The core failover invariant over many real SIGKILLs of the active during streaming: the
+/// standby steps up with the state after exactly the first k transactions, where k is at least
+/// what the dead active reported committed and at most what it had started.
+#[test]
+fn sigkill_of_active_loses_nothing_commits_nothing_twice() {
+    let kills: usize = std::env::var("US_KILLS")
+        .ok()
+        .map_or(100, |v| v.parse().unwrap());
+    let mut cl = Cluster::new("kill");
+    let _sides = SideCleanup(vec![side_path(&cl, 0), side_path(&cl, 1)]);
+    let c = cl.control();
+    let dir = cl.dir.clone();
+    let extra = move |slot: usize| {
+        vec![
+            (
+                "US_SIDE",
+                dir.with_extension(format!("side-{slot}"))
+                    .display()
+                    .to_string(),
+            ),
+            ("US_PACE_US", "5".to_string()),
+        ]
+    };
+    let e0 = extra(0);
+    cl.spawn("child_engine", 0, 1, u64::MAX, false, &e0);
+    wait_until("a active", Duration::from_secs(10), || {
+        role(&c, 0) == Role::Active
+    });
+    let e1 = extra(1);
+    cl.spawn("child_engine", 1, 1, u64::MAX, true, &e1);
+    let mut model = Model::new(1);
+    let mut rng = 0x9E3779B97F4A7C15u64;
+    let mut active = 0usize;
+    for i in 0..kills {
+        let standby = 1 - active;
+        wait_until(
+            &format!("kill {i}: standby hot"),
+            Duration::from_secs(20),
+            || state(&c, standby) == State::Hot && role(&c, standby) == Role::Standby,
+        );
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_micros(rng % 5000));
+        let stepups = c.get(standby, Field::StepUps);
+        cl.kill(active);
+        let side = Side::open(&side_path(&cl, active));
+        let (committed, started) = (side.committed(), side.started());
+        wait_until(
+            &format!("kill {i}: standby steps up"),
+            Duration::from_secs(10),
+            || c.get(standby, Field::StepUps) > stepups && role(&c, standby) == Role::Active,
+        );
+        let k = c.get(standby, Field::StepUpCommits);
+        let digest = c.get(standby, Field::StepUpDigest);
+        assert!(
+            committed <= k && k <= started,
+            "kill {i}: stepped up at {k} transactions; the dead active had committed {committed} and started {started}"
+        );
+        assert_eq!(
+            model.advance_to(k),
+            digest,
+            "kill {i}: state after step-up differs from the state after exactly {k} transactions"
+        );
+        let e = extra(active);
+        cl.spawn("child_engine", active, 1, u64::MAX, true, &e);
+        active = standby;
+    }
+}
+
+/// Planned switchovers back and forth under load: each time the new active starts from exactly
+/// the old active's committed state, and the old active becomes a hot standby without catch-up.
+#[test]
+fn planned_switchovers_lose_nothing() {
+    let n: usize = std::env::var("US_SWITCHES")
+        .ok()
+        .map_or(100, |v| v.parse().unwrap());
+    let mut cl = Cluster::new("switch");
+    let _sides = SideCleanup(vec![side_path(&cl, 0), side_path(&cl, 1)]);
+    let c = cl.control();
+    let dir = cl.dir.clone();
+    let extra = move |slot: usize| {
+        vec![
+            (
+                "US_SIDE",
+                dir.with_extension(format!("side-{slot}"))
+                    .display()
+                    .to_string(),
+            ),
+            ("US_PACE_US", "5".to_string()),
+        ]
+    };
+    let e0 = extra(0);
+    cl.spawn("child_engine", 0, 1, u64::MAX, false, &e0);
+    wait_until("a active", Duration::from_secs(10), || {
+        role(&c, 0) == Role::Active
+    });
+    let e1 = extra(1);
+    cl.spawn("child_engine", 1, 1, u64::MAX, true, &e1);
+    let mut model = Model::new(1);
+    let mut active = 0usize;
+    for i in 0..n {
+        let standby = 1 - active;
+        wait_until(
+            &format!("switch {i}: standby hot"),
+            Duration::from_secs(20),
+            || state(&c, standby) == State::Hot && role(&c, standby) == Role::Standby,
+        );
+        std::thread::sleep(Duration::from_millis(2));
+        let stepups = c.get(standby, Field::StepUps);
+        let seq = c.post(understudy_runtime::control::cmd::SWITCHOVER, standby as u64);
+        wait_until(
+            &format!("switch {i}: acked"),
+            Duration::from_secs(10),
+            || c.acked().0 == seq,
+        );
+        assert_eq!(
+            c.acked().1,
+            0,
+            "switch {i}: refused with code {}",
+            c.acked().1
+        );
+        wait_until(
+            &format!("switch {i}: target active"),
+            Duration::from_secs(10),
+            || c.get(standby, Field::StepUps) > stepups && role(&c, standby) == Role::Active,
+        );
+        let side = Side::open(&side_path(&cl, active));
+        let committed = side.committed();
+        let k = c.get(standby, Field::StepUpCommits);
+        assert_eq!(
+            k, committed,
+            "switch {i}: new active starts at {k}, old active committed {committed}"
+        );
+        assert_eq!(
+            model.advance_to(k),
+            c.get(standby, Field::StepUpDigest),
+            "switch {i}: state differs"
+        );
+        active = standby;
+    }
+    // The last old active is a hot standby mirroring the new active.
+    let standby = 1 - active;
+    wait_until("final standby hot", Duration::from_secs(10), || {
+        state(&c, standby) == State::Hot
+    });
+}
