@@ -1,0 +1,4 @@
+//! Test engine, version 1.
+fn main() {
+    understudy_runtime::testkit::engine_main(1)
+}

@@ -1,0 +1,418 @@
+//! A small application for tests, benchmarks and examples: a counter work unit whose record
+//! gained a field in layout version 2 (the `tagged` feature), a deterministic workload, a
+//! side channel a child engine reports progress through, and a model that computes the state
+//! after exactly k requests with the same handler.
+//!
+//! Two executables run it as real engines: `understudy-testapp-v1` and `understudy-testapp-v2`.
+#![allow(missing_docs)]
+
+use crate::engine::{execute_local, InputMeta, SourcePosition};
+use crate::store::Store;
+use crate::{Application, Feature, Input, Refused, Tx};
+use shm_layout::record::{decode, encoded, Record, TemplateInfo};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// The work unit's state record: `tag` appeared in layout version 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct Counter {
+    pub k: u64,
+    pub sum: u64,
+    pub tag: u64,
+}
+
+impl Record for Counter {
+    const TYPE_ID: u16 = 100;
+    const NAME: &'static str = "counter";
+    const VERSIONS: &'static [(u16, u16)] = &[(1, 16), (2, 24)];
+    fn defaults() -> Self {
+        Counter {
+            k: 0,
+            sum: 0,
+            tag: 0,
+        }
+    }
+}
+shm_layout::assert_record_layout!(Counter);
+
+/// The v1 build only knows the first version of the template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct CounterV1 {
+    pub k: u64,
+    pub sum: u64,
+}
+impl Record for CounterV1 {
+    const TYPE_ID: u16 = 100;
+    const NAME: &'static str = "counter";
+    const VERSIONS: &'static [(u16, u16)] = &[(1, 16)];
+    fn defaults() -> Self {
+        CounterV1 { k: 0, sum: 0 }
+    }
+}
+shm_layout::assert_record_layout!(CounterV1);
+
+/// Feature 0, "tagged", needs Counter layout 2.
+pub const TAGGED: u16 = 0;
+
+/// Requests: 8-byte k (a normal transaction) or 9 bytes with a trailing 1: a "tagged" request
+/// that needs the v2 feature.
+pub struct TestApp {
+    pub version: u32,
+    pub name: String,
+}
+
+impl TestApp {
+    pub fn new(version: u32) -> Self {
+        TestApp {
+            version,
+            name: "testapp".into(),
+        }
+    }
+}
+
+impl Application for TestApp {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn templates(&self) -> Vec<TemplateInfo> {
+        if self.version >= 2 {
+            vec![TemplateInfo::of::<Counter>()]
+        } else {
+            vec![TemplateInfo::of::<CounterV1>()]
+        }
+    }
+    fn features(&self) -> Vec<Feature> {
+        if self.version >= 2 {
+            vec![Feature {
+                id: TAGGED,
+                name: "tagged",
+                type_id: 100,
+                layout_version: 2,
+            }]
+        } else {
+            vec![]
+        }
+    }
+    fn handle(&mut self, tx: &mut Tx<'_>, req: &[u8]) -> Result<(), Refused> {
+        if req.len() < 8 {
+            return Err(Refused(b"short request".to_vec()));
+        }
+        let k = u64::from_le_bytes(req[..8].try_into().unwrap());
+        let tagged = req.len() == 9 && req[8] == 1;
+        if tagged && (self.version < 2 || !tx.feature_enabled(TAGGED)) {
+            return Err(Refused(b"feature `tagged` is disabled".to_vec()));
+        }
+        let v = if self.version >= 2 {
+            tx.write_version(100)
+        } else {
+            1
+        };
+        let c = Counter {
+            k,
+            sum: k * 3,
+            tag: if tagged { k } else { 0 },
+        };
+        tx.register(k, 1, v, encoded(&c, v).unwrap());
+        if k >= 3 {
+            if let Some(u) = tx.unit(k - 3) {
+                let mut old: Counter = decode(&u.state, u.state.len() as u16).unwrap();
+                old.sum = old.sum.wrapping_add(k);
+                tx.update(
+                    k - 3,
+                    1,
+                    u.layout_version,
+                    encoded(&old, u.layout_version).unwrap(),
+                );
+            }
+        }
+        if k >= 7 {
+            tx.retire(k - 7);
+        }
+        tx.put(1, &(k % 50).to_le_bytes(), &k.to_le_bytes());
+        if k % 13 == 0 {
+            tx.delete(1, &((k / 13) % 50).to_le_bytes());
+        }
+        tx.respond(&(k * 2).to_le_bytes());
+        Ok(())
+    }
+}
+
+/// Shared counters a child engine writes after each request it starts and commits (the side
+/// channel of the kill tests).
+pub struct Side {
+    _map: memmap2::MmapMut,
+    ptr: *const AtomicU64,
+}
+
+impl Side {
+    pub fn open(path: &Path) -> Side {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .unwrap();
+        f.set_len(4096).unwrap();
+        // SAFETY: a private test file; other processes only access it through atomics.
+        let mut map = unsafe { memmap2::MmapMut::map_mut(&f).unwrap() };
+        let ptr = map.as_mut_ptr() as *const AtomicU64;
+        Side { _map: map, ptr }
+    }
+    fn word(&self, i: usize) -> &AtomicU64 {
+        assert!(i < 512);
+        // SAFETY: in bounds of the 4096-byte mapping kept alive by `_map`; aligned.
+        unsafe { &*self.ptr.add(i) }
+    }
+    /// Requests started (handler entered) by the current active.
+    pub fn started(&self) -> u64 {
+        self.word(0).load(Ordering::Acquire)
+    }
+    /// Requests whose transaction is committed (reported after commit).
+    pub fn committed(&self) -> u64 {
+        self.word(1).load(Ordering::Acquire)
+    }
+}
+
+/// A deterministic workload: request k is k, one source.
+pub struct Workload {
+    pub next: u64,
+    pub max: u64,
+    pub side: Option<Side>,
+    pub tagged_every: u64,
+    pub pace: Duration,
+    /// Abort the process this long after becoming active (a bad release, for tests).
+    pub crash_after: Option<Duration>,
+    crash_at: Option<Instant>,
+    last: Instant,
+}
+
+impl Workload {
+    pub fn new(max: u64, side: Option<Side>) -> Self {
+        Workload {
+            next: 0,
+            max,
+            side,
+            tagged_every: 0,
+            pace: Duration::ZERO,
+            crash_after: None,
+            crash_at: None,
+            last: Instant::now(),
+        }
+    }
+}
+
+impl Input for Workload {
+    fn poll(&mut self, buf: &mut Vec<u8>) -> Option<InputMeta> {
+        if self.crash_at.is_some_and(|t| Instant::now() >= t) {
+            eprintln!("testapp: crashing on purpose (crash_after)");
+            std::process::abort();
+        }
+        if self.next >= self.max {
+            return None;
+        }
+        if !self.pace.is_zero() {
+            if self.last.elapsed() < self.pace {
+                return None;
+            }
+            self.last = Instant::now();
+        }
+        let k = self.next;
+        buf.clear();
+        buf.extend_from_slice(&k.to_le_bytes());
+        if self.tagged_every > 0 && k % self.tagged_every == 0 {
+            buf.push(1);
+        }
+        if let Some(s) = &self.side {
+            s.word(0).store(k + 1, Ordering::Release);
+        }
+        self.next += 1;
+        Some(InputMeta {
+            source: 1,
+            request_seq: k,
+            next_pos: k + 1,
+            next_seq: k + 1,
+        })
+    }
+    fn committed(&mut self, meta: &InputMeta, _response: &[u8]) {
+        if let Some(s) = &self.side {
+            s.word(1).store(meta.next_pos, Ordering::Release);
+        }
+    }
+    fn resume(&mut self, store: &Store) {
+        self.crash_at = self.crash_after.map(|d| Instant::now() + d);
+        self.next = SourcePosition::all(store)
+            .into_iter()
+            .find(|(id, _)| *id == 1)
+            .map_or(0, |(_, p)| p.next_pos);
+        if let Some(s) = &self.side {
+            s.word(0).store(self.next, Ordering::Release);
+            s.word(1).store(self.next, Ordering::Release);
+        }
+    }
+}
+
+/// The digest after exactly the first `k` requests of the workload, computed with the same
+/// handler on a local store (memoised incrementally by the caller through `Model`).
+pub struct Model {
+    pub app: TestApp,
+    pub store: Store,
+    pub k: u64,
+    pub tagged_every: u64,
+}
+
+impl Model {
+    pub fn new(version: u32) -> Self {
+        Model {
+            app: TestApp::new(version),
+            store: Store::new(),
+            k: 0,
+            tagged_every: 0,
+        }
+    }
+    pub fn advance_to(&mut self, k: u64) -> u64 {
+        assert!(k >= self.k, "model cannot go back from {} to {k}", self.k);
+        while self.k < k {
+            let mut req = self.k.to_le_bytes().to_vec();
+            if self.tagged_every > 0 && self.k % self.tagged_every == 0 {
+                req.push(1);
+            }
+            let meta = InputMeta {
+                source: 1,
+                request_seq: self.k,
+                next_pos: self.k + 1,
+                next_seq: self.k + 1,
+            };
+            execute_local(&mut self.app, &mut self.store, 0, &meta, &req);
+            self.k += 1;
+        }
+        self.store.digest()
+    }
+}
+
+/// Settings of a test engine process, from its command line.
+#[derive(Debug, Clone)]
+pub struct EngineArgs {
+    /// Cluster directory.
+    pub dir: std::path::PathBuf,
+    /// Slot index.
+    pub slot: usize,
+    /// Never start as the first active.
+    pub standby_only: bool,
+    /// Ring capacity.
+    pub ring: usize,
+    /// Requests to generate in all (self-driving workload).
+    pub max: u64,
+    /// Pace between generated requests.
+    pub pace: Duration,
+    /// Side-channel file.
+    pub side: Option<std::path::PathBuf>,
+    /// Every n-th request is tagged (needs the feature).
+    pub tagged_every: u64,
+    /// Crash (abort) this long after becoming active (acceptance-failure tests).
+    pub crash_after_active: Option<Duration>,
+}
+
+/// Parse `--dir D --slot a|b|c [--standby] [--ring N] [--max N] [--pace-us N] [--side P]
+/// [--tagged-every N]`; also reads `UNDERSTUDY_DIR` / `UNDERSTUDY_SLOT` / `UNDERSTUDY_STANDBY`
+/// (what the supervisor sets).
+pub fn parse_engine_args(args: &[String]) -> Result<EngineArgs, String> {
+    let mut a = EngineArgs {
+        dir: std::env::var("UNDERSTUDY_DIR").unwrap_or_default().into(),
+        slot: std::env::var("UNDERSTUDY_SLOT")
+            .ok()
+            .and_then(|s| crate::control::slot_index(&s))
+            .unwrap_or(0),
+        standby_only: std::env::var("UNDERSTUDY_STANDBY").is_ok_and(|v| v == "1"),
+        ring: std::env::var("UNDERSTUDY_RING")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1 << 20),
+        max: u64::MAX,
+        pace: Duration::ZERO,
+        side: None,
+        tagged_every: 0,
+        crash_after_active: std::env::var("TESTAPP_CRASH_AFTER_ACTIVE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis),
+    };
+    let mut it = args.iter();
+    while let Some(k) = it.next() {
+        let mut val = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{name}: expected a value, found the end of the arguments"))
+        };
+        let num = |name: &str, v: String| {
+            v.parse::<u64>()
+                .map_err(|_| format!("{name}: expected a number, found `{v}`"))
+        };
+        match k.as_str() {
+            "--dir" => a.dir = val("--dir")?.into(),
+            "--slot" => {
+                let v = val("--slot")?;
+                a.slot = crate::control::slot_index(&v)
+                    .ok_or_else(|| format!("--slot: expected a, b or c, found `{v}`"))?
+            }
+            "--standby" => a.standby_only = true,
+            "--ring" => a.ring = num("--ring", val("--ring")?)? as usize,
+            "--max" => a.max = num("--max", val("--max")?)?,
+            "--pace-us" => a.pace = Duration::from_micros(num("--pace-us", val("--pace-us")?)?),
+            "--side" => a.side = Some(val("--side")?.into()),
+            "--tagged-every" => a.tagged_every = num("--tagged-every", val("--tagged-every")?)?,
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    if a.dir.as_os_str().is_empty() {
+        return Err("--dir: expected the cluster directory (or UNDERSTUDY_DIR), found none".into());
+    }
+    Ok(a)
+}
+
+/// The `main` of the test engine executables.
+pub fn engine_main(version: u32) -> ! {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a = match parse_engine_args(&args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("testapp-v{version}: {e}");
+            std::process::exit(2);
+        }
+    };
+    let mut input = Workload::new(a.max, a.side.as_deref().map(Side::open));
+    input.pace = a.pace;
+    input.tagged_every = a.tagged_every;
+    input.crash_after = a.crash_after_active;
+    let mut opt = crate::Options::new(a.dir, a.slot);
+    opt.standby_only = a.standby_only;
+    opt.ring_capacity = a.ring;
+    let engine = match crate::Engine::new(TestApp::new(version), input, opt) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("testapp-v{version}: {e}");
+            std::process::exit(3);
+        }
+    };
+    match engine.run() {
+        Ok(_) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("testapp-v{version}: {e}");
+            std::process::exit(3);
+        }
+    }
+}
