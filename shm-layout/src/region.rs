@@ -303,7 +303,19 @@ impl Region {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
-            .map_err(io_err(path, "create"))?;
+            .map_err(|e| {
+                // O_CREAT | O_EXCL reports a symlink at `path` (even a dangling one) as EEXIST;
+                // name it for what it is so the operator knows what to remove.
+                let is_link = e.kind() == io::ErrorKind::AlreadyExists
+                    && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+                if is_link {
+                    RegionError::Symlink {
+                        path: path.to_owned(),
+                    }
+                } else {
+                    io_err(path, "create")(e)
+                }
+            })?;
         // The umask may have narrowed the mode; make it exactly 0600.
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(io_err(path, "chmod"))?;

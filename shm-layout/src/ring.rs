@@ -93,7 +93,8 @@ pub enum RingError {
         /// Words present.
         found_words: usize,
     },
-    /// The published positions are inconsistent (tail ahead of head, or more than a lap behind).
+    /// The published positions are inconsistent (more than a lap apart, or a tail past every
+    /// committed batch).
     BadPositions {
         /// Producer's head.
         head: u64,
@@ -118,7 +119,7 @@ impl fmt::Display for RingError {
             ),
             RingError::BadPositions { head, tail } => write!(
                 f,
-                "ring positions: expected tail <= head <= tail + capacity, found head {head}, tail {tail}"
+                "ring positions: expected head and tail at most one lap (capacity) apart and every released byte committed, found head {head}, tail {tail}"
             ),
         }
     }
@@ -136,6 +137,28 @@ fn check<M: WordMemory>(mem: &M, capacity: usize) -> Result<(), RingError> {
         });
     }
     Ok(())
+}
+
+/// The sequence number of the frame at `pos`: `stored`, unless a committed batch head at `pos`
+/// says otherwise. A position and its sequence are published by two stores, so a process
+/// killed between them leaves a sequence that does not belong to the position (the sequence is
+/// stored first). A committed batch head at the position carries its own sequence: its header's
+/// sequence word, confirmed by the stamp in its commit word. Nothing is overwritten there while
+/// the position is published: the producer never writes past the consumer's released tail.
+fn seq_at<M: WordMemory>(mem: &M, capacity: usize, pos: u64, stored: u64) -> u64 {
+    let mask = capacity as u64 - 1;
+    let word = |p: u64| mem.word(DATA_WORD + ((p & mask) >> 3) as usize);
+    // SYNC POINT: frame committed (Acquire side; Release is in `Batch::commit`).
+    let w0 = word(pos).load(Ordering::Acquire);
+    if w0 == 0 || w0 & COMMIT_CONT != 0 {
+        return stored;
+    }
+    let header_seq = word(pos + 24).load(Ordering::Relaxed);
+    if (w0 >> 32) as u32 == header_seq as u32 {
+        header_seq
+    } else {
+        stored
+    }
 }
 
 /// Why a frame could not be added to a batch.
@@ -217,9 +240,12 @@ impl<M: WordMemory> Producer<M> {
         let head = mem.word(HEAD_POS).load(Ordering::Acquire);
         let seq = mem.word(HEAD_SEQ).load(Ordering::Acquire);
         let tail = mem.word(TAIL_POS).load(Ordering::Acquire);
-        if tail > head || head - tail > capacity as u64 {
+        // The tail may be ahead of the published head: the consumer read a batch whose head
+        // publish was lost to the crash. It is never more than a lap away.
+        if head.abs_diff(tail) > capacity as u64 {
             return Err(RingError::BadPositions { head, tail });
         }
+        let seq = seq_at(&mem, capacity, head, seq);
         let mut p = Self::at(mem, capacity, head, seq, tail);
         // A batch can be committed while its head publish was lost to a crash: skip over every
         // committed batch head whose stamp is the next sequence.
@@ -232,7 +258,7 @@ impl<M: WordMemory> Producer<M> {
                 || len == 0
                 || len % FRAME_ALIGN as u64 != 0
                 || len > max_batch_bytes(capacity) as u64
-                || p.head + len - p.cached_tail > p.capacity
+                || (p.head + len).saturating_sub(p.cached_tail) > p.capacity
             {
                 break;
             }
@@ -246,6 +272,13 @@ impl<M: WordMemory> Producer<M> {
                 p.seq += 1;
             }
             p.head = end;
+        }
+        if p.head < p.cached_tail {
+            // The consumer released bytes no committed batch accounts for.
+            return Err(RingError::BadPositions {
+                head: p.head,
+                tail: p.cached_tail,
+            });
         }
         p.publish_head();
         Ok(p)
@@ -750,9 +783,12 @@ impl<M: WordMemory> Consumer<M> {
         let tail = mem.word(TAIL_POS).load(Ordering::Acquire);
         let seq = mem.word(TAIL_SEQ).load(Ordering::Acquire);
         let head = mem.word(HEAD_POS).load(Ordering::Acquire);
-        if tail > head || head - tail > capacity as u64 {
+        // The tail may be ahead of the published head when a producer died between committing
+        // a batch and publishing its head; never by more than a lap.
+        if head.abs_diff(tail) > capacity as u64 {
             return Err(RingError::BadPositions { head, tail });
         }
+        let seq = seq_at(&mem, capacity, tail, seq);
         Ok(Consumer {
             mem,
             mask: capacity as u64 - 1,
@@ -852,8 +888,10 @@ impl<M: WordMemory> Consumer<M> {
             let w1 = self.word_at(at + 8).load(Ordering::Relaxed);
             let w2 = self.word_at(at + 16).load(Ordering::Relaxed);
             let fseq = self.word_at(at + 24).load(Ordering::Relaxed);
+            // The continuation stamp of a frame inside the batch (0 for the batch head).
+            let mut wc = 0;
             if at != pos {
-                let wc = self.word_at(at).load(Ordering::Relaxed);
+                wc = self.word_at(at).load(Ordering::Relaxed);
                 if wc & COMMIT_CONT == 0 || (wc >> 32) as u32 != seq as u32 {
                     return Err(ReadError::BadCommit {
                         pos: at,
@@ -883,6 +921,14 @@ impl<M: WordMemory> Consumer<M> {
                     field: "payload length",
                     found: payload_len,
                     max: room.min(to_end) - HEADER_BYTES as u64,
+                });
+            }
+            if at != pos && wc & COMMIT_LEN_MASK != fb {
+                return Err(ReadError::BadCommit {
+                    pos: at,
+                    expected_seq: seq,
+                    found_word: wc,
+                    why: "continuation stamp's length is not the frame's length",
                 });
             }
             if is_pad != (record_type == PAD_RECORD_TYPE) {
@@ -927,6 +973,16 @@ impl<M: WordMemory> Consumer<M> {
             }
             at += fb;
             seq += 1;
+        }
+        // A batch length cut short at a frame boundary passes every check above. The word just
+        // past the batch is 0 or the next batch's head (the producer zeroed it before the
+        // commit we acquired and cannot write there again before we release), never a frame
+        // stamped as continuing this batch.
+        let next = self.word_at(end).load(Ordering::Relaxed);
+        if next & COMMIT_CONT != 0 && (next >> 32) as u32 == seq as u32 {
+            return Err(bad(
+                "batch length ends inside the batch: the frame past it continues it",
+            ));
         }
         buf.start = pos;
         buf.end = end;
