@@ -44,6 +44,13 @@ const W_CMD_RESULT: usize = 20;
 const W_SUPERVISOR: usize = 24;
 const SLOT_BASE: usize = 64;
 const SLOT_WORDS: usize = 32;
+/// The client registry: `MAX_CLIENTS` entries of 4 words (id, pid, start time, flags).
+const CLIENT_BASE: usize = 256;
+const CLIENT_WORDS: usize = 4;
+/// Clients a cluster accepts at once.
+pub const MAX_CLIENTS: usize = 64;
+const _: () = assert!(CLIENT_BASE * 8 + MAX_CLIENTS * CLIENT_WORDS * 8 <= FILE_BYTES);
+const _: () = assert!(SLOT_BASE + SLOTS * SLOT_WORDS <= CLIENT_BASE);
 
 /// Fields of a slot record (word index within the record).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -485,6 +492,63 @@ impl Control {
     pub fn supervisor_word(&self, i: usize) -> &AtomicU64 {
         assert!(i < 2);
         self.words.word(W_SUPERVISOR + i)
+    }
+
+    /// Claim a client registry entry for `id` (non-zero); the entry index, or `None` if the
+    /// registry is full.
+    pub fn claim_client(&self, id: u64, pid: u64, start_time: u64) -> Option<usize> {
+        for i in 0..MAX_CLIENTS {
+            let w = self.words.word(CLIENT_BASE + i * CLIENT_WORDS);
+            if w.load(Ordering::Relaxed) != 0 {
+                continue;
+            }
+            // Reserve the entry with a marker, fill it, then publish the id.
+            if w.compare_exchange(0, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                self.words.word(CLIENT_BASE + i * CLIENT_WORDS + 1).store(pid, Ordering::Relaxed);
+                self.words
+                    .word(CLIENT_BASE + i * CLIENT_WORDS + 2)
+                    .store(start_time, Ordering::Relaxed);
+                // SYNC POINT: client registered (Release; Acquire in `client`).
+                w.store(id, Ordering::Release);
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Registry entry `i`: (id, pid, start time) if in use.
+    pub fn client(&self, i: usize) -> Option<(u64, u64, u64)> {
+        assert!(i < MAX_CLIENTS);
+        let id = self.words.word(CLIENT_BASE + i * CLIENT_WORDS).load(Ordering::Acquire);
+        if id == 0 || id == u64::MAX {
+            return None;
+        }
+        let pid = self.words.word(CLIENT_BASE + i * CLIENT_WORDS + 1).load(Ordering::Relaxed);
+        let st = self.words.word(CLIENT_BASE + i * CLIENT_WORDS + 2).load(Ordering::Relaxed);
+        Some((id, pid, st))
+    }
+
+    /// Free registry entry `i` if it still holds `id`.
+    pub fn release_client(&self, i: usize, id: u64) {
+        assert!(i < MAX_CLIENTS);
+        let _ = self.words.word(CLIENT_BASE + i * CLIENT_WORDS).compare_exchange(
+            id,
+            0,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Path of a client's request ring (client → active).
+    pub fn client_in_path(dir: &Path, id: u64) -> PathBuf {
+        dir.join(format!("client-{id:016x}.in"))
+    }
+
+    /// Path of a client's response ring (active → client).
+    pub fn client_out_path(dir: &Path, id: u64) -> PathBuf {
+        dir.join(format!("client-{id:016x}.out"))
     }
 
     /// Path of the stream region `active → standby` for `slot` in `epoch`, generation `gen`.

@@ -93,7 +93,7 @@ impl Options {
             dir: dir.into(),
             slot,
             ring_capacity: 8 << 20,
-            backpressure: Backpressure::Wait(Duration::from_millis(5)),
+            backpressure: Backpressure::Wait(Duration::from_millis(20)),
             idle: Idle::SHARED,
             heartbeat: Duration::from_millis(1),
             hung_after: Duration::from_millis(200),
@@ -115,6 +115,11 @@ pub trait Input {
     fn resume(&mut self, store: &Store);
     /// Housekeeping hook called when idle (e.g. discovering new clients).
     fn idle(&mut self) {}
+    /// A source that is gone for good (a dead client): the engine deletes its replicated
+    /// position in a transaction of its own.
+    fn take_retired(&mut self) -> Option<u64> {
+        None
+    }
 }
 
 /// Where a request came from and where the input stands after it.
@@ -304,6 +309,8 @@ pub struct Engine<A: Application, I: Input> {
     replicas: Vec<Replica>,
     agreed_layout: u16,
     cmd_seen: Option<(u64, Instant)>,
+    /// (slot, attach generation) of replicas we detached: never reopened.
+    detached: Vec<(usize, u64)>,
 }
 
 fn identity_of(p: &ProcessIdentity) -> Identity {
@@ -361,6 +368,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             replicas: Vec::new(),
             agreed_layout: 1,
             cmd_seen: None,
+            detached: Vec::new(),
             opt,
         };
         let s = e.opt.slot;
@@ -537,6 +545,9 @@ impl<A: Application, I: Input> Engine<A, I> {
                 }
                 if !busy {
                     self.input.idle();
+                    while let Some(source) = self.input.take_retired() {
+                        self.retire_source(source);
+                    }
                     idle_polls = idle_polls.saturating_add(1);
                     self.idle_wait(idle_polls);
                 }
@@ -586,6 +597,31 @@ impl<A: Application, I: Input> Engine<A, I> {
         self.input.committed(&meta, &self.response);
     }
 
+    /// Forget a source's replicated position, in a transaction of its own.
+    fn retire_source(&mut self, source: u64) {
+        self.ops.clear();
+        self.ops.push(Op::Delete {
+            table: SYS_INPUTS,
+            key: source.to_le_bytes().to_vec(),
+        });
+        let commit = CommitBlock {
+            index: self.commits,
+            input_pos: 0,
+            input_seq: 0,
+            source,
+            request_seq: u64::MAX,
+            response_len: 0,
+            flags: 1,
+        };
+        self.replicate_tx(&commit);
+        for op in &self.ops {
+            self.store.apply(op);
+            self.app.on_apply(op, &self.store);
+        }
+        self.commits += 1;
+        info!(source, "input source retired");
+    }
+
     /// Push the transaction's ops and commit to every streaming replica as one batch each.
     fn replicate_tx(&mut self, commit: &CommitBlock) {
         let mut i = 0;
@@ -594,7 +630,8 @@ impl<A: Application, I: Input> Engine<A, I> {
                 i += 1;
                 continue;
             }
-            let started = Instant::now();
+            let mut started = Instant::now();
+            let mut seen_tail = 0u64;
             let ok = loop {
                 match push_tx(
                     &mut self.replicas[i].stream,
@@ -604,10 +641,19 @@ impl<A: Application, I: Input> Engine<A, I> {
                 ) {
                     Ok(()) => break true,
                     Err(PushError::Full { .. }) => match self.opt.backpressure {
-                        Backpressure::Wait(max) if started.elapsed() < max => {
+                        Backpressure::Wait(max) => {
+                            // Wait while the standby makes progress; untether it only when it
+                            // has consumed nothing for `max` (stuck, stopped or dead).
+                            let tail = self.replicas[i].stream.consumer_position();
+                            if tail != seen_tail {
+                                seen_tail = tail;
+                                started = Instant::now();
+                            } else if started.elapsed() >= max {
+                                break false;
+                            }
                             std::hint::spin_loop();
                         }
-                        _ => break false,
+                        Backpressure::Untether => break false,
                     },
                     Err(e) => {
                         error!("transaction cannot be replicated: {e}");
@@ -619,6 +665,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                 i += 1;
             } else {
                 let rep = self.replicas.remove(i);
+                self.detached.push((rep.slot, rep.gen));
                 warn!(slot = %control::slot_name(rep.slot), "standby untethered: its stream is full");
                 rep.stream_region.close(CLOSE_UNTETHERED);
                 self.control
@@ -704,12 +751,31 @@ impl<A: Application, I: Input> Engine<A, I> {
             enabled,
             commits: self.commits,
         };
-        for r in &mut self.replicas {
-            if matches!(r.phase, ReplicaPhase::Streaming(_)) {
+        let mut i = 0;
+        while i < self.replicas.len() {
+            let r = &mut self.replicas[i];
+            let sent = !matches!(r.phase, ReplicaPhase::Streaming(_)) || {
                 let mut b = r.stream.batch();
-                let _ = b.push(rt::FEATURES, 1, 16, zerocopy::IntoBytes::as_bytes(&fb));
-                b.commit();
+                let ok = b
+                    .push(rt::FEATURES, 1, 16, zerocopy::IntoBytes::as_bytes(&fb))
+                    .is_ok();
+                if ok {
+                    b.commit();
+                }
+                ok
+            };
+            if sent {
+                i += 1;
+                continue;
             }
+            // A standby that missed the switch would write the old layouts after a step-up:
+            // untether it; it catches up and learns the enabled set from the hello.
+            let rep = self.replicas.remove(i);
+            self.detached.push((rep.slot, rep.gen));
+            warn!(slot = %control::slot_name(rep.slot), "standby untethered: no room for the feature switch");
+            rep.stream_region.close(CLOSE_UNTETHERED);
+            self.control
+                .set(rep.slot, Field::State, State::Stale as u64);
         }
         self.enabled = enabled;
         self.write_versions = write_versions(&self.templates, &self.features, enabled);
@@ -748,6 +814,10 @@ impl<A: Application, I: Input> Engine<A, I> {
             .lock()
             .unlock()
             .map_err(|e| EngineError::Other(format!("releasing the robust mutex: {e}")))?;
+        // We follow the target in the next epoch: publishing the old one would hide our
+        // pre-created stream from the target, and the epoch check in `follow` would make us
+        // re-attach with a full catch-up.
+        self.epoch = next_epoch;
         self.publish_status(Role::Standby, State::Syncing);
         info!(slot = %control::slot_name(s), target = %control::slot_name(target), took_us = t0.elapsed().as_micros() as u64, "switched over; now standby");
         Ok(up)
@@ -766,7 +836,9 @@ impl<A: Application, I: Input> Engine<A, I> {
                 continue;
             }
             let gen = c.get(slot, Field::AttachGen);
-            if self.replicas.iter().any(|r| r.slot == slot && r.gen == gen) {
+            if self.replicas.iter().any(|r| r.slot == slot && r.gen == gen)
+                || self.detached.contains(&(slot, gen))
+            {
                 continue;
             }
             self.replicas.retain(|r| r.slot != slot);
@@ -811,8 +883,12 @@ impl<A: Application, I: Input> Engine<A, I> {
                 Ok(()) => i += 1,
                 Err(why) => {
                     let rep = self.replicas.remove(i);
+                    self.detached.push((rep.slot, rep.gen));
                     warn!(slot = %control::slot_name(rep.slot), "standby detached: {why}");
-                    rep.stream_region.close(CLOSE_DETACHED);
+                    // Keep the first reason (the standby's own, e.g. a corrupt stream).
+                    if rep.stream_region.closed().is_none() {
+                        rep.stream_region.close(CLOSE_DETACHED);
+                    }
                 }
             }
         }
@@ -830,6 +906,18 @@ impl<A: Application, I: Input> Engine<A, I> {
             Field::PeerVersion,
             peers.first().copied().unwrap_or(0),
         );
+        // The layout every attached standby can read (a departed older peer no longer limits it).
+        if let Some(l) = self
+            .replicas
+            .iter()
+            .filter_map(|r| r.agreement.as_ref().map(Agreement::layout_version))
+            .min()
+        {
+            if l != self.agreed_layout {
+                self.agreed_layout = l;
+                self.control.set(self.opt.slot, Field::Layout, l as u64);
+            }
+        }
     }
 
     fn service_replica(&mut self, i: usize) -> Result<(), String> {
@@ -1083,13 +1171,17 @@ impl<A: Application, I: Input> Engine<A, I> {
         let mut last_house = 0u64;
         let mut last_alive_check = monotonic_ns();
         let mut state = State::Syncing;
+        let mut batches: u32 = 0;
         loop {
             // Fast path: the active's mutex word. The kernel sets OWNER_DIED in it while the
             // dying process exits, before its memory is torn down.
             let died = matches!(lock.word(), LockWord::OwnerDied { .. });
+            let mut got = false;
             match u.stream.poll(&mut self.buf) {
                 Ok(true) => {
                     idle_polls = 0;
+                    got = true;
+                    batches = batches.wrapping_add(1);
                     match self.apply_batch(u, &mut state) {
                         Ok(Some(f)) => return Ok(f),
                         Ok(None) => {}
@@ -1103,7 +1195,11 @@ impl<A: Application, I: Input> Engine<A, I> {
                             return Ok(Follow::Reattach);
                         }
                     }
-                    continue;
+                    // Under sustained load the ring never runs empty: still do the
+                    // housekeeping (acks, heartbeat, commands) every 64 batches.
+                    if batches % 64 != 0 {
+                        continue;
+                    }
                 }
                 Ok(false) => {}
                 Err(e) => {
@@ -1113,7 +1209,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                     return Ok(Follow::Reattach);
                 }
             }
-            if died {
+            if died && !got {
                 // Drain what the active committed before it died.
                 while let Ok(true) = u.stream.poll(&mut self.buf) {
                     if let Ok(Some(f)) = self.apply_batch(u, &mut state) {
@@ -1122,7 +1218,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                 }
                 let tail = u.stream.torn_tail();
                 info!(slot = %control::slot_name(s), committed_end = tail.committed_end, torn = tail.uncommitted_bytes_seen, "active died (owner-died); stepping up");
-                if state != State::Hot {
+                if state != State::Hot || u.stream_region.closed().is_some() {
                     warn!("the active died before this standby was hot; it cannot step up with a partial state");
                     return Ok(Follow::Reattach);
                 }
@@ -1141,6 +1237,11 @@ impl<A: Application, I: Input> Engine<A, I> {
                 self.control.set(s, Field::LagBytes, lag);
                 if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
                     return Ok(Follow::Stop);
+                }
+                if u.stream_region.closed().is_some() && u.stream.has_next() {
+                    // Apply what was committed before the close first: a refusal is
+                    // published right before the close, and its message must not be lost.
+                    continue;
                 }
                 if u.stream_region.closed().is_some() {
                     info!(slot = %control::slot_name(s), "stream closed by the active; re-attaching");
@@ -1181,7 +1282,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                             }
                         }
                         info!("active process is gone (identity check); stepping up");
-                        if state != State::Hot {
+                        if state != State::Hot || u.stream_region.closed().is_some() {
                             return Ok(Follow::Reattach);
                         }
                         return Ok(Follow::StepUp { planned: false });
@@ -1201,8 +1302,10 @@ impl<A: Application, I: Input> Engine<A, I> {
                     }
                 }
             }
-            idle_polls = idle_polls.saturating_add(1);
-            self.idle_wait(idle_polls);
+            if !got {
+                idle_polls = idle_polls.saturating_add(1);
+                self.idle_wait(idle_polls);
+            }
         }
     }
 

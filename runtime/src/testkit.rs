@@ -55,6 +55,14 @@ impl Record for CounterV1 {
 }
 shm_layout::assert_record_layout!(CounterV1);
 
+/// Prefix of a ledger request (`LEDGER` + k as u64): the response is how many times k has
+/// been applied, which must be 1.
+pub const LEDGER: &[u8; 8] = b"LEDGER!!";
+/// The request that returns (ledger keys, sum of counts).
+pub const STATS: &[u8; 8] = b"STATS!!!";
+/// The ledger's table.
+pub const LEDGER_TABLE: u16 = 2;
+
 /// Feature 0, "tagged", needs Counter layout 2.
 pub const TAGGED: u16 = 0;
 
@@ -63,6 +71,9 @@ pub const TAGGED: u16 = 0;
 pub struct TestApp {
     pub version: u32,
     pub name: String,
+    /// Never retire units (request k registers unit k and it stays): an active that holds as
+    /// many units as it handled requests (catch-up benchmarks).
+    pub keep: bool,
 }
 
 impl TestApp {
@@ -70,6 +81,7 @@ impl TestApp {
         TestApp {
             version,
             name: "testapp".into(),
+            keep: false,
         }
     }
 }
@@ -101,6 +113,27 @@ impl Application for TestApp {
         }
     }
     fn handle(&mut self, tx: &mut Tx<'_>, req: &[u8]) -> Result<(), Refused> {
+        if req.len() == 16 && req[..8] == LEDGER[..] {
+            // Ledger request: count how many times request k was applied (must be once).
+            let k = &req[8..16];
+            let n = tx.get(LEDGER_TABLE, k).map_or(0, |v| {
+                u64::from_le_bytes(v[..8].try_into().unwrap_or([0; 8]))
+            }) + 1;
+            tx.put(LEDGER_TABLE, k, &n.to_le_bytes());
+            tx.respond(&n.to_le_bytes());
+            return Ok(());
+        }
+        if req == STATS {
+            // Ledger statistics: keys and the sum of their counts.
+            let (mut keys, mut sum) = (0u64, 0u64);
+            for (_, v) in tx.store().table(LEDGER_TABLE) {
+                keys += 1;
+                sum += u64::from_le_bytes(v[..8].try_into().unwrap_or([0; 8]));
+            }
+            tx.respond(&keys.to_le_bytes());
+            tx.respond(&sum.to_le_bytes());
+            return Ok(());
+        }
         if req.len() < 8 {
             return Err(Refused(b"short request".to_vec()));
         }
@@ -132,7 +165,7 @@ impl Application for TestApp {
                 );
             }
         }
-        if k >= 7 {
+        if k >= 7 && !self.keep {
             tx.retire(k - 7);
         }
         tx.put(1, &(k % 50).to_le_bytes(), &k.to_le_bytes());
@@ -179,6 +212,27 @@ impl Side {
     pub fn committed(&self) -> u64 {
         self.word(1).load(Ordering::Acquire)
     }
+    /// CLOCK_MONOTONIC ns of the last commit.
+    pub fn last_commit_ns(&self) -> u64 {
+        self.word(2).load(Ordering::Acquire)
+    }
+    /// CLOCK_MONOTONIC ns of the first commit after this engine last became active (0 before).
+    pub fn first_commit_ns(&self) -> u64 {
+        self.word(3).load(Ordering::Acquire)
+    }
+    /// The longest time between two consecutive commits since the last call (reset to 0).
+    pub fn take_longest_gap_ns(&self) -> u64 {
+        self.word(4).swap(0, Ordering::AcqRel)
+    }
+    /// The workload of the engine using this side file generates no request k >= `limit`
+    /// (0 = no limit beyond its `max`): lets a test pace or end a running workload.
+    pub fn set_limit(&self, limit: u64) {
+        self.word(8).store(limit, Ordering::Release)
+    }
+    /// The limit set by [`Side::set_limit`].
+    pub fn limit(&self) -> u64 {
+        self.word(8).load(Ordering::Acquire)
+    }
 }
 
 /// A deterministic workload: request k is k, one source.
@@ -218,6 +272,12 @@ impl Input for Workload {
         if self.next >= self.max {
             return None;
         }
+        if let Some(s) = &self.side {
+            let limit = s.limit();
+            if limit != 0 && self.next >= limit {
+                return None;
+            }
+        }
         if !self.pace.is_zero() {
             if self.last.elapsed() < self.pace {
                 return None;
@@ -243,6 +303,14 @@ impl Input for Workload {
     }
     fn committed(&mut self, meta: &InputMeta, _response: &[u8]) {
         if let Some(s) = &self.side {
+            // Commit times, so benchmarks can measure pauses from inside the engine.
+            let now = crate::control::monotonic_ns();
+            let last = s.word(2).swap(now, Ordering::AcqRel);
+            if s.word(3).load(Ordering::Relaxed) == 0 {
+                s.word(3).store(now, Ordering::Release);
+            } else if now - last > s.word(4).load(Ordering::Relaxed) {
+                s.word(4).fetch_max(now - last, Ordering::AcqRel);
+            }
             s.word(1).store(meta.next_pos, Ordering::Release);
         }
     }
@@ -253,6 +321,7 @@ impl Input for Workload {
             .find(|(id, _)| *id == 1)
             .map_or(0, |(_, p)| p.next_pos);
         if let Some(s) = &self.side {
+            s.word(3).store(0, Ordering::Release);
             s.word(0).store(self.next, Ordering::Release);
             s.word(1).store(self.next, Ordering::Release);
         }
@@ -266,6 +335,9 @@ pub struct Model {
     pub store: Store,
     pub k: u64,
     pub tagged_every: u64,
+    /// From request index `.0` on, run the handler with the feature set `.1` enabled (the
+    /// point of the stream where an engine's FEATURES frame switched it).
+    pub enabled_from: Option<(u64, u64)>,
 }
 
 impl Model {
@@ -275,6 +347,7 @@ impl Model {
             store: Store::new(),
             k: 0,
             tagged_every: 0,
+            enabled_from: None,
         }
     }
     pub fn advance_to(&mut self, k: u64) -> u64 {
@@ -290,7 +363,11 @@ impl Model {
                 next_pos: self.k + 1,
                 next_seq: self.k + 1,
             };
-            execute_local(&mut self.app, &mut self.store, 0, &meta, &req);
+            let enabled = match self.enabled_from {
+                Some((from, set)) if self.k >= from => set,
+                _ => 0,
+            };
+            execute_local(&mut self.app, &mut self.store, enabled, &meta, &req);
             self.k += 1;
         }
         self.store.digest()
@@ -318,11 +395,19 @@ pub struct EngineArgs {
     pub tagged_every: u64,
     /// Crash (abort) this long after becoming active (acceptance-failure tests).
     pub crash_after_active: Option<Duration>,
+    /// Serve shared-memory clients instead of the self-driving workload.
+    pub clients: bool,
+    /// Spin when idle (lowest latency; burns a core).
+    pub spin: bool,
+    /// Allocate and touch this many MiB before running (a large process, for step-up benches).
+    pub ballast_mib: u64,
+    /// Never retire units ([`TestApp::keep`]).
+    pub keep: bool,
 }
 
 /// Parse `--dir D --slot a|b|c [--standby] [--ring N] [--max N] [--pace-us N] [--side P]
-/// [--tagged-every N]`; also reads `UNDERSTUDY_DIR` / `UNDERSTUDY_SLOT` / `UNDERSTUDY_STANDBY`
-/// (what the supervisor sets).
+/// [--tagged-every N] [--keep] [--ballast-mib N]`; also reads `UNDERSTUDY_DIR` /
+/// `UNDERSTUDY_SLOT` / `UNDERSTUDY_STANDBY` (what the supervisor sets).
 pub fn parse_engine_args(args: &[String]) -> Result<EngineArgs, String> {
     let mut a = EngineArgs {
         dir: std::env::var("UNDERSTUDY_DIR").unwrap_or_default().into(),
@@ -343,6 +428,10 @@ pub fn parse_engine_args(args: &[String]) -> Result<EngineArgs, String> {
             .ok()
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis),
+        clients: std::env::var("UNDERSTUDY_CLIENTS").is_ok_and(|v| v == "1"),
+        spin: std::env::var("UNDERSTUDY_SPIN").is_ok_and(|v| v == "1"),
+        ballast_mib: 0,
+        keep: false,
     };
     let mut it = args.iter();
     while let Some(k) = it.next() {
@@ -363,6 +452,10 @@ pub fn parse_engine_args(args: &[String]) -> Result<EngineArgs, String> {
                     .ok_or_else(|| format!("--slot: expected a, b or c, found `{v}`"))?
             }
             "--standby" => a.standby_only = true,
+            "--clients" => a.clients = true,
+            "--spin" => a.spin = true,
+            "--keep" => a.keep = true,
+            "--ballast-mib" => a.ballast_mib = num("--ballast-mib", val("--ballast-mib")?)?,
             "--ring" => a.ring = num("--ring", val("--ring")?)? as usize,
             "--max" => a.max = num("--max", val("--max")?)?,
             "--pace-us" => a.pace = Duration::from_micros(num("--pace-us", val("--pace-us")?)?),
@@ -394,25 +487,46 @@ pub fn engine_main(version: u32) -> ! {
             std::process::exit(2);
         }
     };
-    let mut input = Workload::new(a.max, a.side.as_deref().map(Side::open));
-    input.pace = a.pace;
-    input.tagged_every = a.tagged_every;
-    input.crash_after = a.crash_after_active;
-    let mut opt = crate::Options::new(a.dir, a.slot);
+    // Touch every page so the memory is resident (the kernel tears it all down at exit).
+    let mut ballast = vec![0u8; (a.ballast_mib as usize) << 20];
+    for b in ballast.iter_mut().step_by(4096) {
+        *b = 1;
+    }
+    std::hint::black_box(&mut ballast);
+    let mut opt = crate::Options::new(a.dir.clone(), a.slot);
     opt.standby_only = a.standby_only;
     opt.ring_capacity = a.ring;
-    let engine = match crate::Engine::new(TestApp::new(version), input, opt) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("testapp-v{version}: {e}");
-            std::process::exit(3);
-        }
+    if a.spin {
+        opt.idle = crate::Idle::SPIN;
+    }
+    if let Some(ms) = std::env::var("UNDERSTUDY_BACKPRESSURE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        opt.backpressure = crate::Backpressure::Wait(Duration::from_millis(ms));
+    }
+    let fail = |e: &dyn std::fmt::Display| -> ! {
+        eprintln!("testapp-v{version}: {e}");
+        std::process::exit(3)
     };
-    match engine.run() {
+    let result = if a.clients {
+        let input = crate::client::ClientInput::new(&a.dir).unwrap_or_else(|e| fail(&e));
+        crate::Engine::new(TestApp::new(version), input, opt)
+            .unwrap_or_else(|e| fail(&e))
+            .run()
+    } else {
+        let mut input = Workload::new(a.max, a.side.as_deref().map(Side::open));
+        input.pace = a.pace;
+        input.tagged_every = a.tagged_every;
+        input.crash_after = a.crash_after_active;
+        let mut app = TestApp::new(version);
+        app.keep = a.keep;
+        crate::Engine::new(app, input, opt)
+            .unwrap_or_else(|e| fail(&e))
+            .run()
+    };
+    match result {
         Ok(_) => std::process::exit(0),
-        Err(e) => {
-            eprintln!("testapp-v{version}: {e}");
-            std::process::exit(3);
-        }
+        Err(e) => fail(&e),
     }
 }

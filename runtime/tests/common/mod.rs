@@ -2,8 +2,9 @@
 //! as real child processes of the test binary.
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use understudy_runtime::control::{Control, Field, Role, State};
@@ -46,6 +47,40 @@ impl Cluster {
         standby_only: bool,
         extra: &[(&str, String)],
     ) {
+        let cmd = self.command(test_bin_filter, slot, version, max, standby_only, extra);
+        self.start(slot, cmd);
+    }
+
+    /// Like [`Cluster::spawn`], with the child's stderr captured for [`Cluster::wait_exit`].
+    pub fn spawn_capturing_stderr(
+        &mut self,
+        test_bin_filter: &str,
+        slot: usize,
+        version: u32,
+        max: u64,
+        standby_only: bool,
+        extra: &[(&str, String)],
+    ) {
+        let mut cmd = self.command(test_bin_filter, slot, version, max, standby_only, extra);
+        cmd.stderr(Stdio::piped());
+        self.start(slot, cmd);
+    }
+
+    fn start(&mut self, slot: usize, mut cmd: Command) {
+        let child = cmd.spawn().unwrap();
+        self.children.retain(|(s, _)| *s != slot);
+        self.children.push((slot, child));
+    }
+
+    fn command(
+        &self,
+        test_bin_filter: &str,
+        slot: usize,
+        version: u32,
+        max: u64,
+        standby_only: bool,
+        extra: &[(&str, String)],
+    ) -> Command {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args([
             "--exact",
@@ -69,9 +104,67 @@ impl Cluster {
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().unwrap();
-        self.children.retain(|(s, _)| *s != slot);
-        self.children.push((slot, child));
+        cmd
+    }
+
+    /// Wait (bounded) for the engine in `slot` to exit on its own; its exit status and its
+    /// stderr (empty unless started with [`Cluster::spawn_capturing_stderr`]).
+    pub fn wait_exit(&mut self, slot: usize, timeout: Duration) -> (ExitStatus, String) {
+        let i = self
+            .children
+            .iter()
+            .position(|(s, _)| *s == slot)
+            .unwrap_or_else(|| panic!("no engine was started in slot {slot}"));
+        let t = Instant::now();
+        let status = loop {
+            if let Some(st) = self.children[i].1.try_wait().unwrap() {
+                break st;
+            }
+            if t.elapsed() > timeout {
+                panic!("timed out after {timeout:?} waiting for the engine in slot {slot} to exit");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let (_, mut child) = self.children.remove(i);
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        (status, err)
+    }
+
+    /// Is the engine started in `slot` still running (not exited, not killed)?
+    pub fn running(&mut self, slot: usize) -> bool {
+        self.children
+            .iter_mut()
+            .find(|(s, _)| *s == slot)
+            .is_some_and(|(_, c)| c.try_wait().unwrap().is_none())
+    }
+
+    /// Send `signal` (e.g. `libc::SIGSTOP`) to the engine in `slot`.
+    pub fn signal(&self, slot: usize, signal: i32) {
+        let pid = self
+            .pid(slot)
+            .unwrap_or_else(|| panic!("no engine was started in slot {slot}"));
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own unreaped child.
+        let r = unsafe { libc::kill(pid as i32, signal) };
+        assert_eq!(r, 0, "kill({pid}, {signal}) failed");
+    }
+
+    /// The side channel of the engine in `slot` (a file inside the cluster directory, so it
+    /// is removed with it); pass [`Cluster::side_env`] to the engine so it reports there.
+    pub fn side(&self, slot: usize) -> Side {
+        let _ = self.control(); // creates the directory
+        Side::open(&self.side_path(slot))
+    }
+
+    /// The environment that makes an engine in `slot` report through [`Cluster::side`].
+    pub fn side_env(&self, slot: usize) -> (&'static str, String) {
+        ("US_SIDE", self.side_path(slot).display().to_string())
+    }
+
+    fn side_path(&self, slot: usize) -> PathBuf {
+        self.dir.join(format!("side-{slot}"))
     }
 
     pub fn kill(&mut self, slot: usize) {
@@ -148,7 +241,12 @@ pub fn child_main() {
     if let Ok(c) = std::env::var("US_CHUNK") {
         opt.catchup_chunk = c.parse().unwrap();
     }
-    let engine = understudy_runtime::Engine::new(TestApp::new(version), input, opt).unwrap();
+    if let Ok(ms) = std::env::var("US_HUNG_MS") {
+        opt.hung_after = Duration::from_millis(ms.parse().unwrap());
+    }
+    let mut app = TestApp::new(version);
+    app.keep = std::env::var("US_KEEP").is_ok_and(|v| v == "1");
+    let engine = understudy_runtime::Engine::new(app, input, opt).unwrap();
     match engine.run() {
         Ok(_) => std::process::exit(0),
         Err(e) => {
@@ -158,6 +256,50 @@ pub fn child_main() {
     }
 }
 
+/// Engine logs on stderr when `US_VERBOSE` is set (children inherit stderr then).
 fn tracing_subscriber_init() -> Result<(), ()> {
-    Ok(())
+    if std::env::var("US_VERBOSE").is_err() {
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::stderr)
+        .try_init()
+        .map_err(|_| ())
+}
+
+/// Every slot's record in one line each (for failure messages).
+pub fn dump(c: &Control) -> String {
+    let mut s = format!("epoch {}, active slot {:?}\n", c.epoch(), c.active_slot());
+    for slot in 0..understudy_runtime::control::SLOTS {
+        s += &format!(
+            "  slot {slot}: pid {} v{} {} {} commits {} digest {:#x} gen {} layout {} features {} step-ups {} error {}\n",
+            c.get(slot, Field::Pid),
+            c.get(slot, Field::AppVersion),
+            role(c, slot).name(),
+            state(c, slot).name(),
+            c.get(slot, Field::Commits),
+            c.get(slot, Field::Digest),
+            c.get(slot, Field::AttachGen),
+            c.get(slot, Field::Layout),
+            c.get(slot, Field::Features),
+            c.get(slot, Field::StepUps),
+            c.get(slot, Field::Error),
+        );
+    }
+    s
+}
+
+/// [`wait_until`] that shows the cluster's control block when it times out.
+pub fn wait_cluster(c: &Control, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        if t.elapsed() > timeout {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; cluster:\n{}",
+                dump(c)
+            );
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
 }

@@ -1,0 +1,396 @@
+//! The client path end to end: real engine processes serving shared-memory clients, with the
+//! active SIGKILLed or switched over under full load; every acknowledged request must be
+//! answered exactly once and be in the final state exactly once.
+mod common;
+use common::*;
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use understudy_runtime::client::{Client, ClientError};
+use understudy_runtime::control::{cmd, Control, Field, Role, State};
+
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+const ENGINE: &str = env!("CARGO_BIN_EXE_understudy-testapp-v1");
+
+/// A client process for the "killed mid-request" test (re-executed test binary).
+#[test]
+#[ignore]
+fn child_client() {
+    let Ok(dir) = std::env::var("US_CLIENT_DIR") else {
+        return;
+    };
+    let mut c = Client::connect(dir.as_ref()).unwrap();
+    let mut k = 1u64 << 50;
+    loop {
+        let mut req = LEDGER.to_vec();
+        req.extend_from_slice(&k.to_le_bytes());
+        let _ = c.try_submit(&req);
+        let _ = c.poll_response();
+        k += 1;
+    }
+}
+
+struct Engines {
+    dir: std::path::PathBuf,
+    kids: Vec<(usize, std::process::Child)>,
+}
+
+impl Engines {
+    fn new(tag: &str) -> Engines {
+        let dir = std::path::PathBuf::from(format!(
+            "/dev/shm/understudy-test-{}-clients-{tag}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        Engines { dir, kids: vec![] }
+    }
+    fn spawn(&mut self, slot: usize, standby: bool, env: &[(&str, &str)]) {
+        let mut c = Command::new(ENGINE);
+        c.args([
+            "--dir",
+            self.dir.to_str().unwrap(),
+            "--slot",
+            ["a", "b", "c"][slot],
+            "--clients",
+        ]);
+        if standby {
+            c.arg("--standby");
+        }
+        // Debug builds on 2 shared cores: a standby can be descheduled for tens of ms.
+        c.env("RUST_LOG", std::env::var("US_LOG").unwrap_or("warn".into()))
+            .env("UNDERSTUDY_BACKPRESSURE_MS", "500")
+            .stdout(Stdio::null());
+        if std::env::var("US_VERBOSE").is_err() {
+            c.stderr(Stdio::null());
+        }
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        self.kids.retain(|(s, _)| *s != slot);
+        self.kids.push((slot, c.spawn().unwrap()));
+    }
+    fn kill(&mut self, slot: usize) {
+        if let Some(i) = self.kids.iter().position(|(s, _)| *s == slot) {
+            let (_, mut k) = self.kids.remove(i);
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+    }
+    fn control(&self) -> Control {
+        Control::open_or_create(&self.dir).unwrap()
+    }
+}
+
+impl Drop for Engines {
+    fn drop(&mut self) {
+        for (_, k) in &mut self.kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What one load client saw.
+#[derive(Default)]
+struct Tally {
+    submitted: u64,
+    acked: HashSet<u64>,
+    duplicates: u64,
+    wrong_count: u64,
+}
+
+/// A client that submits ledger requests as fast as it can until `stop`, then drains.
+fn load_client(
+    dir: std::path::PathBuf,
+    id: u64,
+    stop: Arc<AtomicBool>,
+    acks: Arc<AtomicU64>,
+) -> Tally {
+    let mut c = Client::connect(&dir).unwrap();
+    let mut t = Tally::default();
+    let mut seq_to_k = std::collections::HashMap::new();
+    let mut next_k = id << 40;
+    let mut inflight = 0u64;
+    let handle = |c: &mut Client,
+                  t: &mut Tally,
+                  seq_to_k: &mut std::collections::HashMap<u64, u64>,
+                  inflight: &mut u64| {
+        while let Some((seq, resp)) = c.poll_response().unwrap() {
+            let Some(k) = seq_to_k.remove(&seq) else {
+                t.duplicates += 1;
+                continue;
+            };
+            *inflight -= 1;
+            if !t.acked.insert(k) {
+                t.duplicates += 1;
+            }
+            if resp.len() != 8 || u64::from_le_bytes(resp[..8].try_into().unwrap()) != 1 {
+                t.wrong_count += 1;
+            }
+            acks.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        if inflight < 256 {
+            let mut req = LEDGER.to_vec();
+            req.extend_from_slice(&next_k.to_le_bytes());
+            if let Some(seq) = c.try_submit(&req).unwrap() {
+                seq_to_k.insert(seq, next_k);
+                next_k += 1;
+                t.submitted += 1;
+                inflight += 1;
+            }
+        }
+        handle(&mut c, &mut t, &mut seq_to_k, &mut inflight);
+        if inflight >= 256 {
+            std::thread::yield_now();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while inflight > 0 && Instant::now() < deadline {
+        handle(&mut c, &mut t, &mut seq_to_k, &mut inflight);
+        std::thread::yield_now();
+    }
+    assert_eq!(
+        inflight, 0,
+        "client {id}: {inflight} submitted requests never answered"
+    );
+    t
+}
+
+fn stats(dir: &std::path::Path) -> (u64, u64) {
+    let mut c = Client::connect(dir).unwrap();
+    let r = c
+        .call(STATS, Duration::from_secs(10))
+        .unwrap()
+        .expect("stats answered");
+    (
+        u64::from_le_bytes(r[..8].try_into().unwrap()),
+        u64::from_le_bytes(r[8..16].try_into().unwrap()),
+    )
+}
+
+/// Drive 2 full-speed clients while `disrupt` runs `rounds` role changes; then check the
+/// invariant: every acknowledged request answered once, applied once, none lost.
+fn run_under_disruption(
+    tag: &str,
+    rounds: usize,
+    mut disrupt: impl FnMut(&mut Engines, &Control, usize, usize) -> usize,
+) {
+    // Two engines and two full-speed clients fill both cores: one such test at a time.
+    let _one = HEAVY.lock().unwrap_or_else(|p| p.into_inner());
+    let mut e = Engines::new(tag);
+    let c = e.control();
+    e.spawn(0, false, &[]);
+    wait_until("a active", Duration::from_secs(10), || {
+        role(&c, 0) == Role::Active
+    });
+    e.spawn(1, true, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (1..=2)
+        .map(|id| {
+            let (d, s, a) = (e.dir.clone(), stop.clone(), acks.clone());
+            std::thread::spawn(move || load_client(d, id, s, a))
+        })
+        .collect();
+    let mut active = 0;
+    for i in 0..rounds {
+        let standby = 1 - active;
+        wait_until(
+            &format!("round {i}: standby hot"),
+            Duration::from_secs(20),
+            || state(&c, standby) == State::Hot && role(&c, standby) == Role::Standby,
+        );
+        let before = acks.load(Ordering::Relaxed);
+        wait_until(
+            &format!("round {i}: load flowing"),
+            Duration::from_secs(10),
+            || acks.load(Ordering::Relaxed) > before + 50,
+        );
+        active = disrupt(&mut e, &c, active, i);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0u64;
+    for (i, h) in clients.into_iter().enumerate() {
+        let t = h.join().expect("client thread");
+        assert_eq!(t.duplicates, 0, "client {i}: duplicated responses");
+        assert_eq!(
+            t.wrong_count, 0,
+            "client {i}: a request was applied more than once"
+        );
+        assert_eq!(
+            t.acked.len() as u64,
+            t.submitted,
+            "client {i}: lost requests"
+        );
+        total += t.acked.len() as u64;
+    }
+    let (keys, sum) = stats(&e.dir);
+    assert_eq!(
+        keys, total,
+        "final state holds {keys} requests, clients acknowledged {total}"
+    );
+    assert_eq!(
+        sum, total,
+        "final state applied requests {sum} times, clients acknowledged {total}"
+    );
+    assert!(total > rounds as u64 * 50, "too little load: {total}");
+}
+
+/// SIGKILL of the active while 2 clients submit as fast as they can, many times.
+#[test]
+fn kills_under_client_load_lose_and_duplicate_nothing() {
+    let n = std::env::var("US_KILLS")
+        .ok()
+        .map_or(100, |v| v.parse().unwrap());
+    run_under_disruption("kills", n, |e, c, active, i| {
+        let standby = 1 - active;
+        let ups = c.get(standby, Field::StepUps);
+        e.kill(active);
+        wait_until(
+            &format!("kill {i}: step-up"),
+            Duration::from_secs(10),
+            || c.get(standby, Field::StepUps) > ups && role(c, standby) == Role::Active,
+        );
+        e.spawn(active, true, &[]);
+        standby
+    });
+}
+
+/// Planned switchovers under the same load and invariant.
+#[test]
+fn switchovers_under_client_load_lose_and_duplicate_nothing() {
+    let n = std::env::var("US_SWITCHES")
+        .ok()
+        .map_or(100, |v| v.parse().unwrap());
+    run_under_disruption("switches", n, |_e, c, active, i| {
+        let standby = 1 - active;
+        let seq = c.post(cmd::SWITCHOVER, standby as u64);
+        wait_until(
+            &format!("switch {i}: acked"),
+            Duration::from_secs(10),
+            || c.acked().0 == seq,
+        );
+        assert_eq!(c.acked().1, 0, "switch {i}: refused");
+        wait_until(
+            &format!("switch {i}: role change"),
+            Duration::from_secs(10),
+            || role(c, standby) == Role::Active,
+        );
+        standby
+    });
+}
+
+/// A crash between commit and egress (test hook): the new active re-emits the committed
+/// response exactly once; the client sees one answer.
+#[test]
+fn crash_between_commit_and_egress_gives_exactly_one_response() {
+    let mut e = Engines::new("egress");
+    let c = e.control();
+    e.spawn(0, false, &[("UNDERSTUDY_TEST_CRASH_BEFORE_EGRESS", "5")]);
+    wait_until("a active", Duration::from_secs(10), || {
+        role(&c, 0) == Role::Active
+    });
+    e.spawn(1, true, &[]);
+    wait_until("b hot", Duration::from_secs(10), || {
+        state(&c, 1) == State::Hot
+    });
+    let mut cl = Client::connect(&e.dir).unwrap();
+    for k in 0..10u64 {
+        let mut req = LEDGER.to_vec();
+        req.extend_from_slice(&k.to_le_bytes());
+        let r = cl.call(&req, Duration::from_secs(10)).unwrap();
+        assert_eq!(
+            r,
+            Some(1u64.to_le_bytes().to_vec()),
+            "request {k}: exactly one application"
+        );
+    }
+    assert_eq!(
+        role(&c, 1),
+        Role::Active,
+        "the hook must have killed a; b took over"
+    );
+    // No stray duplicate arrives later.
+    assert_eq!(cl.wait_response(Duration::from_millis(100)).unwrap(), None);
+    drop(cl);
+    assert_eq!(stats(&e.dir), (10, 10));
+}
+
+/// A client writing garbage is cut off with an error; a client killed mid-request is
+/// reclaimed; the engines and the other client carry on unaffected.
+#[test]
+fn bad_and_dead_clients_leave_others_unaffected() {
+    let mut e = Engines::new("bad");
+    let c = e.control();
+    e.spawn(0, false, &[]);
+    wait_until("a active", Duration::from_secs(10), || {
+        role(&c, 0) == Role::Active
+    });
+    e.spawn(1, true, &[]);
+    wait_until("b hot", Duration::from_secs(10), || {
+        state(&c, 1) == State::Hot
+    });
+    let pid_a = c.get(0, Field::Pid);
+    let mut good = Client::connect(&e.dir).unwrap();
+    let mut bad = Client::connect(&e.dir).unwrap();
+    assert!(bad.submit_raw(99, b"\xff\xfe garbage"));
+    let mut closed = false;
+    for _ in 0..2000 {
+        match bad.poll_response() {
+            Err(ClientError::Closed { .. }) => {
+                closed = true;
+                break;
+            }
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    assert!(closed, "the garbage-writing client's rings must be closed");
+    // A client process killed mid-request.
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_client", "--ignored", "--nocapture"])
+        .env("US_CLIENT_DIR", &e.dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let files = |d: &std::path::Path| {
+        std::fs::read_dir(d)
+            .unwrap()
+            .filter(|f| {
+                f.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("client-")
+            })
+            .count()
+    };
+    wait_until("child client connected", Duration::from_secs(10), || {
+        files(&e.dir) >= 6
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for k in 0..100u64 {
+        let mut req = LEDGER.to_vec();
+        req.extend_from_slice(&k.to_le_bytes());
+        assert_eq!(
+            good.call(&req, Duration::from_secs(10)).unwrap(),
+            Some(1u64.to_le_bytes().to_vec())
+        );
+    }
+    // The dead client's rings are reclaimed (the bad client's stay until it drops them).
+    wait_until("dead client reclaimed", Duration::from_secs(10), || {
+        files(&e.dir) == 4
+    });
+    assert_eq!(c.get(0, Field::Pid), pid_a, "the active never restarted");
+    assert_eq!(role(&c, 0), Role::Active);
+    assert_eq!(state(&c, 1), State::Hot);
+}
