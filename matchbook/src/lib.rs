@@ -4,3 +4,5 @@
 #![warn(missing_docs)]
 
 pub mod book;
+pub mod app;
+pub mod loadgen;

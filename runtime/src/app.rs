@@ -55,8 +55,9 @@ pub trait Application {
     /// An `Err` rolls back the transaction's changes but still commits the response (so a
     /// refused request is answered exactly once, like any other).
     fn handle(&mut self, tx: &mut Tx<'_>, request: &[u8]) -> Result<(), Refused>;
-    /// Called on the standby for every change it applies (and on the active for its own
-    /// commits), so derived in-memory indexes stay hot and step-up does not rebuild them.
+    /// Called on a standby for every change it applies (not on the active for its own
+    /// commits: its handler made them), so derived in-memory indexes stay hot and step-up does
+    /// not rebuild them. A handler that returns `Err` must leave its in-memory view unchanged.
     fn on_apply(&mut self, _op: &Op, _store: &Store) {}
     /// Called on a standby after a snapshot replaced its whole state.
     fn on_reset(&mut self, _store: &Store) {}

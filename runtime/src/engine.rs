@@ -588,9 +588,10 @@ impl<A: Application, I: Input> Engine<A, I> {
             flags: 0,
         };
         self.replicate_tx(&commit);
+        // The handler already updated the application's own in-memory view: `on_apply` is for
+        // changes a standby receives.
         for op in &self.ops {
             self.store.apply(op);
-            self.app.on_apply(op, &self.store);
         }
         self.commits += 1;
         self.requests += 1;
@@ -614,9 +615,10 @@ impl<A: Application, I: Input> Engine<A, I> {
             flags: 1,
         };
         self.replicate_tx(&commit);
+        // The handler already updated the application's own in-memory view: `on_apply` is for
+        // changes a standby receives.
         for op in &self.ops {
             self.store.apply(op);
-            self.app.on_apply(op, &self.store);
         }
         self.commits += 1;
         info!(source, "input source retired");

@@ -1,0 +1,490 @@
+//! matchbook on the understudy runtime: order books are work units (one per symbol), account
+//! positions are records of the `positions` table; requests are new order / cancel (and two
+//! read-only queries), responses are acknowledgements with the fills they caused.
+//!
+//! Version 2 adds iceberg orders, which need layout version 2 of the order-book record (it
+//! carries each order's hidden quantity). With the feature disabled, version 2 behaves exactly
+//! as version 1, writes version-1 layouts, and refuses iceberg orders with a clear reason.
+//!
+//! The matching engine itself (`crate::book::Engine`) is the application's in-memory view; on
+//! a standby it is kept hot by the runtime's apply hook, so a step-up rebuilds nothing.
+
+use crate::book::{
+    AccountId, Cancel, Engine, Features, NewOrder, OrderBook, OrderId, OrderKind, Position,
+    RejectReason, Request, Response, Side, Symbol,
+};
+use shm_layout::record::{Fnv, TemplateInfo};
+use std::collections::HashMap;
+use understudy_runtime::store::{Op, Store};
+use understudy_runtime::{Application, Feature, Refused, Tx};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// Record type id of the order-book record.
+pub const BOOK_TYPE: u16 = 200;
+/// Work-unit kind of an order book.
+pub const BOOK_KIND: u16 = 1;
+/// Table of account positions (key: account id u32 LE, value: 16-byte position).
+pub const POSITIONS: u16 = 1;
+/// Feature id of iceberg orders (version 2).
+pub const ICEBERG: u16 = 0;
+
+/// Request operations.
+pub mod op {
+    /// New order.
+    pub const NEW: u8 = 1;
+    /// Cancel.
+    pub const CANCEL: u8 = 2;
+    /// Read a book (response: header, then the book's version-2 encoding).
+    pub const QUERY_BOOK: u8 = 3;
+    /// Read a position (response: header, then 16 bytes).
+    pub const QUERY_POSITION: u8 = 4;
+}
+
+/// Response statuses.
+pub mod status {
+    /// Accepted.
+    pub const ACK: u8 = 0;
+    /// Refused (reason in `reason`).
+    pub const REJECT: u8 = 1;
+    /// Cancelled (remaining quantity in `qty`).
+    pub const CANCELLED: u8 = 2;
+    /// Query answered.
+    pub const QUERY: u8 = 3;
+    /// Malformed request.
+    pub const MALFORMED: u8 = 4;
+}
+
+/// A request on the wire (48 bytes, little-endian).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct WireRequest {
+    /// [`op`].
+    pub op: u8,
+    /// 0 buy, 1 sell.
+    pub side: u8,
+    /// 0 limit, 1 iceberg (version 2).
+    pub kind: u8,
+    /// Padding.
+    pub _pad: u8,
+    /// Account.
+    pub account: u32,
+    /// Order id.
+    pub id: u64,
+    /// Symbol.
+    pub symbol: u32,
+    /// Padding.
+    pub _pad2: u32,
+    /// Limit price in ticks.
+    pub price: i64,
+    /// Quantity.
+    pub qty: u64,
+    /// Iceberg display quantity.
+    pub display: u64,
+}
+const _: () = assert!(core::mem::size_of::<WireRequest>() == 48);
+
+/// A response on the wire (40 bytes; a query appends its data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct WireResponse {
+    /// [`status`].
+    pub status: u8,
+    /// Reject reason code ([`reject_code`]).
+    pub reason: u8,
+    /// Padding.
+    pub _pad: u16,
+    /// Symbol.
+    pub symbol: u32,
+    /// Order id.
+    pub id: u64,
+    /// The book's request sequence after this request (per symbol; orders the model replay).
+    pub book_seq: u64,
+    /// Quantity filled by this request (new) or remaining (cancelled).
+    pub qty: u64,
+    /// Fills caused.
+    pub fills: u32,
+    /// Padding.
+    pub _pad2: u32,
+}
+const _: () = assert!(core::mem::size_of::<WireResponse>() == 40);
+
+/// Code of a reject reason on the wire.
+pub fn reject_code(r: RejectReason) -> u8 {
+    match r {
+        RejectReason::UnknownOrder => 1,
+        RejectReason::NotOwner => 2,
+        RejectReason::DuplicateOrderId => 3,
+        RejectReason::ZeroQty => 4,
+        RejectReason::QtyOutOfRange => 5,
+        RejectReason::PriceOutOfRange => 6,
+        RejectReason::BadDisplayQty => 7,
+        RejectReason::FeatureDisabled => 8,
+    }
+}
+
+impl WireRequest {
+    /// A new limit order.
+    pub fn limit(id: u64, account: u32, symbol: u32, side: Side, price: i64, qty: u64) -> Self {
+        WireRequest {
+            op: op::NEW,
+            side: (side == Side::Sell) as u8,
+            kind: 0,
+            _pad: 0,
+            account,
+            id,
+            symbol,
+            _pad2: 0,
+            price,
+            qty,
+            display: 0,
+        }
+    }
+
+    /// A new iceberg order (needs the version-2 feature).
+    pub fn iceberg(
+        id: u64,
+        account: u32,
+        symbol: u32,
+        side: Side,
+        price: i64,
+        qty: u64,
+        display: u64,
+    ) -> Self {
+        WireRequest {
+            kind: 1,
+            display,
+            ..Self::limit(id, account, symbol, side, price, qty)
+        }
+    }
+
+    /// A cancel.
+    pub fn cancel(id: u64, account: u32, symbol: u32) -> Self {
+        WireRequest {
+            op: op::CANCEL,
+            ..Self::limit(id, account, symbol, Side::Buy, 0, 0)
+        }
+    }
+
+    /// A book query.
+    pub fn query_book(symbol: u32) -> Self {
+        WireRequest {
+            op: op::QUERY_BOOK,
+            ..Self::limit(0, 0, symbol, Side::Buy, 0, 0)
+        }
+    }
+
+    /// A position query.
+    pub fn query_position(account: u32) -> Self {
+        WireRequest {
+            op: op::QUERY_POSITION,
+            ..Self::limit(0, account, 0, Side::Buy, 0, 0)
+        }
+    }
+
+    /// The matching engine's request, if this is a new order or a cancel.
+    pub fn to_request(&self) -> Option<Request> {
+        let side = if self.side == 0 {
+            Side::Buy
+        } else {
+            Side::Sell
+        };
+        match self.op {
+            op::NEW => Some(Request::New(NewOrder {
+                id: OrderId(self.id),
+                account: AccountId(self.account),
+                symbol: Symbol(self.symbol),
+                side,
+                price: self.price,
+                qty: self.qty,
+                kind: if self.kind == 1 {
+                    OrderKind::Iceberg {
+                        display_qty: self.display,
+                    }
+                } else {
+                    OrderKind::Limit
+                },
+            })),
+            op::CANCEL => Some(Request::Cancel(Cancel {
+                id: OrderId(self.id),
+                account: AccountId(self.account),
+                symbol: Symbol(self.symbol),
+            })),
+            _ => None,
+        }
+    }
+}
+
+/// The application.
+pub struct Matchbook {
+    version: u32,
+    engine: Engine,
+    seqs: HashMap<u32, u64>,
+    fills: Vec<crate::book::Fill>,
+    scratch: Vec<u8>,
+}
+
+impl Matchbook {
+    /// matchbook at `version` (1 or 2).
+    pub fn new(version: u32) -> Self {
+        Matchbook {
+            version,
+            engine: Engine::new(),
+            seqs: HashMap::new(),
+            fills: Vec::new(),
+            scratch: Vec::with_capacity(4096),
+        }
+    }
+
+    /// The in-memory matching engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn book_template(&self) -> TemplateInfo {
+        let mut h = Fnv::new();
+        h.bytes(b"matchbook.orderbook/v1: u16 version, u32 count, 29-byte orders");
+        TemplateInfo {
+            type_id: BOOK_TYPE,
+            min_version: 1,
+            max_version: if self.version >= 2 { 2 } else { 1 },
+            _pad: 0,
+            base_fingerprint: h.finish(),
+        }
+    }
+
+    fn respond(tx: &mut Tx<'_>, r: WireResponse, extra: &[u8]) {
+        tx.respond(r.as_bytes());
+        tx.respond(extra);
+    }
+
+    fn load_unit(&mut self, id: u64, state: &[u8]) {
+        if state.len() < 8 {
+            return;
+        }
+        let seq = u64::from_le_bytes(state[..8].try_into().expect("8"));
+        if let Ok(book) = OrderBook::decode(&state[8..]) {
+            self.engine.insert_book(Symbol(id as u32), book);
+            self.seqs.insert(id as u32, seq);
+        }
+    }
+}
+
+fn blank(w: &WireRequest, status: u8) -> WireResponse {
+    WireResponse {
+        status,
+        reason: 0,
+        _pad: 0,
+        symbol: w.symbol,
+        id: w.id,
+        book_seq: 0,
+        qty: 0,
+        fills: 0,
+        _pad2: 0,
+    }
+}
+
+impl Application for Matchbook {
+    fn name(&self) -> &str {
+        "matchbook"
+    }
+
+    fn version(&self) -> u32 {
+        self.version
+    }
+
+    fn templates(&self) -> Vec<TemplateInfo> {
+        vec![self.book_template()]
+    }
+
+    fn features(&self) -> Vec<Feature> {
+        if self.version >= 2 {
+            vec![Feature {
+                id: ICEBERG,
+                name: "iceberg",
+                type_id: BOOK_TYPE,
+                layout_version: 2,
+            }]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn handle(&mut self, tx: &mut Tx<'_>, request: &[u8]) -> Result<(), Refused> {
+        let Ok(w) = WireRequest::read_from_bytes(request) else {
+            let mut r = WireResponse::new_zeroed_response();
+            r.status = status::MALFORMED;
+            return Err(Refused(r.as_bytes().to_vec()));
+        };
+        match w.op {
+            op::QUERY_BOOK => {
+                self.scratch.clear();
+                if let Some(b) = self.engine.book(Symbol(w.symbol)) {
+                    b.encode(&mut self.scratch);
+                }
+                let mut r = blank(&w, status::QUERY);
+                r.book_seq = self.seqs.get(&w.symbol).copied().unwrap_or(0);
+                let data = std::mem::take(&mut self.scratch);
+                Self::respond(tx, r, &data);
+                self.scratch = data;
+                Ok(())
+            }
+            op::QUERY_POSITION => {
+                let p = self.engine.position(AccountId(w.account));
+                Self::respond(tx, blank(&w, status::QUERY), &p.to_bytes());
+                Ok(())
+            }
+            op::NEW | op::CANCEL => {
+                let iceberg_on = self.version >= 2 && tx.feature_enabled(ICEBERG);
+                if w.op == op::NEW && w.kind == 1 && !iceberg_on {
+                    let mut r = blank(&w, status::REJECT);
+                    r.reason = reject_code(RejectReason::FeatureDisabled);
+                    let why: &[u8] = if self.version < 2 {
+                        b"iceberg orders need matchbook version 2"
+                    } else {
+                        b"iceberg orders are disabled until both engines run version 2 and the feature is enabled"
+                    };
+                    return Err(Refused([r.as_bytes(), why].concat()));
+                }
+                let req = w.to_request().expect("new or cancel");
+                self.fills.clear();
+                let features = Features {
+                    iceberg: iceberg_on,
+                };
+                let response = self.engine.process_into(req, features, &mut self.fills);
+                let mut r = blank(&w, status::ACK);
+                match response {
+                    Response::Ack { .. } => {
+                        r.qty = self.fills.iter().map(|f| f.qty).sum();
+                        r.fills = self.fills.len() as u32;
+                    }
+                    Response::Reject { reason, .. } => {
+                        r.status = status::REJECT;
+                        r.reason = reject_code(reason);
+                    }
+                    Response::Cancelled { remaining, .. } => {
+                        r.status = status::CANCELLED;
+                        r.qty = remaining;
+                    }
+                }
+                let changed = !matches!(response, Response::Reject { .. });
+                if changed {
+                    let seq = self.seqs.entry(w.symbol).or_insert(0);
+                    *seq += 1;
+                    r.book_seq = *seq;
+                    let seq = *seq;
+                    if let Some(book) = self.engine.book(Symbol(w.symbol)) {
+                        let v = tx.write_version(BOOK_TYPE);
+                        self.scratch.clear();
+                        self.scratch.extend_from_slice(&seq.to_le_bytes());
+                        if v >= 2 {
+                            book.encode(&mut self.scratch);
+                        } else if book.encode_v1(&mut self.scratch).is_err() {
+                            // Cannot happen: icebergs rest only while the feature is on, and
+                            // then the write version is 2.
+                            book.encode(&mut self.scratch);
+                        }
+                        tx.update(w.symbol as u64, BOOK_KIND, v, &self.scratch);
+                    }
+                    for f in &self.fills {
+                        for acct in [f.taker_account, f.maker_account] {
+                            let p = self.engine.position(acct);
+                            tx.put(POSITIONS, &acct.0.to_le_bytes(), &p.to_bytes());
+                        }
+                    }
+                }
+                Self::respond(tx, r, &[]);
+                Ok(())
+            }
+            other => {
+                let mut r = blank(&w, status::MALFORMED);
+                r.reason = other;
+                Err(Refused(r.as_bytes().to_vec()))
+            }
+        }
+    }
+
+    fn on_apply(&mut self, op: &Op, _store: &Store) {
+        match op {
+            Op::PutUnit { id, state, .. } => self.load_unit(*id, state),
+            Op::Put { table, key, value } if *table == POSITIONS => {
+                if let (Ok(k), Ok(p)) = (<[u8; 4]>::try_from(&key[..]), Position::decode(value)) {
+                    self.engine
+                        .set_position(AccountId(u32::from_le_bytes(k)), p);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_reset(&mut self, store: &Store) {
+        self.engine = Engine::new();
+        self.seqs.clear();
+        let units: Vec<(u64, Vec<u8>)> =
+            store.units().map(|(id, u)| (id, u.state.clone())).collect();
+        for (id, state) in units {
+            self.load_unit(id, &state);
+        }
+        for (k, v) in store.table(POSITIONS) {
+            if let (Ok(k), Ok(p)) = (<[u8; 4]>::try_from(k), Position::decode(v)) {
+                self.engine
+                    .set_position(AccountId(u32::from_le_bytes(k)), p);
+            }
+        }
+    }
+}
+
+impl WireResponse {
+    fn new_zeroed_response() -> WireResponse {
+        <WireResponse as zerocopy::FromZeros>::new_zeroed()
+    }
+}
+
+/// Decode a response (header and trailing data).
+pub fn parse_response(bytes: &[u8]) -> Option<(WireResponse, &[u8])> {
+    let (r, rest) = WireResponse::read_from_prefix(bytes).ok()?;
+    Some((r, rest))
+}
+
+/// The `main` of the matchbook engine executables (`matchbook-v1`, `matchbook-v2`):
+/// `--dir D --slot a|b|c [--standby] [--ring N] [--spin]` (or the supervisor's environment).
+pub fn engine_main(version: u32) -> ! {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let fail = |e: &dyn std::fmt::Display| -> ! {
+        eprintln!("matchbook-v{version}: {e}");
+        std::process::exit(3)
+    };
+    let a = match understudy_runtime::testkit::parse_engine_args(&args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("matchbook-v{version}: {e}");
+            std::process::exit(2);
+        }
+    };
+    let mut opt = understudy_runtime::Options::new(a.dir.clone(), a.slot);
+    opt.standby_only = a.standby_only;
+    opt.ring_capacity = a.ring;
+    if a.spin {
+        opt.idle = understudy_runtime::Idle::SPIN;
+    }
+    if let Some(ms) = std::env::var("UNDERSTUDY_BACKPRESSURE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        opt.backpressure =
+            understudy_runtime::Backpressure::Wait(std::time::Duration::from_millis(ms));
+    }
+    let input = understudy_runtime::client::ClientInput::new(&a.dir).unwrap_or_else(|e| fail(&e));
+    let engine = understudy_runtime::Engine::new(Matchbook::new(version), input, opt)
+        .unwrap_or_else(|e| fail(&e));
+    match engine.run() {
+        Ok(_) => std::process::exit(0),
+        Err(e) => fail(&e),
+    }
+}

@@ -1,0 +1,4 @@
+//! matchbook version 1 engine.
+fn main() {
+    matchbook::app::engine_main(1)
+}
