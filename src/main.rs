@@ -1,6 +1,428 @@
-//! The `understudy` command line.
+//! The `understudy` command line: `up` runs the supervisor in the foreground; every other
+//! verb but `doctor` is a thin client of its control socket.
+//!
+//! To add a verb: add a variant to [`Command`] and an arm in [`main`] that returns an exit
+//! [`Code`].
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use understudy_supervisor::client::Client;
+use understudy_supervisor::config::ClusterConfig;
+use understudy_supervisor::doctor::{self, Verdict};
+use understudy_supervisor::proto::{
+    Code, Op, Reply, Request, StatusReport, UpgradeEvent, UpgradeRequest, SOCKET_NAME,
+};
+
+fn exit_codes_help() -> String {
+    let mut text = String::from("Exit codes:\n");
+    for code in Code::ALL {
+        text.push_str(&format!("  {:>2}  {}\n", code.exit_code(), code.describe()));
+    }
+    text
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "understudy",
+    version,
+    about = "Keep a latency-critical application alive through crashes and upgrades",
+    after_help = exit_codes_help()
+)]
+struct Cli {
+    /// The cluster config (TOML).
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "UNDERSTUDY_CONFIG",
+        default_value = "cluster.toml"
+    )]
+    config: PathBuf,
+    /// The supervisor's socket (default: `<shm_dir>/<cluster>/supervisor.sock` from the config).
+    #[arg(long, global = true, env = "UNDERSTUDY_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Print one JSON object per line, even on a terminal.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The main job: a cluster of two matchbook engines under load, a SIGKILL of the active, a
+    /// switchover, a rolling upgrade v1 → v2 with acceptance, the new feature enabled; prints
+    /// what the clients saw (exit 0 only if nothing was lost or duplicated).
+    Demo {
+        /// Shorter phases (what the test suite runs).
+        #[arg(long)]
+        quick: bool,
+        /// Requests per second per load client.
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+    },
+    /// Run the supervisor in the foreground: start (or re-adopt) the engines and keep them so.
+    Up,
+    /// Show every engine: role, epoch, versions, features, state, lag, requests/s, step-ups.
+    Status,
+    /// Planned switchover to the hot standby; waits until done and prints the pause.
+    Switchover,
+    /// The rolling upgrade to a new engine binary, with acceptance and automatic rollback.
+    Upgrade {
+        /// The new engine executable.
+        #[arg(long)]
+        binary: PathBuf,
+        /// The soak period after the switchover (e.g. `30s`, `500ms`, `2m`).
+        #[arg(long, value_parser = parse_duration)]
+        accept_for: Option<Duration>,
+        /// A shell command that must exit 0 for the upgrade to be accepted.
+        #[arg(long)]
+        accept_cmd: Option<String>,
+        /// Start the new version as a third standby first: a hot standby at every moment.
+        #[arg(long)]
+        keep_standby: bool,
+        /// Leave the new features disabled.
+        #[arg(long)]
+        no_enable: bool,
+    },
+    /// Roll back the upgrade in progress, or the last completed one (features still off).
+    Rollback,
+    /// Enable every feature both engines support, at the same point of the update stream.
+    EnableFeatures,
+    /// Stop every engine cleanly, remove the shared files, stop the supervisor.
+    Down,
+    /// Check the host: CPU isolation, memlock, huge pages, clock source, leftover files.
+    Doctor {
+        /// Remove the shared files of dead clusters.
+        #[arg(long)]
+        fix: bool,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map_or((text, "s"), |i| text.split_at(i));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("expected a duration like `30s` or `500ms`, found `{text}`"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "expected a unit ms, s, m or h, found `{other}` in `{text}`"
+            ))
+        }
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
 
 fn main() {
-    eprintln!("understudy: no commands yet");
-    std::process::exit(2);
+    // Invoked as `matchbook-v1` / `matchbook-v2` (the demo's engine executables): be that engine.
+    understudy::dispatch_multicall();
+    let cli = Cli::parse();
+    let code = match &cli.command {
+        Command::Demo { quick, rate } => demo(cli.json, *quick, *rate),
+        Command::Up => up(&cli),
+        Command::Doctor { fix } => doctor(&cli, *fix),
+        Command::Status => status(&cli),
+        Command::Switchover => request(&cli, Op::Switchover),
+        Command::Upgrade {
+            binary,
+            accept_for,
+            accept_cmd,
+            keep_standby,
+            no_enable,
+        } => {
+            // The supervisor runs in another directory: send an absolute path.
+            let binary = std::path::absolute(binary).unwrap_or_else(|_| binary.clone());
+            request(
+                &cli,
+                Op::Upgrade(UpgradeRequest {
+                    binary,
+                    accept_for_ms: accept_for.map(|d| d.as_millis() as u64),
+                    accept_cmd: accept_cmd.clone(),
+                    keep_standby: *keep_standby,
+                    no_enable: *no_enable,
+                }),
+            )
+        }
+        Command::Rollback => request(&cli, Op::Rollback),
+        Command::EnableFeatures => request(&cli, Op::EnableFeatures),
+        Command::Down => request(&cli, Op::Down),
+    };
+    std::process::exit(code.exit_code());
+}
+
+fn demo(json: bool, quick: bool, rate: u64) -> Code {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("understudy demo: cannot find its own executable: {e}");
+            return Code::Failed;
+        }
+    };
+    let mut opts = understudy::demo::DemoOptions::new(exe);
+    opts.json = json;
+    opts.quick = quick;
+    opts.rate_per_client = rate;
+    match understudy::demo::run(&opts) {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                let _ = understudy::demo::print_human(&report, &mut std::io::stdout());
+            }
+            if report.ok {
+                Code::Ok
+            } else {
+                Code::Failed
+            }
+        }
+        Err(e) => {
+            eprintln!("understudy demo: {e}");
+            Code::Failed
+        }
+    }
+}
+
+fn load_config(path: &Path) -> Result<ClusterConfig, Code> {
+    ClusterConfig::from_path(path).map_err(|e| {
+        eprintln!("understudy: {e}");
+        Code::BadConfig
+    })
+}
+
+fn up(cli: &Cli) -> Code {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match load_config(&cli.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match understudy_supervisor::daemon::up(config) {
+        Ok(()) => Code::Ok,
+        Err(e) => {
+            eprintln!("understudy: {e}");
+            e.code()
+        }
+    }
+}
+
+fn client(cli: &Cli) -> Result<Client, Code> {
+    match &cli.socket {
+        Some(socket) => Ok(Client::new(socket)),
+        None => Ok(Client::new(
+            load_config(&cli.config)?.cluster_dir().join(SOCKET_NAME),
+        )),
+    }
+}
+
+fn human(cli: &Cli) -> bool {
+    !cli.json && std::io::stdout().is_terminal()
+}
+
+/// Sends `op`, shows its progress, prints the result; the result's code.
+fn request(cli: &Cli, op: Op) -> Code {
+    let client = match client(cli) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let human = human(cli);
+    let result = client.request(&Request::new(op), |event| show_event(event, human));
+    match result {
+        Ok(reply) => {
+            let code = reply.code.unwrap_or(Code::Failed);
+            if human {
+                if code == Code::Ok {
+                    println!("{}", reply.message);
+                } else {
+                    eprintln!("understudy: {}", reply.message);
+                }
+            } else {
+                println!("{}", serde_json::to_string(&reply).unwrap_or_default());
+            }
+            code
+        }
+        Err(e) => {
+            eprintln!("understudy: {e}");
+            e.code()
+        }
+    }
+}
+
+fn show_event(event: &Reply, human: bool) {
+    if !human {
+        println!("{}", serde_json::to_string(event).unwrap_or_default());
+        return;
+    }
+    match serde_json::from_value::<UpgradeEvent>(event.data.clone()) {
+        Ok(e) if e.event == "begin" => {
+            let recovery = e.recovery.map(|r| format!(" [{r}]")).unwrap_or_default();
+            println!(
+                "[{}/{}]{recovery} {}: {}",
+                e.step, e.total, e.name, e.action
+            );
+        }
+        Ok(e) if e.event == "end" => {
+            let result = e.result.unwrap_or_default();
+            let mark = if result == "done" || result == "accepted" {
+                "ok"
+            } else {
+                "!!"
+            };
+            match e.elapsed_ms {
+                Some(ms) => println!("      {mark} {result} ({ms} ms)"),
+                None => println!("      {mark} {result}"),
+            }
+        }
+        _ => println!("  * {}", event.message),
+    }
+}
+
+fn status(cli: &Cli) -> Code {
+    let client = match client(cli) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let reply = match client.request(&Request::new(Op::Status), |_| {}) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("understudy: {e}");
+            return e.code();
+        }
+    };
+    if cli.json {
+        println!("{}", serde_json::to_string(&reply).unwrap_or_default());
+        return reply.code.unwrap_or(Code::Failed);
+    }
+    match serde_json::from_value::<StatusReport>(reply.data.clone()) {
+        Ok(report) => print_status(&report),
+        Err(_) => println!("{}", reply.message),
+    }
+    reply.code.unwrap_or(Code::Failed)
+}
+
+fn print_status(r: &StatusReport) {
+    println!(
+        "cluster {} (epoch {}, supervisor pid {}, {})",
+        r.cluster,
+        r.epoch,
+        r.supervisor_pid,
+        r.dir.display()
+    );
+    match &r.active {
+        Some(a) => println!("active: engine {a}"),
+        None => println!("active: NONE (outage)"),
+    }
+    println!(
+        "{:<4} {:>7} {:<14} {:>5} {:>3} {:>6} {:>8} {:<14} {:>10} {:>10} {:>8}  last step-up",
+        "slot",
+        "pid",
+        "role",
+        "epoch",
+        "ver",
+        "layout",
+        "features",
+        "state",
+        "lag B",
+        "req/s",
+        "step-ups"
+    );
+    for e in &r.engines {
+        let last = if e.step_ups == 0 {
+            "never".to_string()
+        } else {
+            let ago = understudy_runtime::control::realtime_ns().saturating_sub(e.last_step_up_ns);
+            format!(
+                "{:.1} s ago, took {} µs",
+                ago as f64 / 1e9,
+                e.last_step_up_dur_ns / 1000
+            )
+        };
+        println!(
+            "{:<4} {:>7} {:<14} {:>5} {:>3} {:>6} {:>#8x} {:<14} {:>10} {:>10.0} {:>8}  {last}",
+            e.slot,
+            e.pid,
+            e.role,
+            e.epoch,
+            e.app_version,
+            e.layout_version,
+            e.features,
+            e.state,
+            e.lag_bytes,
+            e.requests_per_s,
+            e.step_ups
+        );
+    }
+    if let Some(op) = &r.operation {
+        println!("in progress: {op}");
+    }
+    if !r.crash_looping.is_empty() {
+        println!(
+            "crash loop, restarts stopped: slots {}",
+            r.crash_looping.join(", ")
+        );
+    }
+    if let Some(change) = r.role_changes.last() {
+        println!(
+            "last role change: epoch {}, {} -> {} (step-up {} µs)",
+            change.epoch,
+            change.previous.as_deref().unwrap_or("none"),
+            change.active.as_deref().unwrap_or("none"),
+            change.step_up_dur_ns / 1000
+        );
+    }
+}
+
+fn doctor(cli: &Cli, fix: bool) -> Code {
+    // The config is optional here: without it, the defaults are checked.
+    let config = if cli.config.exists() {
+        match load_config(&cli.config) {
+            Ok(c) => Some(c),
+            Err(code) => return code,
+        }
+    } else {
+        None
+    };
+    let shm_dir = config.as_ref().map_or_else(
+        || PathBuf::from("/dev/shm/understudy"),
+        |c| c.shm_dir.clone(),
+    );
+    let checks = doctor::run(config.as_ref(), &shm_dir, fix);
+    for check in &checks {
+        if cli.json {
+            println!("{}", serde_json::to_string(check).unwrap_or_default());
+            continue;
+        }
+        let mark = match check.verdict {
+            Verdict::Ok => "ok  ",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "FAIL",
+        };
+        println!("[{mark}] {}: {}", check.name, check.found);
+        if let Some(fix) = &check.fix {
+            println!("       fix: {fix}");
+        }
+    }
+    if checks.iter().any(|c| c.verdict == Verdict::Fail) {
+        Code::Unhealthy
+    } else {
+        Code::Ok
+    }
 }

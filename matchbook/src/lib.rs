@@ -3,6 +3,6 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
-pub mod book;
 pub mod app;
+pub mod book;
 pub mod loadgen;

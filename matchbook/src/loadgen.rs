@@ -76,6 +76,10 @@ pub struct ClientReport {
     pub rejected: u64,
     /// Every answered request.
     pub answered: Vec<Answered>,
+    /// (request sequence, µs sent) of requests never answered.
+    pub lost_requests: Vec<(u64, u64)>,
+    /// (request sequence, µs received) of unexpected answers.
+    pub duplicate_answers: Vec<(u64, u64)>,
 }
 
 /// The whole load's report.
@@ -93,7 +97,8 @@ impl LoadReport {
 
     /// Latency histogram (ns) of requests sent in `[from_us, to_us)`.
     pub fn histogram(&self, from_us: u64, to_us: u64) -> Histogram<u64> {
-        let mut h = Histogram::<u64>::new(3).expect("histogram");
+        let mut h =
+            Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds");
         for c in &self.clients {
             for a in &c.answered {
                 if a.sent_us >= from_us && a.sent_us < to_us {
@@ -216,7 +221,9 @@ fn run_client(
     let mut inflight: HashMap<u64, (u64, WireRequest)> = HashMap::new();
     let mut resting: Vec<(u64, u32, u32)> = Vec::new();
     let mut next_id = (index + 1) << 40;
-    let interval_ns = 1_000_000_000u64.checked_div(cfg.rate_per_client).unwrap_or(0);
+    let interval_ns = 1_000_000_000u64
+        .checked_div(cfg.rate_per_client)
+        .unwrap_or(0);
     let mut next_send_ns = 0u64;
     let mut new_orders = 0u64;
     let poll = |c: &mut Client,
@@ -227,6 +234,7 @@ fn run_client(
             let now_ns = started.elapsed().as_nanos() as u64;
             let Some((sent_ns, req)) = inflight.remove(&seq) else {
                 report.duplicated += 1;
+                report.duplicate_answers.push((seq, now_ns / 1000));
                 continue;
             };
             let Some((resp, _)) = parse_response(&bytes) else {
@@ -305,6 +313,7 @@ fn run_client(
         std::thread::yield_now();
     }
     report.lost = inflight.len() as u64;
+    report.lost_requests = inflight.iter().map(|(s, (t, _))| (*s, t / 1000)).collect();
     report.answered.sort_by_key(|a| a.sent_us);
     Ok(report)
 }

@@ -218,9 +218,14 @@ impl Client {
         if let Some(r) = self.in_region.closed() {
             return Err(ClientError::Closed { reason: r });
         }
-        let seq = self.requests.next_seq();
-        match self.requests.try_publish(REQUEST, 1, 0, request) {
-            Ok(()) => Ok(Some(seq)),
+        // The request's sequence is its frame's: when the frame wraps, a padding frame with a
+        // sequence of its own goes first, so read it from what was committed.
+        let mut batch = self.requests.batch();
+        match batch.push(REQUEST, 1, 0, request) {
+            Ok(()) => {
+                let c = batch.commit().expect("a batch with one request");
+                Ok(Some(c.first_seq + c.frames as u64 - 1))
+            }
             Err(PushError::Full { .. }) => Ok(None),
             Err(_) => Err(ClientError::TooLarge {
                 found: request.len(),
@@ -330,11 +335,6 @@ impl Client {
                 None => return Ok(None),
             }
         }
-    }
-
-    /// Requests submitted so far.
-    pub fn submitted(&self) -> u64 {
-        self.requests.next_seq()
     }
 }
 

@@ -506,7 +506,9 @@ impl Control {
             if w.compare_exchange(0, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
-                self.words.word(CLIENT_BASE + i * CLIENT_WORDS + 1).store(pid, Ordering::Relaxed);
+                self.words
+                    .word(CLIENT_BASE + i * CLIENT_WORDS + 1)
+                    .store(pid, Ordering::Relaxed);
                 self.words
                     .word(CLIENT_BASE + i * CLIENT_WORDS + 2)
                     .store(start_time, Ordering::Relaxed);
@@ -521,24 +523,31 @@ impl Control {
     /// Registry entry `i`: (id, pid, start time) if in use.
     pub fn client(&self, i: usize) -> Option<(u64, u64, u64)> {
         assert!(i < MAX_CLIENTS);
-        let id = self.words.word(CLIENT_BASE + i * CLIENT_WORDS).load(Ordering::Acquire);
+        let id = self
+            .words
+            .word(CLIENT_BASE + i * CLIENT_WORDS)
+            .load(Ordering::Acquire);
         if id == 0 || id == u64::MAX {
             return None;
         }
-        let pid = self.words.word(CLIENT_BASE + i * CLIENT_WORDS + 1).load(Ordering::Relaxed);
-        let st = self.words.word(CLIENT_BASE + i * CLIENT_WORDS + 2).load(Ordering::Relaxed);
+        let pid = self
+            .words
+            .word(CLIENT_BASE + i * CLIENT_WORDS + 1)
+            .load(Ordering::Relaxed);
+        let st = self
+            .words
+            .word(CLIENT_BASE + i * CLIENT_WORDS + 2)
+            .load(Ordering::Relaxed);
         Some((id, pid, st))
     }
 
     /// Free registry entry `i` if it still holds `id`.
     pub fn release_client(&self, i: usize, id: u64) {
         assert!(i < MAX_CLIENTS);
-        let _ = self.words.word(CLIENT_BASE + i * CLIENT_WORDS).compare_exchange(
-            id,
-            0,
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        );
+        let _ = self
+            .words
+            .word(CLIENT_BASE + i * CLIENT_WORDS)
+            .compare_exchange(id, 0, Ordering::AcqRel, Ordering::Relaxed);
     }
 
     /// Path of a client's request ring (client → active).

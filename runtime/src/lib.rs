@@ -12,5 +12,5 @@ pub mod store;
 
 pub use app::{Application, Feature, Refused, Tx};
 pub use engine::{Backpressure, Engine, Idle, Input, InputMeta, Options};
-pub mod testkit;
 pub mod client;
+pub mod testkit;

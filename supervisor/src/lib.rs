@@ -1,7 +1,23 @@
-//! understudy-supervisor: the operator's side.
+//! understudy-supervisor: the operator's side of a cluster of engines.
+//!
+//! It reads the cluster config ([`config`]), starts and watches the engine processes
+//! ([`process`]), keeps an active and a hot standby running ([`daemon`]), performs long
+//! operations such as the rolling upgrade ([`ops`], driving the pure state machine in
+//! [`plan`]), and serves the control socket ([`proto`], [`client`]). [`doctor`] checks a host.
+//!
+//! It talks to engines only through the shared control block of the runtime
+//! (`understudy_runtime::control`) and process signals. It must never know how engines
+//! replicate: the runtime's store, rings and protocol are not its business, and failover does
+//! not need it (a standby steps up by itself when its active dies).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
+pub mod client;
 pub mod config;
+pub mod daemon;
+pub mod doctor;
+mod ops;
 pub mod plan;
+pub mod process;
+pub mod proto;

@@ -1,0 +1,423 @@
+//! Replication overhead on the active, per transaction, in process (no child engine needed).
+//!
+//! What the active does per request, with the runtime's own public functions:
+//!
+//! 1. `engine::execute`: the application's handler runs in a transaction and leaves its changes
+//!    as ops (here 4 read-modify-write updates of work units, plus the input-position record the
+//!    engine adds to every transaction);
+//! 2. **replication** (what a standby costs): every op is encoded with `protocol::encode_op`
+//!    and pushed into a batch of the standby's ring (`Producer::batch().push()`), then a commit
+//!    frame, then `commit()` — the same steps, in the same order, as the engine's private
+//!    `push_tx`;
+//! 3. `Store::apply` of every op.
+//!
+//! The baseline is steps 1 and 3 alone (an active without a standby); the overhead is the
+//! difference of the medians, measured in the same run with samples interleaved.
+//!
+//! Two ways to drain the ring, both over a real `/dev/shm` region as the engine uses:
+//!
+//! - **consumer thread** (the headline figure): a thread on the other vCPU polls (copies and
+//!   validates) every batch as it is committed, like a standby process does. The producer then
+//!   pays for the cache lines the consumer pulled away (each batch is written into lines the
+//!   consumer last read), which is what a real active pays.
+//! - **same thread, untimed drain**: the ring is drained between timed stretches of 4096
+//!   transactions, outside the timing. No other core touches the ring lines while the producer
+//!   writes, so this is the instruction cost of replication alone, the lower bound.
+//!
+//! The consumer thread spins through all the variants (the baseline included), so a spinning
+//! sibling vCPU weighs on every variant alike.
+//!
+//! Run: `cargo bench --bench replication` (about 30 s). The summary goes to
+//! `benches/RESULTS-runtime.md`.
+
+mod common;
+
+use common::{fmt_ns, median, quantile, row, write_section, TABLE_HEAD};
+use criterion::{Criterion, Throughput};
+use shm_layout::record::{decode, encoded, TemplateInfo};
+use shm_layout::region::{ensure_private_dir, Identity, Region, RegionMemory, RegionSpec};
+use shm_layout::ring::{BatchBuf, Consumer, Producer, PushError};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use understudy_runtime::app::write_versions;
+use understudy_runtime::engine::{execute, InputMeta};
+use understudy_runtime::protocol::{self, rt, CommitBlock};
+use understudy_runtime::store::{Op, Store, Unit};
+use understudy_runtime::testkit::CounterV1;
+use understudy_runtime::{Application, Options, Refused, Tx};
+
+/// Work units in the store; each transaction updates 4 of them.
+const UNITS: u64 = 1024;
+/// Updates per transaction.
+const UPDATES: u64 = 4;
+/// Transactions per timed stretch of the same-thread variant (fits the ring with room).
+const STRETCH: u64 = 4096;
+/// Transactions per sample of the summary.
+const SAMPLE_TXS: u64 = 4096;
+/// Interleaved rounds of the summary (one sample of each variant per round).
+const ROUNDS: usize = 201;
+/// Target: added ns per transaction of 4 updates.
+const TARGET_NS: f64 = 100.0;
+
+/// A handler that reads, changes and writes back 4 work units: the shape of a matching engine
+/// filling an order against resting ones.
+struct Update4;
+
+impl Application for Update4 {
+    fn name(&self) -> &str {
+        "update4"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn templates(&self) -> Vec<TemplateInfo> {
+        vec![TemplateInfo::of::<CounterV1>()]
+    }
+    fn handle(&mut self, tx: &mut Tx<'_>, req: &[u8]) -> Result<(), Refused> {
+        let k = u64::from_le_bytes(req[..8].try_into().expect("8-byte request"));
+        for i in 0..UPDATES {
+            let id = (k * UPDATES + i) % UNITS;
+            let u = tx
+                .unit(id)
+                .ok_or_else(|| Refused(b"no such unit".to_vec()))?;
+            let mut c: CounterV1 = decode(&u.state, u.state.len() as u16)
+                .map_err(|_| Refused(b"bad state".to_vec()))?;
+            c.k = k;
+            c.sum = c.sum.wrapping_add(k);
+            tx.update(id, u.kind, u.layout_version, encoded(&c, 1).expect("v1"));
+        }
+        tx.respond(&k.to_le_bytes());
+        Ok(())
+    }
+}
+
+/// An active engine's per-request state, reduced to what the three steps touch.
+struct Active {
+    app: Update4,
+    store: Store,
+    ops: Vec<Op>,
+    response: Vec<u8>,
+    sys_value: Vec<u8>,
+    scratch: Vec<u8>,
+    write_versions: Vec<(u16, u16)>,
+    commits: u64,
+}
+
+impl Active {
+    fn new() -> Active {
+        let app = Update4;
+        let mut store = Store::new();
+        for id in 0..UNITS {
+            let c = CounterV1 { k: 0, sum: id };
+            store.put_unit(
+                id,
+                Unit {
+                    kind: 1,
+                    layout_version: 1,
+                    state: encoded(&c, 1).expect("v1").to_vec(),
+                },
+            );
+        }
+        let write_versions = write_versions(&app.templates(), &app.features(), 0);
+        Active {
+            app,
+            store,
+            ops: Vec::with_capacity(64),
+            response: Vec::with_capacity(256),
+            sys_value: Vec::with_capacity(256),
+            scratch: Vec::with_capacity(4096),
+            write_versions,
+            commits: 0,
+        }
+    }
+
+    /// One request: execute, replicate to `standby` if any, apply.
+    #[inline(always)]
+    fn transact(&mut self, standby: Option<&mut Producer<RegionMemory>>) {
+        let k = self.commits;
+        let meta = InputMeta {
+            source: 1,
+            request_seq: k,
+            next_pos: k + 1,
+            next_seq: k + 1,
+        };
+        execute(
+            &mut self.app,
+            &self.store,
+            &mut self.ops,
+            &mut self.response,
+            &mut self.sys_value,
+            0,
+            &self.write_versions,
+            &meta,
+            &k.to_le_bytes(),
+        );
+        if let Some(p) = standby {
+            let commit = CommitBlock {
+                index: self.commits,
+                input_pos: meta.next_pos,
+                input_seq: meta.next_seq,
+                source: meta.source,
+                request_seq: meta.request_seq,
+                response_len: 0,
+                flags: 0,
+            };
+            // The consumer keeps up (or the ring is drained before it can fill): a full ring
+            // here is a bug of the bench.
+            push_tx(p, &self.ops, &commit, &mut self.scratch).expect("ring has room");
+        }
+        for op in &self.ops {
+            self.store.apply(op);
+        }
+        self.commits += 1;
+    }
+}
+
+/// The engine's `push_tx` (private there), step for step.
+#[inline(always)]
+fn push_tx(
+    stream: &mut Producer<RegionMemory>,
+    ops: &[Op],
+    commit: &CommitBlock,
+    scratch: &mut Vec<u8>,
+) -> Result<(), PushError> {
+    let mut b = stream.batch();
+    for op in ops {
+        let (t, bl) = protocol::encode_op(op, scratch);
+        b.push(t, 1, bl, scratch)?;
+    }
+    b.push(rt::COMMIT, 1, 48, zerocopy::IntoBytes::as_bytes(commit))?;
+    b.commit();
+    Ok(())
+}
+
+/// A directory under /dev/shm for the bench's regions, removed on drop (panics included).
+struct ShmDir(PathBuf);
+impl Drop for ShmDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A ring over a /dev/shm region of the engine's default stream capacity.
+fn ring(dir: &ShmDir, name: &str) -> (Region, Producer<RegionMemory>, Consumer<RegionMemory>) {
+    let capacity = Options::new(&dir.0, 0).ring_capacity;
+    let me = Identity {
+        pid: std::process::id() as u64,
+        start_time: 0,
+    };
+    let spec = RegionSpec {
+        capacity,
+        epoch: 1,
+        kind: 1,
+    };
+    let region = Region::create(&dir.0.join(name), spec, me).expect("create region");
+    let p = region.producer().expect("producer");
+    let c = region.consumer().expect("consumer");
+    (region, p, c)
+}
+
+/// A consumer thread that drains its ring until `stop`.
+struct Drainer {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drainer {
+    fn start(mut c: Consumer<RegionMemory>) -> Drainer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut buf = BatchBuf::with_capacity(1 << 16);
+            while !s.load(Ordering::Relaxed) {
+                match c.poll(&mut buf) {
+                    Ok(true) => {}
+                    Ok(false) => std::hint::spin_loop(),
+                    Err(e) => panic!("consumer: corrupt batch: {e}"),
+                }
+            }
+        });
+        Drainer {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Drainer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Drain everything committed to `c` (same-thread variant).
+fn drain(c: &mut Consumer<RegionMemory>, buf: &mut BatchBuf) {
+    while c.poll(buf).expect("valid batch") {}
+}
+
+/// Time `n` transactions with the same-thread ring, draining untimed every [`STRETCH`].
+fn timed_inline(
+    a: &mut Active,
+    p: &mut Producer<RegionMemory>,
+    c: &mut Consumer<RegionMemory>,
+    buf: &mut BatchBuf,
+    n: u64,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut left = n;
+    while left > 0 {
+        let m = left.min(STRETCH);
+        let t = Instant::now();
+        for _ in 0..m {
+            a.transact(Some(p));
+        }
+        total += t.elapsed();
+        drain(c, buf);
+        left -= m;
+    }
+    total
+}
+
+fn main() {
+    let bench_mode = std::env::args().any(|a| a == "--bench");
+    let load_start = common::load_note();
+    let dir = ShmDir(PathBuf::from(format!(
+        "/dev/shm/understudy-bench-replication-{}",
+        std::process::id()
+    )));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    ensure_private_dir(&dir.0).expect("create /dev/shm bench directory");
+
+    // Ring T: drained by a consumer thread. Ring I: drained inline, untimed.
+    let (_rt, mut prod_t, cons_t) = ring(&dir, "thread");
+    let (_ri, mut prod_i, mut cons_i) = ring(&dir, "inline");
+    let drainer = Drainer::start(cons_t);
+    let mut buf = BatchBuf::with_capacity(1 << 16);
+
+    let mut c = Criterion::default()
+        .sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .configure_from_args();
+    {
+        let mut g = c.benchmark_group("replication/tx_4_updates");
+        g.throughput(Throughput::Elements(1));
+        let mut a = Active::new();
+        g.bench_function("no_standby", |b| b.iter(|| a.transact(None)));
+        let mut a = Active::new();
+        g.bench_function("standby_consumer_thread", |b| {
+            b.iter(|| a.transact(Some(&mut prod_t)))
+        });
+        let mut a = Active::new();
+        g.bench_function("standby_same_thread_untimed_drain", |b| {
+            b.iter_custom(|iters| timed_inline(&mut a, &mut prod_i, &mut cons_i, &mut buf, iters))
+        });
+        g.finish();
+    }
+    c.final_summary();
+
+    // Summary: interleaved samples of each variant, per-transaction medians.
+    let rounds = if bench_mode { ROUNDS } else { 3 };
+    let (mut base, mut thread, mut inline) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut a_base, mut a_thread, mut a_inline) = (Active::new(), Active::new(), Active::new());
+    for round in 0..rounds + 5 {
+        let t = Instant::now();
+        for _ in 0..SAMPLE_TXS {
+            a_base.transact(None);
+        }
+        let b = t.elapsed().as_nanos() as f64 / SAMPLE_TXS as f64;
+        let t = Instant::now();
+        for _ in 0..SAMPLE_TXS {
+            a_thread.transact(Some(&mut prod_t));
+        }
+        let th = t.elapsed().as_nanos() as f64 / SAMPLE_TXS as f64;
+        let d = timed_inline(
+            &mut a_inline,
+            &mut prod_i,
+            &mut cons_i,
+            &mut buf,
+            SAMPLE_TXS,
+        );
+        let inl = d.as_nanos() as f64 / SAMPLE_TXS as f64;
+        if round >= 5 {
+            // The first rounds warm caches and the allocator.
+            base.push(b);
+            thread.push(th);
+            inline.push(inl);
+        }
+    }
+    // Per-round differences (each round's three samples are taken back to back).
+    let d_thread: Vec<f64> = thread.iter().zip(&base).map(|(t, b)| t - b).collect();
+    let d_inline: Vec<f64> = inline.iter().zip(&base).map(|(t, b)| t - b).collect();
+    let (mb, mt, mi) = (median(&base), median(&thread), median(&inline));
+    let (ot, oi) = (median(&d_thread), median(&d_inline));
+    let frames = {
+        let a = Active::new();
+        let mut a = a;
+        a.transact(None);
+        a.ops.len() + 1
+    };
+    drop(drainer);
+
+    println!("\nreplication overhead per transaction of {UPDATES} updates ({frames} frames: {UPDATES} unit updates, the input-position record, the commit)");
+    println!(
+        "  no standby (execute + apply)       median {}  p90 {}",
+        fmt_ns(mb),
+        fmt_ns(quantile(&base, 0.9))
+    );
+    println!(
+        "  + ring, consumer thread            median {}  p90 {}  added: median of per-round differences {}",
+        fmt_ns(mt),
+        fmt_ns(quantile(&thread, 0.9)),
+        fmt_ns(ot)
+    );
+    println!(
+        "  + ring, same thread, untimed drain median {}  p90 {}  added: {}",
+        fmt_ns(mi),
+        fmt_ns(quantile(&inline, 0.9)),
+        fmt_ns(oi)
+    );
+
+    let mut md = String::new();
+    md.push_str("## Replication overhead on the active (`cargo bench --bench replication`)\n\n");
+    md.push_str(&format!(
+        "One transaction = {UPDATES} read-modify-write updates of work units (16-byte records) \
+         + the input-position record the engine adds = {frames} frames with the commit, pushed \
+         as one batch into a {} MiB ring in /dev/shm. Medians of {rounds} interleaved samples of \
+         {SAMPLE_TXS} transactions per variant; \"added\" is the median of the per-round \
+         differences against the baseline sample taken just before.\n\n",
+        Options::new("/", 0).ring_capacity >> 20
+    ));
+    md.push_str(TABLE_HEAD);
+    md.push_str(&row(
+        "ns added per transaction, standby drains on the other vCPU",
+        &format!("{} (total {})", fmt_ns(ot), fmt_ns(mt)),
+        &format!("{} (no standby: execute + apply)", fmt_ns(mb)),
+        "< 100 ns",
+        Some(ot < TARGET_NS),
+    ));
+    md.push_str(&row(
+        "ns added per transaction, ring drained in the same thread outside the timing",
+        &format!("{} (total {})", fmt_ns(oi), fmt_ns(mi)),
+        &format!("{} (no standby)", fmt_ns(mb)),
+        "< 100 ns",
+        Some(oi < TARGET_NS),
+    ));
+    md.push_str(&format!(
+        "\nRatio replicated / unreplicated: {:.2} (consumer thread), {:.2} (same thread).\n",
+        mt / mb,
+        mi / mb
+    ));
+    md.push_str(&format!(
+        "Machine: {load_start} at the start, {} at the end (other processes included).\n",
+        common::load_note()
+    ));
+    if bench_mode {
+        write_section("replication", &md);
+    }
+}

@@ -1,0 +1,402 @@
+//! Faults on the replication path, with real engine processes: corrupted frames in the ring, a
+//! standby that stops consuming, catch-up of a large state under load, a standby killed while
+//! it catches up, and a standby that starts before any active exists.
+mod common;
+use common::*;
+use shm_layout::frame::COMMIT_LEN_MASK;
+use shm_layout::region::Region;
+use shm_layout::{AtomicU64, Ordering};
+use std::path::Path;
+use std::time::Duration;
+use understudy_runtime::control::{Control, Field, Role, State};
+
+#[test]
+#[ignore]
+fn child_engine() {
+    child_main();
+}
+
+const T: Duration = Duration::from_secs(20);
+
+/// Start a version-1 engine of the self-driving workload in `slot`. No test here is about
+/// hung-active detection, so its threshold is raised far above the default 200 ms: on a loaded
+/// host a descheduled active must not be fenced by its standby in the middle of a test.
+fn spawn(cl: &mut Cluster, slot: usize, standby_only: bool, extra: &[(&'static str, String)]) {
+    let mut env = vec![("US_HUNG_MS", "10000".to_string())];
+    env.extend_from_slice(extra);
+    cl.spawn("child_engine", slot, 1, u64::MAX, standby_only, &env);
+}
+/// The close reason a standby writes into a stream it rejected (engine.rs `CLOSE_CORRUPT`).
+const CLOSE_CORRUPT: u64 = 2;
+/// The close reason of a standby untethered for a full stream (engine.rs `CLOSE_UNTETHERED`).
+const CLOSE_UNTETHERED: u64 = 1;
+
+/// A raw, writable view of a stream region's ring: what a stray write (or a bit flip) sees.
+/// Layout (shm-layout): the region's 4096-byte superblock, then the ring's control lines
+/// (line 0: producer head position, line 1: consumer tail position, 128 bytes each, four
+/// lines in all), then the data area.
+struct RawRing {
+    map: memmap2::MmapRaw,
+    capacity: u64,
+}
+
+impl RawRing {
+    fn open(path: &Path, capacity: usize) -> RawRing {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+        let map = memmap2::MmapOptions::new().map_raw(&f).unwrap();
+        assert_eq!(
+            map.len(),
+            shm_layout::region::file_bytes(capacity),
+            "stream file size"
+        );
+        RawRing {
+            map,
+            capacity: capacity as u64,
+        }
+    }
+
+    fn ring_word(&self, byte: u64) -> &AtomicU64 {
+        let off = shm_layout::region::HEADER_BYTES + byte as usize;
+        assert!(off % 8 == 0 && off + 8 <= self.map.len());
+        // SAFETY: in bounds and 8-byte aligned in a mapping that lives as long as `self`;
+        // every process touches these words only through atomics.
+        unsafe { &*(self.map.as_mut_ptr().add(off) as *const AtomicU64) }
+    }
+
+    fn head(&self) -> u64 {
+        self.ring_word(0).load(Ordering::Acquire)
+    }
+
+    fn tail(&self) -> u64 {
+        self.ring_word(128).load(Ordering::Acquire)
+    }
+
+    /// The data word at ring position `pos`.
+    fn data(&self, pos: u64) -> &AtomicU64 {
+        self.ring_word(shm_layout::ring::CONTROL_BYTES as u64 + (pos & (self.capacity - 1)))
+    }
+}
+
+/// Wait until the process is in the stopped state (SIGSTOP is delivered asynchronously).
+fn wait_stopped(pid: u32) {
+    wait_until(&format!("process {pid} stopped"), T, || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Field 3, after the parenthesised command name.
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+    });
+}
+
+/// Facts about the active that must not change while a standby has trouble.
+struct ActiveFacts {
+    slot: usize,
+    pid: u64,
+    epoch: u64,
+    step_ups: u64,
+}
+
+impl ActiveFacts {
+    fn of(c: &Control, slot: usize) -> ActiveFacts {
+        assert_eq!(role(c, slot), Role::Active);
+        ActiveFacts {
+            slot,
+            pid: c.get(slot, Field::Pid),
+            epoch: c.epoch(),
+            step_ups: c.get(slot, Field::StepUps),
+        }
+    }
+
+    /// Same process, same epoch, never stepped up again, still active and committing.
+    fn assert_unaffected(&self, cl: &mut Cluster, c: &Control, what: &str) {
+        let s = self.slot;
+        assert!(cl.running(s), "{what}: the active process exited");
+        assert_eq!(
+            c.get(s, Field::Pid),
+            self.pid,
+            "{what}: the active restarted"
+        );
+        assert_eq!(c.epoch(), self.epoch, "{what}: the epoch changed");
+        assert_eq!(
+            c.get(s, Field::StepUps),
+            self.step_ups,
+            "{what}: a role change happened"
+        );
+        assert_eq!(role(c, s), Role::Active, "{what}: the active lost its role");
+    }
+}
+
+/// Let the active's workload run `more` requests past what it started, wait until both
+/// engines applied exactly those, and check both digests equal the model's.
+fn finish_and_compare(
+    c: &Control,
+    side: &Side,
+    active: usize,
+    standby: usize,
+    model: &mut Model,
+    more: u64,
+) {
+    let end = side.started() + more;
+    side.set_limit(end);
+    wait_cluster(c, &format!("both engines at {end} transactions"), T, || {
+        c.get(active, Field::Commits) == end && c.get(standby, Field::Commits) == end
+    });
+    let d = model.advance_to(end);
+    wait_cluster(
+        c,
+        &format!("both digests equal the model's after {end} transactions"),
+        T,
+        || c.get(active, Field::Digest) == d && c.get(standby, Field::Digest) == d,
+    );
+}
+
+/// The active's committed count rises by `n` (it never blocks on a standby).
+fn wait_commits_rise(c: &Control, slot: usize, n: u64, what: &str) {
+    let k = c.get(slot, Field::Commits);
+    wait_cluster(
+        c,
+        &format!("{what}: active commits past {}", k + n),
+        T,
+        || c.get(slot, Field::Commits) >= k + n,
+    );
+}
+
+/// A flipped bit in a committed, unread frame of the stream is caught by the standby's
+/// validation: it rejects the stream (closes it as corrupt), re-attaches with a new attach
+/// generation and catches up to hot again, while the active never notices beyond a detach (same
+/// process, same epoch, no role change, commits keep rising) and no transaction is lost: both
+/// engines end with the model's state.
+#[test]
+fn corrupted_frame_makes_standby_resync_and_loses_nothing() {
+    let mut cl = Cluster::new("corrupt");
+    let c = cl.control();
+    let side = cl.side(0);
+    let pace = ("US_PACE_US", "100".to_string());
+    let env = [cl.side_env(0), pace.clone()];
+    spawn(&mut cl, 0, false, &env);
+    wait_cluster(&c, "a active", T, || role(&c, 0) == Role::Active);
+    spawn(&mut cl, 1, true, &[pace]);
+    wait_cluster(&c, "b hot", T, || state(&c, 1) == State::Hot);
+    let active = ActiveFacts::of(&c, 0);
+    let gen = c.get(1, Field::AttachGen);
+    let path = Control::stream_path(&cl.dir, c.epoch(), 1, gen);
+    let region = Region::open(&path, Duration::from_secs(1)).unwrap();
+    let ring = RawRing::open(&path, region.capacity());
+
+    // Freeze the standby so the frames ahead of it stay unread, then corrupt the second
+    // committed batch past its released tail: the first may be half-read at the freeze, the
+    // second cannot have been touched yet.
+    cl.signal(1, libc::SIGSTOP);
+    wait_stopped(cl.pid(1).unwrap());
+    let mut second = 0;
+    wait_cluster(
+        &c,
+        "two committed batches ahead of the frozen standby",
+        T,
+        || {
+            let tail = ring.tail();
+            let first = ring.data(tail).load(Ordering::Acquire);
+            if first == 0 {
+                return false;
+            }
+            second = tail + (first & COMMIT_LEN_MASK);
+            ring.head() > second && ring.data(second).load(Ordering::Acquire) != 0
+        },
+    );
+    // The frame header's third word holds the stored checksum in its upper half.
+    ring.data(second + 16).fetch_xor(1 << 40, Ordering::AcqRel);
+    cl.signal(1, libc::SIGCONT);
+
+    wait_cluster(&c, "b re-attaches with a new generation", T, || {
+        c.get(1, Field::AttachGen) > gen
+    });
+    assert_eq!(
+        region.closed(),
+        Some(CLOSE_CORRUPT),
+        "the rejected stream is closed as corrupt by the standby"
+    );
+    wait_cluster(&c, "b hot again after the resync", T, || {
+        state(&c, 1) == State::Hot && role(&c, 1) == Role::Standby
+    });
+    assert_eq!(
+        c.get(1, Field::AttachGen),
+        gen + 1,
+        "one corrupted frame costs exactly one resync"
+    );
+    wait_commits_rise(&c, 0, 100, "after the resync");
+    active.assert_unaffected(&mut cl, &c, "after the corrupted frame");
+    finish_and_compare(&c, &side, 0, 1, &mut Model::new(1), 200);
+    active.assert_unaffected(&mut cl, &c, "at the end");
+}
+
+/// A standby that stops consuming (SIGSTOP) fills its small stream; the active waits the bounded
+/// back-pressure time, untethers it (marks it stale) and keeps committing; once resumed, the
+/// standby sees it was untethered, catches up and ends with the same state as the active.
+#[test]
+fn stopped_standby_is_untethered_and_catches_up_after_resume() {
+    let mut cl = Cluster::new("backpressure");
+    let c = cl.control();
+    let side = cl.side(0);
+    let pace = ("US_PACE_US", "20".to_string());
+    let env = [cl.side_env(0), pace.clone()];
+    spawn(&mut cl, 0, false, &env);
+    wait_cluster(&c, "a active", T, || role(&c, 0) == Role::Active);
+    spawn(&mut cl, 1, true, &[pace, ("US_RING", "65536".to_string())]);
+    wait_cluster(&c, "b hot", T, || state(&c, 1) == State::Hot);
+    let active = ActiveFacts::of(&c, 0);
+    let gen = c.get(1, Field::AttachGen);
+    let path = Control::stream_path(&cl.dir, c.epoch(), 1, gen);
+    let region = Region::open(&path, Duration::from_secs(1)).unwrap();
+
+    cl.signal(1, libc::SIGSTOP);
+    wait_stopped(cl.pid(1).unwrap());
+    wait_cluster(&c, "the active marks the frozen standby stale", T, || {
+        state(&c, 1) == State::Stale
+    });
+    assert_eq!(
+        region.closed(),
+        Some(CLOSE_UNTETHERED),
+        "the full stream is closed as untethered by the active"
+    );
+    wait_commits_rise(&c, 0, 500, "standby frozen and untethered");
+    active.assert_unaffected(&mut cl, &c, "while the standby is frozen");
+
+    cl.signal(1, libc::SIGCONT);
+    wait_cluster(&c, "b re-attaches after the resume", T, || {
+        c.get(1, Field::AttachGen) > gen
+    });
+    wait_cluster(&c, "b hot again", T, || {
+        state(&c, 1) == State::Hot && role(&c, 1) == Role::Standby
+    });
+    active.assert_unaffected(&mut cl, &c, "after the catch-up");
+    finish_and_compare(&c, &side, 0, 1, &mut Model::new(1), 500);
+}
+
+/// Spawn an active that keeps every unit and let it commit `units` transactions (so it holds
+/// that many units); its workload then waits on the side limit, which the test raises.
+fn large_active(cl: &mut Cluster, units: u64, chunk: usize) -> (Control, Side) {
+    let c = cl.control();
+    let side = cl.side(0);
+    side.set_limit(units);
+    let env = [
+        cl.side_env(0),
+        ("US_KEEP", "1".to_string()),
+        ("US_CHUNK", chunk.to_string()),
+    ];
+    spawn(cl, 0, false, &env);
+    wait_cluster(&c, &format!("a commits {units} transactions"), T, || {
+        c.get(0, Field::Commits) == units
+    });
+    (c, side)
+}
+
+fn keeping_model() -> Model {
+    let mut m = Model::new(1);
+    m.app.keep = true;
+    m
+}
+
+/// A standby attaching to an active with 60 000 units while the active keeps committing goes
+/// syncing → hot, and transactions committed during its catch-up are not lost: its state ends
+/// equal to the active's and the model's.
+#[test]
+fn catch_up_of_a_large_state_under_load() {
+    const UNITS: u64 = 60_000;
+    let mut cl = Cluster::new("catchup");
+    let (c, side) = large_active(&mut cl, UNITS, 256);
+    let active = ActiveFacts::of(&c, 0);
+    spawn(&mut cl, 1, true, &[("US_KEEP", "1".to_string())]);
+    // Drive the active's workload from here: ten more requests per millisecond or so.
+    let mut syncing_at = None;
+    wait_cluster(&c, "b hot", Duration::from_secs(40), || {
+        side.set_limit(side.limit() + 10);
+        std::thread::sleep(Duration::from_millis(1));
+        match state(&c, 1) {
+            State::Syncing if c.get(1, Field::AttachGen) > 0 => {
+                syncing_at.get_or_insert(c.get(0, Field::Commits));
+                false
+            }
+            State::Hot => true,
+            _ => false,
+        }
+    });
+    let syncing_at = syncing_at.expect("b was never seen syncing");
+    assert!(
+        c.get(0, Field::Commits) > syncing_at,
+        "the active committed nothing while the standby was catching up"
+    );
+    active.assert_unaffected(&mut cl, &c, "after the catch-up");
+    finish_and_compare(&c, &side, 0, 1, &mut keeping_model(), 300);
+}
+
+/// A standby SIGKILLed in the middle of its catch-up leaves the active serving (same process,
+/// no role change, commits keep rising); a new standby in its slot catches up and ends with
+/// the active's and the model's state.
+#[test]
+fn standby_killed_while_syncing_is_replaced() {
+    const UNITS: u64 = 20_000;
+    let mut cl = Cluster::new("killsync");
+    let (c, side) = large_active(&mut cl, UNITS, 16);
+    let active = ActiveFacts::of(&c, 0);
+    spawn(&mut cl, 1, true, &[]);
+    wait_cluster(&c, "b syncing", T, || {
+        state(&c, 1) == State::Syncing && c.get(1, Field::AttachGen) > 0
+    });
+    cl.kill(1);
+    assert_ne!(
+        state(&c, 1),
+        State::Hot,
+        "b finished its catch-up before the kill (make the catch-up slower)"
+    );
+    let gen = c.get(1, Field::AttachGen);
+    side.set_limit(UNITS + 2_000);
+    wait_commits_rise(&c, 0, 1_000, "standby killed while syncing");
+    active.assert_unaffected(&mut cl, &c, "after the kill");
+
+    spawn(&mut cl, 1, true, &[]);
+    wait_cluster(&c, "the new b hot", T, || {
+        state(&c, 1) == State::Hot && c.get(1, Field::AttachGen) > gen
+    });
+    active.assert_unaffected(&mut cl, &c, "after the replacement caught up");
+    finish_and_compare(&c, &side, 0, 1, &mut keeping_model(), 300);
+}
+
+/// A standby started while no active exists waits (alive, never active, epoch still 0), then
+/// attaches to the active once one starts and mirrors it exactly.
+#[test]
+fn standby_started_before_the_active_waits_then_attaches() {
+    let mut cl = Cluster::new("early");
+    let c = cl.control();
+    spawn(&mut cl, 1, true, &[]);
+    wait_cluster(&c, "b publishes its pid", T, || c.get(1, Field::Pid) != 0);
+    // It is waiting: its heartbeat moves, it is alive, and nobody claimed an epoch.
+    let hb = c.get(1, Field::HeartbeatNs);
+    wait_cluster(&c, "b's heartbeat moves while it waits", T, || {
+        c.get(1, Field::HeartbeatNs) > hb
+    });
+    let hb = c.get(1, Field::HeartbeatNs);
+    wait_cluster(&c, "b's heartbeat moves again", T, || {
+        c.get(1, Field::HeartbeatNs) > hb
+    });
+    assert!(cl.running(1), "the waiting standby exited");
+    assert_eq!(c.epoch(), 0, "a standby-only engine claimed an epoch");
+    assert_ne!(
+        role(&c, 1),
+        Role::Active,
+        "a standby-only engine became active"
+    );
+
+    let side = cl.side(0);
+    side.set_limit(3_000);
+    let env = [cl.side_env(0)];
+    spawn(&mut cl, 0, false, &env);
+    wait_cluster(&c, "a active", T, || role(&c, 0) == Role::Active);
+    wait_cluster(&c, "b hot", T, || {
+        state(&c, 1) == State::Hot && role(&c, 1) == Role::Standby
+    });
+    assert_eq!(c.epoch(), 1, "the active started epoch 1");
+    finish_and_compare(&c, &side, 0, 1, &mut Model::new(1), 300);
+}

@@ -1,0 +1,586 @@
+//! `understudy demo`: the whole product on the matchbook reference application, in one command.
+//!
+//! It starts a supervisor (`understudy up`, a real child process) for a cluster of two matchbook
+//! v1 engines, drives load through the shared-memory client library, SIGKILLs the active once,
+//! does a planned switchover, runs the full rolling upgrade to v2 with acceptance, enables the
+//! new feature (iceberg orders), sends iceberg orders, and reports what the clients saw. It
+//! exits 0 only if nothing was lost or duplicated and the final books and positions equal the
+//! reference model fed the acknowledged orders.
+//!
+//! The engine executables are this very binary under two names (`matchbook-v1` and
+//! `matchbook-v2`, symbolic links in a temporary directory): `understudy` runs the matchbook
+//! engine of that version when invoked under such a name, so the demo needs nothing but
+//! `cargo run --release -- demo`.
+
+use matchbook::loadgen::{check_against_model, model_of, LoadConfig, LoadGen, LoadReport};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use understudy_supervisor::client::Client as Ctl;
+use understudy_supervisor::proto::{Code, Op, Reply, Request, StatusReport, UpgradeRequest};
+
+/// Demo settings.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Print the report as one JSON document.
+    pub json: bool,
+    /// Shorter phases (the test suite runs this).
+    pub quick: bool,
+    /// Where cluster directories go.
+    pub shm_dir: PathBuf,
+    /// The multi-call executable (this binary).
+    pub exe: PathBuf,
+    /// Requests per second per load client.
+    pub rate_per_client: u64,
+}
+
+impl DemoOptions {
+    /// Defaults, with `exe` the running executable.
+    pub fn new(exe: PathBuf) -> Self {
+        DemoOptions {
+            json: false,
+            quick: false,
+            shm_dir: "/dev/shm/understudy".into(),
+            exe,
+            rate_per_client: 5_000,
+        }
+    }
+}
+
+/// Latency percentiles, µs.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Latency {
+    /// Requests measured.
+    pub count: u64,
+    /// Median.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// Maximum.
+    pub max_us: f64,
+}
+
+/// One engine at the end.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinalEngine {
+    /// Slot.
+    pub slot: String,
+    /// Role.
+    pub role: String,
+    /// Application version.
+    pub version: u64,
+    /// Enabled features.
+    pub features: Vec<String>,
+}
+
+/// What the demo measured.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct DemoReport {
+    /// Requests sent by the load clients.
+    pub sent: u64,
+    /// Requests answered.
+    pub acknowledged: u64,
+    /// Requests never answered.
+    pub lost: u64,
+    /// Requests answered twice.
+    pub duplicated: u64,
+    /// Answers that were refusals (icebergs before the feature, cancels of filled orders …).
+    pub rejected: u64,
+    /// Step-up as the new active measured it (owner-died seen → active), µs.
+    pub step_up_us: f64,
+    /// Longest time a client waited for an answer across the failover, ms.
+    pub failover_pause_ms: f64,
+    /// … across the planned switchover, ms.
+    pub switchover_pause_ms: f64,
+    /// … across the whole rolling upgrade, ms.
+    pub upgrade_pause_ms: f64,
+    /// How long the rolling upgrade took, s.
+    pub upgrade_s: f64,
+    /// Latency before the upgrade (v1, steady).
+    pub latency_before: Latency,
+    /// Latency after the upgrade (v2, feature on).
+    pub latency_after: Latency,
+    /// Iceberg (version-2-only) orders sent before the feature was enabled, and refused.
+    pub icebergs_refused_before: u64,
+    /// Iceberg orders acknowledged after the feature was enabled.
+    pub icebergs_accepted_after: u64,
+    /// The final books and positions equal the reference model's.
+    pub model_check: String,
+    /// The engines at the end.
+    pub engines: Vec<FinalEngine>,
+    /// Wall time, s.
+    pub elapsed_s: f64,
+    /// Nothing lost, nothing duplicated, model equal.
+    pub ok: bool,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn check_interrupt() -> Result<(), String> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        Err("interrupted".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// Everything the demo started, torn down on drop (also on error and Ctrl-C).
+struct Stage {
+    tmp: PathBuf,
+    cluster_dir: PathBuf,
+    supervisor: Option<Child>,
+    ctl: Ctl,
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        // Ask for a clean stop first, then make sure: no engine, no supervisor, no file left.
+        if self.supervisor.is_some() {
+            let ctl = self.ctl.clone();
+            let h = std::thread::spawn(move || ctl.request(&Request::new(Op::Down), |_| {}));
+            let t = Instant::now();
+            while !h.is_finished() && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        if let Ok(c) = understudy_runtime::control::Control::open(&self.cluster_dir) {
+            for slot in 0..understudy_runtime::control::SLOTS {
+                let pid = c.get(slot, understudy_runtime::control::Field::Pid);
+                let st = c.get(slot, understudy_runtime::control::Field::StartTime);
+                let id = understudy_runtime::liveness::ProcessIdentity {
+                    pid: pid.min(u32::MAX as u64) as u32,
+                    start_time_ticks: st,
+                };
+                if pid > 1 && id.is_alive() {
+                    // SAFETY: plain kill(2) of a process whose identity (pid + start time) we
+                    // just checked is our cluster's engine.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
+        if let Some(mut s) = self.supervisor.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.cluster_dir);
+        if std::env::var_os("UNDERSTUDY_DEMO_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+struct Progress {
+    json: bool,
+    t0: Instant,
+    step: usize,
+    total: usize,
+}
+
+impl Progress {
+    fn step(&mut self, what: &str) {
+        self.step += 1;
+        let t = self.t0.elapsed().as_secs_f64();
+        if self.json {
+            eprintln!(
+                "{}",
+                serde_json::json!({"event": "step", "step": self.step, "total": self.total, "what": what, "t_s": t})
+            );
+        } else {
+            eprintln!("[{t:5.1}s] {}/{}: {what}", self.step, self.total);
+        }
+    }
+    fn note(&self, what: &str) {
+        let t = self.t0.elapsed().as_secs_f64();
+        if self.json {
+            eprintln!(
+                "{}",
+                serde_json::json!({"event": "note", "what": what, "t_s": t})
+            );
+        } else {
+            eprintln!("[{t:5.1}s]      {what}");
+        }
+    }
+}
+
+fn status(ctl: &Ctl) -> Result<StatusReport, String> {
+    let r = ctl
+        .request(&Request::new(Op::Status), |_| {})
+        .map_err(|e| e.to_string())?;
+    serde_json::from_value(r.data.clone()).map_err(|e| format!("status: {e}"))
+}
+
+fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<bool, String>,
+) -> Result<(), String> {
+    let t = Instant::now();
+    loop {
+        check_interrupt()?;
+        if f()? {
+            return Ok(());
+        }
+        if t.elapsed() > timeout {
+            return Err(format!("timed out after {timeout:?} waiting for {what}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn cluster_settled(s: &StatusReport) -> bool {
+    s.active_engine().is_some() && s.hot_standbys().count() >= 1 && s.operation.is_none()
+}
+
+fn latency(h: &hdrhistogram::Histogram<u64>) -> Latency {
+    let us = |v: u64| v as f64 / 1000.0;
+    Latency {
+        count: h.len(),
+        p50_us: us(h.value_at_quantile(0.5)),
+        p99_us: us(h.value_at_quantile(0.99)),
+        p999_us: us(h.value_at_quantile(0.999)),
+        max_us: us(h.max()),
+    }
+}
+
+fn expect_ok(r: Reply, what: &str) -> Result<Reply, String> {
+    if r.code == Some(Code::Ok) {
+        Ok(r)
+    } else {
+        Err(format!("{what} failed: {}", r.message))
+    }
+}
+
+/// Run the demo.
+pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
+    let t0 = Instant::now();
+    // SAFETY: installing an async-signal-safe handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let pid = std::process::id();
+    let name = format!("demo-{pid}");
+    let tmp = std::env::temp_dir().join(format!("understudy-demo-{pid}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let cluster_dir = opts.shm_dir.join(&name);
+    let mut stage = Stage {
+        tmp: tmp.clone(),
+        cluster_dir: cluster_dir.clone(),
+        supervisor: None,
+        ctl: Ctl::new(cluster_dir.join(understudy_supervisor::proto::SOCKET_NAME)),
+    };
+    let mut p = Progress {
+        json: opts.json,
+        t0,
+        step: 0,
+        total: 8,
+    };
+    let v1 = tmp.join("matchbook-v1");
+    let v2 = tmp.join("matchbook-v2");
+    for link in [&v1, &v2] {
+        std::os::unix::fs::symlink(&opts.exe, link)
+            .map_err(|e| format!("{}: {e}", link.display()))?;
+    }
+    let accept_ms = if opts.quick { 500 } else { 2000 };
+    let config = format!(
+        "cluster = \"{name}\"\nshm_dir = \"{}\"\n\n[engine]\nbinary = \"{}\"\nenv = {{ RUST_LOG = \"{}\" }}\n\n[acceptance]\naccept_for_ms = {accept_ms}\n",
+        opts.shm_dir.display(),
+        v1.display(),
+        std::env::var("UNDERSTUDY_DEMO_ENGINE_LOG").unwrap_or_else(|_| "warn".into())
+    );
+    let config_path = tmp.join("demo.toml");
+    std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+
+    p.step("start a cluster of two matchbook v1 engines under a supervisor");
+    let log = std::fs::File::create(tmp.join("supervisor.log")).map_err(|e| e.to_string())?;
+    let child = Command::new(&opts.exe)
+        .arg("up")
+        .arg("--config")
+        .arg(&config_path)
+        .env(
+            "RUST_LOG",
+            std::env::var("UNDERSTUDY_DEMO_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("starting the supervisor ({}): {e}", opts.exe.display()))?;
+    stage.supervisor = Some(child);
+    let ctl = stage.ctl.clone();
+    wait_for(
+        "the cluster: an active engine and a hot standby",
+        Duration::from_secs(20),
+        || Ok(status(&ctl).map(|s| cluster_settled(&s)).unwrap_or(false)),
+    )?;
+
+    p.step("drive load: 2 clients through their shared-memory rings");
+    let mut cfg = LoadConfig::new(&cluster_dir);
+    cfg.rate_per_client = opts.rate_per_client;
+    let load = LoadGen::start(&cfg)?;
+    let phase = |secs_quick: f64, secs: f64| {
+        Duration::from_secs_f64(if opts.quick { secs_quick } else { secs })
+    };
+    // Iceberg orders before the feature exists: must be refused, not lost.
+    let refused_probe = probe_icebergs(&cluster_dir, 5)?;
+    let steady_from = load.now_us();
+    std::thread::sleep(phase(1.0, 3.0));
+    check_interrupt()?;
+    let steady_to = load.now_us();
+    p.note(&format!("{} requests acknowledged so far", load.acked()));
+
+    p.step("SIGKILL the active engine");
+    let s = status(&ctl)?;
+    let active = s.active_engine().ok_or("no active engine")?.clone();
+    let kill_us = load.now_us();
+    // SAFETY: kill(2) of the active engine's pid, just read from the supervisor.
+    unsafe { libc::kill(active.pid as i32, libc::SIGKILL) };
+    let mut step_up_us = 0.0;
+    wait_for("the standby to step up", Duration::from_secs(10), || {
+        let s = status(&ctl)?;
+        Ok(match s.active_engine() {
+            Some(e) if e.slot != active.slot => {
+                step_up_us = e.last_step_up_dur_ns as f64 / 1000.0;
+                true
+            }
+            _ => false,
+        })
+    })?;
+    let stepped_us = load.now_us();
+    p.note(&format!("the standby stepped up in {step_up_us:.0} µs; the supervisor restarts the dead engine as standby"));
+    wait_for("a hot standby again", Duration::from_secs(20), || {
+        Ok(cluster_settled(&status(&ctl)?))
+    })?;
+    std::thread::sleep(phase(0.3, 1.0));
+    let failover_window = (kill_us, stepped_us + 50_000);
+
+    p.step("planned switchover");
+    let sw_from = load.now_us();
+    expect_ok(
+        ctl.request(&Request::new(Op::Switchover), |_| {})
+            .map_err(|e| e.to_string())?,
+        "switchover",
+    )?;
+    let sw_to = load.now_us();
+    wait_for("a hot standby again", Duration::from_secs(20), || {
+        Ok(cluster_settled(&status(&ctl)?))
+    })?;
+    std::thread::sleep(phase(0.3, 1.0));
+    let switch_window = (sw_from, sw_to + 50_000);
+
+    p.step("rolling upgrade to matchbook v2 (acceptance, then enable the new feature)");
+    let up_from = load.now_us();
+    let up_t = Instant::now();
+    let json = opts.json;
+    let r = ctl
+        .request(
+            &Request::new(Op::Upgrade(UpgradeRequest {
+                binary: v2.clone(),
+                accept_for_ms: Some(accept_ms),
+                accept_cmd: None,
+                keep_standby: false,
+                no_enable: false,
+            })),
+            |ev| {
+                let t = t0.elapsed().as_secs_f64();
+                if json {
+                    eprintln!(
+                        "{}",
+                        serde_json::json!({"event": "upgrade", "t_s": t, "detail": ev.message})
+                    );
+                } else {
+                    eprintln!("[{t:5.1}s]      {}", ev.message);
+                }
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    expect_ok(r, "the rolling upgrade")?;
+    let upgrade_s = up_t.elapsed().as_secs_f64();
+    let up_to = load.now_us();
+    let upgrade_window = (up_from, up_to);
+
+    p.step("send version-2-only orders (icebergs)");
+    load.icebergs.store(true, Ordering::Relaxed);
+    let after_from = load.now_us();
+    std::thread::sleep(phase(1.0, 3.0));
+    check_interrupt()?;
+    let after_to = load.now_us();
+
+    p.step("stop the load and check every answer against the reference model");
+    let report: LoadReport = load.stop()?;
+    let model = model_of(&report)
+        .and_then(|m| check_against_model(&cluster_dir, &m, cfg.symbols, cfg.accounts));
+    let fin = status(&ctl)?;
+
+    p.step("stop the cluster (understudy down)");
+    let _ = ctl.request(&Request::new(Op::Down), |_| {});
+    if let Some(mut s) = stage.supervisor.take() {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = s.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    drop(stage);
+
+    if std::env::var_os("UNDERSTUDY_DEMO_DEBUG").is_some() {
+        eprintln!("phases (µs): steady {steady_from}..{steady_to} kill {kill_us} stepped {stepped_us} switch {sw_from}..{sw_to} upgrade {up_from}..{up_to}");
+        for (i, c) in report.clients.iter().enumerate() {
+            eprintln!(
+                "client {i}: lost {:?} duplicates {:?}",
+                c.lost_requests, c.duplicate_answers
+            );
+        }
+    }
+    let icebergs_after = report
+        .clients
+        .iter()
+        .flat_map(|c| c.answered.iter())
+        .filter(|a| a.request.kind == 1 && a.response.status == matchbook::app::status::ACK)
+        .count() as u64;
+    let mut out = DemoReport {
+        sent: report.total(|c| c.sent) + refused_probe,
+        acknowledged: report.total(|c| c.acked) + refused_probe,
+        lost: report.total(|c| c.lost),
+        duplicated: report.total(|c| c.duplicated),
+        rejected: report.total(|c| c.rejected) + refused_probe,
+        step_up_us,
+        failover_pause_ms: report.longest_wait_ns(failover_window.0, failover_window.1) as f64
+            / 1e6,
+        switchover_pause_ms: report.longest_wait_ns(switch_window.0, switch_window.1) as f64 / 1e6,
+        upgrade_pause_ms: report.longest_wait_ns(upgrade_window.0, upgrade_window.1) as f64 / 1e6,
+        upgrade_s,
+        latency_before: latency(&report.histogram(steady_from, steady_to)),
+        latency_after: latency(&report.histogram(after_from, after_to)),
+        icebergs_refused_before: refused_probe,
+        icebergs_accepted_after: icebergs_after,
+        model_check: match &model {
+            Ok(()) => "equal".into(),
+            Err(e) => e.clone(),
+        },
+        engines: fin
+            .engines
+            .iter()
+            .map(|e| FinalEngine {
+                slot: e.slot.clone(),
+                role: e.role.clone(),
+                version: e.app_version,
+                features: if e.features & 1 != 0 {
+                    vec!["iceberg".into()]
+                } else {
+                    vec![]
+                },
+            })
+            .collect(),
+        elapsed_s: t0.elapsed().as_secs_f64(),
+        ok: false,
+    };
+    out.ok = out.lost == 0 && out.duplicated == 0 && model.is_ok() && icebergs_after > 0;
+    Ok(out)
+}
+
+/// Send `n` iceberg orders while the feature is off: each must be answered with a refusal.
+fn probe_icebergs(dir: &Path, n: u64) -> Result<u64, String> {
+    use zerocopy::IntoBytes;
+    let mut c = understudy_runtime::client::Client::connect(dir).map_err(|e| e.to_string())?;
+    let mut refused = 0;
+    for i in 0..n {
+        let req = matchbook::app::WireRequest::iceberg(
+            1 << 60 | i,
+            1,
+            1,
+            matchbook::book::Side::Buy,
+            990,
+            100,
+            10,
+        );
+        let r = c
+            .call(req.as_bytes(), Duration::from_secs(10))
+            .map_err(|e| e.to_string())?
+            .ok_or("iceberg probe unanswered")?;
+        let (h, _) = matchbook::app::parse_response(&r).ok_or("bad response")?;
+        if h.status != matchbook::app::status::REJECT {
+            return Err(format!(
+                "an iceberg order was accepted before the feature was enabled: {h:?}"
+            ));
+        }
+        refused += 1;
+    }
+    Ok(refused)
+}
+
+/// Print the report for people.
+pub fn print_human(r: &DemoReport, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(out)?;
+    writeln!(out, "understudy demo — matchbook v1 → v2 under load")?;
+    writeln!(
+        out,
+        "  requests   sent {}  acknowledged {}  lost {}  duplicated {}  (refusals {})",
+        r.sent, r.acknowledged, r.lost, r.duplicated, r.rejected
+    )?;
+    writeln!(
+        out,
+        "  step-up    {:.0} µs (owner-died seen → active, as the new active measured it)",
+        r.step_up_us
+    )?;
+    writeln!(out, "  longest pause seen by clients")?;
+    writeln!(out, "    failover   {:8.3} ms", r.failover_pause_ms)?;
+    writeln!(out, "    switchover {:8.3} ms", r.switchover_pause_ms)?;
+    writeln!(
+        out,
+        "    upgrade    {:8.3} ms  (whole rolling upgrade took {:.1} s)",
+        r.upgrade_pause_ms, r.upgrade_s
+    )?;
+    for (name, l) in [
+        ("before (v1)", &r.latency_before),
+        ("after (v2) ", &r.latency_after),
+    ] {
+        writeln!(
+            out,
+            "  latency {name}  p50 {:7.1} µs  p99 {:7.1} µs  p99.9 {:7.1} µs  max {:8.1} µs  ({} requests)",
+            l.p50_us, l.p99_us, l.p999_us, l.max_us, l.count
+        )?;
+    }
+    writeln!(
+        out,
+        "  iceberg orders: {} refused while v1 ran, {} accepted after the feature was enabled",
+        r.icebergs_refused_before, r.icebergs_accepted_after
+    )?;
+    writeln!(
+        out,
+        "  books and positions vs the reference model: {}",
+        r.model_check
+    )?;
+    for e in &r.engines {
+        writeln!(
+            out,
+            "  engine {}: {} matchbook v{} features {:?}",
+            e.slot, e.role, e.version, e.features
+        )?;
+    }
+    writeln!(
+        out,
+        "  {} in {:.1} s",
+        if r.ok {
+            "OK: nothing lost, nothing duplicated"
+        } else {
+            "FAILED"
+        },
+        r.elapsed_s
+    )?;
+    Ok(())
+}

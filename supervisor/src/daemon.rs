@@ -1,0 +1,890 @@
+//! The supervisor process (`understudy up`): starts the engines, keeps them so, and serves the
+//! control socket.
+//!
+//! One thread owns every engine and the control block and runs a loop: wait (at most a couple
+//! of milliseconds) on the pidfds of every engine, handle deaths, take requests from the socket
+//! threads, fence hung engines, report role changes, advance the long operation in progress
+//! (switchover, upgrade, enable, down) and restart dead engines. Operations never block the
+//! loop: each one is a small state machine polled once per turn, so a death is seen — and an
+//! upgrade told of it — within a turn whatever else is going on.
+//!
+//! The supervisor is not in the failover path: a standby watches its active itself and steps
+//! up without it. The supervisor only restarts the dead engine as the new standby (with
+//! crash-loop backoff), and a restarted supervisor re-adopts the engines the control block
+//! lists instead of starting new ones.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::{Duration, Instant};
+
+use tracing::{error, info, warn};
+use understudy_runtime::control::{
+    monotonic_ns, realtime_ns, slot_cmd, slot_name, Control, ControlError, Field, Role, State,
+    SLOTS,
+};
+use understudy_runtime::liveness::ProcessIdentity;
+
+use crate::config::{ClusterConfig, ConfigError};
+use crate::ops::Operation;
+use crate::process::{EngineProc, ExitInfo, SpawnError, SpawnSpec};
+use crate::proto::{
+    Code, EngineStatus, Reply, ReplyKind, Request, RoleChange, StatusReport, SCHEMA_VERSION,
+    SOCKET_NAME,
+};
+
+/// A heartbeat older than this many configured intervals means the engine is hung.
+pub const HUNG_BEATS: u64 = 10;
+/// How many role changes `status` remembers.
+const ROLE_CHANGES_KEPT: usize = 16;
+/// The longest request line the socket accepts.
+const REQUEST_BYTES_MAX: u64 = 64 * 1024;
+
+/// Why `up` could not run the cluster.
+#[derive(Debug)]
+pub enum UpError {
+    /// The config or the engine binary.
+    Config(ConfigError),
+    /// The control block.
+    Control(ControlError),
+    /// Another supervisor runs this cluster.
+    AlreadyRunning {
+        /// Its pid.
+        pid: u32,
+    },
+    /// An engine could not be started.
+    Spawn(SpawnError),
+    /// Engine `a` did not become active in time.
+    NoActive {
+        /// The start timeout.
+        timeout_ms: u64,
+    },
+    /// Anything else (socket, files).
+    Io(String),
+}
+
+impl UpError {
+    /// The exit code for this failure.
+    pub fn code(&self) -> Code {
+        match self {
+            UpError::Config(_) => Code::BadConfig,
+            UpError::AlreadyRunning { .. } => Code::Busy,
+            UpError::NoActive { .. } => Code::Timeout,
+            UpError::Control(_) | UpError::Spawn(_) | UpError::Io(_) => Code::Failed,
+        }
+    }
+}
+
+impl std::fmt::Display for UpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpError::Config(e) => e.fmt(f),
+            UpError::Control(e) => e.fmt(f),
+            UpError::AlreadyRunning { pid } => write!(
+                f,
+                "a supervisor (pid {pid}) already runs this cluster; talk to it with \
+                 `understudy status`, or stop it first"
+            ),
+            UpError::Spawn(e) => e.fmt(f),
+            UpError::NoActive { timeout_ms } => write!(
+                f,
+                "engine a did not become active within {timeout_ms} ms (timeouts.start_ms); \
+                 check its log above"
+            ),
+            UpError::Io(e) => f.write_str(e),
+        }
+    }
+}
+
+impl std::error::Error for UpError {}
+
+/// Restart bookkeeping of one slot.
+#[derive(Debug, Default)]
+pub(crate) struct Restart {
+    crashes: VecDeque<Instant>,
+    next_at: Option<Instant>,
+    given_up: bool,
+}
+
+/// A request from a socket thread, with where to send the replies.
+pub(crate) type Inbound = (Request, Sender<Reply>);
+
+/// The supervisor's state; see the [module docs](self).
+pub struct Supervisor {
+    pub(crate) config: ClusterConfig,
+    pub(crate) dir: PathBuf,
+    pub(crate) control: Control,
+    pub(crate) engines: [Option<EngineProc>; SLOTS],
+    /// Slots the keeper keeps running.
+    pub(crate) managed: [bool; SLOTS],
+    restarts: [Restart; SLOTS],
+    pub(crate) op: Option<Operation>,
+    role_seen: (u64, Option<usize>),
+    role_changes: VecDeque<RoleChange>,
+    rates: [(u64, Instant, f64); SLOTS],
+    last_rate_sample: Instant,
+    outage_reported: bool,
+    /// The binaries of the last completed upgrade (old, new), for `rollback`.
+    pub(crate) last_upgrade: Option<(PathBuf, PathBuf)>,
+    /// Set when `down` has finished: the loop ends.
+    pub(crate) finished: bool,
+}
+
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SIGNALLED.store(true, Ordering::Relaxed);
+}
+
+fn install_signal_handlers() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        let _ = unsafe { sigaction(signal, &action) };
+    }
+}
+
+/// Runs the supervisor in the foreground until `down` or SIGINT/SIGTERM (which leave the
+/// engines running, for a later `up` to re-adopt).
+pub fn up(config: ClusterConfig) -> Result<(), UpError> {
+    config.check_binary().map_err(UpError::Config)?;
+    install_signal_handlers();
+    let mut sup = Supervisor::start(config)?;
+    let socket = sup.dir.join(SOCKET_NAME);
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)
+        .map_err(|e| UpError::Io(format!("cannot bind {}: {e}", socket.display())))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| UpError::Io(format!("cannot chmod {}: {e}", socket.display())))?;
+    let (tx, rx) = mpsc::channel::<Inbound>();
+    std::thread::Builder::new()
+        .name("control-socket".into())
+        .spawn(move || serve(listener, tx))
+        .map_err(|e| UpError::Io(format!("cannot start the socket thread: {e}")))?;
+    info!(socket = %socket.display(), "control socket ready");
+    sup.run(&rx);
+    if !sup.finished {
+        let _ = std::fs::remove_file(&socket);
+        sup.control.supervisor_word(0).store(0, Ordering::Release);
+        info!("supervisor exits; the engines keep running (`understudy up` re-adopts them, `understudy down` stops them)");
+    }
+    Ok(())
+}
+
+fn serve(listener: UnixListener, tx: Sender<Inbound>) {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let tx = tx.clone();
+        let _ = std::thread::Builder::new()
+            .name("control-client".into())
+            .spawn(move || {
+                if let Err(e) = handle_client(stream, &tx, uid) {
+                    warn!("control client: {e}");
+                }
+            });
+    }
+}
+
+fn handle_client(stream: UnixStream, tx: &Sender<Inbound>, uid: u32) -> std::io::Result<()> {
+    let mut out = stream.try_clone()?;
+    let write = |out: &mut UnixStream, reply: &Reply| -> std::io::Result<()> {
+        let mut line = serde_json::to_string(reply).map_err(std::io::Error::other)?;
+        line.push('\n');
+        out.write_all(line.as_bytes())
+    };
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(std::io::Error::from)?;
+    if peer.uid() != uid {
+        warn!(
+            peer_uid = peer.uid(),
+            peer_pid = peer.pid(),
+            "control socket: refused a client of another user"
+        );
+        return write(
+            &mut out,
+            &Reply::result(
+                Code::Usage,
+                format!(
+                    "refused: expected a client of uid {uid}, found uid {}",
+                    peer.uid()
+                ),
+            ),
+        );
+    }
+    let mut line = String::new();
+    BufReader::new(std::io::Read::take(&stream, REQUEST_BYTES_MAX)).read_line(&mut line)?;
+    let request: Request = match serde_json::from_str(line.trim()) {
+        Ok(r) => r,
+        Err(e) => {
+            return write(
+                &mut out,
+                &Reply::result(
+                    Code::Usage,
+                    format!(
+                    "bad request: {e}; expected one JSON line like {{\"v\":1,\"op\":\"status\"}}"
+                ),
+                ),
+            )
+        }
+    };
+    if request.v != SCHEMA_VERSION {
+        return write(
+            &mut out,
+            &Reply::result(
+                Code::Usage,
+                format!(
+                    "schema version: expected {SCHEMA_VERSION}, found {}",
+                    request.v
+                ),
+            ),
+        );
+    }
+    let (reply_tx, reply_rx) = mpsc::channel();
+    if tx.send((request, reply_tx)).is_err() {
+        return write(
+            &mut out,
+            &Reply::result(Code::NotRunning, "the supervisor is shutting down"),
+        );
+    }
+    for reply in reply_rx {
+        let last = reply.kind == ReplyKind::Result;
+        // A client that went away does not stop the operation.
+        if write(&mut out, &reply).is_err() {
+            return Ok(());
+        }
+        if last {
+            break;
+        }
+    }
+    Ok(())
+}
+
+impl Supervisor {
+    /// Opens (or creates) the cluster, adopts its live engines or starts `a` then `b`.
+    pub fn start(config: ClusterConfig) -> Result<Supervisor, UpError> {
+        let dir = config.cluster_dir();
+        let mut control = Control::open_or_create(&dir).map_err(UpError::Control)?;
+        let me = ProcessIdentity::current().map_err(|e| UpError::Io(e.to_string()))?;
+        let other = ProcessIdentity {
+            pid: control.supervisor_word(0).load(Ordering::Acquire) as u32,
+            start_time_ticks: control.supervisor_word(1).load(Ordering::Acquire),
+        };
+        if other.pid != 0 && other.pid != me.pid && other.is_alive() {
+            return Err(UpError::AlreadyRunning { pid: other.pid });
+        }
+        let mut live = Vec::new();
+        for slot in 0..SLOTS {
+            let pid = control.get(slot, Field::Pid);
+            if pid == 0 || pid > u64::from(u32::MAX) {
+                continue;
+            }
+            let identity = ProcessIdentity {
+                pid: pid as u32,
+                start_time_ticks: control.get(slot, Field::StartTime),
+            };
+            if identity.is_alive() {
+                live.push((slot, identity));
+            }
+        }
+        if live.is_empty() && control.epoch() > 0 {
+            warn!(dir = %dir.display(), epoch = control.epoch(), "the cluster's files are left from engines that all died; removing them and starting afresh");
+            drop(control);
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| UpError::Io(format!("cannot remove {}: {e}", dir.display())))?;
+            control = Control::open_or_create(&dir).map_err(UpError::Control)?;
+        }
+        control
+            .supervisor_word(1)
+            .store(me.start_time_ticks, Ordering::Release);
+        control
+            .supervisor_word(0)
+            .store(u64::from(me.pid), Ordering::Release);
+        let role_seen = (control.epoch(), control.active_slot());
+        let mut sup = Supervisor {
+            config,
+            dir,
+            control,
+            engines: [None, None, None],
+            managed: [false; SLOTS],
+            restarts: Default::default(),
+            op: None,
+            role_seen,
+            role_changes: VecDeque::new(),
+            rates: [(0, Instant::now(), 0.0); SLOTS],
+            last_rate_sample: Instant::now(),
+            outage_reported: false,
+            last_upgrade: None,
+            finished: false,
+        };
+        if live.is_empty() {
+            sup.start_fresh()?;
+        } else {
+            for (slot, identity) in live {
+                match EngineProc::adopt(slot, identity) {
+                    Ok(proc) => {
+                        info!(slot = %slot_name(slot), pid = identity.pid, binary = %proc.binary.display(), "re-adopted a running engine");
+                        sup.engines[slot] = Some(proc);
+                        sup.managed[slot] = true;
+                    }
+                    Err(e) => warn!(slot = %slot_name(slot), "cannot adopt engine: {e}"),
+                }
+            }
+            sup.ensure_two_managed();
+        }
+        Ok(sup)
+    }
+
+    fn start_fresh(&mut self) -> Result<(), UpError> {
+        let binary = self.config.engine.binary.clone();
+        self.spawn(0, &binary, false).map_err(UpError::Spawn)?;
+        let deadline = Instant::now() + self.config.timeouts.start();
+        while !self.is_active(0) {
+            if let Some(proc) = self.engines[0].as_mut() {
+                if let Some(exit) = proc.exited() {
+                    self.engines[0] = None;
+                    return Err(UpError::Io(format!(
+                        "engine a exited while starting ({exit}); check its log above"
+                    )));
+                }
+            }
+            if Instant::now() > deadline {
+                if let Some(proc) = self.engines[0].take() {
+                    proc.kill();
+                }
+                return Err(UpError::NoActive {
+                    timeout_ms: self.config.timeouts.start_ms,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        info!(
+            slot = "a",
+            epoch = self.control.epoch(),
+            "engine a is active"
+        );
+        self.role_seen = (self.control.epoch(), self.control.active_slot());
+        self.spawn(1, &binary, true).map_err(UpError::Spawn)?;
+        self.managed = [true, true, false];
+        Ok(())
+    }
+
+    /// Keep at least two slots managed (an active and a standby).
+    pub(crate) fn ensure_two_managed(&mut self) {
+        for slot in 0..SLOTS {
+            if self.managed.iter().filter(|m| **m).count() >= 2 {
+                break;
+            }
+            self.managed[slot] = true;
+        }
+    }
+
+    /// Spawns an engine in `slot`.
+    pub(crate) fn spawn(
+        &mut self,
+        slot: usize,
+        binary: &Path,
+        standby: bool,
+    ) -> Result<(), SpawnError> {
+        assert!(self.engines[slot].is_none(), "slot {slot} is free");
+        let proc = EngineProc::spawn(&SpawnSpec {
+            config: &self.config,
+            dir: &self.dir,
+            slot,
+            binary,
+            standby,
+        })?;
+        info!(slot = %slot_name(slot), pid = proc.pid(), binary = %binary.display(), standby, "engine started");
+        self.engines[slot] = Some(proc);
+        Ok(())
+    }
+
+    /// Stops the engine in `slot` cleanly: it is told to stop; its exit is expected.
+    pub(crate) fn request_stop(&mut self, slot: usize) {
+        if let Some(proc) = self.engines[slot].as_mut() {
+            proc.expected_exit = true;
+            self.control.set(slot, Field::Cmd, slot_cmd::STOP);
+        }
+    }
+
+    /// SIGKILLs the engine in `slot`; its exit is expected.
+    pub(crate) fn kill_expected(&mut self, slot: usize) {
+        if let Some(proc) = self.engines[slot].as_mut() {
+            proc.expected_exit = true;
+            proc.kill();
+        }
+    }
+
+    /// The control block's record of `slot` is our engine's.
+    pub(crate) fn ours(&self, slot: usize) -> bool {
+        self.engines[slot].as_ref().is_some_and(|p| {
+            self.control.get(slot, Field::Pid) == u64::from(p.pid())
+                && self.control.get(slot, Field::StartTime) == p.identity.start_time_ticks
+        })
+    }
+
+    pub(crate) fn role(&self, slot: usize) -> Role {
+        if self.ours(slot) {
+            Role::from_word(self.control.get(slot, Field::Role))
+        } else {
+            Role::None
+        }
+    }
+
+    pub(crate) fn state(&self, slot: usize) -> State {
+        State::from_word(self.control.get(slot, Field::State))
+    }
+
+    /// `slot` is the active of the current epoch.
+    pub(crate) fn is_active(&self, slot: usize) -> bool {
+        self.role(slot) == Role::Active
+            && self.control.active_slot() == Some(slot)
+            && self.control.get(slot, Field::Epoch) == self.control.epoch()
+    }
+
+    /// `slot` is a hot standby of the current epoch.
+    pub(crate) fn is_hot_standby(&self, slot: usize) -> bool {
+        self.role(slot) == Role::Standby
+            && self.state(slot) == State::Hot
+            && self.control.get(slot, Field::Epoch) == self.control.epoch()
+    }
+
+    /// The active slot, if it is one of our engines.
+    pub(crate) fn active(&self) -> Option<usize> {
+        (0..SLOTS).find(|&s| self.is_active(s))
+    }
+
+    /// The first hot standby.
+    pub(crate) fn hot_standby(&self) -> Option<usize> {
+        (0..SLOTS).find(|&s| self.is_hot_standby(s))
+    }
+
+    /// The loop; returns after `down` or a signal.
+    pub fn run(&mut self, requests: &Receiver<Inbound>) {
+        while !self.finished && !SIGNALLED.load(Ordering::Relaxed) {
+            if self.op.is_some() {
+                // Role changes are watched closely while an operation runs.
+                self.wait_for_exits(Duration::ZERO);
+                std::thread::sleep(Duration::from_micros(100));
+            } else {
+                self.wait_for_exits(Duration::from_millis(2));
+            }
+            for slot in 0..SLOTS {
+                let exit = self.engines[slot].as_mut().and_then(|p| p.exited());
+                if let Some(exit) = exit {
+                    self.on_exit(slot, exit);
+                }
+            }
+            while let Ok((request, reply)) = requests.try_recv() {
+                self.on_request(request, reply);
+            }
+            self.resend_stops();
+            self.fence();
+            self.watch_roles();
+            self.step_op();
+            self.keep();
+            self.sample_rates();
+        }
+    }
+
+    fn wait_for_exits(&self, timeout: Duration) {
+        let mut fds: Vec<libc::pollfd> = self
+            .engines
+            .iter()
+            .flatten()
+            .map(|p| libc::pollfd {
+                fd: std::os::fd::AsFd::as_fd(&p.pidfd).as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        if fds.is_empty() {
+            std::thread::sleep(timeout);
+            return;
+        }
+        // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                timeout.as_millis() as libc::c_int,
+            )
+        };
+    }
+
+    fn on_exit(&mut self, slot: usize, exit: ExitInfo) {
+        let was_active = self.role(slot) == Role::Active;
+        let proc = self.engines[slot].take().expect("exited engine");
+        if proc.expected_exit {
+            info!(slot = %slot_name(slot), pid = proc.pid(), "engine exited ({exit})");
+            return;
+        }
+        let epoch = self.control.epoch();
+        error!(slot = %slot_name(slot), pid = proc.pid(), was_active, "engine died ({exit})");
+        let successor = if was_active {
+            self.await_successor(slot, epoch)
+        } else {
+            self.active()
+        };
+        if was_active {
+            match successor {
+                Some(s) => {
+                    info!(dead = %slot_name(slot), active = %slot_name(s), "failover: the standby stepped up")
+                }
+                None => error!(dead = %slot_name(slot), "outage: no hot standby could step up"),
+            }
+        }
+        let upgrading = matches!(self.op, Some(Operation::Upgrade(_)));
+        if let Some(mut op) = self.op.take() {
+            op.on_death(self, slot, successor);
+            self.op = Some(op);
+        }
+        if !upgrading && self.managed[slot] {
+            let now = Instant::now();
+            let window = Duration::from_millis(self.config.restart.crash_loop_window_ms);
+            let r = &mut self.restarts[slot];
+            r.crashes.push_back(now);
+            while r
+                .crashes
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > window)
+            {
+                r.crashes.pop_front();
+            }
+        }
+    }
+
+    /// After the active in `dead` died: the engine that stepped up, if any does within the
+    /// switchover timeout.
+    fn await_successor(&mut self, dead: usize, epoch: u64) -> Option<usize> {
+        let deadline = Instant::now() + self.config.timeouts.switchover();
+        loop {
+            if let Some(a) = self.active().filter(|&a| a != dead) {
+                return Some(a);
+            }
+            let candidates = (0..SLOTS).any(|s| {
+                s != dead
+                    && self.role(s) == Role::Standby
+                    && self.control.get(s, Field::Epoch) >= epoch
+                    && self.engines[s]
+                        .as_ref()
+                        .is_some_and(|p| p.identity.is_alive())
+            }) || self.control.epoch() > epoch;
+            if !candidates || Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// An engine clears its command word when it starts: repeat a pending stop.
+    fn resend_stops(&self) {
+        for (slot, proc) in self.engines.iter().enumerate() {
+            if let Some(proc) = proc {
+                if proc.expected_exit && self.ours(slot) {
+                    let state = self.state(slot);
+                    if state != State::Stopped && self.control.get(slot, Field::Cmd) == 0 {
+                        self.control.set(slot, Field::Cmd, slot_cmd::STOP);
+                    }
+                }
+            }
+        }
+    }
+
+    /// SIGKILL a hung engine (its heartbeat is [`HUNG_BEATS`] intervals old; four times that
+    /// for one that is not active, since a busy catch-up may delay it), and any active of an
+    /// old epoch: never two actives.
+    fn fence(&mut self) {
+        let now = monotonic_ns();
+        let hung_ns = self.config.timeouts.heartbeat_ms * HUNG_BEATS * 1_000_000;
+        let epoch = self.control.epoch();
+        for slot in 0..SLOTS {
+            let Some(proc) = self.engines[slot].as_ref() else {
+                continue;
+            };
+            if proc.expected_exit || proc.fenced || !self.ours(slot) {
+                continue;
+            }
+            let role = self.role(slot);
+            let heartbeat = self.control.get(slot, Field::HeartbeatNs);
+            let age = now.saturating_sub(heartbeat);
+            let limit = if role == Role::Active {
+                hung_ns
+            } else {
+                hung_ns * 4
+            };
+            let stale_active = role == Role::Active
+                && proc.identity.is_alive()
+                && self.control.get(slot, Field::Epoch) < epoch
+                && self.state(slot) == State::Serving;
+            if age > limit || stale_active {
+                if stale_active {
+                    error!(slot = %slot_name(slot), pid = proc.pid(), "engine is active in an old epoch; fencing it with SIGKILL");
+                } else {
+                    error!(slot = %slot_name(slot), pid = proc.pid(), heartbeat_age_ms = age / 1_000_000, "engine is hung; fencing it with SIGKILL");
+                }
+                proc.kill();
+                if let Some(proc) = self.engines[slot].as_mut() {
+                    proc.fenced = true;
+                }
+            }
+        }
+    }
+
+    fn watch_roles(&mut self) {
+        let now = (self.control.epoch(), self.control.active_slot());
+        if now == self.role_seen {
+            return;
+        }
+        let (epoch, active) = now;
+        let change = RoleChange {
+            at_ns: realtime_ns(),
+            epoch,
+            active: active.map(|s| slot_name(s).to_string()),
+            previous: self.role_seen.1.map(|s| slot_name(s).to_string()),
+            step_up_dur_ns: active.map_or(0, |s| self.control.get(s, Field::LastStepUpDurNs)),
+        };
+        info!(
+            epoch,
+            active = change.active.as_deref().unwrap_or("none"),
+            previous = change.previous.as_deref().unwrap_or("none"),
+            step_ups = active.map_or(0, |s| self.control.get(s, Field::StepUps)),
+            step_up_us = change.step_up_dur_ns / 1000,
+            "role change"
+        );
+        self.role_changes.push_back(change);
+        while self.role_changes.len() > ROLE_CHANGES_KEPT {
+            self.role_changes.pop_front();
+        }
+        self.role_seen = now;
+        self.outage_reported = false;
+    }
+
+    /// Restart dead engines in managed slots as standbys, with backoff; not during an
+    /// upgrade or `down`, whose plans decide what runs.
+    fn keep(&mut self) {
+        if self.finished || matches!(self.op, Some(Operation::Upgrade(_) | Operation::Down(_))) {
+            return;
+        }
+        let active = self.active();
+        if active.is_none()
+            && self.control.epoch() > 0
+            && !self.outage_reported
+            && (0..SLOTS).all(|s| self.role(s) != Role::Active)
+        {
+            self.outage_reported = true;
+            error!("outage: no engine is active and none can step up; the state is lost, run `understudy down` then `understudy up`");
+        }
+        let binary = active
+            .and_then(|a| self.engines[a].as_ref())
+            .map(|p| p.binary.clone())
+            .filter(|b| !b.as_os_str().is_empty())
+            .unwrap_or_else(|| self.config.engine.binary.clone());
+        let now = Instant::now();
+        for slot in 0..SLOTS {
+            if !self.managed[slot] || self.engines[slot].is_some() {
+                continue;
+            }
+            let restart = &self.config.restart;
+            let r = &mut self.restarts[slot];
+            if r.given_up {
+                continue;
+            }
+            let next_at = match r.next_at {
+                Some(t) => t,
+                None => {
+                    let crashes = r.crashes.len() as u32;
+                    if crashes > restart.crash_loop_max {
+                        r.given_up = true;
+                        error!(slot = %slot_name(slot), crashes, window_ms = restart.crash_loop_window_ms, "crash loop: restarts of this slot stopped; fix the engine, then restart the supervisor");
+                        continue;
+                    }
+                    let delay_ms = if crashes == 0 {
+                        0
+                    } else {
+                        restart
+                            .backoff_initial_ms
+                            .saturating_mul(1 << (crashes - 1).min(20))
+                            .min(restart.backoff_max_ms)
+                    };
+                    let t = now + Duration::from_millis(delay_ms);
+                    r.next_at = Some(t);
+                    t
+                }
+            };
+            if now < next_at {
+                continue;
+            }
+            self.restarts[slot].next_at = None;
+            match self.spawn(slot, &binary, true) {
+                Ok(()) => info!(slot = %slot_name(slot), "restarted as the new standby"),
+                Err(e) => {
+                    error!(slot = %slot_name(slot), "restart failed: {e}");
+                    self.restarts[slot].crashes.push_back(now);
+                }
+            }
+        }
+    }
+
+    fn sample_rates(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.last_rate_sample) < Duration::from_millis(500) {
+            return;
+        }
+        self.last_rate_sample = now;
+        for slot in 0..SLOTS {
+            let requests = if self.ours(slot) {
+                self.control.get(slot, Field::Requests)
+            } else {
+                0
+            };
+            let (last, at, _) = self.rates[slot];
+            let dt = now.duration_since(at).as_secs_f64();
+            let rate = if requests >= last && dt > 0.0 {
+                (requests - last) as f64 / dt
+            } else {
+                0.0
+            };
+            self.rates[slot] = (requests, now, rate);
+        }
+    }
+
+    fn on_request(&mut self, request: Request, reply: Sender<Reply>) {
+        use crate::proto::Op;
+        match request.op {
+            Op::Status => {
+                let report = self.status();
+                let message = status_summary(&report);
+                let _ = reply.send(Reply::result(Code::Ok, message).with_data(report));
+            }
+            Op::Rollback => {
+                if let Some(Operation::Upgrade(run)) = self.op.as_mut() {
+                    run.request_abort(reply);
+                    return;
+                }
+                if self.op.is_some() {
+                    let _ = reply.send(self.busy());
+                    return;
+                }
+                match Operation::rollback(self, reply.clone()) {
+                    Ok(op) => self.op = Some(op),
+                    Err(r) => {
+                        let _ = reply.send(r);
+                    }
+                }
+            }
+            op => {
+                if self.op.is_some() {
+                    let _ = reply.send(self.busy());
+                    return;
+                }
+                match Operation::begin(self, op, reply.clone()) {
+                    Ok(op) => self.op = Some(op),
+                    Err(r) => {
+                        let _ = reply.send(r);
+                    }
+                }
+            }
+        }
+    }
+
+    fn busy(&self) -> Reply {
+        let what = self.op.as_ref().map(|o| o.describe()).unwrap_or_default();
+        Reply::result(
+            Code::Busy,
+            format!("another operation is in progress ({what}); wait for it to end"),
+        )
+    }
+
+    fn step_op(&mut self) {
+        if let Some(mut op) = self.op.take() {
+            if !op.step(self) {
+                self.op = Some(op);
+            }
+        }
+    }
+
+    /// A snapshot for `status`.
+    pub fn status(&self) -> StatusReport {
+        let mut engines = Vec::new();
+        for (slot, proc) in self.engines.iter().enumerate() {
+            let Some(proc) = proc else { continue };
+            let ours = self.ours(slot);
+            let get = |f| if ours { self.control.get(slot, f) } else { 0 };
+            engines.push(EngineStatus {
+                slot: slot_name(slot).to_string(),
+                pid: proc.pid(),
+                role: self.role(slot).name().to_string(),
+                epoch: get(Field::Epoch),
+                app_version: get(Field::AppVersion),
+                layout_version: get(Field::Layout),
+                features: get(Field::Features),
+                enableable: get(Field::Enableable),
+                state: if ours {
+                    self.state(slot).name().to_string()
+                } else {
+                    State::Starting.name().to_string()
+                },
+                // Only a standby's lag and only an active's rate mean anything; the slot's
+                // fields keep what an earlier role left there.
+                lag_bytes: if self.role(slot) == Role::Standby {
+                    get(Field::LagBytes)
+                } else {
+                    0
+                },
+                commits: get(Field::Commits),
+                requests_per_s: if self.role(slot) == Role::Active {
+                    self.rates[slot].2
+                } else {
+                    0.0
+                },
+                requests: get(Field::Requests),
+                step_ups: get(Field::StepUps),
+                last_step_up_ns: get(Field::LastStepUpNs),
+                last_step_up_dur_ns: get(Field::LastStepUpDurNs),
+                digest: get(Field::Digest),
+                binary: proc.binary.clone(),
+            });
+        }
+        StatusReport {
+            cluster: self.config.cluster.clone(),
+            dir: self.dir.clone(),
+            supervisor_pid: std::process::id(),
+            epoch: self.control.epoch(),
+            active: self.active().map(|s| slot_name(s).to_string()),
+            engines,
+            operation: self.op.as_ref().map(|o| o.describe()),
+            crash_looping: (0..SLOTS)
+                .filter(|&s| self.restarts[s].given_up)
+                .map(|s| slot_name(s).to_string())
+                .collect(),
+            role_changes: self.role_changes.iter().cloned().collect(),
+        }
+    }
+}
+
+/// One line summing up a status report.
+pub fn status_summary(report: &StatusReport) -> String {
+    let standbys = report.hot_standbys().count();
+    match &report.active {
+        Some(a) => format!(
+            "cluster {}: engine {a} active in epoch {}, {standbys} hot standby(s)",
+            report.cluster, report.epoch
+        ),
+        None => format!(
+            "cluster {}: no engine is active (epoch {})",
+            report.cluster, report.epoch
+        ),
+    }
+}

@@ -1,0 +1,1002 @@
+//! The long operations of the control socket, each a small state machine the supervisor's
+//! loop polls once per turn: switchover, enable-features, down, and the rolling upgrade, which
+//! performs the actions of an [`UpgradePlan`] against real engines.
+//!
+//! How each plan action is performed:
+//!
+//! | action          | what the supervisor does                              | done when                         |
+//! |-----------------|-------------------------------------------------------|-----------------------------------|
+//! | stop            | slot command STOP; SIGKILL at `shutdown_ms`            | the process has exited            |
+//! | start           | spawn the binary in the slot as a standby              | the engine wrote its slot record  |
+//! | attach          | (the engine attaches by itself)                        | it is a hot standby of the epoch  |
+//! | switchover      | post SWITCHOVER(target), wait for the ack              | target active, old active hot     |
+//! | accept          | watch the new active for the soak, run `accept_cmd`    | verdict                           |
+//! | enable features | post ENABLE_FEATURES(standby's enableable mask)        | both engines report the features  |
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+use understudy_runtime::control::{cmd, slot_name, Field, SLOTS};
+use understudy_runtime::engine::result;
+
+use crate::config::check_binary;
+use crate::daemon::Supervisor;
+use crate::plan::{Action, Event, Next, Outcome, Planned, Slot, UpgradePlan, UpgradeSpec, Verdict};
+use crate::proto::{Code, Op, Reply, UpgradeEvent, UpgradeRequest};
+
+fn plan_slot(slot: usize) -> Slot {
+    Slot::ALL[slot]
+}
+
+fn slot_index(slot: Slot) -> usize {
+    Slot::ALL.iter().position(|s| *s == slot).expect("a slot")
+}
+
+fn emit(watchers: &[Sender<Reply>], reply: &Reply) {
+    for w in watchers {
+        // A client that went away does not stop the operation.
+        let _ = w.send(reply.clone());
+    }
+}
+
+/// The operation in progress.
+pub(crate) enum Operation {
+    /// `switchover`.
+    Switchover(SwitchoverOp),
+    /// `enable-features`.
+    Enable(EnableOp),
+    /// `upgrade` (and `rollback` of a completed upgrade).
+    Upgrade(Box<UpgradeRun>),
+    /// `down`.
+    Down(DownOp),
+}
+
+/// A planned switchover in flight.
+pub(crate) struct SwitchExec {
+    from: usize,
+    to: usize,
+    seq: u64,
+    acked: bool,
+    posted: Instant,
+    active_at: Option<Instant>,
+}
+
+enum SwitchPoll {
+    Pending,
+    Done { took: Duration },
+    Refused(String),
+}
+
+impl SwitchExec {
+    fn post(sup: &Supervisor, from: usize, to: usize) -> SwitchExec {
+        let seq = sup.control.post(cmd::SWITCHOVER, to as u64);
+        info!(from = %slot_name(from), to = %slot_name(to), "switchover posted");
+        SwitchExec {
+            from,
+            to,
+            seq,
+            acked: false,
+            posted: Instant::now(),
+            active_at: None,
+        }
+    }
+
+    fn poll(&mut self, sup: &Supervisor) -> SwitchPoll {
+        if !self.acked {
+            let (ack, code) = sup.control.acked();
+            if ack < self.seq {
+                return SwitchPoll::Pending;
+            }
+            self.acked = true;
+            if code != result::OK {
+                return SwitchPoll::Refused(format!(
+                    "engine {} refused: {}",
+                    slot_name(self.from),
+                    result_name(code)
+                ));
+            }
+        }
+        let active_at = match self.active_at {
+            Some(t) => t,
+            None if sup.is_active(self.to) => *self.active_at.insert(Instant::now()),
+            None => return SwitchPoll::Pending,
+        };
+        // The old active re-attaches to the new one without catch-up; give it the
+        // switchover timeout to report hot, then report the switch done regardless.
+        if sup.is_hot_standby(self.from) || active_at.elapsed() > sup.config.timeouts.switchover() {
+            if !sup.is_hot_standby(self.from) {
+                warn!(slot = %slot_name(self.from), "the old active is not a hot standby yet");
+            }
+            return SwitchPoll::Done {
+                took: active_at.duration_since(self.posted),
+            };
+        }
+        SwitchPoll::Pending
+    }
+
+    /// Withdraw a command the active never acknowledged: a later command supersedes it.
+    fn cancel(&self, sup: &Supervisor) {
+        if !self.acked {
+            sup.control.post(0, 0);
+        }
+    }
+}
+
+fn result_name(code: u64) -> String {
+    match code {
+        result::OK => "ok".into(),
+        result::NOT_HOT => "the target is not a hot standby".into(),
+        result::NOT_ENABLEABLE => "a feature is not supported by every engine".into(),
+        result::UNKNOWN => "unknown command".into(),
+        other => format!("result code {other}"),
+    }
+}
+
+/// Enabling features in flight.
+pub(crate) struct EnableExec {
+    active: usize,
+    standby: usize,
+    mask: u64,
+    seq: u64,
+    acked: bool,
+}
+
+enum EnablePoll {
+    Pending,
+    Done,
+    Refused(String),
+}
+
+impl EnableExec {
+    fn post(sup: &Supervisor, active: usize, standby: usize) -> EnableExec {
+        let mask = sup.control.get(standby, Field::Enableable);
+        let seq = if mask == 0 {
+            0
+        } else {
+            sup.control.post(cmd::ENABLE_FEATURES, mask)
+        };
+        info!(mask, "enable features posted");
+        EnableExec {
+            active,
+            standby,
+            mask,
+            seq,
+            acked: mask == 0,
+        }
+    }
+
+    fn poll(&mut self, sup: &Supervisor) -> EnablePoll {
+        if !self.acked {
+            let (ack, code) = sup.control.acked();
+            if ack < self.seq {
+                return EnablePoll::Pending;
+            }
+            self.acked = true;
+            if code != result::OK {
+                return EnablePoll::Refused(format!(
+                    "engine {} refused: {}",
+                    slot_name(self.active),
+                    result_name(code)
+                ));
+            }
+        }
+        let has = |slot| sup.control.get(slot, Field::Features) & self.mask == self.mask;
+        if has(self.active) && has(self.standby) {
+            EnablePoll::Done
+        } else {
+            EnablePoll::Pending
+        }
+    }
+}
+
+impl Operation {
+    /// Starts `op`; `Err` is the final reply when the operation cannot start (or has
+    /// nothing to do).
+    pub(crate) fn begin(
+        sup: &mut Supervisor,
+        op: Op,
+        reply: Sender<Reply>,
+    ) -> Result<Operation, Reply> {
+        match op {
+            Op::Switchover => {
+                let (from, to) = active_and_standby(sup)?;
+                Ok(Operation::Switchover(SwitchoverOp {
+                    exec: SwitchExec::post(sup, from, to),
+                    deadline: Instant::now() + sup.config.timeouts.switchover(),
+                    watchers: vec![reply],
+                    failed: None,
+                }))
+            }
+            Op::EnableFeatures => {
+                let (active, standby) = active_and_standby(sup)?;
+                let exec = EnableExec::post(sup, active, standby);
+                if exec.mask == 0 {
+                    return Err(Reply::result(
+                        Code::Ok,
+                        "no feature to enable: the engines share no feature that is off",
+                    ));
+                }
+                Ok(Operation::Enable(EnableOp {
+                    exec,
+                    deadline: Instant::now() + sup.config.timeouts.switchover(),
+                    watchers: vec![reply],
+                    failed: None,
+                }))
+            }
+            Op::Upgrade(request) => {
+                UpgradeRun::begin(sup, request, reply).map(|r| Operation::Upgrade(Box::new(r)))
+            }
+            Op::Down => Ok(Operation::Down(DownOp::begin(sup, reply))),
+            Op::Status | Op::Rollback => Err(Reply::result(
+                Code::Failed,
+                "internal: status and rollback are handled by the supervisor loop",
+            )),
+        }
+    }
+
+    /// `rollback` with no upgrade in progress: upgrade back to the binary of the last
+    /// completed upgrade, if its features were left off.
+    pub(crate) fn rollback(sup: &mut Supervisor, reply: Sender<Reply>) -> Result<Operation, Reply> {
+        let Some((old, _new)) = sup.last_upgrade.clone() else {
+            return Err(Reply::result(
+                Code::WrongRole,
+                "nothing to roll back: no upgrade is in progress and none completed since this supervisor started",
+            ));
+        };
+        let features = sup
+            .active()
+            .map_or(0, |a| sup.control.get(a, Field::Features));
+        if features != 0 {
+            return Err(Reply::result(
+                Code::WrongRole,
+                format!(
+                    "cannot roll back: new features are enabled (mask {features:#x}) and the old version cannot read their records"
+                ),
+            ));
+        }
+        let request = UpgradeRequest {
+            binary: old,
+            accept_for_ms: Some(0),
+            accept_cmd: None,
+            keep_standby: false,
+            no_enable: true,
+        };
+        UpgradeRun::begin(sup, request, reply).map(|mut r| {
+            r.accept_cmd = None;
+            Operation::Upgrade(Box::new(r))
+        })
+    }
+
+    /// For `status`.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Operation::Switchover(op) => format!(
+                "switchover from engine {} to engine {}",
+                slot_name(op.exec.from),
+                slot_name(op.exec.to)
+            ),
+            Operation::Enable(_) => "enable features".into(),
+            Operation::Upgrade(run) => {
+                format!("upgrade to {}: {}", run.new_binary.display(), run.current)
+            }
+            Operation::Down(_) => "down".into(),
+        }
+    }
+
+    /// Advances the operation; `true` once it has ended (its result sent).
+    pub(crate) fn step(&mut self, sup: &mut Supervisor) -> bool {
+        match self {
+            Operation::Switchover(op) => op.step(sup),
+            Operation::Enable(op) => op.step(sup),
+            Operation::Upgrade(run) => run.step(sup),
+            Operation::Down(op) => op.step(sup),
+        }
+    }
+
+    /// An engine died unexpectedly; `successor` is the active after it.
+    pub(crate) fn on_death(&mut self, sup: &mut Supervisor, slot: usize, successor: Option<usize>) {
+        match self {
+            Operation::Switchover(op) => {
+                if slot == op.exec.from || slot == op.exec.to {
+                    op.failed = Some(format!(
+                        "engine {} died during the switchover; engine {} is active",
+                        slot_name(slot),
+                        successor.map_or("none".into(), |s| slot_name(s).to_string())
+                    ));
+                }
+            }
+            Operation::Enable(op) => {
+                if slot == op.exec.active || slot == op.exec.standby {
+                    op.failed = Some(format!(
+                        "engine {} died while enabling features",
+                        slot_name(slot)
+                    ));
+                }
+            }
+            Operation::Upgrade(run) => run.on_death(sup, slot, successor),
+            Operation::Down(_) => {}
+        }
+    }
+}
+
+fn active_and_standby(sup: &Supervisor) -> Result<(usize, usize), Reply> {
+    let Some(active) = sup.active() else {
+        return Err(Reply::result(Code::Outage, "no engine is active"));
+    };
+    let Some(standby) = sup.hot_standby() else {
+        return Err(Reply::result(
+            Code::WrongRole,
+            format!(
+                "engine {} is active but no engine is a hot standby yet; wait until `understudy status` shows one hot",
+                slot_name(active)
+            ),
+        ));
+    };
+    Ok((active, standby))
+}
+
+/// `switchover`.
+pub(crate) struct SwitchoverOp {
+    exec: SwitchExec,
+    deadline: Instant,
+    watchers: Vec<Sender<Reply>>,
+    failed: Option<String>,
+}
+
+impl SwitchoverOp {
+    fn step(&mut self, sup: &mut Supervisor) -> bool {
+        let reply = if let Some(why) = self.failed.take() {
+            Reply::result(Code::Failed, why)
+        } else {
+            match self.exec.poll(sup) {
+                SwitchPoll::Pending if Instant::now() < self.deadline => return false,
+                SwitchPoll::Pending => {
+                    self.exec.cancel(sup);
+                    Reply::result(
+                        Code::Timeout,
+                        format!(
+                            "the switchover did not complete within {} ms (timeouts.switchover_ms)",
+                            sup.config.timeouts.switchover_ms
+                        ),
+                    )
+                }
+                SwitchPoll::Refused(why) => Reply::result(Code::WrongRole, why),
+                SwitchPoll::Done { took } => {
+                    let step_up_ns = sup.control.get(self.exec.to, Field::LastStepUpDurNs);
+                    Reply::result(
+                        Code::Ok,
+                        format!(
+                            "switched over from engine {} to engine {}: pause at most {} µs (command to new active seen), step-up {} µs",
+                            slot_name(self.exec.from),
+                            slot_name(self.exec.to),
+                            took.as_micros(),
+                            step_up_ns / 1000
+                        ),
+                    )
+                    .with_data(serde_json::json!({
+                        "from": slot_name(self.exec.from).to_string(),
+                        "to": slot_name(self.exec.to).to_string(),
+                        "pause_us_max": took.as_micros() as u64,
+                        "step_up_us": step_up_ns / 1000,
+                        "epoch": sup.control.epoch(),
+                    }))
+                }
+            }
+        };
+        emit(&self.watchers, &reply);
+        true
+    }
+}
+
+/// `enable-features`.
+pub(crate) struct EnableOp {
+    exec: EnableExec,
+    deadline: Instant,
+    watchers: Vec<Sender<Reply>>,
+    failed: Option<String>,
+}
+
+impl EnableOp {
+    fn step(&mut self, sup: &mut Supervisor) -> bool {
+        let reply = if let Some(why) = self.failed.take() {
+            Reply::result(Code::Failed, why)
+        } else {
+            match self.exec.poll(sup) {
+                EnablePoll::Pending if Instant::now() < self.deadline => return false,
+                EnablePoll::Pending => Reply::result(
+                    Code::Timeout,
+                    format!(
+                        "the features were not enabled within {} ms (timeouts.switchover_ms)",
+                        sup.config.timeouts.switchover_ms
+                    ),
+                ),
+                EnablePoll::Refused(why) => Reply::result(Code::WrongRole, why),
+                EnablePoll::Done => Reply::result(
+                    Code::Ok,
+                    format!(
+                        "features {:#x} enabled on engines {} and {}",
+                        self.exec.mask,
+                        slot_name(self.exec.active),
+                        slot_name(self.exec.standby)
+                    ),
+                )
+                .with_data(serde_json::json!({ "enabled": self.exec.mask })),
+            }
+        };
+        emit(&self.watchers, &reply);
+        true
+    }
+}
+
+/// `down`: standbys first (a stopping active would make its standby step up), then the
+/// active, then the shared files.
+pub(crate) struct DownOp {
+    active_stopping: bool,
+    deadline: Instant,
+    watchers: Vec<Sender<Reply>>,
+}
+
+impl DownOp {
+    fn begin(sup: &mut Supervisor, reply: Sender<Reply>) -> DownOp {
+        sup.managed = [false; SLOTS];
+        let active = sup.active();
+        for slot in 0..SLOTS {
+            if Some(slot) != active {
+                sup.request_stop(slot);
+            }
+        }
+        emit(
+            std::slice::from_ref(&reply),
+            &Reply::event("stopping the standbys", serde_json::Value::Null),
+        );
+        DownOp {
+            active_stopping: false,
+            deadline: Instant::now() + sup.config.timeouts.shutdown(),
+            watchers: vec![reply],
+        }
+    }
+
+    fn step(&mut self, sup: &mut Supervisor) -> bool {
+        let running: Vec<usize> = (0..SLOTS)
+            .filter(|&s| sup.engines[s].is_some() && (self.active_stopping || !sup.is_active(s)))
+            .collect();
+        if !running.is_empty() {
+            if Instant::now() > self.deadline {
+                for slot in running {
+                    warn!(slot = %slot_name(slot), "engine did not stop in time; SIGKILL");
+                    sup.kill_expected(slot);
+                }
+                self.deadline = Instant::now() + sup.config.timeouts.shutdown();
+            }
+            return false;
+        }
+        if !self.active_stopping {
+            self.active_stopping = true;
+            if let Some(active) = sup.active() {
+                emit(
+                    &self.watchers,
+                    &Reply::event(
+                        format!("stopping the active engine {}", slot_name(active)),
+                        serde_json::Value::Null,
+                    ),
+                );
+                sup.request_stop(active);
+            }
+            self.deadline = Instant::now() + sup.config.timeouts.shutdown();
+            return false;
+        }
+        let reply = match std::fs::remove_dir_all(&sup.dir) {
+            Ok(()) => Reply::result(
+                Code::Ok,
+                format!(
+                    "cluster {} stopped; removed {}",
+                    sup.config.cluster,
+                    sup.dir.display()
+                ),
+            ),
+            Err(e) => Reply::result(
+                Code::Failed,
+                format!(
+                    "cluster {} stopped, but {} could not be removed: {e}",
+                    sup.config.cluster,
+                    sup.dir.display()
+                ),
+            ),
+        };
+        info!("{}", reply.message);
+        emit(&self.watchers, &reply);
+        sup.finished = true;
+        true
+    }
+}
+
+/// One plan action being performed.
+struct Exec {
+    planned: Planned,
+    started: Instant,
+    deadline: Instant,
+    phase: Phase,
+}
+
+enum Phase {
+    Stop {
+        slot: usize,
+        killed: bool,
+    },
+    Start {
+        slot: usize,
+    },
+    Attach {
+        standby: usize,
+        active: usize,
+    },
+    Switchover(SwitchExec),
+    Accept {
+        slot: usize,
+        until: Instant,
+        cmd: Option<Child>,
+    },
+    Enable(EnableExec),
+}
+
+/// A rolling upgrade in progress.
+pub(crate) struct UpgradeRun {
+    plan: UpgradePlan,
+    exec: Option<Exec>,
+    /// An answer of `next_action` taken while reconciling after a death.
+    pending: Option<Next>,
+    abort: Option<String>,
+    forced: Option<Outcome>,
+    accept_cmd: Option<String>,
+    old_binary: PathBuf,
+    new_binary: PathBuf,
+    current: String,
+    started: Instant,
+    watchers: Vec<Sender<Reply>>,
+}
+
+impl UpgradeRun {
+    fn begin(
+        sup: &mut Supervisor,
+        request: UpgradeRequest,
+        reply: Sender<Reply>,
+    ) -> Result<UpgradeRun, Reply> {
+        check_binary(&request.binary).map_err(|e| Reply::result(Code::BadConfig, e.to_string()))?;
+        let (active, standby) = active_and_standby(sup)?;
+        if let Some(extra) =
+            (0..SLOTS).find(|&s| s != active && s != standby && sup.engines[s].is_some())
+        {
+            return Err(Reply::result(
+                Code::WrongRole,
+                format!(
+                    "an upgrade starts from one active and one hot standby; engine {} runs too (wait for it to be hot, or `understudy status`)",
+                    slot_name(extra)
+                ),
+            ));
+        }
+        let old_binary = sup.engines[active]
+            .as_ref()
+            .map(|p| p.binary.clone())
+            .filter(|b| !b.as_os_str().is_empty())
+            .unwrap_or_else(|| sup.config.engine.binary.clone());
+        let spec = UpgradeSpec {
+            active: plan_slot(active),
+            standby: plan_slot(standby),
+            old_binary: old_binary.clone(),
+            new_binary: request.binary.clone(),
+            keep_standby: request.keep_standby,
+            no_enable: request.no_enable,
+            accept_for_ms: request
+                .accept_for_ms
+                .unwrap_or(sup.config.acceptance.accept_for_ms),
+            timeouts: sup.config.timeouts.clone(),
+        };
+        let plan = UpgradePlan::new(spec).map_err(|e| Reply::result(Code::Usage, e.to_string()))?;
+        info!(from = %old_binary.display(), to = %request.binary.display(), keep_standby = request.keep_standby, "upgrade begins");
+        Ok(UpgradeRun {
+            plan,
+            exec: None,
+            pending: None,
+            abort: None,
+            forced: None,
+            accept_cmd: request
+                .accept_cmd
+                .or_else(|| sup.config.acceptance.accept_cmd.clone()),
+            old_binary,
+            new_binary: request.binary,
+            current: "starting".into(),
+            started: Instant::now(),
+            watchers: vec![reply],
+        })
+    }
+
+    /// `rollback` during the upgrade: the next forward action fails (an acceptance check
+    /// in progress is rejected), so the plan recovers to the old version.
+    pub(crate) fn request_abort(&mut self, reply: Sender<Reply>) {
+        info!("rollback requested during the upgrade");
+        self.abort = Some("rollback requested by the operator".into());
+        self.watchers.push(reply);
+    }
+
+    fn event(
+        &self,
+        event: &str,
+        planned: &Planned,
+        result: Option<String>,
+        elapsed: Option<Duration>,
+    ) {
+        let p = planned.progress;
+        let data = UpgradeEvent {
+            event: event.into(),
+            step: p.number,
+            total: p.total,
+            name: p.step.name().into(),
+            recovery: p.recovery.map(|r| r.to_string()),
+            action: planned.action.to_string(),
+            result: result.clone(),
+            elapsed_ms: elapsed.map(|d| d.as_millis() as u64),
+        };
+        let message = match &result {
+            None => format!("{planned}"),
+            Some(r) => format!("{planned}: {r}"),
+        };
+        emit(
+            &self.watchers,
+            &Reply::event(message, serde_json::to_value(data).unwrap_or_default()),
+        );
+    }
+
+    fn report(&mut self, event: Event) {
+        if let Err(e) = self.plan.on_event(event) {
+            self.forced = Some(Outcome::RollbackFailed {
+                reason: format!(
+                    "the supervisor's report does not fit the upgrade plan ({e}); the cluster is as `understudy status` shows"
+                ),
+            });
+        }
+    }
+
+    fn step(&mut self, sup: &mut Supervisor) -> bool {
+        loop {
+            if let Some(outcome) = self.forced.take() {
+                self.cleanup(sup);
+                self.finish(sup, outcome);
+                return true;
+            }
+            if let Some(mut exec) = self.exec.take() {
+                match self.poll(sup, &mut exec) {
+                    None => {
+                        self.exec = Some(exec);
+                        return false;
+                    }
+                    Some(event) => {
+                        let text = match &event {
+                            Event::Done { .. } => "done".to_string(),
+                            Event::Verdict {
+                                verdict: Verdict::Accepted,
+                                ..
+                            } => "accepted".into(),
+                            Event::Verdict {
+                                verdict: Verdict::Rejected { reason },
+                                ..
+                            } => format!("rejected: {reason}"),
+                            Event::Failed { error, .. } => format!("failed: {error}"),
+                            Event::TimedOut { .. } => {
+                                format!("timed out after {} ms", exec.planned.timeout_ms)
+                            }
+                            Event::EngineDied { .. } => "engine died".into(),
+                        };
+                        info!(action = %exec.planned, "{text}");
+                        self.event(
+                            "end",
+                            &exec.planned,
+                            Some(text),
+                            Some(exec.started.elapsed()),
+                        );
+                        self.report(event);
+                        continue;
+                    }
+                }
+            }
+            let next = self
+                .pending
+                .take()
+                .unwrap_or_else(|| self.plan.next_action());
+            match next {
+                Next::Perform(planned) => {
+                    self.current = planned.to_string();
+                    if let Some(why) = self.abort.clone() {
+                        if planned.progress.recovery.is_none() {
+                            self.event("end", &planned, Some(format!("failed: {why}")), None);
+                            self.report(Event::Failed {
+                                id: planned.id,
+                                error: why,
+                            });
+                            continue;
+                        }
+                        self.abort = None;
+                    }
+                    info!(action = %planned, "upgrade action");
+                    self.event("begin", &planned, None, None);
+                    match self.start_action(sup, &planned) {
+                        Ok(phase) => {
+                            self.exec = Some(Exec {
+                                deadline: Instant::now()
+                                    + Duration::from_millis(planned.timeout_ms),
+                                started: Instant::now(),
+                                planned,
+                                phase,
+                            })
+                        }
+                        Err(error) => {
+                            self.event("end", &planned, Some(format!("failed: {error}")), None);
+                            self.report(Event::Failed {
+                                id: planned.id,
+                                error,
+                            });
+                        }
+                    }
+                }
+                Next::Wait(id) => {
+                    self.forced = Some(Outcome::RollbackFailed {
+                        reason: format!("internal: the plan waits for action {id}, which the supervisor is not performing"),
+                    });
+                }
+                Next::Finished(outcome) => {
+                    self.finish(sup, outcome);
+                    return true;
+                }
+            }
+        }
+    }
+
+    fn start_action(&mut self, sup: &mut Supervisor, planned: &Planned) -> Result<Phase, String> {
+        Ok(match &planned.action {
+            Action::Stop { slot } => {
+                let slot = slot_index(*slot);
+                if sup.is_active(slot) {
+                    return Err(format!(
+                        "engine {} is active; it is not stopped",
+                        slot_name(slot)
+                    ));
+                }
+                sup.request_stop(slot);
+                Phase::Stop {
+                    slot,
+                    killed: false,
+                }
+            }
+            Action::Start { slot, binary, .. } => {
+                let slot = slot_index(*slot);
+                if let Some(p) = &sup.engines[slot] {
+                    return Err(format!(
+                        "slot {} is still taken by pid {}",
+                        slot_name(slot),
+                        p.pid()
+                    ));
+                }
+                check_binary(binary).map_err(|e| e.to_string())?;
+                sup.spawn(slot, binary, true).map_err(|e| e.to_string())?;
+                Phase::Start { slot }
+            }
+            Action::Attach { standby, active } => Phase::Attach {
+                standby: slot_index(*standby),
+                active: slot_index(*active),
+            },
+            Action::Switchover { from, to } => {
+                Phase::Switchover(SwitchExec::post(sup, slot_index(*from), slot_index(*to)))
+            }
+            Action::Accept {
+                active,
+                accept_for_ms,
+            } => Phase::Accept {
+                slot: slot_index(*active),
+                until: Instant::now() + Duration::from_millis(*accept_for_ms),
+                cmd: None,
+            },
+            Action::EnableFeatures { active, standby } => Phase::Enable(EnableExec::post(
+                sup,
+                slot_index(*active),
+                slot_index(*standby),
+            )),
+        })
+    }
+
+    fn poll(&mut self, sup: &mut Supervisor, exec: &mut Exec) -> Option<Event> {
+        let id = exec.planned.id;
+        let now = Instant::now();
+        let late = now > exec.deadline;
+        match &mut exec.phase {
+            Phase::Stop { slot, killed } => {
+                if sup.engines[*slot].is_none() {
+                    return Some(Event::Done { id });
+                }
+                if late && !*killed {
+                    warn!(slot = %slot_name(*slot), "engine did not stop in time; SIGKILL");
+                    sup.kill_expected(*slot);
+                    *killed = true;
+                }
+                None
+            }
+            Phase::Start { slot } => {
+                if sup.ours(*slot) {
+                    return Some(Event::Done { id });
+                }
+                if late {
+                    sup.kill_expected(*slot);
+                    return Some(Event::TimedOut { id });
+                }
+                None
+            }
+            Phase::Attach { standby, active } => {
+                if sup.is_hot_standby(*standby) && sup.is_active(*active) {
+                    return Some(Event::Done { id });
+                }
+                late.then_some(Event::TimedOut { id })
+            }
+            Phase::Switchover(sw) => match sw.poll(sup) {
+                SwitchPoll::Done { took } => {
+                    info!(pause_us_max = took.as_micros() as u64, "switched over");
+                    Some(Event::Done { id })
+                }
+                SwitchPoll::Refused(error) => Some(Event::Failed { id, error }),
+                SwitchPoll::Pending if late => {
+                    sw.cancel(sup);
+                    Some(Event::TimedOut { id })
+                }
+                SwitchPoll::Pending => None,
+            },
+            Phase::Accept { slot, until, cmd } => {
+                let reject = |reason: String| {
+                    Some(Event::Verdict {
+                        id,
+                        verdict: Verdict::Rejected { reason },
+                    })
+                };
+                if let Some(why) = &self.abort {
+                    if let Some(mut c) = cmd.take() {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
+                    return reject(why.clone());
+                }
+                let error = sup.control.get(*slot, Field::Error);
+                if error != 0 {
+                    return reject(format!(
+                        "engine {} reported error {error}",
+                        slot_name(*slot)
+                    ));
+                }
+                if !sup.is_active(*slot) {
+                    return reject(format!("engine {} is no longer active", slot_name(*slot)));
+                }
+                if now < *until {
+                    return None;
+                }
+                let Some(accept_cmd) = self.accept_cmd.clone() else {
+                    return Some(Event::Verdict {
+                        id,
+                        verdict: Verdict::Accepted,
+                    });
+                };
+                if cmd.is_none() {
+                    match Command::new("/bin/sh")
+                        .arg("-c")
+                        .arg(&accept_cmd)
+                        .env("UNDERSTUDY_DIR", &sup.dir)
+                        .env("UNDERSTUDY_ACTIVE_SLOT", slot_name(*slot).to_string())
+                        .spawn()
+                    {
+                        Ok(child) => *cmd = Some(child),
+                        Err(e) => {
+                            return reject(format!("cannot run accept command `{accept_cmd}`: {e}"))
+                        }
+                    }
+                }
+                let child = cmd.as_mut().expect("spawned");
+                match child.try_wait() {
+                    Ok(Some(status)) if status.success() => Some(Event::Verdict {
+                        id,
+                        verdict: Verdict::Accepted,
+                    }),
+                    Ok(Some(status)) => {
+                        reject(format!("accept command `{accept_cmd}` failed ({status})"))
+                    }
+                    Err(e) => reject(format!("accept command `{accept_cmd}`: {e}")),
+                    Ok(None) if late => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        Some(Event::TimedOut { id })
+                    }
+                    Ok(None) => None,
+                }
+            }
+            Phase::Enable(en) => match en.poll(sup) {
+                EnablePoll::Done => Some(Event::Done { id }),
+                EnablePoll::Refused(error) => Some(Event::Failed { id, error }),
+                EnablePoll::Pending => late.then_some(Event::TimedOut { id }),
+            },
+        }
+    }
+
+    fn cleanup(&mut self, sup: &mut Supervisor) {
+        if let Some(exec) = self.exec.take() {
+            match exec.phase {
+                Phase::Accept {
+                    cmd: Some(mut c), ..
+                } => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                Phase::Switchover(sw) => sw.cancel(sup),
+                _ => {}
+            }
+        }
+    }
+
+    fn on_death(&mut self, sup: &mut Supervisor, slot: usize, successor: Option<usize>) {
+        emit(
+            &self.watchers,
+            &Reply::event(
+                format!(
+                    "engine {} died; active: {}",
+                    slot_name(slot),
+                    successor.map_or("none".into(), |s| slot_name(s).to_string())
+                ),
+                serde_json::json!({
+                    "event": "engine-died",
+                    "slot": slot_name(slot).to_string(),
+                    "active": successor.map(|s| slot_name(s).to_string()),
+                }),
+            ),
+        );
+        if self.forced.is_some() {
+            return;
+        }
+        self.report(Event::EngineDied {
+            slot: plan_slot(slot),
+            active: successor.map(plan_slot),
+        });
+        if self.forced.is_some() {
+            return;
+        }
+        if let Some(exec) = &self.exec {
+            let next = self.plan.next_action();
+            if next != Next::Wait(exec.planned.id) {
+                // The plan abandoned the action that needed the dead engine.
+                self.cleanup(sup);
+                self.pending = Some(next);
+            }
+        }
+    }
+
+    fn finish(&mut self, sup: &mut Supervisor, outcome: Outcome) {
+        let code = match &outcome {
+            Outcome::Completed => Code::Ok,
+            Outcome::RolledBack { .. } => Code::RolledBack,
+            Outcome::Aborted { .. } => Code::Aborted,
+            Outcome::RollbackFailed { .. } => Code::RollbackFailed,
+            Outcome::Outage { .. } => Code::Outage,
+        };
+        if outcome == Outcome::Completed {
+            sup.last_upgrade = Some((self.old_binary.clone(), self.new_binary.clone()));
+        }
+        sup.managed = [false; SLOTS];
+        for slot in 0..SLOTS {
+            sup.managed[slot] = sup.engines[slot].is_some();
+        }
+        sup.ensure_two_managed();
+        let took = self.started.elapsed();
+        info!(took_ms = took.as_millis() as u64, "{outcome}");
+        let reply = Reply::result(code, outcome.to_string()).with_data(serde_json::json!({
+            "outcome": format!("{outcome:?}").split_whitespace().next().unwrap_or("").trim_end_matches('{').to_string(),
+            "reason": outcome.reason(),
+            "took_ms": took.as_millis() as u64,
+            "status": sup.status(),
+        }));
+        emit(&self.watchers, &reply);
+    }
+}

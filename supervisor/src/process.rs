@@ -1,0 +1,224 @@
+//! Engine processes: spawning one in a slot (environment, arguments, CPU pinning, its own
+//! process group), adopting one a previous supervisor started, and learning of its death at
+//! once through a pidfd — for children and adopted engines alike, since a supervisor cannot
+//! `waitpid` a process it did not start.
+//!
+//! This module knows processes, not roles: what a death means is the supervisor's business.
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::Instant;
+
+use understudy_runtime::control::slot_name;
+use understudy_runtime::liveness::{Pidfd, ProcessIdentity};
+
+use crate::config::ClusterConfig;
+
+/// One engine process the supervisor watches.
+#[derive(Debug)]
+pub struct EngineProc {
+    /// Its slot (0 = a, 1 = b, 2 = c).
+    pub slot: usize,
+    /// pid + start time.
+    pub identity: ProcessIdentity,
+    /// Readable once the process has exited.
+    pub pidfd: Pidfd,
+    /// `Some` for a process this supervisor spawned (reaped with `try_wait`).
+    pub child: Option<Child>,
+    /// The executable it runs.
+    pub binary: PathBuf,
+    /// When this supervisor spawned or adopted it.
+    pub since: Instant,
+    /// Its death is expected (it was told to stop, or killed on purpose): not a crash.
+    pub expected_exit: bool,
+    /// The supervisor fenced it (SIGKILL) and waits for its exit.
+    pub fenced: bool,
+}
+
+/// How a watched engine ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitInfo {
+    /// A child: its exit status.
+    Status(ExitStatus),
+    /// An adopted process: the status went to its old parent.
+    Unknown,
+}
+
+impl std::fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitInfo::Status(s) => write!(f, "{s}"),
+            ExitInfo::Unknown => f.write_str("exit status unknown (adopted process)"),
+        }
+    }
+}
+
+/// Why an engine could not be spawned or adopted.
+#[derive(Debug)]
+pub enum SpawnError {
+    /// `fork`/`exec` failed.
+    Spawn {
+        /// The executable.
+        binary: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The process vanished before it could be watched.
+    Watch(String),
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpawnError::Spawn { binary, source } => {
+                write!(f, "cannot start engine {}: {source}", binary.display())
+            }
+            SpawnError::Watch(e) => write!(f, "cannot watch the engine process: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SpawnError {}
+
+/// What to run in a slot.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec<'a> {
+    /// The cluster config (arguments, environment, pinning).
+    pub config: &'a ClusterConfig,
+    /// The cluster directory.
+    pub dir: &'a Path,
+    /// The slot.
+    pub slot: usize,
+    /// The executable (the config's, or an upgrade's).
+    pub binary: &'a Path,
+    /// Never start as the first active: `UNDERSTUDY_STANDBY=1`.
+    pub standby: bool,
+}
+
+impl EngineProc {
+    /// Spawns an engine: `UNDERSTUDY_DIR`, `UNDERSTUDY_SLOT`, `UNDERSTUDY_STANDBY`,
+    /// `UNDERSTUDY_RING` and the config's environment are set; the config's arguments are
+    /// passed; the process runs in its own process group (a Ctrl-C to the supervisor's
+    /// terminal does not reach the engines) and is pinned to the slot's CPU if one is set.
+    pub fn spawn(spec: &SpawnSpec<'_>) -> Result<EngineProc, SpawnError> {
+        let config = spec.config;
+        let mut command = Command::new(spec.binary);
+        command
+            .args(&config.engine.args)
+            .envs(&config.engine.env)
+            .env("UNDERSTUDY_DIR", spec.dir)
+            .env("UNDERSTUDY_SLOT", slot_name(spec.slot).to_string())
+            .env("UNDERSTUDY_RING", config.ring.capacity_bytes.to_string())
+            .process_group(0);
+        if spec.standby {
+            command.env("UNDERSTUDY_STANDBY", "1");
+        } else {
+            command.env_remove("UNDERSTUDY_STANDBY");
+        }
+        let cpu = match spec.slot {
+            0 => config.slots.a.as_ref(),
+            1 => config.slots.b.as_ref(),
+            _ => config.slots.c.as_ref(),
+        }
+        .and_then(|s| s.cpu);
+        if let Some(cpu) = cpu {
+            let mut set = nix::sched::CpuSet::new();
+            set.set(cpu as usize).map_err(|e| SpawnError::Spawn {
+                binary: spec.binary.to_path_buf(),
+                source: io::Error::other(format!("CPU {cpu} out of range: {e}")),
+            })?;
+            // SAFETY: the closure runs between fork and exec and only makes one
+            // async-signal-safe system call (sched_setaffinity) on a set built before the fork.
+            unsafe {
+                command.pre_exec(move || {
+                    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                        .map_err(io::Error::from)
+                });
+            }
+        }
+        let child = command.spawn().map_err(|source| SpawnError::Spawn {
+            binary: spec.binary.to_path_buf(),
+            source,
+        })?;
+        let pid = child.id();
+        let identity =
+            ProcessIdentity::of(pid).map_err(|e| SpawnError::Watch(format!("pid {pid}: {e}")))?;
+        let pidfd = Pidfd::open(pid).map_err(|e| SpawnError::Watch(format!("pid {pid}: {e}")))?;
+        Ok(EngineProc {
+            slot: spec.slot,
+            identity,
+            pidfd,
+            child: Some(child),
+            binary: spec.binary.to_path_buf(),
+            since: Instant::now(),
+            expected_exit: false,
+            fenced: false,
+        })
+    }
+
+    /// Watches an engine another supervisor started, if `identity` is still alive.
+    pub fn adopt(slot: usize, identity: ProcessIdentity) -> Result<EngineProc, SpawnError> {
+        let pidfd =
+            Pidfd::open_identity(&identity).map_err(|e| SpawnError::Watch(e.to_string()))?;
+        let binary = std::fs::read_link(format!("/proc/{}/exe", identity.pid))
+            .map(|p| {
+                // A replaced executable reads as "<path> (deleted)".
+                let s = p.to_string_lossy();
+                PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s).to_owned())
+            })
+            .unwrap_or_default();
+        Ok(EngineProc {
+            slot,
+            identity,
+            pidfd,
+            child: None,
+            binary,
+            since: Instant::now(),
+            expected_exit: false,
+            fenced: false,
+        })
+    }
+
+    /// The pid.
+    pub fn pid(&self) -> u32 {
+        self.identity.pid
+    }
+
+    /// `Some` once the process has exited (a child is reaped here).
+    pub fn exited(&mut self) -> Option<ExitInfo> {
+        match self.pidfd.poll_exited(Some(std::time::Duration::ZERO)) {
+            Ok(false) => return None,
+            Ok(true) => {}
+            // Cannot poll: fall back on /proc.
+            Err(_) if self.identity.is_alive() => return None,
+            Err(_) => {}
+        }
+        match self.child.as_mut() {
+            Some(child) => match child.try_wait() {
+                Ok(Some(status)) => Some(ExitInfo::Status(status)),
+                Ok(None) => child.wait().ok().map(ExitInfo::Status),
+                Err(_) => Some(ExitInfo::Unknown),
+            },
+            None => Some(ExitInfo::Unknown),
+        }
+    }
+
+    /// SIGKILL (the fence). Harmless if the process already exited.
+    pub fn kill(&self) {
+        if self.identity.is_alive() {
+            // Signal through the pidfd, so a reused pid can never be hit.
+            // SAFETY: pidfd_send_signal takes an fd we own, a signal number and null info.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&self.pidfd)),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0u32,
+                );
+            }
+        }
+    }
+}

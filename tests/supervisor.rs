@@ -1,0 +1,699 @@
+//! End-to-end tests of the supervisor and the `understudy` CLI with real engine processes:
+//! failover under random kills, a SIGKILLed supervisor, rolling upgrades (completed, rejected,
+//! crashing, keep-standby, an engine killed at every step) and operator errors.
+//!
+//! The engines are the runtime's test executables `understudy-testapp-v1`/`-v2`, found next to
+//! `understudy` in the target directory: build them first with
+//! `cargo build --workspace --bins` (a plain `cargo test --workspace` builds them too, because
+//! the runtime crate's own integration tests need them).
+//!
+//! The invariant in every test: once the self-driving workload has run to its end, every
+//! engine's digest equals the model's digest after exactly that many requests — no request
+//! was lost or applied twice across the role changes — and after each kill the new active
+//! stepped up with at least every request the dead active had acknowledged.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use understudy_runtime::control::{Control, Field, SLOTS};
+use understudy_runtime::engine::{execute_local, InputMeta};
+use understudy_runtime::liveness::ProcessIdentity;
+use understudy_runtime::store::Store;
+use understudy_runtime::testkit::{Model, Side, TestApp};
+use understudy_supervisor::client::Client;
+use understudy_supervisor::proto::{Op, Request, StatusReport, SOCKET_NAME};
+
+const CLI: &str = env!("CARGO_BIN_EXE_understudy");
+
+fn testapp(version: u32) -> PathBuf {
+    let path = Path::new(CLI)
+        .parent()
+        .expect("target dir")
+        .join(format!("understudy-testapp-v{version}"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before these tests",
+        path.display()
+    );
+    path
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// One cluster under a private shm directory, with its supervisor; everything is killed and
+/// removed on drop.
+struct Harness {
+    name: String,
+    work: PathBuf,
+    shm_dir: PathBuf,
+    config: PathBuf,
+    side: PathBuf,
+    log: PathBuf,
+    max: u64,
+    supervisor: Option<Child>,
+}
+
+impl Harness {
+    /// A cluster whose engines run `max` requests paced `pace_us` apart; `extra` is appended
+    /// to the config.
+    fn new(tag: &str, max: u64, pace_us: u64, extra: &str) -> Harness {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{tag}-{n}");
+        let work =
+            std::env::temp_dir().join(format!("understudy-sup-{}-{name}", std::process::id()));
+        let shm_dir = PathBuf::from(format!(
+            "/dev/shm/understudy-sup-{}-{name}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&work);
+        let _ = std::fs::remove_dir_all(&shm_dir);
+        std::fs::create_dir_all(&work).unwrap();
+        let side = work.join("side");
+        let config = work.join("cluster.toml");
+        let text = format!(
+            r#"cluster = "{name}"
+shm_dir = "{shm}"
+[engine]
+binary = "{bin}"
+args = ["--max", "{max}", "--pace-us", "{pace_us}", "--side", "{side}"]
+[restart]
+backoff_initial_ms = 20
+backoff_max_ms = 200
+crash_loop_window_ms = 1000
+crash_loop_max = 50
+{extra}
+"#,
+            shm = shm_dir.display(),
+            bin = testapp(1).display(),
+            side = side.display(),
+        );
+        std::fs::write(&config, text).unwrap();
+        Harness {
+            log: work.join("supervisor.log"),
+            name,
+            work,
+            shm_dir,
+            config,
+            side,
+            max,
+            supervisor: None,
+        }
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.shm_dir.join(&self.name)
+    }
+
+    fn cli(&self) -> Command {
+        let mut c = Command::new(CLI);
+        c.arg("--config").arg(&self.config).arg("--json");
+        c
+    }
+
+    /// Starts `understudy up` and waits until it answers with an active and a hot standby.
+    fn up(&mut self) -> StatusReport {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = self
+            .cli()
+            .arg("up")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.supervisor = Some(child);
+        self.wait(
+            "an active and a hot standby",
+            Duration::from_secs(20),
+            |s| s.active.is_some() && s.hot_standbys().count() >= 1,
+        )
+    }
+
+    fn kill_supervisor(&mut self) {
+        if let Some(mut child) = self.supervisor.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn try_status(&self) -> Option<StatusReport> {
+        let reply = Client::new(self.dir().join(SOCKET_NAME))
+            .request(&Request::new(Op::Status), |_| {})
+            .ok()?;
+        serde_json::from_value(reply.data).ok()
+    }
+
+    fn status(&self) -> StatusReport {
+        self.try_status().unwrap_or_else(|| {
+            panic!(
+                "the supervisor does not answer; its log:\n{}",
+                self.log_tail()
+            )
+        })
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    /// Polls status until `done` holds; panics with the last status and log after `timeout`.
+    fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&StatusReport) -> bool,
+    ) -> StatusReport {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.try_status() {
+                if done(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "waited {timeout:?} for {what}; last status: {last:#?}\nsupervisor log:\n{}",
+            self.log_tail()
+        );
+    }
+
+    /// Waits for the workload to end on a stable active + hot standby, then checks both
+    /// digests against the model (`enabled`: the `tagged` feature was on for the run).
+    fn check_invariant(&self, models: &[u64]) -> StatusReport {
+        let max = self.max;
+        let s = self.wait(
+            "the workload to finish on an active and a hot standby",
+            Duration::from_secs(60),
+            |s| {
+                let Some(active) = s.active_engine() else {
+                    return false;
+                };
+                active.commits == max
+                    && s.hot_standbys()
+                        .any(|e| e.commits == max && e.digest == active.digest)
+            },
+        );
+        let active = s.active_engine().unwrap();
+        assert!(
+            models.contains(&active.digest),
+            "digest after {max} requests: engine {} has {:#x}, the model {:x?}: a request was lost or applied twice\n{s:#?}",
+            active.slot,
+            active.digest,
+            models
+        );
+        s
+    }
+
+    /// The model digest after `max` requests, v1 (features off) or v2 with `tagged` on.
+    fn model(&self, enabled: bool) -> u64 {
+        if !enabled {
+            return Model::new(1).advance_to(self.max);
+        }
+        let mut app = TestApp::new(2);
+        let mut store = Store::new();
+        for k in 0..self.max {
+            let meta = InputMeta {
+                source: 1,
+                request_seq: k,
+                next_pos: k + 1,
+                next_seq: k + 1,
+            };
+            execute_local(&mut app, &mut store, 1, &meta, &k.to_le_bytes());
+        }
+        store.digest()
+    }
+
+    fn side(&self) -> Side {
+        Side::open(&self.side)
+    }
+
+    /// SIGKILLs the engine `pid` and waits until it is gone; returns the requests the side
+    /// channel saw acknowledged just before the kill (a lower bound of what the dead engine
+    /// acknowledged: after its death the new active writes the side channel too).
+    fn kill_engine(&self, pid: u32) -> u64 {
+        let identity = ProcessIdentity::of(pid).ok();
+        let acked = self.side().committed();
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        if let Some(identity) = identity {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while identity.is_alive() {
+                assert!(Instant::now() < deadline, "pid {pid} survives SIGKILL");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        acked
+    }
+
+    /// Runs `understudy upgrade` to its end; returns the exit code and the JSON lines.
+    fn upgrade(&self, args: &[&str]) -> (i32, Vec<serde_json::Value>) {
+        let out = self.cli().arg("upgrade").args(args).output().unwrap();
+        let lines = parse_lines(&out.stdout);
+        (out.status.code().unwrap_or(-1), lines)
+    }
+
+    fn control(&self) -> Control {
+        Control::open(&self.dir()).unwrap()
+    }
+}
+
+fn parse_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.kill_supervisor();
+        if let Ok(control) = Control::open(&self.dir()) {
+            for slot in 0..SLOTS {
+                let pid = control.get(slot, Field::Pid);
+                let identity = ProcessIdentity {
+                    pid: pid as u32,
+                    start_time_ticks: control.get(slot, Field::StartTime),
+                };
+                if pid != 0 && identity.is_alive() {
+                    // SAFETY: kill has no memory-safety preconditions.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.shm_dir);
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.work);
+        } else {
+            eprintln!("test files kept in {}", self.work.display());
+        }
+    }
+}
+
+fn version_of(s: &StatusReport, slot: &str) -> u64 {
+    s.engine(slot).map_or(0, |e| e.app_version)
+}
+
+#[test]
+fn twenty_random_kills_of_the_active_lose_nothing() {
+    // Proves failover with a supervisor: after each SIGKILL of the active the standby steps
+    // up with every acknowledged request, the supervisor restarts the dead engine as the new
+    // standby, and the final state is the model's.
+    let mut h = Harness::new("failover", 30_000, 150, "");
+    h.up();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..20 {
+        let s = h.wait("a hot standby", Duration::from_secs(20), |s| {
+            s.active.is_some() && s.hot_standbys().count() >= 1
+        });
+        let epoch = s.epoch;
+        // Vary the moment of the kill.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(seed % 80));
+        let s = h.status();
+        let Some(active) = s.active_engine().cloned() else {
+            continue;
+        };
+        let acked = h.kill_engine(active.pid);
+        let s = h.wait("the standby to step up", Duration::from_secs(10), |s| {
+            s.epoch > epoch && s.active.is_some() && s.active.as_deref() != Some(&active.slot)
+        });
+        let new_active = s.active.clone().unwrap();
+        let slot = understudy_runtime::control::slot_index(&new_active).unwrap();
+        let step_up_commits = h.control().get(slot, Field::StepUpCommits);
+        assert!(
+            step_up_commits >= acked,
+            "round {round}: engine {new_active} stepped up at {step_up_commits} commits, but {acked} were acknowledged"
+        );
+    }
+    let s = h.check_invariant(&[h.model(false)]);
+    assert!(
+        s.role_changes.len() >= 10,
+        "role changes reported: {:?}",
+        s.role_changes
+    );
+}
+
+#[test]
+fn a_killed_supervisor_is_not_missed_and_readopts_its_engines() {
+    // Proves the engines run on undisturbed while the supervisor is dead (same pids, and a
+    // failover works without it), and that a restarted supervisor re-adopts them instead of
+    // starting new ones, then restarts the missing standby.
+    let mut h = Harness::new("readopt", 20_000, 200, "");
+    let before = h.up();
+    let pids: Vec<(String, u32)> = before
+        .engines
+        .iter()
+        .map(|e| (e.slot.clone(), e.pid))
+        .collect();
+    h.kill_supervisor();
+    std::thread::sleep(Duration::from_millis(200));
+    let after = h.up();
+    let pids_after: Vec<(String, u32)> = after
+        .engines
+        .iter()
+        .map(|e| (e.slot.clone(), e.pid))
+        .collect();
+    assert_eq!(
+        pids, pids_after,
+        "the engines were replaced instead of re-adopted"
+    );
+
+    // Failover while no supervisor runs.
+    h.kill_supervisor();
+    let active = after.active_engine().unwrap().clone();
+    let standby = after.hot_standbys().next().unwrap().clone();
+    let epoch = h.control().epoch();
+    let acked = h.kill_engine(active.pid);
+    let control = h.control();
+    let slot = understudy_runtime::control::slot_index(&standby.slot).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(control.epoch() > epoch && control.active_slot() == Some(slot)) {
+        assert!(
+            Instant::now() < deadline,
+            "the standby did not step up without the supervisor"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(control.get(slot, Field::StepUpCommits) >= acked);
+    let s = h.up();
+    assert_eq!(
+        s.engine(&standby.slot).map(|e| e.pid),
+        Some(standby.pid),
+        "the surviving engine was not re-adopted"
+    );
+    h.check_invariant(&[h.model(false)]);
+}
+
+#[test]
+fn a_full_upgrade_ends_with_both_engines_on_v2_with_features_enabled() {
+    // Proves the one-command rolling upgrade under load: both engines end on v2 with the new
+    // feature enabled on both, and the state is exactly the model's.
+    let mut h = Harness::new("upgrade", 25_000, 150, "");
+    h.up();
+    let (code, lines) = h.upgrade(&[
+        "--binary",
+        testapp(2).to_str().unwrap(),
+        "--accept-for",
+        "300ms",
+    ]);
+    assert_eq!(code, 0, "upgrade failed: {lines:#?}\n{}", h.log_tail());
+    let steps: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["data"]["event"] == "end")
+        .map(|l| l["data"]["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps.iter().max(), Some(&8), "{lines:#?}");
+    let s = h.check_invariant(&[h.model(true)]);
+    for e in &s.engines {
+        assert_eq!(e.app_version, 2, "{s:#?}");
+        assert_eq!(e.features, 1, "{s:#?}");
+        assert_eq!(e.layout_version, 2, "{s:#?}");
+    }
+}
+
+#[test]
+fn an_upgrade_rejected_by_the_accept_command_rolls_back_to_v1() {
+    // Proves a failing `--accept-cmd` makes the upgrade switch back: exit code 6, v1 active
+    // with a hot v1 standby, nothing lost.
+    let mut h = Harness::new("reject", 20_000, 150, "");
+    h.up();
+    let (code, lines) = h.upgrade(&[
+        "--binary",
+        testapp(2).to_str().unwrap(),
+        "--accept-for",
+        "200ms",
+        "--accept-cmd",
+        "false",
+    ]);
+    assert_eq!(code, 6, "{lines:#?}\n{}", h.log_tail());
+    let result = lines.last().unwrap();
+    assert!(
+        result["message"]
+            .as_str()
+            .unwrap()
+            .contains("accept command"),
+        "{result}"
+    );
+    let s = h.check_invariant(&[h.model(false)]);
+    for e in &s.engines {
+        assert_eq!(e.app_version, 1, "{s:#?}");
+    }
+}
+
+#[test]
+fn an_upgrade_whose_new_version_crashes_rolls_back_to_v1() {
+    // Proves a new version that crashes after becoming active is rolled back: the old engine
+    // steps up (failover), an old-version standby is restored, exit code 6, nothing lost.
+    let mut h = Harness::new("crash", 20_000, 150, "");
+    h.up();
+    let wrapper = h.work.join("v2-bad");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nTESTAPP_CRASH_AFTER_ACTIVE_MS=150 exec {} \"$@\"\n",
+            testapp(2).display()
+        ),
+    )
+    .unwrap();
+    let mut perms = std::fs::metadata(&wrapper).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&wrapper, perms).unwrap();
+    let (code, lines) = h.upgrade(&["--binary", wrapper.to_str().unwrap(), "--accept-for", "1s"]);
+    assert_eq!(code, 6, "{lines:#?}\n{}", h.log_tail());
+    let s = h.check_invariant(&[h.model(false)]);
+    for e in &s.engines {
+        assert_eq!(e.app_version, 1, "{s:#?}");
+    }
+}
+
+#[test]
+fn keep_standby_keeps_a_hot_standby_throughout_the_upgrade() {
+    // Proves `--keep-standby`: sampled all along the upgrade, the cluster always has a hot
+    // standby, except at the instant of the switchover itself (the old active re-attaching).
+    let mut h = Harness::new("keep", 25_000, 150, "");
+    h.up();
+    let mut upgrade = h
+        .cli()
+        .args([
+            "upgrade",
+            "--keep-standby",
+            "--accept-for",
+            "300ms",
+            "--binary",
+        ])
+        .arg(testapp(2))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = upgrade.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let mut samples = 0;
+    let mut without = Vec::new();
+    while upgrade.try_wait().unwrap().is_none() {
+        if let Some(s) = h.try_status() {
+            samples += 1;
+            let switching = s
+                .operation
+                .as_deref()
+                .is_some_and(|o| o.contains("switch over"));
+            if s.hot_standbys().count() == 0 && !switching {
+                without.push(s);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let code = upgrade.wait().unwrap().code();
+    let lines = reader.join().unwrap();
+    assert_eq!(code, Some(0), "{lines:#?}\n{}", h.log_tail());
+    assert!(samples > 20, "only {samples} samples");
+    assert!(without.is_empty(), "no hot standby in: {without:#?}");
+    let s = h.check_invariant(&[h.model(true)]);
+    assert!(s.engines.iter().all(|e| e.app_version == 2), "{s:#?}");
+}
+
+#[test]
+fn an_engine_killed_at_each_step_of_the_upgrade_ends_in_a_safe_reported_state() {
+    // Proves that whatever step an engine dies at (the active when a hot standby can take
+    // over, else the newest engine), the upgrade ends with a reported outcome, the cluster
+    // settles on an active and a hot standby, and nothing acknowledged is lost.
+    for step in 1..=8u64 {
+        let mut h = Harness::new(&format!("step{step}"), 12_000, 150, "");
+        h.up();
+        let mut upgrade = h
+            .cli()
+            .args(["upgrade", "--accept-for", "400ms", "--binary"])
+            .arg(testapp(2))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(upgrade.stdout.take().unwrap());
+        let mut lines = Vec::new();
+        let mut killed = None;
+        let mut began = false;
+        for line in stdout.lines().map_while(Result::ok) {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if killed.is_none() && v["data"]["event"] == "begin" && v["data"]["step"] == step {
+                let s = h.status();
+                let action = v["data"]["action"].as_str().unwrap_or("").to_string();
+                // The engine being retired, if the step retires one (killing the active
+                // while its only standby is being stopped is an outage, and reported as
+                // one); else the active if a hot standby can take over; else the newest.
+                // (A stop may already be over: then as if the step retired nothing.)
+                let victim = action
+                    .strip_prefix("stop engine ")
+                    .and_then(|slot| s.engine(slot).cloned())
+                    .or_else(|| {
+                        if s.hot_standbys().count() > 0 {
+                            s.active_engine().cloned()
+                        } else {
+                            s.engines
+                                .iter()
+                                .filter(|e| e.role != "active")
+                                .max_by_key(|e| e.pid)
+                                .cloned()
+                        }
+                    });
+                began = true;
+                if let Some(victim) = victim {
+                    h.kill_engine(victim.pid);
+                    killed = Some(victim.slot);
+                }
+            }
+            lines.push(v);
+        }
+        let code = upgrade.wait().unwrap().code().unwrap();
+        assert!(
+            [0, 6, 7, 8].contains(&code),
+            "step {step}: exit {code}\n{lines:#?}\n{}",
+            h.log_tail()
+        );
+        assert!(began, "step {step} never began: {lines:#?}");
+        if killed.is_none() {
+            eprintln!("step {step}: only the active ran when the step began; nothing killed");
+        }
+        let last = lines.last().unwrap();
+        assert_eq!(last["type"], "result", "step {step}: {last}");
+        let s = h.check_invariant(&[h.model(false), h.model(true)]);
+        assert!(s.active.is_some(), "step {step}: {s:#?}");
+        let active = s.active_engine().unwrap();
+        if code == 6 {
+            assert_eq!(version_of(&s, &active.slot), 1, "step {step}: {s:#?}");
+        }
+    }
+}
+
+#[test]
+fn operator_errors_are_reported_clearly_with_their_exit_codes() {
+    // Proves a misspelt config key, a missing engine binary and a missing supervisor each
+    // give an exit code of their own and a message that names the problem.
+    let work = std::env::temp_dir().join(format!("understudy-sup-errors-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let bad_key = work.join("bad-key.toml");
+    std::fs::write(
+        &bad_key,
+        "cluster = \"x\"\nshm_dir = \"/dev/shm/understudy-sup-errors\"\n[engine]\nbinary = \"/bin/true\"\nbinarry = 1\n",
+    )
+    .unwrap();
+    let out = Command::new(CLI)
+        .args(["up", "--config"])
+        .arg(&bad_key)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(10), "{stderr}");
+    assert!(stderr.contains("binarry"), "{stderr}");
+
+    let missing = work.join("missing.toml");
+    std::fs::write(
+        &missing,
+        "cluster = \"x\"\nshm_dir = \"/dev/shm/understudy-sup-errors\"\n[engine]\nbinary = \"/nonexistent/engine\"\n",
+    )
+    .unwrap();
+    let out = Command::new(CLI)
+        .args(["up", "--config"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(10), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/engine") && stderr.contains("no such file"),
+        "{stderr}"
+    );
+
+    let out = Command::new(CLI)
+        .args(["status", "--config"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(CLI).args(["frobnicate"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn doctor_finds_and_removes_the_files_of_a_dead_cluster() {
+    // Proves `doctor` reports a cluster whose engines are all dead (exit 12) and `--fix`
+    // removes its files.
+    let shm = PathBuf::from(format!(
+        "/dev/shm/understudy-sup-doctor-{}",
+        std::process::id()
+    ));
+    let dead = shm.join("ghost");
+    drop(Control::open_or_create(&dead).unwrap());
+    let config =
+        std::env::temp_dir().join(format!("understudy-doctor-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!(
+            "cluster = \"ghost\"\nshm_dir = \"{}\"\n[engine]\nbinary = \"/bin/true\"\n",
+            shm.display()
+        ),
+    )
+    .unwrap();
+    let run = |fix: bool| {
+        let mut c = Command::new(CLI);
+        c.args(["doctor", "--json", "--config"]).arg(&config);
+        if fix {
+            c.arg("--fix");
+        }
+        c.output().unwrap()
+    };
+    let out = run(false);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(12), "{text}");
+    assert!(text.contains("ghost") && text.contains("--fix"), "{text}");
+    let out = run(true);
+    assert!(!dead.exists(), "{}", String::from_utf8_lossy(&out.stdout));
+    let leftovers = parse_lines(&out.stdout)
+        .into_iter()
+        .find(|c| c["name"] == "leftover shared files")
+        .unwrap();
+    assert_eq!(leftovers["verdict"], "ok", "{leftovers}");
+    let _ = std::fs::remove_dir_all(&shm);
+    let _ = std::fs::remove_file(&config);
+}
