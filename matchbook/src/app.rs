@@ -473,12 +473,8 @@ pub fn engine_main(version: u32) -> ! {
     if a.spin {
         opt.idle = understudy_runtime::Idle::SPIN;
     }
-    if let Some(ms) = std::env::var("UNDERSTUDY_BACKPRESSURE_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        opt.backpressure =
-            understudy_runtime::Backpressure::Wait(std::time::Duration::from_millis(ms));
+    if let Err(e) = opt.apply_env() {
+        fail(&e);
     }
     let input = understudy_runtime::client::ClientInput::new(&a.dir).unwrap_or_else(|e| fail(&e));
     let engine = understudy_runtime::Engine::new(Matchbook::new(version), input, opt)

@@ -87,6 +87,54 @@ pub struct Options {
 }
 
 impl Options {
+    /// Override settings from the environment (what a supervisor passes to an engine):
+    /// `UNDERSTUDY_BACKPRESSURE_MS` (wait bound before untethering; 0 = untether at once),
+    /// `UNDERSTUDY_HUNG_MS` (heartbeat age that counts as hung), `UNDERSTUDY_IDLE` (`spin`,
+    /// `shared`, or `<spin polls>,<sleep µs>`), `UNDERSTUDY_CATCHUP_CHUNK` (items per chunk).
+    /// A malformed value is an error naming the variable, the expected and the found value.
+    pub fn apply_env(&mut self) -> Result<(), String> {
+        fn num(var: &str) -> Result<Option<u64>, String> {
+            match std::env::var(var) {
+                Ok(v) => v
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| format!("{var}: expected a non-negative integer, found `{v}`")),
+                Err(_) => Ok(None),
+            }
+        }
+        if let Some(ms) = num("UNDERSTUDY_BACKPRESSURE_MS")? {
+            self.backpressure = if ms == 0 {
+                Backpressure::Untether
+            } else {
+                Backpressure::Wait(Duration::from_millis(ms))
+            };
+        }
+        if let Some(ms) = num("UNDERSTUDY_HUNG_MS")? {
+            self.hung_after = Duration::from_millis(ms.max(1));
+        }
+        if let Some(n) = num("UNDERSTUDY_CATCHUP_CHUNK")? {
+            self.catchup_chunk = (n as usize).max(1);
+        }
+        if let Ok(v) = std::env::var("UNDERSTUDY_IDLE") {
+            self.idle = match v.trim() {
+                "spin" => Idle::SPIN,
+                "shared" => Idle::SHARED,
+                other => {
+                    let bad = || {
+                        format!("UNDERSTUDY_IDLE: expected `spin`, `shared` or `<spin polls>,<sleep µs>`, found `{other}`")
+                    };
+                    let (a, b) = other.split_once(',').ok_or_else(bad)?;
+                    Idle {
+                        spin_polls: a.trim().parse().map_err(|_| bad())?,
+                        sleep: Duration::from_micros(b.trim().parse().map_err(|_| bad())?),
+                    }
+                }
+            };
+        }
+        Ok(())
+    }
+
     /// Defaults for `dir` and `slot`.
     pub fn new(dir: impl Into<PathBuf>, slot: usize) -> Options {
         Options {
@@ -96,7 +144,7 @@ impl Options {
             backpressure: Backpressure::Wait(Duration::from_millis(20)),
             idle: Idle::SHARED,
             heartbeat: Duration::from_millis(1),
-            hung_after: Duration::from_millis(200),
+            hung_after: Duration::from_millis(500),
             catchup_chunk: 512,
             standby_only: false,
         }

@@ -499,16 +499,14 @@ pub fn engine_main(version: u32) -> ! {
     if a.spin {
         opt.idle = crate::Idle::SPIN;
     }
-    if let Some(ms) = std::env::var("UNDERSTUDY_BACKPRESSURE_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        opt.backpressure = crate::Backpressure::Wait(Duration::from_millis(ms));
-    }
     let fail = |e: &dyn std::fmt::Display| -> ! {
         eprintln!("testapp-v{version}: {e}");
         std::process::exit(3)
     };
+    if let Err(e) = opt.apply_env() {
+        fail(&e);
+    }
+
     let result = if a.clients {
         let input = crate::client::ClientInput::new(&a.dir).unwrap_or_else(|e| fail(&e));
         crate::Engine::new(TestApp::new(version), input, opt)

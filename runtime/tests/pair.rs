@@ -69,7 +69,7 @@ fn sigkill_of_active_loses_nothing_commits_nothing_twice() {
                     .display()
                     .to_string(),
             ),
-            ("US_PACE_US", "5".to_string()),
+            ("US_PACE_US", "50".to_string()),
         ]
     };
     let e0 = extra(0);
@@ -138,7 +138,7 @@ fn planned_switchovers_lose_nothing() {
                     .display()
                     .to_string(),
             ),
-            ("US_PACE_US", "5".to_string()),
+            ("US_PACE_US", "50".to_string()),
         ]
     };
     let e0 = extra(0);
