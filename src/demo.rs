@@ -293,10 +293,14 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
     }
     let accept_ms = if opts.quick { 500 } else { 2000 };
     let config = format!(
-        "cluster = \"{name}\"\nshm_dir = \"{}\"\n\n[engine]\nbinary = \"{}\"\nenv = {{ RUST_LOG = \"{}\" }}\n\n[acceptance]\naccept_for_ms = {accept_ms}\n",
+        "cluster = \"{name}\"\nshm_dir = \"{}\"\n\n[engine]\nbinary = \"{}\"\nenv = {{ RUST_LOG = \"{}\", UNDERSTUDY_IDLE = \"{}\" }}\n\n[acceptance]\naccept_for_ms = {accept_ms}\n",
         opts.shm_dir.display(),
         v1.display(),
-        std::env::var("UNDERSTUDY_DEMO_ENGINE_LOG").unwrap_or_else(|_| "warn".into())
+        std::env::var("UNDERSTUDY_DEMO_ENGINE_LOG").unwrap_or_else(|_| "warn".into()),
+        // Two engines and the load clients share this host's CPUs: spin briefly, then sleep
+        // between polls, so the clients get CPU time (a production host pins spinning engines
+        // on isolated cores instead).
+        std::env::var("UNDERSTUDY_DEMO_IDLE").unwrap_or_else(|_| "2000,20".into())
     );
     let config_path = tmp.join("demo.toml");
     std::fs::write(&config_path, config).map_err(|e| e.to_string())?;

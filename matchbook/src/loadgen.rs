@@ -302,7 +302,12 @@ fn run_client(
             }
         }
         poll(&mut c, &mut report, &mut inflight)?;
-        if inflight.len() >= cfg.inflight_max || interval_ns > 20_000 {
+        // Leave the CPUs to the engines while there is nothing to do: sleep until shortly
+        // before the next send when nothing is in flight; otherwise poll, yielding.
+        let now_ns = started.elapsed().as_nanos() as u64;
+        if inflight.is_empty() && next_send_ns > now_ns + 100_000 {
+            std::thread::sleep(Duration::from_nanos(next_send_ns - now_ns - 60_000));
+        } else if inflight.len() >= cfg.inflight_max || interval_ns > 20_000 {
             std::thread::yield_now();
         }
     }

@@ -88,7 +88,8 @@ pub struct Options {
 
 impl Options {
     /// Override settings from the environment (what a supervisor passes to an engine):
-    /// `UNDERSTUDY_BACKPRESSURE_MS` (wait bound before untethering; 0 = untether at once),
+    /// `UNDERSTUDY_BACKPRESSURE_US` / `_MS` (wait bound before untethering; 0 = untether at
+    /// once),
     /// `UNDERSTUDY_HUNG_MS` (heartbeat age that counts as hung), `UNDERSTUDY_IDLE` (`spin`,
     /// `shared`, or `<spin polls>,<sleep µs>`), `UNDERSTUDY_CATCHUP_CHUNK` (items per chunk).
     /// A malformed value is an error naming the variable, the expected and the found value.
@@ -102,6 +103,13 @@ impl Options {
                     .map_err(|_| format!("{var}: expected a non-negative integer, found `{v}`")),
                 Err(_) => Ok(None),
             }
+        }
+        if let Some(us) = num("UNDERSTUDY_BACKPRESSURE_US")? {
+            self.backpressure = if us == 0 {
+                Backpressure::Untether
+            } else {
+                Backpressure::Wait(Duration::from_micros(us))
+            };
         }
         if let Some(ms) = num("UNDERSTUDY_BACKPRESSURE_MS")? {
             self.backpressure = if ms == 0 {
@@ -644,6 +652,42 @@ impl<A: Application, I: Input> Engine<A, I> {
         self.commits += 1;
         self.requests += 1;
         self.input.committed(&meta, &self.response);
+        // After the store has this transaction (a snapshot end carries the digest after it),
+        // and after the response is out.
+        self.catch_up_with_live_traffic();
+    }
+
+    /// Under sustained load the ring is mostly full of live transactions; a syncing standby
+    /// also gets a small snapshot chunk after every transaction, so catch-up always progresses
+    /// (the active is paced by back-pressure to what the standby can take).
+    fn catch_up_with_live_traffic(&mut self) {
+        let chunk = (self.opt.catchup_chunk / 16).max(4);
+        let mut i = 0;
+        while i < self.replicas.len() {
+            let r = &mut self.replicas[i];
+            if !matches!(r.phase, ReplicaPhase::Streaming(Some(_))) {
+                i += 1;
+                continue;
+            }
+            match catch_up_step(
+                r,
+                &self.store,
+                self.commits,
+                self.epoch,
+                chunk,
+                &mut self.scratch,
+            ) {
+                Ok(()) => i += 1,
+                Err(why) => {
+                    let rep = self.replicas.remove(i);
+                    self.detached.push((rep.slot, rep.gen));
+                    warn!(slot = %control::slot_name(rep.slot), "standby detached: {why}");
+                    if rep.stream_region.closed().is_none() {
+                        rep.stream_region.close(CLOSE_DETACHED);
+                    }
+                }
+            }
+        }
     }
 
     /// Forget a source's replicated position, in a transaction of its own.
@@ -1063,30 +1107,15 @@ impl<A: Application, I: Input> Engine<A, I> {
             }
         }
         // Catch-up chunk.
-        if let ReplicaPhase::Streaming(Some(snap)) = &mut r.phase {
-            let chunk = self.opt.catchup_chunk;
-            let done = send_chunk(&mut r.stream, &self.store, snap, chunk, &mut self.scratch)
-                .map_err(|e| format!("catch-up: {e}"))?;
-            if done {
-                let pos = Position {
-                    commits: self.commits,
-                    input_pos: 0,
-                    input_seq: 0,
-                    digest: self.store.digest(),
-                    units: self.store.unit_count() as u64,
-                    epoch: self.epoch,
-                    arg: 0,
-                };
-                match r
-                    .stream
-                    .try_publish(rt::SNAP_END, 1, 56, zerocopy::IntoBytes::as_bytes(&pos))
-                {
-                    Ok(()) => r.phase = ReplicaPhase::Streaming(None),
-                    Err(PushError::Full { .. }) => {}
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-        }
+        let chunk = self.opt.catchup_chunk;
+        catch_up_step(
+            r,
+            &self.store,
+            self.commits,
+            self.epoch,
+            chunk,
+            &mut self.scratch,
+        )?;
         Ok(())
     }
 
@@ -1630,6 +1659,42 @@ fn push_tx(
     }
     b.push(rt::COMMIT, 1, 48, zerocopy::IntoBytes::as_bytes(commit))?;
     b.commit();
+    Ok(())
+}
+
+/// One catch-up step for replica `r`: a chunk of the snapshot, then `SnapEnd` once complete.
+fn catch_up_step(
+    r: &mut Replica,
+    store: &Store,
+    commits: u64,
+    epoch: u64,
+    chunk: usize,
+    scratch: &mut Vec<u8>,
+) -> Result<(), String> {
+    let ReplicaPhase::Streaming(Some(snap)) = &mut r.phase else {
+        return Ok(());
+    };
+    let done = send_chunk(&mut r.stream, store, snap, chunk, scratch)
+        .map_err(|e| format!("catch-up: {e}"))?;
+    if done {
+        let pos = Position {
+            commits,
+            input_pos: 0,
+            input_seq: 0,
+            digest: store.digest(),
+            units: store.unit_count() as u64,
+            epoch,
+            arg: 0,
+        };
+        match r
+            .stream
+            .try_publish(rt::SNAP_END, 1, 56, zerocopy::IntoBytes::as_bytes(&pos))
+        {
+            Ok(()) => r.phase = ReplicaPhase::Streaming(None),
+            Err(PushError::Full { .. }) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
     Ok(())
 }
 

@@ -62,6 +62,13 @@ pub const LEDGER: &[u8; 8] = b"LEDGER!!";
 pub const STATS: &[u8; 8] = b"STATS!!!";
 /// The ledger's table.
 pub const LEDGER_TABLE: u16 = 2;
+/// Prefix of a counter request (`COUNTER` + tag u64): increments the tag's counter and answers
+/// its new value.
+pub const COUNTER: &[u8; 8] = b"COUNTER!";
+/// Prefix of a counter read (`COUNTER_READ` + tag u64).
+pub const COUNTER_READ: &[u8; 8] = b"COUNTRD!";
+/// The counters' table.
+pub const COUNTER_TABLE: u16 = 3;
 
 /// Feature 0, "tagged", needs Counter layout 2.
 pub const TAGGED: u16 = 0;
@@ -121,6 +128,23 @@ impl Application for TestApp {
             }) + 1;
             tx.put(LEDGER_TABLE, k, &n.to_le_bytes());
             tx.respond(&n.to_le_bytes());
+            return Ok(());
+        }
+        if req.len() == 16 && (req[..8] == COUNTER[..] || req[..8] == COUNTER_READ[..]) {
+            // Per-source counter: how many requests of tag t were applied. Each client's
+            // requests are applied in order, so its n-th answer must say n: a lost or doubly
+            // applied request shows at once, with a state that stays small however long the
+            // test runs.
+            let tag = &req[8..16];
+            let n = tx.get(COUNTER_TABLE, tag).map_or(0, |v| {
+                u64::from_le_bytes(v[..8].try_into().unwrap_or([0; 8]))
+            });
+            if req[..8] == COUNTER_READ[..] {
+                tx.respond(&n.to_le_bytes());
+            } else {
+                tx.put(COUNTER_TABLE, tag, &(n + 1).to_le_bytes());
+                tx.respond(&(n + 1).to_le_bytes());
+            }
             return Ok(());
         }
         if req == STATS {

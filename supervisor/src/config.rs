@@ -225,7 +225,8 @@ pub enum BackpressurePolicy {
 pub struct BackpressureConfig {
     /// `"wait"` or `"untether"`.
     pub policy: BackpressurePolicy,
-    /// Under `wait`, the longest the active waits for room in the ring.
+    /// Under `wait`, the longest the active waits for room in the ring while the standby
+    /// consumes nothing at all (a standby that makes progress is waited for).
     pub wait_max_us: u64,
 }
 
@@ -233,7 +234,7 @@ impl Default for BackpressureConfig {
     fn default() -> Self {
         Self {
             policy: BackpressurePolicy::Wait,
-            wait_max_us: 1_000,
+            wait_max_us: 20_000,
         }
     }
 }

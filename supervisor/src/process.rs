@@ -111,6 +111,20 @@ impl EngineProc {
             .env("UNDERSTUDY_DIR", spec.dir)
             .env("UNDERSTUDY_SLOT", slot_name(spec.slot).to_string())
             .env("UNDERSTUDY_RING", config.ring.capacity_bytes.to_string())
+            .env(
+                "UNDERSTUDY_BACKPRESSURE_US",
+                match config.backpressure.policy {
+                    crate::config::BackpressurePolicy::Wait => {
+                        config.backpressure.wait_max_us.max(1).to_string()
+                    }
+                    crate::config::BackpressurePolicy::Untether => "0".to_string(),
+                },
+            )
+            // A standby fences a hung active at the same age the supervisor does.
+            .env(
+                "UNDERSTUDY_HUNG_MS",
+                (config.timeouts.heartbeat_ms * 10).to_string(),
+            )
             .process_group(0);
         if spec.standby {
             command.env("UNDERSTUDY_STANDBY", "1");
