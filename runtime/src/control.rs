@@ -108,6 +108,11 @@ pub enum Field {
     StepUpCommits,
     /// Digest when this engine last stepped up.
     StepUpDigest,
+    /// Requests the application refused (its handler returned an error), in total.
+    Refusals,
+    /// 99th percentile of the active's request service time (handler + commit to every
+    /// standby + response), ns, over the last ~100 ms (a power-of-two bucket's upper bound).
+    ServiceP99Ns,
 }
 
 /// An engine's role.

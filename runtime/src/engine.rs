@@ -367,6 +367,9 @@ pub struct Engine<A: Application, I: Input> {
     cmd_seen: Option<(u64, Instant)>,
     /// (slot, attach generation) of replicas we detached: never reopened.
     detached: Vec<(usize, u64)>,
+    refusals: u64,
+    service: ServiceTimes,
+    service_published_ns: u64,
 }
 
 fn identity_of(p: &ProcessIdentity) -> Identity {
@@ -425,6 +428,9 @@ impl<A: Application, I: Input> Engine<A, I> {
             agreed_layout: 1,
             cmd_seen: None,
             detached: Vec::new(),
+            refusals: 0,
+            service: ServiceTimes::default(),
+            service_published_ns: 0,
             opt,
         };
         let s = e.opt.slot;
@@ -586,6 +592,12 @@ impl<A: Application, I: Input> Engine<A, I> {
                     self.control.set(s, Field::HeartbeatNs, now);
                     self.control.set(s, Field::Commits, self.commits);
                     self.control.set(s, Field::Requests, self.requests);
+                    self.control.set(s, Field::Refusals, self.refusals);
+                    if now - self.service_published_ns > 100_000_000 {
+                        self.service_published_ns = now;
+                        self.control
+                            .set(s, Field::ServiceP99Ns, self.service.p99_and_reset());
+                    }
                     self.control.set(s, Field::Digest, self.store.digest());
                     if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
                         self.control.set(s, Field::Cmd, 0);
@@ -621,8 +633,9 @@ impl<A: Application, I: Input> Engine<A, I> {
 
     /// Run one request as a transaction and commit it.
     fn transact(&mut self, meta: InputMeta) {
+        let t0 = monotonic_ns();
         let req = std::mem::take(&mut self.request);
-        execute(
+        let refused = execute(
             &mut self.app,
             &self.store,
             &mut self.ops,
@@ -652,6 +665,8 @@ impl<A: Application, I: Input> Engine<A, I> {
         self.commits += 1;
         self.requests += 1;
         self.input.committed(&meta, &self.response);
+        self.refusals += refused as u64;
+        self.service.record(monotonic_ns().saturating_sub(t0));
         // After the store has this transaction (a snapshot end carries the digest after it),
         // and after the response is out.
         self.catch_up_with_live_traffic();
@@ -810,12 +825,36 @@ impl<A: Application, I: Input> Engine<A, I> {
             }
             cmd::ENABLE_FEATURES => {
                 let want = arg;
+                // Drop standbys that stopped or died since the last housekeeping: a retired
+                // old-version engine must not veto the features.
+                self.service_replicas();
+                let alive: Vec<bool> = self
+                    .replicas
+                    .iter()
+                    .map(|r| self.slot_alive(r.slot))
+                    .collect();
+                let attaching = self
+                    .replicas
+                    .iter()
+                    .zip(&alive)
+                    .any(|(r, a)| *a && r.agreement.is_none());
+                if attaching {
+                    // A standby is mid-handshake: decide once it has said which features it has.
+                    let first = *self.cmd_seen.get_or_insert((seq, Instant::now()));
+                    if first.0 == seq && first.1.elapsed() < Duration::from_secs(1) {
+                        return Ok(None);
+                    }
+                }
+                self.cmd_seen = None;
                 let mut can = self
                     .features
                     .iter()
                     .filter(|f| f.id < 64)
                     .fold(0u64, |m, f| m | 1 << f.id);
-                for r in &self.replicas {
+                for (r, a) in self.replicas.iter().zip(&alive) {
+                    if !*a {
+                        continue;
+                    }
                     match &r.agreement {
                         Some(a) => can &= a.enableable,
                         None => can = 0,
@@ -1570,6 +1609,48 @@ impl<A: Application, I: Input> Engine<A, I> {
     }
 }
 
+/// Request service times in power-of-two buckets (no allocation, a few ns per request).
+struct ServiceTimes {
+    buckets: [u32; 64],
+    count: u32,
+}
+
+impl Default for ServiceTimes {
+    fn default() -> Self {
+        ServiceTimes {
+            buckets: [0; 64],
+            count: 0,
+        }
+    }
+}
+
+impl ServiceTimes {
+    fn record(&mut self, ns: u64) {
+        let b = 64 - ns.max(1).leading_zeros() as usize;
+        self.buckets[b.min(63)] = self.buckets[b.min(63)].saturating_add(1);
+        self.count = self.count.saturating_add(1);
+    }
+
+    /// The upper bound of the bucket holding the 99th percentile; 0 with no samples.
+    fn p99_and_reset(&mut self) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let target = self.count - self.count / 100;
+        let mut seen = 0u32;
+        let mut p99 = 0u64;
+        for (b, n) in self.buckets.iter().enumerate() {
+            seen = seen.saturating_add(*n);
+            if seen >= target {
+                p99 = if b >= 63 { u64::MAX } else { 1u64 << b };
+                break;
+            }
+        }
+        *self = ServiceTimes::default();
+        p99
+    }
+}
+
 enum Next {
     Stop,
     Active,
@@ -1589,8 +1670,8 @@ enum Follow {
 }
 
 /// Run the application's handler for one request against `store`, leaving the transaction's
-/// changes in `ops` (the input position record included) and its response in `response`.
-/// The store is not changed. Engines and test models share this, so both compute the same state.
+/// changes in `ops` (the input position record included) and its response in `response`;
+/// true if the handler refused the request. The store is not changed. Engines and test models share this, so both compute the same state.
 #[allow(clippy::too_many_arguments)]
 pub fn execute<A: Application>(
     app: &mut A,
@@ -1602,7 +1683,7 @@ pub fn execute<A: Application>(
     write_versions: &[(u16, u16)],
     meta: &InputMeta,
     request: &[u8],
-) {
+) -> bool {
     ops.clear();
     response.clear();
     let mut tx = Tx {
@@ -1612,17 +1693,21 @@ pub fn execute<A: Application>(
         enabled,
         write_versions,
     };
-    if let Err(Refused(bytes)) = app.handle(&mut tx, request) {
+    let refused = if let Err(Refused(bytes)) = app.handle(&mut tx, request) {
         ops.clear();
         response.clear();
         response.extend_from_slice(&bytes);
-    }
+        true
+    } else {
+        false
+    };
     SourcePosition::encode(meta, response, sys_value);
     ops.push(Op::Put {
         table: SYS_INPUTS,
         key: meta.source.to_le_bytes().to_vec(),
         value: sys_value.clone(),
     });
+    refused
 }
 
 /// Run one request on a local store and apply it (a model of what an engine does, for tests

@@ -245,9 +245,12 @@ impl Default for BackpressureConfig {
 pub struct AcceptanceConfig {
     /// The soak period after the switchover.
     pub accept_for_ms: u64,
-    /// The highest acceptable fraction of failed requests, in `[0, 1]`.
+    /// The highest acceptable fraction of requests the new version refuses (its handler
+    /// returns an error) during the soak, in `[0, 1]`.
     pub max_error_rate: f64,
-    /// The highest acceptable 99th-percentile request latency.
+    /// The highest acceptable 99th percentile of the new active's request service time
+    /// (handler, commit to the standby, response), as the engine publishes it every ~100 ms
+    /// (power-of-two resolution). The default is loose; set your service level here.
     pub max_latency_us_p99: u64,
     /// A shell command run at the end of the soak; the upgrade is acceptable only if it
     /// exits 0.
@@ -259,7 +262,7 @@ impl Default for AcceptanceConfig {
         Self {
             accept_for_ms: 2_000,
             max_error_rate: 0.01,
-            max_latency_us_p99: 1_000,
+            max_latency_us_p99: 10_000,
             accept_cmd: None,
         }
     }

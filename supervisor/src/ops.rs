@@ -538,6 +538,10 @@ enum Phase {
         slot: usize,
         until: Instant,
         cmd: Option<Child>,
+        /// (requests, refusals) of the new active when the soak began.
+        base: (u64, u64),
+        /// The worst service-time p99 the engine published during the soak, ns.
+        worst_p99_ns: u64,
     },
     Enable(EnableExec),
 }
@@ -792,11 +796,19 @@ impl UpgradeRun {
             Action::Accept {
                 active,
                 accept_for_ms,
-            } => Phase::Accept {
-                slot: slot_index(*active),
-                until: Instant::now() + Duration::from_millis(*accept_for_ms),
-                cmd: None,
-            },
+            } => {
+                let slot = slot_index(*active);
+                Phase::Accept {
+                    slot,
+                    until: Instant::now() + Duration::from_millis(*accept_for_ms),
+                    cmd: None,
+                    base: (
+                        sup.control.get(slot, Field::Requests),
+                        sup.control.get(slot, Field::Refusals),
+                    ),
+                    worst_p99_ns: 0,
+                }
+            }
             Action::EnableFeatures { active, standby } => Phase::Enable(EnableExec::post(
                 sup,
                 slot_index(*active),
@@ -849,7 +861,13 @@ impl UpgradeRun {
                 }
                 SwitchPoll::Pending => None,
             },
-            Phase::Accept { slot, until, cmd } => {
+            Phase::Accept {
+                slot,
+                until,
+                cmd,
+                base,
+                worst_p99_ns,
+            } => {
                 let reject = |reason: String| {
                     Some(Event::Verdict {
                         id,
@@ -873,8 +891,37 @@ impl UpgradeRun {
                 if !sup.is_active(*slot) {
                     return reject(format!("engine {} is no longer active", slot_name(*slot)));
                 }
+                let acceptance = &sup.config.acceptance;
+                *worst_p99_ns = (*worst_p99_ns).max(sup.control.get(*slot, Field::ServiceP99Ns));
+                if *worst_p99_ns > acceptance.max_latency_us_p99 * 1000 {
+                    return reject(format!(
+                        "engine {}: request service time p99 {} µs, expected at most {} µs (acceptance.max_latency_us_p99)",
+                        slot_name(*slot),
+                        *worst_p99_ns / 1000,
+                        acceptance.max_latency_us_p99
+                    ));
+                }
                 if now < *until {
                     return None;
+                }
+                let requests = sup
+                    .control
+                    .get(*slot, Field::Requests)
+                    .saturating_sub(base.0);
+                let refusals = sup
+                    .control
+                    .get(*slot, Field::Refusals)
+                    .saturating_sub(base.1);
+                if requests > 0 {
+                    let rate = refusals as f64 / requests as f64;
+                    if rate > acceptance.max_error_rate {
+                        return reject(format!(
+                            "engine {}: {refusals} of {requests} requests refused ({:.2}%), expected at most {:.2}% (acceptance.max_error_rate)",
+                            slot_name(*slot),
+                            rate * 100.0,
+                            acceptance.max_error_rate * 100.0
+                        ));
+                    }
                 }
                 let Some(accept_cmd) = self.accept_cmd.clone() else {
                     return Some(Event::Verdict {
