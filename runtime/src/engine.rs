@@ -368,6 +368,9 @@ pub struct Engine<A: Application, I: Input> {
     /// (slot, attach generation) of replicas we detached: never reopened.
     detached: Vec<(usize, u64)>,
     refusals: u64,
+    /// (epoch we were active in, target) after a planned switchover, until the target claims
+    /// the next epoch.
+    handed_over: Option<(u64, usize)>,
     service: ServiceTimes,
     service_published_ns: u64,
 }
@@ -429,6 +432,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             cmd_seen: None,
             detached: Vec::new(),
             refusals: 0,
+            handed_over: None,
             service: ServiceTimes::default(),
             service_published_ns: 0,
             opt,
@@ -924,6 +928,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         // Pre-create our standby stream of the next epoch, so the new active streams to us
         // from its first transaction on (no catch-up: our digest equals its digest).
         let up = self.create_upstream(next_epoch, target)?;
+        self.handed_over = Some((self.epoch, target));
         let pos = self.position(target as u64);
         let idx = self
             .replicas
@@ -1249,6 +1254,22 @@ impl<A: Application, I: Input> Engine<A, I> {
                 return Ok(Attach::Stop);
             }
             let epoch = self.control.epoch();
+            // We handed the active role over in a planned switchover and the target died before
+            // claiming the next epoch: nobody served since, our state is the cluster's state;
+            // take the role back (the mutex and the epoch compare-and-swap keep it single).
+            if let Some((from, target)) = self.handed_over {
+                if epoch > from {
+                    self.handed_over = None;
+                } else if !self.slot_alive(target) || started.elapsed() > Duration::from_secs(5) {
+                    self.epoch = from;
+                    if self.try_become_first_active()? {
+                        self.handed_over = None;
+                        warn!(target = %control::slot_name(target), "the switchover target died before stepping up; active again");
+                        self.mark_step_up(started, false);
+                        return Ok(Attach::BecomeActive);
+                    }
+                }
+            }
             if let Some(a) = self.control.active_slot() {
                 if a != s
                     && self.slot_alive(a)
@@ -1390,8 +1411,15 @@ impl<A: Application, I: Input> Engine<A, I> {
                 // Backstop: the active's process is gone (or its pid reused), or it hangs.
                 if now - last_alive_check > 5_000_000 {
                     last_alive_check = now;
-                    if self.control.epoch() != self.epoch {
+                    let ce = self.control.epoch();
+                    // A newer epoch: someone else is active now. An older one: we handed over
+                    // (planned switchover) and the target has not claimed the epoch yet; if it
+                    // died doing so, re-attaching lets us take the state back.
+                    if ce > self.epoch || (ce < self.epoch && !active_id.is_alive()) {
                         return Ok(Follow::Reattach);
+                    }
+                    if ce < self.epoch {
+                        continue;
                     }
                     if !active_id.is_alive() {
                         while let Ok(true) = u.stream.poll(&mut self.buf) {

@@ -196,3 +196,67 @@ fn planned_switchovers_lose_nothing() {
         state(&c, standby) == State::Hot
     });
 }
+
+/// The target of a planned switchover dies before it steps up: the old active, which already
+/// handed over, takes the active role back with exactly its committed state; nothing is lost
+/// and the cluster is not left without an active.
+#[test]
+fn switchover_target_dying_before_step_up_leaves_the_old_active_in_charge() {
+    let mut cl = Cluster::new("handback");
+    let c = cl.control();
+    let dir = cl.dir.clone();
+    let side0 = vec![
+        (
+            "US_SIDE",
+            dir.with_extension("side-0").display().to_string(),
+        ),
+        ("US_PACE_US", "50".to_string()),
+    ];
+    let _sides = SideCleanup(vec![dir.with_extension("side-0")]);
+    cl.spawn("child_engine", 0, 1, u64::MAX, false, &side0);
+    wait_until("a active", Duration::from_secs(10), || {
+        role(&c, 0) == Role::Active
+    });
+    cl.spawn("child_engine", 1, 1, u64::MAX, true, &[]);
+    wait_until("b hot", Duration::from_secs(10), || {
+        state(&c, 1) == State::Hot
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    // Freeze b so it cannot step up, hand over to it, then kill it.
+    cl.signal(1, libc::SIGSTOP);
+    let seq = c.post(understudy_runtime::control::cmd::SWITCHOVER, 1);
+    wait_until("switchover acked", Duration::from_secs(10), || {
+        c.acked().0 == seq
+    });
+    assert_eq!(c.acked().1, 0, "switchover refused");
+    wait_until("a handed over", Duration::from_secs(10), || {
+        role(&c, 0) == Role::Standby
+    });
+    let ups = c.get(0, Field::StepUps);
+    cl.kill(1);
+    wait_until("a active again", Duration::from_secs(20), || {
+        role(&c, 0) == Role::Active && c.get(0, Field::StepUps) > ups
+    });
+    let k = c.get(0, Field::StepUpCommits);
+    let side = Side::open(&dir.with_extension("side-0"));
+    let mut model = Model::new(1);
+    assert_eq!(
+        model.advance_to(k),
+        c.get(0, Field::StepUpDigest),
+        "state differs after taking back"
+    );
+    assert!(
+        side.committed() >= k,
+        "a committed {} but took back at {k}",
+        side.committed()
+    );
+    // The cluster heals: a new standby attaches and the active keeps committing.
+    cl.spawn("child_engine", 1, 1, u64::MAX, true, &[]);
+    wait_until("b hot again", Duration::from_secs(20), || {
+        state(&c, 1) == State::Hot
+    });
+    let before = c.get(0, Field::Commits);
+    wait_until("a commits", Duration::from_secs(10), || {
+        c.get(0, Field::Commits) > before
+    });
+}
