@@ -129,6 +129,9 @@ pub struct Supervisor {
     rates: [(u64, Instant, f64); SLOTS],
     last_rate_sample: Instant,
     outage_reported: bool,
+    /// Since when no engine has been active (an outage once it outlasts the switchover
+    /// timeout).
+    no_active_since: Option<Instant>,
     /// The binaries of the last completed upgrade (old, new), for `rollback`.
     pub(crate) last_upgrade: Option<(PathBuf, PathBuf)>,
     /// Set when `down` has finished: the loop ends.
@@ -325,6 +328,7 @@ impl Supervisor {
             rates: [(0, Instant::now(), 0.0); SLOTS],
             last_rate_sample: Instant::now(),
             outage_reported: false,
+            no_active_since: None,
             last_upgrade: None,
             finished: false,
         };
@@ -530,7 +534,12 @@ impl Supervisor {
             info!(slot = %slot_name(slot), pid = proc.pid(), "engine exited ({exit})");
             return;
         }
-        let epoch = self.control.epoch();
+        // The epoch the dead engine was active in: a standby may already have claimed the next
+        // one by now (it steps up on its own, often before this pidfd fires).
+        let epoch = self
+            .control
+            .get(slot, Field::Epoch)
+            .min(self.control.epoch());
         error!(slot = %slot_name(slot), pid = proc.pid(), was_active, "engine died ({exit})");
         let successor = if was_active {
             self.await_successor(slot, epoch)
@@ -678,10 +687,22 @@ impl Supervisor {
             return;
         }
         let active = self.active();
-        if active.is_none()
+        // A role change takes a moment (the old active hands over, the new one claims the
+        // epoch): only an absence of any active that outlasts the switchover timeout is an
+        // outage.
+        let no_active = active.is_none()
             && self.control.epoch() > 0
+            && (0..SLOTS).all(|s| self.role(s) != Role::Active);
+        if !no_active {
+            self.no_active_since = None;
+        }
+        if no_active
             && !self.outage_reported
-            && (0..SLOTS).all(|s| self.role(s) != Role::Active)
+            && self
+                .no_active_since
+                .get_or_insert_with(Instant::now)
+                .elapsed()
+                > self.config.timeouts.switchover()
         {
             self.outage_reported = true;
             error!("outage: no engine is active and none can step up; the state is lost, run `understudy down` then `understudy up`");
