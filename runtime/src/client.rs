@@ -371,6 +371,8 @@ pub struct ClientInput {
     last_scan_ns: u64,
     last_liveness_ns: u64,
     retired: Vec<u64>,
+    /// Clients we closed: not reopened.
+    closed: Vec<u64>,
     /// Positions replicated before we became active, applied when a client's rings open.
     resume_at: Vec<(u64, SourcePosition)>,
     /// Test hook: abort after this many commits, between commit and egress.
@@ -390,6 +392,7 @@ impl ClientInput {
             last_scan_ns: 0,
             last_liveness_ns: 0,
             retired: Vec::new(),
+            closed: Vec::new(),
             resume_at: Vec::new(),
             crash_before_egress_after: std::env::var("UNDERSTUDY_TEST_CRASH_BEFORE_EGRESS")
                 .ok()
@@ -408,7 +411,7 @@ impl ClientInput {
             let Some((id, pid, st)) = self.control.client(entry) else {
                 continue;
             };
-            if self.conns.iter().any(|c| c.id == id) {
+            if self.conns.iter().any(|c| c.id == id) || self.closed.contains(&id) {
                 continue;
             }
             match self.open(entry, id, pid, st) {
@@ -478,6 +481,8 @@ impl ClientInput {
     fn drop_conn(&mut self, i: usize, reason: u64, why: &str) {
         let c = self.conns.swap_remove(i);
         warn!(client = format!("{:016x}", c.id), "client dropped: {why}");
+        // Never reopen it (a closed client keeps its registry entry until it goes away).
+        self.closed.push(c.id);
         c.in_region.close(reason);
         c.out_region.close(reason);
         if reason != CLOSE_GARBAGE && reason != CLOSE_SLOW {
@@ -490,6 +495,16 @@ impl ClientInput {
             self.rr = 0;
         }
     }
+}
+
+/// A client process is gone for sure (a /proc read error is not proof of death).
+fn gone(owner: &ProcessIdentity) -> bool {
+    matches!(
+        owner.check(),
+        Ok(crate::liveness::Liveness::Exited
+            | crate::liveness::Liveness::Reaped
+            | crate::liveness::Liveness::PidReused { .. })
+    )
 }
 
 fn write_response(
@@ -521,8 +536,9 @@ fn write_response(
                     .store(request_seq + 1, Ordering::Release);
                 return Ok(());
             }
-            // The client reads its responses; give a slow one 100 ms before cutting it off.
-            Err(PushError::Full { .. }) if started.elapsed() < Duration::from_millis(100) => {
+            // A full response ring means the client stopped reading (it holds tens of
+            // thousands of responses); give it 2 ms, never long enough to stall the engine.
+            Err(PushError::Full { .. }) if started.elapsed() < Duration::from_millis(2) => {
                 std::hint::spin_loop();
             }
             Err(PushError::Full { .. }) => return Err(ClientError::Closed { reason: CLOSE_SLOW }),
@@ -622,7 +638,7 @@ impl Input for ClientInput {
                 let c = &self.conns[i];
                 if c.in_region.closed() == Some(CLOSE_BY_CLIENT) {
                     self.drop_conn(i, CLOSE_BY_CLIENT, "disconnected");
-                } else if !c.owner.is_alive() {
+                } else if gone(&c.owner) {
                     self.drop_conn(i, CLOSE_DEAD, "its process is gone");
                 } else {
                     i += 1;
@@ -635,7 +651,7 @@ impl Input for ClientInput {
                         pid: pid.min(u32::MAX as u64) as u32,
                         start_time_ticks: st,
                     };
-                    if !owner.is_alive() && !self.conns.iter().any(|c| c.id == id) {
+                    if gone(&owner) && !self.conns.iter().any(|c| c.id == id) {
                         self.control.release_client(entry, id);
                         let _ = Region::remove(&Control::client_in_path(&self.dir, id));
                         let _ = Region::remove(&Control::client_out_path(&self.dir, id));

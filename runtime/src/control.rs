@@ -113,7 +113,13 @@ pub enum Field {
     /// 99th percentile of the active's request service time (handler + commit to every
     /// standby + response), ns, over the last ~100 ms (a power-of-two bucket's upper bound).
     ServiceP99Ns,
+    /// 1 once the active committed a transaction since it became active (set before the
+    /// first commit is replicated; 0 while a standby).
+    Served,
 }
+
+/// Slot fields are only appended (engines of two versions share the control block).
+const _: () = assert!((Field::Served as usize) < SLOT_WORDS);
 
 /// An engine's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -331,7 +337,13 @@ impl Control {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(io("open"))?;
-        let meta = file.metadata().map_err(io("stat"))?;
+        let mut meta = file.metadata().map_err(io("stat"))?;
+        // A creator racing with us may not have sized the file yet: wait for it, bounded.
+        let sizing = Instant::now();
+        while meta.len() == 0 && sizing.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(1));
+            meta = file.metadata().map_err(io("stat"))?;
+        }
         if meta.len() != FILE_BYTES as u64 {
             return Err(ControlError::Field {
                 path,

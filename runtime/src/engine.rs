@@ -301,6 +301,9 @@ pub mod result {
     pub const NOT_ENABLEABLE: u64 = 3;
     /// Unknown command.
     pub const UNKNOWN: u64 = 4;
+    /// The switchover could not start (no room for the step-up frame, or a region could not
+    /// be created); the active stays active.
+    pub const BUSY: u64 = 5;
 }
 
 enum ReplicaPhase {
@@ -370,7 +373,9 @@ pub struct Engine<A: Application, I: Input> {
     refusals: u64,
     /// (epoch we were active in, target) after a planned switchover, until the target claims
     /// the next epoch.
-    handed_over: Option<(u64, usize)>,
+    handed_over: Option<(u64, usize, u64, u64)>,
+    /// This engine committed a transaction since it last became active.
+    served: bool,
     service: ServiceTimes,
     service_published_ns: u64,
 }
@@ -433,6 +438,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             detached: Vec::new(),
             refusals: 0,
             handed_over: None,
+            served: false,
             service: ServiceTimes::default(),
             service_published_ns: 0,
             opt,
@@ -472,8 +478,12 @@ impl<A: Application, I: Input> Engine<A, I> {
         }
         self.control.set(s, Field::Role, Role::OutOfService as u64);
         self.control.set(s, Field::State, State::Stopped as u64);
-        for rep in self.replicas.drain(..) {
-            rep.stream_region.close(CLOSE_DETACHED);
+        // A clean stop detaches the standbys. After an error the streams stay open: they hold
+        // every committed transaction, and the standby steps up when our mutex dies with us.
+        if r.is_ok() {
+            for rep in self.replicas.drain(..) {
+                rep.stream_region.close(CLOSE_DETACHED);
+            }
         }
         r
     }
@@ -496,6 +506,11 @@ impl<A: Application, I: Input> Engine<A, I> {
 
     /// No active holds the mutex and no live engine is active: take epoch 1 (or the next).
     fn try_become_first_active(&mut self) -> Result<bool, EngineError> {
+        self.try_claim(None)
+    }
+
+    /// Lock the mutex and claim the epoch after `expected` (the current one if `None`).
+    fn try_claim(&mut self, expected: Option<u64>) -> Result<bool, EngineError> {
         let lock = self.control.lock();
         if let Some(a) = self.control.active_slot() {
             if a != self.opt.slot && self.slot_alive(a) {
@@ -507,7 +522,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             Ok(TryLockOutcome::WouldBlock) => return Ok(false),
             Err(e) => return Err(EngineError::Other(format!("robust mutex: {e}"))),
         }
-        let e = self.control.epoch();
+        let e = expected.unwrap_or_else(|| self.control.epoch());
         match self.control.claim_epoch(e, self.opt.slot) {
             Some(ne) => {
                 self.epoch = ne;
@@ -660,6 +675,12 @@ impl<A: Application, I: Input> Engine<A, I> {
             response_len: 0,
             flags: 0,
         };
+        if !self.served {
+            // SYNC POINT: first commit of this role (Release before the commit is replicated;
+            // read by a handed-over old active deciding whether it may take the role back).
+            self.served = true;
+            self.control.set(self.opt.slot, Field::Served, 1);
+        }
         self.replicate_tx(&commit);
         // The handler already updated the application's own in-memory view: `on_apply` is for
         // changes a standby receives.
@@ -725,6 +746,10 @@ impl<A: Application, I: Input> Engine<A, I> {
             response_len: 0,
             flags: 1,
         };
+        if !self.served {
+            self.served = true;
+            self.control.set(self.opt.slot, Field::Served, 1);
+        }
         self.replicate_tx(&commit);
         // The handler already updated the application's own in-memory view: `on_apply` is for
         // changes a standby receives.
@@ -823,9 +848,17 @@ impl<A: Application, I: Input> Engine<A, I> {
                     self.control.ack(seq, result::NOT_HOT);
                     return Ok(None);
                 }
-                let up = self.switchover(target)?;
-                self.control.ack(seq, result::OK);
-                Ok(Some(Next::Standby(Some(Box::new(up)))))
+                match self.switchover(target) {
+                    Ok(up) => {
+                        self.control.ack(seq, result::OK);
+                        Ok(Some(Next::Standby(Some(Box::new(up)))))
+                    }
+                    Err(e) => {
+                        warn!("switchover refused: {e}; still active");
+                        self.control.ack(seq, result::BUSY);
+                        Ok(None)
+                    }
+                }
             }
             cmd::ENABLE_FEATURES => {
                 let want = arg;
@@ -921,25 +954,41 @@ impl<A: Application, I: Input> Engine<A, I> {
     }
 
     /// Planned switchover to `target`: returns this engine's new upstream (as standby).
-    fn switchover(&mut self, target: usize) -> Result<Upstream, EngineError> {
+    fn switchover(&mut self, target: usize) -> Result<Upstream, SwitchoverRefused> {
         let t0 = Instant::now();
         let s = self.opt.slot;
         let next_epoch = self.epoch + 1;
-        // Pre-create our standby stream of the next epoch, so the new active streams to us
-        // from its first transaction on (no catch-up: our digest equals its digest).
-        let up = self.create_upstream(next_epoch, target)?;
-        self.handed_over = Some((self.epoch, target));
-        let pos = self.position(target as u64);
         let idx = self
             .replicas
             .iter()
             .position(|r| r.slot == target)
             .expect("target checked");
+        // Room for the step-up frame first (a hot standby's ring may be momentarily full under
+        // load): nothing has changed yet if there is none, and we stay active.
+        let need = shm_layout::frame::frame_bytes(56) + 2 * shm_layout::frame::FRAME_ALIGN;
+        let wait = match self.opt.backpressure {
+            Backpressure::Wait(d) => d,
+            Backpressure::Untether => Duration::from_millis(1),
+        };
+        let t_room = Instant::now();
+        while self.replicas[idx].stream.free_bytes() < need {
+            if t_room.elapsed() > wait {
+                return Err(SwitchoverRefused::NoRoom);
+            }
+            std::hint::spin_loop();
+        }
+        // Pre-create our standby stream of the next epoch, so the new active streams to us
+        // from its first transaction on (no catch-up: our digest equals its digest).
+        let up = self
+            .create_upstream(next_epoch, target)
+            .map_err(SwitchoverRefused::Failed)?;
+        self.handed_over = Some((self.epoch, target, self.commits, self.store.digest()));
+        let pos = self.position(target as u64);
         {
             let r = &mut self.replicas[idx];
             let mut b = r.stream.batch();
             b.push(rt::STEP_UP, 1, 56, zerocopy::IntoBytes::as_bytes(&pos))
-                .map_err(|e| EngineError::Other(format!("step-up frame: {e}")))?;
+                .expect("room was made for the step-up frame");
             b.commit();
         }
         // Detach every replica; the other standbys re-attach to the new active.
@@ -948,10 +997,11 @@ impl<A: Application, I: Input> Engine<A, I> {
                 rep.stream_region.close(CLOSE_DETACHED);
             }
         }
-        self.control
-            .lock()
-            .unlock()
-            .map_err(|e| EngineError::Other(format!("releasing the robust mutex: {e}")))?;
+        if let Err(e) = self.control.lock().unlock() {
+            // Cannot happen for the thread that locked it; the target's try_lock would spin
+            // and give up, and we would take the role back.
+            error!("releasing the robust mutex: {e}");
+        }
         // We follow the target in the next epoch: publishing the old one would hide our
         // pre-created stream from the target, and the epoch check in `follow` would make us
         // re-attach with a full catch-up.
@@ -1194,6 +1244,8 @@ impl<A: Application, I: Input> Engine<A, I> {
         c.set(s, Field::Role, Role::Standby as u64);
         c.set(s, Field::State, State::Syncing as u64);
         c.set(s, Field::AttachGen, gen);
+        c.set(s, Field::Served, 0);
+        self.served = false;
         Ok(Upstream {
             stream_region,
             feedback_region,
@@ -1257,12 +1309,12 @@ impl<A: Application, I: Input> Engine<A, I> {
             // We handed the active role over in a planned switchover and the target died before
             // claiming the next epoch: nobody served since, our state is the cluster's state;
             // take the role back (the mutex and the epoch compare-and-swap keep it single).
-            if let Some((from, target)) = self.handed_over {
+            if let Some((from, target, _, _)) = self.handed_over {
                 if epoch > from {
                     self.handed_over = None;
                 } else if !self.slot_alive(target) || started.elapsed() > Duration::from_secs(5) {
                     self.epoch = from;
-                    if self.try_become_first_active()? {
+                    if self.try_claim(Some(from))? {
                         self.handed_over = None;
                         warn!(target = %control::slot_name(target), "the switchover target died before stepping up; active again");
                         self.mark_step_up(started, false);
@@ -1350,13 +1402,19 @@ impl<A: Application, I: Input> Engine<A, I> {
             }
             if died && !got {
                 // Drain what the active committed before it died.
-                while let Ok(true) = u.stream.poll(&mut self.buf) {
-                    if let Ok(Some(f)) = self.apply_batch(u, &mut state) {
-                        return Ok(f);
-                    }
+                match self.drain(u, &mut state) {
+                    Drained::Clean => {}
+                    Drained::RoleChange(f) => return Ok(f),
+                    Drained::Broken => return Ok(Follow::Reattach),
                 }
                 let tail = u.stream.torn_tail();
                 info!(slot = %control::slot_name(s), committed_end = tail.committed_end, torn = tail.uncommitted_bytes_seen, "active died (owner-died); stepping up");
+                if self.took_nothing_since_handover(active) {
+                    warn!(
+                        "the switchover target died before serving anything; taking the role back"
+                    );
+                    return Ok(Follow::StepUp { planned: false });
+                }
                 if state != State::Hot || u.stream_region.closed().is_some() {
                     warn!("the active died before this standby was hot; it cannot step up with a partial state");
                     return Ok(Follow::Reattach);
@@ -1422,12 +1480,15 @@ impl<A: Application, I: Input> Engine<A, I> {
                         continue;
                     }
                     if !active_id.is_alive() {
-                        while let Ok(true) = u.stream.poll(&mut self.buf) {
-                            if let Ok(Some(f)) = self.apply_batch(u, &mut state) {
-                                return Ok(f);
-                            }
+                        match self.drain(u, &mut state) {
+                            Drained::Clean => {}
+                            Drained::RoleChange(f) => return Ok(f),
+                            Drained::Broken => return Ok(Follow::Reattach),
                         }
                         info!("active process is gone (identity check); stepping up");
+                        if self.took_nothing_since_handover(active) {
+                            return Ok(Follow::StepUp { planned: false });
+                        }
                         if state != State::Hot || u.stream_region.closed().is_some() {
                             return Ok(Follow::Reattach);
                         }
@@ -1442,15 +1503,43 @@ impl<A: Application, I: Input> Engine<A, I> {
                             "active is hung (heartbeat {} ms old); fencing it with SIGKILL",
                             (now - hb) / 1_000_000
                         );
-                        // SAFETY: kill has no memory-safety preconditions; the identity check
-                        // above makes it very unlikely the pid was reused.
-                        unsafe { libc::kill(active_id.pid as i32, libc::SIGKILL) };
+                        // The pid came from shared memory: never let it be 0, 1 or negative
+                        // (kill(-1) signals every process of the user).
+                        if (2..=i32::MAX as u32).contains(&active_id.pid) {
+                            // SAFETY: kill has no memory-safety preconditions; the identity
+                            // check above (pid + start time) makes a reused pid very unlikely.
+                            unsafe { libc::kill(active_id.pid as i32, libc::SIGKILL) };
+                        }
                     }
                 }
             }
             if !got {
                 idle_polls = idle_polls.saturating_add(1);
                 self.idle_wait(idle_polls);
+            }
+        }
+    }
+
+    /// After the active died: apply every batch it committed. A frame that fails validation
+    /// or does not apply means our copy is not the committed state: never step up on it.
+    fn drain(&mut self, u: &mut Upstream, state: &mut State) -> Drained {
+        loop {
+            match u.stream.poll(&mut self.buf) {
+                Ok(false) => return Drained::Clean,
+                Ok(true) => match self.apply_batch(u, state) {
+                    Ok(None) => {}
+                    Ok(Some(f)) => return Drained::RoleChange(f),
+                    Err(e) => {
+                        error!("a batch the dead active committed does not apply: {e}; not stepping up");
+                        *state = State::Stale;
+                        return Drained::Broken;
+                    }
+                },
+                Err(e) => {
+                    error!("a frame the dead active left is corrupt: {e}; not stepping up");
+                    *state = State::Stale;
+                    return Drained::Broken;
+                }
             }
         }
     }
@@ -1582,6 +1671,16 @@ impl<A: Application, I: Input> Engine<A, I> {
         r
     }
 
+    /// We handed the active role to `active` in a planned switchover, it claimed the epoch and
+    /// died before committing any transaction (it marks its slot before its first commit):
+    /// our state is still the cluster's, so we may step up although we never became hot.
+    fn took_nothing_since_handover(&self, active: usize) -> bool {
+        matches!(self.handed_over, Some((_, target, commits, digest))
+            if target == active && commits == self.commits && digest == self.store.digest())
+            && self.control.get(active, Field::Served) == 0
+            && self.control.epoch() == self.epoch
+    }
+
     /// Take over: lock the mutex, claim the next epoch. False if another engine won.
     fn step_up(&mut self, planned: bool) -> bool {
         let t0 = Instant::now();
@@ -1608,6 +1707,12 @@ impl<A: Application, I: Input> Engine<A, I> {
         match self.control.claim_epoch(e, self.opt.slot) {
             Some(ne) => {
                 self.epoch = ne;
+                if planned && std::env::var_os("UNDERSTUDY_TEST_ABORT_AFTER_STEP_UP").is_some() {
+                    // Test hook: die in the worst spot of a switchover (epoch claimed, mutex
+                    // held, nothing served, the old active not yet re-attached).
+                    eprintln!("test hook: aborting right after a planned step-up");
+                    std::process::abort();
+                }
                 self.mark_step_up(t0, planned);
                 true
             }
@@ -1625,6 +1730,9 @@ impl<A: Application, I: Input> Engine<A, I> {
         c.set(s, Field::LastStepUpNs, realtime_ns());
         c.set(s, Field::LastStepUpDurNs, t0.elapsed().as_nanos() as u64);
         c.set(s, Field::StepUpCommits, self.commits);
+        c.set(s, Field::Served, 0);
+        self.served = false;
+        self.handed_over = None;
         c.set(s, Field::StepUpDigest, self.store.digest());
         self.publish_status(Role::Active, State::Serving);
         info!(slot = %control::slot_name(s), epoch = self.epoch, planned, took_us = t0.elapsed().as_micros() as u64, "stepped up; now active");
@@ -1679,10 +1787,34 @@ impl ServiceTimes {
     }
 }
 
+/// Why a planned switchover did not start (the active stays active).
+#[derive(Debug)]
+enum SwitchoverRefused {
+    NoRoom,
+    Failed(EngineError),
+}
+
+impl fmt::Display for SwitchoverRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SwitchoverRefused::NoRoom => {
+                f.write_str("no room in the target's stream for the step-up frame")
+            }
+            SwitchoverRefused::Failed(e) => write!(f, "cannot create the next epoch's stream: {e}"),
+        }
+    }
+}
+
 enum Next {
     Stop,
     Active,
     Standby(Option<Box<Upstream>>),
+}
+
+enum Drained {
+    Clean,
+    RoleChange(Follow),
+    Broken,
 }
 
 enum Attach {
@@ -1838,6 +1970,12 @@ fn send_chunk(
                     full = true;
                     break;
                 }
+                // The chunk so far plus this item would not fit even an empty ring: commit what
+                // we have, the item goes first in the next chunk.
+                Err(PushError::TooLarge { .. }) if n > 0 => {
+                    full = true;
+                    break;
+                }
                 Err(e) => return Err(e),
             }
             last = Some(id);
@@ -1864,6 +2002,10 @@ fn send_chunk(
         match b.push(t, 1, bl, scratch) {
             Ok(()) => {}
             Err(PushError::Full { .. }) => {
+                done = false;
+                break;
+            }
+            Err(PushError::TooLarge { .. }) if n > 0 => {
                 done = false;
                 break;
             }

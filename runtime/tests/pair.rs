@@ -260,3 +260,53 @@ fn switchover_target_dying_before_step_up_leaves_the_old_active_in_charge() {
         c.get(0, Field::Commits) > before
     });
 }
+
+/// The switchover target steps up (claims the epoch, holds the mutex) and dies before it
+/// serves anything or re-attaches the old active: the old active, never hot in the new epoch,
+/// may and does take the role back, because the target marks its slot before its first commit.
+#[test]
+fn switchover_target_dying_right_after_step_up_hands_back() {
+    let mut cl = Cluster::new("handback2");
+    let c = cl.control();
+    cl.spawn(
+        "child_engine",
+        0,
+        1,
+        u64::MAX,
+        false,
+        &[("US_PACE_US", "50".to_string())],
+    );
+    wait_until("a active", Duration::from_secs(10), || {
+        role(&c, 0) == Role::Active
+    });
+    cl.spawn(
+        "child_engine",
+        1,
+        1,
+        u64::MAX,
+        true,
+        &[("UNDERSTUDY_TEST_ABORT_AFTER_STEP_UP", "1".to_string())],
+    );
+    wait_until("b hot", Duration::from_secs(10), || {
+        state(&c, 1) == State::Hot
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    let ups = c.get(0, Field::StepUps);
+    let seq = c.post(understudy_runtime::control::cmd::SWITCHOVER, 1);
+    wait_until("switchover acked", Duration::from_secs(10), || {
+        c.acked().0 == seq
+    });
+    wait_until("a active again", Duration::from_secs(20), || {
+        role(&c, 0) == Role::Active && c.get(0, Field::StepUps) > ups
+    });
+    assert!(
+        c.epoch() >= 3,
+        "b claimed epoch 2, a must have claimed a later one"
+    );
+    let k = c.get(0, Field::StepUpCommits);
+    assert_eq!(Model::new(1).advance_to(k), c.get(0, Field::StepUpDigest));
+    let before = c.get(0, Field::Commits);
+    wait_until("a commits again", Duration::from_secs(10), || {
+        c.get(0, Field::Commits) > before
+    });
+}

@@ -242,7 +242,10 @@ impl<M: WordMemory> Producer<M> {
         let tail = mem.word(TAIL_POS).load(Ordering::Acquire);
         // The tail may be ahead of the published head: the consumer read a batch whose head
         // publish was lost to the crash. It is never more than a lap away.
-        if head.abs_diff(tail) > capacity as u64 {
+        if head.abs_diff(tail) > capacity as u64
+            || head % FRAME_ALIGN as u64 != 0
+            || tail % FRAME_ALIGN as u64 != 0
+        {
             return Err(RingError::BadPositions { head, tail });
         }
         let seq = seq_at(&mem, capacity, head, seq);
@@ -306,8 +309,17 @@ impl<M: WordMemory> Producer<M> {
 
     /// The consumer's last released position, read fresh.
     pub fn consumer_position(&mut self) -> u64 {
-        // SYNC POINT: slot released (Acquire side; Release is in `Consumer::release`).
-        self.cached_tail = self.mem.word(TAIL_POS).load(Ordering::Acquire);
+        // SYNC POINT: slot released (Acquire side; Release is in `Consumer::release_to`).
+        let tail = self.mem.word(TAIL_POS).load(Ordering::Acquire);
+        // The consumer may be another, untrusted process: a tail ahead of what we wrote, more
+        // than a lap behind, or misaligned is ignored (no new room rather than overwriting).
+        if tail >= self.cached_tail
+            && tail <= self.head
+            && self.head - tail <= self.capacity
+            && tail % FRAME_ALIGN as u64 == 0
+        {
+            self.cached_tail = tail;
+        }
         self.cached_tail
     }
 
@@ -785,7 +797,10 @@ impl<M: WordMemory> Consumer<M> {
         let head = mem.word(HEAD_POS).load(Ordering::Acquire);
         // The tail may be ahead of the published head when a producer died between committing
         // a batch and publishing its head; never by more than a lap.
-        if head.abs_diff(tail) > capacity as u64 {
+        if head.abs_diff(tail) > capacity as u64
+            || head % FRAME_ALIGN as u64 != 0
+            || tail % FRAME_ALIGN as u64 != 0
+        {
             return Err(RingError::BadPositions { head, tail });
         }
         let seq = seq_at(&mem, capacity, tail, seq);
