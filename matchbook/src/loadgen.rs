@@ -262,7 +262,10 @@ fn run_client(
             } else {
                 next_send_ns.max(now_ns.saturating_sub(interval_ns * 10)) + interval_ns
             };
-            let req = if !resting.is_empty() && rng.below(5) == 0 {
+            // A third of the requests cancel an earlier order, and prices lean towards crossing
+            // the other side: books stay a few hundred orders deep, as a live market's do
+            // (every request re-encodes its book: the work unit is the whole book).
+            let req = if !resting.is_empty() && rng.below(3) == 0 {
                 let i = rng.below(resting.len() as u64) as usize;
                 let (id, account, symbol) = resting.swap_remove(i);
                 WireRequest::cancel(id, account, symbol)
@@ -277,16 +280,20 @@ fn run_client(
                 } else {
                     crate::book::Side::Sell
                 };
-                let price = 1000 + rng.below(11) as i64 - 5;
+                let lean = rng.below(6) as i64;
+                let price = match side {
+                    crate::book::Side::Buy => 998 + lean,
+                    crate::book::Side::Sell => 1003 - lean,
+                };
                 let qty = rng.below(100) + 1;
-                if rng.below(3) == 0 {
+                if rng.below(2) == 0 {
                     resting.push((id, account, symbol));
                     if resting.len() > 256 {
                         resting.swap_remove(0);
                     }
                 }
                 if icebergs.load(Ordering::Relaxed) && new_orders % 10 == 0 {
-                    WireRequest::iceberg(id, account, symbol, side, price, qty * 10, qty)
+                    WireRequest::iceberg(id, account, symbol, side, price, qty * 3, qty.div_ceil(2))
                 } else {
                     WireRequest::limit(id, account, symbol, side, price, qty)
                 }
