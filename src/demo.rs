@@ -351,7 +351,10 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
     let kill_us = load.now_us();
     let kill_ns = understudy_runtime::control::realtime_ns();
     if active.pid < 2 {
-        return Err(format!("the supervisor reports an impossible pid {} for the active", active.pid));
+        return Err(format!(
+            "the supervisor reports an impossible pid {} for the active",
+            active.pid
+        ));
     }
     // SAFETY: kill(2) of the active engine's pid, just read from the supervisor.
     unsafe { libc::kill(active.pid as i32, libc::SIGKILL) };

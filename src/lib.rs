@@ -6,7 +6,7 @@
 //! on the [`matchbook`] reference application.
 
 #![deny(unsafe_op_in_unsafe_fn)]
-#![warn(missing_docs)]
+#![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
 pub mod demo;
 

@@ -923,16 +923,37 @@ impl<A: Application, I: Input> Engine<A, I> {
         };
         let mut i = 0;
         while i < self.replicas.len() {
+            let wait = match self.opt.backpressure {
+                Backpressure::Wait(d) => d,
+                Backpressure::Untether => Duration::ZERO,
+            };
             let r = &mut self.replicas[i];
             let sent = !matches!(r.phase, ReplicaPhase::Streaming(_)) || {
-                let mut b = r.stream.batch();
-                let ok = b
-                    .push(rt::FEATURES, 1, 16, zerocopy::IntoBytes::as_bytes(&fb))
-                    .is_ok();
-                if ok {
-                    b.commit();
+                // Under load the ring may be momentarily full: wait while the standby makes
+                // progress, as for a transaction, before giving up on it.
+                let mut started = Instant::now();
+                let mut seen_tail = r.stream.consumer_position();
+                loop {
+                    match r.stream.try_publish(
+                        rt::FEATURES,
+                        1,
+                        16,
+                        zerocopy::IntoBytes::as_bytes(&fb),
+                    ) {
+                        Ok(()) => break true,
+                        Err(PushError::Full { .. }) => {
+                            let tail = r.stream.consumer_position();
+                            if tail != seen_tail {
+                                seen_tail = tail;
+                                started = Instant::now();
+                            } else if started.elapsed() >= wait {
+                                break false;
+                            }
+                            std::hint::spin_loop();
+                        }
+                        Err(_) => break false,
+                    }
                 }
-                ok
             };
             if sent {
                 i += 1;

@@ -391,6 +391,8 @@ impl<M: WordMemory> Producer<M> {
     /// has enabled sleeping, and a system call only when it is actually asleep.
     #[inline]
     fn wake_consumer(&self) {
+        // MAY_SLEEP is set once, before the consumer's first sleep; until a producer has seen
+        // it, that first sleep can miss this commit and last one sleep slice (100 ms at most).
         if self.mem.word(MAY_SLEEP).load(Ordering::Relaxed) == 0 {
             return;
         }
