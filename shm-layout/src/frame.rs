@@ -92,6 +92,19 @@ impl Checksum {
         self.odd = !self.odd;
     }
 
+    /// Add two payload words: the same as `add(w0); add(w1)`, with the two lanes' multiplies
+    /// independent of each other (and no lane switch to carry between them).
+    #[inline(always)]
+    pub fn add2(&mut self, w0: u64, w1: u64) {
+        if self.odd {
+            self.b = (self.b ^ w0).wrapping_mul(K1).rotate_left(29);
+            self.a = (self.a ^ w1).wrapping_mul(K2).rotate_left(31);
+        } else {
+            self.a = (self.a ^ w0).wrapping_mul(K2).rotate_left(31);
+            self.b = (self.b ^ w1).wrapping_mul(K1).rotate_left(29);
+        }
+    }
+
     /// The 32-bit result.
     #[inline]
     pub fn finish(self) -> u32 {

@@ -17,8 +17,17 @@ use std::ptr::NonNull;
 pub unsafe trait WordMemory {
     /// The number of words.
     fn len_words(&self) -> usize;
-    /// Word `i`; panics (or is undefined in release, see implementors) if `i >= len_words()`.
+    /// Word `i`; panics if `i >= len_words()`.
     fn word(&self, i: usize) -> &AtomicU64;
+    /// Word `i` without the bounds check (the ring's hot path, whose indexes are masked into
+    /// a range checked once at construction).
+    ///
+    /// # Safety
+    /// `i < len_words()`.
+    #[inline(always)]
+    unsafe fn word_unchecked(&self, i: usize) -> &AtomicU64 {
+        self.word(i)
+    }
     /// The low 32 bits of word `i` as a futex word, when the memory is real shared memory.
     fn futex_word(&self, _i: usize) -> Option<&std::sync::atomic::AtomicU32> {
         None
@@ -58,6 +67,11 @@ unsafe impl<M: WordMemory> WordMemory for std::sync::Arc<M> {
     #[inline]
     fn word(&self, i: usize) -> &AtomicU64 {
         (**self).word(i)
+    }
+    #[inline(always)]
+    unsafe fn word_unchecked(&self, i: usize) -> &AtomicU64 {
+        // SAFETY: forwarded; the caller guarantees `i < len_words()`.
+        unsafe { (**self).word_unchecked(i) }
     }
     fn futex_word(&self, i: usize) -> Option<&std::sync::atomic::AtomicU32> {
         (**self).futex_word(i)
@@ -106,6 +120,13 @@ unsafe impl<O> WordMemory for MappedWords<O> {
         );
         // SAFETY: `i` is in bounds (checked above), the memory is mapped, 8-byte aligned and
         // only ever accessed atomically, so a shared reference to an atomic is sound.
+        unsafe { &*self.base.as_ptr().add(i) }
+    }
+    #[inline(always)]
+    unsafe fn word_unchecked(&self, i: usize) -> &AtomicU64 {
+        debug_assert!(i < self.len_words);
+        // SAFETY: the caller guarantees `i < len_words`; the memory is mapped, 8-byte aligned
+        // and only accessed atomically (see `word`).
         unsafe { &*self.base.as_ptr().add(i) }
     }
     fn futex_word(&self, i: usize) -> Option<&std::sync::atomic::AtomicU32> {

@@ -289,7 +289,10 @@ impl<M: WordMemory> Producer<M> {
 
     #[inline(always)]
     fn word_at(&self, pos: u64) -> &crate::sync::AtomicU64 {
-        self.mem.word(DATA_WORD + ((pos & self.mask) >> 3) as usize)
+        let i = DATA_WORD + ((pos & self.mask) >> 3) as usize;
+        // SAFETY: `pos & mask < capacity`, so `i < DATA_WORD + capacity / 8 = ring_words`,
+        // and `check()` verified `len_words() >= ring_words(capacity)` at construction.
+        unsafe { self.mem.word_unchecked(i) }
     }
 
     /// The position the next batch will start at.
@@ -516,7 +519,16 @@ impl<M: WordMemory> Batch<'_, M> {
         let mut sum = Checksum::new(w1, w2, self.seq);
         if let Some(bytes) = payload {
             let mut at = pos + HEADER_BYTES as u64;
-            let mut chunks = bytes.chunks_exact(8);
+            let mut pairs = bytes.chunks_exact(16);
+            for c in &mut pairs {
+                let w0 = u64::from_le_bytes(c[..8].try_into().expect("8 bytes"));
+                let w1 = u64::from_le_bytes(c[8..].try_into().expect("8 bytes"));
+                sum.add2(w0, w1);
+                p.word_at(at).store(w0, Ordering::Relaxed);
+                p.word_at(at + 8).store(w1, Ordering::Relaxed);
+                at += 16;
+            }
+            let mut chunks = pairs.remainder().chunks_exact(8);
             for c in &mut chunks {
                 let w = u64::from_le_bytes(c.try_into().expect("chunk of 8"));
                 sum.add(w);
@@ -840,7 +852,10 @@ impl<M: WordMemory> Consumer<M> {
 
     #[inline(always)]
     fn word_at(&self, pos: u64) -> &crate::sync::AtomicU64 {
-        self.mem.word(DATA_WORD + ((pos & self.mask) >> 3) as usize)
+        let i = DATA_WORD + ((pos & self.mask) >> 3) as usize;
+        // SAFETY: `pos & mask < capacity`, so `i < DATA_WORD + capacity / 8 = ring_words`,
+        // and `check()` verified `len_words() >= ring_words(capacity)` at construction.
+        unsafe { self.mem.word_unchecked(i) }
     }
 
     /// The position of the next batch to read.
@@ -961,12 +976,20 @@ impl<M: WordMemory> Consumer<M> {
             if !is_pad {
                 let first = buf.words.len();
                 let nwords = (payload_len as usize).div_ceil(8);
+                buf.words.reserve(nwords);
                 let mut p = at + HEADER_BYTES as u64;
-                for _ in 0..nwords {
+                for _ in 0..nwords / 2 {
+                    let w0 = self.word_at(p).load(Ordering::Relaxed);
+                    let w1 = self.word_at(p + 8).load(Ordering::Relaxed);
+                    sum.add2(w0, w1);
+                    buf.words.push(w0);
+                    buf.words.push(w1);
+                    p += 16;
+                }
+                if nwords % 2 == 1 {
                     let w = self.word_at(p).load(Ordering::Relaxed);
                     sum.add(w);
                     buf.words.push(w);
-                    p += 8;
                 }
                 buf.frames.push(FrameMeta {
                     seq,
