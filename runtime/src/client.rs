@@ -441,6 +441,13 @@ impl ClientInput {
         if let Some(r) = in_region.closed().or(out_region.closed()) {
             return Err(ClientError::Closed { reason: r });
         }
+        if in_region.kind() != KIND_IN || out_region.kind() != KIND_OUT {
+            return Err(ClientError::BadResponse(format!(
+                "client rings: expected kinds {KIND_IN}/{KIND_OUT}, found {}/{}",
+                in_region.kind(),
+                out_region.kind()
+            )));
+        }
         let mut requests = in_region.consumer().map_err(ClientError::Region)?;
         requests.set_auto_release(false);
         let mut responses = out_region.resume_producer().map_err(ClientError::Region)?;
@@ -559,6 +566,16 @@ impl Input for ClientInput {
             let c = &mut self.conns[i];
             if c.next_frame >= c.batch.len() {
                 match c.requests.poll(&mut c.batch) {
+                    // One request per batch: a release inside a batch would leave a successor
+                    // reading from a continuation frame.
+                    Ok(true) if c.batch.len() != 1 => {
+                        let why = format!(
+                            "expected one request per batch, found a batch of {} frames",
+                            c.batch.len()
+                        );
+                        self.drop_conn(i, CLOSE_GARBAGE, &why);
+                        return None;
+                    }
                     Ok(true) => c.next_frame = 0,
                     Ok(false) => continue,
                     Err(e) => {

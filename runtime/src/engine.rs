@@ -1056,6 +1056,21 @@ impl<A: Application, I: Input> Engine<A, I> {
             let open = || -> Result<Replica, EngineError> {
                 let stream_region = Region::open(&sp, Duration::from_millis(1))?;
                 let feedback_region = Region::open(&fp, Duration::from_millis(1))?;
+                // Untrusted: the files must be this epoch's stream and feedback rings.
+                for (r, kind) in [
+                    (&stream_region, KIND_STREAM),
+                    (&feedback_region, KIND_FEEDBACK),
+                ] {
+                    if r.kind() != kind || r.epoch() != self.epoch {
+                        return Err(EngineError::Other(format!(
+                            "{}: expected a ring of kind {kind} for epoch {}, found kind {} epoch {}",
+                            r.path().display(),
+                            self.epoch,
+                            r.kind(),
+                            r.epoch()
+                        )));
+                    }
+                }
                 stream_region.set_producer_identity(self.me);
                 feedback_region.set_consumer_identity(self.me);
                 let stream = stream_region.producer()?;

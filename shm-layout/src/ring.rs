@@ -237,6 +237,7 @@ impl<M: WordMemory> Producer<M> {
     /// published head and walks forward over batches committed after the last head publish.
     pub fn resume(mem: M, capacity: usize) -> Result<Self, RingError> {
         check(&mem, capacity)?;
+        // SYNC POINT: head published (Acquire side) and slot released (Acquire side).
         let head = mem.word(HEAD_POS).load(Ordering::Acquire);
         let seq = mem.word(HEAD_SEQ).load(Ordering::Acquire);
         let tail = mem.word(TAIL_POS).load(Ordering::Acquire);
@@ -387,6 +388,9 @@ impl<M: WordMemory> Producer<M> {
 
     fn publish_head(&self) {
         self.mem.word(HEAD_SEQ).store(self.seq, Ordering::Relaxed);
+        // SYNC POINT: head published (Release; Acquire in `Producer::resume`,
+        // `Consumer::attach` and `Consumer::producer_position`). Informational: the read path
+        // never depends on it (the consumer follows commit words).
         self.mem.word(HEAD_POS).store(self.head, Ordering::Release);
     }
 
