@@ -190,6 +190,18 @@ impl Drop for Cluster {
             let _ = c.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        // Side-channel files next to the directory (`<dir>.side-N`): removed after the engines
+        // are gone, so none can recreate one.
+        if let (Some(parent), Some(name)) = (self.dir.parent(), self.dir.file_name()) {
+            let prefix = format!("{}.side-", name.to_string_lossy());
+            if let Ok(entries) = std::fs::read_dir(parent) {
+                for e in entries.flatten() {
+                    if e.file_name().to_string_lossy().starts_with(&prefix) {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
     }
 }
 
