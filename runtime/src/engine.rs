@@ -331,6 +331,16 @@ struct Replica {
     hot: bool,
 }
 
+/// Standby regions created but not yet announced (see `Engine::prepare_upstream`).
+struct Prepared {
+    epoch: u64,
+    gen: u64,
+    stream_region: Region,
+    feedback_region: Region,
+    stream: Consumer<RegionMemory>,
+    feedback: Producer<RegionMemory>,
+}
+
 /// A standby's end of the stream.
 struct Upstream {
     stream_region: Region,
@@ -376,6 +386,8 @@ pub struct Engine<A: Application, I: Input> {
     handed_over: Option<(u64, usize, u64, u64)>,
     /// This engine committed a transaction since it last became active.
     served: bool,
+    /// Our standby regions for the next epoch, created ahead of a planned switchover.
+    prepared: Option<Prepared>,
     service: ServiceTimes,
     service_published_ns: u64,
 }
@@ -439,6 +451,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             refusals: 0,
             handed_over: None,
             served: false,
+            prepared: None,
             service: ServiceTimes::default(),
             service_published_ns: 0,
             opt,
@@ -476,6 +489,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             error!(slot = %control::slot_name(s), "engine stops: {e}");
             self.control.set(s, Field::Error, 1);
         }
+        self.discard_prepared();
         self.control.set(s, Field::Role, Role::OutOfService as u64);
         self.control.set(s, Field::State, State::Stopped as u64);
         // A clean stop detaches the standbys. After an error the streams stay open: they hold
@@ -625,6 +639,17 @@ impl<A: Application, I: Input> Engine<A, I> {
                     }
                     self.attach_new_replicas();
                     self.service_replicas();
+                    // With a hot standby, a planned switchover may come: prepare our standby
+                    // regions of the next epoch now, outside its pause.
+                    if self.prepared.as_ref().map(|p| p.epoch) != Some(self.epoch + 1)
+                        && self.replicas.iter().any(|r| r.hot)
+                    {
+                        self.discard_prepared();
+                        match self.prepare_upstream(self.epoch + 1) {
+                            Ok(p) => self.prepared = Some(p),
+                            Err(e) => debug!("cannot prepare the next epoch's regions: {e}"),
+                        }
+                    }
                     if now - last_hb_frame > self.opt.heartbeat.as_nanos() as u64 * 10 {
                         last_hb_frame = now;
                         self.heartbeat_frames(now);
@@ -1000,8 +1025,21 @@ impl<A: Application, I: Input> Engine<A, I> {
         }
         // Pre-create our standby stream of the next epoch, so the new active streams to us
         // from its first transaction on (no catch-up: our digest equals its digest).
+        let prepared = match self.prepared.take() {
+            Some(p)
+                if p.epoch == next_epoch && p.gen == self.control.get(s, Field::AttachGen) + 1 =>
+            {
+                p
+            }
+            other => {
+                self.prepared = other;
+                self.discard_prepared();
+                self.prepare_upstream(next_epoch)
+                    .map_err(SwitchoverRefused::Failed)?
+            }
+        };
         let up = self
-            .create_upstream(next_epoch, target)
+            .announce_upstream(prepared, target)
             .map_err(SwitchoverRefused::Failed)?;
         self.handed_over = Some((self.epoch, target, self.commits, self.store.digest()));
         let pos = self.position(target as u64);
@@ -1253,6 +1291,14 @@ impl<A: Application, I: Input> Engine<A, I> {
 
     /// Create the standby's two regions for `epoch` and announce them in our slot.
     fn create_upstream(&mut self, epoch: u64, active_slot: usize) -> Result<Upstream, EngineError> {
+        let p = self.prepare_upstream(epoch)?;
+        self.announce_upstream(p, active_slot)
+    }
+
+    /// Create (not yet announce) this engine's standby regions for `epoch`: the file work of
+    /// attaching, which an active does ahead of a planned switchover so the switchover's pause
+    /// does not include it.
+    fn prepare_upstream(&mut self, epoch: u64) -> Result<Prepared, EngineError> {
         let s = self.opt.slot;
         let gen = self.control.get(s, Field::AttachGen) + 1;
         let sp = Control::stream_path(&self.opt.dir, epoch, s, gen);
@@ -1268,13 +1314,44 @@ impl<A: Application, I: Input> Engine<A, I> {
         let feedback_region = Region::create(&fp, spec(KIND_FEEDBACK), self.me)?;
         stream_region.set_consumer_identity(self.me);
         let stream = stream_region.consumer()?;
-        let mut feedback = feedback_region.producer()?;
+        let feedback = feedback_region.producer()?;
+        Ok(Prepared {
+            epoch,
+            gen,
+            stream_region,
+            feedback_region,
+            stream,
+            feedback,
+        })
+    }
+
+    /// Write our hello into prepared regions and announce them in our slot: from here on the
+    /// active of `p.epoch` attaches them.
+    fn announce_upstream(
+        &mut self,
+        p: Prepared,
+        active_slot: usize,
+    ) -> Result<Upstream, EngineError> {
+        let s = self.opt.slot;
+        let Prepared {
+            epoch,
+            gen,
+            stream_region,
+            feedback_region,
+            stream,
+            mut feedback,
+        } = p;
         let mut h = self.hello();
         h.epoch = epoch;
         h.encode(&mut self.scratch);
         feedback
             .try_publish(rt::HELLO, 1, 48, &self.scratch)
-            .map_err(|e| EngineError::Other(format!("hello: {e}")))?;
+            .map_err(|e| {
+                EngineError::Other(format!(
+                    "writing our hello into {}: {e}",
+                    feedback_region.path().display()
+                ))
+            })?;
         let c = &self.control;
         c.set(s, Field::Epoch, epoch);
         c.set(s, Field::Role, Role::Standby as u64);
@@ -1291,6 +1368,14 @@ impl<A: Application, I: Input> Engine<A, I> {
             hello_seen: false,
             last_ack: Instant::now(),
         })
+    }
+
+    /// Drop prepared regions that were never announced.
+    fn discard_prepared(&mut self) {
+        if let Some(p) = self.prepared.take() {
+            let _ = Region::remove(p.stream_region.path());
+            let _ = Region::remove(p.feedback_region.path());
+        }
     }
 
     fn run_standby(&mut self, up: Option<Box<Upstream>>) -> Result<Next, EngineError> {
