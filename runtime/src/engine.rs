@@ -341,6 +341,15 @@ struct Prepared {
     feedback: Producer<RegionMemory>,
 }
 
+/// Another engine's prepared regions, opened ahead of a planned step-up.
+struct Preopened {
+    slot: usize,
+    epoch: u64,
+    gen: u64,
+    stream_region: Region,
+    feedback_region: Region,
+}
+
 /// A standby's end of the stream.
 struct Upstream {
     stream_region: Region,
@@ -388,6 +397,8 @@ pub struct Engine<A: Application, I: Input> {
     served: bool,
     /// Our standby regions for the next epoch, created ahead of a planned switchover.
     prepared: Option<Prepared>,
+    /// The active's prepared regions, opened ahead of a planned step-up.
+    preopened: Option<Preopened>,
     service: ServiceTimes,
     service_published_ns: u64,
 }
@@ -452,6 +463,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             handed_over: None,
             served: false,
             prepared: None,
+            preopened: None,
             service: ServiceTimes::default(),
             service_published_ns: 0,
             opt,
@@ -1091,9 +1103,21 @@ impl<A: Application, I: Input> Engine<A, I> {
             self.replicas.retain(|r| r.slot != slot);
             let sp = Control::stream_path(&self.opt.dir, self.epoch, slot, gen);
             let fp = Control::feedback_path(&self.opt.dir, self.epoch, slot, gen);
+            // Regions opened ahead of a planned step-up (see `preopen_next`) skip the file work.
+            let pre = match self.preopened.take() {
+                Some(p) if p.slot == slot && p.epoch == self.epoch && p.gen == gen => {
+                    Some((p.stream_region, p.feedback_region))
+                }
+                _ => None,
+            };
             let open = || -> Result<Replica, EngineError> {
-                let stream_region = Region::open(&sp, Duration::from_millis(1))?;
-                let feedback_region = Region::open(&fp, Duration::from_millis(1))?;
+                let (stream_region, feedback_region) = match pre {
+                    Some(p) => p,
+                    None => (
+                        Region::open(&sp, Duration::from_millis(1))?,
+                        Region::open(&fp, Duration::from_millis(1))?,
+                    ),
+                };
                 // Untrusted: the files must be this epoch's stream and feedback rings.
                 for (r, kind) in [
                     (&stream_region, KIND_STREAM),
@@ -1370,6 +1394,39 @@ impl<A: Application, I: Input> Engine<A, I> {
         })
     }
 
+    /// As a hot standby: open the regions our active prepared for the next epoch (see
+    /// `prepare_upstream`), so that if it hands over to us, stepping up does not include
+    /// opening and validating them. Their paths follow from the active's slot and generation.
+    fn preopen_next(&mut self, active: usize) {
+        let epoch = self.epoch + 1;
+        let gen = self.control.get(active, Field::AttachGen) + 1;
+        if self
+            .preopened
+            .as_ref()
+            .is_some_and(|p| p.slot == active && p.epoch == epoch && p.gen == gen)
+        {
+            return;
+        }
+        self.preopened = None;
+        let sp = Control::stream_path(&self.opt.dir, epoch, active, gen);
+        let fp = Control::feedback_path(&self.opt.dir, epoch, active, gen);
+        if !sp.exists() || !fp.exists() {
+            return;
+        }
+        if let (Ok(stream_region), Ok(feedback_region)) = (
+            Region::open(&sp, Duration::ZERO),
+            Region::open(&fp, Duration::ZERO),
+        ) {
+            self.preopened = Some(Preopened {
+                slot: active,
+                epoch,
+                gen,
+                stream_region,
+                feedback_region,
+            });
+        }
+    }
+
     /// Drop prepared regions that were never announced.
     fn discard_prepared(&mut self) {
         if let Some(p) = self.prepared.take() {
@@ -1553,6 +1610,9 @@ impl<A: Application, I: Input> Engine<A, I> {
                     .producer_position()
                     .saturating_sub(u.stream.position());
                 self.control.set(s, Field::LagBytes, lag);
+                if state == State::Hot && self.control.epoch() == self.epoch {
+                    self.preopen_next(active);
+                }
                 if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
                     return Ok(Follow::Stop);
                 }
@@ -1600,6 +1660,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                     if ce < self.epoch {
                         continue;
                     }
+
                     if !active_id.is_alive() {
                         match self.drain(u, &mut state) {
                             Drained::Clean => {}
@@ -1805,6 +1866,11 @@ impl<A: Application, I: Input> Engine<A, I> {
     /// Take over: lock the mutex, claim the next epoch. False if another engine won.
     fn step_up(&mut self, planned: bool) -> bool {
         let t0 = Instant::now();
+        // Pre-opened regions are the handing-over active's: only a planned step-up uses them.
+        // After a crash its slot is restarted and recreates files at the same paths.
+        if !planned {
+            self.preopened = None;
+        }
         let lock = self.control.lock();
         // A planned switchover: the old active releases the mutex right after the step-up
         // frame; a crash: the mutex is owner-died and try_lock recovers it at once.
@@ -1860,6 +1926,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         // Attach the old active at once if it pre-created its stream (planned switchover),
         // before the first transaction, so it needs no catch-up.
         self.attach_new_replicas();
+        self.preopened = None;
         for _ in 0..3 {
             self.service_replicas();
         }
