@@ -8,7 +8,7 @@
 //! 2. **replication** (what a standby costs): every op is encoded with `protocol::encode_op`
 //!    and pushed into a batch of the standby's ring (`Producer::batch().push()`), then a commit
 //!    frame, then `commit()` — the same steps, in the same order, as the engine's private
-//!    `push_tx`;
+//!    `understudy_runtime::engine::push_tx` (what the engine calls);
 //! 3. `Store::apply` of every op.
 //!
 //! The baseline is steps 1 and 3 alone (an active without a standby); the overhead is the
@@ -36,14 +36,15 @@ use common::{fmt_ns, median, quantile, row, write_section, TABLE_HEAD};
 use criterion::{Criterion, Throughput};
 use shm_layout::record::{decode, encoded, TemplateInfo};
 use shm_layout::region::{ensure_private_dir, Identity, Region, RegionMemory, RegionSpec};
-use shm_layout::ring::{BatchBuf, Consumer, Producer, PushError};
+use shm_layout::ring::{BatchBuf, Consumer, Producer};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use understudy_runtime::app::write_versions;
+use understudy_runtime::engine::push_tx;
 use understudy_runtime::engine::{execute, InputMeta};
-use understudy_runtime::protocol::{self, rt, CommitBlock};
+use understudy_runtime::protocol::CommitBlock;
 use understudy_runtime::store::{Op, Store, Unit};
 use understudy_runtime::testkit::CounterV1;
 use understudy_runtime::{Application, Options, Refused, Tx};
@@ -173,24 +174,6 @@ impl Active {
         }
         self.commits += 1;
     }
-}
-
-/// The engine's `push_tx` (private there), step for step.
-#[inline(always)]
-fn push_tx(
-    stream: &mut Producer<RegionMemory>,
-    ops: &[Op],
-    commit: &CommitBlock,
-    scratch: &mut Vec<u8>,
-) -> Result<(), PushError> {
-    let mut b = stream.batch();
-    for op in ops {
-        let (t, bl) = protocol::encode_op(op, scratch);
-        b.push(t, 1, bl, scratch)?;
-    }
-    b.push(rt::COMMIT, 1, 48, zerocopy::IntoBytes::as_bytes(commit))?;
-    b.commit();
-    Ok(())
 }
 
 /// A directory under /dev/shm for the bench's regions, removed on drop (panics included).

@@ -85,6 +85,8 @@ pub enum ClientError {
     },
     /// A response frame failed validation.
     BadResponse(String),
+    /// A client's rings or identity are not usable (what was expected and found).
+    Setup(String),
     /// The request is larger than a ring can carry.
     TooLarge {
         /// Bytes.
@@ -112,6 +114,7 @@ impl fmt::Display for ClientError {
                 }
             ),
             ClientError::BadResponse(s) => write!(f, "bad response frame: {s}"),
+            ClientError::Setup(s) => f.write_str(s),
             ClientError::TooLarge { found } => {
                 write!(f, "request of {found} bytes does not fit in the ring")
             }
@@ -162,7 +165,7 @@ impl Client {
     pub fn connect_with(dir: &Path, capacity: usize) -> Result<Client, ClientError> {
         let control = Control::open(dir).map_err(ClientError::Control)?;
         let me = ProcessIdentity::current()
-            .map_err(|e| ClientError::BadResponse(format!("cannot read own identity: {e}")))?;
+            .map_err(|e| ClientError::Setup(format!("cannot read this process's identity: {e}")))?;
         let ident = Identity {
             pid: me.pid as u64,
             start_time: me.start_time_ticks,
@@ -442,7 +445,7 @@ impl ClientInput {
             return Err(ClientError::Closed { reason: r });
         }
         if in_region.kind() != KIND_IN || out_region.kind() != KIND_OUT {
-            return Err(ClientError::BadResponse(format!(
+            return Err(ClientError::Setup(format!(
                 "client rings: expected kinds {KIND_IN}/{KIND_OUT}, found {}/{}",
                 in_region.kind(),
                 out_region.kind()
@@ -456,7 +459,7 @@ impl ClientInput {
             if p.next_pos != requests.position() {
                 requests
                     .seek(p.next_pos, p.next_seq)
-                    .map_err(|e| ClientError::BadResponse(format!("ingress position: {e}")))?;
+                    .map_err(|e| ClientError::Setup(format!("ingress position: {e}")))?;
             }
             // Re-emit the last committed response if it never reached egress.
             let emitted = out_region.user_word(0).load(Ordering::Acquire);

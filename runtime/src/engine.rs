@@ -357,7 +357,6 @@ struct Upstream {
     stream: Consumer<RegionMemory>,
     feedback: Producer<RegionMemory>,
     active_slot: usize,
-    hello_seen: bool,
     last_ack: Instant,
 }
 
@@ -585,15 +584,7 @@ impl<A: Application, I: Input> Engine<A, I> {
     }
 
     fn position(&self, arg: u64) -> Position {
-        Position {
-            commits: self.commits,
-            input_pos: 0,
-            input_seq: 0,
-            digest: self.store.digest(),
-            units: self.store.unit_count() as u64,
-            epoch: self.epoch,
-            arg,
-        }
+        position_of(&self.store, self.commits, self.epoch, arg)
     }
 
     fn publish_status(&self, role: Role, state: State) {
@@ -720,9 +711,9 @@ impl<A: Application, I: Input> Engine<A, I> {
         }
         self.replicate_tx(&commit);
         // The handler already updated the application's own in-memory view: `on_apply` is for
-        // changes a standby receives.
-        for op in &self.ops {
-            self.store.apply(op);
+        // changes a standby receives. The ops are on the streams: move them into the store.
+        for op in self.ops.drain(..) {
+            self.store.apply_owned(op);
         }
         self.commits += 1;
         self.requests += 1;
@@ -755,16 +746,41 @@ impl<A: Application, I: Input> Engine<A, I> {
                 &mut self.scratch,
             ) {
                 Ok(()) => i += 1,
-                Err(why) => {
-                    let rep = self.replicas.remove(i);
-                    self.detached.push((rep.slot, rep.gen));
-                    warn!(slot = %control::slot_name(rep.slot), "standby detached: {why}");
-                    if rep.stream_region.closed().is_none() {
-                        rep.stream_region.close(CLOSE_DETACHED);
-                    }
-                }
+                Err(why) => self.detach(i, &why),
             }
         }
+    }
+
+    /// Drop replica `i` for good (this attach generation is never reopened); keep the first
+    /// close reason (the standby's own, e.g. a corrupt stream).
+    fn detach(&mut self, i: usize, why: &str) {
+        let rep = self.replicas.remove(i);
+        self.detached.push((rep.slot, rep.gen));
+        warn!(slot = %control::slot_name(rep.slot), "standby detached: {why}");
+        if rep.stream_region.closed().is_none() {
+            rep.stream_region.close(CLOSE_DETACHED);
+        }
+    }
+
+    /// Drop replica `i` that cannot keep up: it is marked stale and must catch up again.
+    fn untether(&mut self, i: usize, why: &str) {
+        let rep = self.replicas.remove(i);
+        self.detached.push((rep.slot, rep.gen));
+        warn!(slot = %control::slot_name(rep.slot), "standby untethered: {why}");
+        rep.stream_region.close(CLOSE_UNTETHERED);
+        self.control
+            .set(rep.slot, Field::State, State::Stale as u64);
+    }
+
+    /// Keep command `seq` pending (true) for up to a second, while a standby finishes
+    /// attaching: the supervisor posts right after it saw the standby hot.
+    fn defer_command(&mut self, seq: u64) -> bool {
+        let first = *self.cmd_seen.get_or_insert((seq, Instant::now()));
+        if first.0 == seq && first.1.elapsed() < Duration::from_secs(1) {
+            return true;
+        }
+        self.cmd_seen = None;
+        false
     }
 
     /// Forget a source's replicated position, in a transaction of its own.
@@ -790,8 +806,8 @@ impl<A: Application, I: Input> Engine<A, I> {
         self.replicate_tx(&commit);
         // The handler already updated the application's own in-memory view: `on_apply` is for
         // changes a standby receives.
-        for op in &self.ops {
-            self.store.apply(op);
+        for op in self.ops.drain(..) {
+            self.store.apply_owned(op);
         }
         self.commits += 1;
         info!(source, "input source retired");
@@ -805,46 +821,14 @@ impl<A: Application, I: Input> Engine<A, I> {
                 i += 1;
                 continue;
             }
-            let mut started = Instant::now();
-            let mut seen_tail = 0u64;
-            let ok = loop {
-                match push_tx(
-                    &mut self.replicas[i].stream,
-                    &self.ops,
-                    commit,
-                    &mut self.scratch,
-                ) {
-                    Ok(()) => break true,
-                    Err(PushError::Full { .. }) => match self.opt.backpressure {
-                        Backpressure::Wait(max) => {
-                            // Wait while the standby makes progress; untether it only when it
-                            // has consumed nothing for `max` (stuck, stopped or dead).
-                            let tail = self.replicas[i].stream.consumer_position();
-                            if tail != seen_tail {
-                                seen_tail = tail;
-                                started = Instant::now();
-                            } else if started.elapsed() >= max {
-                                break false;
-                            }
-                            std::hint::spin_loop();
-                        }
-                        Backpressure::Untether => break false,
-                    },
-                    Err(e) => {
-                        error!("transaction cannot be replicated: {e}");
-                        break false;
-                    }
-                }
-            };
+            let (ops, scratch) = (&self.ops, &mut self.scratch);
+            let ok = push_waiting(&mut self.replicas[i].stream, self.opt.backpressure, |p| {
+                push_tx(p, ops, commit, scratch)
+            });
             if ok {
                 i += 1;
             } else {
-                let rep = self.replicas.remove(i);
-                self.detached.push((rep.slot, rep.gen));
-                warn!(slot = %control::slot_name(rep.slot), "standby untethered: its stream is full");
-                rep.stream_region.close(CLOSE_UNTETHERED);
-                self.control
-                    .set(rep.slot, Field::State, State::Stale as u64);
+                self.untether(i, "its stream is full");
             }
         }
     }
@@ -871,13 +855,10 @@ impl<A: Application, I: Input> Engine<A, I> {
                 let ok = self.replicas.iter().any(|r| {
                     r.slot == target && r.hot && matches!(r.phase, ReplicaPhase::Streaming(None))
                 });
-                if !ok && target < control::SLOTS {
-                    // The target is attached but has not confirmed it is hot yet (acks come
-                    // every millisecond): keep the command pending for up to a second.
-                    let first = *self.cmd_seen.get_or_insert((seq, Instant::now()));
-                    if first.0 == seq && first.1.elapsed() < Duration::from_secs(1) {
-                        return Ok(None);
-                    }
+                // The target may be attached without having confirmed it is hot yet (acks
+                // come every millisecond).
+                if !ok && target < control::SLOTS && self.defer_command(seq) {
+                    return Ok(None);
                 }
                 self.cmd_seen = None;
                 if !ok {
@@ -912,12 +893,9 @@ impl<A: Application, I: Input> Engine<A, I> {
                     .iter()
                     .zip(&alive)
                     .any(|(r, a)| *a && r.agreement.is_none());
-                if attaching {
-                    // A standby is mid-handshake: decide once it has said which features it has.
-                    let first = *self.cmd_seen.get_or_insert((seq, Instant::now()));
-                    if first.0 == seq && first.1.elapsed() < Duration::from_secs(1) {
-                        return Ok(None);
-                    }
+                // A standby mid-handshake: decide once it has said which features it has.
+                if attaching && self.defer_command(seq) {
+                    return Ok(None);
                 }
                 self.cmd_seen = None;
                 let mut can = self
@@ -960,50 +938,19 @@ impl<A: Application, I: Input> Engine<A, I> {
         };
         let mut i = 0;
         while i < self.replicas.len() {
-            let wait = match self.opt.backpressure {
-                Backpressure::Wait(d) => d,
-                Backpressure::Untether => Duration::ZERO,
-            };
             let r = &mut self.replicas[i];
-            let sent = !matches!(r.phase, ReplicaPhase::Streaming(_)) || {
-                // Under load the ring may be momentarily full: wait while the standby makes
-                // progress, as for a transaction, before giving up on it.
-                let mut started = Instant::now();
-                let mut seen_tail = r.stream.consumer_position();
-                loop {
-                    match r.stream.try_publish(
-                        rt::FEATURES,
-                        1,
-                        16,
-                        zerocopy::IntoBytes::as_bytes(&fb),
-                    ) {
-                        Ok(()) => break true,
-                        Err(PushError::Full { .. }) => {
-                            let tail = r.stream.consumer_position();
-                            if tail != seen_tail {
-                                seen_tail = tail;
-                                started = Instant::now();
-                            } else if started.elapsed() >= wait {
-                                break false;
-                            }
-                            std::hint::spin_loop();
-                        }
-                        Err(_) => break false,
-                    }
-                }
-            };
+            // Under load the ring may be momentarily full: wait as for a transaction.
+            let sent = !matches!(r.phase, ReplicaPhase::Streaming(_))
+                || push_waiting(&mut r.stream, self.opt.backpressure, |p| {
+                    p.try_publish(rt::FEATURES, 1, 16, zerocopy::IntoBytes::as_bytes(&fb))
+                });
             if sent {
                 i += 1;
                 continue;
             }
             // A standby that missed the switch would write the old layouts after a step-up:
             // untether it; it catches up and learns the enabled set from the hello.
-            let rep = self.replicas.remove(i);
-            self.detached.push((rep.slot, rep.gen));
-            warn!(slot = %control::slot_name(rep.slot), "standby untethered: no room for the feature switch");
-            rep.stream_region.close(CLOSE_UNTETHERED);
-            self.control
-                .set(rep.slot, Field::State, State::Stale as u64);
+            self.untether(i, "no room for the feature switch");
         }
         self.enabled = enabled;
         self.write_versions = write_versions(&self.templates, &self.features, enabled);
@@ -1024,16 +971,19 @@ impl<A: Application, I: Input> Engine<A, I> {
         // Room for the step-up frame first (a hot standby's ring may be momentarily full under
         // load): nothing has changed yet if there is none, and we stay active.
         let need = shm_layout::frame::frame_bytes(56) + 2 * shm_layout::frame::FRAME_ALIGN;
-        let wait = match self.opt.backpressure {
-            Backpressure::Wait(d) => d,
-            Backpressure::Untether => Duration::from_millis(1),
-        };
-        let t_room = Instant::now();
-        while self.replicas[idx].stream.free_bytes() < need {
-            if t_room.elapsed() > wait {
-                return Err(SwitchoverRefused::NoRoom);
+        let room = push_waiting(&mut self.replicas[idx].stream, self.opt.backpressure, |p| {
+            let free_bytes = p.free_bytes();
+            if free_bytes >= need {
+                Ok(())
+            } else {
+                Err(PushError::Full {
+                    needed_bytes: need,
+                    free_bytes,
+                })
             }
-            std::hint::spin_loop();
+        });
+        if !room {
+            return Err(SwitchoverRefused::NoRoom);
         }
         // Pre-create our standby stream of the next epoch, so the new active streams to us
         // from its first transaction on (no catch-up: our digest equals its digest).
@@ -1167,15 +1117,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         while i < self.replicas.len() {
             match self.service_replica(i) {
                 Ok(()) => i += 1,
-                Err(why) => {
-                    let rep = self.replicas.remove(i);
-                    self.detached.push((rep.slot, rep.gen));
-                    warn!(slot = %control::slot_name(rep.slot), "standby detached: {why}");
-                    // Keep the first reason (the standby's own, e.g. a corrupt stream).
-                    if rep.stream_region.closed().is_none() {
-                        rep.stream_region.close(CLOSE_DETACHED);
-                    }
-                }
+                Err(why) => self.detach(i, &why),
             }
         }
         let peers: Vec<u64> = self
@@ -1234,15 +1176,8 @@ impl<A: Application, I: Input> Engine<A, I> {
                                             .map_err(|e| e.to_string())?;
                                         let same = theirs.digest == hello_now.digest
                                             && theirs.commits == hello_now.commits;
-                                        let pos = Position {
-                                            commits: self.commits,
-                                            input_pos: 0,
-                                            input_seq: 0,
-                                            digest: self.store.digest(),
-                                            units: self.store.unit_count() as u64,
-                                            epoch: self.epoch,
-                                            arg: 0,
-                                        };
+                                        let pos =
+                                            position_of(&self.store, self.commits, self.epoch, 0);
                                         if same {
                                             b.push(
                                                 rt::BASE,
@@ -1389,7 +1324,6 @@ impl<A: Application, I: Input> Engine<A, I> {
             stream,
             feedback,
             active_slot,
-            hello_seen: false,
             last_ack: Instant::now(),
         })
     }
@@ -1551,7 +1485,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                     idle_polls = 0;
                     got = true;
                     batches = batches.wrapping_add(1);
-                    match self.apply_batch(u, &mut state) {
+                    match self.apply_batch(&mut state) {
                         Ok(Some(f)) => return Ok(f),
                         Ok(None) => {}
                         Err(e) => {
@@ -1634,15 +1568,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                 }
                 if u.last_ack.elapsed() > Duration::from_millis(1) {
                     u.last_ack = Instant::now();
-                    let p = Position {
-                        commits: self.commits,
-                        input_pos: 0,
-                        input_seq: 0,
-                        digest: self.store.digest(),
-                        units: self.store.unit_count() as u64,
-                        epoch: self.epoch,
-                        arg: (state == State::Hot) as u64,
-                    };
+                    let p = self.position((state == State::Hot) as u64);
                     let _ =
                         u.feedback
                             .try_publish(rt::ACK, 1, 56, zerocopy::IntoBytes::as_bytes(&p));
@@ -1708,7 +1634,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         loop {
             match u.stream.poll(&mut self.buf) {
                 Ok(false) => return Drained::Clean,
-                Ok(true) => match self.apply_batch(u, state) {
+                Ok(true) => match self.apply_batch(state) {
                     Ok(None) => {}
                     Ok(Some(f)) => return Drained::RoleChange(f),
                     Err(e) => {
@@ -1727,11 +1653,7 @@ impl<A: Application, I: Input> Engine<A, I> {
     }
 
     /// Apply the batch in `self.buf`. `Ok(Some)` when the batch changes the role.
-    fn apply_batch(
-        &mut self,
-        u: &mut Upstream,
-        state: &mut State,
-    ) -> Result<Option<Follow>, EngineError> {
+    fn apply_batch(&mut self, state: &mut State) -> Result<Option<Follow>, EngineError> {
         let s = self.opt.slot;
         let mut frames = std::mem::take(&mut self.buf);
         let r = (|| {
@@ -1779,7 +1701,6 @@ impl<A: Application, I: Input> Engine<A, I> {
                             .set(s, Field::Layout, self.agreed_layout as u64);
                         self.control.set(s, Field::Features, self.enabled);
                         self.control.set(s, Field::Enableable, a.enableable);
-                        u.hello_seen = true;
                     }
                     rt::BASE => {
                         let p: Position =
@@ -2078,8 +1999,9 @@ pub fn execute_local<A: Application>(
     resp
 }
 
-/// Push one transaction as a batch.
-fn push_tx(
+/// Push one transaction (its ops, then the commit) as one batch: what the active writes to
+/// each standby's stream per transaction (public for the replication benchmark).
+pub fn push_tx(
     stream: &mut Producer<RegionMemory>,
     ops: &[Op],
     commit: &CommitBlock,
@@ -2093,6 +2015,55 @@ fn push_tx(
     b.push(rt::COMMIT, 1, 48, zerocopy::IntoBytes::as_bytes(commit))?;
     b.commit();
     Ok(())
+}
+
+/// A position in the history of the state (what `Base`, `SnapBegin`/`SnapEnd`, `StepUp` and
+/// `Ack` carry). Input positions live in the `SYS_INPUTS` table, so those fields stay 0.
+fn position_of(store: &Store, commits: u64, epoch: u64, arg: u64) -> Position {
+    Position {
+        commits,
+        input_pos: 0,
+        input_seq: 0,
+        digest: store.digest(),
+        units: store.unit_count() as u64,
+        epoch,
+        arg,
+    }
+}
+
+/// Push with the back-pressure policy: while `push` finds the ring full, wait as long as the
+/// standby keeps consuming; give up (false) when it consumed nothing for the policy's bound,
+/// at once under `Untether`, or on any other error.
+fn push_waiting(
+    stream: &mut Producer<RegionMemory>,
+    policy: Backpressure,
+    mut push: impl FnMut(&mut Producer<RegionMemory>) -> Result<(), PushError>,
+) -> bool {
+    let max = match policy {
+        Backpressure::Wait(d) => d,
+        Backpressure::Untether => Duration::ZERO,
+    };
+    let mut started = Instant::now();
+    let mut seen_tail = stream.consumer_position();
+    loop {
+        match push(stream) {
+            Ok(()) => return true,
+            Err(PushError::Full { .. }) => {
+                let tail = stream.consumer_position();
+                if tail != seen_tail {
+                    seen_tail = tail;
+                    started = Instant::now();
+                } else if started.elapsed() >= max {
+                    return false;
+                }
+                std::hint::spin_loop();
+            }
+            Err(e) => {
+                error!("cannot write to a standby's stream: {e}");
+                return false;
+            }
+        }
+    }
 }
 
 /// One catch-up step for replica `r`: a chunk of the snapshot, then `SnapEnd` once complete.
@@ -2110,15 +2081,7 @@ fn catch_up_step(
     let done = send_chunk(&mut r.stream, store, snap, chunk, scratch)
         .map_err(|e| format!("catch-up: {e}"))?;
     if done {
-        let pos = Position {
-            commits,
-            input_pos: 0,
-            input_seq: 0,
-            digest: store.digest(),
-            units: store.unit_count() as u64,
-            epoch,
-            arg: 0,
-        };
+        let pos = position_of(store, commits, epoch, 0);
         match r
             .stream
             .try_publish(rt::SNAP_END, 1, 56, zerocopy::IntoBytes::as_bytes(&pos))
@@ -2145,13 +2108,8 @@ fn send_chunk(
         let mut last = snap.units_after;
         let mut full = false;
         for (id, u) in store.units_after(snap.units_after, chunk) {
-            let op = Op::PutUnit {
-                id,
-                kind: u.kind,
-                layout_version: u.layout_version,
-                state: u.state.clone(),
-            };
-            let (t, bl) = protocol::encode_op(&op, scratch);
+            let (t, bl) =
+                protocol::encode_put_unit(id, u.kind, u.layout_version, &u.state, scratch);
             match b.push(t, 1, bl, scratch) {
                 Ok(()) => {}
                 Err(PushError::Full { .. }) => {
@@ -2180,13 +2138,8 @@ fn send_chunk(
     }
     let mut last = snap.records_after.clone();
     let mut done = true;
-    for ((table, key), value) in store.records_after(snap.records_after.as_ref(), chunk) {
-        let op = Op::Put {
-            table: *table,
-            key: key.clone(),
-            value: value.clone(),
-        };
-        let (t, bl) = protocol::encode_op(&op, scratch);
+    for (table, key, value) in store.records_after(snap.records_after.as_ref(), chunk) {
+        let (t, bl) = protocol::encode_put(table, key, value, scratch);
         match b.push(t, 1, bl, scratch) {
             Ok(()) => {}
             Err(PushError::Full { .. }) => {
@@ -2199,7 +2152,7 @@ fn send_chunk(
             }
             Err(e) => return Err(e),
         }
-        last = Some((*table, key.clone()));
+        last = Some((table, key.to_vec()));
         n += 1;
     }
     if n == chunk {

@@ -342,31 +342,12 @@ pub fn encode_op(op: &Op, out: &mut Vec<u8>) -> (u16, u16) {
             kind,
             layout_version,
             state,
-        } => {
-            let b = PutUnitBlock {
-                id: *id,
-                kind: *kind,
-                layout_version: *layout_version,
-                state_len: state.len() as u32,
-            };
-            encode_into(out, &b, &[state]);
-            (rt::PUT_UNIT, 16)
-        }
+        } => encode_put_unit(*id, *kind, *layout_version, state, out),
         Op::RetireUnit { id } => {
             encode_into(out, &RetireUnitBlock { id: *id }, &[]);
             (rt::RETIRE_UNIT, 8)
         }
-        Op::Put { table, key, value } => {
-            let b = RecordBlock {
-                table: *table,
-                _pad: 0,
-                key_len: key.len() as u32,
-                value_len: value.len() as u32,
-                _pad2: 0,
-            };
-            encode_into(out, &b, &[key, value]);
-            (rt::PUT, 16)
-        }
+        Op::Put { table, key, value } => encode_put(*table, key, value, out),
         Op::Delete { table, key } => {
             let b = RecordBlock {
                 table: *table,
@@ -379,6 +360,38 @@ pub fn encode_op(op: &Op, out: &mut Vec<u8>) -> (u16, u16) {
             (rt::DELETE, 16)
         }
     }
+}
+
+/// Encode a `PutUnit` from borrowed parts (a snapshot chunk encodes the store's units without
+/// building an [`Op`]).
+pub fn encode_put_unit(
+    id: u64,
+    kind: u16,
+    layout_version: u16,
+    state: &[u8],
+    out: &mut Vec<u8>,
+) -> (u16, u16) {
+    let b = PutUnitBlock {
+        id,
+        kind,
+        layout_version,
+        state_len: state.len() as u32,
+    };
+    encode_into(out, &b, &[state]);
+    (rt::PUT_UNIT, 16)
+}
+
+/// Encode a `Put` from borrowed parts.
+pub fn encode_put(table: u16, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> (u16, u16) {
+    let b = RecordBlock {
+        table,
+        _pad: 0,
+        key_len: key.len() as u32,
+        value_len: value.len() as u32,
+        _pad2: 0,
+    };
+    encode_into(out, &b, &[key, value]);
+    (rt::PUT, 16)
 }
 
 /// Decode a commit: its block and response bytes.

@@ -55,7 +55,9 @@ pub enum Op {
 #[derive(Debug, Default, Clone)]
 pub struct Store {
     units: BTreeMap<u64, Unit>,
-    records: BTreeMap<(u16, Vec<u8>), Vec<u8>>,
+    /// Table → key → value: nested so a lookup by borrowed key allocates nothing.
+    records: BTreeMap<u16, BTreeMap<Vec<u8>, Vec<u8>>>,
+    record_count: usize,
     digest: u64,
 }
 
@@ -118,7 +120,7 @@ impl Store {
 
     /// Number of table records.
     pub fn record_count(&self) -> usize {
-        self.records.len()
+        self.record_count
     }
 
     /// A work unit.
@@ -128,12 +130,7 @@ impl Store {
 
     /// A record.
     pub fn get(&self, table: u16, key: &[u8]) -> Option<&[u8]> {
-        // BTreeMap<(u16, Vec<u8>)> cannot be queried by borrowed key parts without allocating;
-        // a range over the exact key avoids building one.
-        self.records
-            .range((table, key.to_vec())..=(table, key.to_vec()))
-            .next()
-            .map(|(_, v)| v.as_slice())
+        self.records.get(&table)?.get(key).map(|v| v.as_slice())
     }
 
     /// All units, ordered by id.
@@ -144,9 +141,10 @@ impl Store {
     /// All records of `table`, ordered by key.
     pub fn table(&self, table: u16) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.records
-            .range((table, Vec::new())..)
-            .take_while(move |((t, _), _)| *t == table)
-            .map(|((_, k), v)| (k.as_slice(), v.as_slice()))
+            .get(&table)
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
     }
 
     /// Apply one change.
@@ -171,6 +169,29 @@ impl Store {
         }
     }
 
+    /// Apply one change, taking its bytes (no copy: what the active does with its own
+    /// transaction once it is on every standby's stream).
+    pub fn apply_owned(&mut self, op: Op) {
+        match op {
+            Op::PutUnit {
+                id,
+                kind,
+                layout_version,
+                state,
+            } => self.put_unit(
+                id,
+                Unit {
+                    kind,
+                    layout_version,
+                    state,
+                },
+            ),
+            Op::RetireUnit { id } => self.retire_unit(id),
+            Op::Put { table, key, value } => self.put(table, key, value),
+            Op::Delete { table, key } => self.delete(table, &key),
+        }
+    }
+
     /// Register or replace a unit.
     pub fn put_unit(&mut self, id: u64, unit: Unit) {
         self.digest = self.digest.wrapping_add(unit_hash(id, &unit));
@@ -188,17 +209,32 @@ impl Store {
 
     /// Put a record.
     pub fn put(&mut self, table: u16, key: Vec<u8>, value: Vec<u8>) {
-        let h = record_hash(table, &key, &value);
-        self.digest = self.digest.wrapping_add(h);
-        if let Some(old) = self.records.insert((table, key.clone()), value) {
-            self.digest = self.digest.wrapping_sub(record_hash(table, &key, &old));
+        use std::collections::btree_map::Entry;
+        self.digest = self.digest.wrapping_add(record_hash(table, &key, &value));
+        match self.records.entry(table).or_default().entry(key) {
+            Entry::Occupied(mut e) => {
+                let old = record_hash(table, e.key(), e.get());
+                self.digest = self.digest.wrapping_sub(old);
+                e.insert(value);
+            }
+            Entry::Vacant(e) => {
+                e.insert(value);
+                self.record_count += 1;
+            }
         }
     }
 
     /// Delete a record (no-op if absent).
     pub fn delete(&mut self, table: u16, key: &[u8]) {
-        if let Some(old) = self.records.remove(&(table, key.to_vec())) {
+        let Some(t) = self.records.get_mut(&table) else {
+            return;
+        };
+        if let Some(old) = t.remove(key) {
             self.digest = self.digest.wrapping_sub(record_hash(table, key, &old));
+            self.record_count -= 1;
+            if t.is_empty() {
+                self.records.remove(&table);
+            }
         }
     }
 
@@ -206,6 +242,7 @@ impl Store {
     pub fn clear(&mut self) {
         self.units.clear();
         self.records.clear();
+        self.record_count = 0;
         self.digest = 0;
     }
 
@@ -224,17 +261,24 @@ impl Store {
     }
 
     /// Up to `max` records after `(table, key)` (a snapshot chunk; `None` = from the start).
-    pub fn records_after(
-        &self,
-        after: Option<&(u16, Vec<u8>)>,
+    pub fn records_after<'a>(
+        &'a self,
+        after: Option<&'a (u16, Vec<u8>)>,
         max: usize,
-    ) -> impl Iterator<Item = (&(u16, Vec<u8>), &Vec<u8>)> {
+    ) -> impl Iterator<Item = (u16, &'a [u8], &'a [u8])> + 'a {
         use std::ops::Bound;
-        let lo = match after {
-            Some(k) => Bound::Excluded(k.clone()),
-            None => Bound::Unbounded,
-        };
-        self.records.range((lo, Bound::Unbounded)).take(max)
+        let first_table = after.map_or(0, |(t, _)| *t);
+        self.records
+            .range(first_table..)
+            .flat_map(move |(t, keys)| {
+                let lo = match after {
+                    Some((at, k)) if at == t => Bound::Excluded(k.as_slice()),
+                    _ => Bound::Unbounded,
+                };
+                keys.range::<[u8], _>((lo, Bound::Unbounded))
+                    .map(move |(k, v)| (*t, k.as_slice(), v.as_slice()))
+            })
+            .take(max)
     }
 }
 

@@ -40,13 +40,27 @@ fn side_path(cl: &Cluster, slot: usize) -> std::path::PathBuf {
     cl.dir.with_extension(format!("side-{slot}"))
 }
 
-struct SideCleanup(Vec<std::path::PathBuf>);
-impl Drop for SideCleanup {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
-    }
+/// Engine settings for `slot`: its side channel (`<dir>.side-N`, removed with the cluster) and
+/// a workload paced at 50 µs.
+fn paced_env(cl: &Cluster, slot: usize) -> Vec<(&'static str, String)> {
+    vec![
+        ("US_SIDE", side_path(cl, slot).display().to_string()),
+        ("US_PACE_US", "50".to_string()),
+    ]
+}
+
+/// `a` active and `b` starting as its standby, both paced and reporting through side channels.
+fn start_pair(tag: &str) -> (Cluster, understudy_runtime::control::Control) {
+    let mut cl = Cluster::new(tag);
+    let c = cl.control();
+    let e0 = paced_env(&cl, 0);
+    cl.spawn("child_engine", 0, 1, u64::MAX, false, &e0);
+    wait_until("a active", Duration::from_secs(10), || {
+        role(&c, 0) == Role::Active
+    });
+    let e1 = paced_env(&cl, 1);
+    cl.spawn("child_engine", 1, 1, u64::MAX, true, &e1);
+    (cl, c)
 }
 
 /// The core failover invariant over many real SIGKILLs of the active during streaming: the
@@ -57,28 +71,7 @@ fn sigkill_of_active_loses_nothing_commits_nothing_twice() {
     let kills: usize = std::env::var("US_KILLS")
         .ok()
         .map_or(100, |v| v.parse().unwrap());
-    let mut cl = Cluster::new("kill");
-    let _sides = SideCleanup(vec![side_path(&cl, 0), side_path(&cl, 1)]);
-    let c = cl.control();
-    let dir = cl.dir.clone();
-    let extra = move |slot: usize| {
-        vec![
-            (
-                "US_SIDE",
-                dir.with_extension(format!("side-{slot}"))
-                    .display()
-                    .to_string(),
-            ),
-            ("US_PACE_US", "50".to_string()),
-        ]
-    };
-    let e0 = extra(0);
-    cl.spawn("child_engine", 0, 1, u64::MAX, false, &e0);
-    wait_until("a active", Duration::from_secs(10), || {
-        role(&c, 0) == Role::Active
-    });
-    let e1 = extra(1);
-    cl.spawn("child_engine", 1, 1, u64::MAX, true, &e1);
+    let (mut cl, c) = start_pair("kill");
     let mut model = Model::new(1);
     let mut rng = 0x9E3779B97F4A7C15u64;
     let mut active = 0usize;
@@ -113,7 +106,7 @@ fn sigkill_of_active_loses_nothing_commits_nothing_twice() {
             digest,
             "kill {i}: state after step-up differs from the state after exactly {k} transactions"
         );
-        let e = extra(active);
+        let e = paced_env(&cl, active);
         cl.spawn("child_engine", active, 1, u64::MAX, true, &e);
         active = standby;
     }
@@ -126,28 +119,7 @@ fn planned_switchovers_lose_nothing() {
     let n: usize = std::env::var("US_SWITCHES")
         .ok()
         .map_or(100, |v| v.parse().unwrap());
-    let mut cl = Cluster::new("switch");
-    let _sides = SideCleanup(vec![side_path(&cl, 0), side_path(&cl, 1)]);
-    let c = cl.control();
-    let dir = cl.dir.clone();
-    let extra = move |slot: usize| {
-        vec![
-            (
-                "US_SIDE",
-                dir.with_extension(format!("side-{slot}"))
-                    .display()
-                    .to_string(),
-            ),
-            ("US_PACE_US", "50".to_string()),
-        ]
-    };
-    let e0 = extra(0);
-    cl.spawn("child_engine", 0, 1, u64::MAX, false, &e0);
-    wait_until("a active", Duration::from_secs(10), || {
-        role(&c, 0) == Role::Active
-    });
-    let e1 = extra(1);
-    cl.spawn("child_engine", 1, 1, u64::MAX, true, &e1);
+    let (cl, c) = start_pair("switch");
     let mut model = Model::new(1);
     let mut active = 0usize;
     for i in 0..n {
@@ -202,22 +174,7 @@ fn planned_switchovers_lose_nothing() {
 /// and the cluster is not left without an active.
 #[test]
 fn switchover_target_dying_before_step_up_leaves_the_old_active_in_charge() {
-    let mut cl = Cluster::new("handback");
-    let c = cl.control();
-    let dir = cl.dir.clone();
-    let side0 = vec![
-        (
-            "US_SIDE",
-            dir.with_extension("side-0").display().to_string(),
-        ),
-        ("US_PACE_US", "50".to_string()),
-    ];
-    let _sides = SideCleanup(vec![dir.with_extension("side-0")]);
-    cl.spawn("child_engine", 0, 1, u64::MAX, false, &side0);
-    wait_until("a active", Duration::from_secs(10), || {
-        role(&c, 0) == Role::Active
-    });
-    cl.spawn("child_engine", 1, 1, u64::MAX, true, &[]);
+    let (mut cl, c) = start_pair("handback");
     wait_until("b hot", Duration::from_secs(10), || {
         state(&c, 1) == State::Hot
     });
@@ -238,7 +195,7 @@ fn switchover_target_dying_before_step_up_leaves_the_old_active_in_charge() {
         role(&c, 0) == Role::Active && c.get(0, Field::StepUps) > ups
     });
     let k = c.get(0, Field::StepUpCommits);
-    let side = Side::open(&dir.with_extension("side-0"));
+    let side = Side::open(&side_path(&cl, 0));
     let mut model = Model::new(1);
     assert_eq!(
         model.advance_to(k),
@@ -309,4 +266,38 @@ fn switchover_target_dying_right_after_step_up_hands_back() {
     wait_until("a commits again", Duration::from_secs(10), || {
         c.get(0, Field::Commits) > before
     });
+}
+
+/// A hung (not dead) active is fenced by its standby: with the active frozen (SIGSTOP), its
+/// heartbeat ages past the threshold, the standby SIGKILLs it and steps up with exactly the
+/// state the active had committed — never two actives.
+#[test]
+fn hung_active_is_fenced_and_the_standby_steps_up() {
+    let mut cl = Cluster::new("hung");
+    let c = cl.control();
+    let e0 = paced_env(&cl, 0);
+    cl.spawn("child_engine", 0, 1, u64::MAX, false, &e0);
+    wait_until("a active", Duration::from_secs(10), || {
+        role(&c, 0) == Role::Active
+    });
+    let mut e1 = paced_env(&cl, 1);
+    e1.push(("US_HUNG_MS", "150".to_string()));
+    cl.spawn("child_engine", 1, 1, u64::MAX, true, &e1);
+    wait_until("b hot", Duration::from_secs(10), || {
+        state(&c, 1) == State::Hot
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    cl.signal(0, libc::SIGSTOP);
+    let side = Side::open(&side_path(&cl, 0));
+    let (committed, started) = (side.committed(), side.started());
+    wait_until("b fences a and steps up", Duration::from_secs(10), || {
+        role(&c, 1) == Role::Active && c.get(1, Field::StepUps) > 0
+    });
+    wait_until("a killed", Duration::from_secs(5), || !cl.running(0));
+    let k = c.get(1, Field::StepUpCommits);
+    assert!(
+        committed <= k && k <= started,
+        "stepped up at {k}; the hung active had committed {committed}, started {started}"
+    );
+    assert_eq!(Model::new(1).advance_to(k), c.get(1, Field::StepUpDigest));
 }

@@ -67,6 +67,16 @@ pub const MIN_CAPACITY: usize = 1024;
 
 const _: () = assert!(CONTROL_BYTES == 512);
 
+/// The data word holding byte position `pos` of a ring whose memory passed `check()`.
+#[inline(always)]
+fn data_word<M: WordMemory>(mem: &M, mask: u64, pos: u64) -> &crate::sync::AtomicU64 {
+    let i = DATA_WORD + ((pos & mask) >> 3) as usize;
+    // SAFETY: `pos & mask < capacity` (mask = capacity - 1), so `i < DATA_WORD + capacity / 8
+    // = ring_words(capacity)`, and both ends' constructors ran `check()`, which verified
+    // `len_words() >= ring_words(capacity)`.
+    unsafe { mem.word_unchecked(i) }
+}
+
 /// Words of memory a ring with `capacity` data bytes needs.
 pub const fn ring_words(capacity: usize) -> usize {
     DATA_WORD + capacity / 8
@@ -290,10 +300,7 @@ impl<M: WordMemory> Producer<M> {
 
     #[inline(always)]
     fn word_at(&self, pos: u64) -> &crate::sync::AtomicU64 {
-        let i = DATA_WORD + ((pos & self.mask) >> 3) as usize;
-        // SAFETY: `pos & mask < capacity`, so `i < DATA_WORD + capacity / 8 = ring_words`,
-        // and `check()` verified `len_words() >= ring_words(capacity)` at construction.
-        unsafe { self.mem.word_unchecked(i) }
+        data_word(&self.mem, self.mask, pos)
     }
 
     /// The position the next batch will start at.
@@ -856,10 +863,7 @@ impl<M: WordMemory> Consumer<M> {
 
     #[inline(always)]
     fn word_at(&self, pos: u64) -> &crate::sync::AtomicU64 {
-        let i = DATA_WORD + ((pos & self.mask) >> 3) as usize;
-        // SAFETY: `pos & mask < capacity`, so `i < DATA_WORD + capacity / 8 = ring_words`,
-        // and `check()` verified `len_words() >= ring_words(capacity)` at construction.
-        unsafe { self.mem.word_unchecked(i) }
+        data_word(&self.mem, self.mask, pos)
     }
 
     /// The position of the next batch to read.
