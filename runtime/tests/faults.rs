@@ -81,16 +81,6 @@ impl RawRing {
     }
 }
 
-/// Wait until the process is in the stopped state (SIGSTOP is delivered asynchronously).
-fn wait_stopped(pid: u32) {
-    wait_until(&format!("process {pid} stopped"), T, || {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // Field 3, after the parenthesised command name.
-        stat.rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
-    });
-}
-
 /// Facts about the active that must not change while a standby has trouble.
 struct ActiveFacts {
     slot: usize,
@@ -189,8 +179,7 @@ fn corrupted_frame_makes_standby_resync_and_loses_nothing() {
     // Freeze the standby so the frames ahead of it stay unread, then corrupt the second
     // committed batch past its released tail: the first may be half-read at the freeze, the
     // second cannot have been touched yet.
-    cl.signal(1, libc::SIGSTOP);
-    wait_stopped(cl.pid(1).unwrap());
+    cl.stop(1);
     let mut second = 0;
     wait_cluster(
         &c,
@@ -251,8 +240,7 @@ fn stopped_standby_is_untethered_and_catches_up_after_resume() {
     let path = Control::stream_path(&cl.dir, c.epoch(), 1, gen);
     let region = Region::open(&path, Duration::from_secs(1)).unwrap();
 
-    cl.signal(1, libc::SIGSTOP);
-    wait_stopped(cl.pid(1).unwrap());
+    cl.stop(1);
     wait_cluster(&c, "the active marks the frozen standby stale", T, || {
         state(&c, 1) == State::Stale
     });

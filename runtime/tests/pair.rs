@@ -180,7 +180,7 @@ fn switchover_target_dying_before_step_up_leaves_the_old_active_in_charge() {
     });
     std::thread::sleep(Duration::from_millis(20));
     // Freeze b so it cannot step up, hand over to it, then kill it.
-    cl.signal(1, libc::SIGSTOP);
+    cl.stop(1);
     let seq = c.post(understudy_runtime::control::cmd::SWITCHOVER, 1);
     wait_until("switchover acked", Duration::from_secs(10), || {
         c.acked().0 == seq
@@ -287,7 +287,7 @@ fn hung_active_is_fenced_and_the_standby_steps_up() {
         state(&c, 1) == State::Hot
     });
     std::thread::sleep(Duration::from_millis(20));
-    cl.signal(0, libc::SIGSTOP);
+    cl.stop(0);
     let side = Side::open(&side_path(&cl, 0));
     let (committed, started) = (side.committed(), side.started());
     wait_until("b fences a and steps up", Duration::from_secs(10), || {

@@ -151,6 +151,19 @@ impl Cluster {
         assert_eq!(r, 0, "kill({pid}, {signal}) failed");
     }
 
+    /// Freeze the engine in `slot` with SIGSTOP and return only once every one of its threads
+    /// is in the stopped state: `kill` merely queues the signal, and a process running on the
+    /// other CPU goes on executing (and committing) until it is interrupted.
+    pub fn stop(&self, slot: usize) {
+        self.signal(slot, libc::SIGSTOP);
+        let pid = self.pid(slot).expect("signalled above");
+        wait_until(
+            &format!("engine {slot} (pid {pid}) stopped"),
+            Duration::from_secs(20),
+            || all_tasks_stopped(pid),
+        );
+    }
+
     /// The side channel of the engine in `slot` (a file inside the cluster directory, so it
     /// is removed with it); pass [`Cluster::side_env`] to the engine so it reports there.
     pub fn side(&self, slot: usize) -> Side {
@@ -315,4 +328,24 @@ pub fn wait_cluster(c: &Control, what: &str, timeout: Duration, mut f: impl FnMu
         }
         std::thread::sleep(Duration::from_micros(500));
     }
+}
+
+/// Whether every thread of `pid` is in the stopped state ('T' in field 3 of its stat file).
+fn all_tasks_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut any = false;
+    for t in tasks.flatten() {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // Field 3 follows the parenthesised command name, which may itself hold ')'.
+        let stopped = stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'));
+        if !stopped {
+            return false;
+        }
+        any = true;
+    }
+    any
 }
