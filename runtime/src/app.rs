@@ -2,7 +2,7 @@
 //! its handler runs in, and the version handshake between two engines.
 
 use crate::protocol::{FeatureDecl, Hello};
-use crate::store::{Op, Store, Unit};
+use crate::store::{Op, Spare, Store, UnitRef};
 use shm_layout::record::TemplateInfo;
 use std::fmt;
 
@@ -67,6 +67,7 @@ pub trait Application {
 pub struct Tx<'a> {
     pub(crate) store: &'a Store,
     pub(crate) ops: &'a mut Vec<Op>,
+    pub(crate) spare: &'a mut Spare,
     pub(crate) response: &'a mut Vec<u8>,
     pub(crate) enabled: u64,
     pub(crate) write_versions: &'a [(u16, u16)],
@@ -84,11 +85,12 @@ impl Tx<'_> {
     }
 
     fn put_unit(&mut self, id: u64, kind: u16, layout_version: u16, state: &[u8]) {
+        let state = self.spare.copy_of(state);
         self.ops.push(Op::PutUnit {
             id,
             kind,
             layout_version,
-            state: state.to_vec(),
+            state,
         });
     }
 
@@ -99,23 +101,18 @@ impl Tx<'_> {
 
     /// Put a record into table `table`.
     pub fn put(&mut self, table: u16, key: &[u8], value: &[u8]) {
-        self.ops.push(Op::Put {
-            table,
-            key: key.to_vec(),
-            value: value.to_vec(),
-        });
+        let (key, value) = (self.spare.copy_of(key), self.spare.copy_of(value));
+        self.ops.push(Op::Put { table, key, value });
     }
 
     /// Delete a record.
     pub fn delete(&mut self, table: u16, key: &[u8]) {
-        self.ops.push(Op::Delete {
-            table,
-            key: key.to_vec(),
-        });
+        let key = self.spare.copy_of(key);
+        self.ops.push(Op::Delete { table, key });
     }
 
-    /// A work unit as this transaction sees it.
-    pub fn unit(&self, id: u64) -> Option<Unit> {
+    /// A work unit as this transaction sees it, in place (no copy).
+    pub fn unit(&self, id: u64) -> Option<UnitRef<'_>> {
         for op in self.ops.iter().rev() {
             match op {
                 Op::PutUnit {
@@ -124,33 +121,33 @@ impl Tx<'_> {
                     layout_version,
                     state,
                 } if *i == id => {
-                    return Some(Unit {
+                    return Some(UnitRef {
                         kind: *kind,
                         layout_version: *layout_version,
-                        state: state.clone(),
+                        state,
                     })
                 }
                 Op::RetireUnit { id: i } if *i == id => return None,
                 _ => {}
             }
         }
-        self.store.unit(id).cloned()
+        self.store.unit(id).map(|u| u.as_ref())
     }
 
-    /// A record as this transaction sees it.
-    pub fn get(&self, table: u16, key: &[u8]) -> Option<Vec<u8>> {
+    /// A record as this transaction sees it, in place (no copy).
+    pub fn get(&self, table: u16, key: &[u8]) -> Option<&[u8]> {
         for op in self.ops.iter().rev() {
             match op {
                 Op::Put {
                     table: t,
                     key: k,
                     value,
-                } if *t == table && k == key => return Some(value.clone()),
+                } if *t == table && k == key => return Some(value),
                 Op::Delete { table: t, key: k } if *t == table && k == key => return None,
                 _ => {}
             }
         }
-        self.store.get(table, key).map(|v| v.to_vec())
+        self.store.get(table, key)
     }
 
     /// The committed store (without this transaction's changes).

@@ -19,7 +19,7 @@ use crate::app::{negotiate, write_versions, Agreement, Application, Feature, Ref
 use crate::control::{self, cmd, monotonic_ns, realtime_ns, slot_cmd, Control, Field, Role, State};
 use crate::liveness::{LockWord, ProcessIdentity, TryLockOutcome};
 use crate::protocol::{self, rt, CommitBlock, FeaturesBlock, HeartbeatBlock, Hello, Position};
-use crate::store::{Op, Store};
+use crate::store::{Op, Spare, Store};
 use shm_layout::record::{decode, TemplateInfo};
 use shm_layout::region::{Identity, Region, RegionMemory, RegionSpec};
 use shm_layout::ring::{BatchBuf, Consumer, Producer, PushError};
@@ -377,11 +377,9 @@ pub struct Engine<A: Application, I: Input> {
     commits: u64,
     requests: u64,
     // Scratch, reused so the hot path does not allocate once warm.
-    ops: Vec<Op>,
-    response: Vec<u8>,
+    tx: TxBuffers,
     request: Vec<u8>,
     scratch: Vec<u8>,
-    sys_value: Vec<u8>,
     buf: BatchBuf,
     replicas: Vec<Replica>,
     agreed_layout: u16,
@@ -448,11 +446,9 @@ impl<A: Application, I: Input> Engine<A, I> {
             epoch: 0,
             commits: 0,
             requests: 0,
-            ops: Vec::with_capacity(64),
-            response: Vec::with_capacity(256),
+            tx: TxBuffers::new(),
             request: Vec::with_capacity(256),
             scratch: Vec::with_capacity(4096),
-            sys_value: Vec::with_capacity(256),
             buf: BatchBuf::with_capacity(1 << 16),
             replicas: Vec::new(),
             agreed_layout: 1,
@@ -685,9 +681,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         let refused = execute(
             &mut self.app,
             &self.store,
-            &mut self.ops,
-            &mut self.response,
-            &mut self.sys_value,
+            &mut self.tx,
             self.enabled,
             &self.write_versions,
             &meta,
@@ -712,12 +706,10 @@ impl<A: Application, I: Input> Engine<A, I> {
         self.replicate_tx(&commit);
         // The handler already updated the application's own in-memory view: `on_apply` is for
         // changes a standby receives. The ops are on the streams: move them into the store.
-        for op in self.ops.drain(..) {
-            self.store.apply_owned(op);
-        }
+        self.tx.apply_to(&mut self.store);
         self.commits += 1;
         self.requests += 1;
-        self.input.committed(&meta, &self.response);
+        self.input.committed(&meta, &self.tx.response);
         self.refusals += refused as u64;
         self.service.record(monotonic_ns().saturating_sub(t0));
         // After the store has this transaction (a snapshot end carries the digest after it),
@@ -785,10 +777,11 @@ impl<A: Application, I: Input> Engine<A, I> {
 
     /// Forget a source's replicated position, in a transaction of its own.
     fn retire_source(&mut self, source: u64) {
-        self.ops.clear();
-        self.ops.push(Op::Delete {
+        self.tx.clear();
+        let key = self.tx.spare.copy_of(&source.to_le_bytes());
+        self.tx.ops.push(Op::Delete {
             table: SYS_INPUTS,
-            key: source.to_le_bytes().to_vec(),
+            key,
         });
         let commit = CommitBlock {
             index: self.commits,
@@ -806,9 +799,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         self.replicate_tx(&commit);
         // The handler already updated the application's own in-memory view: `on_apply` is for
         // changes a standby receives.
-        for op in self.ops.drain(..) {
-            self.store.apply_owned(op);
-        }
+        self.tx.apply_to(&mut self.store);
         self.commits += 1;
         info!(source, "input source retired");
     }
@@ -821,7 +812,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                 i += 1;
                 continue;
             }
-            let (ops, scratch) = (&self.ops, &mut self.scratch);
+            let (ops, scratch) = (&self.tx.ops, &mut self.scratch);
             let ok = push_waiting(&mut self.replicas[i].stream, self.opt.backpressure, |p| {
                 push_tx(p, ops, commit, scratch)
             });
@@ -1661,10 +1652,12 @@ impl<A: Application, I: Input> Engine<A, I> {
                 let bl = f.meta.block_length;
                 match f.meta.record_type {
                     rt::PUT_UNIT | rt::RETIRE_UNIT | rt::PUT | rt::DELETE => {
-                        let op = protocol::decode_op(f.meta.record_type, f.payload, bl)
+                        let spare = &mut self.tx.spare;
+                        let op = protocol::decode_op_into(f.meta.record_type, f.payload, bl, spare)
                             .map_err(|e| EngineError::Other(e.to_string()))?;
                         self.store.apply(&op);
                         self.app.on_apply(&op, &self.store);
+                        self.tx.spare.recycle(op);
                     }
                     rt::COMMIT => {
                         let (c, _) = protocol::decode_commit(f.payload, bl)
@@ -1938,43 +1931,87 @@ enum Follow {
     Stop,
 }
 
+/// What a transaction is built in, kept from one transaction to the next: with the store
+/// handing back the buffers it lets go of ([`Spare`]), a running engine's transactions
+/// allocate nothing in steady state.
+#[derive(Debug, Default)]
+pub struct TxBuffers {
+    /// The transaction's changes, the input position record last.
+    pub ops: Vec<Op>,
+    /// Its response.
+    pub response: Vec<u8>,
+    /// Buffers for the next transactions' changes.
+    pub spare: Spare,
+}
+
+impl TxBuffers {
+    /// Empty buffers.
+    pub fn new() -> TxBuffers {
+        TxBuffers {
+            ops: Vec::with_capacity(64),
+            response: Vec::with_capacity(256),
+            spare: Spare::new(),
+        }
+    }
+
+    /// Drop the changes (keeping their buffers) and the response.
+    pub fn clear(&mut self) {
+        for op in self.ops.drain(..) {
+            self.spare.recycle(op);
+        }
+        self.response.clear();
+    }
+
+    /// Move the transaction's changes into `store` (once they are on every standby's
+    /// stream); the buffers this frees are kept for the next transactions.
+    pub fn apply_to(&mut self, store: &mut Store) {
+        for op in self.ops.drain(..) {
+            store.apply_owned(op, &mut self.spare);
+        }
+    }
+}
+
 /// Run the application's handler for one request against `store`, leaving the transaction's
-/// changes in `ops` (the input position record included) and its response in `response`;
-/// true if the handler refused the request. The store is not changed. Engines and test models share this, so both compute the same state.
-#[allow(clippy::too_many_arguments)]
+/// changes in `tx.ops` (the input position record included) and its response in
+/// `tx.response`; true if the handler refused the request. The store is not changed. Engines
+/// and test models share this, so both compute the same state.
 pub fn execute<A: Application>(
     app: &mut A,
     store: &Store,
-    ops: &mut Vec<Op>,
-    response: &mut Vec<u8>,
-    sys_value: &mut Vec<u8>,
+    tx: &mut TxBuffers,
     enabled: u64,
     write_versions: &[(u16, u16)],
     meta: &InputMeta,
     request: &[u8],
 ) -> bool {
-    ops.clear();
-    response.clear();
-    let mut tx = Tx {
+    tx.clear();
+    let TxBuffers {
+        ops,
+        response,
+        spare,
+    } = tx;
+    let mut t = Tx {
         store,
         ops,
+        spare,
         response,
         enabled,
         write_versions,
     };
-    let refused = if let Err(Refused(bytes)) = app.handle(&mut tx, request) {
-        ops.clear();
-        response.clear();
-        response.extend_from_slice(&bytes);
+    let refused = if let Err(Refused(bytes)) = app.handle(&mut t, request) {
+        tx.clear();
+        tx.response.extend_from_slice(&bytes);
         true
     } else {
         false
     };
-    SourcePosition::encode(meta, response, sys_value);
-    ops.push(Op::Put {
+    let key = tx.spare.copy_of(&meta.source.to_le_bytes());
+    let mut value = tx.spare.copy_of(&[]);
+    SourcePosition::encode(meta, &tx.response, &mut value);
+    tx.ops.push(Op::Put {
         table: SYS_INPUTS,
-        key: meta.source.to_le_bytes().to_vec(),
-        value: sys_value.clone(),
+        key,
+        value,
     });
     refused
 }
@@ -1989,14 +2026,10 @@ pub fn execute_local<A: Application>(
     request: &[u8],
 ) -> Vec<u8> {
     let wv = write_versions(&app.templates(), &app.features(), enabled);
-    let (mut ops, mut resp, mut sys) = (Vec::new(), Vec::new(), Vec::new());
-    execute(
-        app, store, &mut ops, &mut resp, &mut sys, enabled, &wv, meta, request,
-    );
-    for op in &ops {
-        store.apply(op);
-    }
-    resp
+    let mut tx = TxBuffers::new();
+    execute(app, store, &mut tx, enabled, &wv, meta, request);
+    tx.apply_to(store);
+    tx.response
 }
 
 /// Push one transaction (its ops, then the commit) as one batch: what the active writes to

@@ -8,7 +8,7 @@
 //!
 //! Every decoder takes untrusted bytes and returns an error naming what is wrong.
 
-use crate::store::Op;
+use crate::store::{Op, Spare};
 use shm_layout::record::{decode, Record, RecordError};
 use std::fmt;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -293,6 +293,17 @@ fn var<'a>(
 
 /// Decode a store change from a frame of type `record_type`.
 pub fn decode_op(record_type: u16, payload: &[u8], block_length: u16) -> Result<Op, DecodeError> {
+    decode_op_into(record_type, payload, block_length, &mut Spare::new())
+}
+
+/// [`decode_op`] into buffers taken from `spare` (a standby applying the stream allocates
+/// nothing in steady state: it gives each op's buffers back once applied).
+pub fn decode_op_into(
+    record_type: u16,
+    payload: &[u8],
+    block_length: u16,
+    spare: &mut Spare,
+) -> Result<Op, DecodeError> {
     match record_type {
         rt::PUT_UNIT => {
             let b: PutUnitBlock = decode(payload, block_length)?;
@@ -301,7 +312,7 @@ pub fn decode_op(record_type: u16, payload: &[u8], block_length: u16) -> Result<
                 id: b.id,
                 kind: b.kind,
                 layout_version: b.layout_version,
-                state: state.to_vec(),
+                state: spare.copy_of(state),
             })
         }
         rt::RETIRE_UNIT => {
@@ -316,13 +327,13 @@ pub fn decode_op(record_type: u16, payload: &[u8], block_length: u16) -> Result<
             if record_type == rt::PUT {
                 Ok(Op::Put {
                     table: b.table,
-                    key: k.to_vec(),
-                    value: v.to_vec(),
+                    key: spare.copy_of(k),
+                    value: spare.copy_of(v),
                 })
             } else {
                 Ok(Op::Delete {
                     table: b.table,
-                    key: k.to_vec(),
+                    key: spare.copy_of(k),
                 })
             }
         }

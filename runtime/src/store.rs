@@ -14,6 +14,101 @@ pub struct Unit {
     pub state: Vec<u8>,
 }
 
+/// A work unit seen in place (in the store, or in a transaction's changes): no copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitRef<'a> {
+    /// Application-defined kind.
+    pub kind: u16,
+    /// Layout version of `state`.
+    pub layout_version: u16,
+    /// The state record's bytes.
+    pub state: &'a [u8],
+}
+
+impl UnitRef<'_> {
+    /// An owned copy.
+    pub fn to_unit(&self) -> Unit {
+        Unit {
+            kind: self.kind,
+            layout_version: self.layout_version,
+            state: self.state.to_vec(),
+        }
+    }
+}
+
+impl Unit {
+    /// Seen in place.
+    pub fn as_ref(&self) -> UnitRef<'_> {
+        UnitRef {
+            kind: self.kind,
+            layout_version: self.layout_version,
+            state: &self.state,
+        }
+    }
+}
+
+/// Byte buffers that the store let go of (replaced states and values, keys it already had),
+/// kept for the next changes: with units and records replaced by ones of about the same size,
+/// as a running engine's are, building, replicating and applying a transaction allocates
+/// nothing. Bounded in count and per-buffer size, so a burst of large values is not hoarded.
+#[derive(Debug, Default)]
+pub struct Spare {
+    bufs: Vec<Vec<u8>>,
+}
+
+impl Spare {
+    /// At most this many buffers are kept.
+    pub const MAX_BUFFERS: usize = 1024;
+    /// Buffers with a larger capacity are freed, not kept.
+    pub const MAX_CAPACITY: usize = 64 << 10;
+
+    /// No buffers yet.
+    pub fn new() -> Spare {
+        Spare::default()
+    }
+
+    /// Buffers kept.
+    pub fn len(&self) -> usize {
+        self.bufs.len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.bufs.is_empty()
+    }
+
+    /// A buffer holding a copy of `bytes` (a kept one if any).
+    pub fn copy_of(&mut self, bytes: &[u8]) -> Vec<u8> {
+        let mut v = self.bufs.pop().unwrap_or_default();
+        v.clear();
+        v.extend_from_slice(bytes);
+        v
+    }
+
+    /// Keep `v` for later (or free it if the pool is full or `v` is large).
+    pub fn give(&mut self, v: Vec<u8>) {
+        if v.capacity() != 0
+            && v.capacity() <= Self::MAX_CAPACITY
+            && self.bufs.len() < Self::MAX_BUFFERS
+        {
+            self.bufs.push(v);
+        }
+    }
+
+    /// Keep the buffers of an op that is no longer needed.
+    pub fn recycle(&mut self, op: Op) {
+        match op {
+            Op::PutUnit { state, .. } => self.give(state),
+            Op::RetireUnit { .. } => {}
+            Op::Put { key, value, .. } => {
+                self.give(key);
+                self.give(value);
+            }
+            Op::Delete { key, .. } => self.give(key),
+        }
+    }
+}
+
 /// One change to the store: the body of a run-state update frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -88,13 +183,13 @@ fn mix(x: u64) -> u64 {
         .rotate_left(27)
 }
 
-fn unit_hash(id: u64, u: &Unit) -> u64 {
+fn unit_hash(id: u64, u: UnitRef<'_>) -> u64 {
     hash_parts(&[
         b"U",
         &id.to_le_bytes(),
         &u.kind.to_le_bytes(),
         &u.layout_version.to_le_bytes(),
-        &u.state,
+        u.state,
     ])
 }
 
@@ -147,7 +242,8 @@ impl Store {
             .map(|(k, v)| (k.as_slice(), v.as_slice()))
     }
 
-    /// Apply one change.
+    /// Apply one change, copying its bytes (what a standby does with a decoded frame). A unit
+    /// or record that exists is overwritten in place: no allocation unless it grew.
     pub fn apply(&mut self, op: &Op) {
         match op {
             Op::PutUnit {
@@ -155,87 +251,145 @@ impl Store {
                 kind,
                 layout_version,
                 state,
-            } => self.put_unit(
-                *id,
-                Unit {
+            } => {
+                let new = UnitRef {
                     kind: *kind,
                     layout_version: *layout_version,
-                    state: state.clone(),
-                },
-            ),
+                    state,
+                };
+                self.digest = self.digest.wrapping_add(unit_hash(*id, new));
+                match self.units.get_mut(id) {
+                    Some(old) => {
+                        self.digest = self.digest.wrapping_sub(unit_hash(*id, old.as_ref()));
+                        old.kind = *kind;
+                        old.layout_version = *layout_version;
+                        old.state.clear();
+                        old.state.extend_from_slice(state);
+                    }
+                    None => {
+                        self.units.insert(*id, new.to_unit());
+                    }
+                }
+            }
             Op::RetireUnit { id } => self.retire_unit(*id),
-            Op::Put { table, key, value } => self.put(*table, key.clone(), value.clone()),
+            Op::Put { table, key, value } => {
+                self.digest = self.digest.wrapping_add(record_hash(*table, key, value));
+                let t = self.records.entry(*table).or_default();
+                match t.get_mut(key.as_slice()) {
+                    Some(old) => {
+                        self.digest = self.digest.wrapping_sub(record_hash(*table, key, old));
+                        old.clear();
+                        old.extend_from_slice(value);
+                    }
+                    None => {
+                        t.insert(key.clone(), value.clone());
+                        self.record_count += 1;
+                    }
+                }
+            }
             Op::Delete { table, key } => self.delete(*table, key),
         }
     }
 
     /// Apply one change, taking its bytes (no copy: what the active does with its own
-    /// transaction once it is on every standby's stream).
-    pub fn apply_owned(&mut self, op: Op) {
+    /// transaction once it is on every standby's stream); the buffers this frees (the
+    /// replaced state or value, a key the table already had) go to `spare`.
+    pub fn apply_owned(&mut self, op: Op, spare: &mut Spare) {
         match op {
             Op::PutUnit {
                 id,
                 kind,
                 layout_version,
                 state,
-            } => self.put_unit(
-                id,
-                Unit {
+            } => {
+                let unit = Unit {
                     kind,
                     layout_version,
                     state,
-                },
-            ),
-            Op::RetireUnit { id } => self.retire_unit(id),
-            Op::Put { table, key, value } => self.put(table, key, value),
-            Op::Delete { table, key } => self.delete(table, &key),
+                };
+                if let Some(old) = self.put_unit(id, unit) {
+                    spare.give(old.state);
+                }
+            }
+            Op::RetireUnit { id } => {
+                if let Some(old) = self.remove_unit(id) {
+                    spare.give(old.state);
+                }
+            }
+            Op::Put { table, key, value } => {
+                if let Some((key, old)) = self.replace(table, key, value) {
+                    spare.give(key);
+                    spare.give(old);
+                }
+            }
+            Op::Delete { table, key } => {
+                if let Some((k, v)) = self.remove(table, &key) {
+                    spare.give(k);
+                    spare.give(v);
+                }
+                spare.give(key);
+            }
         }
     }
 
-    /// Register or replace a unit.
-    pub fn put_unit(&mut self, id: u64, unit: Unit) {
-        self.digest = self.digest.wrapping_add(unit_hash(id, &unit));
-        if let Some(old) = self.units.insert(id, unit) {
-            self.digest = self.digest.wrapping_sub(unit_hash(id, &old));
-        }
+    /// Register or replace a unit; returns the unit it replaced.
+    pub fn put_unit(&mut self, id: u64, unit: Unit) -> Option<Unit> {
+        self.digest = self.digest.wrapping_add(unit_hash(id, unit.as_ref()));
+        let old = self.units.insert(id, unit)?;
+        self.digest = self.digest.wrapping_sub(unit_hash(id, old.as_ref()));
+        Some(old)
     }
 
     /// Retire a unit (no-op if absent).
     pub fn retire_unit(&mut self, id: u64) {
-        if let Some(old) = self.units.remove(&id) {
-            self.digest = self.digest.wrapping_sub(unit_hash(id, &old));
-        }
+        self.remove_unit(id);
+    }
+
+    fn remove_unit(&mut self, id: u64) -> Option<Unit> {
+        let old = self.units.remove(&id)?;
+        self.digest = self.digest.wrapping_sub(unit_hash(id, old.as_ref()));
+        Some(old)
     }
 
     /// Put a record.
     pub fn put(&mut self, table: u16, key: Vec<u8>, value: Vec<u8>) {
-        use std::collections::btree_map::Entry;
+        self.replace(table, key, value);
+    }
+
+    /// Put a record; if the key existed, returns the key passed in (the table keeps its own)
+    /// and the value it replaced.
+    fn replace(&mut self, table: u16, key: Vec<u8>, value: Vec<u8>) -> Option<(Vec<u8>, Vec<u8>)> {
         self.digest = self.digest.wrapping_add(record_hash(table, &key, &value));
-        match self.records.entry(table).or_default().entry(key) {
-            Entry::Occupied(mut e) => {
-                let old = record_hash(table, e.key(), e.get());
-                self.digest = self.digest.wrapping_sub(old);
-                e.insert(value);
+        let t = self.records.entry(table).or_default();
+        // Look up by borrowed key: on a hit the key passed in is handed back unused.
+        match t.get_mut(key.as_slice()) {
+            Some(old) => {
+                self.digest = self.digest.wrapping_sub(record_hash(table, &key, old));
+                let old = std::mem::replace(old, value);
+                Some((key, old))
             }
-            Entry::Vacant(e) => {
-                e.insert(value);
+            None => {
+                t.insert(key, value);
                 self.record_count += 1;
+                None
             }
         }
     }
 
     /// Delete a record (no-op if absent).
     pub fn delete(&mut self, table: u16, key: &[u8]) {
-        let Some(t) = self.records.get_mut(&table) else {
-            return;
-        };
-        if let Some(old) = t.remove(key) {
-            self.digest = self.digest.wrapping_sub(record_hash(table, key, &old));
-            self.record_count -= 1;
-            if t.is_empty() {
-                self.records.remove(&table);
-            }
+        self.remove(table, key);
+    }
+
+    fn remove(&mut self, table: u16, key: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+        let t = self.records.get_mut(&table)?;
+        let (k, old) = t.remove_entry(key)?;
+        self.digest = self.digest.wrapping_sub(record_hash(table, key, &old));
+        self.record_count -= 1;
+        if t.is_empty() {
+            self.records.remove(&table);
         }
+        Some((k, old))
     }
 
     /// Drop everything (a standby about to receive a snapshot).
@@ -311,5 +465,61 @@ mod tests {
         a.delete(3, b"k");
         assert_eq!(a.digest(), b.digest());
         assert_eq!(a.get(3, b"k"), None);
+    }
+
+    /// Overwriting in place (`apply`, a standby) and moving buffers (`apply_owned`, the
+    /// active) give the same contents and digest as building the final state from scratch.
+    #[test]
+    fn in_place_and_owned_apply_agree_with_a_fresh_build() {
+        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let (mut a, mut b, mut spare) = (Store::new(), Store::new(), Spare::new());
+        for _ in 0..20_000 {
+            let id = next(64);
+            let bytes = vec![next(256) as u8; next(40) as usize];
+            let op = match next(4) {
+                0 => Op::PutUnit {
+                    id,
+                    kind: next(3) as u16,
+                    layout_version: 1 + next(2) as u16,
+                    state: bytes,
+                },
+                1 => Op::RetireUnit { id },
+                2 => Op::Put {
+                    table: next(3) as u16,
+                    key: id.to_le_bytes()[..1 + next(3) as usize].to_vec(),
+                    value: bytes,
+                },
+                _ => Op::Delete {
+                    table: next(3) as u16,
+                    key: id.to_le_bytes()[..1 + next(3) as usize].to_vec(),
+                },
+            };
+            a.apply(&op);
+            b.apply_owned(op, &mut spare);
+            assert_eq!(a.digest(), b.digest());
+        }
+        assert!(spare.len() <= Spare::MAX_BUFFERS);
+        let mut fresh = Store::new();
+        for (id, u) in a.units() {
+            fresh.put_unit(id, u.clone());
+        }
+        for t in 0..3 {
+            for (k, v) in a.table(t) {
+                fresh.put(t, k.to_vec(), v.to_vec());
+            }
+        }
+        assert_eq!(fresh.digest(), a.digest());
+        assert_eq!(fresh.unit_count(), b.unit_count());
+        assert_eq!(fresh.record_count(), b.record_count());
+        assert!(a.units().eq(b.units()));
+        for t in 0..3 {
+            assert!(a.table(t).eq(b.table(t)));
+        }
     }
 }

@@ -179,7 +179,7 @@ impl Application for TestApp {
         tx.register(k, 1, v, encoded(&c, v).unwrap());
         if k >= 3 {
             if let Some(u) = tx.unit(k - 3) {
-                let mut old: Counter = decode(&u.state, u.state.len() as u16).unwrap();
+                let mut old: Counter = decode(u.state, u.state.len() as u16).unwrap();
                 old.sum = old.sum.wrapping_add(k);
                 tx.update(
                     k - 3,
