@@ -50,6 +50,20 @@ pub const RING_CAPACITY_BYTES_MIN: u64 = 4096;
 /// The largest ring: 1 GiB, far beyond any sane catch-up backlog.
 pub const RING_CAPACITY_BYTES_MAX: u64 = 1 << 30;
 
+/// Engine environment variables the supervisor sets itself, each with what sets it instead;
+/// `engine.env` may not name them (every other variable, `UNDERSTUDY_HUNG_MS` and
+/// `UNDERSTUDY_BACKPRESSURE_US` included, is passed as given and wins over the supervisor's
+/// default).
+pub const ENGINE_ENV_RESERVED: [(&str, &str); 4] = [
+    ("UNDERSTUDY_DIR", "from shm_dir and cluster"),
+    ("UNDERSTUDY_SLOT", "per slot"),
+    (
+        "UNDERSTUDY_STANDBY",
+        "when it starts an engine as a standby",
+    ),
+    ("UNDERSTUDY_RING", "from ring.capacity_bytes"),
+];
+
 /// The whole cluster config, as read from TOML.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,7 +149,8 @@ pub struct SlotConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TimeoutsConfig {
-    /// Interval of the engines' heartbeat frames.
+    /// Interval of the engines' heartbeat frames. An engine whose heartbeat is 10 intervals
+    /// old (40 for one that is not active) is hung, and fenced.
     pub heartbeat_ms: u64,
     /// From spawn to the engine reporting ready.
     pub start_ms: u64,
@@ -514,6 +529,13 @@ impl ClusterConfig {
                     format!("{key:?}"),
                 );
             }
+            if let Some((_, instead)) = ENGINE_ENV_RESERVED.iter().find(|(k, _)| k == key) {
+                bad(
+                    &format!("engine.env.{key}"),
+                    &format!("a variable the supervisor does not set (it sets this one {instead})"),
+                    format!("{value:?}"),
+                );
+            }
             if value.contains('\0') {
                 bad(
                     &format!("engine.env.{key}"),
@@ -886,6 +908,40 @@ cpu = 1
             message.contains("`ring.capacity_bytes`: expected a power of two"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn engine_env_may_not_name_what_the_supervisor_sets() {
+        // Proves `engine.env` is refused for the variables that make an engine part of the
+        // cluster (each named with what sets it), and accepted for the tuning variables that
+        // it overrides.
+        let mut config = ClusterConfig::new("demo", "/bin/true");
+        for (key, _) in ENGINE_ENV_RESERVED {
+            config.engine.env.insert(key.to_owned(), "x".to_owned());
+        }
+        config
+            .engine
+            .env
+            .insert("UNDERSTUDY_HUNG_MS".into(), "900".into());
+        let problems = config.validate().unwrap_err();
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "engine.env.UNDERSTUDY_DIR",
+                "engine.env.UNDERSTUDY_RING",
+                "engine.env.UNDERSTUDY_SLOT",
+                "engine.env.UNDERSTUDY_STANDBY"
+            ]
+        );
+        assert!(
+            problems[1].expected.contains("ring.capacity_bytes"),
+            "{problems:?}"
+        );
+        for (key, _) in ENGINE_ENV_RESERVED {
+            config.engine.env.remove(key);
+        }
+        assert!(config.validate().is_ok());
     }
 
     #[test]

@@ -107,10 +107,6 @@ impl EngineProc {
         let mut command = Command::new(spec.binary);
         command
             .args(&config.engine.args)
-            .envs(&config.engine.env)
-            .env("UNDERSTUDY_DIR", spec.dir)
-            .env("UNDERSTUDY_SLOT", slot_name(spec.slot).to_string())
-            .env("UNDERSTUDY_RING", config.ring.capacity_bytes.to_string())
             .env(
                 "UNDERSTUDY_BACKPRESSURE_US",
                 match config.backpressure.policy {
@@ -123,8 +119,14 @@ impl EngineProc {
             // A standby fences a hung active at the same age the supervisor does.
             .env(
                 "UNDERSTUDY_HUNG_MS",
-                (config.timeouts.heartbeat_ms * 10).to_string(),
+                (config.timeouts.heartbeat_ms * crate::daemon::HUNG_BEATS).to_string(),
             )
+            // The operator's `[engine] env` overrides the tuning above; the identity below
+            // is the supervisor's alone (the config refuses those names in `engine.env`).
+            .envs(&config.engine.env)
+            .env("UNDERSTUDY_DIR", spec.dir)
+            .env("UNDERSTUDY_SLOT", slot_name(spec.slot).to_string())
+            .env("UNDERSTUDY_RING", config.ring.capacity_bytes.to_string())
             .process_group(0);
         if spec.standby {
             command.env("UNDERSTUDY_STANDBY", "1");
@@ -234,5 +236,58 @@ impl EngineProc {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
+
+    #[test]
+    fn engine_env_overrides_the_tuning_but_not_the_identity() {
+        // Proves what an engine gets in its environment: the config's `[engine] env` wins over
+        // the supervisor's tuning defaults (hung threshold, back-pressure), while the
+        // cluster identity (directory, slot, standby, ring) is always the supervisor's.
+        let dir = std::env::temp_dir().join(format!("understudy-spawn-env-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("env");
+        let script = dir.join("engine");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\nenv > {}.tmp\nmv {0}.tmp {0}\n", out.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut config = ClusterConfig::new("demo", &script);
+        config
+            .engine
+            .env
+            .insert("UNDERSTUDY_HUNG_MS".into(), "900".into());
+        config.engine.env.insert("APP_SETTING".into(), "on".into());
+        let mut proc = EngineProc::spawn(&SpawnSpec {
+            config: &config,
+            dir: &dir,
+            slot: 1,
+            binary: &script,
+            standby: true,
+        })
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while proc.exited().is_none() {
+            assert!(Instant::now() < deadline, "the script did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let env = std::fs::read_to_string(&out).unwrap();
+        let has = |line: &str| env.lines().any(|l| l == line);
+        assert!(has("UNDERSTUDY_HUNG_MS=900"), "{env}");
+        assert!(has("APP_SETTING=on"), "{env}");
+        assert!(has("UNDERSTUDY_BACKPRESSURE_US=20000"), "{env}");
+        assert!(has("UNDERSTUDY_SLOT=b"), "{env}");
+        assert!(has("UNDERSTUDY_STANDBY=1"), "{env}");
+        assert!(has(&format!("UNDERSTUDY_DIR={}", dir.display())), "{env}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
