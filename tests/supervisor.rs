@@ -1,6 +1,7 @@
 //! End-to-end tests of the supervisor and the `understudy` CLI with real engine processes:
-//! failover under random kills, a SIGKILLed supervisor, rolling upgrades (completed, rejected,
-//! crashing, keep-standby, an engine killed at every step) and operator errors.
+//! failover under random kills, a SIGKILLed supervisor, hung engines fenced, a crash loop
+//! given up, rolling upgrades (completed, rejected, crashing, keep-standby, an engine killed
+//! at every step) and operator errors.
 //!
 //! The engines are the runtime's test executables `understudy-testapp-v1`/`-v2`, found next to
 //! `understudy` in the target directory: build them first with
@@ -53,8 +54,17 @@ struct Harness {
     side: PathBuf,
     log: PathBuf,
     max: u64,
+    pace_us: u64,
     supervisor: Option<Child>,
 }
+
+/// The restart settings of most tests: quick restarts, no crash-loop cutoff in practice.
+const DEFAULT_RESTART: &str = "[restart]
+backoff_initial_ms = 20
+backoff_max_ms = 200
+crash_loop_window_ms = 1000
+crash_loop_max = 50
+";
 
 impl Harness {
     /// A cluster whose engines run `max` requests paced `pace_us` apart; `extra` is appended
@@ -71,36 +81,51 @@ impl Harness {
         let _ = std::fs::remove_dir_all(&work);
         let _ = std::fs::remove_dir_all(&shm_dir);
         std::fs::create_dir_all(&work).unwrap();
-        let side = work.join("side");
-        let config = work.join("cluster.toml");
+        let h = Harness {
+            log: work.join("supervisor.log"),
+            side: work.join("side"),
+            config: work.join("cluster.toml"),
+            name,
+            work,
+            shm_dir,
+            max,
+            pace_us,
+            supervisor: None,
+        };
+        h.write_config(&testapp(1), DEFAULT_RESTART, extra);
+        h
+    }
+
+    /// (Re)writes the config: engines run `binary`, restarted as `restart` (a `[restart]`
+    /// table) says; `extra` is appended.
+    fn write_config(&self, binary: &Path, restart: &str, extra: &str) {
         let text = format!(
             r#"cluster = "{name}"
 shm_dir = "{shm}"
 [engine]
 binary = "{bin}"
 args = ["--max", "{max}", "--pace-us", "{pace_us}", "--side", "{side}"]
-[restart]
-backoff_initial_ms = 20
-backoff_max_ms = 200
-crash_loop_window_ms = 1000
-crash_loop_max = 50
+{restart}
 {extra}
 "#,
-            shm = shm_dir.display(),
-            bin = testapp(1).display(),
-            side = side.display(),
+            name = self.name,
+            shm = self.shm_dir.display(),
+            bin = binary.display(),
+            max = self.max,
+            pace_us = self.pace_us,
+            side = self.side.display(),
         );
-        std::fs::write(&config, text).unwrap();
-        Harness {
-            log: work.join("supervisor.log"),
-            name,
-            work,
-            shm_dir,
-            config,
-            side,
-            max,
-            supervisor: None,
-        }
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// An executable shell script in the work directory.
+    fn script(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.work.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+        let mut perms = std::fs::metadata(&path).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&path, perms).unwrap();
+        path
     }
 
     fn dir(&self) -> PathBuf {
@@ -159,9 +184,31 @@ crash_loop_max = 50
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    /// The supervisor's log (its engines' too), without terminal colours.
+    fn log_text(&self) -> String {
+        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    /// Waits until a line of the log contains every one of `parts`; returns that line.
+    fn wait_log(&self, parts: &[&str], timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.log_text();
+            if let Some(line) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited {timeout:?} for a log line with {parts:?}; log:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Polls status until `done` holds; panics with the last status and log after `timeout`.
@@ -266,6 +313,83 @@ crash_loop_max = 50
     fn control(&self) -> Control {
         Control::open(&self.dir()).unwrap()
     }
+}
+
+/// `text` without ANSI escape sequences (`ESC [ … letter`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The timestamp that starts a log line (`2026-01-02T03:04:05.678901Z`), as seconds since
+/// the Unix epoch.
+fn log_time_s(line: &str) -> Option<f64> {
+    let stamp = line.split_whitespace().next()?;
+    let (date, time) = stamp.strip_suffix('Z')?.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let mut t = time.split(':');
+    let (h, min, sec) = (
+        t.next()?.parse::<f64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
+    );
+    Some(days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + sec)
+}
+
+/// Sends SIGSTOP to `pid` and returns once every thread of it is stopped (state `T` in
+/// /proc), or it is gone: the signal is only queued, and a thread running on the other CPU
+/// goes on until it is interrupted.
+fn freeze(pid: u32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) },
+        0,
+        "SIGSTOP {pid}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return;
+        };
+        let all_stopped = tasks.flatten().all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state follows the parenthesised command name, which may hold ')'.
+            stat.rsplit_once(')').map_or(true, |(_, rest)| {
+                let state = rest.trim_start();
+                state.starts_with('T') || state.starts_with('Z') || state.starts_with('X')
+            })
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pid {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn thaw(pid: u32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
 }
 
 fn parse_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
@@ -394,6 +518,225 @@ fn a_killed_supervisor_is_not_missed_and_readopts_its_engines() {
         Some(standby.pid),
         "the surviving engine was not re-adopted"
     );
+    h.check_invariant(&[h.model(false)]);
+}
+
+#[test]
+fn a_hung_engine_is_fenced_by_the_supervisor_and_replaced() {
+    // Proves the supervisor's own fence of a hung engine. A frozen (SIGSTOP) standby is
+    // SIGKILLed once its heartbeat is 40 intervals old and comes back as a hot standby while
+    // the active serves on undisturbed. A frozen active is SIGKILLed once its heartbeat is 10
+    // intervals old — by the supervisor: the standby's own fence is set to 10 minutes here —
+    // the standby steps up only after the frozen engine is dead (never two actives) with every
+    // acknowledged request, and the killed engine comes back as the hot standby.
+    let mut h = Harness::new(
+        "hung",
+        20_000,
+        200,
+        "[engine.env]\nUNDERSTUDY_HUNG_MS = \"600000\"\n",
+    );
+    let s = h.up();
+    let active = s.active_engine().unwrap().clone();
+    let standby = s.hot_standbys().next().unwrap().clone();
+
+    // The standby hangs: only the supervisor watches it.
+    let frozen = ProcessIdentity::of(standby.pid).unwrap();
+    freeze(standby.pid);
+    h.wait_log(
+        &[
+            "engine is hung; fencing it with SIGKILL",
+            &format!("pid={}", standby.pid),
+        ],
+        Duration::from_secs(60),
+    );
+    let s = h.wait(
+        "the fenced standby replaced by a hot one",
+        Duration::from_secs(60),
+        |s| {
+            s.engine(&standby.slot)
+                .is_some_and(|e| e.pid != standby.pid)
+                && s.hot_standbys().any(|e| e.slot == standby.slot)
+        },
+    );
+    assert!(!frozen.is_alive(), "the frozen standby survived its fence");
+    assert_eq!(
+        (s.active_engine().map(|e| e.pid), s.epoch),
+        (Some(active.pid), active.epoch),
+        "the active changed while only its standby hung"
+    );
+
+    // The active hangs.
+    let epoch = s.epoch;
+    let frozen = ProcessIdentity::of(active.pid).unwrap();
+    freeze(active.pid);
+    let acked = h.side().committed();
+    let s = h.wait("a new active", Duration::from_secs(60), |s| {
+        if s.epoch > epoch && s.active.is_some() {
+            assert!(
+                !frozen.is_alive(),
+                "engine {} is active while the frozen active {} lives",
+                s.active.as_deref().unwrap(),
+                active.pid
+            );
+            return true;
+        }
+        false
+    });
+    h.wait_log(
+        &[
+            "engine is hung; fencing it with SIGKILL",
+            &format!("pid={}", active.pid),
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(
+        !h.log_text().contains("active is hung"),
+        "the standby fenced the active, not the supervisor"
+    );
+    let new_active = s.active.clone().unwrap();
+    assert_ne!(new_active, active.slot);
+    let slot = understudy_runtime::control::slot_index(&new_active).unwrap();
+    let step_up_commits = h.control().get(slot, Field::StepUpCommits);
+    assert!(
+        step_up_commits >= acked,
+        "engine {new_active} stepped up at {step_up_commits} commits, but {acked} were acknowledged"
+    );
+    h.wait(
+        "the fenced active back as a hot standby",
+        Duration::from_secs(60),
+        |s| {
+            s.hot_standbys()
+                .any(|e| e.slot == active.slot && e.pid != active.pid)
+        },
+    );
+    h.check_invariant(&[h.model(false)]);
+}
+
+#[test]
+fn a_crash_looping_engine_is_given_up_while_the_active_serves_on() {
+    // Proves the restart keeper's backoff and crash-loop cutoff: an engine that exits at once
+    // on every start is restarted after 50, 100, 200, 400 ms (each delay honoured, read from
+    // the log's timestamps), then given up on after its fifth crash, which `status` and the
+    // log report; the active serves on throughout and is not fenced when it hangs with no
+    // standby to take over (that would lose the state); a supervisor restarted once the
+    // engine is fixed brings the standby back, and nothing was lost.
+    let mut h = Harness::new("crashloop", 20_000, 200, "");
+    let broken = h.work.join("break-b");
+    let wrapper = h.script(
+        "engine",
+        &format!(
+            "if [ \"$UNDERSTUDY_SLOT\" = b ] && [ -e {broken} ]; then\n  echo \"engine b: broken on purpose\" >&2\n  exit 1\nfi\nexec {bin} \"$@\"\n",
+            broken = broken.display(),
+            bin = testapp(1).display()
+        ),
+    );
+    h.write_config(
+        &wrapper,
+        "[restart]\nbackoff_initial_ms = 50\nbackoff_max_ms = 400\ncrash_loop_window_ms = 600000\ncrash_loop_max = 4\n",
+        "",
+    );
+    let s = h.up();
+    let active = s.active_engine().unwrap().clone();
+    assert_eq!(active.slot, "a");
+    let b = s.engine("b").unwrap().pid;
+    std::fs::write(&broken, "").unwrap();
+    h.kill_engine(b);
+
+    let mut backoffs = Vec::new();
+    let s = h.wait("slot b given up", Duration::from_secs(60), |s| {
+        if let Some(r) = s.restarts.iter().find(|r| r.slot == "b") {
+            if backoffs.last() != Some(&r.backoff_ms) {
+                backoffs.push(r.backoff_ms);
+            }
+        }
+        s.crash_looping == ["b"]
+    });
+    let restarts = s.restarts.iter().find(|r| r.slot == "b").unwrap();
+    assert_eq!((restarts.crashes, restarts.given_up), (5, true), "{s:#?}");
+    assert!(
+        backoffs.windows(2).all(|w| w[0] < w[1])
+            && backoffs.iter().all(|b| [50, 100, 200, 400].contains(b)),
+        "backoffs seen in status: {backoffs:?}"
+    );
+    assert_eq!(s.engine("b"), None, "{s:#?}");
+
+    // The log: each restart of b waits its delay after the death that caused it.
+    h.wait_log(
+        &["crash loop: restarts of this slot stopped", "slot=b"],
+        Duration::from_secs(10),
+    );
+    let log = h.log_text();
+    let mut delays = Vec::new();
+    let mut pending: Option<(f64, f64)> = None;
+    for line in log.lines() {
+        if line.contains("restarting the engine after a backoff") && line.contains("slot=b") {
+            let delay_ms: f64 = line
+                .split("delay_ms=")
+                .nth(1)
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no delay in {line}"));
+            delays.push(delay_ms as u64);
+            pending = Some((log_time_s(line).unwrap(), delay_ms));
+        } else if line.contains("engine started") && line.contains("slot=b") {
+            if let Some((at, delay_ms)) = pending.take() {
+                let waited_ms = (log_time_s(line).unwrap() - at) * 1000.0;
+                assert!(
+                    waited_ms >= delay_ms - 1.0,
+                    "restarted {waited_ms:.1} ms after a {delay_ms} ms backoff: {line}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        delays,
+        [50, 100, 200, 400],
+        "restart delays in the log:\n{log}"
+    );
+
+    // The active serves on, in the same epoch.
+    let before = s.active_engine().map_or(0, |e| e.commits);
+    let s = h.wait(
+        "the active to go on serving",
+        Duration::from_secs(30),
+        |s| {
+            s.active_engine()
+                .is_some_and(|e| e.pid == active.pid && e.commits > before)
+        },
+    );
+    assert_eq!(s.epoch, active.epoch, "{s:#?}");
+
+    // Hung with no standby: reported, not fenced.
+    let frozen = ProcessIdentity::of(active.pid).unwrap();
+    freeze(active.pid);
+    h.wait_log(
+        &[
+            "no hot standby could take over",
+            &format!("pid={}", active.pid),
+        ],
+        Duration::from_secs(60),
+    );
+    h.wait(
+        "the hang to outlast the fence age three times",
+        Duration::from_secs(60),
+        |s| {
+            s.engine("a")
+                .is_some_and(|e| e.heartbeat_age_ms > 3 * 10 * 50)
+        },
+    );
+    assert!(
+        frozen.is_alive(),
+        "the hung active without a standby was killed"
+    );
+    thaw(active.pid);
+    h.wait_log(&["heartbeat resumed", "slot=a"], Duration::from_secs(60));
+
+    // Fixed: a restarted supervisor starts b again.
+    std::fs::remove_file(&broken).unwrap();
+    h.kill_supervisor();
+    let s = h.up();
+    assert_eq!(s.active_engine().map(|e| e.pid), Some(active.pid), "{s:#?}");
+    assert!(s.crash_looping.is_empty(), "{s:#?}");
     h.check_invariant(&[h.model(false)]);
 }
 

@@ -30,12 +30,12 @@ use understudy_runtime::control::{
 };
 use understudy_runtime::liveness::ProcessIdentity;
 
-use crate::config::{ClusterConfig, ConfigError};
+use crate::config::{ClusterConfig, ConfigError, RestartConfig};
 use crate::ops::Operation;
 use crate::process::{EngineProc, ExitInfo, SpawnError, SpawnSpec};
 use crate::proto::{
-    Code, EngineStatus, Reply, ReplyKind, Request, RoleChange, StatusReport, SCHEMA_VERSION,
-    SOCKET_NAME,
+    Code, EngineStatus, Reply, ReplyKind, Request, RoleChange, SlotRestarts, StatusReport,
+    SCHEMA_VERSION, SOCKET_NAME,
 };
 
 /// A heartbeat older than this many configured intervals means the engine is hung.
@@ -108,7 +108,22 @@ impl std::error::Error for UpError {}
 pub(crate) struct Restart {
     crashes: VecDeque<Instant>,
     next_at: Option<Instant>,
+    /// The backoff before the pending restart (`next_at`).
+    delay_ms: u64,
     given_up: bool,
+}
+
+/// The delay before restarting a slot whose engine crashed `crashes` times within the
+/// crash-loop window: none for the first start, then `backoff_initial_ms` doubling with each
+/// crash up to `backoff_max_ms`.
+pub(crate) fn restart_delay_ms(restart: &RestartConfig, crashes: u32) -> u64 {
+    if crashes == 0 {
+        return 0;
+    }
+    restart
+        .backoff_initial_ms
+        .saturating_mul(1 << (crashes - 1).min(20))
+        .min(restart.backoff_max_ms)
 }
 
 /// A request from a socket thread, with where to send the replies.
@@ -123,6 +138,8 @@ pub struct Supervisor {
     /// Slots the keeper keeps running.
     pub(crate) managed: [bool; SLOTS],
     restarts: [Restart; SLOTS],
+    /// Slots whose active is hung with no hot standby to take over: reported, not fenced.
+    hung_unfenced: [bool; SLOTS],
     pub(crate) op: Option<Operation>,
     role_seen: (u64, Option<usize>),
     role_changes: VecDeque<RoleChange>,
@@ -322,6 +339,7 @@ impl Supervisor {
             engines: [None, None, None],
             managed: [false; SLOTS],
             restarts: Default::default(),
+            hung_unfenced: [false; SLOTS],
             op: None,
             role_seen,
             role_changes: VecDeque::new(),
@@ -530,6 +548,7 @@ impl Supervisor {
     fn on_exit(&mut self, slot: usize, exit: ExitInfo) {
         let was_active = self.role(slot) == Role::Active;
         let proc = self.engines[slot].take().expect("exited engine");
+        self.hung_unfenced[slot] = false;
         if proc.expected_exit {
             info!(slot = %slot_name(slot), pid = proc.pid(), "engine exited ({exit})");
             return;
@@ -614,6 +633,10 @@ impl Supervisor {
     /// SIGKILL a hung engine (its heartbeat is [`HUNG_BEATS`] intervals old; four times that
     /// for one that is not active, since a busy catch-up may delay it), and any active of an
     /// old epoch: never two actives.
+    ///
+    /// A hung active is fenced only if a hot standby with a fresh heartbeat can take over.
+    /// Without one, killing it would turn a stall (a paused VM, a debugger, a swap storm) into
+    /// the loss of the cluster's whole state; it is reported and left to resume.
     fn fence(&mut self) {
         let now = monotonic_ns();
         let hung_ns = self.config.timeouts.heartbeat_ms * HUNG_BEATS * 1_000_000;
@@ -625,9 +648,9 @@ impl Supervisor {
             if proc.expected_exit || proc.fenced || !self.ours(slot) {
                 continue;
             }
+            let pid = proc.pid();
             let role = self.role(slot);
-            let heartbeat = self.control.get(slot, Field::HeartbeatNs);
-            let age = now.saturating_sub(heartbeat);
+            let age = self.heartbeat_age_ns(slot, now);
             let limit = if role == Role::Active {
                 hung_ns
             } else {
@@ -637,18 +660,48 @@ impl Supervisor {
                 && proc.identity.is_alive()
                 && self.control.get(slot, Field::Epoch) < epoch
                 && self.state(slot) == State::Serving;
-            if age > limit || stale_active {
-                if stale_active {
-                    error!(slot = %slot_name(slot), pid = proc.pid(), "engine is active in an old epoch; fencing it with SIGKILL");
-                } else {
-                    error!(slot = %slot_name(slot), pid = proc.pid(), heartbeat_age_ms = age / 1_000_000, "engine is hung; fencing it with SIGKILL");
+            let hung = age > limit;
+            if !hung && self.hung_unfenced[slot] {
+                self.hung_unfenced[slot] = false;
+                info!(slot = %slot_name(slot), pid, "the hung engine's heartbeat resumed");
+            }
+            if !(hung || stale_active) {
+                continue;
+            }
+            if stale_active {
+                error!(slot = %slot_name(slot), pid, "engine is active in an old epoch; fencing it with SIGKILL");
+            } else if role == Role::Active && !self.can_take_over(slot, now, hung_ns) {
+                if !self.hung_unfenced[slot] {
+                    self.hung_unfenced[slot] = true;
+                    error!(slot = %slot_name(slot), pid, heartbeat_age_ms = age / 1_000_000, "the active engine is hung, but no hot standby could take over: not fencing it (that would lose the cluster's state); waiting for it to resume");
                 }
+                continue;
+            } else {
+                error!(slot = %slot_name(slot), pid, heartbeat_age_ms = age / 1_000_000, "engine is hung; fencing it with SIGKILL");
+            }
+            if let Some(proc) = self.engines[slot].as_mut() {
                 proc.kill();
-                if let Some(proc) = self.engines[slot].as_mut() {
-                    proc.fenced = true;
-                }
+                proc.fenced = true;
             }
         }
+    }
+
+    /// How old `slot`'s heartbeat is at `now` (CLOCK_MONOTONIC ns).
+    fn heartbeat_age_ns(&self, slot: usize, now: u64) -> u64 {
+        now.saturating_sub(self.control.get(slot, Field::HeartbeatNs))
+    }
+
+    /// Some engine other than `active` is a hot standby of the epoch, alive, with a heartbeat
+    /// younger than `hung_ns`: it steps up if `active` dies.
+    fn can_take_over(&self, active: usize, now: u64, hung_ns: u64) -> bool {
+        (0..SLOTS).any(|s| {
+            s != active
+                && self.is_hot_standby(s)
+                && self.heartbeat_age_ns(s, now) <= hung_ns
+                && self.engines[s]
+                    .as_ref()
+                    .is_some_and(|p| !p.fenced && p.identity.is_alive())
+        })
     }
 
     fn watch_roles(&mut self) {
@@ -731,14 +784,11 @@ impl Supervisor {
                         error!(slot = %slot_name(slot), crashes, window_ms = restart.crash_loop_window_ms, "crash loop: restarts of this slot stopped; fix the engine, then restart the supervisor");
                         continue;
                     }
-                    let delay_ms = if crashes == 0 {
-                        0
-                    } else {
-                        restart
-                            .backoff_initial_ms
-                            .saturating_mul(1 << (crashes - 1).min(20))
-                            .min(restart.backoff_max_ms)
-                    };
+                    let delay_ms = restart_delay_ms(restart, crashes);
+                    if crashes > 0 {
+                        warn!(slot = %slot_name(slot), crashes, window_ms = restart.crash_loop_window_ms, delay_ms, "restarting the engine after a backoff");
+                    }
+                    r.delay_ms = delay_ms;
                     let t = now + Duration::from_millis(delay_ms);
                     r.next_at = Some(t);
                     t
@@ -876,6 +926,11 @@ impl Supervisor {
                 last_step_up_dur_ns: get(Field::LastStepUpDurNs),
                 digest: get(Field::Digest),
                 binary: proc.binary.clone(),
+                heartbeat_age_ms: if ours {
+                    self.heartbeat_age_ns(slot, monotonic_ns()) / 1_000_000
+                } else {
+                    0
+                },
             });
         }
         StatusReport {
@@ -889,6 +944,19 @@ impl Supervisor {
             crash_looping: (0..SLOTS)
                 .filter(|&s| self.restarts[s].given_up)
                 .map(|s| slot_name(s).to_string())
+                .collect(),
+            restarts: (0..SLOTS)
+                .filter_map(|s| {
+                    let r = &self.restarts[s];
+                    let window = Duration::from_millis(self.config.restart.crash_loop_window_ms);
+                    let crashes = r.crashes.iter().filter(|t| t.elapsed() <= window).count() as u32;
+                    (crashes > 0 || r.given_up).then(|| SlotRestarts {
+                        slot: slot_name(s).to_string(),
+                        crashes,
+                        backoff_ms: r.delay_ms,
+                        given_up: r.given_up,
+                    })
+                })
                 .collect(),
             role_changes: self.role_changes.iter().cloned().collect(),
         }
@@ -907,5 +975,24 @@ pub fn status_summary(report: &StatusReport) -> String {
             "cluster {}: no engine is active (epoch {})",
             report.cluster, report.epoch
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_backoff_doubles_from_the_initial_delay_up_to_the_maximum() {
+        // Proves the restart delays: none for a first start, then initial, 2×, 4× … capped.
+        let restart = RestartConfig {
+            backoff_initial_ms: 30,
+            backoff_max_ms: 200,
+            crash_loop_window_ms: 10_000,
+            crash_loop_max: 9,
+        };
+        let delays: Vec<u64> = (0..7).map(|n| restart_delay_ms(&restart, n)).collect();
+        assert_eq!(delays, [0, 30, 60, 120, 200, 200, 200]);
+        assert_eq!(restart_delay_ms(&restart, u32::MAX), 200);
     }
 }

@@ -304,6 +304,23 @@ pub struct EngineStatus {
     pub digest: u64,
     /// The executable.
     pub binary: PathBuf,
+    /// How old its heartbeat is, ms (the supervisor fences an engine whose heartbeat is older
+    /// than 10 intervals, 40 for one that is not active).
+    #[serde(default)]
+    pub heartbeat_age_ms: u64,
+}
+
+/// The restart keeper's view of a slot whose engine crashed recently.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotRestarts {
+    /// `a`, `b` or `c`.
+    pub slot: String,
+    /// Crashes within the crash-loop window (`restart.crash_loop_window_ms`).
+    pub crashes: u32,
+    /// The backoff before the restart that is pending or was last made, ms.
+    pub backoff_ms: u64,
+    /// Restarts stopped: more than `restart.crash_loop_max` crashes within the window.
+    pub given_up: bool,
 }
 
 /// A role change the supervisor saw.
@@ -340,6 +357,9 @@ pub struct StatusReport {
     pub operation: Option<String>,
     /// Slots whose restarts stopped because they crash in a loop.
     pub crash_looping: Vec<String>,
+    /// Slots whose engine crashed within the crash-loop window, with their backoff.
+    #[serde(default)]
+    pub restarts: Vec<SlotRestarts>,
     /// The most recent role changes, oldest first.
     pub role_changes: Vec<RoleChange>,
 }
