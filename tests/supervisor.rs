@@ -105,6 +105,10 @@ shm_dir = "{shm}"
 [engine]
 binary = "{bin}"
 args = ["--max", "{max}", "--pace-us", "{pace_us}", "--side", "{side}"]
+# Service times on a shared 2-vCPU machine running tests in parallel say nothing about the
+# engine: no acceptance check in these tests may turn on them.
+[acceptance]
+max_latency_us_p99 = 60000000
 {restart}
 {extra}
 "#,
