@@ -360,6 +360,46 @@ struct Upstream {
     last_ack: Instant,
 }
 
+/// Mappings of a role this engine left, kept until the role change is over (see
+/// `Engine::leftovers`).
+#[derive(Default)]
+struct Leftovers {
+    /// Our old upstream after a step-up; its files are unlinked when it is dropped.
+    upstream: Vec<Upstream>,
+    /// Our replicas after handing the role over (each already closed or handed over).
+    replicas: Vec<Replica>,
+    since: Option<Instant>,
+}
+
+impl Leftovers {
+    fn keep_upstream(&mut self, u: Box<Upstream>) {
+        self.upstream.push(*u);
+        self.since = Some(Instant::now());
+    }
+
+    fn keep_replicas(&mut self, r: impl IntoIterator<Item = Replica>) {
+        self.replicas.extend(r);
+        self.since = Some(Instant::now());
+    }
+
+    /// Unmap (and unlink) them if the role change is over: `done` (the new role has done
+    /// its first work), or 20 ms have passed.
+    fn reap(&mut self, done: bool) {
+        let Some(since) = self.since else {
+            return;
+        };
+        if !done && since.elapsed() < Duration::from_millis(20) {
+            return;
+        }
+        for u in self.upstream.drain(..) {
+            let _ = Region::remove(u.stream_region.path());
+            let _ = Region::remove(u.feedback_region.path());
+        }
+        self.replicas.clear();
+        self.since = None;
+    }
+}
+
 /// One engine process.
 pub struct Engine<A: Application, I: Input> {
     app: A,
@@ -396,6 +436,10 @@ pub struct Engine<A: Application, I: Input> {
     prepared: Option<Prepared>,
     /// The active's prepared regions, opened ahead of a planned step-up.
     preopened: Option<Preopened>,
+    /// Streams of the role we just left, unmapped (and unlinked) once the role change is
+    /// over: unmapping a touched stream costs tens to hundreds of microseconds, which must
+    /// not fall inside a switchover's pause.
+    leftovers: Leftovers,
     service: ServiceTimes,
     service_published_ns: u64,
 }
@@ -459,6 +503,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             served: false,
             prepared: None,
             preopened: None,
+            leftovers: Leftovers::default(),
             service: ServiceTimes::default(),
             service_published_ns: 0,
             opt,
@@ -631,6 +676,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                             .set(s, Field::ServiceP99Ns, self.service.p99_and_reset());
                     }
                     self.control.set(s, Field::Digest, self.store.digest());
+                    self.leftovers.reap(self.served);
                     if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
                         self.control.set(s, Field::Cmd, 0);
                         info!(slot = %control::slot_name(s), "stopping on command");
@@ -1003,12 +1049,14 @@ impl<A: Application, I: Input> Engine<A, I> {
                 .expect("room was made for the step-up frame");
             b.commit();
         }
-        // Detach every replica; the other standbys re-attach to the new active.
-        for rep in self.replicas.drain(..) {
+        // Detach every replica; the other standbys re-attach to the new active. Their
+        // mappings go once the switchover is over, not inside its pause.
+        for rep in &self.replicas {
             if rep.slot != target {
                 rep.stream_region.close(CLOSE_DETACHED);
             }
         }
+        self.leftovers.keep_replicas(self.replicas.drain(..));
         if let Err(e) = self.control.lock().unlock() {
             // Cannot happen for the thread that locked it; the target's try_lock would spin
             // and give up, and we would take the role back.
@@ -1382,11 +1430,12 @@ impl<A: Application, I: Input> Engine<A, I> {
                     continue;
                 }
                 Follow::StepUp { planned } => {
-                    let _ = Region::remove(u.stream_region.path());
-                    let _ = Region::remove(u.feedback_region.path());
+                    // Unmapped and unlinked after the step-up, outside its pause.
+                    self.leftovers.keep_upstream(u);
                     if self.step_up(planned) {
                         return Ok(Next::Active);
                     }
+                    self.leftovers.reap(true);
                     continue;
                 }
                 Follow::Stop => {
@@ -1530,6 +1579,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                 self.control.set(s, Field::HeartbeatNs, now);
                 self.control.set(s, Field::Commits, self.commits);
                 self.control.set(s, Field::Digest, self.store.digest());
+                self.leftovers.reap(false);
                 let lag = u
                     .stream
                     .producer_position()
