@@ -631,6 +631,10 @@ impl<A: Application, I: Input> Engine<A, I> {
     fn publish_status(&self, role: Role, state: State) {
         let s = self.opt.slot;
         let c = &self.control;
+        // A fresh heartbeat with every role: a watcher (the supervisor, a standby) judges an
+        // active by the active's threshold, and must not take the last heartbeat this engine
+        // wrote in its previous role for a hung new active.
+        c.set(s, Field::HeartbeatNs, monotonic_ns());
         c.set(s, Field::Role, role as u64);
         c.set(s, Field::State, state as u64);
         c.set(s, Field::Epoch, self.epoch);
@@ -1057,6 +1061,12 @@ impl<A: Application, I: Input> Engine<A, I> {
             }
         }
         self.leftovers.keep_replicas(self.replicas.drain(..));
+        if let Some(ms) = std::env::var_os("UNDERSTUDY_TEST_STALL_BEFORE_UNLOCK_MS") {
+            // Test hook: an old active descheduled between the step-up frame and releasing
+            // the mutex (the target must wait for it, not give up).
+            let ms = ms.to_str().and_then(|v| v.parse().ok()).unwrap_or(0);
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         if let Err(e) = self.control.lock().unlock() {
             // Cannot happen for the thread that locked it; the target's try_lock would spin
             // and give up, and we would take the role back.
@@ -1652,13 +1662,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                             "active is hung (heartbeat {} ms old); fencing it with SIGKILL",
                             (now - hb) / 1_000_000
                         );
-                        // The pid came from shared memory: never let it be 0, 1 or negative
-                        // (kill(-1) signals every process of the user).
-                        if (2..=i32::MAX as u32).contains(&active_id.pid) {
-                            // SAFETY: kill has no memory-safety preconditions; the identity
-                            // check above (pid + start time) makes a reused pid very unlikely.
-                            unsafe { libc::kill(active_id.pid as i32, libc::SIGKILL) };
-                        }
+                        fence(active_id.pid);
                     }
                 }
             }
@@ -1842,9 +1846,26 @@ impl<A: Application, I: Input> Engine<A, I> {
             match lock.try_lock() {
                 Ok(TryLockOutcome::Acquired) | Ok(TryLockOutcome::OwnerDied) => break,
                 Ok(TryLockOutcome::WouldBlock) => {
-                    if t0.elapsed() > Duration::from_millis(500) {
+                    if self.control.epoch() != self.epoch {
+                        warn!("another engine claimed the epoch first");
+                        return false;
+                    }
+                    // After a crash the mutex is owner-died at once, so a mutex that stays
+                    // held means another engine stepped up. In a planned switchover the old
+                    // active releases it right after the step-up frame, but it may be
+                    // descheduled for a while in between: giving up then would leave both
+                    // engines standby. Wait while nobody else claims the epoch; a hung old
+                    // active is fenced (SIGKILL) and its mutex becomes owner-died.
+                    if !planned && t0.elapsed() > Duration::from_millis(500) {
                         warn!("the mutex stays held: another engine stepped up");
                         return false;
+                    }
+                    if planned && t0.elapsed() > Duration::from_millis(1) {
+                        let now = monotonic_ns();
+                        self.control.set(self.opt.slot, Field::HeartbeatNs, now);
+                        if t0.elapsed() > self.opt.hung_after {
+                            self.fence_hung_holder(now);
+                        }
                     }
                     std::hint::spin_loop();
                 }
@@ -1872,6 +1893,25 @@ impl<A: Application, I: Input> Engine<A, I> {
                 false
             }
         }
+    }
+
+    /// Planned step-up, the old active still holding the mutex after our hung threshold: if
+    /// its heartbeat is that old too and it is still the process in its slot, fence it.
+    fn fence_hung_holder(&self, now: u64) {
+        let Some(a) = self.control.active_slot().filter(|&a| a != self.opt.slot) else {
+            return;
+        };
+        let hb = self.control.get(a, Field::HeartbeatNs);
+        if now.saturating_sub(hb) <= self.opt.hung_after.as_nanos() as u64 || !self.slot_alive(a) {
+            return;
+        }
+        let pid = self.control.get(a, Field::Pid).min(u32::MAX as u64) as u32;
+        warn!(
+            pid,
+            "the old active holds the mutex and is hung (heartbeat {} ms old); fencing it with SIGKILL",
+            (now - hb) / 1_000_000
+        );
+        fence(pid);
     }
 
     fn mark_step_up(&mut self, t0: Instant, planned: bool) {
@@ -2098,6 +2138,17 @@ pub fn push_tx(
     b.push(rt::COMMIT, 1, 48, zerocopy::IntoBytes::as_bytes(commit))?;
     b.commit();
     Ok(())
+}
+
+/// SIGKILL a hung engine: its robust mutex becomes owner-died and its standby steps up. The
+/// caller checked its identity (pid + start time, so a reused pid is very unlikely).
+fn fence(pid: u32) {
+    // The pid came from shared memory: never let it be 0, 1 or negative (kill(-1) signals
+    // every process of the user).
+    if (2..=i32::MAX as u32).contains(&pid) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
 }
 
 /// A position in the history of the state (what `Base`, `SnapBegin`/`SnapEnd`, `StepUp` and

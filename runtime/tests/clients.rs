@@ -62,6 +62,8 @@ impl Engines {
         // Debug builds on 2 shared cores: a standby can be descheduled for tens of ms.
         c.env("RUST_LOG", std::env::var("US_LOG").unwrap_or("warn".into()))
             .env("UNDERSTUDY_BACKPRESSURE_MS", "500")
+            // Hang detection is not under test here: a starved debug engine must not be fenced.
+            .env("UNDERSTUDY_HUNG_MS", "10000")
             .stdout(Stdio::null());
         if std::env::var("US_VERBOSE").is_err() {
             c.stderr(Stdio::null());
@@ -69,6 +71,7 @@ impl Engines {
         for (k, v) in env {
             c.env(k, v);
         }
+        die_with_parent(&mut c);
         self.kids.retain(|(s, _)| *s != slot);
         self.kids.push((slot, c.spawn().unwrap()));
     }

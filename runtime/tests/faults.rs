@@ -129,8 +129,7 @@ fn finish_and_compare(
     model: &mut Model,
     more: u64,
 ) {
-    let end = side.started() + more;
-    side.set_limit(end);
+    let end = extend_workload(side, more);
     wait_cluster(c, &format!("both engines at {end} transactions"), T, || {
         c.get(active, Field::Commits) == end && c.get(standby, Field::Commits) == end
     });
@@ -141,6 +140,24 @@ fn finish_and_compare(
         T,
         || c.get(active, Field::Digest) == d && c.get(standby, Field::Digest) == d,
     );
+}
+
+/// The standby in `slot`'s current stream, opened: retried while the standby re-attaches
+/// (after an untether or resync the stream of the generation just read is gone).
+fn open_stream(cl: &Cluster, c: &Control, slot: usize) -> (u64, std::path::PathBuf, Region) {
+    let mut found = None;
+    wait_cluster(c, "the standby's stream opened", T, || {
+        let gen = c.get(slot, Field::AttachGen);
+        let path = Control::stream_path(&cl.dir, c.epoch(), slot, gen);
+        match Region::open(&path, Duration::from_millis(100)) {
+            Ok(r) if c.get(slot, Field::AttachGen) == gen && state(c, slot) == State::Hot => {
+                found = Some((gen, path, r));
+                true
+            }
+            _ => false,
+        }
+    });
+    found.expect("found")
 }
 
 /// The active's committed count rises by `n` (it never blocks on a standby).
@@ -165,15 +182,16 @@ fn corrupted_frame_makes_standby_resync_and_loses_nothing() {
     let c = cl.control();
     let side = cl.side(0);
     let pace = ("US_PACE_US", "100".to_string());
-    let env = [cl.side_env(0), pace.clone()];
+    // The standby is frozen while the test finds and corrupts a frame: the active must not
+    // untether it first, however long the test thread is descheduled.
+    let patient = ("US_BACKPRESSURE_MS", "60000".to_string());
+    let env = [cl.side_env(0), pace.clone(), patient];
     spawn(&mut cl, 0, false, &env);
     wait_cluster(&c, "a active", T, || role(&c, 0) == Role::Active);
     spawn(&mut cl, 1, true, &[pace]);
     wait_cluster(&c, "b hot", T, || state(&c, 1) == State::Hot);
     let active = ActiveFacts::of(&c, 0);
-    let gen = c.get(1, Field::AttachGen);
-    let path = Control::stream_path(&cl.dir, c.epoch(), 1, gen);
-    let region = Region::open(&path, Duration::from_secs(1)).unwrap();
+    let (gen, path, region) = open_stream(&cl, &c, 1);
     let ring = RawRing::open(&path, region.capacity());
 
     // Freeze the standby so the frames ahead of it stay unread, then corrupt the second
@@ -230,15 +248,14 @@ fn stopped_standby_is_untethered_and_catches_up_after_resume() {
     let c = cl.control();
     let side = cl.side(0);
     let pace = ("US_PACE_US", "20".to_string());
-    let env = [cl.side_env(0), pace.clone()];
+    let bounded = ("US_BACKPRESSURE_MS", "20".to_string());
+    let env = [cl.side_env(0), pace.clone(), bounded];
     spawn(&mut cl, 0, false, &env);
     wait_cluster(&c, "a active", T, || role(&c, 0) == Role::Active);
     spawn(&mut cl, 1, true, &[pace, ("US_RING", "65536".to_string())]);
     wait_cluster(&c, "b hot", T, || state(&c, 1) == State::Hot);
     let active = ActiveFacts::of(&c, 0);
-    let gen = c.get(1, Field::AttachGen);
-    let path = Control::stream_path(&cl.dir, c.epoch(), 1, gen);
-    let region = Region::open(&path, Duration::from_secs(1)).unwrap();
+    let (gen, _, region) = open_stream(&cl, &c, 1);
 
     cl.stop(1);
     wait_cluster(&c, "the active marks the frozen standby stale", T, || {
@@ -329,16 +346,26 @@ fn standby_killed_while_syncing_is_replaced() {
     let mut cl = Cluster::new("killsync");
     let (c, side) = large_active(&mut cl, UNITS, 16);
     let active = ActiveFacts::of(&c, 0);
-    spawn(&mut cl, 1, true, &[]);
-    wait_cluster(&c, "b syncing", T, || {
-        state(&c, 1) == State::Syncing && c.get(1, Field::AttachGen) > 0
-    });
-    cl.kill(1);
-    assert_ne!(
-        state(&c, 1),
-        State::Hot,
-        "b finished its catch-up before the kill (make the catch-up slower)"
-    );
+    // Freeze b mid catch-up, then kill it. A test thread descheduled for the whole catch-up
+    // (hundreds of ms) finds b already hot: try again with a fresh b.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        spawn(&mut cl, 1, true, &[]);
+        wait_cluster(&c, "b syncing", T, || {
+            state(&c, 1) == State::Syncing && c.get(1, Field::AttachGen) > 0
+        });
+        cl.stop(1);
+        let caught = state(&c, 1) != State::Hot;
+        cl.kill(1);
+        if caught {
+            break;
+        }
+        assert!(
+            tries < 5,
+            "b finished its catch-up before every kill (make it slower)"
+        );
+    }
     let gen = c.get(1, Field::AttachGen);
     side.set_limit(UNITS + 2_000);
     wait_commits_rise(&c, 0, 1_000, "standby killed while syncing");

@@ -178,7 +178,22 @@ fn switchover_target_dying_before_step_up_leaves_the_old_active_in_charge() {
     wait_until("b hot", Duration::from_secs(10), || {
         state(&c, 1) == State::Hot
     });
-    std::thread::sleep(Duration::from_millis(20));
+    // a counts b hot once b acknowledged its catch-up, and then prepares its own standby
+    // stream for the next epoch: wait for that file, so the switchover below is not refused
+    // as "target not hot" if b is frozen before its acknowledgement.
+    wait_until(
+        "a prepared for a switchover",
+        Duration::from_secs(10),
+        || {
+            let next = understudy_runtime::control::Control::stream_path(
+                &cl.dir,
+                c.epoch() + 1,
+                0,
+                c.get(0, Field::AttachGen) + 1,
+            );
+            next.exists()
+        },
+    );
     // Freeze b so it cannot step up, hand over to it, then kill it.
     cl.stop(1);
     let seq = c.post(understudy_runtime::control::cmd::SWITCHOVER, 1);
@@ -300,4 +315,59 @@ fn hung_active_is_fenced_and_the_standby_steps_up() {
         "stepped up at {k}; the hung active had committed {committed}, started {started}"
     );
     assert_eq!(Model::new(1).advance_to(k), c.get(1, Field::StepUpDigest));
+}
+
+/// An old active descheduled between its step-up frame and releasing the mutex (a test hook
+/// stalls it for 1.5 s, three times the crash path's give-up bound): the target waits for the
+/// mutex instead of giving up, which would leave both engines standby, and steps up with
+/// exactly the handed-over state.
+#[test]
+fn switchover_waits_for_an_old_active_stalled_before_releasing_the_mutex() {
+    let mut cl = Cluster::new("stall");
+    let c = cl.control();
+    let mut e0 = paced_env(&cl, 0);
+    e0.push(("UNDERSTUDY_TEST_STALL_BEFORE_UNLOCK_MS", "1500".to_string()));
+    cl.spawn("child_engine", 0, 1, u64::MAX, false, &e0);
+    wait_until("a active", Duration::from_secs(10), || {
+        role(&c, 0) == Role::Active
+    });
+    let e1 = paced_env(&cl, 1);
+    cl.spawn("child_engine", 1, 1, u64::MAX, true, &e1);
+    wait_until("b hot", Duration::from_secs(10), || {
+        state(&c, 1) == State::Hot
+    });
+    wait_until(
+        "a prepared for a switchover",
+        Duration::from_secs(10),
+        || {
+            understudy_runtime::control::Control::stream_path(
+                &cl.dir,
+                c.epoch() + 1,
+                0,
+                c.get(0, Field::AttachGen) + 1,
+            )
+            .exists()
+        },
+    );
+    let seq = c.post(understudy_runtime::control::cmd::SWITCHOVER, 1);
+    wait_until("switchover acked", Duration::from_secs(10), || {
+        c.acked().0 == seq
+    });
+    assert_eq!(c.acked().1, 0, "switchover refused");
+    wait_until("b active", Duration::from_secs(20), || {
+        role(&c, 1) == Role::Active && c.get(1, Field::StepUps) > 0
+    });
+    assert!(
+        cl.running(0) && cl.running(1),
+        "no engine was fenced or died"
+    );
+    let k = c.get(1, Field::StepUpCommits);
+    assert_eq!(Model::new(1).advance_to(k), c.get(1, Field::StepUpDigest));
+    let before = c.get(1, Field::Commits);
+    wait_until("b commits", Duration::from_secs(10), || {
+        c.get(1, Field::Commits) > before
+    });
+    wait_until("a follows b, hot", Duration::from_secs(10), || {
+        role(&c, 0) == Role::Standby && state(&c, 0) == State::Hot
+    });
 }

@@ -217,8 +217,7 @@ fn rolling_upgrade_streams_old_layout_and_enables_features_at_one_point() {
 
     // Both engines end with the same state, which is the model's with the feature on from
     // exactly one commit index between the two reads around the enable.
-    let end = side_b.started() + 300;
-    side_b.set_limit(end);
+    let end = extend_workload(&side_b, 300);
     wait_cluster(&c, &format!("both at {end} transactions"), T, || {
         c.get(0, Field::Commits) == end && c.get(1, Field::Commits) == end
     });

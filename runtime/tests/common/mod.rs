@@ -104,6 +104,7 @@ impl Cluster {
         for (k, v) in extra {
             cmd.env(k, v);
         }
+        die_with_parent(&mut cmd);
         cmd
     }
 
@@ -152,8 +153,9 @@ impl Cluster {
     }
 
     /// Freeze the engine in `slot` with SIGSTOP and return only once every one of its threads
-    /// is in the stopped state: `kill` merely queues the signal, and a process running on the
-    /// other CPU goes on executing (and committing) until it is interrupted.
+    /// is in the stopped state (or dead: a fenced engine executes no more either): `kill`
+    /// merely queues the signal, and a process running on the other CPU goes on executing
+    /// (and committing) until it is interrupted.
     pub fn stop(&self, slot: usize) {
         self.signal(slot, libc::SIGSTOP);
         let pid = self.pid(slot).expect("signalled above");
@@ -270,6 +272,11 @@ pub fn child_main() {
     // build can be descheduled for hundreds of ms, so only fence after seconds by default.
     opt.hung_after =
         Duration::from_millis(std::env::var("US_HUNG_MS").map_or(5000, |ms| ms.parse().unwrap()));
+    // A standby of a debug build on 2 shared CPUs can be descheduled for tens of ms: wait
+    // half a second for it before untethering, unless a test asks otherwise.
+    opt.backpressure = understudy_runtime::Backpressure::Wait(Duration::from_millis(
+        std::env::var("US_BACKPRESSURE_MS").map_or(500, |ms| ms.parse().unwrap()),
+    ));
     let mut app = TestApp::new(version);
     app.keep = std::env::var("US_KEEP").is_ok_and(|v| v == "1");
     let engine = understudy_runtime::Engine::new(app, input, opt).unwrap();
@@ -330,18 +337,53 @@ pub fn wait_cluster(c: &Control, what: &str, timeout: Duration, mut f: impl FnMu
     }
 }
 
+/// The child gets SIGKILL when the thread that spawned it ends: a test binary killed by CI
+/// (timeout, Ctrl-C) leaves no engine spinning behind it.
+pub fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl, which
+    // is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Stop the workload behind `side` where it is, then let it run `more` requests past what it
+/// started; returns the total it will have started. Reading `started` and setting a limit
+/// past it while the workload runs is a race: a test thread preempted in between lets the
+/// workload run past the limit it then sets.
+pub fn extend_workload(side: &Side, more: u64) -> u64 {
+    side.set_limit(1);
+    // At most the request in flight when the limit was set still starts.
+    wait_until("the workload pauses", Duration::from_secs(20), || {
+        let s = side.started();
+        std::thread::sleep(Duration::from_millis(2));
+        side.committed() == s && side.started() == s
+    });
+    let end = side.started() + more;
+    side.set_limit(end);
+    end
+}
+
 /// Whether every thread of `pid` is in the stopped state ('T' in field 3 of its stat file).
 fn all_tasks_stopped(pid: u32) -> bool {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
+        return true; // gone
     };
     let mut any = false;
     for t in tasks.flatten() {
         let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
         // Field 3 follows the parenthesised command name, which may itself hold ')'.
-        let stopped = stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'));
+        // Stopped, or dead (zombie, or reaped meanwhile): either way it runs no more.
+        let stopped = stat.is_empty()
+            || stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 'Z', 'X']));
         if !stopped {
             return false;
         }
