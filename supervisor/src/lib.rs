@@ -2,8 +2,9 @@
 //!
 //! It reads the cluster config ([`config`]), starts and watches the engine processes
 //! ([`process`]), keeps an active and a hot standby running ([`daemon`]), performs long
-//! operations such as the rolling upgrade ([`ops`], driving the pure state machine in
-//! [`plan`]), and serves the control socket ([`proto`], [`client`]). [`doctor`] checks a host.
+//! operations such as the rolling upgrade (`ops`, driving the pure state machine in
+//! [`plan`], whose progress [`record`] keeps on disk for a restarted supervisor), and serves
+//! the control socket ([`proto`], [`client`]). [`doctor`] checks a host.
 //!
 //! It talks to engines only through the shared control block of the runtime
 //! (`understudy_runtime::control`) and process signals. It must never know how engines
@@ -21,3 +22,4 @@ mod ops;
 pub mod plan;
 pub mod process;
 pub mod proto;
+pub mod record;

@@ -57,6 +57,13 @@
 //!   is the one that stepped up: the switchover happened, by failover; the plan continues.
 //! - Any other death (a new-version engine, or the active outside that case) is a failure.
 //!
+//! A supervisor that stops in the middle of a plan (killed, or restarted by the operator)
+//! records the plan's [`Checkpoint`] as it goes, and the next supervisor takes it up with
+//! [`UpgradePlan::resume`] on the cluster as it finds it: the interruption is one more failure
+//! of the step in progress, recovered from as above. The forward path is never continued
+//! after a restart: an acceptance check that was cut short proves nothing, and an operator
+//! who lost the upgrade's progress stream should find the cluster settled, not moving.
+//!
 //! When the active dies, the supervisor reports which hot standby stepped up (it reads the
 //! control block); every other standby lost its stream and is modelled out of service until
 //! it is attached again. An action that involves the dead engine is abandoned (the supervisor
@@ -90,6 +97,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::TimeoutsConfig;
 
 /// The most engines a recovery may start before it gives up with
@@ -99,7 +108,8 @@ pub const RECOVERY_STARTS_MAX: u8 = 2;
 
 /// An engine slot. `A` and `B` are the usual pair; `C` is the extra slot of a
 /// `keep_standby` upgrade.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Slot {
     /// Slot `a`.
     A,
@@ -134,7 +144,8 @@ impl fmt::Display for Slot {
 }
 
 /// Which of the two binaries an engine runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Version {
     /// The version running before the upgrade (N).
     Old,
@@ -185,7 +196,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    fn new(version: Version, role: Role) -> Self {
+    /// An engine of `version` in `role`, new features disabled.
+    pub fn new(version: Version, role: Role) -> Self {
         Self {
             version,
             role,
@@ -201,6 +213,15 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// A cluster of these engines (a slot named twice holds the last one).
+    pub fn new(engines: impl IntoIterator<Item = (Slot, Engine)>) -> Self {
+        let mut slots = [None; 3];
+        for (slot, engine) in engines {
+            slots[slot.index()] = Some(engine);
+        }
+        Self { slots }
+    }
+
     /// The engine in `slot`, if one runs there.
     pub fn engine(&self, slot: Slot) -> Option<&Engine> {
         self.slots[slot.index()].as_ref()
@@ -263,7 +284,8 @@ impl Cluster {
 }
 
 /// What the supervisor must do next.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Action {
     /// Take the engine out of service: stop it cleanly (SIGKILL at the deadline). Never the
     /// active.
@@ -379,7 +401,8 @@ impl fmt::Display for Action {
 }
 
 /// The eight steps of the rolling upgrade, for progress display and failure reasons.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Step {
     /// Take the old standby out of service.
     RetireOldStandby,
@@ -418,7 +441,8 @@ impl Step {
 }
 
 /// How the plan is recovering from a failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Recovery {
     /// Undoing an upgrade that never switched over; ends [`Outcome::Aborted`].
     Abort,
@@ -715,13 +739,30 @@ impl UpgradeSpec {
     }
 }
 
-/// Why a plan cannot be made.
+/// Why a plan cannot be made (or resumed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlanError {
     /// The active and the standby were given the same slot.
     SameSlot {
         /// The slot.
         slot: Slot,
+    },
+    /// A checkpoint names a step this plan does not have (step 8 without `no_enable`).
+    StepNotInPlan {
+        /// The step.
+        step: Step,
+    },
+    /// A checkpoint is recovering but gives no reason.
+    RecoveryWithoutReason,
+    /// A checkpoint counts more recovery starts than a recovery may make.
+    TooManyStarts {
+        /// The count in the checkpoint.
+        found: u8,
+    },
+    /// The cluster to resume with has more than one active engine.
+    TwoActives {
+        /// The slots of the actives.
+        slots: Vec<Slot>,
     },
 }
 
@@ -732,8 +773,49 @@ impl fmt::Display for PlanError {
                 f,
                 "active and standby must be in different slots, both are in slot {slot}"
             ),
+            PlanError::StepNotInPlan { step } => write!(
+                f,
+                "expected a step of this plan, found `{}` (not in a plan without step 8)",
+                step.name()
+            ),
+            PlanError::RecoveryWithoutReason => {
+                f.write_str("expected the reason of the recovery in progress, found none")
+            }
+            PlanError::TooManyStarts { found } => write!(
+                f,
+                "expected at most {RECOVERY_STARTS_MAX} recovery starts, found {found}"
+            ),
+            PlanError::TwoActives { slots } => {
+                let names: Vec<&str> = slots.iter().map(|s| s.name()).collect();
+                write!(
+                    f,
+                    "expected at most one active engine, found engines {} active",
+                    names.join(" and ")
+                )
+            }
         }
     }
+}
+
+/// Where a plan is, as the supervisor records it to survive its own restart: see
+/// [`UpgradePlan::checkpoint`] and [`UpgradePlan::resume`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    /// The current step (the failed step while recovering).
+    pub step: Step,
+    /// `Some` while recovering from a failure.
+    pub recovery: Option<Recovery>,
+    /// Why it is recovering.
+    pub reason: Option<String>,
+    /// The switchover to the new version happened.
+    pub switched: bool,
+    /// The acceptance verdict was given: the new version is committed.
+    pub accepted: bool,
+    /// Engines the recovery has started so far.
+    pub recovery_starts: u8,
+    /// The action handed out and not yet reported: its effect is unknown after a restart.
+    pub in_flight: Option<Action>,
 }
 
 impl std::error::Error for PlanError {}
@@ -897,6 +979,111 @@ impl UpgradePlan {
             Mode::Finished(outcome) => Some(outcome),
             _ => None,
         }
+    }
+
+    /// Where the plan is, to record; [`UpgradePlan::resume`] takes it up again.
+    pub fn checkpoint(&self) -> Checkpoint {
+        let (recovery, reason) = match &self.mode {
+            Mode::Recovering { kind, reason, .. } => (Some(*kind), Some(reason.clone())),
+            _ => (None, None),
+        };
+        Checkpoint {
+            step: self.current_step(),
+            recovery,
+            reason,
+            switched: self.switched,
+            accepted: self.accepted,
+            recovery_starts: self.recovery_starts,
+            in_flight: self.in_flight.as_ref().map(|f| f.planned.action.clone()),
+        }
+    }
+
+    /// Takes up a plan whose supervisor stopped in the middle of it (`checkpoint` is where it
+    /// was), on the cluster as it is now: `cluster`, observed after the action that was in
+    /// flight has settled. The forward path is never continued: the interruption is a failure
+    /// of the current step (`cause` says what happened), and the plan recovers exactly as it
+    /// does from any other failure there — before the acceptance verdict it restores the old
+    /// version ([`Outcome::Aborted`] before the switchover, [`Outcome::RolledBack`] after);
+    /// after the verdict it keeps the committed new version and settles
+    /// ([`Outcome::Aborted`]), unless the old version is active again. A plan that was
+    /// already recovering goes on with the same recovery. With no active engine it has ended
+    /// ([`Outcome::Outage`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use understudy_supervisor::plan::*;
+    ///
+    /// // The supervisor died during the acceptance check: the new version (b) is active.
+    /// let mut plan = UpgradePlan::new(UpgradeSpec::new("/opt/v1", "/opt/v2")).unwrap();
+    /// let checkpoint = loop {
+    ///     let Next::Perform(planned) = plan.next_action() else { unreachable!() };
+    ///     if matches!(planned.action, Action::Accept { .. }) {
+    ///         break plan.checkpoint();
+    ///     }
+    ///     plan.on_event(Event::Done { id: planned.id }).unwrap();
+    /// };
+    /// let now = Cluster::new([
+    ///     (Slot::A, Engine::new(Version::Old, Role::Standby)),
+    ///     (Slot::B, Engine::new(Version::New, Role::Active)),
+    /// ]);
+    /// let spec = UpgradeSpec::new("/opt/v1", "/opt/v2");
+    /// let mut resumed = UpgradePlan::resume(spec, &checkpoint, now, "the supervisor restarted").unwrap();
+    /// let Next::Perform(first) = resumed.next_action() else { unreachable!() };
+    /// assert_eq!(first.action, Action::Switchover { from: Slot::B, to: Slot::A });
+    /// assert_eq!(first.progress.recovery, Some(Recovery::Rollback));
+    /// ```
+    pub fn resume(
+        spec: UpgradeSpec,
+        checkpoint: &Checkpoint,
+        cluster: Cluster,
+        cause: &str,
+    ) -> Result<Self, PlanError> {
+        let mut plan = Self::new(spec)?;
+        let step = checkpoint.step;
+        let cursor = plan
+            .script
+            .iter()
+            .position(|(s, _)| *s == step)
+            .ok_or(PlanError::StepNotInPlan { step })?;
+        if checkpoint.recovery_starts > RECOVERY_STARTS_MAX {
+            return Err(PlanError::TooManyStarts {
+                found: checkpoint.recovery_starts,
+            });
+        }
+        if cluster.active_count() > 1 {
+            return Err(PlanError::TwoActives {
+                slots: cluster.slots_with(|e| e.role == Role::Active).collect(),
+            });
+        }
+        let active_new = cluster.active().and_then(|s| cluster.version(s)) == Some(Version::New);
+        plan.cluster = cluster;
+        plan.cursor = cursor;
+        // A switchover in flight may have completed while no supervisor watched.
+        plan.switched = checkpoint.switched || active_new;
+        plan.accepted = checkpoint.accepted;
+        plan.recovery_starts = checkpoint.recovery_starts;
+        if plan.cluster.active().is_none() {
+            let number = plan.step_number(step);
+            plan.mode = Mode::Finished(Outcome::Outage {
+                reason: format!(
+                    "step {number} ({}): {cause}, and no engine is active",
+                    step.name()
+                ),
+            });
+            return Ok(plan);
+        }
+        match checkpoint.recovery {
+            Some(kind) => {
+                let reason = checkpoint
+                    .reason
+                    .clone()
+                    .ok_or(PlanError::RecoveryWithoutReason)?;
+                plan.mode = Mode::Recovering { kind, reason, step };
+            }
+            None => plan.start_recovery(cause.to_owned()),
+        }
+        Ok(plan)
     }
 
     /// The forward path's actions in order, each with its step: what a fault-free run does.
@@ -1924,6 +2111,186 @@ mod tests {
         assert_eq!(
             plan.on_event(Event::Done { id: ActionId(2) }),
             Err(EventError::Finished)
+        );
+    }
+
+    /// Every checkpoint of a fault-free run, each with the action handed out, the cluster
+    /// before that action and the cluster after it: a supervisor may die before or after the
+    /// action in flight took effect.
+    fn checkpoints(spec: UpgradeSpec) -> Vec<(Checkpoint, Planned, Cluster, Cluster)> {
+        let mut plan = UpgradePlan::new(spec).unwrap();
+        let mut out = Vec::new();
+        while let Next::Perform(planned) = plan.next_action() {
+            let before = plan.cluster().clone();
+            let checkpoint = plan.checkpoint();
+            assert_eq!(checkpoint.in_flight.as_ref(), Some(&planned.action));
+            plan.on_event(success(&planned)).unwrap();
+            out.push((checkpoint, planned, before, plan.cluster().clone()));
+        }
+        out
+    }
+
+    const RESTARTED: &str = "the supervisor restarted";
+
+    #[test]
+    fn a_resumed_plan_never_goes_forward_and_ends_safe_at_every_action() {
+        // Proves the restart policy at every action of every plan shape, whether the action in
+        // flight took effect or not: the resumed plan never accepts, enables or switches to
+        // the new version; before the acceptance verdict it restores the old version (aborted
+        // before the switchover, rolled back after it), after the verdict it keeps the new
+        // version; the reason names the step and the restart.
+        for keep in [false, true] {
+            for no_enable in [false, true] {
+                for (checkpoint, planned, before, after) in checkpoints(spec(keep, no_enable)) {
+                    for (when, cluster) in [("before", before), ("after", after)] {
+                        let label = format!(
+                            "keep={keep} no_enable={no_enable} {planned} ({when} it took effect)"
+                        );
+                        let switched = checkpoint.switched
+                            || cluster.version(cluster.active().unwrap()) == Some(Version::New);
+                        let mut plan = UpgradePlan::resume(
+                            spec(keep, no_enable),
+                            &checkpoint,
+                            cluster,
+                            RESTARTED,
+                        )
+                        .unwrap_or_else(|e| panic!("{label}: {e}"));
+                        assert_safe(&plan);
+                        let actions = run_to_end(&mut plan, &mut false);
+                        for a in &actions {
+                            assert!(
+                                !matches!(
+                                    a.action,
+                                    Action::Accept { .. }
+                                        | Action::EnableFeatures { .. }
+                                        | Action::Start {
+                                            version: Version::New,
+                                            ..
+                                        }
+                                ),
+                                "{label}: went forward with {a}"
+                            );
+                            assert!(a.progress.recovery.is_some(), "{label}: {a}");
+                        }
+                        assert_terminal(&plan, checkpoint.accepted);
+                        let outcome = plan.outcome().unwrap();
+                        let reason = outcome.reason().unwrap_or_else(|| panic!("{label}"));
+                        let step = format!("step {} ", planned.progress.number);
+                        assert!(
+                            reason.contains(&step) && reason.contains(RESTARTED),
+                            "{label}: {reason}"
+                        );
+                        let active = plan.cluster().active().unwrap();
+                        let version = plan.cluster().version(active).unwrap();
+                        let kind = format!("{outcome:?}");
+                        if checkpoint.accepted {
+                            assert_eq!(version, Version::New, "{label}: {outcome}");
+                            assert!(kind.starts_with("Aborted"), "{label}: {outcome}");
+                        } else {
+                            assert_eq!(version, Version::Old, "{label}: {outcome}");
+                            let expected = if switched { "RolledBack" } else { "Aborted" };
+                            assert!(kind.starts_with(expected), "{label}: {outcome}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_plan_resumed_while_recovering_goes_on_with_the_same_recovery() {
+        // Proves a checkpoint taken during a rollback resumes that rollback, with its reason.
+        let mut plan = UpgradePlan::new(spec(false, false)).unwrap();
+        let verdict = loop {
+            let Next::Perform(planned) = plan.next_action() else {
+                panic!()
+            };
+            if matches!(planned.action, Action::Accept { .. }) {
+                break planned;
+            }
+            plan.on_event(success(&planned)).unwrap();
+        };
+        plan.on_event(Event::Verdict {
+            id: verdict.id,
+            verdict: Verdict::Rejected {
+                reason: "error rate".into(),
+            },
+        })
+        .unwrap();
+        let Next::Perform(back) = plan.next_action() else {
+            panic!()
+        };
+        let checkpoint = plan.checkpoint();
+        assert_eq!(checkpoint.recovery, Some(Recovery::Rollback));
+        let mut resumed = UpgradePlan::resume(
+            spec(false, false),
+            &checkpoint,
+            plan.cluster().clone(),
+            RESTARTED,
+        )
+        .unwrap();
+        let Next::Perform(again) = resumed.next_action() else {
+            panic!()
+        };
+        assert_eq!(
+            (&again.action, again.progress),
+            (&back.action, back.progress)
+        );
+        resumed.on_event(success(&again)).unwrap();
+        run_to_end(&mut resumed, &mut false);
+        let reason = resumed.outcome().unwrap().reason().unwrap();
+        assert!(
+            matches!(resumed.outcome(), Some(Outcome::RolledBack { .. }))
+                && reason.contains("error rate"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_resume_that_does_not_fit_is_refused_and_one_without_active_is_an_outage() {
+        // Proves resume refuses a checkpoint of another plan shape, an impossible start count,
+        // a recovery without reason and two actives, and ends at once with no active.
+        let (checkpoint, _, before, _) = checkpoints(spec(false, false)).pop().unwrap();
+        assert_eq!(checkpoint.step, Step::EnableFeatures);
+        let resume = |spec, checkpoint: &Checkpoint, cluster| {
+            UpgradePlan::resume(spec, checkpoint, cluster, RESTARTED)
+        };
+        assert_eq!(
+            resume(spec(false, true), &checkpoint, before.clone()).unwrap_err(),
+            PlanError::StepNotInPlan {
+                step: Step::EnableFeatures
+            }
+        );
+        let too_many = Checkpoint {
+            recovery_starts: RECOVERY_STARTS_MAX + 1,
+            ..checkpoint.clone()
+        };
+        assert!(resume(spec(false, false), &too_many, before.clone())
+            .unwrap_err()
+            .to_string()
+            .contains("expected at most 2 recovery starts, found 3"));
+        let no_reason = Checkpoint {
+            recovery: Some(Recovery::Abort),
+            ..checkpoint.clone()
+        };
+        assert_eq!(
+            resume(spec(false, false), &no_reason, before).unwrap_err(),
+            PlanError::RecoveryWithoutReason
+        );
+        let two = Cluster::new([
+            (Slot::A, Engine::new(Version::Old, Role::Active)),
+            (Slot::B, Engine::new(Version::New, Role::Active)),
+        ]);
+        assert!(resume(spec(false, false), &checkpoint, two)
+            .unwrap_err()
+            .to_string()
+            .contains("found engines a and b active"));
+        let none = Cluster::new([(Slot::A, Engine::new(Version::New, Role::Standby))]);
+        let mut plan = resume(spec(false, false), &checkpoint, none).unwrap();
+        assert!(
+            matches!(plan.next_action(), Next::Finished(Outcome::Outage { ref reason }) if reason.contains(RESTARTED)),
+            "{:?}",
+            plan.outcome()
         );
     }
 
