@@ -295,7 +295,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
     }
     let accept_ms = if opts.quick { 500 } else { 2000 };
     let config = format!(
-        "cluster = \"{name}\"\nshm_dir = \"{}\"\n\n[engine]\nbinary = \"{}\"\nenv = {{ RUST_LOG = \"{}\", UNDERSTUDY_IDLE = \"{}\" }}\n\n[acceptance]\naccept_for_ms = {accept_ms}\n",
+        "cluster = \"{name}\"\nshm_dir = \"{}\"\n\n[engine]\nbinary = \"{}\"\nenv = {{ RUST_LOG = \"{}\", UNDERSTUDY_IDLE = \"{}\" }}\n\n[timeouts]\nheartbeat_ms = 100\n\n[acceptance]\naccept_for_ms = {accept_ms}\nmax_latency_us_p99 = 50000\n",
         opts.shm_dir.display(),
         v1.display(),
         std::env::var("UNDERSTUDY_DEMO_ENGINE_LOG").unwrap_or_else(|_| "warn".into()),
@@ -304,6 +304,10 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
         // on isolated cores instead).
         std::env::var("UNDERSTUDY_DEMO_IDLE").unwrap_or_else(|_| "2000,20".into())
     );
+    // [timeouts] and [acceptance]: the demo shares 2 CPUs with everything else on a laptop or
+    // a CI runner, where a healthy engine can be descheduled for hundreds of ms; fence after
+    // 1 s (10 heartbeats), and accept a service-time p99 up to 50 ms. A production config
+    // sets both to its service level.
     let config_path = tmp.join("demo.toml");
     std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
 

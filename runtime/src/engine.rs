@@ -674,7 +674,13 @@ impl<A: Application, I: Input> Engine<A, I> {
                     self.control.set(s, Field::Commits, self.commits);
                     self.control.set(s, Field::Requests, self.requests);
                     self.control.set(s, Field::Refusals, self.refusals);
-                    if now - self.service_published_ns > 100_000_000 {
+                    // A p99 says something over enough requests: publish every 100 ms once
+                    // the window holds `MIN_SAMPLES`, else every second (a window of under 100
+                    // requests has its maximum for its p99: one preemption would be "the p99").
+                    let age = now - self.service_published_ns;
+                    if age > 100_000_000 && self.service.count >= ServiceTimes::MIN_SAMPLES
+                        || age > 1_000_000_000
+                    {
                         self.service_published_ns = now;
                         self.control
                             .set(s, Field::ServiceP99Ns, self.service.p99_and_reset());
@@ -1953,6 +1959,9 @@ impl Default for ServiceTimes {
 }
 
 impl ServiceTimes {
+    /// Requests a window needs before its p99 is published early.
+    const MIN_SAMPLES: u32 = 1000;
+
     fn record(&mut self, ns: u64) {
         let b = 64 - ns.max(1).leading_zeros() as usize;
         self.buckets[b.min(63)] = self.buckets[b.min(63)].saturating_add(1);
@@ -2297,4 +2306,27 @@ fn send_chunk(
         b.commit();
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServiceTimes;
+
+    /// One long preemption among a full window does not move the p99; the window resets.
+    #[test]
+    fn service_p99_of_a_full_window_ignores_one_outlier() {
+        let mut t = ServiceTimes::default();
+        for _ in 0..ServiceTimes::MIN_SAMPLES - 1 {
+            t.record(900);
+        }
+        t.record(16_000_000);
+        assert_eq!(t.p99_and_reset(), 1024);
+        assert_eq!(t.p99_and_reset(), 0, "reset");
+        t.record(900);
+        t.record(16_000_000);
+        assert!(
+            t.p99_and_reset() >= 16_000_000,
+            "two samples: the p99 is the maximum"
+        );
+    }
 }
