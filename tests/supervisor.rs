@@ -25,7 +25,8 @@ use understudy_runtime::liveness::ProcessIdentity;
 use understudy_runtime::store::Store;
 use understudy_runtime::testkit::{Model, Side, TestApp};
 use understudy_supervisor::client::Client;
-use understudy_supervisor::proto::{Op, Request, StatusReport, SOCKET_NAME};
+use understudy_supervisor::proto::{Code, Op, Request, StatusReport, SOCKET_NAME};
+use understudy_supervisor::record::{self, RECORD_FILE};
 
 const CLI: &str = env!("CARGO_BIN_EXE_understudy");
 
@@ -144,6 +145,16 @@ max_latency_us_p99 = 60000000
 
     /// Starts `understudy up` and waits until it answers with an active and a hot standby.
     fn up(&mut self) -> StatusReport {
+        self.start_supervisor(&[]);
+        self.wait(
+            "an active and a hot standby",
+            Duration::from_secs(20),
+            |s| s.active.is_some() && s.hot_standbys().count() >= 1,
+        )
+    }
+
+    /// Starts `understudy up` with `env` and waits until it answers.
+    fn start_supervisor(&mut self, env: &[(&str, &str)]) -> StatusReport {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -152,16 +163,15 @@ max_latency_us_p99 = 60000000
         let child = self
             .cli()
             .arg("up")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
         self.supervisor = Some(child);
-        self.wait(
-            "an active and a hot standby",
-            Duration::from_secs(20),
-            |s| s.active.is_some() && s.hot_standbys().count() >= 1,
-        )
+        self.wait("the supervisor to answer", Duration::from_secs(20), |_| {
+            true
+        })
     }
 
     fn kill_supervisor(&mut self) {
@@ -945,6 +955,170 @@ fn an_engine_killed_at_each_step_of_the_upgrade_ends_in_a_safe_reported_state() 
             assert_eq!(version_of(&s, &active.slot), 1, "step {step}: {s:#?}");
         }
     }
+}
+
+/// Runs an upgrade to v2 whose supervisor holds before step `step` (the test hook), SIGKILLs
+/// the supervisor there, checks that the engines run on and the record is on disk, restarts
+/// the supervisor and waits until it has settled the upgrade. Returns the harness and the
+/// final status, after checking what every outcome promises: the `upgrade` command failed
+/// saying where to look, `status` showed the interrupted upgrade at once and then its outcome,
+/// the record is gone, an active and a hot standby run, and no request was lost.
+fn interrupt_upgrade_at(step: u64) -> (Harness, StatusReport) {
+    let mut h = Harness::new(&format!("resume{step}"), 20_000, 200, "");
+    let step_text = step.to_string();
+    h.start_supervisor(&[("UNDERSTUDY_TEST_UPGRADE_PAUSE_AT_STEP", &step_text)]);
+    h.wait(
+        "an active and a hot standby",
+        Duration::from_secs(20),
+        |s| s.active.is_some() && s.hot_standbys().count() >= 1,
+    );
+    let upgrade = h
+        .cli()
+        .args(["upgrade", "--accept-for", "300ms", "--binary"])
+        .arg(testapp(2))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let held = h.wait(
+        &format!("the upgrade held before step {step}"),
+        Duration::from_secs(60),
+        |s| {
+            s.operation
+                .as_deref()
+                .is_some_and(|o| o.contains("held by") && o.contains(&format!("step {step}/")))
+        },
+    );
+    let record_path = h.dir().join(RECORD_FILE);
+    let recorded = record::load(&h.dir(), &h.name)
+        .unwrap()
+        .expect("no upgrade record while the upgrade runs");
+    assert!(
+        recorded.progress.starts_with(&format!("step {step}/")) && recorded.outcome.is_none(),
+        "{recorded:#?}"
+    );
+
+    h.kill_supervisor();
+    let out = upgrade.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("understudy status"), "{stderr}");
+    let engines: Vec<ProcessIdentity> = held
+        .engines
+        .iter()
+        .map(|e| ProcessIdentity::of(e.pid).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        engines.iter().all(|e| e.is_alive()),
+        "an engine died with its supervisor"
+    );
+    assert!(record_path.exists());
+
+    let s = h.start_supervisor(&[]);
+    let interrupted = s
+        .interrupted_upgrade
+        .as_ref()
+        .unwrap_or_else(|| panic!("status does not show the interrupted upgrade: {s:#?}"));
+    assert!(
+        interrupted
+            .at
+            .as_deref()
+            .is_some_and(|at| at.starts_with(&format!("step {step}/")))
+            && interrupted.binary.as_deref() == Some(testapp(2).as_path()),
+        "{interrupted:#?}"
+    );
+    h.wait(
+        "the interrupted upgrade settled, with an active and a hot standby",
+        Duration::from_secs(90),
+        |s| {
+            s.interrupted_upgrade
+                .as_ref()
+                .is_some_and(|i| i.outcome.is_some())
+                && s.operation.is_none()
+                && s.active.is_some()
+                && s.hot_standbys().count() >= 1
+        },
+    );
+    assert!(!record_path.exists(), "the record outlived the upgrade");
+    let s = h.check_invariant(&[h.model(false)]);
+    for e in &s.engines {
+        assert_eq!(e.features, 0, "{s:#?}");
+    }
+    (h, s)
+}
+
+fn assert_settled(s: &StatusReport, code: Code, version: u64, decision: &str) {
+    let interrupted = s.interrupted_upgrade.as_ref().unwrap();
+    assert_eq!(interrupted.code, Some(code), "{interrupted:#?}");
+    assert!(interrupted.decision.contains(decision), "{interrupted:#?}");
+    let outcome = interrupted.outcome.as_deref().unwrap();
+    assert!(
+        outcome.contains("restarted supervisor does not go on"),
+        "{outcome}"
+    );
+    for e in &s.engines {
+        assert_eq!(e.app_version, version, "{s:#?}");
+    }
+}
+
+#[test]
+fn a_supervisor_killed_before_the_switchover_restarts_and_undoes_the_upgrade() {
+    // Proves a supervisor SIGKILLed at step 2 (the old standby stopped, the new one about to
+    // start): restarted, it shows the interrupted upgrade, keeps the old version active,
+    // restores an old-version hot standby and reports `aborted`; nothing is lost.
+    let (_h, s) = interrupt_upgrade_at(2);
+    assert_settled(&s, Code::Aborted, 1, "undo it");
+}
+
+#[test]
+fn a_supervisor_killed_during_acceptance_restarts_and_rolls_back() {
+    // Proves a supervisor SIGKILLed at step 5 (the new version active, its acceptance check
+    // about to run): restarted, it shows the interrupted upgrade and rolls back — the old
+    // version active again with an old-version hot standby, `rolled-back` — since no verdict
+    // was given; nothing is lost.
+    let (_h, s) = interrupt_upgrade_at(5);
+    assert_settled(&s, Code::RolledBack, 1, "roll back");
+}
+
+#[test]
+fn a_supervisor_killed_after_acceptance_restarts_and_keeps_the_new_version() {
+    // Proves a supervisor SIGKILLed at step 7 (the new version accepted, the old engine
+    // stopped): restarted, it keeps the accepted new version, restores a new-version hot
+    // standby, leaves the new features off and reports `aborted`; nothing is lost.
+    let (_h, s) = interrupt_upgrade_at(7);
+    assert_settled(&s, Code::Aborted, 2, "keep the accepted new version");
+}
+
+#[test]
+fn an_upgrade_record_that_cannot_be_trusted_is_set_aside_and_the_cluster_left_as_found() {
+    // Proves a restarted supervisor that finds an upgrade record of another version does not
+    // act on it: status names what was expected and found, the record is moved aside, the
+    // engines are the same processes, and the cluster is kept running.
+    let mut h = Harness::new("badrecord", 5_000, 200, "");
+    let before = h.up();
+    h.kill_supervisor();
+    std::fs::write(
+        h.dir().join(RECORD_FILE),
+        r#"{"format":"understudy-upgrade","version":2,"cluster":"x"}"#,
+    )
+    .unwrap();
+    let s = h.up();
+    let interrupted = s.interrupted_upgrade.clone().unwrap();
+    assert_eq!(interrupted.code, Some(Code::Failed), "{interrupted:#?}");
+    assert!(
+        interrupted.decision.contains("left as found")
+            && interrupted
+                .decision
+                .contains("expected version 1, found version 2"),
+        "{interrupted:#?}"
+    );
+    assert!(!h.dir().join(RECORD_FILE).exists());
+    assert!(h.dir().join(record::REJECTED_FILE).exists());
+    let pids = |s: &StatusReport| s.engines.iter().map(|e| e.pid).collect::<Vec<_>>();
+    assert_eq!(pids(&s), pids(&before), "{s:#?}");
+    assert!(h.log_text().contains("expected version 1, found version 2"));
+    h.check_invariant(&[h.model(false)]);
 }
 
 #[test]

@@ -106,7 +106,9 @@ impl Client {
             }
         }
         Err(ClientError::Protocol(
-            "the supervisor closed the connection before the result (did it exit?)".into(),
+            "the supervisor closed the connection before the result (did it exit?); a restarted \
+             supervisor settles an upgrade left in the middle: `understudy status` shows how"
+                .into(),
         ))
     }
 }

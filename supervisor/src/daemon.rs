@@ -11,7 +11,9 @@
 //! The supervisor is not in the failover path: a standby watches its active itself and steps
 //! up without it. The supervisor only restarts the dead engine as the new standby (with
 //! crash-loop backoff), and a restarted supervisor re-adopts the engines the control block
-//! lists instead of starting new ones.
+//! lists instead of starting new ones. If its predecessor stopped in the middle of an upgrade
+//! (the [`crate::record`] in the cluster directory says so), it settles that upgrade
+//! before anything else and never continues it: see [`UpgradePlan::resume`](crate::plan::UpgradePlan::resume).
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
@@ -31,12 +33,13 @@ use understudy_runtime::control::{
 use understudy_runtime::liveness::ProcessIdentity;
 
 use crate::config::{ClusterConfig, ConfigError, RestartConfig};
-use crate::ops::Operation;
+use crate::ops::{Operation, ResumeOp, Stepped};
 use crate::process::{EngineProc, ExitInfo, SpawnError, SpawnSpec};
 use crate::proto::{
-    Code, EngineStatus, Reply, ReplyKind, Request, RoleChange, SlotRestarts, StatusReport,
-    SCHEMA_VERSION, SOCKET_NAME,
+    Code, EngineStatus, InterruptedUpgrade, Reply, ReplyKind, Request, RoleChange, SlotRestarts,
+    StatusReport, SCHEMA_VERSION, SOCKET_NAME,
 };
+use crate::record;
 
 /// A heartbeat older than this many configured intervals means the engine is hung.
 pub const HUNG_BEATS: u64 = 10;
@@ -151,6 +154,8 @@ pub struct Supervisor {
     no_active_since: Option<Instant>,
     /// The binaries of the last completed upgrade (old, new), for `rollback`.
     pub(crate) last_upgrade: Option<(PathBuf, PathBuf)>,
+    /// An upgrade a previous supervisor left in the middle, and how it was settled.
+    pub(crate) interrupted: Option<InterruptedUpgrade>,
     /// Set when `down` has finished: the loop ends.
     pub(crate) finished: bool,
 }
@@ -318,6 +323,12 @@ impl Supervisor {
                 live.push((slot, identity));
             }
         }
+        if live.is_empty() && dir.join(record::RECORD_FILE).exists() {
+            warn!("an upgrade record was left by a supervisor whose engines have all died since: there is nothing to settle; removing it");
+            if let Err(e) = record::remove(&dir) {
+                return Err(UpError::Io(e.to_string()));
+            }
+        }
         if live.is_empty() && control.epoch() > 0 {
             warn!(dir = %dir.display(), epoch = control.epoch(), "the cluster's files are left from engines that all died; removing them and starting afresh");
             drop(control);
@@ -348,6 +359,7 @@ impl Supervisor {
             outage_reported: false,
             no_active_since: None,
             last_upgrade: None,
+            interrupted: None,
             finished: false,
         };
         if live.is_empty() {
@@ -364,8 +376,78 @@ impl Supervisor {
                 }
             }
             sup.ensure_two_managed();
+            sup.take_up_interrupted_upgrade();
         }
         Ok(sup)
+    }
+
+    /// An upgrade recorded as in progress by a previous supervisor is settled (never
+    /// continued); a record that cannot be trusted is set aside and the cluster left as found.
+    fn take_up_interrupted_upgrade(&mut self) {
+        match record::load(&self.dir, &self.config.cluster) {
+            Ok(None) => {}
+            Ok(Some(found)) if found.outcome.is_some() => {
+                let outcome = found.outcome.clone().unwrap_or_default();
+                info!(
+                    "the previous supervisor's upgrade had ended ({outcome}); removing its record"
+                );
+                if let Err(e) = record::remove(&self.dir) {
+                    error!("{e}; remove it by hand");
+                }
+                self.interrupted = Some(InterruptedUpgrade {
+                    binary: Some(found.new_binary),
+                    at: Some(found.progress),
+                    decision: "none: it had ended before its supervisor stopped".into(),
+                    outcome: Some(outcome),
+                    code: None,
+                });
+            }
+            Ok(Some(found)) => {
+                let op = ResumeOp::begin(self, found);
+                self.op = Some(Operation::Resume(op));
+            }
+            Err(e) => {
+                let aside = match record::set_aside(&self.dir) {
+                    Ok(path) => format!("it was moved to {}", path.display()),
+                    Err(e) => e.to_string(),
+                };
+                error!("{e}; an upgrade may have been left in the middle, and the cluster is left as found ({aside}); check `understudy status` and finish by hand");
+                self.interrupted = Some(InterruptedUpgrade {
+                    binary: None,
+                    at: None,
+                    decision: format!("left as found: {e}; {aside}"),
+                    outcome: Some("not settled: the operator takes over".into()),
+                    code: Some(Code::Failed),
+                });
+            }
+        }
+    }
+
+    /// Watches the engine that registered itself in the empty `slot` (one a previous
+    /// supervisor started just before it stopped); `true` if there is one.
+    pub(crate) fn adopt_registered(&mut self, slot: usize) -> bool {
+        let pid = self.control.get(slot, Field::Pid);
+        if self.engines[slot].is_some() || pid == 0 || pid > u64::from(u32::MAX) {
+            return false;
+        }
+        let identity = ProcessIdentity {
+            pid: pid as u32,
+            start_time_ticks: self.control.get(slot, Field::StartTime),
+        };
+        if !identity.is_alive() {
+            return false;
+        }
+        match EngineProc::adopt(slot, identity) {
+            Ok(proc) => {
+                info!(slot = %slot_name(slot), pid = identity.pid, "adopted an engine that registered after this supervisor started");
+                self.engines[slot] = Some(proc);
+                true
+            }
+            Err(e) => {
+                warn!(slot = %slot_name(slot), "cannot adopt engine: {e}");
+                false
+            }
+        }
     }
 
     fn start_fresh(&mut self) -> Result<(), UpError> {
@@ -573,7 +655,7 @@ impl Supervisor {
                 None => error!(dead = %slot_name(slot), "outage: no hot standby could step up"),
             }
         }
-        let upgrading = matches!(self.op, Some(Operation::Upgrade(_)));
+        let upgrading = matches!(self.op, Some(Operation::Upgrade(_) | Operation::Resume(_)));
         if let Some(mut op) = self.op.take() {
             op.on_death(self, slot, successor);
             self.op = Some(op);
@@ -736,7 +818,12 @@ impl Supervisor {
     /// Restart dead engines in managed slots as standbys, with backoff; not during an
     /// upgrade or `down`, whose plans decide what runs.
     fn keep(&mut self) {
-        if self.finished || matches!(self.op, Some(Operation::Upgrade(_) | Operation::Down(_))) {
+        if self.finished
+            || matches!(
+                self.op,
+                Some(Operation::Upgrade(_) | Operation::Down(_) | Operation::Resume(_))
+            )
+        {
             return;
         }
         let active = self.active();
@@ -880,8 +967,10 @@ impl Supervisor {
 
     fn step_op(&mut self) {
         if let Some(mut op) = self.op.take() {
-            if !op.step(self) {
-                self.op = Some(op);
+            match op.step(self) {
+                Stepped::Running => self.op = Some(op),
+                Stepped::Ended => {}
+                Stepped::Became(next) => self.op = Some(*next),
             }
         }
     }
@@ -959,6 +1048,7 @@ impl Supervisor {
                 })
                 .collect(),
             role_changes: self.role_changes.iter().cloned().collect(),
+            interrupted_upgrade: self.interrupted.clone(),
         }
     }
 }

@@ -12,20 +12,34 @@
 //! | switchover      | post SWITCHOVER(target), wait for the ack              | target active, old active hot     |
 //! | accept          | watch the new active for the soak, run `accept_cmd`    | verdict                           |
 //! | enable features | post ENABLE_FEATURES(standby's enableable mask)        | both engines report the features  |
+//!
+//! The upgrade writes its [`UpgradeRecord`] before performing each action and after each
+//! outcome, and removes it at the end. A supervisor that starts with a record on disk runs
+//! [`ResumeOp`] first: it lets the action in flight settle, observes the cluster and hands it
+//! to the resumed plan, which restores the old version or keeps an accepted new one.
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
-use understudy_runtime::control::{cmd, slot_name, Field, SLOTS};
+use tracing::{error, info, warn};
+use understudy_runtime::control::{cmd, realtime_ns, slot_cmd, slot_name, Field, SLOTS};
 use understudy_runtime::engine::result;
 
 use crate::config::check_binary;
 use crate::daemon::Supervisor;
-use crate::plan::{Action, Event, Next, Outcome, Planned, Slot, UpgradePlan, UpgradeSpec, Verdict};
-use crate::proto::{Code, Op, Reply, UpgradeEvent, UpgradeRequest};
+use crate::plan::{
+    Action, Cluster, Engine, Event, Next, Outcome, Planned, Recovery, Role as PlanRole, Slot,
+    UpgradePlan, UpgradeSpec, Verdict,
+};
+use crate::proto::{Code, InterruptedUpgrade, Op, Reply, UpgradeEvent, UpgradeRequest};
+use crate::record::{self, RecordedEngine, UpgradeRecord};
+
+/// Test hook, off unless set: an upgrade holds before performing the first action of this
+/// step number (after recording it as in flight), so that a test can kill the supervisor
+/// there. Never set it in production.
+pub const TEST_PAUSE_ENV: &str = "UNDERSTUDY_TEST_UPGRADE_PAUSE_AT_STEP";
 
 fn plan_slot(slot: usize) -> Slot {
     Slot::ALL[slot]
@@ -52,6 +66,19 @@ pub(crate) enum Operation {
     Upgrade(Box<UpgradeRun>),
     /// `down`.
     Down(DownOp),
+    /// After a supervisor restart: settling an upgrade a previous supervisor left in the
+    /// middle, before a resumed plan takes over.
+    Resume(ResumeOp),
+}
+
+/// What a turn of an operation came to.
+pub(crate) enum Stepped {
+    /// It goes on.
+    Running,
+    /// It has ended (its result sent).
+    Ended,
+    /// It goes on as another operation.
+    Became(Box<Operation>),
 }
 
 /// A planned switchover in flight.
@@ -279,20 +306,36 @@ impl Operation {
                 slot_name(op.exec.to)
             ),
             Operation::Enable(_) => "enable features".into(),
-            Operation::Upgrade(run) => {
-                format!("upgrade to {}: {}", run.new_binary.display(), run.current)
-            }
+            Operation::Upgrade(run) => match &run.resumed_at {
+                Some(at) => format!(
+                    "upgrade to {} interrupted at {at} by a supervisor restart, settling: {}",
+                    run.new_binary.display(),
+                    run.current
+                ),
+                None => format!("upgrade to {}: {}", run.new_binary.display(), run.current),
+            },
             Operation::Down(_) => "down".into(),
+            Operation::Resume(op) => format!(
+                "upgrade to {} interrupted at {} by a supervisor restart: letting the action in flight settle",
+                op.record.new_binary.display(),
+                op.record.progress
+            ),
         }
     }
 
-    /// Advances the operation; `true` once it has ended (its result sent).
-    pub(crate) fn step(&mut self, sup: &mut Supervisor) -> bool {
-        match self {
+    /// Advances the operation by one turn.
+    pub(crate) fn step(&mut self, sup: &mut Supervisor) -> Stepped {
+        let ended = match self {
             Operation::Switchover(op) => op.step(sup),
             Operation::Enable(op) => op.step(sup),
             Operation::Upgrade(run) => run.step(sup),
             Operation::Down(op) => op.step(sup),
+            Operation::Resume(op) => return op.step(sup),
+        };
+        if ended {
+            Stepped::Ended
+        } else {
+            Stepped::Running
         }
     }
 
@@ -317,7 +360,8 @@ impl Operation {
                 }
             }
             Operation::Upgrade(run) => run.on_death(sup, slot, successor),
-            Operation::Down(_) => {}
+            // The cluster is observed once it has settled: deaths before that are in it.
+            Operation::Down(_) | Operation::Resume(_) => {}
         }
     }
 }
@@ -560,6 +604,16 @@ pub(crate) struct UpgradeRun {
     current: String,
     started: Instant,
     watchers: Vec<Sender<Reply>>,
+    /// What is on disk for a restarted supervisor (rewritten at every change).
+    record: UpgradeRecord,
+    /// Writing the record failed (reported once).
+    record_failed: bool,
+    /// Taken up after a supervisor restart: where the previous supervisor stopped.
+    resumed_at: Option<String>,
+    /// [`TEST_PAUSE_ENV`].
+    pause_at: Option<u8>,
+    /// Holding there.
+    paused: bool,
 }
 
 impl UpgradeRun {
@@ -599,8 +653,8 @@ impl UpgradeRun {
             timeouts: sup.config.timeouts.clone(),
         };
         let plan = UpgradePlan::new(spec).map_err(|e| Reply::result(Code::Usage, e.to_string()))?;
-        info!(from = %old_binary.display(), to = %request.binary.display(), keep_standby = request.keep_standby, "upgrade begins");
-        Ok(UpgradeRun {
+        let record = UpgradeRecord::new(&sup.config.cluster, plan.spec(), plan.checkpoint());
+        let mut run = UpgradeRun {
             plan,
             exec: None,
             pending: None,
@@ -614,7 +668,107 @@ impl UpgradeRun {
             current: "starting".into(),
             started: Instant::now(),
             watchers: vec![reply],
-        })
+            record,
+            record_failed: false,
+            resumed_at: None,
+            pause_at: std::env::var(TEST_PAUSE_ENV)
+                .ok()
+                .and_then(|v| v.trim().parse().ok()),
+            paused: false,
+        };
+        run.write_record(sup).map_err(|e| {
+            Reply::result(
+                Code::Failed,
+                format!(
+                    "{e}; the upgrade did not begin (a supervisor restart could not settle it)"
+                ),
+            )
+        })?;
+        sup.interrupted = None;
+        info!(from = %run.old_binary.display(), to = %run.new_binary.display(), keep_standby = run.plan.spec().keep_standby, "upgrade begins");
+        Ok(run)
+    }
+
+    /// A plan resumed after a supervisor restart, from its record.
+    fn resumed(sup: &mut Supervisor, record: UpgradeRecord, plan: UpgradePlan) -> UpgradeRun {
+        let mut run = UpgradeRun {
+            plan,
+            exec: None,
+            pending: None,
+            abort: None,
+            forced: None,
+            accept_cmd: None,
+            old_binary: record.old_binary.clone(),
+            new_binary: record.new_binary.clone(),
+            current: "resuming".into(),
+            started: Instant::now(),
+            watchers: Vec::new(),
+            resumed_at: Some(record.progress.clone()),
+            record,
+            record_failed: false,
+            pause_at: None,
+            paused: false,
+        };
+        run.persist(sup);
+        run
+    }
+
+    /// The engines the plan knows, with their processes: for the record.
+    fn recorded_engines(&self, sup: &Supervisor) -> Vec<RecordedEngine> {
+        let starting = match self.plan.checkpoint().in_flight {
+            Some(Action::Start { slot, version, .. }) => Some((slot, version)),
+            _ => None,
+        };
+        (0..SLOTS)
+            .filter_map(|slot| {
+                let proc = sup.engines[slot].as_ref()?;
+                let version = self
+                    .plan
+                    .cluster()
+                    .engine(plan_slot(slot))
+                    .map(|e| e.version)
+                    .or_else(|| {
+                        starting
+                            .filter(|(s, _)| *s == plan_slot(slot))
+                            .map(|(_, v)| v)
+                    })?;
+                Some(RecordedEngine {
+                    slot: plan_slot(slot),
+                    pid: proc.identity.pid,
+                    start_time_ticks: proc.identity.start_time_ticks,
+                    version,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes the record as the plan stands now.
+    fn write_record(&mut self, sup: &Supervisor) -> Result<(), record::RecordError> {
+        self.record.checkpoint = self.plan.checkpoint();
+        self.record.progress = self.current.clone();
+        self.record.supervisor_pid = std::process::id();
+        self.record.updated_at_ns = realtime_ns();
+        self.record.command_seq = match self.exec.as_ref().map(|e| &e.phase) {
+            Some(Phase::Switchover(sw)) => Some(sw.seq),
+            Some(Phase::Enable(en)) if en.seq != 0 => Some(en.seq),
+            _ => None,
+        };
+        self.record.engines = self.recorded_engines(sup);
+        record::store(&sup.dir, &self.record)
+    }
+
+    /// [`Self::write_record`]; a failure on the forward path aborts the upgrade, since a
+    /// supervisor restart could no longer settle it.
+    fn persist(&mut self, sup: &Supervisor) {
+        if let Err(e) = self.write_record(sup) {
+            if !self.record_failed {
+                self.record_failed = true;
+                error!("{e}; the upgrade is aborted: a supervisor restart could not settle it");
+            }
+            if self.abort.is_none() && self.plan.checkpoint().recovery.is_none() {
+                self.abort = Some(format!("{e}; a supervisor restart could not settle it"));
+            }
+        }
     }
 
     /// `rollback` during the upgrade: the next forward action fails (an acceptance check
@@ -653,7 +807,7 @@ impl UpgradeRun {
         );
     }
 
-    fn report(&mut self, event: Event) {
+    fn report(&mut self, sup: &Supervisor, event: Event) {
         if let Err(e) = self.plan.on_event(event) {
             self.forced = Some(Outcome::RollbackFailed {
                 reason: format!(
@@ -661,9 +815,13 @@ impl UpgradeRun {
                 ),
             });
         }
+        self.persist(sup);
     }
 
     fn step(&mut self, sup: &mut Supervisor) -> bool {
+        if self.paused {
+            return false;
+        }
         loop {
             if let Some(outcome) = self.forced.take() {
                 self.cleanup(sup);
@@ -700,7 +858,7 @@ impl UpgradeRun {
                             Some(text),
                             Some(exec.started.elapsed()),
                         );
-                        self.report(event);
+                        self.report(sup, event);
                         continue;
                     }
                 }
@@ -715,13 +873,27 @@ impl UpgradeRun {
                     if let Some(why) = self.abort.clone() {
                         if planned.progress.recovery.is_none() {
                             self.event("end", &planned, Some(format!("failed: {why}")), None);
-                            self.report(Event::Failed {
-                                id: planned.id,
-                                error: why,
-                            });
+                            self.report(
+                                sup,
+                                Event::Failed {
+                                    id: planned.id,
+                                    error: why,
+                                },
+                            );
                             continue;
                         }
                         self.abort = None;
+                    }
+                    // Recorded before it is performed: a restarted supervisor knows what may
+                    // have been under way.
+                    self.persist(sup);
+                    if planned.progress.recovery.is_none()
+                        && self.pause_at == Some(planned.progress.number)
+                    {
+                        warn!(action = %planned, "{TEST_PAUSE_ENV}: the upgrade holds here");
+                        self.current = format!("{planned} (held by {TEST_PAUSE_ENV})");
+                        self.paused = true;
+                        return false;
                     }
                     info!(action = %planned, "upgrade action");
                     self.event("begin", &planned, None, None);
@@ -733,14 +905,19 @@ impl UpgradeRun {
                                 started: Instant::now(),
                                 planned,
                                 phase,
-                            })
+                            });
+                            // With the process it started or the command it posted.
+                            self.persist(sup);
                         }
                         Err(error) => {
                             self.event("end", &planned, Some(format!("failed: {error}")), None);
-                            self.report(Event::Failed {
-                                id: planned.id,
-                                error,
-                            });
+                            self.report(
+                                sup,
+                                Event::Failed {
+                                    id: planned.id,
+                                    error,
+                                },
+                            );
                         }
                     }
                 }
@@ -1003,10 +1180,13 @@ impl UpgradeRun {
         if self.forced.is_some() {
             return;
         }
-        self.report(Event::EngineDied {
-            slot: plan_slot(slot),
-            active: successor.map(plan_slot),
-        });
+        self.report(
+            sup,
+            Event::EngineDied {
+                slot: plan_slot(slot),
+                active: successor.map(plan_slot),
+            },
+        );
         if self.forced.is_some() {
             return;
         }
@@ -1036,6 +1216,21 @@ impl UpgradeRun {
             sup.managed[slot] = sup.engines[slot].is_some();
         }
         sup.ensure_two_managed();
+        // The upgrade has ended: its record goes. Marked first, in case this supervisor dies
+        // before the removal: its successor then only reports the outcome.
+        self.record.outcome = Some(outcome.to_string());
+        if let Err(e) = self
+            .write_record(sup)
+            .and_then(|()| record::remove(&sup.dir))
+        {
+            error!("{e}; remove it by hand (the upgrade has ended: {outcome})");
+        }
+        if self.resumed_at.is_some() {
+            if let Some(interrupted) = sup.interrupted.as_mut() {
+                interrupted.outcome = Some(outcome.to_string());
+                interrupted.code = Some(code);
+            }
+        }
         let took = self.started.elapsed();
         info!(took_ms = took.as_millis() as u64, "{outcome}");
         let reply = Reply::result(code, outcome.to_string()).with_data(serde_json::json!({
@@ -1045,5 +1240,191 @@ impl UpgradeRun {
             "status": sup.status(),
         }));
         emit(&self.watchers, &reply);
+    }
+}
+
+/// After a supervisor restart, an upgrade its record says was in progress. First what the
+/// previous supervisor had under way settles: a cluster command no engine took is withdrawn,
+/// an engine told to stop exits (SIGKILL at `shutdown_ms`), an engine being started
+/// registers (within `start_ms`), a role change lands (an active within `switchover_ms`).
+/// Then the cluster is observed — each engine's version from the record's process
+/// identities — and handed to the plan, resumed ([`UpgradePlan::resume`]): it never goes
+/// forward; before the acceptance verdict it restores the old version, after it it keeps the
+/// accepted new one.
+pub(crate) struct ResumeOp {
+    record: UpgradeRecord,
+    began: Instant,
+    killed: bool,
+}
+
+impl ResumeOp {
+    pub(crate) fn begin(sup: &mut Supervisor, record: UpgradeRecord) -> ResumeOp {
+        warn!(
+            to = %record.new_binary.display(),
+            at = %record.progress,
+            previous_supervisor = record.supervisor_pid,
+            "an upgrade was left in the middle by a previous supervisor; it does not go on: \
+             before its acceptance verdict the old version is restored, after it the new version is kept"
+        );
+        if let Some((seq, command, _)) = sup.control.pending() {
+            if command != 0 {
+                warn!(
+                    seq,
+                    command, "withdrawing a cluster command the previous supervisor posted and no engine took"
+                );
+                sup.control.post(0, 0);
+            }
+        }
+        for slot in 0..SLOTS {
+            if sup.ours(slot) && sup.control.get(slot, Field::Cmd) == slot_cmd::STOP {
+                if let Some(proc) = sup.engines[slot].as_mut() {
+                    info!(slot = %slot_name(slot), pid = proc.pid(), "the engine was being stopped; letting it stop");
+                    proc.expected_exit = true;
+                }
+            }
+        }
+        sup.interrupted = Some(InterruptedUpgrade {
+            binary: Some(record.new_binary.clone()),
+            at: Some(record.progress.clone()),
+            decision: "letting the action in flight settle before deciding".into(),
+            outcome: None,
+            code: None,
+        });
+        ResumeOp {
+            record,
+            began: Instant::now(),
+            killed: false,
+        }
+    }
+
+    /// What was under way has settled, or waiting longer would not help.
+    fn settled(&mut self, sup: &mut Supervisor) -> bool {
+        let t = sup.config.timeouts.clone();
+        let elapsed = self.began.elapsed();
+        let longest = t.start().max(t.switchover()).max(t.shutdown() * 2);
+        if elapsed > longest {
+            return true;
+        }
+        let stopping: Vec<usize> = (0..SLOTS)
+            .filter(|&s| sup.engines[s].as_ref().is_some_and(|p| p.expected_exit))
+            .collect();
+        if !stopping.is_empty() {
+            if elapsed > t.shutdown() && !self.killed {
+                for slot in stopping {
+                    warn!(slot = %slot_name(slot), "engine did not stop in time; SIGKILL");
+                    sup.kill_expected(slot);
+                }
+                self.killed = true;
+            }
+            return false;
+        }
+        if let Some(Action::Start { slot, .. }) = &self.record.checkpoint.in_flight {
+            let slot = slot_index(*slot);
+            if sup.engines[slot].is_none() && !sup.adopt_registered(slot) && elapsed < t.start() {
+                return false;
+            }
+        }
+        sup.active().is_some() || elapsed > t.switchover()
+    }
+
+    /// The cluster as the plan models it; `Err` names an engine the record does not explain.
+    fn observe(&self, sup: &Supervisor) -> Result<Cluster, String> {
+        let starting = match &self.record.checkpoint.in_flight {
+            Some(Action::Start { slot, version, .. }) => Some((*slot, *version)),
+            _ => None,
+        };
+        let mut engines = Vec::new();
+        for slot in 0..SLOTS {
+            let Some(proc) = sup.engines[slot].as_ref() else {
+                continue;
+            };
+            if proc.expected_exit {
+                continue;
+            }
+            let at = plan_slot(slot);
+            let version = self
+                .record
+                .version_of(at, &proc.identity)
+                .or_else(|| starting.filter(|(s, _)| *s == at).map(|(_, v)| v))
+                .ok_or_else(|| {
+                    format!(
+                        "engine {} (pid {}) is not one the interrupted upgrade knew",
+                        slot_name(slot),
+                        proc.pid()
+                    )
+                })?;
+            let role = if sup.is_active(slot) {
+                PlanRole::Active
+            } else if sup.is_hot_standby(slot) {
+                PlanRole::Standby
+            } else {
+                PlanRole::OutOfService
+            };
+            engines.push((
+                at,
+                Engine {
+                    version,
+                    role,
+                    features_enabled: sup.ours(slot) && sup.control.get(slot, Field::Features) != 0,
+                },
+            ));
+        }
+        Ok(Cluster::new(engines))
+    }
+
+    fn step(&mut self, sup: &mut Supervisor) -> Stepped {
+        if !self.settled(sup) {
+            return Stepped::Running;
+        }
+        let cause = format!(
+            "the supervisor (pid {}) stopped during this step, and a restarted supervisor does not go on with an upgrade",
+            self.record.supervisor_pid
+        );
+        let resumed = self.observe(sup).and_then(|cluster| {
+            let spec = self.record.spec(sup.config.timeouts.clone());
+            UpgradePlan::resume(spec, &self.record.checkpoint, cluster.clone(), &cause)
+                .map(|plan| (cluster, plan))
+                .map_err(|e| format!("the record does not fit the cluster: {e}"))
+        });
+        match resumed {
+            Ok((cluster, plan)) => {
+                // Adopted engines show the executable they run, which for a wrapper script is
+                // not the binary the upgrade started: use the record's.
+                for (slot, engine) in cluster.engines() {
+                    if let Some(proc) = sup.engines[slot_index(slot)].as_mut() {
+                        proc.binary = self.record.binary(engine.version).to_path_buf();
+                    }
+                }
+                let decision = match plan.checkpoint().recovery {
+                    Some(Recovery::Abort) => "undo it: it had not switched over, so the old version stays active, with an old-version hot standby",
+                    Some(Recovery::Rollback) => "roll back: the old version becomes active again, with an old-version hot standby (the new version had no acceptance verdict, or lost the active role)",
+                    Some(Recovery::Settle) => "keep the accepted new version: stop the engines that do not serve, then restore a hot standby",
+                    None => "nothing can be done: no engine is active",
+                };
+                info!(at = %self.record.progress, "interrupted upgrade: {decision}");
+                if let Some(interrupted) = sup.interrupted.as_mut() {
+                    interrupted.decision = decision.to_owned();
+                }
+                let run = UpgradeRun::resumed(sup, self.record.clone(), plan);
+                Stepped::Became(Box::new(Operation::Upgrade(Box::new(run))))
+            }
+            Err(why) => {
+                let aside = match record::set_aside(&sup.dir) {
+                    Ok(path) => format!("its record is in {}", path.display()),
+                    Err(e) => e.to_string(),
+                };
+                error!("interrupted upgrade: {why}; the cluster is left as found ({aside}); check `understudy status` and finish by hand");
+                if let Some(interrupted) = sup.interrupted.as_mut() {
+                    interrupted.decision = format!("left as found: {why}; {aside}");
+                    interrupted.outcome = Some("not settled: the operator takes over".into());
+                    interrupted.code = Some(Code::Failed);
+                }
+                for slot in 0..SLOTS {
+                    sup.managed[slot] = sup.engines[slot].is_some();
+                }
+                sup.ensure_two_managed();
+                Stepped::Ended
+            }
+        }
     }
 }

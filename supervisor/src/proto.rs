@@ -172,9 +172,13 @@ impl Code {
             Code::NotRunning => "not running: no supervisor answers for this cluster",
             Code::WrongRole => "wrong role: e.g. no hot standby to switch over to",
             Code::Timeout => "timeout: an engine did not act in time",
-            Code::RolledBack => "acceptance failed: rolled back, the old version is active",
+            Code::RolledBack => {
+                "acceptance failed (or a restarted supervisor found no verdict): rolled back, the old version is active"
+            }
             Code::RollbackFailed => "rollback failed: operator action needed",
-            Code::Aborted => "upgrade aborted in a safe state",
+            Code::Aborted => {
+                "upgrade aborted in a safe state (a restarted supervisor never continues one)"
+            }
             Code::Outage => "outage: no engine is active",
             Code::BadConfig => "bad config or engine binary",
             Code::Busy => "busy: another operation or supervisor is running",
@@ -323,6 +327,30 @@ pub struct SlotRestarts {
     pub given_up: bool,
 }
 
+/// An upgrade found in the middle when the supervisor started (its record in the cluster
+/// directory), and how the supervisor settled it. The policy: the forward path is never
+/// continued; before the acceptance verdict the old version is restored, after it the accepted
+/// new version is kept; either way, a hot standby is restored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InterruptedUpgrade {
+    /// The version the upgrade rolled out, if its record could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<PathBuf>,
+    /// Where it was when its supervisor stopped (`step 5/8 (acceptance check): …`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    /// What this supervisor does about it, and why.
+    pub decision: String,
+    /// How that ended; `None` while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// The outcome as a code: `rolled-back`, `aborted` (old version restored before the
+    /// switchover, or the accepted new version kept), `rollback-failed`, `outage`, or `failed`
+    /// when the record could not be used and the cluster was left as found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<Code>,
+}
+
 /// A role change the supervisor saw.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoleChange {
@@ -360,6 +388,10 @@ pub struct StatusReport {
     /// Slots whose engine crashed within the crash-loop window, with their backoff.
     #[serde(default)]
     pub restarts: Vec<SlotRestarts>,
+    /// An upgrade that a previous supervisor left in the middle, and what this one did about
+    /// it (shown until the next upgrade begins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interrupted_upgrade: Option<InterruptedUpgrade>,
     /// The most recent role changes, oldest first.
     pub role_changes: Vec<RoleChange>,
 }
