@@ -488,8 +488,19 @@ fn twenty_random_kills_of_the_active_lose_nothing() {
 fn a_killed_supervisor_is_not_missed_and_readopts_its_engines() {
     // Proves the engines run on undisturbed while the supervisor is dead (same pids, and a
     // failover works without it), and that a restarted supervisor re-adopts them instead of
-    // starting new ones, then restarts the missing standby.
+    // starting new ones, then restarts the missing standby with the binary it was configured
+    // with — a wrapper script that `exec`s the engine, which /proc does not name.
     let mut h = Harness::new("readopt", 20_000, 200, "");
+    let starts = h.work.join("starts");
+    let wrapper = h.script(
+        "engine",
+        &format!(
+            "echo \"$UNDERSTUDY_SLOT\" >> {starts}\nexec {bin} \"$@\"\n",
+            starts = starts.display(),
+            bin = testapp(1).display()
+        ),
+    );
+    h.write_config(&wrapper, DEFAULT_RESTART, "");
     let before = h.up();
     let pids: Vec<(String, u32)> = before
         .engines
@@ -532,7 +543,16 @@ fn a_killed_supervisor_is_not_missed_and_readopts_its_engines() {
         Some(standby.pid),
         "the surviving engine was not re-adopted"
     );
-    h.check_invariant(&[h.model(false)]);
+    let s = h.check_invariant(&[h.model(false)]);
+    let started = std::fs::read_to_string(&starts).unwrap();
+    assert_eq!(
+        started.lines().collect::<Vec<_>>(),
+        ["a", "b", active.slot.as_str()],
+        "engine starts through the wrapper"
+    );
+    for e in &s.engines {
+        assert_eq!(e.binary, wrapper, "{s:#?}");
+    }
 }
 
 #[test]

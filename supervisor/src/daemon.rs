@@ -34,7 +34,7 @@ use understudy_runtime::liveness::ProcessIdentity;
 
 use crate::config::{ClusterConfig, ConfigError, RestartConfig};
 use crate::ops::{Operation, ResumeOp, Stepped};
-use crate::process::{EngineProc, ExitInfo, SpawnError, SpawnSpec};
+use crate::process::{self, EngineProc, ExitInfo, SpawnError, SpawnSpec};
 use crate::proto::{
     Code, EngineStatus, InterruptedUpgrade, Reply, ReplyKind, Request, RoleChange, SlotRestarts,
     StatusReport, SCHEMA_VERSION, SOCKET_NAME,
@@ -367,7 +367,14 @@ impl Supervisor {
         } else {
             for (slot, identity) in live {
                 match EngineProc::adopt(slot, identity) {
-                    Ok(proc) => {
+                    Ok(mut proc) => {
+                        match process::spawned_binary(&sup.dir, slot, &identity) {
+                            Ok(Some(binary)) => proc.binary = binary,
+                            Ok(None) => {}
+                            Err(e) => {
+                                warn!(slot = %slot_name(slot), "{e}; the engine's binary is taken from /proc, which misses a wrapper script")
+                            }
+                        }
                         info!(slot = %slot_name(slot), pid = identity.pid, binary = %proc.binary.display(), "re-adopted a running engine");
                         sup.engines[slot] = Some(proc);
                         sup.managed[slot] = true;
@@ -376,6 +383,7 @@ impl Supervisor {
                 }
             }
             sup.ensure_two_managed();
+            sup.record_spawned();
             sup.take_up_interrupted_upgrade();
         }
         Ok(sup)
@@ -438,7 +446,10 @@ impl Supervisor {
             return false;
         }
         match EngineProc::adopt(slot, identity) {
-            Ok(proc) => {
+            Ok(mut proc) => {
+                if let Ok(Some(binary)) = process::spawned_binary(&self.dir, slot, &identity) {
+                    proc.binary = binary;
+                }
                 info!(slot = %slot_name(slot), pid = identity.pid, "adopted an engine that registered after this supervisor started");
                 self.engines[slot] = Some(proc);
                 true
@@ -511,7 +522,18 @@ impl Supervisor {
         })?;
         info!(slot = %slot_name(slot), pid = proc.pid(), binary = %binary.display(), standby, "engine started");
         self.engines[slot] = Some(proc);
+        self.record_spawned();
         Ok(())
+    }
+
+    /// Records the binary of every engine, for a supervisor that adopts them later.
+    pub(crate) fn record_spawned(&self) {
+        if let Err(e) = process::record_spawned(&self.dir, self.engines.iter().flatten()) {
+            warn!(
+                file = %self.dir.join(process::SPAWNED_FILE).display(),
+                "cannot record the engines' binaries: {e}; a restarted supervisor takes them from /proc, which misses a wrapper script"
+            );
+        }
     }
 
     /// Stops the engine in `slot` cleanly: it is told to stop; its exit is expected.

@@ -1395,6 +1395,7 @@ impl ResumeOp {
                         proc.binary = self.record.binary(engine.version).to_path_buf();
                     }
                 }
+                sup.record_spawned();
                 let decision = match plan.checkpoint().recovery {
                     Some(Recovery::Abort) => "undo it: it had not switched over, so the old version stays active, with an old-version hot standby",
                     Some(Recovery::Rollback) => "roll back: the old version becomes active again, with an old-version hot standby (the new version had no acceptance verdict, or lost the active role)",

@@ -3,6 +3,13 @@
 //! once through a pidfd — for children and adopted engines alike, since a supervisor cannot
 //! `waitpid` a process it did not start.
 //!
+//! A supervisor that adopts an engine cannot ask it which executable it was given:
+//! `/proc/<pid>/exe` names the file the kernel runs, which is not the configured binary for a
+//! wrapper script that `exec`s the engine, or for a multi-call binary behind a symbolic link
+//! (the demo's `matchbook-v1`). So the supervisor keeps [`SPAWNED_FILE`] in the cluster
+//! directory — each engine it started, by process identity, with its binary — and an adopted
+//! engine takes its binary from there ([`spawned_binary`]), `/proc` only as a fallback.
+//!
 //! This module knows processes, not roles: what a death means is the supervisor's business.
 
 use std::io;
@@ -11,10 +18,102 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::Instant;
 
-use understudy_runtime::control::slot_name;
+use serde::{Deserialize, Serialize};
+use understudy_runtime::control::{slot_index, slot_name};
 use understudy_runtime::liveness::{Pidfd, ProcessIdentity};
 
 use crate::config::ClusterConfig;
+
+/// The file in the cluster directory that names each started engine's binary.
+pub const SPAWNED_FILE: &str = "engines.json";
+const SPAWNED_FORMAT: &str = "understudy-engines";
+const SPAWNED_VERSION: u32 = 1;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpawnedList {
+    format: String,
+    version: u32,
+    engines: Vec<Spawned>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Spawned {
+    slot: String,
+    pid: u32,
+    start_time_ticks: u64,
+    binary: PathBuf,
+}
+
+/// Records, replacing the previous list, the binary each of `engines` was given.
+pub fn record_spawned<'a>(
+    dir: &Path,
+    engines: impl IntoIterator<Item = &'a EngineProc>,
+) -> io::Result<()> {
+    let list = SpawnedList {
+        format: SPAWNED_FORMAT.into(),
+        version: SPAWNED_VERSION,
+        engines: engines
+            .into_iter()
+            .filter(|p| !p.binary.as_os_str().is_empty())
+            .map(|p| Spawned {
+                slot: slot_name(p.slot).to_string(),
+                pid: p.identity.pid,
+                start_time_ticks: p.identity.start_time_ticks,
+                // A relative path would mean another file to a supervisor in another directory.
+                binary: std::path::absolute(&p.binary).unwrap_or_else(|_| p.binary.clone()),
+            })
+            .collect(),
+    };
+    let mut text = serde_json::to_vec_pretty(&list).map_err(io::Error::other)?;
+    text.push(b'\n');
+    crate::record::write_atomically(dir, SPAWNED_FILE, &text)
+}
+
+/// The binary [`record_spawned`] recorded for the engine `identity` in `slot`: `Ok(None)` if
+/// it is not listed; `Err` says what is wrong with the file (it is not trusted then).
+pub fn spawned_binary(
+    dir: &Path,
+    slot: usize,
+    identity: &ProcessIdentity,
+) -> Result<Option<PathBuf>, String> {
+    let path = dir.join(SPAWNED_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let list: SpawnedList = serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "{}: expected a list of started engines, found {e}",
+            path.display()
+        )
+    })?;
+    if list.format != SPAWNED_FORMAT || list.version != SPAWNED_VERSION {
+        return Err(format!(
+            "{}: expected format \"{SPAWNED_FORMAT}\" version {SPAWNED_VERSION}, found format {:?} version {}",
+            path.display(),
+            list.format,
+            list.version
+        ));
+    }
+    let found = list.engines.into_iter().find(|e| {
+        slot_index(&e.slot) == Some(slot)
+            && e.pid == identity.pid
+            && e.start_time_ticks == identity.start_time_ticks
+    });
+    match found {
+        Some(e) if e.binary.is_absolute() => Ok(Some(e.binary)),
+        Some(e) => Err(format!(
+            "{}: expected an absolute binary path for engine {}, found {:?}",
+            path.display(),
+            e.slot,
+            e.binary.display().to_string()
+        )),
+        None => Ok(None),
+    }
+}
 
 /// One engine process the supervisor watches.
 #[derive(Debug)]
@@ -288,6 +387,64 @@ mod tests {
         assert!(has("UNDERSTUDY_SLOT=b"), "{env}");
         assert!(has("UNDERSTUDY_STANDBY=1"), "{env}");
         assert!(has(&format!("UNDERSTUDY_DIR={}", dir.display())), "{env}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_binary_each_engine_was_given_is_found_again_by_identity() {
+        // Proves a started engine's binary (a wrapper script here, which /proc would not
+        // name) is found again by slot and process identity, a relative path comes back
+        // absolute, another identity is not matched, and a file of another format is refused.
+        let dir = std::env::temp_dir().join(format!("understudy-spawned-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("wrapper");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let config = ClusterConfig::new("demo", &script);
+        let mut proc = EngineProc::spawn(&SpawnSpec {
+            config: &config,
+            dir: &dir,
+            slot: 2,
+            binary: &script,
+            standby: true,
+        })
+        .unwrap();
+        assert_eq!(spawned_binary(&dir, 2, &proc.identity), Ok(None));
+        record_spawned(&dir, [&proc]).unwrap();
+        assert_eq!(
+            spawned_binary(&dir, 2, &proc.identity),
+            Ok(Some(script.clone()))
+        );
+        assert_eq!(spawned_binary(&dir, 1, &proc.identity), Ok(None));
+        let other = ProcessIdentity {
+            start_time_ticks: proc.identity.start_time_ticks + 1,
+            ..proc.identity
+        };
+        assert_eq!(spawned_binary(&dir, 2, &other), Ok(None));
+
+        proc.binary = PathBuf::from("relative/engine");
+        record_spawned(&dir, [&proc]).unwrap();
+        let found = spawned_binary(&dir, 2, &proc.identity).unwrap().unwrap();
+        assert!(
+            found.is_absolute() && found.ends_with("relative/engine"),
+            "{found:?}"
+        );
+
+        std::fs::write(
+            dir.join(SPAWNED_FILE),
+            r#"{"format":"understudy-engines","version":7,"engines":[]}"#,
+        )
+        .unwrap();
+        let error = spawned_binary(&dir, 2, &proc.identity).unwrap_err();
+        assert!(
+            error.contains("expected format") && error.contains("version 7"),
+            "{error}"
+        );
+        proc.kill();
+        while proc.exited().is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

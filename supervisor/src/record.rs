@@ -374,26 +374,33 @@ pub fn load(dir: &Path, cluster: &str) -> Result<Option<UpgradeRecord>, RecordEr
 /// Writes `record` atomically: a temporary file, fsync, rename, fsync of `dir`.
 pub fn store(dir: &Path, record: &UpgradeRecord) -> Result<(), RecordError> {
     let path = dir.join(RECORD_FILE);
-    let temp = dir.join(format!("{RECORD_FILE}.tmp"));
-    let fail = |source| RecordError::Write {
-        path: path.clone(),
-        source,
-    };
-    let mut text = serde_json::to_vec_pretty(record).map_err(|e| fail(io::Error::other(e)))?;
+    let mut text = serde_json::to_vec_pretty(record)
+        .map_err(io::Error::other)
+        .map_err(|source| RecordError::Write {
+            path: path.clone(),
+            source,
+        })?;
     text.push(b'\n');
+    write_atomically(dir, RECORD_FILE, &text).map_err(|source| RecordError::Write { path, source })
+}
+
+/// Replaces `dir/name` with `bytes` so that a reader sees the old file or the new one, never a
+/// mix, even across a crash: a temporary file (mode 0600, never through a symbolic link),
+/// fsync, rename over `name`, fsync of `dir`.
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let temp = dir.join(format!("{name}.tmp"));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(&temp)
-        .map_err(fail)?;
-    file.write_all(&text).map_err(fail)?;
-    file.sync_all().map_err(fail)?;
+        .open(&temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
     drop(file);
-    std::fs::rename(&temp, &path).map_err(fail)?;
-    sync_dir(dir).map_err(fail)
+    std::fs::rename(&temp, dir.join(name))?;
+    sync_dir(dir)
 }
 
 /// Removes the record (the upgrade has ended); no record is not an error.
