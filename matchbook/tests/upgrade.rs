@@ -27,6 +27,8 @@ impl Cluster {
         ])
         .env("RUST_LOG", "warn")
         .env("UNDERSTUDY_BACKPRESSURE_MS", "500")
+        // Hang detection is not under test: a starved debug engine must not be fenced.
+        .env("UNDERSTUDY_HUNG_MS", "10000")
         .stdout(Stdio::null());
         if std::env::var("US_VERBOSE").is_err() {
             c.stderr(Stdio::null());
@@ -65,9 +67,22 @@ fn wait(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 fn switchover(c: &Control, to: usize) {
-    let seq = c.post(cmd::SWITCHOVER, to as u64);
-    wait("switchover acked", || c.acked().0 == seq);
-    assert_eq!(c.acked().1, 0, "switchover to {to} refused");
+    // The test sees the target's own "hot"; the active counts it hot once the target's
+    // acknowledgement reaches it, a moment later. A switchover refused as "not hot" changed
+    // nothing: ask again, as an operator (or the supervisor) would.
+    let t = Instant::now();
+    loop {
+        let seq = c.post(cmd::SWITCHOVER, to as u64);
+        wait("switchover acked", || c.acked().0 == seq);
+        let r = c.acked().1;
+        if r == understudy_runtime::engine::result::NOT_HOT && t.elapsed() < Duration::from_secs(20)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        assert_eq!(r, 0, "switchover to {to} refused");
+        break;
+    }
     wait("target active", || {
         Role::from_word(c.get(to, Field::Role)) == Role::Active
     });
