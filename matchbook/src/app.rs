@@ -1,28 +1,37 @@
-//! matchbook on the understudy runtime: order books are work units (one per symbol), account
-//! positions are records of the `positions` table; requests are new order / cancel (and two
-//! read-only queries), responses are acknowledgements with the fills they caused.
+//! matchbook on the understudy runtime: order books and resting orders are work units (one per
+//! symbol, one per resting order: see [`crate::units`]), account positions are records of the
+//! `positions` table; requests are new order / cancel (and two read-only queries), responses
+//! are acknowledgements with the fills they caused.
 //!
-//! Version 2 adds iceberg orders, which need layout version 2 of the order-book record (it
-//! carries each order's hidden quantity). With the feature disabled, version 2 behaves exactly
-//! as version 1, writes version-1 layouts, and refuses iceberg orders with a clear reason.
+//! A request writes only what it changed: the order units it adds, updates (partial fills,
+//! iceberg refreshes) or retires (fills, a cancel), its book's small unit, and the positions of
+//! the accounts that traded. The matching core reports the orders it touched
+//! ([`crate::book::Touched`]); nothing is diffed.
+//!
+//! Version 2 adds iceberg orders, which need layout version 2 of the order record (it carries
+//! an order's hidden quantity and display size). With the feature disabled, version 2 behaves
+//! exactly as version 1, writes version-1 layouts, and refuses iceberg orders with a clear
+//! reason.
 //!
 //! The matching engine itself (`crate::book::Engine`) is the application's in-memory view; on
-//! a standby it is kept hot by the runtime's apply hook, so a step-up rebuilds nothing.
+//! a standby the runtime's apply hook keeps it hot one order at a time (insert, update or
+//! remove one order per change), so a step-up rebuilds nothing; after a snapshot it is rebuilt
+//! from the units. A record that cannot be read is skipped and counted, never a panic.
 
 use crate::book::{
-    AccountId, Cancel, Engine, Features, NewOrder, OrderBook, OrderId, OrderKind, Position,
-    RejectReason, Request, Response, Side, Symbol,
+    AccountId, Cancel, Engine, Features, NewOrder, OrderId, OrderKind, PlacedOrder, Position,
+    RejectReason, Request, Response, Side, Symbol, Touched,
 };
-use shm_layout::record::{Fnv, TemplateInfo};
+use crate::units::{
+    decode_book, decode_order, order_unit_id, BookRecord, OrderRecord, UnitError, ORDER_UNIT_BIT,
+};
+pub use crate::units::{BOOK_KIND, BOOK_TYPE, ORDER_KIND, ORDER_TYPE};
+use shm_layout::record::TemplateInfo;
 use std::collections::HashMap;
 use understudy_runtime::store::{Op, Store};
 use understudy_runtime::{Application, Feature, Refused, Tx};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-/// Record type id of the order-book record.
-pub const BOOK_TYPE: u16 = 200;
-/// Work-unit kind of an order book.
-pub const BOOK_KIND: u16 = 1;
 /// Table of account positions (key: account id u32 LE, value: 16-byte position).
 pub const POSITIONS: u16 = 1;
 /// Feature id of iceberg orders (version 2).
@@ -218,9 +227,13 @@ impl WireRequest {
 pub struct Matchbook {
     version: u32,
     engine: Engine,
+    /// Per symbol: requests that changed the book (the `book_seq` of responses).
     seqs: HashMap<u32, u64>,
     fills: Vec<crate::book::Fill>,
+    touched: Vec<Touched>,
+    accounts: Vec<AccountId>,
     scratch: Vec<u8>,
+    bad_records: u64,
 }
 
 impl Matchbook {
@@ -231,7 +244,10 @@ impl Matchbook {
             engine: Engine::new(),
             seqs: HashMap::new(),
             fills: Vec::new(),
+            touched: Vec::new(),
+            accounts: Vec::new(),
             scratch: Vec::with_capacity(4096),
+            bad_records: 0,
         }
     }
 
@@ -240,16 +256,16 @@ impl Matchbook {
         &self.engine
     }
 
-    fn book_template(&self) -> TemplateInfo {
-        let mut h = Fnv::new();
-        h.bytes(b"matchbook.orderbook/v1: u16 version, u32 count, 29-byte orders");
-        TemplateInfo {
-            type_id: BOOK_TYPE,
-            min_version: 1,
-            max_version: if self.version >= 2 { 2 } else { 1 },
-            _pad: 0,
-            base_fingerprint: h.finish(),
-        }
+    /// Per symbol, the requests that changed its book so far (what the next response's
+    /// `book_seq` follows).
+    pub fn book_seqs(&self) -> &HashMap<u32, u64> {
+        &self.seqs
+    }
+
+    /// Unit states this engine could not read (wrong length, layout version, id or contents)
+    /// and skipped, since it started or was last reset.
+    pub fn bad_records(&self) -> u64 {
+        self.bad_records
     }
 
     fn respond(tx: &mut Tx<'_>, r: WireResponse, extra: &[u8]) {
@@ -257,15 +273,75 @@ impl Matchbook {
         tx.respond(extra);
     }
 
-    fn load_unit(&mut self, id: u64, state: &[u8]) {
-        if state.len() < 8 {
-            return;
+    /// Writes what an accepted request changed: its orders (retired, updated, registered, in
+    /// the order the matching touched them), its book, the positions of the accounts that
+    /// traded.
+    fn write_changes(
+        &mut self,
+        tx: &mut Tx<'_>,
+        symbol: Symbol,
+        request_seq: u64,
+        seq_before: u64,
+    ) {
+        let write_version = tx.write_version(ORDER_TYPE);
+        for touched in &self.touched {
+            match touched {
+                Touched::Rests(placed) => {
+                    let record = OrderRecord::new(symbol, placed);
+                    let layout = record.layout_version(write_version);
+                    let unit = order_unit_id(placed.entry_seq);
+                    if placed.entry_seq > seq_before {
+                        tx.register(unit, ORDER_KIND, layout, record.encoded(layout));
+                    } else {
+                        tx.update(unit, ORDER_KIND, layout, record.encoded(layout));
+                    }
+                }
+                Touched::Gone { entry_seq, .. } => tx.retire(order_unit_id(*entry_seq)),
+            }
         }
-        let seq = u64::from_le_bytes(state[..8].try_into().expect("8"));
-        if let Ok(book) = OrderBook::decode(&state[8..]) {
-            self.engine.insert_book(Symbol(id as u32), book);
-            self.seqs.insert(id as u32, seq);
+        let book = BookRecord {
+            symbol: symbol.0,
+            _pad: 0,
+            request_seq,
+            last_seq: self.engine.last_seq(),
+        };
+        tx.update(u64::from(symbol.0), BOOK_KIND, 1, book.encoded());
+        self.accounts.clear();
+        for fill in &self.fills {
+            self.accounts.push(fill.taker_account);
+            self.accounts.push(fill.maker_account);
         }
+        self.accounts.sort_unstable();
+        self.accounts.dedup();
+        for account in &self.accounts {
+            let position = self.engine.position(*account);
+            tx.put(POSITIONS, &account.0.to_le_bytes(), &position.to_bytes());
+        }
+    }
+
+    /// Applies one unit state to the in-memory engine.
+    fn apply_unit(&mut self, id: u64, kind: u16, layout_version: u16, state: &[u8]) {
+        let applied = match kind {
+            BOOK_KIND => decode_book(id, layout_version, state).map(|book| {
+                self.engine.restore_book(Symbol(book.symbol), book.last_seq);
+                self.seqs.insert(book.symbol, book.request_seq);
+            }),
+            ORDER_KIND => decode_order(id, layout_version, state).and_then(|(symbol, placed)| {
+                self.engine
+                    .place(symbol, placed)
+                    .map_err(|why| UnitError::Invalid { unit: id, why })
+            }),
+            // Not ours: another kind is no part of this version's state.
+            _ => Ok(()),
+        };
+        if let Err(e) = applied {
+            self.skip(&e);
+        }
+    }
+
+    fn skip(&mut self, e: &UnitError) {
+        self.bad_records += 1;
+        tracing::warn!(bad_records = self.bad_records, "{e}");
     }
 }
 
@@ -293,7 +369,7 @@ impl Application for Matchbook {
     }
 
     fn templates(&self) -> Vec<TemplateInfo> {
-        vec![self.book_template()]
+        crate::units::templates(self.version)
     }
 
     fn features(&self) -> Vec<Feature> {
@@ -301,7 +377,7 @@ impl Application for Matchbook {
             vec![Feature {
                 id: ICEBERG,
                 name: "iceberg",
-                type_id: BOOK_TYPE,
+                type_id: ORDER_TYPE,
                 layout_version: 2,
             }]
         } else {
@@ -347,10 +423,14 @@ impl Application for Matchbook {
                 }
                 let req = w.to_request().expect("new or cancel");
                 self.fills.clear();
+                self.touched.clear();
                 let features = Features {
                     iceberg: iceberg_on,
                 };
-                let response = self.engine.process_into(req, features, &mut self.fills);
+                let seq_before = self.engine.last_seq();
+                let response =
+                    self.engine
+                        .process_into(req, features, &mut self.fills, &mut self.touched);
                 let mut r = blank(&w, status::ACK);
                 match response {
                     Response::Ack { .. } => {
@@ -366,31 +446,11 @@ impl Application for Matchbook {
                         r.qty = remaining;
                     }
                 }
-                let changed = !matches!(response, Response::Reject { .. });
-                if changed {
+                if !matches!(response, Response::Reject { .. }) {
                     let seq = self.seqs.entry(w.symbol).or_insert(0);
                     *seq += 1;
                     r.book_seq = *seq;
-                    let seq = *seq;
-                    if let Some(book) = self.engine.book(Symbol(w.symbol)) {
-                        let v = tx.write_version(BOOK_TYPE);
-                        self.scratch.clear();
-                        self.scratch.extend_from_slice(&seq.to_le_bytes());
-                        if v >= 2 {
-                            book.encode(&mut self.scratch);
-                        } else if book.encode_v1(&mut self.scratch).is_err() {
-                            // Cannot happen: icebergs rest only while the feature is on, and
-                            // then the write version is 2.
-                            book.encode(&mut self.scratch);
-                        }
-                        tx.update(w.symbol as u64, BOOK_KIND, v, &self.scratch);
-                    }
-                    for f in &self.fills {
-                        for acct in [f.taker_account, f.maker_account] {
-                            let p = self.engine.position(acct);
-                            tx.put(POSITIONS, &acct.0.to_le_bytes(), &p.to_bytes());
-                        }
-                    }
+                    self.write_changes(tx, Symbol(w.symbol), r.book_seq, seq_before);
                 }
                 Self::respond(tx, r, &[]);
                 Ok(())
@@ -405,7 +465,16 @@ impl Application for Matchbook {
 
     fn on_apply(&mut self, op: &Op, _store: &Store) {
         match op {
-            Op::PutUnit { id, state, .. } => self.load_unit(*id, state),
+            Op::PutUnit {
+                id,
+                kind,
+                layout_version,
+                state,
+            } => self.apply_unit(*id, *kind, *layout_version, state),
+            Op::RetireUnit { id } if id & ORDER_UNIT_BIT != 0 => {
+                // Gone from its book (filled or cancelled); the index finds which book.
+                self.engine.remove(id & !ORDER_UNIT_BIT);
+            }
             Op::Put { table, key, value } if *table == POSITIONS => {
                 if let (Ok(k), Ok(p)) = (<[u8; 4]>::try_from(&key[..]), Position::decode(value)) {
                     self.engine
@@ -419,10 +488,28 @@ impl Application for Matchbook {
     fn on_reset(&mut self, store: &Store) {
         self.engine = Engine::new();
         self.seqs.clear();
-        let units: Vec<(u64, Vec<u8>)> =
-            store.units().map(|(id, u)| (id, u.state.clone())).collect();
-        for (id, state) in units {
-            self.load_unit(id, &state);
+        self.bad_records = 0;
+        // Books first, then every order in priority order, so each goes to the back of its
+        // level (placing them in any order gives the same books, with more walking).
+        let mut orders: Vec<(u64, Symbol, PlacedOrder)> = Vec::new();
+        let mut errors = Vec::new();
+        for (id, unit) in store.units() {
+            match unit.kind {
+                ORDER_KIND => match decode_order(id, unit.layout_version, &unit.state) {
+                    Ok((symbol, placed)) => orders.push((id, symbol, placed)),
+                    Err(e) => errors.push(e),
+                },
+                kind => self.apply_unit(id, kind, unit.layout_version, &unit.state),
+            }
+        }
+        orders.sort_unstable_by_key(|(_, _, placed)| placed.priority_seq);
+        for (id, symbol, placed) in orders {
+            if let Err(why) = self.engine.place(symbol, placed) {
+                errors.push(UnitError::Invalid { unit: id, why });
+            }
+        }
+        for e in &errors {
+            self.skip(e);
         }
         for (k, v) in store.table(POSITIONS) {
             if let (Ok(k), Ok(p)) = (<[u8; 4]>::try_from(k), Position::decode(v)) {

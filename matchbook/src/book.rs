@@ -3,8 +3,17 @@
 //!
 //! This layer is pure: no I/O, no clocks, no threads, no randomness that reaches an output, no
 //! dependency outside `std`. It must never know about shared memory, processes, replication or
-//! upgrades; the runtime wraps it, treating each [`OrderBook`] as a work unit whose state is the
-//! bytes of [`OrderBook::encode`], and each account's [`Position`] as a 16-byte table record.
+//! upgrades. What it offers the application that wraps it (`crate::app`, which keeps every
+//! resting order as a work unit of its own, each book as a small one, and each account's
+//! [`Position`] as a 16-byte table record):
+//!
+//! - every request reports the orders it changed ([`Touched`], from [`Engine::process_into`]),
+//!   so the cost of saving a request's effects follows what it changed, not the book's depth;
+//! - every resting order carries its place in time priority ([`PlacedOrder`]): sequence numbers
+//!   from one engine-wide counter, so a book can be rebuilt order by order, in any order of
+//!   arrival, with the same FIFO at every price ([`Engine::place`], [`Engine::remove`]).
+//!
+//! [`OrderBook::encode`] is a whole book as bytes (the answer to a book query).
 //!
 //! Two versions of behaviour live side by side. Version 1 knows plain limit orders only.
 //! Version 2 adds iceberg orders, gated per request by [`Features::iceberg`]; with the feature
@@ -23,6 +32,10 @@
 //! - An order id is a duplicate while an order with that id rests in the same book; ids of
 //!   orders that were filled or cancelled may be reused.
 //! - Self-trades are allowed: an account may trade with itself (its position does not change).
+//! - Time priority is a sequence number: an order that rests takes the next number of its
+//!   engine's counter (its *entry* number, which never changes afterwards); an iceberg that
+//!   refreshes takes the next number again (its *priority* number), which puts it at the back of
+//!   its level. Within a price, lower priority numbers go first.
 //!
 //! # Examples
 //! ```
@@ -279,7 +292,121 @@ impl RestingOrder {
     pub fn remaining_qty(&self) -> u64 {
         self.visible_qty + self.hidden_qty
     }
+
+    /// Checks what no resting order can break: the price range and the quantity rules.
+    fn check(&self) -> Result<(), OrderProblem> {
+        if !(1..=PRICE_TICKS_MAX).contains(&self.price) {
+            return Err(OrderProblem::PriceOutOfRange);
+        }
+        if self.visible_qty == 0 {
+            return Err(OrderProblem::Qty("visible qty is 0"));
+        }
+        match self.visible_qty.checked_add(self.hidden_qty) {
+            Some(remaining) if remaining <= QTY_MAX => {}
+            _ => return Err(OrderProblem::Qty("visible + hidden qty exceeds QTY_MAX")),
+        }
+        match self.kind {
+            OrderKind::Limit if self.hidden_qty != 0 => Err(OrderProblem::Qty(
+                "limit order (display qty 0) has hidden qty",
+            )),
+            OrderKind::Iceberg { display_qty } if self.visible_qty > display_qty => {
+                Err(OrderProblem::Qty("iceberg shows more than its display qty"))
+            }
+            _ => Ok(()),
+        }
+    }
 }
+
+/// What [`RestingOrder::check`] found wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OrderProblem {
+    PriceOutOfRange,
+    Qty(&'static str),
+}
+
+/// A resting order with its place in time priority: everything it takes to put it back into
+/// its book exactly where it was (see [`Engine::place`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PlacedOrder {
+    /// The order.
+    pub order: RestingOrder,
+    /// The number the order took from its engine's counter when it came to rest. It never
+    /// changes and no other order of the engine ever has it, so it names the order for as long
+    /// as it rests (the application builds the order's work-unit id from it).
+    pub entry_seq: u64,
+    /// Its time priority within its price level, lower first: `entry_seq`, or the number it
+    /// took when it last refreshed (icebergs).
+    pub priority_seq: u64,
+}
+
+impl PlacedOrder {
+    /// Checks what every resting order keeps: price and quantity rules, and numbers that
+    /// start at 1 with the priority number never below the entry number.
+    pub fn check(&self) -> Result<(), InvalidOrder> {
+        let invalid = |problem| InvalidOrder {
+            id: self.order.id,
+            problem,
+        };
+        self.order.check().map_err(|problem| match problem {
+            OrderProblem::PriceOutOfRange => invalid("price outside 1..=PRICE_TICKS_MAX"),
+            OrderProblem::Qty(problem) => invalid(problem),
+        })?;
+        if self.entry_seq == 0 {
+            return Err(invalid("entry number 0 (numbers start at 1)"));
+        }
+        if self.priority_seq < self.entry_seq {
+            return Err(invalid("priority number below its entry number"));
+        }
+        Ok(())
+    }
+}
+
+/// An order one request changed (see [`Engine::process_into`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Touched {
+    /// The order rests, as it is after the request: it is new, was partially filled, or
+    /// refreshed (a new priority).
+    Rests(PlacedOrder),
+    /// The order left its book: filled or cancelled.
+    Gone {
+        /// Its id.
+        id: OrderId,
+        /// Its entry number ([`PlacedOrder::entry_seq`]).
+        entry_seq: u64,
+    },
+}
+
+impl Touched {
+    /// The touched order's entry number.
+    pub fn entry_seq(&self) -> u64 {
+        match self {
+            Touched::Rests(placed) => placed.entry_seq,
+            Touched::Gone { entry_seq, .. } => *entry_seq,
+        }
+    }
+}
+
+/// An order [`Engine::place`] refused: it breaks a rule that every resting order keeps, so it
+/// cannot have come from a matching engine (corrupt or forged bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InvalidOrder {
+    /// The order's id.
+    pub id: OrderId,
+    /// The rule it breaks.
+    pub problem: &'static str,
+}
+
+impl fmt::Display for InvalidOrder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "resting order {}: {}; the record is corrupt, the order was not placed",
+            self.id.0, self.problem
+        )
+    }
+}
+
+impl std::error::Error for InvalidOrder {}
 
 /// Net holdings of one account, changed by fills. Fixed 16-byte encoding (see [`Position::encode`]).
 ///
@@ -547,7 +674,7 @@ const NIL: u32 = u32::MAX;
 
 #[derive(Clone, Debug)]
 struct Slot {
-    order: RestingOrder,
+    placed: PlacedOrder,
     prev: u32,
     next: u32,
 }
@@ -568,9 +695,9 @@ impl Slab {
         }
     }
 
-    fn insert(&mut self, order: RestingOrder) -> u32 {
+    fn insert(&mut self, placed: PlacedOrder) -> u32 {
         let slot = Slot {
-            order,
+            placed,
             prev: NIL,
             next: NIL,
         };
@@ -636,6 +763,36 @@ impl Level {
         self.tail = idx;
     }
 
+    /// Links `idx` in after every order of the level with a lower priority number (at the back
+    /// when it has the highest, as a new or refreshed order does: then no walk at all).
+    fn insert_by_priority(&mut self, slab: &mut Slab, idx: u32) {
+        let priority_seq = slab.get(idx).placed.priority_seq;
+        let mut before = self.tail;
+        while before != NIL && slab.get(before).placed.priority_seq > priority_seq {
+            before = slab.get(before).prev;
+        }
+        let after = if before == NIL {
+            self.head
+        } else {
+            slab.get(before).next
+        };
+        {
+            let slot = slab.get_mut(idx);
+            slot.prev = before;
+            slot.next = after;
+        }
+        if before == NIL {
+            self.head = idx;
+        } else {
+            slab.get_mut(before).next = idx;
+        }
+        if after == NIL {
+            self.tail = idx;
+        } else {
+            slab.get_mut(after).prev = idx;
+        }
+    }
+
     fn unlink(&mut self, slab: &mut Slab, idx: u32) {
         let (prev, next) = {
             let slot = slab.get(idx);
@@ -661,15 +818,15 @@ struct LevelIter<'a> {
 }
 
 impl<'a> Iterator for LevelIter<'a> {
-    type Item = &'a RestingOrder;
+    type Item = &'a PlacedOrder;
 
-    fn next(&mut self) -> Option<&'a RestingOrder> {
+    fn next(&mut self) -> Option<&'a PlacedOrder> {
         if self.cursor == NIL {
             return None;
         }
         let slot = self.slab.get(self.cursor);
         self.cursor = slot.next;
-        Some(&slot.order)
+        Some(&slot.placed)
     }
 }
 
@@ -743,15 +900,18 @@ enum After {
 /// use matchbook::book::*;
 ///
 /// let mut book = OrderBook::new();
-/// let mut fills = Vec::new();
+/// let (mut last_seq, mut fills, mut touched) = (0, Vec::new(), Vec::new());
 /// let order = |id, side, price, qty| NewOrder {
 ///     id: OrderId(id), account: AccountId(1), symbol: Symbol(0), side, price, qty, kind: OrderKind::Limit,
 /// };
-/// book.submit(&order(1, Side::Sell, 101, 5), Features::V1, &mut fills).unwrap();
-/// book.submit(&order(2, Side::Buy, 99, 5), Features::V1, &mut fills).unwrap();
+/// book.submit(&order(1, Side::Sell, 101, 5), Features::V1, &mut last_seq, &mut fills, &mut touched).unwrap();
+/// book.submit(&order(2, Side::Buy, 99, 5), Features::V1, &mut last_seq, &mut fills, &mut touched).unwrap();
 /// assert_eq!((book.best_bid(), book.best_ask()), (Some(99), Some(101)));
 /// assert!(fills.is_empty());
-/// assert_eq!(book.cancel(OrderId(1), AccountId(1)).unwrap().remaining_qty(), 5);
+/// // Each order that came to rest was reported, with its place in time priority.
+/// assert_eq!(touched.len(), 2);
+/// assert_eq!(book.placed(OrderId(2)).unwrap().entry_seq, 2);
+/// assert_eq!(book.cancel(OrderId(1), AccountId(1)).unwrap().order.remaining_qty(), 5);
 /// assert_eq!(book.len(), 1);
 /// ```
 #[derive(Clone, Default)]
@@ -799,12 +959,23 @@ impl OrderBook {
 
     /// The resting order with this id.
     pub fn get(&self, id: OrderId) -> Option<&RestingOrder> {
-        self.index.get(&id).map(|&idx| &self.slab.get(idx).order)
+        self.placed(id).map(|placed| &placed.order)
+    }
+
+    /// The resting order with this id, with its place in time priority.
+    pub fn placed(&self, id: OrderId) -> Option<&PlacedOrder> {
+        self.index.get(&id).map(|&idx| &self.slab.get(idx).placed)
     }
 
     /// All resting orders in priority order: bids best price first, then asks best price
     /// first; within a price, earliest first. This is also the encoding's order.
     pub fn orders(&self) -> impl Iterator<Item = &RestingOrder> + '_ {
+        self.placed_orders().map(|placed| &placed.order)
+    }
+
+    /// [`OrderBook::orders`] with their places in time priority: within a price level the
+    /// priority numbers ascend.
+    pub fn placed_orders(&self) -> impl Iterator<Item = &PlacedOrder> + '_ {
         self.bids
             .values()
             .rev()
@@ -816,20 +987,26 @@ impl OrderBook {
     }
 
     /// Validates `order`, matches it against the opposite side, appends the trades to `fills`
-    /// and rests what is left. On `Err` the book and `fills` are unchanged.
+    /// and rests what is left. Appends to `touched` every resting order it changed, once, as it
+    /// ended up: makers it filled (gone) or partially filled or refreshed, and the order itself
+    /// if it rests. Sequence numbers come from `last_seq` (the last number taken; see
+    /// [`PlacedOrder`]), which one engine shares between all its books. On `Err` nothing
+    /// changed.
     ///
     /// `order.symbol` is not looked at: the caller picked this book for it.
     pub fn submit(
         &mut self,
         order: &NewOrder,
         features: Features,
+        last_seq: &mut u64,
         fills: &mut Vec<Fill>,
+        touched: &mut Vec<Touched>,
     ) -> Result<(), RejectReason> {
         validate_new(order, features)?;
         if self.index.contains_key(&order.id) {
             return Err(RejectReason::DuplicateOrderId);
         }
-        let fills_start = fills.len();
+        let mut effects = Effects::new(fills, touched, last_seq);
         let mut remaining_qty = order.qty;
         while remaining_qty > 0 {
             let entry = match order.side {
@@ -852,8 +1029,7 @@ impl OrderBook {
                 order,
                 price,
                 remaining_qty,
-                fills,
-                fills_start,
+                &mut effects,
             );
             if entry.get().is_empty() {
                 entry.remove();
@@ -867,31 +1043,51 @@ impl OrderBook {
                     (visible_qty, remaining_qty - visible_qty)
                 }
             };
-            self.rest(RestingOrder {
-                id: order.id,
-                account: order.account,
-                side: order.side,
-                price: order.price,
-                visible_qty,
-                hidden_qty,
-                kind: order.kind,
-            });
+            let seq = effects.next_seq();
+            let placed = PlacedOrder {
+                order: RestingOrder {
+                    id: order.id,
+                    account: order.account,
+                    side: order.side,
+                    price: order.price,
+                    visible_qty,
+                    hidden_qty,
+                    kind: order.kind,
+                },
+                entry_seq: seq,
+                priority_seq: seq,
+            };
+            self.insert(placed);
+            // New to the book: it cannot be in the list yet.
+            effects.touched.push(Touched::Rests(placed));
         }
         Ok(())
     }
 
     /// Removes the order and returns it as it was (its unfilled quantity is
     /// [`RestingOrder::remaining_qty`]).
-    pub fn cancel(
-        &mut self,
-        id: OrderId,
-        account: AccountId,
-    ) -> Result<RestingOrder, RejectReason> {
+    pub fn cancel(&mut self, id: OrderId, account: AccountId) -> Result<PlacedOrder, RejectReason> {
         let &idx = self.index.get(&id).ok_or(RejectReason::UnknownOrder)?;
-        let order = self.slab.get(idx).order;
-        if order.account != account {
+        if self.slab.get(idx).placed.order.account != account {
             return Err(RejectReason::NotOwner);
         }
+        Ok(self.remove_slot(idx))
+    }
+
+    fn placed_mut(&mut self, id: OrderId) -> Option<&mut PlacedOrder> {
+        let &idx = self.index.get(&id)?;
+        Some(&mut self.slab.get_mut(idx).placed)
+    }
+
+    /// Removes the order with this id, whoever owns it.
+    fn remove(&mut self, id: OrderId) -> Option<PlacedOrder> {
+        let &idx = self.index.get(&id)?;
+        Some(self.remove_slot(idx))
+    }
+
+    fn remove_slot(&mut self, idx: u32) -> PlacedOrder {
+        let placed = self.slab.get(idx).placed;
+        let order = placed.order;
         let levels = match order.side {
             Side::Buy => &mut self.bids,
             Side::Sell => &mut self.asks,
@@ -899,7 +1095,7 @@ impl OrderBook {
         let btree_map::Entry::Occupied(mut level) = levels.entry(order.price) else {
             panic!(
                 "resting order {} has no level at its price {}",
-                id.0, order.price
+                order.id.0, order.price
             );
         };
         level.get_mut().unlink(&mut self.slab, idx);
@@ -907,14 +1103,15 @@ impl OrderBook {
             level.remove();
         }
         self.slab.release(idx);
-        self.index.remove(&id);
-        Ok(order)
+        self.index.remove(&order.id);
+        placed
     }
 
-    /// Puts `order` at the back of its price level. The caller guarantees the id is new and the
-    /// order does not cross the book.
-    fn rest(&mut self, order: RestingOrder) {
-        let idx = self.slab.insert(order);
+    /// Puts `placed` into its price level after every order with a lower priority number: at
+    /// the back for a new order. The caller guarantees the id does not rest yet.
+    fn insert(&mut self, placed: PlacedOrder) {
+        let order = placed.order;
+        let idx = self.slab.insert(placed);
         let levels = match order.side {
             Side::Buy => &mut self.bids,
             Side::Sell => &mut self.asks,
@@ -922,7 +1119,7 @@ impl OrderBook {
         levels
             .entry(order.price)
             .or_insert(Level::EMPTY)
-            .push_back(&mut self.slab, idx);
+            .insert_by_priority(&mut self.slab, idx);
         let previous = self.index.insert(order.id, idx);
         debug_assert!(previous.is_none(), "order id {} rested twice", order.id.0);
     }
@@ -982,6 +1179,8 @@ impl OrderBook {
     /// Reads bytes written by [`OrderBook::encode`] or [`OrderBook::encode_v1`]. Never panics:
     /// anything but a well-formed, canonical book of a supported layout is an error naming the
     /// first thing found wrong. Whatever decodes re-encodes (in its layout) to the same bytes.
+    /// The encoding carries no sequence numbers: the decoded orders are numbered 1, 2, … in
+    /// priority order.
     pub fn decode(bytes: &[u8]) -> Result<OrderBook, DecodeError> {
         let mut reader = Reader { bytes, offset: 0 };
         let version = reader.u16("layout version")?;
@@ -1039,30 +1238,23 @@ impl OrderBook {
                 (0, OrderKind::Limit)
             };
 
-            if !(1..=PRICE_TICKS_MAX).contains(&price) {
-                return Err(DecodeError::PriceOutOfRange {
+            let order = RestingOrder {
+                id,
+                account,
+                side,
+                price,
+                visible_qty,
+                hidden_qty,
+                kind,
+            };
+            order.check().map_err(|problem| match problem {
+                OrderProblem::PriceOutOfRange => DecodeError::PriceOutOfRange {
                     index,
                     id,
                     found: price,
-                });
-            }
-            let bad_qty = |problem| DecodeError::BadQty { index, id, problem };
-            if visible_qty == 0 {
-                return Err(bad_qty("visible qty is 0"));
-            }
-            match visible_qty.checked_add(hidden_qty) {
-                Some(remaining) if remaining <= QTY_MAX => {}
-                _ => return Err(bad_qty("visible + hidden qty exceeds QTY_MAX")),
-            }
-            match kind {
-                OrderKind::Limit if hidden_qty != 0 => {
-                    return Err(bad_qty("limit order (display qty 0) has hidden qty"))
-                }
-                OrderKind::Iceberg { display_qty } if visible_qty > display_qty => {
-                    return Err(bad_qty("iceberg shows more than its display qty"))
-                }
-                _ => {}
-            }
+                },
+                OrderProblem::Qty(problem) => DecodeError::BadQty { index, id, problem },
+            })?;
             let in_order = match (previous, side) {
                 (None, _) | (Some((Side::Buy, _)), Side::Sell) => true,
                 (Some((Side::Buy, previous_price)), Side::Buy) => price <= previous_price,
@@ -1076,14 +1268,12 @@ impl OrderBook {
                 return Err(DecodeError::DuplicateOrderId { index, id });
             }
             previous = Some((side, price));
-            book.rest(RestingOrder {
-                id,
-                account,
-                side,
-                price,
-                visible_qty,
-                hidden_qty,
-                kind,
+            // Numbered in priority order, so each goes to the back of its level.
+            let seq = u64::from(index) + 1;
+            book.insert(PlacedOrder {
+                order,
+                entry_seq: seq,
+                priority_seq: seq,
             });
         }
         if let (Some(best_bid), Some(best_ask)) = (book.best_bid(), book.best_ask()) {
@@ -1096,9 +1286,60 @@ impl OrderBook {
     }
 }
 
+/// Where one submission reports what it did: its fills (merged as the rules say), the orders
+/// it touched (each once, as it ended up), and the sequence numbers it takes.
+struct Effects<'a> {
+    fills: &'a mut Vec<Fill>,
+    fills_start: usize,
+    touched: &'a mut Vec<Touched>,
+    touched_start: usize,
+    last_seq: &'a mut u64,
+    /// The first number this submission takes. Only an order whose priority number is at
+    /// least this one (it refreshed during this submission) can be touched twice, so only
+    /// then is the list searched.
+    first_seq: u64,
+}
+
+impl Effects<'_> {
+    fn new<'a>(
+        fills: &'a mut Vec<Fill>,
+        touched: &'a mut Vec<Touched>,
+        last_seq: &'a mut u64,
+    ) -> Effects<'a> {
+        Effects {
+            fills_start: fills.len(),
+            fills,
+            touched_start: touched.len(),
+            touched,
+            first_seq: *last_seq + 1,
+            last_seq,
+        }
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        *self.last_seq += 1;
+        *self.last_seq
+    }
+
+    /// Records that an order changed; `priority_before` is its priority number before the
+    /// change.
+    fn touch(&mut self, touched: Touched, priority_before: u64) {
+        if priority_before >= self.first_seq {
+            let entry_seq = touched.entry_seq();
+            if let Some(seen) = self.touched[self.touched_start..]
+                .iter_mut()
+                .find(|seen| seen.entry_seq() == entry_seq)
+            {
+                *seen = touched;
+                return;
+            }
+        }
+        self.touched.push(touched);
+    }
+}
+
 /// Matches `taker` against one price level until the level is empty or `remaining_qty` is 0;
 /// returns what is left of `remaining_qty`.
-#[allow(clippy::too_many_arguments)] // Split borrows of the book's fields; a struct would only rename them.
 fn match_level(
     slab: &mut Slab,
     index: &mut HashMap<OrderId, u32>,
@@ -1106,13 +1347,14 @@ fn match_level(
     taker: &NewOrder,
     price: i64,
     mut remaining_qty: u64,
-    fills: &mut Vec<Fill>,
-    fills_start: usize,
+    effects: &mut Effects<'_>,
 ) -> u64 {
     while remaining_qty > 0 && !level.is_empty() {
         let idx = level.head;
         let alone = level.head == level.tail;
-        let maker = &mut slab.get_mut(idx).order;
+        let placed = &mut slab.get_mut(idx).placed;
+        let priority_before = placed.priority_seq;
+        let maker = &mut placed.order;
         let (take, after) = match maker.kind {
             // Alone at its level, an iceberg's slices would all go to this taker one after the
             // other, so take them in one step instead of one loop turn per slice.
@@ -1122,8 +1364,13 @@ fn match_level(
                 if take == total {
                     (take, After::Remove)
                 } else {
+                    let refreshed = take >= maker.visible_qty;
                     (maker.visible_qty, maker.hidden_qty) =
                         iceberg_after_take(maker.visible_qty, maker.hidden_qty, display_qty, take);
+                    if refreshed {
+                        // Back of its level, where it is alone: a new priority, same place.
+                        placed.priority_seq = effects.next_seq();
+                    }
                     (take, After::Stays)
                 }
             }
@@ -1138,17 +1385,19 @@ fn match_level(
                     };
                     maker.visible_qty = display_qty.min(maker.hidden_qty);
                     maker.hidden_qty -= maker.visible_qty;
+                    placed.priority_seq = effects.next_seq();
                     (take, After::Requeue)
                 } else {
                     (take, After::Remove)
                 }
             }
         };
-        let maker = *maker;
+        let placed = *placed;
+        let maker = placed.order;
         remaining_qty -= take;
         push_fill(
-            fills,
-            fills_start,
+            effects.fills,
+            effects.fills_start,
             Fill {
                 taker: taker.id,
                 maker: maker.id,
@@ -1160,15 +1409,21 @@ fn match_level(
             },
         );
         match after {
-            After::Stays => {}
+            After::Stays => effects.touch(Touched::Rests(placed), priority_before),
             After::Requeue => {
                 level.unlink(slab, idx);
                 level.push_back(slab, idx);
+                effects.touch(Touched::Rests(placed), priority_before);
             }
             After::Remove => {
                 level.unlink(slab, idx);
                 slab.release(idx);
                 index.remove(&maker.id);
+                let gone = Touched::Gone {
+                    id: maker.id,
+                    entry_seq: placed.entry_seq,
+                };
+                effects.touch(gone, priority_before);
             }
         }
     }
@@ -1235,6 +1490,9 @@ impl Reader<'_> {
 
 /// Books per symbol plus positions per account: everything the exchange knows.
 ///
+/// One counter numbers the resting orders of all books ([`PlacedOrder`]); an index from entry
+/// number to book finds an order named by its entry number alone ([`Engine::remove`]).
+///
 /// # Examples
 /// ```
 /// use matchbook::book::*;
@@ -1251,14 +1509,31 @@ impl Reader<'_> {
 /// engine.process(Request::New(iceberg), Features::V2);
 /// let resting = engine.book(Symbol(3)).unwrap().get(OrderId(1)).unwrap();
 /// assert_eq!((resting.visible_qty, resting.hidden_qty), (10, 90));
+///
+/// // A copy rebuilt order by order from what the requests reported equals the original.
+/// let mut copy = Engine::new();
+/// copy.restore_book(Symbol(3), engine.last_seq());
+/// for placed in engine.book(Symbol(3)).unwrap().placed_orders() {
+///     copy.place(Symbol(3), *placed).unwrap();
+/// }
+/// assert_eq!(copy, engine);
+///
 /// let cancel = Cancel { id: OrderId(1), account: AccountId(1), symbol: Symbol(3) };
-/// let outcome = engine.process(Request::Cancel(cancel), Features::V2);
-/// assert_eq!(outcome.response, Response::Cancelled { id: OrderId(1), remaining: 100 });
+/// let (mut fills, mut touched) = (Vec::new(), Vec::new());
+/// let response = engine.process_into(Request::Cancel(cancel), Features::V2, &mut fills, &mut touched);
+/// assert_eq!(response, Response::Cancelled { id: OrderId(1), remaining: 100 });
+/// assert_eq!(touched, vec![Touched::Gone { id: OrderId(1), entry_seq: 1 }]);
+/// assert!(copy.remove(1).is_some());
+/// assert_eq!(copy, engine);
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Engine {
     books: BTreeMap<Symbol, OrderBook>,
     positions: BTreeMap<AccountId, Position>,
+    /// The last sequence number taken, by any book.
+    last_seq: u64,
+    /// Entry number → where the order rests, for every resting order.
+    entries: HashMap<u64, (Symbol, OrderId)>,
 }
 
 impl Engine {
@@ -1267,21 +1542,24 @@ impl Engine {
         Engine::default()
     }
 
-    /// Processes one request; see [`Engine::process_into`] to reuse the fill buffer.
+    /// Processes one request; see [`Engine::process_into`] to reuse buffers and learn which
+    /// resting orders changed.
     pub fn process(&mut self, request: Request, features: Features) -> Outcome {
-        let mut fills = Vec::new();
-        let response = self.process_into(request, features, &mut fills);
+        let (mut fills, mut touched) = (Vec::new(), Vec::new());
+        let response = self.process_into(request, features, &mut fills, &mut touched);
         Outcome { response, fills }
     }
 
-    /// Processes one request, appending its fills to `fills` (which is not cleared) and
-    /// booking them on both accounts' positions. A book is created by the first order accepted
-    /// for its symbol and kept, even when it empties.
+    /// Processes one request, appending its fills to `fills` and the resting orders it changed
+    /// to `touched` (neither is cleared; see [`OrderBook::submit`]), and booking the fills on
+    /// both accounts' positions. A book is created by the first order accepted for its symbol
+    /// and kept, even when it empties. A refused request appends nothing.
     pub fn process_into(
         &mut self,
         request: Request,
         features: Features,
         fills: &mut Vec<Fill>,
+        touched: &mut Vec<Touched>,
     ) -> Response {
         match request {
             Request::New(order) => {
@@ -1293,16 +1571,31 @@ impl Engine {
                 if let Err(reason) = validate_new(&order, features) {
                     return reject(reason);
                 }
-                let start = fills.len();
+                let (fills_start, touched_start) = (fills.len(), touched.len());
+                let seq_before = self.last_seq;
                 let book = self.books.entry(order.symbol).or_default();
-                if let Err(reason) = book.submit(&order, features, fills) {
+                if let Err(reason) =
+                    book.submit(&order, features, &mut self.last_seq, fills, touched)
+                {
                     return reject(reason);
                 }
-                for fill in &fills[start..] {
+                for fill in &fills[fills_start..] {
                     let taker = self.positions.entry(fill.taker_account).or_default();
                     taker.apply(fill.taker_side, fill.price, fill.qty);
                     let maker = self.positions.entry(fill.maker_account).or_default();
                     maker.apply(fill.taker_side.opposite(), fill.price, fill.qty);
+                }
+                for touched in &touched[touched_start..] {
+                    match touched {
+                        Touched::Rests(placed) if placed.entry_seq > seq_before => {
+                            self.entries
+                                .insert(placed.entry_seq, (order.symbol, placed.order.id));
+                        }
+                        Touched::Rests(_) => {}
+                        Touched::Gone { entry_seq, .. } => {
+                            self.entries.remove(entry_seq);
+                        }
+                    }
                 }
                 Response::Ack { id: order.id }
             }
@@ -1312,10 +1605,17 @@ impl Engine {
                     None => Err(RejectReason::UnknownOrder),
                 };
                 match result {
-                    Ok(order) => Response::Cancelled {
-                        id: cancel.id,
-                        remaining: order.remaining_qty(),
-                    },
+                    Ok(placed) => {
+                        self.entries.remove(&placed.entry_seq);
+                        touched.push(Touched::Gone {
+                            id: cancel.id,
+                            entry_seq: placed.entry_seq,
+                        });
+                        Response::Cancelled {
+                            id: cancel.id,
+                            remaining: placed.order.remaining_qty(),
+                        }
+                    }
                     Err(reason) => Response::Reject {
                         id: cancel.id,
                         reason,
@@ -1335,9 +1635,74 @@ impl Engine {
         self.books.iter().map(|(&symbol, book)| (symbol, book))
     }
 
-    /// Installs a book (for example one just decoded), returning the one it replaces.
-    pub fn insert_book(&mut self, symbol: Symbol, book: OrderBook) -> Option<OrderBook> {
-        self.books.insert(symbol, book)
+    /// The last sequence number any book took (0 before the first order rested).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Where the order with this entry number rests, if it does.
+    pub fn entry(&self, entry_seq: u64) -> Option<(Symbol, &PlacedOrder)> {
+        let &(symbol, id) = self.entries.get(&entry_seq)?;
+        let placed = self.books.get(&symbol)?.placed(id)?;
+        (placed.entry_seq == entry_seq).then_some((symbol, placed))
+    }
+
+    /// Restores a book's existence and the counter: creates the (empty) book for `symbol` if
+    /// there is none, and makes sure the next number taken is above `last_seq`.
+    pub fn restore_book(&mut self, symbol: Symbol, last_seq: u64) {
+        self.books.entry(symbol).or_default();
+        self.last_seq = self.last_seq.max(last_seq);
+    }
+
+    /// Puts a resting order back into `symbol`'s book, at the place its priority number gives
+    /// it within its level: the state of one order, as a request reported it
+    /// ([`Touched::Rests`]). It replaces the order with the same entry number wherever that
+    /// rests (updated in place when it kept its side, price and priority), and any other order
+    /// with the same id in that book. Orders may be placed in any sequence: the book ends up
+    /// with the same time priority at every price. Creates the book if needed; the counter
+    /// moves past the order's numbers.
+    ///
+    /// Refuses, changing nothing, an order no matching engine could have left resting.
+    pub fn place(&mut self, symbol: Symbol, placed: PlacedOrder) -> Result<(), InvalidOrder> {
+        placed.check()?;
+        if let Some(&(at, id)) = self.entries.get(&placed.entry_seq) {
+            let same_place = |current: &PlacedOrder| {
+                current.entry_seq == placed.entry_seq
+                    && current.priority_seq == placed.priority_seq
+                    && current.order.side == placed.order.side
+                    && current.order.price == placed.order.price
+            };
+            if at == symbol && id == placed.order.id {
+                let book = self.books.get_mut(&at);
+                if let Some(current) = book.and_then(|book| book.placed_mut(id)) {
+                    if same_place(current) {
+                        *current = placed;
+                        return Ok(());
+                    }
+                }
+            }
+            self.remove(placed.entry_seq);
+        }
+        let book = self.books.entry(symbol).or_default();
+        if let Some(other) = book.remove(placed.order.id) {
+            self.entries.remove(&other.entry_seq);
+        }
+        book.insert(placed);
+        self.entries
+            .insert(placed.entry_seq, (symbol, placed.order.id));
+        self.last_seq = self.last_seq.max(placed.priority_seq);
+        Ok(())
+    }
+
+    /// Removes the order with this entry number, wherever it rests (an order that was filled
+    /// or cancelled: [`Touched::Gone`]).
+    pub fn remove(&mut self, entry_seq: u64) -> Option<(Symbol, PlacedOrder)> {
+        let (symbol, id) = self.entries.remove(&entry_seq)?;
+        let book = self.books.get_mut(&symbol)?;
+        if book.placed(id)?.entry_seq != entry_seq {
+            return None;
+        }
+        book.remove(id).map(|placed| (symbol, placed))
     }
 
     /// The account's position; zero if it never traded.

@@ -6,3 +6,4 @@
 pub mod app;
 pub mod book;
 pub mod loadgen;
+pub mod units;

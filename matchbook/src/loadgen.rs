@@ -264,7 +264,8 @@ fn run_client(
             };
             // A third of the requests cancel an earlier order, and prices lean towards crossing
             // the other side: books stay a few hundred orders deep, as a live market's do
-            // (every request re-encodes its book: the work unit is the whole book).
+            // (each resting order is a work unit of its own: a request writes the orders it
+            // changed, not its book, so its cost does not grow with that depth).
             let req = if !resting.is_empty() && rng.below(3) == 0 {
                 let i = rng.below(resting.len() as u64) as usize;
                 let (id, account, symbol) = resting.swap_remove(i);

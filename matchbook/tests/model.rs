@@ -331,6 +331,43 @@ fn totals(engine: &Engine) -> (i64, i64) {
         })
 }
 
+fn placed(engine: &Engine, symbol: Symbol) -> Vec<PlacedOrder> {
+    engine
+        .book(symbol)
+        .map(|b| b.placed_orders().copied().collect())
+        .unwrap_or_default()
+}
+
+/// Within every price level, priority numbers ascend (the FIFO a rebuild reproduces).
+fn priorities_ascend(book: &OrderBook) -> bool {
+    let orders: Vec<&PlacedOrder> = book.placed_orders().collect();
+    orders.windows(2).all(|w| {
+        let same_level = w[0].order.side == w[1].order.side && w[0].order.price == w[1].order.price;
+        !same_level || w[0].priority_seq < w[1].priority_seq
+    })
+}
+
+/// An engine rebuilt from `engine`'s books, orders put back in the sequence `arrange` leaves
+/// them in, and its positions: what a standby builds from the work units.
+fn rebuilt(engine: &Engine, arrange: impl Fn(&mut Vec<(Symbol, PlacedOrder)>)) -> Engine {
+    let mut copy = Engine::new();
+    let mut orders: Vec<(Symbol, PlacedOrder)> = engine
+        .books()
+        .flat_map(|(symbol, book)| book.placed_orders().map(move |p| (symbol, *p)))
+        .collect();
+    arrange(&mut orders);
+    for (symbol, placed) in orders {
+        copy.place(symbol, placed).expect("a live order is valid");
+    }
+    for (symbol, _) in engine.books() {
+        copy.restore_book(symbol, engine.last_seq());
+    }
+    for (account, position) in engine.positions() {
+        copy.set_position(account, position);
+    }
+    copy
+}
+
 fn encoded(book: &OrderBook) -> Vec<u8> {
     let mut bytes = Vec::new();
     book.encode(&mut bytes);
@@ -377,6 +414,68 @@ proptest! {
         }
     }
 
+}
+
+proptest! {
+    // Each case checks every request of its stream against a mirror: fewer cases suffice.
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// Every request reports each resting order it changed exactly once, as it ended up: a
+    /// mirror engine that sees nothing but those reports (place what rests, remove what is
+    /// gone) has the same books as the live one after every request, time priority included,
+    /// on random streams with icebergs and their refreshes; a refused request reports nothing.
+    /// At the end the books rebuilt from their placed orders, put back in reverse priority
+    /// order or by entry number, equal the live ones with the same FIFO at every price.
+    #[test]
+    fn touched_orders_rebuild_the_books(stream in stream_strategy()) {
+        let mut engine = Engine::new();
+        let mut mirror = Engine::new();
+        let (mut fills, mut touched) = (Vec::new(), Vec::new());
+        for (step, &(request, features)) in stream.iter().enumerate() {
+            fills.clear();
+            touched.clear();
+            let before = engine.clone();
+            let response = engine.process_into(request, features, &mut fills, &mut touched);
+            if matches!(response, Response::Reject { .. }) {
+                prop_assert!(touched.is_empty(), "step {}: a refusal reported {:?}", step, touched);
+                prop_assert_eq!(&engine, &before);
+                continue;
+            }
+            let symbol = match request {
+                Request::New(n) => n.symbol,
+                Request::Cancel(c) => c.symbol,
+            };
+            let mut entries: Vec<u64> = touched.iter().map(Touched::entry_seq).collect();
+            entries.sort_unstable();
+            entries.dedup();
+            prop_assert_eq!(entries.len(), touched.len(), "step {}: an order reported twice: {:?}", step, touched);
+            mirror.restore_book(symbol, engine.last_seq());
+            for t in &touched {
+                match *t {
+                    Touched::Rests(placed) => mirror.place(symbol, placed).unwrap(),
+                    Touched::Gone { id, entry_seq } => {
+                        let (at, gone) = mirror.remove(entry_seq).expect("a reported order rests in the mirror");
+                        prop_assert_eq!((at, gone.order.id), (symbol, id));
+                    }
+                }
+            }
+            for s in SYMBOLS {
+                prop_assert_eq!(placed(&mirror, s), placed(&engine, s), "step {} symbol {:?}", step, s);
+                if let Some(book) = engine.book(s) {
+                    prop_assert!(priorities_ascend(book), "step {}: priorities out of order", step);
+                }
+            }
+            prop_assert_eq!(mirror.last_seq(), engine.last_seq());
+        }
+        let reversed = rebuilt(&engine, |orders| orders.reverse());
+        let by_entry = rebuilt(&engine, |orders| orders.sort_by_key(|(_, p)| p.entry_seq));
+        for copy in [reversed, by_entry] {
+            prop_assert_eq!(&copy, &engine);
+            for s in SYMBOLS {
+                prop_assert_eq!(placed(&copy, s), placed(&engine, s));
+            }
+        }
+    }
 }
 
 proptest! {
@@ -735,6 +834,16 @@ fn iceberg_refresh_loses_priority() {
     let ice = book.get(OrderId(1)).unwrap();
     assert_eq!((ice.visible_qty, ice.hidden_qty), (3, 4));
 
+    // Its refresh took a new priority number, so a book rebuilt from the orders keeps it behind.
+    let (first, second) = (
+        book.placed(OrderId(2)).unwrap(),
+        book.placed(OrderId(1)).unwrap(),
+    );
+    assert!(second.priority_seq > first.priority_seq);
+    assert_eq!(second.entry_seq, 1, "the entry number never changes");
+    let copy = rebuilt(&engine, |orders| orders.sort_by_key(|(_, p)| p.entry_seq));
+    assert_eq!(ids(copy.book(Symbol(0)).unwrap()), vec![2, 1]);
+
     // The next buyer meets order 2 first, then the refreshed slice.
     let outcome = engine.process(Request::New(order(4, 3, Side::Buy, 100, 6)), Features::V2);
     assert_eq!(
@@ -836,6 +945,8 @@ fn encoding_layout_is_as_documented() {
     book.submit(
         &order(0x0102, 7, Side::Sell, 100, 5),
         Features::V1,
+        &mut 0,
+        &mut Vec::new(),
         &mut Vec::new(),
     )
     .unwrap();
@@ -888,15 +999,14 @@ fn decode_of_bad_bytes_names_the_problem() {
     ));
 
     let mut book = OrderBook::new();
-    let mut fills = Vec::new();
-    book.submit(
-        &iceberg(1, 1, Side::Buy, 99, 10, 4),
-        Features::V2,
-        &mut fills,
-    )
-    .unwrap();
-    book.submit(&order(2, 1, Side::Sell, 101, 3), Features::V2, &mut fills)
-        .unwrap();
+    let (mut last_seq, mut fills, mut touched) = (0, Vec::new(), Vec::new());
+    for new in [
+        iceberg(1, 1, Side::Buy, 99, 10, 4),
+        order(2, 1, Side::Sell, 101, 3),
+    ] {
+        book.submit(&new, Features::V2, &mut last_seq, &mut fills, &mut touched)
+            .unwrap();
+    }
     let good = encoded(&book);
     assert_eq!(good.len(), 6 + 2 * 45);
 
@@ -1014,17 +1124,19 @@ fn positions_are_conserved() {
 #[test]
 fn process_into_reuses_buffer_without_merging_across_requests() {
     let mut engine = Engine::new();
-    let mut fills = Vec::new();
+    let (mut fills, mut touched) = (Vec::new(), Vec::new());
     engine.process_into(
         Request::New(order(1, 1, Side::Sell, 100, 10)),
         Features::V1,
         &mut fills,
+        &mut touched,
     );
     for _ in 0..2 {
         let response = engine.process_into(
             Request::New(order(2, 2, Side::Buy, 100, 3)),
             Features::V1,
             &mut fills,
+            &mut touched,
         );
         assert_eq!(response, Response::Ack { id: OrderId(2) });
     }
