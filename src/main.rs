@@ -65,6 +65,9 @@ enum Command {
         rate: u64,
     },
     /// Run the supervisor in the foreground: start (or re-adopt) the engines and keep them so.
+    /// An upgrade that a killed supervisor left in the middle is never continued: before its
+    /// acceptance verdict the old version is restored, after it the accepted new version is
+    /// kept; either way a hot standby is restored (see `status`).
     Up,
     /// Show every engine: role, epoch, versions, features, state, lag, requests/s, step-ups.
     Status,
@@ -378,6 +381,36 @@ fn print_status(r: &StatusReport) {
             "crash loop, restarts stopped: slots {}",
             r.crash_looping.join(", ")
         );
+    }
+    for rs in &r.restarts {
+        println!(
+            "engine {}: {} crash(es) recently, backoff {} ms{}",
+            rs.slot,
+            rs.crashes,
+            rs.backoff_ms,
+            if rs.given_up {
+                ", restarts stopped"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(u) = &r.interrupted_upgrade {
+        println!(
+            "interrupted upgrade{}{}: {}",
+            u.binary
+                .as_ref()
+                .map(|b| format!(" to {}", b.display()))
+                .unwrap_or_default(),
+            u.at.as_ref()
+                .map(|a| format!(" at {a}"))
+                .unwrap_or_default(),
+            u.decision
+        );
+        match &u.outcome {
+            Some(o) => println!("  outcome: {o}"),
+            None => println!("  outcome: settling…"),
+        }
     }
     if let Some(change) = r.role_changes.last() {
         println!(
