@@ -1,6 +1,6 @@
 //! The raw byte region a ring runs over, seen as an array of 64-bit words.
 //!
-//! Every access to shared memory goes through [`WordMemory::word`], an atomic word: the other
+//! Every access to shared memory goes through [`WordMemory::words`], a slice of atomic words: the other
 //! process may write the memory at any time, so a plain load would be a data race. Relaxed
 //! atomic loads and stores of aligned `u64`s compile to plain moves on x86-64 and AArch64, so this
 //! costs nothing, and under `--cfg loom` the same code runs on loom's atomics so the models see
@@ -12,21 +12,33 @@ use std::ptr::NonNull;
 /// An array of atomic 64-bit words that a ring lives in.
 ///
 /// # Safety
-/// `word(i)` must return the same atomic for the same `i` for the memory's whole life, for every
-/// `i < len_words()`, and the memory must stay mapped while any handle to it exists.
+/// [`WordMemory::words`] must return the same slice (same address, same length) on every call,
+/// for the memory's whole life, even after the value implementing this trait has been moved;
+/// and the memory must stay mapped while any handle to it exists. The ring relies on this to
+/// index the slice with positions it checked against the length once, at construction.
 pub unsafe trait WordMemory {
+    /// Every word of the memory, as one slice of atomics (the ring slices a frame out of it
+    /// once instead of bounds-checking each word).
+    fn words(&self) -> &[AtomicU64];
     /// The number of words.
-    fn len_words(&self) -> usize;
+    #[inline]
+    fn len_words(&self) -> usize {
+        self.words().len()
+    }
     /// Word `i`; panics if `i >= len_words()`.
-    fn word(&self, i: usize) -> &AtomicU64;
-    /// Word `i` without the bounds check (the ring's hot path, whose indexes are masked into
-    /// a range checked once at construction).
+    #[inline]
+    fn word(&self, i: usize) -> &AtomicU64 {
+        &self.words()[i]
+    }
+    /// Word `i` without the bounds check.
     ///
     /// # Safety
     /// `i < len_words()`.
     #[inline(always)]
     unsafe fn word_unchecked(&self, i: usize) -> &AtomicU64 {
-        self.word(i)
+        debug_assert!(i < self.len_words());
+        // SAFETY: the caller guarantees `i < len_words() = words().len()`.
+        unsafe { self.words().get_unchecked(i) }
     }
     /// The low 32 bits of word `i` as a futex word, when the memory is real shared memory.
     fn futex_word(&self, _i: usize) -> Option<&std::sync::atomic::AtomicU32> {
@@ -48,30 +60,20 @@ impl HeapMemory {
     }
 }
 
-// SAFETY: the boxed slice never moves or shrinks while `self` lives; `word` indexes it.
+// SAFETY: the boxed slice lives on the heap, so it neither moves (not even when the
+// `HeapMemory` value does) nor shrinks while `self` lives; `words` returns all of it.
 unsafe impl WordMemory for HeapMemory {
-    fn len_words(&self) -> usize {
-        self.words.len()
-    }
     #[inline]
-    fn word(&self, i: usize) -> &AtomicU64 {
-        &self.words[i]
+    fn words(&self) -> &[AtomicU64] {
+        &self.words
     }
 }
 
-// SAFETY: the same as for `HeapMemory`; `Arc` keeps the buffer alive for every handle.
+// SAFETY: the same slice as the shared `M`, which the `Arc` keeps in place for every handle.
 unsafe impl<M: WordMemory> WordMemory for std::sync::Arc<M> {
-    fn len_words(&self) -> usize {
-        (**self).len_words()
-    }
     #[inline]
-    fn word(&self, i: usize) -> &AtomicU64 {
-        (**self).word(i)
-    }
-    #[inline(always)]
-    unsafe fn word_unchecked(&self, i: usize) -> &AtomicU64 {
-        // SAFETY: forwarded; the caller guarantees `i < len_words()`.
-        unsafe { (**self).word_unchecked(i) }
+    fn words(&self) -> &[AtomicU64] {
+        (**self).words()
     }
     fn futex_word(&self, i: usize) -> Option<&std::sync::atomic::AtomicU32> {
         (**self).futex_word(i)
@@ -106,28 +108,16 @@ impl<O> MappedWords<O> {
     }
 }
 
-// SAFETY: `base..base+len_words` stays mapped while `_owner` lives (contract of `new`).
+// SAFETY: `base..base+len_words` stays mapped while `_owner` lives (contract of `new`), and
+// `words` always returns exactly that range, wherever the `MappedWords` value moves.
 unsafe impl<O> WordMemory for MappedWords<O> {
-    fn len_words(&self) -> usize {
-        self.len_words
-    }
     #[inline]
-    fn word(&self, i: usize) -> &AtomicU64 {
-        assert!(
-            i < self.len_words,
-            "word {i} outside a region of {} words",
-            self.len_words
-        );
-        // SAFETY: `i` is in bounds (checked above), the memory is mapped, 8-byte aligned and
-        // only ever accessed atomically, so a shared reference to an atomic is sound.
-        unsafe { &*self.base.as_ptr().add(i) }
-    }
-    #[inline(always)]
-    unsafe fn word_unchecked(&self, i: usize) -> &AtomicU64 {
-        debug_assert!(i < self.len_words);
-        // SAFETY: the caller guarantees `i < len_words`; the memory is mapped, 8-byte aligned
-        // and only accessed atomically (see `word`).
-        unsafe { &*self.base.as_ptr().add(i) }
+    fn words(&self) -> &[AtomicU64] {
+        // SAFETY: `base` points to `len_words` 8-byte aligned words of mapped memory that stays
+        // mapped while `self` (which owns the mapping through `_owner`) lives (contract of
+        // `new`); every access to them, by either process, is atomic, so a shared slice of
+        // atomics over them is sound even while the peer writes.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.len_words) }
     }
     fn futex_word(&self, i: usize) -> Option<&std::sync::atomic::AtomicU32> {
         #[cfg(loom)]

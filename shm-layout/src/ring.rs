@@ -42,11 +42,11 @@
 //! ```
 
 use crate::frame::{
-    commit_word, frame_bytes, word1, word2, Checksum, COMMIT_CONT, COMMIT_LEN_MASK, FLAG_PAD,
-    FRAME_ALIGN, HEADER_BYTES, PAD_RECORD_TYPE,
+    commit_word, frame_bytes, word1, word2, Checksum, CHUNK_WORDS, COMMIT_CONT, COMMIT_LEN_MASK,
+    FLAG_PAD, FRAME_ALIGN, HEADER_BYTES, PAD_RECORD_TYPE,
 };
 use crate::memory::WordMemory;
-use crate::sync::{fence, spin_hint, yield_now, Ordering};
+use crate::sync::{fence, spin_hint, yield_now, AtomicU64, Ordering};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -67,14 +67,44 @@ pub const MIN_CAPACITY: usize = 1024;
 
 const _: () = assert!(CONTROL_BYTES == 512);
 
-/// The data word holding byte position `pos` of a ring whose memory passed `check()`.
+/// Control word `i` (one of the constants above) of a ring whose memory passed `check()`.
 #[inline(always)]
-fn data_word<M: WordMemory>(mem: &M, mask: u64, pos: u64) -> &crate::sync::AtomicU64 {
-    let i = DATA_WORD + ((pos & mask) >> 3) as usize;
-    // SAFETY: `pos & mask < capacity` (mask = capacity - 1), so `i < DATA_WORD + capacity / 8
-    // = ring_words(capacity)`, and both ends' constructors ran `check()`, which verified
-    // `len_words() >= ring_words(capacity)`.
-    unsafe { mem.word_unchecked(i) }
+fn control<M: WordMemory>(mem: &M, i: usize) -> &AtomicU64 {
+    debug_assert!(i < DATA_WORD);
+    let words = mem.words();
+    debug_assert!(DATA_WORD <= words.len());
+    // SAFETY: `i < DATA_WORD` (callers pass the control-word constants), and `check()` verified
+    // `words().len() >= ring_words(capacity) > DATA_WORD`; `WordMemory` guarantees the slice
+    // never changes.
+    unsafe { words.get_unchecked(i) }
+}
+
+/// The data area of a ring of `capacity` bytes whose memory passed `check()`: exactly
+/// `capacity / 8` words, a power of two, so a position masked into it needs no bounds check.
+#[inline(always)]
+fn data_area<M: WordMemory>(mem: &M, capacity: u64) -> &[AtomicU64] {
+    let words = mem.words();
+    let range = DATA_WORD..DATA_WORD + (capacity >> 3) as usize;
+    debug_assert!(range.end <= words.len());
+    // SAFETY: both ends' constructors ran `check()`, which verified `words().len() >=
+    // ring_words(capacity) = range.end`, and `WordMemory` guarantees the slice never changes.
+    unsafe { words.get_unchecked(range) }
+}
+
+/// The word of a data area holding byte position `pos` (positions wrap around the area).
+#[inline(always)]
+fn slot(data: &[AtomicU64], pos: u64) -> &AtomicU64 {
+    debug_assert!(data.len().is_power_of_two());
+    let i = (pos >> 3) as usize & (data.len() - 1);
+    // SAFETY: a data area has `capacity / 8 >= MIN_CAPACITY / 8` words, so `data.len() - 1`
+    // does not wrap and `i <= data.len() - 1` (a value masked by `m` is at most `m`).
+    unsafe { data.get_unchecked(i) }
+}
+
+/// The index in a data area of the word at byte position `pos`.
+#[inline(always)]
+fn word_index(data: &[AtomicU64], pos: u64) -> usize {
+    (pos >> 3) as usize & (data.len() - 1)
 }
 
 /// Words of memory a ring with `capacity` data bytes needs.
@@ -218,7 +248,6 @@ impl std::error::Error for PushError {}
 /// The producing end. Exactly one exists per ring (the type is not `Clone`).
 pub struct Producer<M: WordMemory> {
     mem: M,
-    mask: u64,
     capacity: u64,
     head: u64,
     seq: u64,
@@ -235,7 +264,6 @@ impl<M: WordMemory> Producer<M> {
     fn at(mem: M, capacity: usize, head: u64, seq: u64, tail: u64) -> Self {
         Producer {
             mem,
-            mask: capacity as u64 - 1,
             capacity: capacity as u64,
             head,
             seq,
@@ -248,9 +276,9 @@ impl<M: WordMemory> Producer<M> {
     pub fn resume(mem: M, capacity: usize) -> Result<Self, RingError> {
         check(&mem, capacity)?;
         // SYNC POINT: head published (Acquire side) and slot released (Acquire side).
-        let head = mem.word(HEAD_POS).load(Ordering::Acquire);
-        let seq = mem.word(HEAD_SEQ).load(Ordering::Acquire);
-        let tail = mem.word(TAIL_POS).load(Ordering::Acquire);
+        let head = control(&mem, HEAD_POS).load(Ordering::Acquire);
+        let seq = control(&mem, HEAD_SEQ).load(Ordering::Acquire);
+        let tail = control(&mem, TAIL_POS).load(Ordering::Acquire);
         // The tail may be ahead of the published head: the consumer read a batch whose head
         // publish was lost to the crash. It is never more than a lap away.
         if head.abs_diff(tail) > capacity as u64
@@ -299,8 +327,13 @@ impl<M: WordMemory> Producer<M> {
     }
 
     #[inline(always)]
-    fn word_at(&self, pos: u64) -> &crate::sync::AtomicU64 {
-        data_word(&self.mem, self.mask, pos)
+    fn data(&self) -> &[AtomicU64] {
+        data_area(&self.mem, self.capacity)
+    }
+
+    #[inline(always)]
+    fn word_at(&self, pos: u64) -> &AtomicU64 {
+        slot(self.data(), pos)
     }
 
     /// The position the next batch will start at.
@@ -321,7 +354,7 @@ impl<M: WordMemory> Producer<M> {
     /// The consumer's last released position, read fresh.
     pub fn consumer_position(&mut self) -> u64 {
         // SYNC POINT: slot released (Acquire side; Release is in `Consumer::release_to`).
-        let tail = self.mem.word(TAIL_POS).load(Ordering::Acquire);
+        let tail = control(&self.mem, TAIL_POS).load(Ordering::Acquire);
         // The consumer may be another, untrusted process: a tail ahead of what we wrote, more
         // than a lap behind, or misaligned is ignored (no new room rather than overwriting).
         if tail >= self.cached_tail
@@ -350,7 +383,6 @@ impl<M: WordMemory> Producer<M> {
             pos: start,
             start_seq: seq,
             seq,
-            head_frame: None,
             frames: 0,
         }
     }
@@ -369,9 +401,22 @@ impl<M: WordMemory> Producer<M> {
         Ok(())
     }
 
-    /// Make room for `needed` bytes from `pos` (the zeroed word past the batch included).
-    #[inline]
-    fn reserve(&mut self, pos: u64, needed_end: u64) -> Result<(), PushError> {
+    /// Make room up to `needed_end` (the zeroed word past the batch included). The common case
+    /// is one comparison against the cached tail; the consumer's line is read only when that
+    /// says the ring is full.
+    #[inline(always)]
+    fn reserve(&mut self, needed_end: u64) -> Result<(), PushError> {
+        // Implies the batch is not too large: `cached_tail <= head`, and a batch may take
+        // `max_batch_bytes + FRAME_ALIGN = capacity` bytes with the zeroed word.
+        if needed_end - self.cached_tail <= self.capacity {
+            return Ok(());
+        }
+        self.reserve_slow(needed_end)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn reserve_slow(&mut self, needed_end: u64) -> Result<(), PushError> {
         let needed = needed_end - self.head;
         if needed > max_batch_bytes(self.capacity as usize) as u64 + FRAME_ALIGN as u64 {
             return Err(PushError::TooLarge {
@@ -379,14 +424,10 @@ impl<M: WordMemory> Producer<M> {
                 max_bytes: max_batch_bytes(self.capacity as usize),
             });
         }
-        if needed_end - self.cached_tail <= self.capacity {
-            return Ok(());
-        }
         let tail = self.consumer_position();
         if needed_end - tail <= self.capacity {
             return Ok(());
         }
-        let _ = pos;
         Err(PushError::Full {
             needed_bytes: needed as usize,
             free_bytes: (self.capacity - (self.head - tail)) as usize,
@@ -394,11 +435,11 @@ impl<M: WordMemory> Producer<M> {
     }
 
     fn publish_head(&self) {
-        self.mem.word(HEAD_SEQ).store(self.seq, Ordering::Relaxed);
+        control(&self.mem, HEAD_SEQ).store(self.seq, Ordering::Relaxed);
         // SYNC POINT: head published (Release; Acquire in `Producer::resume`,
         // `Consumer::attach` and `Consumer::producer_position`). Informational: the read path
         // never depends on it (the consumer follows commit words).
-        self.mem.word(HEAD_POS).store(self.head, Ordering::Release);
+        control(&self.mem, HEAD_POS).store(self.head, Ordering::Release);
     }
 
     /// Wake a consumer sleeping on the futex; costs a load (and a fence) only when the consumer
@@ -407,15 +448,15 @@ impl<M: WordMemory> Producer<M> {
     fn wake_consumer(&self) {
         // MAY_SLEEP is set once, before the consumer's first sleep; until a producer has seen
         // it, that first sleep can miss this commit and last one sleep slice (100 ms at most).
-        if self.mem.word(MAY_SLEEP).load(Ordering::Relaxed) == 0 {
+        if control(&self.mem, MAY_SLEEP).load(Ordering::Relaxed) == 0 {
             return;
         }
         // SYNC POINT: sleep handshake (producer side). The commit store above and the load of
         // ASLEEP below are ordered by this fence; the consumer stores ASLEEP, fences, then reads
         // the commit word. One of the two sides must see the other's store.
         fence(Ordering::SeqCst);
-        if self.mem.word(ASLEEP).load(Ordering::Relaxed) != 0 {
-            self.mem.word(ASLEEP).store(0, Ordering::Relaxed);
+        if control(&self.mem, ASLEEP).load(Ordering::Relaxed) != 0 {
+            control(&self.mem, ASLEEP).store(0, Ordering::Relaxed);
             if let Some(fw) = self.mem.futex_word(ASLEEP) {
                 futex_wake(fw);
             }
@@ -431,8 +472,8 @@ pub struct Batch<'a, M: WordMemory> {
     pos: u64,
     start_seq: u64,
     seq: u64,
-    /// Where the batch head frame is (its commit word is written last).
-    head_frame: Option<u64>,
+    /// Frames written so far; the first, at `start`, is the batch head (its commit word is
+    /// written last, by `commit`).
     frames: u32,
 }
 
@@ -467,7 +508,7 @@ impl<M: WordMemory> Batch<'_, M> {
 
     /// Append a frame whose payload is `payload`; `block_length` is the fixed-block length of
     /// the record in it (see [`crate::record`]).
-    #[inline]
+    #[inline(always)]
     pub fn push(
         &mut self,
         record_type: u16,
@@ -480,22 +521,15 @@ impl<M: WordMemory> Batch<'_, M> {
         }
         let fb = frame_bytes(payload.len()) as u64;
         let cap = self.producer.capacity;
-        let off = self.pos & self.producer.mask;
+        let off = self.pos & (cap - 1);
         let pad = if off + fb > cap { cap - off } else { 0 };
         // Room for padding, the frame and the zeroed commit word of the next batch.
         self.producer
-            .reserve(self.pos, self.pos + pad + fb + FRAME_ALIGN as u64)?;
+            .reserve(self.pos + pad + fb + FRAME_ALIGN as u64)?;
         if pad > 0 {
-            self.write_frame(PAD_RECORD_TYPE, 0, 0, FLAG_PAD, None, pad as usize);
+            self.write_padding(pad);
         }
-        self.write_frame(
-            record_type,
-            layout_version,
-            block_length,
-            0,
-            Some(payload),
-            fb as usize,
-        );
+        self.write_frame(record_type, layout_version, block_length, payload, fb);
         Ok(())
     }
 
@@ -511,81 +545,88 @@ impl<M: WordMemory> Batch<'_, M> {
         self.push(record_type, layout_version, bytes.len() as u16, bytes)
     }
 
+    /// Move past the frame just written.
+    #[inline(always)]
+    fn advance(&mut self, fb: u64) {
+        self.pos += fb;
+        self.seq += 1;
+        self.frames += 1;
+    }
+
+    /// A padding frame of `fb` bytes that fills the buffer to its end (no payload is written
+    /// or checksummed).
+    #[cold]
+    fn write_padding(&mut self, fb: u64) {
+        let data = self.producer.data();
+        let w1 = word1((fb as usize - HEADER_BYTES) as u32, PAD_RECORD_TYPE, 0);
+        let w2 = word2(FLAG_PAD, 0);
+        let sum = Checksum::new(w1, w2, self.seq).finish();
+        let i = word_index(data, self.pos);
+        let header = &data[i..i + CHUNK_WORDS];
+        store_header(
+            header,
+            w1,
+            w2 | (sum as u64) << 32,
+            self.seq,
+            fb,
+            self.frames == 0,
+        );
+        self.advance(fb);
+    }
+
+    /// The frame at `self.pos`: payload area first, header words last. The payload area is
+    /// whole 32-byte chunks; the bytes past the payload in the last chunk are written as zeros
+    /// (they are checksummed).
     #[inline(always)]
     fn write_frame(
         &mut self,
         record_type: u16,
         layout_version: u16,
         block_length: u16,
-        flags: u16,
-        payload: Option<&[u8]>,
-        fb: usize,
+        payload: &[u8],
+        fb: u64,
     ) {
-        let p = &*self.producer;
-        let pos = self.pos;
-        let payload_len = fb - HEADER_BYTES;
-        let plen = payload.map_or(payload_len, |b| b.len());
-        let w1 = word1(plen as u32, record_type, layout_version);
-        let w2 = word2(flags, block_length);
+        let data = self.producer.data();
+        let w1 = word1(payload.len() as u32, record_type, layout_version);
+        let w2 = word2(0, block_length);
         let mut sum = Checksum::new(w1, w2, self.seq);
-        if let Some(bytes) = payload {
-            let mut at = pos + HEADER_BYTES as u64;
-            let mut pairs = bytes.chunks_exact(16);
-            for c in &mut pairs {
-                let w0 = u64::from_le_bytes(c[..8].try_into().expect("8 bytes"));
-                let w1 = u64::from_le_bytes(c[8..].try_into().expect("8 bytes"));
-                sum.add2(w0, w1);
-                p.word_at(at).store(w0, Ordering::Relaxed);
-                p.word_at(at + 8).store(w1, Ordering::Relaxed);
-                at += 16;
-            }
-            let mut chunks = pairs.remainder().chunks_exact(8);
-            for c in &mut chunks {
-                let w = u64::from_le_bytes(c.try_into().expect("chunk of 8"));
-                sum.add(w);
-                p.word_at(at).store(w, Ordering::Relaxed);
-                at += 8;
-            }
-            let rest = chunks.remainder();
-            if !rest.is_empty() {
-                let mut last = [0u8; 8];
-                last[..rest.len()].copy_from_slice(rest);
-                let w = u64::from_le_bytes(last);
-                sum.add(w);
-                p.word_at(at).store(w, Ordering::Relaxed);
-            }
+        let i = word_index(data, self.pos);
+        // In bounds: `push` placed the frame so that it ends at or before the buffer's end.
+        let (header, area) = data[i..i + (fb >> 3) as usize].split_at(CHUNK_WORDS);
+        let mut chunks = payload.chunks_exact(FRAME_ALIGN);
+        let mut slots = area.chunks_exact(CHUNK_WORDS);
+        for (c, s) in (&mut chunks).zip(&mut slots) {
+            let w = chunk_words(c);
+            sum.add4(w);
+            store_chunk(s, w);
         }
-        p.word_at(pos + 8).store(w1, Ordering::Relaxed);
-        p.word_at(pos + 16)
-            .store(w2 | (sum.finish() as u64) << 32, Ordering::Relaxed);
-        p.word_at(pos + 24).store(self.seq, Ordering::Relaxed);
-        if self.head_frame.is_none() {
-            self.head_frame = Some(pos);
-        } else {
-            // A frame inside the batch: stamped now, published by the head's commit word.
-            p.word_at(pos)
-                .store(commit_word(self.seq, fb, true), Ordering::Relaxed);
+        if let Some(s) = slots.next() {
+            // The last, partial chunk.
+            let w = last_chunk_words(chunks.remainder());
+            sum.add4(w);
+            store_chunk(s, w);
         }
-        self.pos += fb as u64;
-        self.seq += 1;
-        self.frames += 1;
+        let w2 = w2 | (sum.finish() as u64) << 32;
+        store_header(header, w1, w2, self.seq, fb, self.frames == 0);
+        self.advance(fb);
     }
 
     /// Publish the batch: all its frames become visible to the consumer at once.
     /// Returns `None` for an empty batch (nothing is written).
     #[inline]
     pub fn commit(self) -> Option<Committed> {
-        let head = self.head_frame?;
+        if self.frames == 0 {
+            return None;
+        }
         let p = &mut *self.producer;
-        debug_assert_eq!(head, self.start);
+        let data = p.data();
         // The next batch's commit word must read 0 until that batch commits; it may hold a
         // word from the previous lap. Ordered before the commit below by its Release.
-        p.word_at(self.pos).store(0, Ordering::Relaxed);
+        slot(data, self.pos).store(0, Ordering::Relaxed);
         let len = (self.pos - self.start) as usize;
         // SYNC POINT: frame committed (Release side; Acquire is in `Consumer::poll`). Every
         // payload, header and continuation word of the batch was stored before this.
-        p.word_at(head)
-            .store(commit_word(self.start_seq, len, false), Ordering::Release);
+        slot(data, self.start).store(commit_word(self.start_seq, len, false), Ordering::Release);
         p.head = self.pos;
         p.seq = self.seq;
         p.publish_head();
@@ -597,6 +638,67 @@ impl<M: WordMemory> Batch<'_, M> {
             frames: self.frames,
         })
     }
+}
+
+/// The header words of a frame of `fb` bytes with sequence `seq` (`w2` with its checksum);
+/// a frame inside a batch (not its head) also gets its continuation stamp, which the head's
+/// commit word publishes with it.
+#[inline(always)]
+fn store_header(header: &[AtomicU64], w1: u64, w2: u64, seq: u64, fb: u64, batch_head: bool) {
+    header[1].store(w1, Ordering::Relaxed);
+    header[2].store(w2, Ordering::Relaxed);
+    header[3].store(seq, Ordering::Relaxed);
+    if !batch_head {
+        header[0].store(commit_word(seq, fb as usize, true), Ordering::Relaxed);
+    }
+}
+
+/// The four little-endian words of a 32-byte chunk.
+#[inline(always)]
+fn chunk_words(c: &[u8]) -> [u64; CHUNK_WORDS] {
+    let w = |k: usize| u64::from_le_bytes(c[8 * k..8 * k + 8].try_into().expect("8 bytes"));
+    [w(0), w(1), w(2), w(3)]
+}
+
+/// The four words of the last, partial chunk of a payload (`0 < rest.len() < 32`), zero
+/// padded. Built from word, half, quarter and byte reads rather than a copy into a zeroed
+/// buffer, which compiles to a `memcpy` call for a variable length.
+#[inline(always)]
+fn last_chunk_words(rest: &[u8]) -> [u64; CHUNK_WORDS] {
+    debug_assert!(!rest.is_empty() && rest.len() < FRAME_ALIGN);
+    let mut w = [0u64; CHUNK_WORDS];
+    let mut words = rest.chunks_exact(8);
+    for (k, c) in (&mut words).enumerate() {
+        w[k] = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+    }
+    let tail = words.remainder();
+    let mut last = 0u64;
+    let mut at = 0;
+    if tail.len() & 4 != 0 {
+        last = u32::from_le_bytes(tail[..4].try_into().expect("4 bytes")) as u64;
+        at = 4;
+    }
+    if tail.len() & 2 != 0 {
+        let h = u16::from_le_bytes(tail[at..at + 2].try_into().expect("2 bytes")) as u64;
+        last |= h << (8 * at);
+        at += 2;
+    }
+    if tail.len() & 1 != 0 {
+        last |= (tail[at] as u64) << (8 * at);
+    }
+    if !tail.is_empty() {
+        w[(rest.len() / 8) % CHUNK_WORDS] = last;
+    }
+    w
+}
+
+/// Store a chunk's four words into four ring words.
+#[inline(always)]
+fn store_chunk(s: &[AtomicU64], w: [u64; CHUNK_WORDS]) {
+    s[0].store(w[0], Ordering::Relaxed);
+    s[1].store(w[1], Ordering::Relaxed);
+    s[2].store(w[2], Ordering::Relaxed);
+    s[3].store(w[3], Ordering::Relaxed);
 }
 
 /// One frame copied out of the ring and validated.
@@ -641,7 +743,7 @@ impl BatchBuf {
     /// A buffer sized for batches of up to `bytes`.
     pub fn with_capacity(bytes: usize) -> Self {
         BatchBuf {
-            words: Vec::with_capacity(bytes / 8),
+            words: vec![0; bytes / 8],
             frames: Vec::with_capacity(64),
             start: 0,
             end: 0,
@@ -803,7 +905,6 @@ pub enum Wait {
 /// The consuming end. Exactly one exists per ring.
 pub struct Consumer<M: WordMemory> {
     mem: M,
-    mask: u64,
     capacity: u64,
     pos: u64,
     seq: u64,
@@ -817,9 +918,9 @@ impl<M: WordMemory> Consumer<M> {
     /// each batch as soon as it is copied out.
     pub fn attach(mem: M, capacity: usize) -> Result<Self, RingError> {
         check(&mem, capacity)?;
-        let tail = mem.word(TAIL_POS).load(Ordering::Acquire);
-        let seq = mem.word(TAIL_SEQ).load(Ordering::Acquire);
-        let head = mem.word(HEAD_POS).load(Ordering::Acquire);
+        let tail = control(&mem, TAIL_POS).load(Ordering::Acquire);
+        let seq = control(&mem, TAIL_SEQ).load(Ordering::Acquire);
+        let head = control(&mem, HEAD_POS).load(Ordering::Acquire);
         // The tail may be ahead of the published head when a producer died between committing
         // a batch and publishing its head; never by more than a lap.
         if head.abs_diff(tail) > capacity as u64
@@ -831,7 +932,6 @@ impl<M: WordMemory> Consumer<M> {
         let seq = seq_at(&mem, capacity, tail, seq);
         Ok(Consumer {
             mem,
-            mask: capacity as u64 - 1,
             capacity: capacity as u64,
             pos: tail,
             seq,
@@ -862,8 +962,13 @@ impl<M: WordMemory> Consumer<M> {
     }
 
     #[inline(always)]
-    fn word_at(&self, pos: u64) -> &crate::sync::AtomicU64 {
-        data_word(&self.mem, self.mask, pos)
+    fn data(&self) -> &[AtomicU64] {
+        data_area(&self.mem, self.capacity)
+    }
+
+    #[inline(always)]
+    fn word_at(&self, pos: u64) -> &AtomicU64 {
+        slot(self.data(), pos)
     }
 
     /// The position of the next batch to read.
@@ -878,7 +983,7 @@ impl<M: WordMemory> Consumer<M> {
 
     /// The producer's published head (for lag reporting; the read path never needs it).
     pub fn producer_position(&self) -> u64 {
-        self.mem.word(HEAD_POS).load(Ordering::Acquire)
+        control(&self.mem, HEAD_POS).load(Ordering::Acquire)
     }
 
     /// Is a batch committed at the read position? (One load; does not validate it.)
@@ -891,113 +996,102 @@ impl<M: WordMemory> Consumer<M> {
     /// `Ok(false)`: nothing committed yet. On error the position does not move.
     #[inline]
     pub fn poll(&mut self, buf: &mut BatchBuf) -> Result<bool, ReadError> {
+        let data = data_area(&self.mem, self.capacity);
         let pos = self.pos;
         // SYNC POINT: frame committed (Acquire side; Release is in `Batch::commit`).
-        let w0 = self.word_at(pos).load(Ordering::Acquire);
+        let w0 = slot(data, pos).load(Ordering::Acquire);
         if w0 == 0 {
             return Ok(false);
         }
-        let bad = |why| ReadError::BadCommit {
-            pos,
-            expected_seq: self.seq,
-            found_word: w0,
-            why,
-        };
-        if w0 & COMMIT_CONT != 0 {
-            return Err(bad("a continuation frame where a batch must start"));
-        }
-        if (w0 >> 32) as u32 != self.seq as u32 {
-            return Err(bad("sequence stamp is not the next sequence"));
-        }
         let len = w0 & COMMIT_LEN_MASK;
         let max = max_batch_bytes(self.capacity as usize) as u64;
-        if len == 0 || len % FRAME_ALIGN as u64 != 0 || len > max {
-            return Err(ReadError::BadLength {
-                pos,
-                field: "batch length",
-                found: len,
-                max,
-            });
+        if (w0 & COMMIT_CONT != 0)
+            | ((w0 >> 32) as u32 != self.seq as u32)
+            | (len == 0)
+            | (len % FRAME_ALIGN as u64 != 0)
+            | (len > max)
+        {
+            return Err(self.batch_head_error(pos, w0));
         }
-        buf.words.clear();
+        // Every frame's payload area fits in the batch's words (grown once, never shrunk).
+        let batch_words = (len >> 3) as usize;
+        if buf.words.len() < batch_words {
+            buf.words.resize(batch_words, 0);
+        }
         buf.frames.clear();
         let end = pos + len;
         let mut at = pos;
         let mut seq = self.seq;
-        while at < end {
-            let w1 = self.word_at(at + 8).load(Ordering::Relaxed);
-            let w2 = self.word_at(at + 16).load(Ordering::Relaxed);
-            let fseq = self.word_at(at + 24).load(Ordering::Relaxed);
-            // The continuation stamp of a frame inside the batch (0 for the batch head).
-            let mut wc = 0;
-            if at != pos {
-                wc = self.word_at(at).load(Ordering::Relaxed);
-                if wc & COMMIT_CONT == 0 || (wc >> 32) as u32 != seq as u32 {
-                    return Err(ReadError::BadCommit {
-                        pos: at,
-                        expected_seq: seq,
-                        found_word: wc,
-                        why: "frame inside a batch is not stamped as its continuation",
-                    });
-                }
-            }
-            if fseq != seq {
-                return Err(ReadError::BadSequence {
-                    pos: at,
-                    expected: seq,
-                    found: fseq,
-                });
-            }
+        let mut out = 0;
+        loop {
+            // `at` is 32-byte aligned (`pos` is, and every frame length is), so the header's
+            // four words never wrap.
+            let i = word_index(data, at);
+            let header = &data[i..i + CHUNK_WORDS];
+            // The continuation stamp of a frame inside the batch (the commit word for its head).
+            let wc = if at == pos {
+                w0
+            } else {
+                header[0].load(Ordering::Relaxed)
+            };
+            let w1 = header[1].load(Ordering::Relaxed);
+            let w2 = header[2].load(Ordering::Relaxed);
+            let fseq = header[3].load(Ordering::Relaxed);
             let payload_len = w1 & 0xFFFF_FFFF;
             let record_type = (w1 >> 32) as u16;
             let flags = w2 as u16;
             let fb = frame_bytes(payload_len as usize) as u64;
-            let is_pad = flags & FLAG_PAD != 0;
             let room = end - at;
-            let to_end = self.capacity - (at & self.mask);
-            if fb > room || (is_pad && fb != to_end) || (!is_pad && fb > to_end) {
-                return Err(ReadError::BadLength {
+            let to_end = self.capacity - (at & (self.capacity - 1));
+            // One branch for all the checks of a record frame; a padding frame (once a lap)
+            // and a frame that fails take the slow path, which names the first check that
+            // failed. A continuation stamp must be exactly the word the producer writes: its
+            // flag, this frame's sequence and length (`fb <= room < 2^31` keeps the length in
+            // its field).
+            let valid = (fseq == seq)
+                & ((at == pos) | (wc == commit_word(seq, fb as usize, true)))
+                & (fb <= room.min(to_end))
+                & (flags & FLAG_PAD == 0)
+                & (record_type != PAD_RECORD_TYPE);
+            if !valid {
+                padding_frame(&FrameWords {
                     pos: at,
-                    field: "payload length",
-                    found: payload_len,
-                    max: room.min(to_end) - HEADER_BYTES as u64,
-                });
-            }
-            if at != pos && wc & COMMIT_LEN_MASK != fb {
-                return Err(ReadError::BadCommit {
-                    pos: at,
-                    expected_seq: seq,
-                    found_word: wc,
-                    why: "continuation stamp's length is not the frame's length",
-                });
-            }
-            if is_pad != (record_type == PAD_RECORD_TYPE) {
-                return Err(ReadError::BadLength {
-                    pos: at,
-                    field: "padding flag",
-                    found: flags as u64,
-                    max: FLAG_PAD as u64,
-                });
-            }
-            let stored = (w2 >> 32) as u32;
-            let mut sum = Checksum::new(w1, w2 & 0xFFFF_FFFF, seq);
-            if !is_pad {
-                let first = buf.words.len();
-                let nwords = (payload_len as usize).div_ceil(8);
-                buf.words.reserve(nwords);
-                let mut p = at + HEADER_BYTES as u64;
-                for _ in 0..nwords / 2 {
-                    let w0 = self.word_at(p).load(Ordering::Relaxed);
-                    let w1 = self.word_at(p + 8).load(Ordering::Relaxed);
-                    sum.add2(w0, w1);
-                    buf.words.push(w0);
-                    buf.words.push(w1);
-                    p += 16;
+                    batch_head: at == pos,
+                    seq,
+                    wc,
+                    w1,
+                    w2,
+                    fseq,
+                    room,
+                    to_end,
+                })?;
+            } else {
+                // Copy the payload area out whole (32-byte chunks, checksummed as they pass);
+                // the caller sees only `payload_len` bytes of it.
+                let mut sum = Checksum::new(w1, w2 & 0xFFFF_FFFF, seq);
+                let area = &data[i + CHUNK_WORDS..i + (fb >> 3) as usize];
+                let copy = &mut buf.words[out..out + area.len()];
+                for (d, s) in copy
+                    .chunks_exact_mut(CHUNK_WORDS)
+                    .zip(area.chunks_exact(CHUNK_WORDS))
+                {
+                    let w = [
+                        s[0].load(Ordering::Relaxed),
+                        s[1].load(Ordering::Relaxed),
+                        s[2].load(Ordering::Relaxed),
+                        s[3].load(Ordering::Relaxed),
+                    ];
+                    sum.add4(w);
+                    d.copy_from_slice(&w);
                 }
-                if nwords % 2 == 1 {
-                    let w = self.word_at(p).load(Ordering::Relaxed);
-                    sum.add(w);
-                    buf.words.push(w);
+                let (stored, computed) = ((w2 >> 32) as u32, sum.finish());
+                if computed != stored {
+                    return Err(ReadError::BadChecksum {
+                        pos: at,
+                        seq,
+                        stored,
+                        computed,
+                    });
                 }
                 buf.frames.push(FrameMeta {
                     seq,
@@ -1006,31 +1100,29 @@ impl<M: WordMemory> Consumer<M> {
                     layout_version: (w1 >> 48) as u16,
                     block_length: (w2 >> 16) as u16,
                     flags,
-                    payload_word: first as u32,
+                    payload_word: out as u32,
                     payload_len: payload_len as u32,
                 });
-            }
-            let computed = sum.finish();
-            if computed != stored {
-                return Err(ReadError::BadChecksum {
-                    pos: at,
-                    seq,
-                    stored,
-                    computed,
-                });
+                out += area.len();
             }
             at += fb;
             seq += 1;
+            if at == end {
+                break;
+            }
         }
         // A batch length cut short at a frame boundary passes every check above. The word just
         // past the batch is 0 or the next batch's head (the producer zeroed it before the
         // commit we acquired and cannot write there again before we release), never a frame
         // stamped as continuing this batch.
-        let next = self.word_at(end).load(Ordering::Relaxed);
-        if next & COMMIT_CONT != 0 && (next >> 32) as u32 == seq as u32 {
-            return Err(bad(
-                "batch length ends inside the batch: the frame past it continues it",
-            ));
+        let next = slot(data, end).load(Ordering::Relaxed);
+        if (next & COMMIT_CONT != 0) & ((next >> 32) as u32 == seq as u32) {
+            return Err(ReadError::BadCommit {
+                pos,
+                expected_seq: self.seq,
+                found_word: w0,
+                why: "batch length ends inside the batch: the frame past it continues it",
+            });
         }
         buf.start = pos;
         buf.end = end;
@@ -1042,6 +1134,31 @@ impl<M: WordMemory> Consumer<M> {
         Ok(true)
     }
 
+    /// What is wrong with the commit word `w0` of the batch head at `pos`.
+    #[cold]
+    #[inline(never)]
+    fn batch_head_error(&self, pos: u64, w0: u64) -> ReadError {
+        let bad = |why| ReadError::BadCommit {
+            pos,
+            expected_seq: self.seq,
+            found_word: w0,
+            why,
+        };
+        if w0 & COMMIT_CONT != 0 {
+            return bad("a continuation frame where a batch must start");
+        }
+        if (w0 >> 32) as u32 != self.seq as u32 {
+            return bad("sequence stamp is not the next sequence");
+        }
+        let max = max_batch_bytes(self.capacity as usize) as u64;
+        ReadError::BadLength {
+            pos,
+            field: "batch length",
+            found: w0 & COMMIT_LEN_MASK,
+            max,
+        }
+    }
+
     /// Let the producer reuse everything before `pos` (the start of the frame with `seq`).
     pub fn release_to(&mut self, pos: u64, seq: u64) {
         if pos <= self.released {
@@ -1050,10 +1167,10 @@ impl<M: WordMemory> Consumer<M> {
         debug_assert!(pos <= self.pos);
         self.released = pos;
         self.released_seq = seq;
-        self.mem.word(TAIL_SEQ).store(seq, Ordering::Relaxed);
+        control(&self.mem, TAIL_SEQ).store(seq, Ordering::Relaxed);
         // SYNC POINT: slot released (Release side; Acquire is in `Producer::consumer_position`).
         // Every copy out of the released bytes happened before this store.
-        self.mem.word(TAIL_POS).store(pos, Ordering::Release);
+        control(&self.mem, TAIL_POS).store(pos, Ordering::Release);
     }
 
     /// The last released position and sequence.
@@ -1108,21 +1225,21 @@ impl<M: WordMemory> Consumer<M> {
         let Some(fw) = self.mem.futex_word(ASLEEP) else {
             return false;
         };
-        if self.mem.word(MAY_SLEEP).load(Ordering::Relaxed) == 0 {
-            self.mem.word(MAY_SLEEP).store(1, Ordering::Relaxed);
+        if control(&self.mem, MAY_SLEEP).load(Ordering::Relaxed) == 0 {
+            control(&self.mem, MAY_SLEEP).store(1, Ordering::Relaxed);
         }
-        self.mem.word(ASLEEP).store(1, Ordering::Relaxed);
+        control(&self.mem, ASLEEP).store(1, Ordering::Relaxed);
         // SYNC POINT: sleep handshake (consumer side), pairs with `Producer::wake_consumer`.
         fence(Ordering::SeqCst);
         if self.has_next() {
-            self.mem.word(ASLEEP).store(0, Ordering::Relaxed);
+            control(&self.mem, ASLEEP).store(0, Ordering::Relaxed);
             return true;
         }
         let slice = timeout
             .unwrap_or(Duration::from_millis(100))
             .min(Duration::from_millis(100));
         futex_wait(fw, 1, slice);
-        self.mem.word(ASLEEP).store(0, Ordering::Relaxed);
+        control(&self.mem, ASLEEP).store(0, Ordering::Relaxed);
         true
     }
 
@@ -1142,6 +1259,108 @@ impl<M: WordMemory> Consumer<M> {
             uncommitted_bytes_seen: seen,
         }
     }
+}
+
+/// The words of a frame header that failed the consumer's combined check, as it read them.
+struct FrameWords {
+    pos: u64,
+    batch_head: bool,
+    seq: u64,
+    wc: u64,
+    w1: u64,
+    w2: u64,
+    fseq: u64,
+    room: u64,
+    to_end: u64,
+}
+
+/// The first check a frame header failed, named (off the fast path: `Consumer::poll` makes one
+/// combined test and calls this only when it fails; the checks here are the same, in order).
+#[cold]
+#[inline(never)]
+fn frame_error(f: &FrameWords) -> ReadError {
+    let &FrameWords {
+        pos,
+        batch_head,
+        seq,
+        wc,
+        w1,
+        w2,
+        fseq,
+        room,
+        to_end,
+    } = f;
+    let bad_commit = |why| ReadError::BadCommit {
+        pos,
+        expected_seq: seq,
+        found_word: wc,
+        why,
+    };
+    if !batch_head && (wc & COMMIT_CONT == 0 || (wc >> 32) as u32 != seq as u32) {
+        return bad_commit("frame inside a batch is not stamped as its continuation");
+    }
+    if fseq != seq {
+        return ReadError::BadSequence {
+            pos,
+            expected: seq,
+            found: fseq,
+        };
+    }
+    let payload_len = w1 & 0xFFFF_FFFF;
+    let is_pad = w2 as u16 & FLAG_PAD != 0;
+    let fb = frame_bytes(payload_len as usize) as u64;
+    if fb > room || (is_pad && fb != to_end) || (!is_pad && fb > to_end) {
+        return ReadError::BadLength {
+            pos,
+            field: "payload length",
+            found: payload_len,
+            max: room.min(to_end) - HEADER_BYTES as u64,
+        };
+    }
+    if !batch_head && wc & COMMIT_LEN_MASK != fb {
+        return bad_commit("continuation stamp's length is not the frame's length");
+    }
+    if is_pad != ((w1 >> 32) as u16 == PAD_RECORD_TYPE) {
+        return ReadError::BadLength {
+            pos,
+            field: "padding flag",
+            found: w2 as u16 as u64,
+            max: FLAG_PAD as u64,
+        };
+    }
+    // The combined check failed, so one of the above did; named here only in case they ever
+    // drift apart (a frame is still refused, never delivered).
+    bad_commit("frame header fails validation")
+}
+
+/// The slow path of `Consumer::poll` for a frame that is not a valid record frame: `Ok` if it
+/// is a valid padding frame (header checked, checksummed, nothing to copy), otherwise the
+/// error for the first check it fails.
+#[cold]
+#[inline(never)]
+fn padding_frame(f: &FrameWords) -> Result<(), ReadError> {
+    let is_pad = f.w2 as u16 & FLAG_PAD != 0;
+    let fb = frame_bytes((f.w1 & 0xFFFF_FFFF) as usize) as u64;
+    let valid = f.fseq == f.seq
+        && (f.batch_head || f.wc == commit_word(f.seq, fb as usize, true))
+        && fb <= f.room
+        && fb == f.to_end
+        && is_pad
+        && (f.w1 >> 32) as u16 == PAD_RECORD_TYPE;
+    if !valid {
+        return Err(frame_error(f));
+    }
+    let stored = (f.w2 >> 32) as u32;
+    let computed = Checksum::new(f.w1, f.w2 & 0xFFFF_FFFF, f.seq).finish();
+    if computed != stored {
+        return Err(ReadError::BadChecksum {
+            pos: f.pos,
+            seq: f.seq,
+            stored,
+            computed,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(all(target_os = "linux", not(loom)))]

@@ -1,13 +1,16 @@
 //! Property tests of the ring and the record templates on a heap buffer: random batches come
 //! out identical and in order across many laps of a small ring; versioned records cross between
-//! an old and a new build in both directions; random garbage never panics a decoder; and a bit
-//! flipped anywhere in a committed frame is reported, never delivered.
+//! an old and a new build in both directions; random garbage never panics a decoder; a bit
+//! flipped anywhere in a committed frame is reported, never delivered; and a frame forged with
+//! a matching checksum but a wrong structure is refused by the check it fails.
 
 mod common;
 
 use proptest::prelude::*;
 use proptest::sample::Index;
-use shm_layout::frame::{frame_bytes, FLAG_PAD, FRAME_ALIGN, HEADER_BYTES};
+use shm_layout::frame::{
+    checksum, frame_bytes, COMMIT_CONT, FLAG_PAD, FRAME_ALIGN, HEADER_BYTES, PAD_RECORD_TYPE,
+};
 use shm_layout::memory::{HeapMemory, WordMemory};
 use shm_layout::record::{
     decode, encode, encoded, fingerprint, fingerprint_at, RecordError, TemplateInfo,
@@ -557,7 +560,8 @@ fn old_and_new_builds_agree_on_the_common_fingerprint() {
 // ---------------------------------------------------------------------------------------------
 
 /// The byte positions (ring positions, not wrapped) of every word in the batch that carries
-/// meaning: each frame's four header words and, for a real frame, its payload words.
+/// meaning: each frame's four header words and, for a real frame, its whole payload area (the
+/// payload words and the zero words that pad it to the next frame, which are checksummed too).
 fn meaningful_words(mem: &HeapMemory, capacity: usize, c: &Committed) -> Vec<u64> {
     let mask = capacity as u64 - 1;
     let word = |pos: u64| mem.word(DATA_WORD + ((pos & mask) / 8) as usize);
@@ -570,9 +574,8 @@ fn meaningful_words(mem: &HeapMemory, capacity: usize, c: &Committed) -> Vec<u64
         let pad = w2 as u16 & FLAG_PAD != 0;
         out.extend((0..HEADER_BYTES as u64 / 8).map(|k| at + 8 * k));
         if !pad {
-            out.extend(
-                (0..payload_len.div_ceil(8) as u64).map(|k| at + HEADER_BYTES as u64 + 8 * k),
-            );
+            let area_words = (frame_bytes(payload_len) - HEADER_BYTES) as u64 / 8;
+            out.extend((0..area_words).map(|k| at + HEADER_BYTES as u64 + 8 * k));
         }
         at += frame_bytes(payload_len) as u64;
     }
@@ -671,9 +674,10 @@ fn padding_frame_fills_the_end_of_the_buffer() {
 #[test]
 fn every_single_bit_flip_in_a_small_batch_is_reported() {
     // Proves, exhaustively for small batches (one of them wrapping behind a padding frame),
-    // that each of the 64 bits of every header and payload word, commit words included, is
-    // guarded: flipped, `poll` fails and leaves the consumer where it was. This covers the rare
-    // flips a random search misses, such as a batch length cut short at a frame boundary.
+    // that each of the 64 bits of every header and payload-area word (commit words and the
+    // zero padding of a short payload included) is guarded: flipped, `poll` fails and leaves
+    // the consumer where it was. This covers the rare flips a random search misses, such as a
+    // batch length cut short at a frame boundary.
     let cap = 1024;
     let mut h = Harness::new(cap);
     let f = |n: usize| Sent {
@@ -715,4 +719,285 @@ fn every_single_bit_flip_in_a_small_batch_is_reported() {
     }
     assert!(h.stats.bytes > cap as u64, "the batches wrapped the ring");
     assert!(checked > 1000, "{checked}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forged frames: right checksum, wrong structure
+// ---------------------------------------------------------------------------------------------
+
+/// Raw access to a heap ring's data words, as a peer that writes the shared memory itself.
+struct Raw<'a> {
+    mem: &'a HeapMemory,
+    mask: u64,
+}
+
+impl Raw<'_> {
+    fn word(&self, pos: u64) -> &shm_layout::AtomicU64 {
+        self.mem.word(DATA_WORD + ((pos & self.mask) / 8) as usize)
+    }
+    fn get(&self, pos: u64) -> u64 {
+        self.word(pos).load(Ordering::Relaxed)
+    }
+    fn set(&self, pos: u64, v: u64) {
+        self.word(pos).store(v, Ordering::Relaxed);
+    }
+    /// Store the checksum the frame at `pos` has with its words as they are now, as a peer
+    /// forging the frame would: the consumer's structural checks, not the checksum, must then
+    /// catch what is wrong with it.
+    fn reseal(&self, pos: u64) {
+        let (w1, w2, seq) = (self.get(pos + 8), self.get(pos + 16), self.get(pos + 24));
+        let area: Vec<u64> = if w2 as u16 & FLAG_PAD != 0 {
+            Vec::new()
+        } else {
+            let n = (frame_bytes((w1 & 0xFFFF_FFFF) as usize) - HEADER_BYTES) / 8;
+            (0..n as u64)
+                .map(|k| self.get(pos + HEADER_BYTES as u64 + 8 * k))
+                .collect()
+        };
+        let sum = checksum(w1, w2 & 0xFFFF_FFFF, seq, &area);
+        self.set(pos + 16, (w2 & 0xFFFF_FFFF) | (sum as u64) << 32);
+    }
+}
+
+/// A 1 KiB ring holding one committed, unread batch of three frames (payloads of 40, 8 and
+/// 100 bytes: frames of 96, 64 and 160 bytes at 0, 96 and 160).
+fn forged_batch() -> Harness {
+    let mut h = Harness::new(1024);
+    let f = |n: usize| Sent {
+        record_type: 5,
+        layout_version: 1,
+        block_length: n as u16,
+        payload: (0..n).map(|i| i as u8 ^ 0x5a).collect(),
+    };
+    h.send(&[f(40), f(8), f(100)]).unwrap();
+    h
+}
+
+/// Forge the batch with `forge`, poll, and return the error (the consumer must not move).
+fn poll_forged(forge: impl FnOnce(&Raw)) -> ReadError {
+    let mut h = forged_batch();
+    forge(&Raw {
+        mem: &h.mem,
+        mask: 1023,
+    });
+    let r = h.consumer.poll(&mut h.buf);
+    assert_eq!(h.consumer.position(), 0, "a refused batch moves nothing");
+    r.expect_err("a forged batch is refused")
+}
+
+#[test]
+fn forged_frames_with_right_checksums_are_refused_by_name() {
+    // Proves every structural check stands on its own: a peer that writes a frame with a
+    // checksum matching its (wrong) words is still refused, with the check that failed named
+    // and the frame's position given, whether the frame takes the fast path or the slow one.
+    let e = poll_forged(|r| {
+        r.set(96 + 24, 2);
+        r.reseal(96);
+    });
+    assert_eq!(
+        e,
+        ReadError::BadSequence {
+            pos: 96,
+            expected: 1,
+            found: 2
+        }
+    );
+
+    let e = poll_forged(|r| {
+        r.set(160 + 8, (r.get(160 + 8) & !0xFFFF_FFFF) | 200);
+        r.reseal(160);
+    });
+    assert!(
+        matches!(
+            e,
+            ReadError::BadLength {
+                pos: 160,
+                field: "payload length",
+                found: 200,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+
+    let e = poll_forged(|r| {
+        r.set(96 + 8, (r.get(96 + 8) & !0xFFFF_FFFF) | 40);
+        r.reseal(96);
+    });
+    assert!(
+        matches!(e, ReadError::BadCommit { pos: 96, why, .. } if why.contains("length")),
+        "{e:?}"
+    );
+
+    let e = poll_forged(|r| r.set(96, r.get(96) & !COMMIT_CONT));
+    assert!(
+        matches!(e, ReadError::BadCommit { pos: 96, why, .. } if why.contains("continuation")),
+        "{e:?}"
+    );
+
+    // A record frame flagged as padding (a padding frame must run to the buffer's end), and a
+    // record frame of the padding type without the flag.
+    let e = poll_forged(|r| {
+        r.set(96 + 16, r.get(96 + 16) | FLAG_PAD as u64);
+        r.reseal(96);
+    });
+    assert!(
+        matches!(
+            e,
+            ReadError::BadLength {
+                pos: 96,
+                field: "payload length",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = poll_forged(|r| {
+        r.set(96 + 8, r.get(96 + 8) | (PAD_RECORD_TYPE as u64) << 32);
+        r.reseal(96);
+    });
+    assert!(
+        matches!(
+            e,
+            ReadError::BadLength {
+                pos: 96,
+                field: "padding flag",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+
+    // A checksum that does not match is named as such (no forging).
+    let e = poll_forged(|r| r.set(160 + 40, r.get(160 + 40) ^ 1));
+    assert!(
+        matches!(
+            e,
+            ReadError::BadChecksum {
+                pos: 160,
+                seq: 2,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_forged_padding_frame_must_reach_the_end_of_the_buffer() {
+    // Proves the padding frame's own checks (its slow path): a padding frame that stops short
+    // of the buffer's end, or runs past it, is refused even with a matching checksum.
+    let mut h = Harness::new(1024);
+    let f = Sent {
+        record_type: 1,
+        layout_version: 1,
+        block_length: 0,
+        payload: vec![7; 864],
+    };
+    h.send(std::slice::from_ref(&f)).unwrap(); // 0..896
+    h.drain().unwrap();
+    let small = Sent {
+        payload: vec![3; 128],
+        ..f
+    };
+    h.send(std::slice::from_ref(&small)).unwrap(); // padding 896..1024, the frame at 1024
+    let mem = h.mem.clone();
+    let raw = Raw {
+        mem: &mem,
+        mask: 1023,
+    };
+    let (c, _) = h.expected.back().cloned().unwrap();
+    assert_eq!((c.start, c.frames), (896, 2), "padding, then the frame");
+    for pad_len in [64u64, 128] {
+        let w1 = raw.get(896 + 8);
+        raw.set(896 + 8, (w1 & !0xFFFF_FFFF) | pad_len);
+        raw.reseal(896);
+        let e = h
+            .consumer
+            .poll(&mut h.buf)
+            .expect_err("a short or long padding frame");
+        assert!(
+            matches!(
+                e,
+                ReadError::BadLength {
+                    pos: 896,
+                    field: "payload length",
+                    ..
+                }
+            ),
+            "padding payload {pad_len}: {e:?}"
+        );
+        raw.set(896 + 8, w1);
+        raw.reseal(896);
+    }
+    h.drain().unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn garbage_in_a_committed_batch_is_reported_never_delivered(
+        garbage in prop::collection::vec(any::<u64>(), 40),
+        keep_commit in any::<bool>(),
+    ) {
+        // Proves a batch whose words a corrupt peer overwrote with garbage (its commit word
+        // kept or garbled too) is refused without a panic and without moving the consumer.
+        let mut h = forged_batch();
+        let raw = Raw { mem: &h.mem, mask: 1023 };
+        for (k, g) in garbage.iter().enumerate() {
+            if k == 0 && (keep_commit || *g == 0) {
+                continue;
+            }
+            raw.set(8 * k as u64, *g);
+        }
+        let r = h.consumer.poll(&mut h.buf);
+        prop_assert!(r.is_err(), "garbage delivered: {:?}", r);
+        prop_assert_eq!(h.consumer.position(), 0);
+    }
+}
+
+#[test]
+fn short_payloads_are_padded_with_zeros_in_the_ring() {
+    // Proves the bytes between a payload's end and its frame's end are written as zeros (they
+    // are checksummed, and no stale bytes of an earlier lap stay beside a payload): every
+    // payload length from 0 to 100 round trips over a ring first filled with 0xFF words.
+    let cap = 4096;
+    let mut h = Harness::new(cap);
+    for w in h.mem.words() {
+        w.store(u64::MAX, Ordering::Relaxed);
+    }
+    // The fresh ring's words were all 0xFF: zero the first commit word, as a fresh file is.
+    h.mem.word(DATA_WORD).store(0, Ordering::Relaxed);
+    let mem = h.mem.clone();
+    let raw = Raw {
+        mem: &mem,
+        mask: cap as u64 - 1,
+    };
+    for n in 0..=100usize {
+        let sent = Sent {
+            record_type: 2,
+            layout_version: 1,
+            block_length: 0,
+            payload: vec![0xAB; n],
+        };
+        h.send(std::slice::from_ref(&sent)).unwrap();
+        let (c, _) = h.expected.back().cloned().unwrap();
+        // The frame ends the batch (which starts with a padding frame when it wrapped).
+        let (start, end) = (c.end - frame_bytes(n) as u64, c.end);
+        for pos in (start + HEADER_BYTES as u64..end).step_by(8) {
+            let w = raw.get(pos);
+            let valid = (n as u64)
+                .saturating_sub(pos - start - HEADER_BYTES as u64)
+                .min(8);
+            let expected = if valid == 8 {
+                u64::from_le_bytes([0xAB; 8])
+            } else {
+                u64::from_le_bytes([0xAB; 8]) & ((1u64 << (8 * valid)) - 1)
+            };
+            assert_eq!(w, expected, "payload of {n} bytes, word at {pos}");
+        }
+        assert_eq!(raw.get(end), 0, "the word past the frame is zeroed");
+        h.drain().unwrap();
+    }
 }
