@@ -576,7 +576,8 @@ impl<M: WordMemory> Batch<'_, M> {
 
     /// The frame at `self.pos`: payload area first, header words last. The payload area is
     /// whole 32-byte chunks; the bytes past the payload in the last chunk are written as zeros
-    /// (they are checksummed).
+    /// (they are checksummed). The checksum runs over the chunks in order, whatever order
+    /// they are stored in.
     #[inline(always)]
     fn write_frame(
         &mut self,
@@ -593,17 +594,39 @@ impl<M: WordMemory> Batch<'_, M> {
         let i = word_index(data, self.pos);
         // In bounds: `push` placed the frame so that it ends at or before the buffer's end.
         let (header, area) = data[i..i + (fb >> 3) as usize].split_at(CHUNK_WORDS);
+        // The batch head's line is the one a caught-up consumer spins on: its stores (the
+        // first chunk when the frame starts a line, the header, later the commit word) go
+        // last and together, after the chunks of the frame's other lines, so that the
+        // producer takes that line from the spinning consumer once rather than once per
+        // store burst. Measured (two processes, interleaved A/B): one-way latency -5..-10% at
+        // 64 B; doing it for every frame of a batch instead cost ~30% of 64 B batch-of-16
+        // throughput (stores out of address order), so frames inside a batch go in order.
         let mut chunks = payload.chunks_exact(FRAME_ALIGN);
         let mut slots = area.chunks_exact(CHUNK_WORDS);
+        let first = if self.frames != 0 {
+            None
+        } else {
+            match (chunks.next(), slots.next()) {
+                (Some(c), Some(s)) => Some((chunk_words(c), s)),
+                (None, Some(s)) => Some((last_chunk_words(chunks.remainder()), s)),
+                _ => None,
+            }
+        };
+        if let Some((w, _)) = first {
+            sum.add4(w);
+        }
         for (c, s) in (&mut chunks).zip(&mut slots) {
             let w = chunk_words(c);
             sum.add4(w);
             store_chunk(s, w);
         }
         if let Some(s) = slots.next() {
-            // The last, partial chunk.
+            // The last, partial chunk (when it is not the first).
             let w = last_chunk_words(chunks.remainder());
             sum.add4(w);
+            store_chunk(s, w);
+        }
+        if let Some((w, s)) = first {
             store_chunk(s, w);
         }
         let w2 = w2 | (sum.finish() as u64) << 32;
