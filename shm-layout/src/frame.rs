@@ -13,10 +13,11 @@
 //! The checksum covers words 1, 2 (without the checksum) and 3, and the whole payload area,
 //! zero padding included (a padding frame has no payload area to check).
 //!
-//! A frame never starts on a word the producer has not zeroed or written in this lap: when a
-//! batch commits, the producer zeroes the commit word just past it (before the Release store
-//! that publishes the batch), so the consumer reading the next position sees either 0 (nothing
-//! yet) or a commit word of this lap — never a leftover from the previous lap. The sequence
+//! A frame never starts on a word the producer has not zeroed or written in this lap: the
+//! producer zeroes the commit word just past each batch before the Release store that
+//! publishes the batch (a one-frame batch while its frame is written, before the head line's
+//! last stores), so the consumer reading the next position sees either 0 (nothing yet) or a
+//! commit word of this lap — never a leftover from the previous lap. The sequence
 //! number in the commit word is a second guard: the consumer knows the exact sequence it expects.
 
 /// Bytes in a frame header.
