@@ -19,7 +19,8 @@
 //! 2-vCPU machine move from run to run. `execute_local` also rebuilds the template list and
 //! its transaction buffers per call, a fixed cost every depth pays alike.
 //!
-//! Run: `cargo bench --bench matchbook` (about 20 s). The summary is printed on stdout.
+//! Run: `cargo bench --bench matchbook` (about 20 s). The table is printed and written to
+//! `benches/RESULTS-matchbook.md`.
 
 use matchbook::app::{Matchbook, WireRequest, POSITIONS};
 use matchbook::book::Side;
@@ -321,18 +322,23 @@ fn main() {
     for case in &cases {
         case.check();
     }
-    println!("matchbook request cost by book depth (median of {rounds} samples of {BATCH} requests; load avg at start: {})", load.trim());
-    println!(
+    let mut report = String::new();
+    let mut line = |text: String| {
+        println!("{text}");
+        report.push_str(&text);
+        report.push('\n');
+    };
+    line(format!(
         "| mode | depth | active ns/request | ×depth {} | standby ns/request | ×depth {} | state bytes/request |",
         DEPTHS[0], DEPTHS[0]
-    );
-    println!("|---|---|---|---|---|---|---|");
+    ));
+    line("|---|---|---|---|---|---|---|".to_string());
     for mode_cases in cases.chunks(DEPTHS.len()) {
         let base_active = median(&mode_cases[0].active_ns);
         let base_standby = median(&mode_cases[0].standby_ns);
         for case in mode_cases {
             let (a, s) = (median(&case.active_ns), median(&case.standby_ns));
-            println!(
+            line(format!(
                 "| {} | {} | {} | {:.2} | {} | {:.2} | {:.0} |",
                 case.mode.name(),
                 case.depth,
@@ -341,7 +347,24 @@ fn main() {
                 fmt_ns(s),
                 s / base_standby,
                 median(&case.bytes)
-            );
+            ));
+        }
+    }
+    if !quick {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/RESULTS-matchbook.md");
+        let text = format!(
+            "# matchbook request cost by book depth: measured figures\n\n\
+             Written by `cargo bench --bench matchbook` (see the module doc of \
+             `benches/matchbook.rs` for what is measured). Median of {rounds} samples of {BATCH} \
+             requests per depth, all depths interleaved in one run; load average at the start: \
+             {}. The machine is a noisy 2-vCPU VM: read the ratios to depth {}, not the absolute \
+             times.\n\n{report}",
+            load.trim(),
+            DEPTHS[0]
+        );
+        if let Err(e) = std::fs::write(&path, text) {
+            eprintln!("could not write {}: {e}", path.display());
         }
     }
 }
