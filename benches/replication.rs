@@ -35,7 +35,6 @@ mod common;
 
 use common::{fmt_ns, median, quantile, row, write_section, TABLE_HEAD};
 use criterion::{Criterion, Throughput};
-use shm_layout::record::{decode, encoded, TemplateInfo};
 use shm_layout::region::{ensure_private_dir, Identity, Region, RegionMemory, RegionSpec};
 use shm_layout::ring::{BatchBuf, Consumer, Producer};
 use std::path::PathBuf;
@@ -46,14 +45,14 @@ use understudy_runtime::app::write_versions;
 use understudy_runtime::engine::push_tx;
 use understudy_runtime::engine::{execute, InputMeta, TxBuffers};
 use understudy_runtime::protocol::CommitBlock;
-use understudy_runtime::store::{Store, Unit};
-use understudy_runtime::testkit::CounterV1;
-use understudy_runtime::{Application, Options, Refused, Tx};
+use understudy_runtime::store::Store;
+use understudy_runtime::testkit::Update4;
+use understudy_runtime::{Application, Options};
 
 /// Work units in the store; each transaction updates 4 of them.
 const UNITS: u64 = 1024;
 /// Updates per transaction.
-const UPDATES: u64 = 4;
+const UPDATES: u64 = Update4::UPDATES;
 /// Transactions per timed stretch of the same-thread variant (fits the ring with room).
 const STRETCH: u64 = 4096;
 /// Transactions per sample of the summary.
@@ -62,38 +61,6 @@ const SAMPLE_TXS: u64 = 4096;
 const ROUNDS: usize = 201;
 /// Target: added ns per transaction of 4 updates.
 const TARGET_NS: f64 = 100.0;
-
-/// A handler that reads, changes and writes back 4 work units: the shape of a matching engine
-/// filling an order against resting ones.
-struct Update4;
-
-impl Application for Update4 {
-    fn name(&self) -> &str {
-        "update4"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn templates(&self) -> Vec<TemplateInfo> {
-        vec![TemplateInfo::of::<CounterV1>()]
-    }
-    fn handle(&mut self, tx: &mut Tx<'_>, req: &[u8]) -> Result<(), Refused> {
-        let k = u64::from_le_bytes(req[..8].try_into().expect("8-byte request"));
-        for i in 0..UPDATES {
-            let id = (k * UPDATES + i) % UNITS;
-            let u = tx
-                .unit(id)
-                .ok_or_else(|| Refused(b"no such unit".to_vec()))?;
-            let mut c: CounterV1 = decode(u.state, u.state.len() as u16)
-                .map_err(|_| Refused(b"bad state".to_vec()))?;
-            c.k = k;
-            c.sum = c.sum.wrapping_add(k);
-            tx.update(id, u.kind, u.layout_version, encoded(&c, 1).expect("v1"));
-        }
-        tx.respond(&k.to_le_bytes());
-        Ok(())
-    }
-}
 
 /// An active engine's per-request state, reduced to what the three steps touch.
 struct Active {
@@ -107,19 +74,11 @@ struct Active {
 
 impl Active {
     fn new() -> Active {
-        let app = Update4;
-        let mut store = Store::new();
-        for id in 0..UNITS {
-            let c = CounterV1 { k: 0, sum: id };
-            store.put_unit(
-                id,
-                Unit {
-                    kind: 1,
-                    layout_version: 1,
-                    state: encoded(&c, 1).expect("v1").to_vec(),
-                },
-            );
-        }
+        let app = Update4 {
+            units: UNITS,
+            table: None,
+        };
+        let store = app.store();
         let write_versions = write_versions(&app.templates(), &app.features(), 0);
         Active {
             app,

@@ -552,3 +552,72 @@ pub fn engine_main(version: u32) -> ! {
         Err(e) => fail(&e),
     }
 }
+
+/// A handler that reads, changes and writes back 4 work units (ids `4k .. 4k+3` modulo
+/// `units`, each holding a [`CounterV1`]) per request `k` (8 bytes LE), optionally also
+/// replacing one of 8 records of table `table`, and answers `k`: the shape of a matching
+/// engine filling an order against resting ones. Used by the replication benchmark and the
+/// allocation test.
+pub struct Update4 {
+    /// Work units the store holds (see [`Update4::store`]).
+    pub units: u64,
+    /// Also put a record into this table.
+    pub table: Option<u16>,
+}
+
+impl Update4 {
+    /// Updates per request.
+    pub const UPDATES: u64 = 4;
+
+    /// A store holding the units this handler updates.
+    pub fn store(&self) -> Store {
+        let mut store = Store::new();
+        for id in 0..self.units {
+            let c = CounterV1 { k: 0, sum: id };
+            let state = encoded(&c, 1).expect("v1").to_vec();
+            let unit = crate::store::Unit {
+                kind: 1,
+                layout_version: 1,
+                state,
+            };
+            store.put_unit(id, unit);
+        }
+        store
+    }
+}
+
+impl Application for Update4 {
+    fn name(&self) -> &str {
+        "update4"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn templates(&self) -> Vec<TemplateInfo> {
+        vec![TemplateInfo::of::<CounterV1>()]
+    }
+    fn handle(&mut self, tx: &mut Tx<'_>, req: &[u8]) -> Result<(), Refused> {
+        let k = req
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .ok_or_else(|| Refused(b"expected an 8-byte request".to_vec()))?;
+        for i in 0..Self::UPDATES {
+            let id = (k * Self::UPDATES + i) % self.units;
+            let u = tx
+                .unit(id)
+                .ok_or_else(|| Refused(b"no such unit".to_vec()))?;
+            let (kind, layout) = (u.kind, u.layout_version);
+            let mut c: CounterV1 = decode(u.state, u.state.len() as u16)
+                .map_err(|_| Refused(b"bad state".to_vec()))?;
+            c.k = k;
+            c.sum = c.sum.wrapping_add(k);
+            tx.update(id, kind, layout, encoded(&c, 1).expect("v1"));
+        }
+        if let Some(t) = self.table {
+            tx.put(t, &(k % 8).to_le_bytes(), &k.to_le_bytes());
+        }
+        tx.respond(&k.to_le_bytes());
+        Ok(())
+    }
+}

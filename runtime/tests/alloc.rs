@@ -8,7 +8,6 @@
 //! This file holds one test, so no other test thread allocates while it counts (the count is
 //! per thread anyway).
 
-use shm_layout::record::{decode, encoded, TemplateInfo};
 use shm_layout::region::{ensure_private_dir, Identity, Region, RegionSpec};
 use shm_layout::ring::BatchBuf;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -17,9 +16,8 @@ use std::path::PathBuf;
 use understudy_runtime::app::write_versions;
 use understudy_runtime::engine::{execute, push_tx, InputMeta, TxBuffers};
 use understudy_runtime::protocol::{self, rt, CommitBlock};
-use understudy_runtime::store::{Store, Unit};
-use understudy_runtime::testkit::CounterV1;
-use understudy_runtime::{Application, Refused, Tx};
+use understudy_runtime::testkit::Update4;
+use understudy_runtime::Application;
 
 struct Counting;
 
@@ -57,36 +55,6 @@ fn allocations() -> u64 {
 const UNITS: u64 = 256;
 const TABLE: u16 = 7;
 
-/// Updates 4 units and replaces one table record per request; answers 8 bytes.
-struct Update4;
-
-impl Application for Update4 {
-    fn name(&self) -> &str {
-        "alloc"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn templates(&self) -> Vec<TemplateInfo> {
-        vec![TemplateInfo::of::<CounterV1>()]
-    }
-    fn handle(&mut self, tx: &mut Tx<'_>, req: &[u8]) -> Result<(), Refused> {
-        let k = u64::from_le_bytes(req[..8].try_into().expect("8-byte request"));
-        for i in 0..4 {
-            let id = (k * 4 + i) % UNITS;
-            let u = tx.unit(id).expect("unit exists");
-            let (kind, layout) = (u.kind, u.layout_version);
-            let mut c: CounterV1 = decode(u.state, u.state.len() as u16).expect("counter");
-            c.k = k;
-            c.sum = c.sum.wrapping_add(k);
-            tx.update(id, kind, layout, encoded(&c, 1).expect("v1"));
-        }
-        tx.put(TABLE, &(k % 8).to_le_bytes(), &k.to_le_bytes());
-        tx.respond(&k.to_le_bytes());
-        Ok(())
-    }
-}
-
 struct ShmDir(PathBuf);
 impl Drop for ShmDir {
     fn drop(&mut self) {
@@ -114,19 +82,13 @@ fn steady_state_transactions_allocate_nothing_on_either_engine() {
     let mut producer = region.producer().expect("producer");
     let mut consumer = region.consumer().expect("consumer");
 
-    let mut app = Update4;
+    // Updates 4 units and replaces one table record per request; answers 8 bytes.
+    let mut app = Update4 {
+        units: UNITS,
+        table: Some(TABLE),
+    };
     let wv = write_versions(&app.templates(), &app.features(), 0);
-    let mut active = Store::new();
-    for id in 0..UNITS {
-        let c = CounterV1 { k: 0, sum: id };
-        let state = encoded(&c, 1).expect("v1").to_vec();
-        let unit = Unit {
-            kind: 1,
-            layout_version: 1,
-            state,
-        };
-        active.put_unit(id, unit);
-    }
+    let mut active = app.store();
     let mut standby = active.clone();
     let mut tx = TxBuffers::new();
     let mut scratch = Vec::with_capacity(4096);

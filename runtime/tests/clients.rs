@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use understudy_runtime::client::{Client, ClientError};
-use understudy_runtime::control::{cmd, Control, Field, Role, State};
+use understudy_runtime::control::{Control, Field, Role, State};
 
 static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -273,13 +273,8 @@ fn switchovers_under_client_load_lose_and_duplicate_nothing() {
         .map_or(100, |v| v.parse().unwrap());
     run_under_disruption("switches", n, |_e, c, active, i| {
         let standby = 1 - active;
-        let seq = c.post(cmd::SWITCHOVER, standby as u64);
-        wait_until(
-            &format!("switch {i}: acked"),
-            Duration::from_secs(10),
-            || c.acked().0 == seq,
-        );
-        assert_eq!(c.acked().1, 0, "switch {i}: refused");
+        let r = post_switchover(c, standby, &format!("switch {i}"));
+        assert_eq!(r, 0, "switch {i}: refused");
         wait_until(
             &format!("switch {i}: role change"),
             Duration::from_secs(10),

@@ -49,6 +49,26 @@ fn paced_env(cl: &Cluster, slot: usize) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The active in `slot` counts its standby hot once the standby's acknowledgement of its
+/// catch-up arrives, and then prepares its own standby stream of the next epoch: once that
+/// file exists a switchover is not refused as "target not hot" (the test sees the standby's
+/// own "hot" a moment earlier).
+fn wait_ready_to_hand_over(cl: &Cluster, c: &understudy_runtime::control::Control, slot: usize) {
+    wait_until(
+        "the active ready to hand over",
+        Duration::from_secs(10),
+        || {
+            understudy_runtime::control::Control::stream_path(
+                &cl.dir,
+                c.epoch() + 1,
+                slot,
+                c.get(slot, Field::AttachGen) + 1,
+            )
+            .exists()
+        },
+    );
+}
+
 /// `a` active and `b` starting as its standby, both paced and reporting through side channels.
 fn start_pair(tag: &str) -> (Cluster, understudy_runtime::control::Control) {
     let mut cl = Cluster::new(tag);
@@ -131,18 +151,8 @@ fn planned_switchovers_lose_nothing() {
         );
         std::thread::sleep(Duration::from_millis(2));
         let stepups = c.get(standby, Field::StepUps);
-        let seq = c.post(understudy_runtime::control::cmd::SWITCHOVER, standby as u64);
-        wait_until(
-            &format!("switch {i}: acked"),
-            Duration::from_secs(10),
-            || c.acked().0 == seq,
-        );
-        assert_eq!(
-            c.acked().1,
-            0,
-            "switch {i}: refused with code {}",
-            c.acked().1
-        );
+        let r = post_switchover(&c, standby, &format!("switch {i}"));
+        assert_eq!(r, 0, "switch {i}: refused with code {r}");
         wait_until(
             &format!("switch {i}: target active"),
             Duration::from_secs(10),
@@ -178,29 +188,14 @@ fn switchover_target_dying_before_step_up_leaves_the_old_active_in_charge() {
     wait_until("b hot", Duration::from_secs(10), || {
         state(&c, 1) == State::Hot
     });
-    // a counts b hot once b acknowledged its catch-up, and then prepares its own standby
-    // stream for the next epoch: wait for that file, so the switchover below is not refused
-    // as "target not hot" if b is frozen before its acknowledgement.
-    wait_until(
-        "a prepared for a switchover",
-        Duration::from_secs(10),
-        || {
-            let next = understudy_runtime::control::Control::stream_path(
-                &cl.dir,
-                c.epoch() + 1,
-                0,
-                c.get(0, Field::AttachGen) + 1,
-            );
-            next.exists()
-        },
-    );
+    wait_ready_to_hand_over(&cl, &c, 0);
     // Freeze b so it cannot step up, hand over to it, then kill it.
     cl.stop(1);
-    let seq = c.post(understudy_runtime::control::cmd::SWITCHOVER, 1);
-    wait_until("switchover acked", Duration::from_secs(10), || {
-        c.acked().0 == seq
-    });
-    assert_eq!(c.acked().1, 0, "switchover refused");
+    assert_eq!(
+        post_switchover(&c, 1, "switchover"),
+        0,
+        "switchover refused"
+    );
     wait_until("a handed over", Duration::from_secs(10), || {
         role(&c, 0) == Role::Standby
     });
@@ -264,10 +259,7 @@ fn switchover_target_dying_right_after_step_up_hands_back() {
     });
     std::thread::sleep(Duration::from_millis(20));
     let ups = c.get(0, Field::StepUps);
-    let seq = c.post(understudy_runtime::control::cmd::SWITCHOVER, 1);
-    wait_until("switchover acked", Duration::from_secs(10), || {
-        c.acked().0 == seq
-    });
+    post_switchover(&c, 1, "switchover");
     wait_until("a active again", Duration::from_secs(20), || {
         role(&c, 0) == Role::Active && c.get(0, Field::StepUps) > ups
     });
@@ -336,24 +328,12 @@ fn switchover_waits_for_an_old_active_stalled_before_releasing_the_mutex() {
     wait_until("b hot", Duration::from_secs(10), || {
         state(&c, 1) == State::Hot
     });
-    wait_until(
-        "a prepared for a switchover",
-        Duration::from_secs(10),
-        || {
-            understudy_runtime::control::Control::stream_path(
-                &cl.dir,
-                c.epoch() + 1,
-                0,
-                c.get(0, Field::AttachGen) + 1,
-            )
-            .exists()
-        },
+    wait_ready_to_hand_over(&cl, &c, 0);
+    assert_eq!(
+        post_switchover(&c, 1, "switchover"),
+        0,
+        "switchover refused"
     );
-    let seq = c.post(understudy_runtime::control::cmd::SWITCHOVER, 1);
-    wait_until("switchover acked", Duration::from_secs(10), || {
-        c.acked().0 == seq
-    });
-    assert_eq!(c.acked().1, 0, "switchover refused");
     wait_until("b active", Duration::from_secs(20), || {
         role(&c, 1) == Role::Active && c.get(1, Field::StepUps) > 0
     });

@@ -135,7 +135,11 @@ fn rolling_upgrade_streams_old_layout_and_enables_features_at_one_point() {
 
     // 2. Planned switchover: version-2 active (b), version-1 standby (a); still layout 1.
     let a_gen = c.get(0, Field::AttachGen);
-    assert_eq!(command(&c, cmd::SWITCHOVER, 1), result::OK, "switchover");
+    assert_eq!(
+        post_switchover(&c, 1, "switchover"),
+        result::OK,
+        "switchover"
+    );
     wait_cluster(&c, "b active", T, || {
         role(&c, 1) == Role::Active && c.get(1, Field::StepUps) == 1
     });

@@ -370,6 +370,27 @@ pub fn extend_workload(side: &Side, more: u64) -> u64 {
     end
 }
 
+/// Post a planned switchover to `to` and wait for its acknowledgement; returns the result
+/// code. A test sees the target's own "hot" a moment before the active counts it hot (when the
+/// target's acknowledgement arrives): a switchover refused as "not hot" changed nothing, so it
+/// is asked again (for up to 20 s), as an operator or the supervisor would.
+pub fn post_switchover(c: &Control, to: usize, what: &str) -> u64 {
+    use understudy_runtime::control::cmd;
+    use understudy_runtime::engine::result;
+    let t = Instant::now();
+    loop {
+        let seq = c.post(cmd::SWITCHOVER, to as u64);
+        wait_until(&format!("{what}: acked"), Duration::from_secs(10), || {
+            c.acked().0 == seq
+        });
+        let r = c.acked().1;
+        if r != result::NOT_HOT || t.elapsed() > Duration::from_secs(20) {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Whether every thread of `pid` is in the stopped state ('T' in field 3 of its stat file).
 fn all_tasks_stopped(pid: u32) -> bool {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
