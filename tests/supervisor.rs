@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use understudy_runtime::control::{Control, Field, SLOTS};
+use understudy_runtime::control::{Control, Field, Role, SLOTS};
 use understudy_runtime::engine::{execute_local, InputMeta};
 use understudy_runtime::liveness::ProcessIdentity;
 use understudy_runtime::store::Store;
@@ -975,6 +975,58 @@ fn an_engine_killed_at_each_step_of_the_upgrade_ends_in_a_safe_reported_state() 
             assert_eq!(version_of(&s, &active.slot), 1, "step {step}: {s:#?}");
         }
     }
+}
+
+/// The old active SIGKILLed in the middle of the upgrade's switchover, after it handed over
+/// (it already says "standby") and before its target claimed the next epoch (a test hook
+/// stalls it there while it holds the mutex): its target steps up (the mutex is owner-died),
+/// and the supervisor must see that failover, not declare an outage because no engine said
+/// "active" at the moment of the death. (Found by the kill-at-each-step test under load.)
+#[test]
+fn the_old_active_killed_while_handing_over_is_a_failover_not_an_outage() {
+    let extra = "[engine.env]\nUNDERSTUDY_TEST_STALL_BEFORE_UNLOCK_MS = \"3000\"\n";
+    let mut h = Harness::new("handover-kill", 12_000, 150, extra);
+    let s = h.up();
+    let old = s.active_engine().cloned().unwrap();
+    let upgrade = h
+        .cli()
+        .args(["upgrade", "--accept-for", "300ms", "--binary"])
+        .arg(testapp(2))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Step 4: the old active has handed over (no engine says "active") and stalls.
+    let c = h.control();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let slot = understudy_runtime::control::slot_index(&old.slot).unwrap();
+        if Role::from_word(c.get(slot, Field::Role)) == Role::Standby && c.epoch() == s.epoch {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old active never handed over"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    h.kill_engine(old.pid);
+    let out = upgrade.wait_with_output().unwrap();
+    let lines = parse_lines(&out.stdout);
+    let code = out.status.code().unwrap();
+    assert!(
+        [0, 6].contains(&code),
+        "exit {code}: {lines:#?}\n{}",
+        h.log_tail()
+    );
+    let log = h.log_text();
+    assert!(
+        !log.contains("outage"),
+        "an outage was declared:\n{}",
+        h.log_tail()
+    );
+    let s = h.check_invariant(&[h.model(false), h.model(true)]);
+    assert!(s.active.is_some(), "{s:#?}");
 }
 
 /// Runs an upgrade to v2 whose supervisor holds before step `step` (the test hook), SIGKILLs

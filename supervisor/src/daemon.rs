@@ -664,12 +664,16 @@ impl Supervisor {
             .get(slot, Field::Epoch)
             .min(self.control.epoch());
         error!(slot = %slot_name(slot), pid = proc.pid(), was_active, "engine died ({exit})");
-        let successor = if was_active {
+        // With no active left, the dead engine may have been the active in the middle of a
+        // planned switchover (it publishes "standby" as it hands over, before its target
+        // claims the next epoch): wait for the target as for any successor.
+        let handing_over = !was_active && self.active().filter(|&a| a != slot).is_none();
+        let successor = if was_active || handing_over {
             self.await_successor(slot, epoch)
         } else {
             self.active()
         };
-        if was_active {
+        if was_active || handing_over {
             match successor {
                 Some(s) => {
                     info!(dead = %slot_name(slot), active = %slot_name(s), "failover: the standby stepped up")
