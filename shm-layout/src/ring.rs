@@ -446,10 +446,19 @@ impl<M: WordMemory> Producer<M> {
     /// has enabled sleeping, and a system call only when it is actually asleep.
     #[inline]
     fn wake_consumer(&self) {
-        // MAY_SLEEP is set once, before the consumer's first sleep; until a producer has seen
-        // it, that first sleep can miss this commit and last one sleep slice (100 ms at most).
-        if control(&self.mem, MAY_SLEEP).load(Ordering::Relaxed) == 0 {
-            return;
+        // MAY_SLEEP goes 0 → 1 before the consumer's first sleep, and 1 → 2 here, once: "a
+        // producer has seen it", after which every wake takes the handshake below. Until the
+        // consumer sees 2 it sleeps in short slices only, since a commit whose wake read 0
+        // wakes nobody.
+        match control(&self.mem, MAY_SLEEP).load(Ordering::Relaxed) {
+            0 => return,
+            1 => {
+                // SYNC POINT: producer has seen MAY_SLEEP (Release: every commit before this
+                // store is visible to a consumer that reads 2 and then fences, in
+                // `Consumer::sleep`).
+                control(&self.mem, MAY_SLEEP).store(2, Ordering::Release);
+            }
+            _ => {}
         }
         // SYNC POINT: sleep handshake (producer side). The commit store above and the load of
         // ASLEEP below are ordered by this fence; the consumer stores ASLEEP, fences, then reads
@@ -1258,19 +1267,30 @@ impl<M: WordMemory> Consumer<M> {
         let Some(fw) = self.mem.futex_word(ASLEEP) else {
             return false;
         };
-        if control(&self.mem, MAY_SLEEP).load(Ordering::Relaxed) == 0 {
-            control(&self.mem, MAY_SLEEP).store(1, Ordering::Relaxed);
-        }
+        let armed = match control(&self.mem, MAY_SLEEP).load(Ordering::Relaxed) {
+            0 => {
+                control(&self.mem, MAY_SLEEP).store(1, Ordering::Relaxed);
+                false
+            }
+            m => m >= 2,
+        };
         control(&self.mem, ASLEEP).store(1, Ordering::Relaxed);
         // SYNC POINT: sleep handshake (consumer side), pairs with `Producer::wake_consumer`.
+        // Also the acquire side of "producer has seen MAY_SLEEP": having read 2 above, the
+        // commits made before that store are visible to `has_next` below.
         fence(Ordering::SeqCst);
         if self.has_next() {
             control(&self.mem, ASLEEP).store(0, Ordering::Relaxed);
             return true;
         }
-        let slice = timeout
-            .unwrap_or(Duration::from_millis(100))
-            .min(Duration::from_millis(100));
+        // No producer has acknowledged MAY_SLEEP yet: a commit may come without a wake, so
+        // sleep a short slice (the first sleeps after attaching, or with an idle producer).
+        let max = if armed {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_micros(50)
+        };
+        let slice = timeout.unwrap_or(max).min(max);
         futex_wait(fw, 1, slice);
         control(&self.mem, ASLEEP).store(0, Ordering::Relaxed);
         true
