@@ -258,16 +258,18 @@ impl Store {
                     state,
                 };
                 self.digest = self.digest.wrapping_add(unit_hash(*id, new));
-                match self.units.get_mut(id) {
-                    Some(old) => {
+                // One traversal either way (a catch-up inserts millions of units).
+                match self.units.entry(*id) {
+                    std::collections::btree_map::Entry::Occupied(mut e) => {
+                        let old = e.get_mut();
                         self.digest = self.digest.wrapping_sub(unit_hash(*id, old.as_ref()));
                         old.kind = *kind;
                         old.layout_version = *layout_version;
                         old.state.clear();
                         old.state.extend_from_slice(state);
                     }
-                    None => {
-                        self.units.insert(*id, new.to_unit());
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(new.to_unit());
                     }
                 }
             }
