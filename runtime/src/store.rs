@@ -146,12 +146,19 @@ pub enum Op {
     },
 }
 
+/// A stored item with its hash, so replacing or removing it does not hash it again.
+#[derive(Debug, Clone)]
+struct Hashed<T> {
+    item: T,
+    hash: u64,
+}
+
 /// Work units and tables.
 #[derive(Debug, Default, Clone)]
 pub struct Store {
-    units: BTreeMap<u64, Unit>,
+    units: BTreeMap<u64, Hashed<Unit>>,
     /// Table → key → value: nested so a lookup by borrowed key allocates nothing.
-    records: BTreeMap<u16, BTreeMap<Vec<u8>, Vec<u8>>>,
+    records: BTreeMap<u16, BTreeMap<Vec<u8>, Hashed<Vec<u8>>>>,
     record_count: usize,
     digest: u64,
 }
@@ -220,17 +227,17 @@ impl Store {
 
     /// A work unit.
     pub fn unit(&self, id: u64) -> Option<&Unit> {
-        self.units.get(&id)
+        self.units.get(&id).map(|h| &h.item)
     }
 
     /// A record.
     pub fn get(&self, table: u16, key: &[u8]) -> Option<&[u8]> {
-        self.records.get(&table)?.get(key).map(|v| v.as_slice())
+        self.records.get(&table)?.get(key).map(|v| v.item.as_slice())
     }
 
     /// All units, ordered by id.
     pub fn units(&self) -> impl Iterator<Item = (u64, &Unit)> {
-        self.units.iter().map(|(k, v)| (*k, v))
+        self.units.iter().map(|(k, v)| (*k, &v.item))
     }
 
     /// All records of `table`, ordered by key.
@@ -239,7 +246,7 @@ impl Store {
             .get(&table)
             .into_iter()
             .flatten()
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .map(|(k, v)| (k.as_slice(), v.item.as_slice()))
     }
 
     /// Apply one change, copying its bytes (what a standby does with a decoded frame). A unit
@@ -257,34 +264,43 @@ impl Store {
                     layout_version: *layout_version,
                     state,
                 };
-                self.digest = self.digest.wrapping_add(unit_hash(*id, new));
+                let hash = unit_hash(*id, new);
+                self.digest = self.digest.wrapping_add(hash);
                 // One traversal either way (a catch-up inserts millions of units).
                 match self.units.entry(*id) {
                     std::collections::btree_map::Entry::Occupied(mut e) => {
                         let old = e.get_mut();
-                        self.digest = self.digest.wrapping_sub(unit_hash(*id, old.as_ref()));
-                        old.kind = *kind;
-                        old.layout_version = *layout_version;
-                        old.state.clear();
-                        old.state.extend_from_slice(state);
+                        self.digest = self.digest.wrapping_sub(old.hash);
+                        old.hash = hash;
+                        let u = &mut old.item;
+                        u.kind = *kind;
+                        u.layout_version = *layout_version;
+                        u.state.clear();
+                        u.state.extend_from_slice(state);
                     }
                     std::collections::btree_map::Entry::Vacant(e) => {
-                        e.insert(new.to_unit());
+                        e.insert(Hashed {
+                            item: new.to_unit(),
+                            hash,
+                        });
                     }
                 }
             }
             Op::RetireUnit { id } => self.retire_unit(*id),
             Op::Put { table, key, value } => {
-                self.digest = self.digest.wrapping_add(record_hash(*table, key, value));
+                let hash = record_hash(*table, key, value);
+                self.digest = self.digest.wrapping_add(hash);
                 let t = self.records.entry(*table).or_default();
                 match t.get_mut(key.as_slice()) {
                     Some(old) => {
-                        self.digest = self.digest.wrapping_sub(record_hash(*table, key, old));
-                        old.clear();
-                        old.extend_from_slice(value);
+                        self.digest = self.digest.wrapping_sub(old.hash);
+                        old.hash = hash;
+                        old.item.clear();
+                        old.item.extend_from_slice(value);
                     }
                     None => {
-                        t.insert(key.clone(), value.clone());
+                        let item = value.clone();
+                        t.insert(key.clone(), Hashed { item, hash });
                         self.record_count += 1;
                     }
                 }
@@ -336,10 +352,11 @@ impl Store {
 
     /// Register or replace a unit; returns the unit it replaced.
     pub fn put_unit(&mut self, id: u64, unit: Unit) -> Option<Unit> {
-        self.digest = self.digest.wrapping_add(unit_hash(id, unit.as_ref()));
-        let old = self.units.insert(id, unit)?;
-        self.digest = self.digest.wrapping_sub(unit_hash(id, old.as_ref()));
-        Some(old)
+        let hash = unit_hash(id, unit.as_ref());
+        self.digest = self.digest.wrapping_add(hash);
+        let old = self.units.insert(id, Hashed { item: unit, hash })?;
+        self.digest = self.digest.wrapping_sub(old.hash);
+        Some(old.item)
     }
 
     /// Retire a unit (no-op if absent).
@@ -349,8 +366,8 @@ impl Store {
 
     fn remove_unit(&mut self, id: u64) -> Option<Unit> {
         let old = self.units.remove(&id)?;
-        self.digest = self.digest.wrapping_sub(unit_hash(id, old.as_ref()));
-        Some(old)
+        self.digest = self.digest.wrapping_sub(old.hash);
+        Some(old.item)
     }
 
     /// Put a record.
@@ -361,17 +378,18 @@ impl Store {
     /// Put a record; if the key existed, returns the key passed in (the table keeps its own)
     /// and the value it replaced.
     fn replace(&mut self, table: u16, key: Vec<u8>, value: Vec<u8>) -> Option<(Vec<u8>, Vec<u8>)> {
-        self.digest = self.digest.wrapping_add(record_hash(table, &key, &value));
+        let hash = record_hash(table, &key, &value);
+        self.digest = self.digest.wrapping_add(hash);
         let t = self.records.entry(table).or_default();
         // Look up by borrowed key: on a hit the key passed in is handed back unused.
         match t.get_mut(key.as_slice()) {
             Some(old) => {
-                self.digest = self.digest.wrapping_sub(record_hash(table, &key, old));
-                let old = std::mem::replace(old, value);
-                Some((key, old))
+                self.digest = self.digest.wrapping_sub(old.hash);
+                let old = std::mem::replace(old, Hashed { item: value, hash });
+                Some((key, old.item))
             }
             None => {
-                t.insert(key, value);
+                t.insert(key, Hashed { item: value, hash });
                 self.record_count += 1;
                 None
             }
@@ -386,12 +404,12 @@ impl Store {
     fn remove(&mut self, table: u16, key: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
         let t = self.records.get_mut(&table)?;
         let (k, old) = t.remove_entry(key)?;
-        self.digest = self.digest.wrapping_sub(record_hash(table, key, &old));
+        self.digest = self.digest.wrapping_sub(old.hash);
         self.record_count -= 1;
         if t.is_empty() {
             self.records.remove(&table);
         }
-        Some((k, old))
+        Some((k, old.item))
     }
 
     /// Drop everything (a standby about to receive a snapshot).
@@ -413,7 +431,7 @@ impl Store {
         self.units
             .range((lo, Bound::Unbounded))
             .take(max)
-            .map(|(k, v)| (*k, v))
+            .map(|(k, v)| (*k, &v.item))
     }
 
     /// Up to `max` records after `(table, key)` (a snapshot chunk; `None` = from the start).
@@ -432,7 +450,7 @@ impl Store {
                     _ => Bound::Unbounded,
                 };
                 keys.range::<[u8], _>((lo, Bound::Unbounded))
-                    .map(move |(k, v)| (*t, k.as_slice(), v.as_slice()))
+                    .map(move |(k, v)| (*t, k.as_slice(), v.item.as_slice()))
             })
             .take(max)
     }
