@@ -111,7 +111,8 @@ pub enum Field {
     /// Requests the application refused (its handler returned an error), in total.
     Refusals,
     /// 99th percentile of the active's request service time (handler + commit to every
-    /// standby + response), ns, over the last ~100 ms (a power-of-two bucket's upper bound).
+    /// standby + response), ns, over one request in 4, in windows of at least 1000 timed
+    /// requests or 1 s (a power-of-two bucket's upper bound).
     ServiceP99Ns,
     /// 1 once the active committed a transaction since it became active (set before the
     /// first commit is replicated; 0 while a standby).

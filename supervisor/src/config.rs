@@ -264,8 +264,9 @@ pub struct AcceptanceConfig {
     /// returns an error) during the soak, in `[0, 1]`.
     pub max_error_rate: f64,
     /// The highest acceptable 99th percentile of the new active's request service time
-    /// (handler, commit to the standby, response), as the engine publishes it every ~100 ms
-    /// (power-of-two resolution). The default is loose; set your service level here.
+    /// (handler, commit to the standby, response), as the engine publishes it: measured on
+    /// one request in 4, over windows of at least 1000 timed requests or 1 s (power-of-two
+    /// resolution). The default is loose; set your service level here.
     pub max_latency_us_p99: u64,
     /// A shell command run at the end of the soak; the upgrade is acceptable only if it
     /// exits 0.
