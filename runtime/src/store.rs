@@ -232,7 +232,10 @@ impl Store {
 
     /// A record.
     pub fn get(&self, table: u16, key: &[u8]) -> Option<&[u8]> {
-        self.records.get(&table)?.get(key).map(|v| v.item.as_slice())
+        self.records
+            .get(&table)?
+            .get(key)
+            .map(|v| v.item.as_slice())
     }
 
     /// All units, ordered by id.
