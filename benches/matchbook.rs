@@ -10,7 +10,8 @@
 //!   the store taking its changes (what the active does per request besides writing the ring);
 //! - **standby**: the same transactions' changes applied on a standby: `Store::apply` then the
 //!   application's `on_apply` hook for each change, as the engine's applier does. The changes
-//!   are recovered outside the timing by diffing the store before and after each request;
+//!   are each transaction's own, as the engine streams them (`execute_local_ops` on a third
+//!   copy, outside the timing);
 //! - **bytes**: the state bytes a request hands to replication (unit states, table keys and
 //!   values), which the active encodes into its ring and the standby decodes.
 //!
@@ -22,10 +23,10 @@
 //! Run: `cargo bench --bench matchbook` (about 20 s). The table is printed and written to
 //! `benches/RESULTS-matchbook.md`.
 
-use matchbook::app::{Matchbook, WireRequest, POSITIONS};
+use matchbook::app::{Matchbook, WireRequest};
 use matchbook::book::Side;
 use std::time::Instant;
-use understudy_runtime::engine::{execute_local, InputMeta, SYS_INPUTS};
+use understudy_runtime::engine::{execute_local, execute_local_ops, InputMeta};
 use understudy_runtime::store::{Op, Store};
 use understudy_runtime::Application;
 use zerocopy::IntoBytes;
@@ -75,7 +76,8 @@ struct Case {
     mode: Mode,
     /// Timed as the active.
     active: Replica,
-    /// Runs the same requests untimed, to recover each request's changes.
+    /// Runs the same requests untimed, keeping each request's changes as the engine streams
+    /// them.
     recorder: Replica,
     /// Applies the recovered changes, timed.
     standby: Replica,
@@ -105,47 +107,6 @@ fn run(side: &mut Replica, enabled: u64, k: u64, req: &WireRequest) -> Vec<u8> {
     )
 }
 
-/// The changes that turn `before` into `after`: retired and put units, then put and deleted
-/// records of the tables matchbook and the runtime write.
-fn diff(before: &Store, after: &Store, tables: &[u16]) -> Vec<Op> {
-    let mut ops = Vec::new();
-    for (id, _) in before.units() {
-        if after.unit(id).is_none() {
-            ops.push(Op::RetireUnit { id });
-        }
-    }
-    for (id, u) in after.units() {
-        if before.unit(id) != Some(u) {
-            ops.push(Op::PutUnit {
-                id,
-                kind: u.kind,
-                layout_version: u.layout_version,
-                state: u.state.to_vec(),
-            });
-        }
-    }
-    for &table in tables {
-        for (key, value) in after.table(table) {
-            if before.get(table, key) != Some(value) {
-                ops.push(Op::Put {
-                    table,
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                });
-            }
-        }
-        for (key, _) in before.table(table) {
-            if after.get(table, key).is_none() {
-                ops.push(Op::Delete {
-                    table,
-                    key: key.to_vec(),
-                });
-            }
-        }
-    }
-    ops
-}
-
 fn op_bytes(op: &Op) -> usize {
     match op {
         Op::PutUnit { state, .. } => state.len(),
@@ -154,9 +115,6 @@ fn op_bytes(op: &Op) -> usize {
         Op::Delete { key, .. } => key.len(),
     }
 }
-
-/// The tables a request writes: matchbook's positions, the runtime's input positions.
-const TABLES: [u16; 2] = [POSITIONS, SYS_INPUTS];
 
 impl Case {
     fn new(depth: usize, mode: Mode) -> Case {
@@ -240,9 +198,15 @@ impl Case {
 
         let mut changes = Vec::with_capacity(requests.len());
         for (i, req) in requests.iter().enumerate() {
-            let before = self.recorder.store.clone();
-            run(&mut self.recorder, enabled, k0 + i as u64, req);
-            changes.push(diff(&before, &self.recorder.store, &TABLES));
+            let r = &mut self.recorder;
+            let (_, ops) = execute_local_ops(
+                &mut r.app,
+                &mut r.store,
+                enabled,
+                &meta(k0 + i as u64),
+                req.as_bytes(),
+            );
+            changes.push(ops);
         }
         let bytes: usize = changes.iter().flatten().map(op_bytes).sum();
         self.bytes.push(bytes as f64 / requests.len() as f64);

@@ -6,7 +6,7 @@ use matchbook::app::{parse_response, status, Matchbook, WireRequest, POSITIONS};
 use matchbook::book::{Engine, PlacedOrder, Side, Symbol};
 use matchbook::units::*;
 use proptest::prelude::*;
-use understudy_runtime::engine::{execute_local, InputMeta, SYS_INPUTS};
+use understudy_runtime::engine::{execute_local_ops, InputMeta};
 use understudy_runtime::store::{Op, Store};
 use understudy_runtime::Application;
 use zerocopy::IntoBytes;
@@ -27,15 +27,16 @@ impl Node {
         }
     }
 
-    /// Runs one request as the active does; returns the response.
-    fn run(&mut self, k: u64, enabled: u64, request: &WireRequest) -> Vec<u8> {
+    /// Runs one request as the active does; returns the response and the transaction's
+    /// changes, exactly as the engine streams them to a standby.
+    fn run(&mut self, k: u64, enabled: u64, request: &WireRequest) -> (Vec<u8>, Vec<Op>) {
         let meta = InputMeta {
             source: 1,
             request_seq: k,
             next_pos: k + 1,
             next_seq: k + 1,
         };
-        execute_local(
+        execute_local_ops(
             &mut self.app,
             &mut self.store,
             enabled,
@@ -49,46 +50,6 @@ impl Node {
         self.store.apply(op);
         self.app.on_apply(op, &self.store);
     }
-}
-
-/// The changes that turn `before` into `after` (units, positions, input positions).
-fn diff(before: &Store, after: &Store) -> Vec<Op> {
-    let mut ops = Vec::new();
-    for (id, _) in before.units() {
-        if after.unit(id).is_none() {
-            ops.push(Op::RetireUnit { id });
-        }
-    }
-    for (id, u) in after.units() {
-        if before.unit(id) != Some(u) {
-            ops.push(Op::PutUnit {
-                id,
-                kind: u.kind,
-                layout_version: u.layout_version,
-                state: u.state.to_vec(),
-            });
-        }
-    }
-    for table in [POSITIONS, SYS_INPUTS] {
-        for (key, value) in after.table(table) {
-            if before.get(table, key) != Some(value) {
-                ops.push(Op::Put {
-                    table,
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                });
-            }
-        }
-        for (key, _) in before.table(table) {
-            if after.get(table, key).is_none() {
-                ops.push(Op::Delete {
-                    table,
-                    key: key.to_vec(),
-                });
-            }
-        }
-    }
-    ops
 }
 
 fn placed(engine: &Engine, symbol: u32) -> Vec<PlacedOrder> {
@@ -155,10 +116,8 @@ proptest! {
         let mut standby = Node::new(version);
         for (k, (request, on)) in stream.iter().enumerate() {
             let enabled = (version >= 2 && *on) as u64;
-            let before = active.store.clone();
-            let response = active.run(k as u64, enabled, request);
+            let (response, mut ops) = active.run(k as u64, enabled, request);
             let (header, _) = parse_response(&response).expect("a response header");
-            let mut ops = diff(&before, &active.store);
 
             let order_ops = ops.iter().filter(|op| match op {
                 Op::PutUnit { id, .. } | Op::RetireUnit { id } => id & ORDER_UNIT_BIT != 0,
@@ -269,7 +228,7 @@ proptest! {
         let mut rebuilt = Matchbook::new(2);
         rebuilt.on_reset(&standby.store);
         for (k, request) in requests.iter().enumerate() {
-            let response = standby.run(100 + k as u64, 1, request);
+            let (response, _) = standby.run(100 + k as u64, 1, request);
             prop_assert!(parse_response(&response).is_some());
         }
     }
@@ -447,10 +406,9 @@ fn a_request_writes_what_it_changed() {
     let mut node = Node::new(2);
     let mut k = 0;
     let mut send = |node: &mut Node, request: WireRequest| {
-        let before = node.store.clone();
-        node.run(k, 0, &request);
+        let (_, ops) = node.run(k, 0, &request);
         k += 1;
-        diff(&before, &node.store)
+        ops
     };
     for i in 0..200 {
         send(

@@ -2145,6 +2145,24 @@ pub fn execute_local<A: Application>(
     tx.response
 }
 
+/// [`execute_local`], also returning the transaction's changes exactly as an engine streams
+/// them to its standbys (the input-position record last): what tests and benchmarks replay
+/// on a standby, or inspect to check what a request writes.
+pub fn execute_local_ops<A: Application>(
+    app: &mut A,
+    store: &mut Store,
+    enabled: u64,
+    meta: &InputMeta,
+    request: &[u8],
+) -> (Vec<u8>, Vec<Op>) {
+    let wv = write_versions(&app.templates(), &app.features(), enabled);
+    let mut tx = TxBuffers::new();
+    execute(app, store, &mut tx, enabled, &wv, meta, request);
+    let ops = tx.ops.clone();
+    tx.apply_to(store);
+    (tx.response, ops)
+}
+
 /// Push one transaction (its ops, then the commit) as one batch: what the active writes to
 /// each standby's stream per transaction (public for the replication benchmark).
 pub fn push_tx(
