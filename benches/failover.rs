@@ -87,11 +87,13 @@ impl Cluster {
             "/dev/shm/understudy-bench-{}-{tag}",
             std::process::id()
         ));
+        // The engine executable first: a missing one must not leave a directory behind.
+        let bin = engine_bin();
         let _ = std::fs::remove_dir_all(&dir);
         let control = Control::open_or_create(&dir).expect("create the control file");
         Cluster {
             dir,
-            bin: engine_bin(),
+            bin,
             control,
             children: Vec::new(),
             spawned: 0,
