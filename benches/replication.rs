@@ -42,9 +42,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use understudy_runtime::app::write_versions;
+use understudy_runtime::engine::commit_block;
 use understudy_runtime::engine::push_tx;
 use understudy_runtime::engine::{execute, InputMeta, TxBuffers};
-use understudy_runtime::protocol::CommitBlock;
 use understudy_runtime::store::Store;
 use understudy_runtime::testkit::Update4;
 use understudy_runtime::{Application, Options};
@@ -110,15 +110,7 @@ impl Active {
             &k.to_le_bytes(),
         );
         if let Some(p) = standby {
-            let commit = CommitBlock {
-                index: self.commits,
-                input_pos: meta.next_pos,
-                input_seq: meta.next_seq,
-                source: meta.source,
-                request_seq: meta.request_seq,
-                response_len: 0,
-                flags: 0,
-            };
+            let commit = commit_block(self.commits, &meta);
             // The consumer keeps up (or the ring is drained before it can fill): a full ring
             // here is a bug of the bench.
             push_tx(p, &self.tx.ops, &commit, &mut self.scratch).expect("ring has room");

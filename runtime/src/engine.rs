@@ -754,26 +754,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             &req,
         );
         self.request = req;
-        let commit = CommitBlock {
-            index: self.commits,
-            input_pos: meta.next_pos,
-            input_seq: meta.next_seq,
-            source: meta.source,
-            request_seq: meta.request_seq,
-            response_len: 0,
-            flags: 0,
-        };
-        if !self.served {
-            // SYNC POINT: first commit of this role (Release before the commit is replicated;
-            // read by a handed-over old active deciding whether it may take the role back).
-            self.served = true;
-            self.control.set(self.opt.slot, Field::Served, 1);
-        }
-        self.replicate_tx(&commit);
-        // The handler already updated the application's own in-memory view: `on_apply` is for
-        // changes a standby receives. The ops are on the streams: move them into the store.
-        self.tx.apply_to(&mut self.store);
-        self.commits += 1;
+        self.commit_tx(&commit_block(self.commits, &meta));
         self.requests += 1;
         self.input.committed(&meta, &self.tx.response);
         self.refusals += refused as u64;
@@ -832,11 +813,11 @@ impl<A: Application, I: Input> Engine<A, I> {
             .set(rep.slot, Field::State, State::Stale as u64);
     }
 
-    /// Keep command `seq` pending (true) for up to a second, while a standby finishes
+    /// Keep command `seq` pending (true) for up to `bound`, while a standby finishes
     /// attaching: the supervisor posts right after it saw the standby hot.
-    fn defer_command(&mut self, seq: u64) -> bool {
+    fn defer_command(&mut self, seq: u64, bound: Duration) -> bool {
         let first = *self.cmd_seen.get_or_insert((seq, Instant::now()));
-        if first.0 == seq && first.1.elapsed() < Duration::from_secs(1) {
+        if first.0 == seq && first.1.elapsed() < bound {
             return true;
         }
         self.cmd_seen = None;
@@ -860,16 +841,23 @@ impl<A: Application, I: Input> Engine<A, I> {
             response_len: 0,
             flags: 1,
         };
+        self.commit_tx(&commit);
+        info!(source, "input source retired");
+    }
+
+    /// Commit the transaction in `self.tx`: on every standby's stream first, then into our
+    /// store (the handler already updated the application's own in-memory view: `on_apply`
+    /// is for changes a standby receives).
+    fn commit_tx(&mut self, commit: &CommitBlock) {
         if !self.served {
+            // SYNC POINT: first commit of this role (Release before the commit is replicated;
+            // read by a handed-over old active deciding whether it may take the role back).
             self.served = true;
             self.control.set(self.opt.slot, Field::Served, 1);
         }
-        self.replicate_tx(&commit);
-        // The handler already updated the application's own in-memory view: `on_apply` is for
-        // changes a standby receives.
+        self.replicate_tx(commit);
         self.tx.apply_to(&mut self.store);
         self.commits += 1;
-        info!(source, "input source retired");
     }
 
     /// Push the transaction's ops and commit to every streaming replica as one batch each.
@@ -915,8 +903,14 @@ impl<A: Application, I: Input> Engine<A, I> {
                     r.slot == target && r.hot && matches!(r.phase, ReplicaPhase::Streaming(None))
                 });
                 // The target may be attached without having confirmed it is hot yet (acks
-                // come every millisecond).
-                if !ok && target < control::SLOTS && self.defer_command(seq) {
+                // come every millisecond). A target that already says it is hot (what an
+                // operator or the supervisor saw before asking) gets seconds: on a loaded
+                // host its acknowledgement can take that long to arrive; one still attaching
+                // gets one second.
+                let says_hot = target < control::SLOTS
+                    && State::from_word(self.control.get(target, Field::State)) == State::Hot;
+                let bound = Duration::from_secs(if says_hot { 5 } else { 1 });
+                if !ok && target < control::SLOTS && self.defer_command(seq, bound) {
                     return Ok(None);
                 }
                 self.cmd_seen = None;
@@ -953,7 +947,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                     .zip(&alive)
                     .any(|(r, a)| *a && r.agreement.is_none());
                 // A standby mid-handshake: decide once it has said which features it has.
-                if attaching && self.defer_command(seq) {
+                if attaching && self.defer_command(seq, Duration::from_secs(1)) {
                     return Ok(None);
                 }
                 self.cmd_seen = None;
@@ -2161,6 +2155,19 @@ pub fn execute_local_ops<A: Application>(
     let ops = tx.ops.clone();
     tx.apply_to(store);
     (tx.response, ops)
+}
+
+/// The commit record of transaction `index`, which consumed the request `meta` describes.
+pub fn commit_block(index: u64, meta: &InputMeta) -> CommitBlock {
+    CommitBlock {
+        index,
+        input_pos: meta.next_pos,
+        input_seq: meta.next_seq,
+        source: meta.source,
+        request_seq: meta.request_seq,
+        response_len: 0,
+        flags: 0,
+    }
 }
 
 /// Push one transaction (its ops, then the commit) as one batch: what the active writes to

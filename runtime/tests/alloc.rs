@@ -14,8 +14,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::PathBuf;
 use understudy_runtime::app::write_versions;
-use understudy_runtime::engine::{execute, push_tx, InputMeta, TxBuffers};
-use understudy_runtime::protocol::{self, rt, CommitBlock};
+use understudy_runtime::engine::{commit_block, execute, push_tx, InputMeta, TxBuffers};
+use understudy_runtime::protocol::{self, rt};
 use understudy_runtime::testkit::Update4;
 use understudy_runtime::Application;
 
@@ -105,15 +105,7 @@ fn steady_state_transactions_allocate_nothing_on_either_engine() {
         // The active.
         let refused = execute(&mut app, &active, &mut tx, 0, &wv, &meta, &k.to_le_bytes());
         assert!(!refused);
-        let commit = CommitBlock {
-            index: k,
-            input_pos: meta.next_pos,
-            input_seq: meta.next_seq,
-            source: meta.source,
-            request_seq: meta.request_seq,
-            response_len: 0,
-            flags: 0,
-        };
+        let commit = commit_block(k, &meta);
         push_tx(&mut producer, &tx.ops, &commit, &mut scratch).expect("room");
         tx.apply_to(&mut active);
         // The standby.

@@ -279,14 +279,7 @@ impl<M: WordMemory> Producer<M> {
         let head = control(&mem, HEAD_POS).load(Ordering::Acquire);
         let seq = control(&mem, HEAD_SEQ).load(Ordering::Acquire);
         let tail = control(&mem, TAIL_POS).load(Ordering::Acquire);
-        // The tail may be ahead of the published head: the consumer read a batch whose head
-        // publish was lost to the crash. It is never more than a lap away.
-        if head.abs_diff(tail) > capacity as u64
-            || head % FRAME_ALIGN as u64 != 0
-            || tail % FRAME_ALIGN as u64 != 0
-        {
-            return Err(RingError::BadPositions { head, tail });
-        }
+        check_positions(head, tail, capacity)?;
         let seq = seq_at(&mem, capacity, head, seq);
         let mut p = Self::at(mem, capacity, head, seq, tail);
         // A batch can be committed while its head publish was lost to a crash: skip over every
@@ -955,6 +948,19 @@ pub struct Consumer<M: WordMemory> {
     auto_release: bool,
 }
 
+/// Published positions read from shared memory, validated: both frame-aligned, at most a lap
+/// apart. The tail may be ahead of the published head: a producer that died between committing
+/// a batch and publishing its head leaves the head behind what the consumer read.
+fn check_positions(head: u64, tail: u64, capacity: usize) -> Result<(), RingError> {
+    if head.abs_diff(tail) > capacity as u64
+        || head % FRAME_ALIGN as u64 != 0
+        || tail % FRAME_ALIGN as u64 != 0
+    {
+        return Err(RingError::BadPositions { head, tail });
+    }
+    Ok(())
+}
+
 impl<M: WordMemory> Consumer<M> {
     /// A consumer that starts at the last released position (0 for a fresh ring) and releases
     /// each batch as soon as it is copied out.
@@ -963,14 +969,7 @@ impl<M: WordMemory> Consumer<M> {
         let tail = control(&mem, TAIL_POS).load(Ordering::Acquire);
         let seq = control(&mem, TAIL_SEQ).load(Ordering::Acquire);
         let head = control(&mem, HEAD_POS).load(Ordering::Acquire);
-        // The tail may be ahead of the published head when a producer died between committing
-        // a batch and publishing its head; never by more than a lap.
-        if head.abs_diff(tail) > capacity as u64
-            || head % FRAME_ALIGN as u64 != 0
-            || tail % FRAME_ALIGN as u64 != 0
-        {
-            return Err(RingError::BadPositions { head, tail });
-        }
+        check_positions(head, tail, capacity)?;
         let seq = seq_at(&mem, capacity, tail, seq);
         Ok(Consumer {
             mem,

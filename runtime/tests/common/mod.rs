@@ -371,24 +371,14 @@ pub fn extend_workload(side: &Side, more: u64) -> u64 {
 }
 
 /// Post a planned switchover to `to` and wait for its acknowledgement; returns the result
-/// code. A test sees the target's own "hot" a moment before the active counts it hot (when the
-/// target's acknowledgement arrives): a switchover refused as "not hot" changed nothing, so it
-/// is asked again (for up to 20 s), as an operator or the supervisor would.
+/// code. (A target that already says it is hot is waited for by the active until the
+/// target's acknowledgement reaches it: no retry is needed here.)
 pub fn post_switchover(c: &Control, to: usize, what: &str) -> u64 {
-    use understudy_runtime::control::cmd;
-    use understudy_runtime::engine::result;
-    let t = Instant::now();
-    loop {
-        let seq = c.post(cmd::SWITCHOVER, to as u64);
-        wait_until(&format!("{what}: acked"), Duration::from_secs(10), || {
-            c.acked().0 == seq
-        });
-        let r = c.acked().1;
-        if r != result::NOT_HOT || t.elapsed() > Duration::from_secs(20) {
-            return r;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let seq = c.post(understudy_runtime::control::cmd::SWITCHOVER, to as u64);
+    wait_until(&format!("{what}: acked"), Duration::from_secs(20), || {
+        c.acked().0 == seq
+    });
+    c.acked().1
 }
 
 /// Whether every thread of `pid` is in the stopped state ('T' in field 3 of its stat file).
