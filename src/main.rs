@@ -207,13 +207,7 @@ fn load_config(path: &Path) -> Result<ClusterConfig, Code> {
 }
 
 fn up(cli: &Cli) -> Code {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    understudy_runtime::init_logging();
     let config = match load_config(&cli.config) {
         Ok(c) => c,
         Err(code) => return code,

@@ -535,13 +535,7 @@ pub fn parse_response(bytes: &[u8]) -> Option<(WireResponse, &[u8])> {
 /// The `main` of the matchbook engine executables (`matchbook-v1`, `matchbook-v2`):
 /// `--dir D --slot a|b|c [--standby] [--ring N] [--spin]` (or the supervisor's environment).
 pub fn engine_main(version: u32) -> ! {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    understudy_runtime::init_logging();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let fail = |e: &dyn std::fmt::Display| -> ! {
         eprintln!("matchbook-v{version}: {e}");

@@ -42,3 +42,15 @@ pub mod testkit;
 
 pub use app::{Application, Feature, Refused, Tx};
 pub use engine::{Backpressure, Engine, Idle, Input, InputMeta, Options};
+
+/// Log with `tracing` to stderr, filtered by `RUST_LOG` (default `info`): what every engine
+/// executable and the supervisor do first. A second call does nothing.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}

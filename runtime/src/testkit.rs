@@ -496,13 +496,7 @@ pub fn parse_engine_args(args: &[String]) -> Result<EngineArgs, String> {
 
 /// The `main` of the test engine executables.
 pub fn engine_main(version: u32) -> ! {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::init_logging();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a = match parse_engine_args(&args) {
         Ok(a) => a,
