@@ -10,6 +10,7 @@
 //! - [`frame`]: the 32-byte frame header and its checksum.
 //! - [`record`]: versioned zerocopy record templates and their fingerprints.
 //! - [`memory`]: the raw word region the ring runs over (a heap buffer in loom models).
+//! - [`trust`]: the trust boundary: private directories and files (owner, mode, no links).
 //!
 //! Everything read from shared memory is untrusted: the consumer copies a frame out, then
 //! checks sequence, lengths and checksum before any typed view is made.
@@ -23,5 +24,6 @@ pub mod record;
 pub mod region;
 pub mod ring;
 mod sync;
+pub mod trust;
 
 pub use sync::{AtomicU64, Ordering};

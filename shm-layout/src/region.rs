@@ -666,23 +666,12 @@ fn hex(v: u64) -> String {
     format!("{v:#018x}")
 }
 
-/// Create `dir` (and parents) with mode 0700 if missing; refuse a symlink or another owner.
+/// Create `dir` (and parents) with mode 0700 if missing; refuse a symlink, another owner, or
+/// a directory (or a non-sticky ancestor) writable by group or others: see
+/// [`crate::trust::ensure_private_dir`], whose typed error this carries as the message.
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let meta = std::fs::symlink_metadata(dir)?;
-    if !meta.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "{}: expected a directory, found something else",
-                dir.display()
-            ),
-        ));
-    }
-    Ok(())
+    crate::trust::ensure_private_dir(dir)
+        .map(|_created| ())
+        .map_err(io::Error::from)
 }
 
-use std::os::unix::fs::DirBuilderExt;
