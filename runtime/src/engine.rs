@@ -17,7 +17,7 @@
 
 use crate::app::{negotiate, write_versions, Agreement, Application, Feature, Refused, Tx};
 use crate::control::{self, cmd, monotonic_ns, realtime_ns, slot_cmd, Control, Field, Role, State};
-use crate::liveness::{LockWord, ProcessIdentity, TryLockOutcome};
+use crate::liveness::{self, LockError, LockWord, ProcessIdentity, RobustLock, TryLockOutcome};
 use crate::protocol::{self, rt, CommitBlock, FeaturesBlock, HeartbeatBlock, Hello, Position};
 use crate::store::{Op, Spare, Store};
 use shm_layout::record::{decode, TemplateInfo};
@@ -84,6 +84,32 @@ pub struct Options {
     pub catchup_chunk: usize,
     /// Start as standby even if no active exists (wait for one).
     pub standby_only: bool,
+    /// What a panic anywhere in the engine's process does (default: abort; see [`OnPanic`]).
+    pub on_panic: OnPanic,
+}
+
+/// What a panic in an engine process does.
+///
+/// The default, [`OnPanic::Abort`], makes every panic — in the request handler, in an apply
+/// hook, in the runtime, in any thread of the process — end the process with SIGABRT right
+/// after the panic message is printed. That is a failover like any other death: the kernel
+/// marks the active's robust mutex owner-died, the standby applies every committed transaction
+/// and steps up; the request whose handler panicked was never committed, so the new active runs
+/// it again (a request that panics every engine it meets ends the last one too: fix the
+/// handler, or refuse the request with [`Refused`]). Unwinding instead would run the
+/// application's destructors on half-changed state and could leave a process that lost its
+/// engine thread but keeps running.
+///
+/// [`OnPanic::Unwind`] keeps Rust's default (for applications that install their own hook).
+/// A panic that unwinds out of [`Engine::run`] still fails over: the engine keeps the control
+/// block mapped while its thread holds the mutex, so the kernel marks it at the thread's exit,
+/// and a standby recovers a mutex whose holder thread is provably gone in any case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPanic {
+    /// Print the panic, then abort the process (a failover).
+    Abort,
+    /// Leave the process's panic hook alone.
+    Unwind,
 }
 
 impl Options {
@@ -155,6 +181,7 @@ impl Options {
             hung_after: Duration::from_millis(500),
             catchup_chunk: 512,
             standby_only: false,
+            on_panic: OnPanic::Abort,
         }
     }
 }
@@ -534,7 +561,13 @@ impl<A: Application, I: Input> Engine<A, I> {
     }
 
     /// Run until stopped.
+    ///
+    /// Installs the panic policy of [`Options::on_panic`] first (by default a panic anywhere in
+    /// the process aborts it: a failover).
     pub fn run(mut self) -> Result<Exit, EngineError> {
+        if self.opt.on_panic == OnPanic::Abort {
+            install_abort_on_panic();
+        }
         let r = self.run_inner();
         let s = self.opt.slot;
         if let Err(e) = &r {
@@ -583,7 +616,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                 return Ok(false);
             }
         }
-        match lock.try_lock() {
+        match try_lock_recovering(&lock) {
             Ok(TryLockOutcome::Acquired) | Ok(TryLockOutcome::OwnerDied) => {}
             Ok(TryLockOutcome::WouldBlock) => return Ok(false),
             Err(e) => return Err(EngineError::Other(format!("robust mutex: {e}"))),
@@ -1073,9 +1106,11 @@ impl<A: Application, I: Input> Engine<A, I> {
             }
         }
         self.leftovers.keep_replicas(self.replicas.drain(..));
+        #[cfg(feature = "fault-injection")]
         if let Some(ms) = std::env::var_os("UNDERSTUDY_TEST_STALL_BEFORE_UNLOCK_MS") {
-            // Test hook: an old active descheduled between the step-up frame and releasing
-            // the mutex (the target must wait for it, not give up).
+            // Test hook (cargo feature `fault-injection` only): an old active descheduled
+            // between the step-up frame and releasing the mutex (the target must wait for it,
+            // not give up).
             let ms = ms.to_str().and_then(|v| v.parse().ok()).unwrap_or(0);
             std::thread::sleep(Duration::from_millis(ms));
         }
@@ -1853,23 +1888,39 @@ impl<A: Application, I: Input> Engine<A, I> {
         }
         let lock = self.control.lock();
         // A planned switchover: the old active releases the mutex right after the step-up
-        // frame; a crash: the mutex is owner-died and try_lock recovers it at once.
+        // frame; a crash: the mutex is owner-died and try_lock recovers it at once. A holder
+        // that died without the kernel marking the word (its memory unmapped before its thread
+        // exited) is recovered once its thread is provably gone; that check reads /proc, so it
+        // runs once a millisecond, never in the first one (a planned handover's unlock).
+        let mut next_gone_check = Duration::from_millis(1);
         loop {
-            match lock.try_lock() {
+            let outcome = if t0.elapsed() >= next_gone_check {
+                next_gone_check = t0.elapsed() + Duration::from_millis(1);
+                try_lock_recovering(&lock)
+            } else {
+                lock.try_lock()
+            };
+            match outcome {
                 Ok(TryLockOutcome::Acquired) | Ok(TryLockOutcome::OwnerDied) => break,
                 Ok(TryLockOutcome::WouldBlock) => {
                     if self.control.epoch() != self.epoch {
                         warn!("another engine claimed the epoch first");
                         return false;
                     }
-                    // After a crash the mutex is owner-died at once, so a mutex that stays
-                    // held means another engine stepped up. In a planned switchover the old
-                    // active releases it right after the step-up frame, but it may be
+                    // After a crash the mutex is owner-died at once (or recovered above once
+                    // its holder thread is gone), so a mutex that stays held by a live thread
+                    // means a live engine holds it: another engine stepping up, or the active
+                    // itself, alive although its slot's words said otherwise (a corrupted pid
+                    // or start time). Either way we must not step up. In a planned switchover
+                    // the old active releases it right after the step-up frame, but it may be
                     // descheduled for a while in between: giving up then would leave both
                     // engines standby. Wait while nobody else claims the epoch; a hung old
                     // active is fenced (SIGKILL) and its mutex becomes owner-died.
                     if !planned && t0.elapsed() > Duration::from_millis(500) {
-                        warn!("the mutex stays held: another engine stepped up");
+                        warn!(
+                            holder_tid = lock.holder_tid(),
+                            "the mutex stays held by a live thread: another engine holds the active role; not stepping up"
+                        );
                         return false;
                     }
                     if planned && t0.elapsed() > Duration::from_millis(1) {
@@ -1891,9 +1942,11 @@ impl<A: Application, I: Input> Engine<A, I> {
         match self.control.claim_epoch(e, self.opt.slot) {
             Some(ne) => {
                 self.epoch = ne;
+                #[cfg(feature = "fault-injection")]
                 if planned && std::env::var_os("UNDERSTUDY_TEST_ABORT_AFTER_STEP_UP").is_some() {
-                    // Test hook: die in the worst spot of a switchover (epoch claimed, mutex
-                    // held, nothing served, the old active not yet re-attached).
+                    // Test hook (cargo feature `fault-injection` only): die in the worst spot of
+                    // a switchover (epoch claimed, mutex held, nothing served, the old active
+                    // not yet re-attached).
                     eprintln!("test hook: aborting right after a planned step-up");
                     std::process::abort();
                 }
@@ -1945,6 +1998,19 @@ impl<A: Application, I: Input> Engine<A, I> {
         self.preopened = None;
         for _ in 0..3 {
             self.service_replicas();
+        }
+    }
+}
+
+impl<A: Application, I: Input> Drop for Engine<A, I> {
+    fn drop(&mut self) {
+        // Never unmap the control block while this thread holds the robust mutex: the kernel
+        // marks the mutex owner-died at the thread's exit only if the memory is still mapped
+        // then, and that mark is how the standby learns of the death within microseconds. An
+        // engine dropped while active (an error, or a panic unwinding out of `run`) leaks one
+        // reference to the mapping for the rest of the process's life.
+        if self.control.lock().holder_tid() == Some(liveness::current_tid()) {
+            std::mem::forget(self.control.clone());
         }
     }
 }
@@ -2190,6 +2256,52 @@ pub fn push_tx(
 
 /// SIGKILL a hung engine: its robust mutex becomes owner-died and its standby steps up. The
 /// caller checked its identity (pid + start time, so a reused pid is very unlikely).
+/// `try_lock`, recovering a mutex whose holder thread is provably gone although the word was
+/// never marked owner-died (see [`RobustLock::recover_dead_holder`]).
+///
+/// Never two actives: an engine is active only while its engine thread holds this mutex and
+/// its epoch is the control block's (claimed by compare-and-swap after locking). The mutex
+/// changes hands only (a) by the holder's unlock (a planned handover, after its step-up frame),
+/// (b) by the kernel marking it owner-died when the holder thread exits, or (c) here, when
+/// `/proc` proves that the thread named in the word no longer exists (or is an exited
+/// process leader). The active's serving loop runs on the thread that locked, so in all three
+/// cases the previous holder can no longer serve; a live holder — whatever the control
+/// block's other words say about its process — is never taken over. The compare-and-swap in
+/// the recovery acts only on the exact word that named the dead thread, and the epoch CAS
+/// after locking lets one engine win even if two recover at once.
+fn try_lock_recovering(lock: &RobustLock) -> Result<TryLockOutcome, LockError> {
+    match lock.try_lock()? {
+        TryLockOutcome::WouldBlock => {
+            let Some(tid) = lock.holder_tid() else {
+                return Ok(TryLockOutcome::WouldBlock);
+            };
+            if liveness::thread_is_gone(tid) && lock.recover_dead_holder(tid) {
+                warn!(
+                    tid,
+                    "the robust mutex named a thread that is gone, never marked owner-died (its \
+                     process unmapped the control block before exiting); recovered it"
+                );
+            }
+            lock.try_lock()
+        }
+        o => Ok(o),
+    }
+}
+
+/// Installs (once per process) a panic hook that prints the panic as Rust's default hook does,
+/// then aborts: see [`OnPanic::Abort`].
+fn install_abort_on_panic() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            previous(info);
+            error!("panic: {info}; aborting the engine process (a failover: the standby takes over)");
+            std::process::abort();
+        }));
+    });
+}
+
 fn fence(pid: u32) {
     // The pid came from shared memory: never let it be 0, 1 or negative (kill(-1) signals
     // every process of the user).

@@ -730,6 +730,67 @@ impl RobustLock {
             LockWord::Free | LockWord::OwnerDied { .. } => None,
         }
     }
+
+    /// Marks the mutex owner-died on behalf of a holder thread that is gone, exactly as the
+    /// kernel's robust-list walk (`handle_futex_death`) would have done at its exit. Returns
+    /// `true` if the word still named `dead_tid` and now says owner-died (the next
+    /// [`try_lock`](Self::try_lock) returns [`TryLockOutcome::OwnerDied`]), `false` if the word
+    /// changed in between (someone locked, unlocked or recovered it first: nothing is done).
+    ///
+    /// Why it is needed: the kernel marks a robust mutex only if the holder's memory still maps
+    /// it when the thread exits. A process that unmapped it first (a panic unwinding through the
+    /// owner of the mapping, a library's own cleanup) leaves the word naming a dead thread
+    /// forever, and `pthread_mutex_trylock` reports `EBUSY` for good.
+    ///
+    /// The caller must have proved that `dead_tid` can never run again (see
+    /// [`thread_is_gone`]): marking a live holder's mutex would hand its lock to a second
+    /// owner. The compare-and-swap makes the mark conditional on the exact word the proof was
+    /// about, so a concurrent locker or a second recoverer cannot be overwritten.
+    pub fn recover_dead_holder(&self, dead_tid: u32) -> bool {
+        let word = self.futex_word();
+        let old = word.load(Ordering::Acquire);
+        if old & FUTEX_OWNER_DIED != 0 || old & FUTEX_TID_MASK != dead_tid || dead_tid == 0 {
+            return false;
+        }
+        let new = (old & FUTEX_WAITERS) | FUTEX_OWNER_DIED;
+        // SYNC POINT: dead holder recovered. Pairs with the Acquire load in `word()` and with
+        // glibc's acquire CAS in trylock, like the kernel's own cmpxchg in handle_futex_death.
+        let swapped = word
+            .compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if swapped && old & FUTEX_WAITERS != 0 {
+            // Sleepers in FUTEX_WAIT would otherwise sleep on: wake one, as the kernel does.
+            // SAFETY: FUTEX_WAKE on a valid, mapped, 4-byte aligned futex word (from_ptr
+            // contract); it reads no user memory beyond the word.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    word.as_ptr(),
+                    libc::FUTEX_WAKE,
+                    1,
+                    std::ptr::null::<libc::timespec>(),
+                );
+            }
+        }
+        swapped
+    }
+}
+
+/// `true` if thread `tid` can never run again: no thread has that id (`/proc/<tid>` is gone), or
+/// it is an exited, unreaped process leader (state `Z`/`X`).
+///
+/// A tid reused by an unrelated live thread reads as alive: the answer errs on the side that
+/// never takes a live holder's lock. An I/O error other than "no such process" also reads as
+/// alive.
+pub fn thread_is_gone(tid: u32) -> bool {
+    if tid == 0 || tid > FUTEX_TID_MASK {
+        return false;
+    }
+    match ProcStat::read(tid) {
+        Err(ProcStatError::NoSuchProcess { .. }) => true,
+        Ok(stat) => stat.is_exited(),
+        Err(_) => false,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1161,6 +1222,65 @@ mod tests {
         assert_eq!(lock.holder_tid(), Some(current_tid()));
         lock.unlock().unwrap();
         assert_eq!(lock.try_lock(), Ok(TryLockOutcome::Acquired));
+        lock.unlock().unwrap();
+    }
+
+    /// A holder thread that exits without the kernel marking the word (here: its robust list
+    /// emptied first, as if the mutex had been unmapped) leaves a word naming a dead thread:
+    /// `try_lock` says busy forever, `thread_is_gone` proves the death, and the recovery makes
+    /// the next `try_lock` an owner-died acquisition. A live holder is never recovered.
+    #[test]
+    fn a_dead_holder_the_kernel_did_not_mark_is_recovered() {
+        #[repr(C)]
+        struct RobustListHead {
+            next: *mut libc::c_void,
+            futex_offset: libc::c_long,
+            list_op_pending: *mut libc::c_void,
+        }
+        let (_slot, lock) = fresh_lock();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            assert_eq!(lock.lock(), Ok(LockOutcome::Acquired));
+            tx.send(current_tid()).unwrap();
+            go_rx.recv().unwrap();
+            // An empty robust list for this thread: the kernel's exit-time walk finds nothing.
+            let head = Box::leak(Box::new(RobustListHead {
+                next: std::ptr::null_mut(),
+                futex_offset: 0,
+                list_op_pending: std::ptr::null_mut(),
+            }));
+            head.next = (head as *mut RobustListHead).cast();
+            // SAFETY: set_robust_list with a valid, leaked (so never freed) list head of the
+            // size the kernel expects; the list is empty (it points to itself).
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_set_robust_list,
+                    head as *mut RobustListHead,
+                    size_of::<RobustListHead>(),
+                )
+            };
+            assert_eq!(rc, 0, "set_robust_list");
+        });
+        let tid = rx.recv().unwrap();
+        // Alive: not recovered, even if asked.
+        assert!(!thread_is_gone(tid));
+        assert_eq!(lock.try_lock(), Ok(TryLockOutcome::WouldBlock));
+        go_tx.send(()).unwrap();
+        holder.join().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !thread_is_gone(tid) {
+            assert!(std::time::Instant::now() < deadline, "thread {tid} still in /proc");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(lock.word(), LockWord::Held { tid, waiters: false });
+        assert_eq!(lock.try_lock(), Ok(TryLockOutcome::WouldBlock));
+        assert!(!lock.recover_dead_holder(tid + 1), "only the exact word is recovered");
+        assert!(lock.recover_dead_holder(tid));
+        assert!(!lock.recover_dead_holder(tid), "a second recoverer finds nothing to do");
+        assert!(lock.owner_died());
+        assert_eq!(lock.try_lock(), Ok(TryLockOutcome::OwnerDied));
+        assert_eq!(lock.holder_tid(), Some(current_tid()));
         lock.unlock().unwrap();
     }
 
