@@ -73,6 +73,222 @@ pub const COUNTER_TABLE: u16 = 3;
 /// Feature 0, "tagged", needs Counter layout 2.
 pub const TAGGED: u16 = 0;
 
+/// Prefix of a fault request (see [`fault_request`]): the test application dies on purpose,
+/// once per token file, in the way the request names.
+pub const FAULT: &[u8; 8] = b"FAULT!!!";
+/// The table a fault for the standby travels in: the active puts the request's kind and token
+/// there, and the standby's apply hook fires it.
+pub const FAULT_TABLE: u16 = 4;
+
+/// A way for the test application to die from the inside (the deaths that need a cooperating
+/// binary; signals from outside are sent by the test driver).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Fault {
+    /// `panic!` in the request handler (active) or the apply hook (standby).
+    Panic = 1,
+    /// `panic!` in a thread the handler or apply hook spawns.
+    PanicThread = 2,
+    /// `panic!` in the engine's own call path after the transaction is committed, before the
+    /// response is delivered (the engine's call of `Input::committed`; active only).
+    PanicAfterCommit = 3,
+    /// `std::process::exit(0)`.
+    Exit0 = 4,
+    /// `std::process::exit(7)`.
+    ExitN = 5,
+    /// `main` returns (status 0) while the engine runs on another thread.
+    ReturnFromMain = 6,
+    /// `std::process::abort()`.
+    Abort = 7,
+    /// A real SIGSEGV: a write through a null pointer.
+    Segv = 8,
+    /// A real SIGBUS: a read of a mapped page past the end of its truncated file.
+    Bus = 9,
+    /// Unbounded recursion until the stack's guard page.
+    StackOverflow = 10,
+    /// Allocate and touch memory until the allocator fails (under an address-space limit
+    /// set first, so the machine's OOM killer is never involved): the allocation-failure abort.
+    OutOfMemory = 11,
+}
+
+impl Fault {
+    /// Every fault.
+    pub const ALL: [Fault; 11] = [
+        Fault::Panic,
+        Fault::PanicThread,
+        Fault::PanicAfterCommit,
+        Fault::Exit0,
+        Fault::ExitN,
+        Fault::ReturnFromMain,
+        Fault::Abort,
+        Fault::Segv,
+        Fault::Bus,
+        Fault::StackOverflow,
+        Fault::OutOfMemory,
+    ];
+
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Panic => "panic",
+            Fault::PanicThread => "panic-thread",
+            Fault::PanicAfterCommit => "panic-after-commit",
+            Fault::Exit0 => "exit-0",
+            Fault::ExitN => "exit-7",
+            Fault::ReturnFromMain => "return-from-main",
+            Fault::Abort => "abort",
+            Fault::Segv => "segv",
+            Fault::Bus => "sigbus",
+            Fault::StackOverflow => "stack-overflow",
+            Fault::OutOfMemory => "out-of-memory",
+        }
+    }
+
+    /// The fault with code `b`.
+    pub fn from_code(b: u8) -> Option<Fault> {
+        Fault::ALL.into_iter().find(|f| *f as u8 == b)
+    }
+
+    /// Can it be fired on a standby (in the apply hook)?
+    pub fn on_standby(self) -> bool {
+        self != Fault::PanicAfterCommit
+    }
+
+    /// Die this way (most variants never return; `PanicThread`, `PanicAfterCommit` and
+    /// `ReturnFromMain` arrange the death and return).
+    pub fn fire(self, where_: &str) {
+        eprintln!(
+            "testapp: fault `{}` in the {where_}, on purpose",
+            self.name()
+        );
+        match self {
+            Fault::Panic => panic!("testapp: fault `panic` in the {where_}, on purpose"),
+            Fault::PanicThread => {
+                let _ = std::thread::Builder::new()
+                    .name("faulty".into())
+                    .spawn(|| panic!("testapp: fault `panic-thread`, on purpose"));
+            }
+            Fault::PanicAfterCommit => PANIC_AFTER_COMMIT.store(true, Ordering::Release),
+            Fault::Exit0 => std::process::exit(0),
+            Fault::ExitN => std::process::exit(7),
+            Fault::ReturnFromMain => {
+                RETURN_FROM_MAIN.store(true, Ordering::Release);
+                if let Some(t) = MAIN_THREAD.get() {
+                    t.unpark();
+                }
+            }
+            Fault::Abort => std::process::abort(),
+            Fault::Segv => {
+                let p = std::hint::black_box(std::ptr::null_mut::<u64>());
+                // SAFETY: deliberately unsound: a write through a null pointer, so the kernel
+                // delivers a real SIGSEGV (the death this fault exists to produce). Page 0 is
+                // never mapped, the write cannot corrupt anything, and the process dies on it.
+                unsafe { std::ptr::write_volatile(p, 1) };
+                unreachable!("a write through a null pointer returned");
+            }
+            Fault::Bus => sigbus(),
+            Fault::StackOverflow => {
+                let n = recurse(std::hint::black_box(1));
+                unreachable!("unbounded recursion returned {n}");
+            }
+            Fault::OutOfMemory => out_of_memory(),
+        }
+    }
+}
+
+/// A request asking the test application to die with `fault`, on the active (in its handler)
+/// or on its standby (in the apply hook of the change the active's handler writes), once: only
+/// the engine that removes the file `token` dies, so the request is answered normally when a
+/// new active runs it again (or a new standby applies it again).
+pub fn fault_request(fault: Fault, on_standby: bool, token: &Path) -> Vec<u8> {
+    let mut r = FAULT.to_vec();
+    r.push(fault as u8);
+    r.push(on_standby as u8);
+    r.extend_from_slice(token.as_os_str().as_encoded_bytes());
+    r
+}
+
+/// The response to a fault request whose fault fired (the engine that fired it survived:
+/// `PanicThread` and others that kill a moment later, or a standby fault).
+pub const FAULT_FIRED: &[u8] = b"fired";
+/// The response to a fault request whose token was already gone.
+pub const FAULT_SPENT: &[u8] = b"spent";
+
+static PANIC_AFTER_COMMIT: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+static RETURN_FROM_MAIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static MAIN_THREAD: std::sync::OnceLock<std::thread::Thread> = std::sync::OnceLock::new();
+
+/// Fires the fault named by `kind` if this process removes `token` first.
+fn fire_once(kind: u8, token: &[u8], where_: &str) -> bool {
+    let Some(fault) = Fault::from_code(kind) else {
+        return false;
+    };
+    // The token is a path the test driver wrote; anything else only makes the removal fail.
+    let Ok(token) = std::str::from_utf8(token) else {
+        return false;
+    };
+    if token.is_empty() || std::fs::remove_file(token).is_err() {
+        return false;
+    }
+    fault.fire(where_);
+    true
+}
+
+#[inline(never)]
+fn recurse(n: u64) -> u64 {
+    if n == u64::MAX {
+        return 0; // never: only so the compiler sees a way out
+    }
+    let mut frame = [0u8; 1024];
+    frame[0] = n as u8;
+    std::hint::black_box(&mut frame);
+    recurse(std::hint::black_box(n + 1)).wrapping_add(frame[0] as u64)
+}
+
+fn sigbus() {
+    let path = std::env::temp_dir().join(format!("testapp-sigbus-{}", std::process::id()));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("sigbus fault: create its file");
+    let _ = std::fs::remove_file(&path);
+    f.set_len(4096).expect("sigbus fault: size its file");
+    // SAFETY: a private file of this process, mapped shared; nobody else maps it.
+    let map = unsafe { memmap2::MmapMut::map_mut(&f).expect("sigbus fault: map its file") };
+    f.set_len(0).expect("sigbus fault: truncate its file");
+    // SAFETY: deliberately touches the mapped page whose file offset is now past the end of
+    // the file: the kernel answers with a real SIGBUS, the death this fault exists to produce.
+    let b = unsafe { std::ptr::read_volatile(map.as_ptr()) };
+    unreachable!("a read past the end of a truncated mapped file returned {b}");
+}
+
+fn out_of_memory() {
+    // Limit the address space to what the process has plus 256 MiB, so the allocator fails
+    // long before the machine runs short (the kernel's OOM killer, which picks its own victim,
+    // is never involved): Rust's allocation-failure handler then aborts the process.
+    let vm_bytes = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 4096;
+    let limit = libc::rlimit {
+        rlim_cur: vm_bytes + (256 << 20),
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid, initialised struct; lowers only the soft limit.
+    unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) };
+    let mut hoard: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let mut chunk = Vec::with_capacity(16 << 20);
+        chunk.resize(16 << 20, 1u8);
+        hoard.push(std::hint::black_box(chunk));
+    }
+}
+
 /// Requests: 8-byte k (a normal transaction) or 9 bytes with a trailing 1: a "tagged" request
 /// that needs the v2 feature.
 pub struct TestApp {
@@ -120,6 +336,19 @@ impl Application for TestApp {
         }
     }
     fn handle(&mut self, tx: &mut Tx<'_>, req: &[u8]) -> Result<(), Refused> {
+        if req.len() >= 10 && req[..8] == FAULT[..] {
+            let (kind, on_standby, token) = (req[8], req[9] == 1, &req[10..]);
+            if on_standby {
+                // The standby's apply hook fires it (once: the token).
+                tx.put(FAULT_TABLE, b"fault", &req[8..]);
+                tx.respond(FAULT_FIRED);
+            } else if fire_once(kind, token, "request handler") {
+                tx.respond(FAULT_FIRED);
+            } else {
+                tx.respond(FAULT_SPENT);
+            }
+            return Ok(());
+        }
         if req.len() == 16 && req[..8] == LEDGER[..] {
             // Ledger request: count how many times request k was applied (must be once).
             let k = &req[8..16];
@@ -198,6 +427,58 @@ impl Application for TestApp {
         }
         tx.respond(&(k * 2).to_le_bytes());
         Ok(())
+    }
+    fn on_apply(&mut self, op: &crate::store::Op, _store: &Store) {
+        if let crate::store::Op::Put { table, value, .. } = op {
+            if *table == FAULT_TABLE && value.len() >= 2 {
+                fire_once(value[0], &value[2..], "apply hook");
+            }
+        }
+    }
+}
+
+/// The test application's input in client mode: the shared-memory clients, plus the faults
+/// that live in the engine's call path rather than in the handler.
+pub struct FaultInput<I: Input> {
+    /// The real input.
+    pub inner: I,
+    /// Panic in `poll` this long after becoming active (a bad release, for upgrade tests).
+    pub panic_after_active: Option<Duration>,
+    panic_at: Option<Instant>,
+}
+
+impl<I: Input> FaultInput<I> {
+    pub fn new(inner: I) -> Self {
+        FaultInput {
+            inner,
+            panic_after_active: None,
+            panic_at: None,
+        }
+    }
+}
+
+impl<I: Input> Input for FaultInput<I> {
+    fn poll(&mut self, buf: &mut Vec<u8>) -> Option<InputMeta> {
+        if self.panic_at.is_some_and(|t| Instant::now() >= t) {
+            panic!("testapp: panicking on purpose (panic_after_active)");
+        }
+        self.inner.poll(buf)
+    }
+    fn committed(&mut self, meta: &InputMeta, response: &[u8]) {
+        if PANIC_AFTER_COMMIT.swap(false, Ordering::AcqRel) {
+            panic!("testapp: fault `panic-after-commit`: the engine committed a transaction and panics before delivering its response, on purpose");
+        }
+        self.inner.committed(meta, response)
+    }
+    fn resume(&mut self, store: &Store) {
+        self.panic_at = self.panic_after_active.map(|d| Instant::now() + d);
+        self.inner.resume(store)
+    }
+    fn idle(&mut self) {
+        self.inner.idle()
+    }
+    fn take_retired(&mut self) -> Option<u64> {
+        self.inner.take_retired()
     }
 }
 
@@ -427,10 +708,13 @@ pub struct EngineArgs {
     pub ballast_mib: u64,
     /// Never retire units ([`TestApp::keep`]).
     pub keep: bool,
+    /// Client mode: panic this long after becoming active (upgrade-rollback tests).
+    pub panic_after_active: Option<Duration>,
 }
 
 /// Parse `--dir D --slot a|b|c [--standby] [--ring N] [--max N] [--pace-us N] [--side P]
-/// [--tagged-every N] [--keep] [--ballast-mib N]`; also reads `UNDERSTUDY_DIR` /
+/// [--tagged-every N] [--keep] [--ballast-mib N] [--clients] [--spin]
+/// [--panic-after-active-ms N]`; also reads `UNDERSTUDY_DIR` /
 /// `UNDERSTUDY_SLOT` / `UNDERSTUDY_STANDBY` (what the supervisor sets).
 pub fn parse_engine_args(args: &[String]) -> Result<EngineArgs, String> {
     let mut a = EngineArgs {
@@ -456,6 +740,10 @@ pub fn parse_engine_args(args: &[String]) -> Result<EngineArgs, String> {
         spin: std::env::var("UNDERSTUDY_SPIN").is_ok_and(|v| v == "1"),
         ballast_mib: 0,
         keep: false,
+        panic_after_active: std::env::var("TESTAPP_PANIC_AFTER_ACTIVE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis),
     };
     let mut it = args.iter();
     while let Some(k) = it.next() {
@@ -485,6 +773,12 @@ pub fn parse_engine_args(args: &[String]) -> Result<EngineArgs, String> {
             "--pace-us" => a.pace = Duration::from_micros(num("--pace-us", val("--pace-us")?)?),
             "--side" => a.side = Some(val("--side")?.into()),
             "--tagged-every" => a.tagged_every = num("--tagged-every", val("--tagged-every")?)?,
+            "--panic-after-active-ms" => {
+                a.panic_after_active = Some(Duration::from_millis(num(
+                    "--panic-after-active-ms",
+                    val("--panic-after-active-ms")?,
+                )?))
+            }
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
@@ -494,17 +788,63 @@ pub fn parse_engine_args(args: &[String]) -> Result<EngineArgs, String> {
     Ok(a)
 }
 
-/// The `main` of the test engine executables.
+/// The `main` of the test engine executables when `main` cannot return (a multi-call
+/// binary): [`engine_process`], then exit with its status.
 pub fn engine_main(version: u32) -> ! {
+    std::process::exit(engine_process(version) as i32)
+}
+
+/// The body of the test engine executables' `main`, which returns what this returns: the
+/// engine runs on a thread of its own, and this (the main thread) waits for it to end — or for
+/// a [`Fault::ReturnFromMain`], when it returns 0 at once and `main` returns with the engine
+/// still running, the way an application's `main` may end while its threads work.
+///
+/// A panic that ends the engine's thread is resumed here, so it ends `main` as if the engine
+/// had run on the main thread.
+pub fn engine_process(version: u32) -> u8 {
     crate::init_logging();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a = match parse_engine_args(&args) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("testapp-v{version}: {e}");
-            std::process::exit(2);
+            return 2;
         }
     };
+    let _ = MAIN_THREAD.set(std::thread::current());
+    let engine = std::thread::Builder::new()
+        .name("engine".into())
+        .stack_size(8 << 20)
+        .spawn(move || {
+            let code = run_engine(version, a);
+            if let Some(t) = MAIN_THREAD.get() {
+                t.unpark();
+            }
+            code
+        });
+    let engine = match engine {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("testapp-v{version}: cannot start the engine thread: {e}");
+            return 3;
+        }
+    };
+    loop {
+        if RETURN_FROM_MAIN.load(Ordering::Acquire) {
+            eprintln!("testapp-v{version}: main returns on purpose, the engine still running");
+            return 0;
+        }
+        if engine.is_finished() {
+            return match engine.join() {
+                Ok(code) => code,
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+        }
+        std::thread::park_timeout(Duration::from_millis(50));
+    }
+}
+
+fn run_engine(version: u32, a: EngineArgs) -> u8 {
     // Touch every page so the memory is resident (the kernel tears it all down at exit).
     let mut ballast = vec![0u8; (a.ballast_mib as usize) << 20];
     for b in ballast.iter_mut().step_by(4096) {
@@ -517,19 +857,25 @@ pub fn engine_main(version: u32) -> ! {
     if a.spin {
         opt.idle = crate::Idle::SPIN;
     }
-    let fail = |e: &dyn std::fmt::Display| -> ! {
+    let fail = |e: &dyn std::fmt::Display| -> u8 {
         eprintln!("testapp-v{version}: {e}");
-        std::process::exit(3)
+        3
     };
     if let Err(e) = opt.apply_env() {
-        fail(&e);
+        return fail(&e);
     }
 
     let result = if a.clients {
-        let input = crate::client::ClientInput::new(&a.dir).unwrap_or_else(|e| fail(&e));
-        crate::Engine::new(TestApp::new(version), input, opt)
-            .unwrap_or_else(|e| fail(&e))
-            .run()
+        let input = match crate::client::ClientInput::new(&a.dir) {
+            Ok(i) => i,
+            Err(e) => return fail(&e),
+        };
+        let mut input = FaultInput::new(input);
+        input.panic_after_active = a.panic_after_active;
+        match crate::Engine::new(TestApp::new(version), input, opt) {
+            Ok(engine) => engine.run(),
+            Err(e) => return fail(&e),
+        }
     } else {
         let mut input = Workload::new(a.max, a.side.as_deref().map(Side::open));
         input.pace = a.pace;
@@ -537,12 +883,13 @@ pub fn engine_main(version: u32) -> ! {
         input.crash_after = a.crash_after_active;
         let mut app = TestApp::new(version);
         app.keep = a.keep;
-        crate::Engine::new(app, input, opt)
-            .unwrap_or_else(|e| fail(&e))
-            .run()
+        match crate::Engine::new(app, input, opt) {
+            Ok(engine) => engine.run(),
+            Err(e) => return fail(&e),
+        }
     };
     match result {
-        Ok(_) => std::process::exit(0),
+        Ok(_) => 0,
         Err(e) => fail(&e),
     }
 }

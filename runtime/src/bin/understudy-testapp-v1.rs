@@ -1,4 +1,7 @@
 //! Test engine, version 1.
-fn main() {
-    understudy_runtime::testkit::engine_main(1)
+//!
+//! `main` returns what the engine's run ended with (and returns early on the
+//! `return-from-main` fault, see `testkit::Fault`).
+fn main() -> std::process::ExitCode {
+    std::process::ExitCode::from(understudy_runtime::testkit::engine_process(1))
 }
