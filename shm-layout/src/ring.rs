@@ -64,6 +64,16 @@ pub const DATA_WORD: usize = 4 * LINE_WORDS;
 pub const CONTROL_BYTES: usize = DATA_WORD * 8;
 /// Smallest data capacity in bytes.
 pub const MIN_CAPACITY: usize = 1024;
+/// The largest position (byte count) a ring accepts, from shared memory or from a caller. The
+/// other process can write any value into the control words and frame headers; one above this
+/// is refused with a typed error, so that a position plus a batch length (< 2^31), a header
+/// offset or a lap (<= 2^30) never overflows. 2^63 bytes are 29 years of one ring at 10 GB/s
+/// (a stream ring lives one epoch).
+pub const MAX_POSITION: u64 = 1 << 63;
+/// The largest sequence number a ring accepts: a sequence plus the frames of a batch (at most
+/// 2^26) never overflows. Every frame takes at least 32 bytes, so a sequence starting at or
+/// below this reaches it only after 2^68 bytes.
+pub const MAX_SEQ: u64 = 1 << 63;
 
 const _: () = assert!(CONTROL_BYTES == 512);
 
@@ -141,6 +151,16 @@ pub enum RingError {
         /// Consumer's tail.
         tail: u64,
     },
+    /// A position or sequence number is beyond what a ring ever reaches ([`MAX_POSITION`],
+    /// [`MAX_SEQ`]): written by a corrupt or hostile peer.
+    OutOfRange {
+        /// Which word: "head position", "tail position", "seek position", "sequence" …
+        field: &'static str,
+        /// The value found.
+        found: u64,
+        /// The largest value accepted.
+        max: u64,
+    },
 }
 
 impl fmt::Display for RingError {
@@ -160,6 +180,10 @@ impl fmt::Display for RingError {
             RingError::BadPositions { head, tail } => write!(
                 f,
                 "ring positions: expected head and tail at most one lap (capacity) apart and every released byte committed, found head {head}, tail {tail}"
+            ),
+            RingError::OutOfRange { field, found, max } => write!(
+                f,
+                "ring {field}: expected at most {max}, found {found}"
             ),
         }
     }
@@ -185,7 +209,11 @@ fn check<M: WordMemory>(mem: &M, capacity: usize) -> Result<(), RingError> {
 /// stored first). A committed batch head at the position carries its own sequence: its header's
 /// sequence word, confirmed by the stamp in its commit word. Nothing is overwritten there while
 /// the position is published: the producer never writes past the consumer's released tail.
+///
+/// `pos` passed `check_positions` (at most [`MAX_POSITION`], so `pos + 24` does not overflow);
+/// the result is a word another process wrote: the caller checks it with `check_seq`.
 fn seq_at<M: WordMemory>(mem: &M, capacity: usize, pos: u64, stored: u64) -> u64 {
+    debug_assert!(pos <= MAX_POSITION);
     let mask = capacity as u64 - 1;
     let word = |p: u64| mem.word(DATA_WORD + ((p & mask) >> 3) as usize);
     // SYNC POINT: frame committed (Acquire side; Release is in `Batch::commit`).
@@ -281,9 +309,13 @@ impl<M: WordMemory> Producer<M> {
         let tail = control(&mem, TAIL_POS).load(Ordering::Acquire);
         check_positions(head, tail, capacity)?;
         let seq = seq_at(&mem, capacity, head, seq);
+        check_range("sequence", seq, MAX_SEQ)?;
         let mut p = Self::at(mem, capacity, head, seq, tail);
         // A batch can be committed while its head publish was lost to a crash: skip over every
-        // committed batch head whose stamp is the next sequence.
+        // committed batch head whose stamp is the next sequence. Every word read here is the
+        // other process's: the walk stays within one lap past the tail (head and tail are at
+        // most MAX_POSITION, a lap at most 2^30), and each batch adds at most len / 32 frames
+        // to a sequence that started at most MAX_SEQ; the additions are checked all the same.
         loop {
             let w = p.word_at(p.head).load(Ordering::Acquire);
             let len = w & COMMIT_LEN_MASK;
@@ -293,19 +325,31 @@ impl<M: WordMemory> Producer<M> {
                 || len == 0
                 || len % FRAME_ALIGN as u64 != 0
                 || len > max_batch_bytes(capacity) as u64
-                || (p.head + len).saturating_sub(p.cached_tail) > p.capacity
             {
                 break;
             }
-            // Count the frames of the batch to learn the next sequence number.
+            let Some(end) = p.head.checked_add(len) else {
+                break;
+            };
+            if end.saturating_sub(p.cached_tail) > p.capacity {
+                break;
+            }
+            // Count the frames of the batch to learn the next sequence number (each at least
+            // one frame slot, so at most len / 32 of them).
             let mut at = p.head;
-            let end = p.head + len;
+            let mut seq = p.seq;
             while at < end {
+                // `at < end <= tail + capacity <= 2^63 + 2^30` and `fb < 2^33`: no overflow.
                 let w1 = p.word_at(at + 8).load(Ordering::Relaxed);
                 let fb = frame_bytes((w1 & 0xFFFF_FFFF) as usize) as u64;
                 at += fb.max(FRAME_ALIGN as u64);
-                p.seq += 1;
+                seq = seq.checked_add(1).ok_or(RingError::OutOfRange {
+                    field: "sequence",
+                    found: seq,
+                    max: MAX_SEQ,
+                })?;
             }
+            p.seq = seq;
             p.head = end;
         }
         if p.head < p.cached_tail {
@@ -364,6 +408,53 @@ impl<M: WordMemory> Producer<M> {
     pub fn free_bytes(&mut self) -> usize {
         let tail = self.consumer_position();
         (self.capacity - (self.head - tail)) as usize
+    }
+
+    /// What [`Batch::push`] of one frame with `payload_len` payload bytes would return as the
+    /// first frame of a batch started now: `Ok` if it would be accepted, otherwise the same
+    /// error. It counts exactly what `push` counts (the same code): the padding frame that
+    /// fills the buffer's end when the frame would run past it, the frame, and the zeroed
+    /// commit word past it. Like `push`, it reads the consumer's tail only when the cached one
+    /// says there is no room. The room stays: only this producer uses it, so a batch started
+    /// next whose first frame has this payload length is accepted.
+    ///
+    /// ```
+    /// use shm_layout::memory::HeapMemory;
+    /// use shm_layout::ring::{ring_words, BatchBuf, Consumer, Producer};
+    /// use std::sync::Arc;
+    ///
+    /// let mem = Arc::new(HeapMemory::new(ring_words(1024)));
+    /// let mut p = Producer::create(mem.clone(), 1024).unwrap();
+    /// let mut c = Consumer::attach(mem, 1024).unwrap();
+    /// p.try_publish(1, 1, 0, &[1; 64]).unwrap(); // a frame of 96 bytes: 0..96
+    /// p.try_publish(1, 1, 0, &[2; 832]).unwrap(); // 864 bytes: 96..960
+    /// assert!(c.poll(&mut BatchBuf::default()).unwrap()); // releases 0..96
+    /// assert_eq!((p.position(), p.free_bytes()), (960, 160));
+    /// // A 56-byte payload is a frame of 96 bytes, too long for the 64 bytes left before the
+    /// // end: 64 bytes of padding, the frame and the zeroed word past it need 192.
+    /// assert!(!p.can_push(56));
+    /// assert!(p.try_publish(1, 1, 56, &[3; 56]).is_err());
+    /// assert!(c.poll(&mut BatchBuf::default()).unwrap()); // releases up to 960
+    /// assert!(p.can_push(56));
+    /// p.try_publish(1, 1, 56, &[3; 56]).unwrap();
+    /// ```
+    pub fn check_push(&mut self, payload_len: usize) -> Result<(), PushError> {
+        if payload_len > self.capacity as usize {
+            // Larger than the ring (and `frame_bytes` of it could overflow).
+            return Err(PushError::TooLarge {
+                needed_bytes: payload_len.saturating_add(HEADER_BYTES + FRAME_ALIGN),
+                max_bytes: max_batch_bytes(self.capacity as usize),
+            });
+        }
+        let fb = frame_bytes(payload_len) as u64;
+        let (_, needed_end) = placement(self.capacity, self.head, fb);
+        self.reserve(needed_end)
+    }
+
+    /// Would a batch started now accept a first frame of `payload_len` payload bytes? See
+    /// [`Producer::check_push`].
+    pub fn can_push(&mut self, payload_len: usize) -> bool {
+        self.check_push(payload_len).is_ok()
     }
 
     /// Start a batch: its frames become visible to the consumer together, at [`Batch::commit`].
@@ -466,6 +557,26 @@ impl<M: WordMemory> Producer<M> {
     }
 }
 
+/// Where a frame of `fb` bytes pushed at `pos` goes: the padding frame before it (when the
+/// frame would run past the buffer's end; it then starts at the beginning of the buffer), and
+/// the end the ring must have room up to: padding, frame and the zeroed commit word of the
+/// next batch. [`Batch::push`] and [`Producer::check_push`] both place frames with this.
+///
+/// `pos` is this producer's own position (it started at 0, or at a published head that
+/// `Producer::resume` checked to be at most [`MAX_POSITION`] = 2^63, and only grows by what
+/// this producer writes), and `fb` is at most a payload slice's length plus 63: the sum
+/// cannot overflow before 2^63 more bytes are written.
+#[inline(always)]
+fn placement(capacity: u64, pos: u64, fb: u64) -> (u64, u64) {
+    let off = pos & (capacity - 1);
+    let pad = if off + fb > capacity {
+        capacity - off
+    } else {
+        0
+    };
+    (pad, pos + pad + fb + FRAME_ALIGN as u64)
+}
+
 /// Frames being gathered into one batch; nothing is visible to the consumer until `commit`.
 /// Dropping a batch without committing abandons it: the ring is as before.
 pub struct Batch<'a, M: WordMemory> {
@@ -522,12 +633,8 @@ impl<M: WordMemory> Batch<'_, M> {
             return Err(PushError::ReservedType);
         }
         let fb = frame_bytes(payload.len()) as u64;
-        let cap = self.producer.capacity;
-        let off = self.pos & (cap - 1);
-        let pad = if off + fb > cap { cap - off } else { 0 };
-        // Room for padding, the frame and the zeroed commit word of the next batch.
-        self.producer
-            .reserve(self.pos + pad + fb + FRAME_ALIGN as u64)?;
+        let (pad, needed_end) = placement(self.producer.capacity, self.pos, fb);
+        self.producer.reserve(needed_end)?;
         if pad > 0 {
             self.write_padding(pad);
         }
@@ -852,6 +959,18 @@ pub enum ReadError {
         /// The bound it broke.
         max: u64,
     },
+    /// The read position or the next sequence number is past what a ring ever reaches
+    /// ([`MAX_POSITION`], [`MAX_SEQ`]).
+    OutOfRange {
+        /// Position.
+        pos: u64,
+        /// Which one: "read position" or "sequence".
+        field: &'static str,
+        /// Value found.
+        found: u64,
+        /// The largest value accepted.
+        max: u64,
+    },
     /// The checksum does not match the frame's bytes.
     BadChecksum {
         /// Position.
@@ -893,6 +1012,15 @@ impl fmt::Display for ReadError {
             } => write!(
                 f,
                 "frame at position {pos}: field `{field}` out of bounds: expected at most {max}, found {found}"
+            ),
+            ReadError::OutOfRange {
+                pos,
+                field,
+                found,
+                max,
+            } => write!(
+                f,
+                "batch at position {pos}: `{field}` out of range: expected at most {max}, found {found}"
             ),
             ReadError::BadChecksum {
                 pos,
@@ -952,11 +1080,21 @@ pub struct Consumer<M: WordMemory> {
 /// apart. The tail may be ahead of the published head: a producer that died between committing
 /// a batch and publishing its head leaves the head behind what the consumer read.
 fn check_positions(head: u64, tail: u64, capacity: usize) -> Result<(), RingError> {
+    check_range("head position", head, MAX_POSITION)?;
+    check_range("tail position", tail, MAX_POSITION)?;
     if head.abs_diff(tail) > capacity as u64
         || head % FRAME_ALIGN as u64 != 0
         || tail % FRAME_ALIGN as u64 != 0
     {
         return Err(RingError::BadPositions { head, tail });
+    }
+    Ok(())
+}
+
+/// `found` (a word another process wrote, or a caller's argument) is at most `max`.
+fn check_range(field: &'static str, found: u64, max: u64) -> Result<(), RingError> {
+    if found > max {
+        return Err(RingError::OutOfRange { field, found, max });
     }
     Ok(())
 }
@@ -971,6 +1109,7 @@ impl<M: WordMemory> Consumer<M> {
         let head = control(&mem, HEAD_POS).load(Ordering::Acquire);
         check_positions(head, tail, capacity)?;
         let seq = seq_at(&mem, capacity, tail, seq);
+        check_range("sequence", seq, MAX_SEQ)?;
         Ok(Consumer {
             mem,
             capacity: capacity as u64,
@@ -991,6 +1130,8 @@ impl<M: WordMemory> Consumer<M> {
     /// Continue reading at `pos` / `seq` (must lie between the released tail and the head),
     /// e.g. at a position replicated from a dead consumer.
     pub fn seek(&mut self, pos: u64, seq: u64) -> Result<(), RingError> {
+        check_range("seek position", pos, MAX_POSITION)?;
+        check_range("seek sequence", seq, MAX_SEQ)?;
         if pos < self.released || pos - self.released > self.capacity || pos % 32 != 0 {
             return Err(RingError::BadPositions {
                 head: pos,
@@ -1046,11 +1187,16 @@ impl<M: WordMemory> Consumer<M> {
         }
         let len = w0 & COMMIT_LEN_MASK;
         let max = max_batch_bytes(self.capacity as usize) as u64;
+        // `pos <= MAX_POSITION` and `self.seq <= MAX_SEQ` (both 2^63) bound everything below:
+        // `pos + len` and every frame position in the batch stay below 2^63 + 2^31, and the
+        // batch's sequence numbers below 2^63 + 2^26, so none of the additions overflows.
         if (w0 & COMMIT_CONT != 0)
             | ((w0 >> 32) as u32 != self.seq as u32)
             | (len == 0)
             | (len % FRAME_ALIGN as u64 != 0)
             | (len > max)
+            | (pos > MAX_POSITION)
+            | (self.seq > MAX_SEQ)
         {
             return Err(self.batch_head_error(pos, w0));
         }
@@ -1185,6 +1331,22 @@ impl<M: WordMemory> Consumer<M> {
             found_word: w0,
             why,
         };
+        if pos > MAX_POSITION {
+            return ReadError::OutOfRange {
+                pos,
+                field: "read position",
+                found: pos,
+                max: MAX_POSITION,
+            };
+        }
+        if self.seq > MAX_SEQ {
+            return ReadError::OutOfRange {
+                pos,
+                field: "sequence",
+                found: self.seq,
+                max: MAX_SEQ,
+            };
+        }
         if w0 & COMMIT_CONT != 0 {
             return bad("a continuation frame where a batch must start");
         }
@@ -1301,6 +1463,7 @@ impl<M: WordMemory> Consumer<M> {
     pub fn torn_tail(&self) -> TornTail {
         // A torn batch leaves its head frame's header written (sequence word = the next
         // sequence, a non-zero length word) while its commit word stays 0.
+        // `p <= MAX_POSITION + 2^31` (see `poll`): the header offsets do not overflow.
         let p = self.pos;
         let seen = self.word_at(p).load(Ordering::Relaxed) == 0
             && self.word_at(p + 24).load(Ordering::Relaxed) == self.seq
