@@ -63,6 +63,8 @@ const W_CONSUMER: usize = 10;
 const W_READY: usize = 12;
 const W_CLOSED: usize = 13;
 const W_USER: usize = 14;
+/// Words of the superblock (the rest of its page is zero and unused).
+pub const SUPERBLOCK_WORDS: usize = 16;
 
 /// A process's identity: pid and start time (clock ticks since boot, /proc/<pid>/stat field
 /// 22), so that a reused pid is never mistaken for the same process.
@@ -428,7 +430,32 @@ impl Region {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
-        let r = |i: usize| sb.word(i).load(Ordering::Relaxed);
+        // One snapshot of the superblock: every field is validated and used as read once (the
+        // other process may still write the words).
+        let words: [u64; SUPERBLOCK_WORDS] =
+            std::array::from_fn(|i| sb.word(i).load(Ordering::Relaxed));
+        let cap = Self::check_superblock(path, &words, size, uid)?;
+        drop(head);
+        Self::map(path, &file, cap)
+    }
+
+    /// Validate a superblock as read from a region file of `file_size` bytes that `uid` opens:
+    /// published (READY), magic, layout major version, record alignment, header and control
+    /// sizes, capacity (a power of two in range) and the file size it implies, creator uid.
+    /// Returns the capacity. Every field is untrusted; a bad one is an error naming it, what
+    /// was expected and what was found. Pure: what [`Region::open`] runs on the words it read.
+    pub fn check_superblock(
+        path: &Path,
+        words: &[u64; SUPERBLOCK_WORDS],
+        file_size: u64,
+        uid: u32,
+    ) -> Result<usize, RegionError> {
+        let r = |i: usize| words[i];
+        let ready = r(W_READY);
+        if ready != READY {
+            return Err(field(path, "ready", hex(READY), hex(ready)));
+        }
+        let size = file_size;
         let magic = r(W_MAGIC);
         if magic != MAGIC {
             return Err(field(path, "magic", hex(MAGIC), hex(magic)));
@@ -495,8 +522,7 @@ impl Region {
                 creator.to_string(),
             ));
         }
-        drop(head);
-        Self::map(path, &file, cap as usize)
+        Ok(cap as usize)
     }
 
     fn map_prefix(path: &Path, file: &File) -> Result<Region, RegionError> {
@@ -674,4 +700,3 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
         .map(|_created| ())
         .map_err(io::Error::from)
 }
-
