@@ -588,6 +588,7 @@ fn read_error_pos(e: &ReadError) -> u64 {
         ReadError::BadCommit { pos, .. }
         | ReadError::BadSequence { pos, .. }
         | ReadError::BadLength { pos, .. }
+        | ReadError::OutOfRange { pos, .. }
         | ReadError::BadChecksum { pos, .. } => *pos,
     }
 }
