@@ -41,7 +41,7 @@ pub mod store;
 pub mod testkit;
 
 pub use app::{Application, Feature, Refused, Tx};
-pub use engine::{Backpressure, Engine, Idle, Input, InputMeta, Options};
+pub use engine::{Backpressure, Engine, Idle, Input, InputMeta, OnPanic, Options};
 
 /// Log with `tracing` to stderr, filtered by `RUST_LOG` (default `info`): what every engine
 /// executable and the supervisor do first. A second call does nothing.

@@ -132,6 +132,55 @@ fn sigkill_of_active_loses_nothing_commits_nothing_twice() {
     }
 }
 
+/// A panic on the active's engine thread is a failover with nothing lost, whether the engine
+/// aborts on it (the default) or lets it unwind out of `Engine::run` (the process then ends
+/// when the unwinding thread does): the standby steps up with exactly the committed prefix.
+fn panic_of_active_is_a_failover(policy: &str) {
+    let mut cl = Cluster::new(&format!("panic-{policy}"));
+    let c = cl.control();
+    let mut e0 = paced_env(&cl, 0);
+    e0.push(("US_PANIC_AFTER", "3000".to_string()));
+    e0.push(("US_ON_PANIC", policy.to_string()));
+    cl.spawn("child_engine", 0, 1, u64::MAX, false, &e0);
+    wait_until("a active", Duration::from_secs(10), || {
+        role(&c, 0) == Role::Active
+    });
+    let e1 = paced_env(&cl, 1);
+    cl.spawn("child_engine", 1, 1, u64::MAX, true, &e1);
+    wait_until(
+        "b steps up after a's panic",
+        Duration::from_secs(60),
+        || c.get(1, Field::StepUps) > 0 && role(&c, 1) == Role::Active,
+    );
+    let side = Side::open(&side_path(&cl, 0));
+    let (committed, started) = (side.committed(), side.started());
+    let k = c.get(1, Field::StepUpCommits);
+    assert!(
+        committed <= k && k <= started && k >= 3000 - 1,
+        "stepped up at {k} transactions; the panicked active had committed {committed} and started {started}"
+    );
+    assert_eq!(
+        Model::new(1).advance_to(k),
+        c.get(1, Field::StepUpDigest),
+        "state after step-up differs from the state after exactly {k} transactions"
+    );
+    let (status, _) = cl.wait_exit(0, Duration::from_secs(20));
+    assert!(
+        !status.success(),
+        "the panicked engine must not exit 0: {status:?}"
+    );
+}
+
+#[test]
+fn panic_of_active_aborting_is_a_failover() {
+    panic_of_active_is_a_failover("abort");
+}
+
+#[test]
+fn panic_of_active_unwinding_is_a_failover() {
+    panic_of_active_is_a_failover("unwind");
+}
+
 /// Planned switchovers back and forth under load: each time the new active starts from exactly
 /// the old active's committed state, and the old active becomes a hot standby without catch-up.
 #[test]

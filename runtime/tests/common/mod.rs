@@ -279,6 +279,19 @@ pub fn child_main() {
     ));
     let mut app = TestApp::new(version);
     app.keep = std::env::var("US_KEEP").is_ok_and(|v| v == "1");
+    if std::env::var("US_ON_PANIC").is_ok_and(|v| v == "unwind") {
+        opt.on_panic = understudy_runtime::OnPanic::Unwind;
+    }
+    if let Ok(n) = std::env::var("US_PANIC_AFTER") {
+        // A panic on the engine thread after `n` requests taken as active.
+        let input = PanicAfter {
+            inner: input,
+            left: n.parse().unwrap(),
+        };
+        let engine = understudy_runtime::Engine::new(app, input, opt).unwrap();
+        let _ = engine.run();
+        unreachable!("the engine panics before it stops");
+    }
     let engine = understudy_runtime::Engine::new(app, input, opt).unwrap();
     match engine.run() {
         Ok(_) => std::process::exit(0),
@@ -286,6 +299,35 @@ pub fn child_main() {
             eprintln!("engine error: {e}");
             std::process::exit(3)
         }
+    }
+}
+
+/// An input that panics on the engine thread once it has handed out `left` requests.
+struct PanicAfter<I> {
+    inner: I,
+    left: u64,
+}
+
+impl<I: understudy_runtime::Input> understudy_runtime::Input for PanicAfter<I> {
+    fn poll(&mut self, buf: &mut Vec<u8>) -> Option<understudy_runtime::InputMeta> {
+        let meta = self.inner.poll(buf)?;
+        if self.left == 0 {
+            panic!("test: a panic on the engine thread while active");
+        }
+        self.left -= 1;
+        Some(meta)
+    }
+    fn committed(&mut self, meta: &understudy_runtime::InputMeta, response: &[u8]) {
+        self.inner.committed(meta, response)
+    }
+    fn resume(&mut self, store: &understudy_runtime::store::Store) {
+        self.inner.resume(store)
+    }
+    fn idle(&mut self) {
+        self.inner.idle()
+    }
+    fn take_retired(&mut self) -> Option<u64> {
+        self.inner.take_retired()
     }
 }
 
