@@ -2296,7 +2296,9 @@ fn install_abort_on_panic() {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             previous(info);
-            error!("panic: {info}; aborting the engine process (a failover: the standby takes over)");
+            error!(
+                "panic: {info}; aborting the engine process (a failover: the standby takes over)"
+            );
             std::process::abort();
         }));
     });

@@ -1270,14 +1270,29 @@ mod tests {
         holder.join().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !thread_is_gone(tid) {
-            assert!(std::time::Instant::now() < deadline, "thread {tid} still in /proc");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "thread {tid} still in /proc"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(lock.word(), LockWord::Held { tid, waiters: false });
+        assert_eq!(
+            lock.word(),
+            LockWord::Held {
+                tid,
+                waiters: false
+            }
+        );
         assert_eq!(lock.try_lock(), Ok(TryLockOutcome::WouldBlock));
-        assert!(!lock.recover_dead_holder(tid + 1), "only the exact word is recovered");
+        assert!(
+            !lock.recover_dead_holder(tid + 1),
+            "only the exact word is recovered"
+        );
         assert!(lock.recover_dead_holder(tid));
-        assert!(!lock.recover_dead_holder(tid), "a second recoverer finds nothing to do");
+        assert!(
+            !lock.recover_dead_holder(tid),
+            "a second recoverer finds nothing to do"
+        );
         assert!(lock.owner_died());
         assert_eq!(lock.try_lock(), Ok(TryLockOutcome::OwnerDied));
         assert_eq!(lock.holder_tid(), Some(current_tid()));
