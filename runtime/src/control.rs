@@ -1,27 +1,57 @@
 //! The control block: one small file per cluster (`<dir>/control`) that outlives engines and
 //! the supervisor. It holds the epoch (bumped by compare-and-swap at every role change, so two
-//! engines can never both be active in one epoch), the active slot, the robust mutex the active
-//! holds, a command mailbox, and one record per engine slot (identity, version, role, state,
-//! positions, heartbeat, step-up statistics).
+//! engines can never both be active in one epoch), the active slot, the cluster's state (up or
+//! down), the robust mutex the active holds, a command mailbox, and one record per engine slot
+//! (identity, version, role, state, positions, heartbeat, step-up statistics).
 //!
 //! Everything in it is read through atomics and treated as untrusted (values are range-checked
 //! where they select anything).
+//!
+//! # Verified, not trusted
+//!
+//! The words that destructive decisions depend on — the epoch, the active slot, the cluster
+//! state and each slot's pid, start time, role, state and epoch ([`Word`]) — are stored twice:
+//! a *primary* word holding the value (48 bits) with a CRC-16 of the value and the word's
+//! index in its top 16 bits, and a *mirror* word elsewhere in the file holding the bitwise
+//! complement of the primary. Each copy is checked on its own (one 64-bit store, so a reader
+//! never sees a torn copy); the CRC detects every flip of one or two bits, and a word copied
+//! to the wrong place. [`Control::get`], [`Control::epoch`] and [`Control::active_slot`]
+//! read the primary and fall back to the mirror when the primary fails its check, so a flipped
+//! bit changes no decision; [`Control::verify`] names every damaged copy
+//! ([`Corruption`]); [`Control::repair`] rewrites a damaged copy from the intact one, and
+//! [`Control::repair_own`] lets a live engine rewrite its own slot (and, while it is active,
+//! the epoch and the active slot) from its own view when both copies are lost.
+//!
+//! ```no_run
+//! use understudy_runtime::control::{Control, Field};
+//! let control = Control::open("/dev/shm/understudy/demo".as_ref()).unwrap();
+//! for damage in control.verify() {
+//!     eprintln!("{damage}"); // e.g. "control block word `slot a pid`: primary copy ..."
+//! }
+//! // A decision taken on a word that has no intact copy left is refused, with the word named.
+//! match control.get_checked(0, Field::Pid) {
+//!     Ok(pid) => println!("slot a: pid {pid}"),
+//!     Err(damage) => eprintln!("not deciding on slot a: {damage}"),
+//! }
+//! ```
 
-use crate::liveness::RobustLock;
+use crate::liveness::{LockError, LockOutcome, LockWord, RobustLock, TryLockOutcome};
 use memmap2::{MmapOptions, MmapRaw};
 use shm_layout::memory::{MappedWords, WordMemory};
 use shm_layout::{AtomicU64, Ordering};
 use std::fs::OpenOptions;
 use std::io;
+use std::marker::PhantomData;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::warn;
 
 /// `USTDYCTL`.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"USTDYCTL");
-/// Layout version of the control file.
-pub const VERSION: u64 = 1;
+/// Layout version of the control file (2: checked and mirrored decision words, cluster state).
+pub const VERSION: u64 = 2;
 const READY: u64 = u64::from_le_bytes(*b"CTLREADY");
 /// Size of the control file.
 pub const FILE_BYTES: usize = 4096;
@@ -29,31 +59,45 @@ pub const FILE_BYTES: usize = 4096;
 pub const SLOTS: usize = 3;
 /// No slot.
 pub const NO_SLOT: u64 = u64::MAX;
+/// The largest value a checked word ([`Word`]) holds: 48 bits (the top 16 are its check).
+pub const CHECKED_MAX: u64 = (1 << 48) - 1;
 
 const W_MAGIC: usize = 0;
 const W_VERSION: usize = 1;
 const W_EPOCH: usize = 2;
 const W_ACTIVE: usize = 3;
 const W_READY: usize = 4;
+const W_EPOCH_MIRROR: usize = 5;
+const W_ACTIVE_MIRROR: usize = 6;
+/// The robust mutex: bytes 64..104 (words 8..13).
 const LOCK_OFFSET: usize = 64;
 const W_CMD: usize = 16;
 const W_CMD_ARG: usize = 17;
 const W_CMD_SEQ: usize = 18;
 const W_CMD_ACK: usize = 19;
 const W_CMD_RESULT: usize = 20;
+const W_CLUSTER: usize = 22;
+const W_CLUSTER_MIRROR: usize = 23;
 const W_SUPERVISOR: usize = 24;
 const SLOT_BASE: usize = 64;
 const SLOT_WORDS: usize = 32;
+/// Mirrors of the checked slot fields: 8 words per slot after the slot records.
+const MIRROR_BASE: usize = SLOT_BASE + SLOTS * SLOT_WORDS;
+const MIRROR_WORDS: usize = 8;
 /// The client registry: `MAX_CLIENTS` entries of 4 words (id, pid, start time, flags).
 const CLIENT_BASE: usize = 256;
 const CLIENT_WORDS: usize = 4;
 /// Clients a cluster accepts at once.
 pub const MAX_CLIENTS: usize = 64;
 const _: () = assert!(CLIENT_BASE * 8 + MAX_CLIENTS * CLIENT_WORDS * 8 <= FILE_BYTES);
-const _: () = assert!(SLOT_BASE + SLOTS * SLOT_WORDS <= CLIENT_BASE);
+const _: () = assert!(MIRROR_BASE + SLOTS * MIRROR_WORDS <= CLIENT_BASE);
+const _: () = assert!(CHECKED_FIELDS.len() <= MIRROR_WORDS);
+// The mutex (40 bytes on x86_64 and aarch64 glibc) ends before the command mailbox.
+const _: () = assert!(LOCK_OFFSET + RobustLock::SIZE <= W_CMD * 8);
+const _: () = assert!(LOCK_OFFSET >= (W_ACTIVE_MIRROR + 1) * 8);
 
 /// Fields of a slot record (word index within the record).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(usize)]
 pub enum Field {
     /// Process id (0 = empty slot).
@@ -121,6 +165,61 @@ pub enum Field {
 
 /// Slot fields are only appended (engines of two versions share the control block).
 const _: () = assert!((Field::Served as usize) < SLOT_WORDS);
+
+impl Field {
+    /// Lower-case name, as errors and reports print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::Pid => "pid",
+            Field::StartTime => "start time",
+            Field::AppVersion => "app version",
+            Field::Role => "role",
+            Field::State => "state",
+            Field::Epoch => "epoch",
+            Field::Layout => "layout",
+            Field::Features => "features",
+            Field::Commits => "commits",
+            Field::InputPos => "input position",
+            Field::HeartbeatNs => "heartbeat",
+            Field::StepUps => "step-ups",
+            Field::LastStepUpNs => "last step-up time",
+            Field::LastStepUpDurNs => "last step-up duration",
+            Field::AttachGen => "attach generation",
+            Field::Digest => "digest",
+            Field::Requests => "requests",
+            Field::LagBytes => "lag",
+            Field::PeerVersion => "peer version",
+            Field::Cmd => "command",
+            Field::Enableable => "enableable features",
+            Field::Error => "error",
+            Field::SwitchPauseNs => "switchover pause",
+            Field::AppHash => "app hash",
+            Field::StepUpCommits => "step-up commits",
+            Field::StepUpDigest => "step-up digest",
+            Field::Refusals => "refusals",
+            Field::ServiceP99Ns => "service p99",
+            Field::Served => "served",
+        }
+    }
+
+    /// Whether the field is a checked, mirrored word ([`Word::Slot`]).
+    pub fn is_checked(self) -> bool {
+        checked_index(self).is_some()
+    }
+}
+
+/// The slot fields that are checked and mirrored, in the order of their mirror words.
+const CHECKED_FIELDS: [Field; 5] = [
+    Field::Pid,
+    Field::StartTime,
+    Field::Role,
+    Field::State,
+    Field::Epoch,
+];
+
+fn checked_index(f: Field) -> Option<usize> {
+    CHECKED_FIELDS.iter().position(|&c| c == f)
+}
 
 /// An engine's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,6 +311,272 @@ pub mod slot_cmd {
     pub const STOP: u64 = 1;
 }
 
+/// Whether the cluster is meant to run: `down` marks it before stopping the engines, so clients
+/// learn it at once ([`crate::client::ClientError::ClusterDown`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterState {
+    /// Running (or starting).
+    Up = 1,
+    /// Being stopped by the operator (`understudy down`).
+    Down = 2,
+}
+
+impl ClusterState {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClusterState::Up => "up",
+            ClusterState::Down => "down",
+        }
+    }
+}
+
+/// A word of the control block that decisions depend on, stored checked and mirrored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Word {
+    /// The cluster's epoch.
+    Epoch,
+    /// The active slot.
+    ActiveSlot,
+    /// [`ClusterState`].
+    ClusterState,
+    /// A checked field of a slot record (pid, start time, role, state, epoch).
+    Slot {
+        /// The slot.
+        slot: usize,
+        /// The field ([`Field::is_checked`]).
+        field: Field,
+    },
+}
+
+impl Word {
+    /// Every checked word, globals first.
+    pub fn all() -> impl Iterator<Item = Word> {
+        [Word::Epoch, Word::ActiveSlot, Word::ClusterState]
+            .into_iter()
+            .chain((0..SLOTS).flat_map(|slot| {
+                CHECKED_FIELDS
+                    .iter()
+                    .map(move |&field| Word::Slot { slot, field })
+            }))
+    }
+
+    /// Word index of the primary copy.
+    fn primary(self) -> usize {
+        match self {
+            Word::Epoch => W_EPOCH,
+            Word::ActiveSlot => W_ACTIVE,
+            Word::ClusterState => W_CLUSTER,
+            Word::Slot { slot, field } => SLOT_BASE + slot * SLOT_WORDS + field as usize,
+        }
+    }
+
+    /// Word index of the mirror copy.
+    fn mirror(self) -> usize {
+        match self {
+            Word::Epoch => W_EPOCH_MIRROR,
+            Word::ActiveSlot => W_ACTIVE_MIRROR,
+            Word::ClusterState => W_CLUSTER_MIRROR,
+            Word::Slot { slot, field } => {
+                MIRROR_BASE
+                    + slot * MIRROR_WORDS
+                    + checked_index(field).expect("Word::Slot holds a checked field")
+            }
+        }
+    }
+
+    /// Byte offset of the primary copy in the control file.
+    pub fn primary_offset(self) -> usize {
+        self.primary() * 8
+    }
+
+    /// Byte offset of the mirror copy in the control file.
+    pub fn mirror_offset(self) -> usize {
+        self.mirror() * 8
+    }
+
+    /// Whether `v` is a value this word may hold (a copy that passes its check with a value
+    /// out of range is as damaged as one that fails it).
+    fn in_range(self, v: u64) -> bool {
+        match self {
+            Word::Epoch => true,
+            Word::ActiveSlot => v < SLOTS as u64 || v == CHECKED_MAX,
+            Word::ClusterState => v == ClusterState::Up as u64 || v == ClusterState::Down as u64,
+            Word::Slot { field, .. } => match field {
+                Field::Pid => v <= i32::MAX as u64,
+                Field::Role => v <= Role::OutOfService as u64,
+                Field::State => v <= State::Serving as u64,
+                _ => true,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Word {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Word::Epoch => f.write_str("epoch"),
+            Word::ActiveSlot => f.write_str("active slot"),
+            Word::ClusterState => f.write_str("cluster state"),
+            Word::Slot { slot, field } => {
+                write!(f, "slot {} {}", slot_name(*slot), field.name())
+            }
+        }
+    }
+}
+
+/// Which copies of a [`Word`] are damaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Damage {
+    /// The primary fails its check (or holds a value out of range); the mirror is intact.
+    Primary,
+    /// The mirror fails its check (or holds a value out of range); the primary is intact.
+    Mirror,
+    /// Both copies are damaged: the value is lost until an engine rewrites it from its view.
+    Both,
+}
+
+/// A damaged checked word, as [`Control::verify`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Corruption {
+    /// The word.
+    pub word: Word,
+    /// Which copies.
+    pub damage: Damage,
+    /// The primary word as found.
+    pub primary_raw: u64,
+    /// The mirror word as found.
+    pub mirror_raw: u64,
+    /// The value of the intact copy (`None` when both are damaged).
+    pub intact: Option<u64>,
+}
+
+impl std::fmt::Display for Corruption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (p, m) = (self.primary_raw, self.mirror_raw);
+        match (self.damage, self.intact) {
+            (Damage::Primary, Some(v)) => write!(
+                f,
+                "control block word `{}`: primary copy damaged (expected a checked value, found {p:#018x}); the mirror holds {v}",
+                self.word
+            ),
+            (Damage::Mirror, Some(v)) => write!(
+                f,
+                "control block word `{}`: mirror copy damaged (expected the complement of the primary, found {m:#018x}); the primary holds {v}",
+                self.word
+            ),
+            _ => write!(
+                f,
+                "control block word `{}`: both copies damaged (expected checked values, found primary {p:#018x}, mirror {m:#018x}); the value is lost until an engine rewrites it",
+                self.word
+            ),
+        }
+    }
+}
+impl std::error::Error for Corruption {}
+
+/// CRC-16/CCITT-FALSE (polynomial 0x1021): detects every error of one or two bits in a
+/// 64-bit codeword, and every burst of up to 16 bits.
+const CRC16_TABLE: [u16; 256] = {
+    let mut t = [0u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = (i as u16) << 8;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 0x8000 != 0 {
+                (c << 1) ^ 0x1021
+            } else {
+                c << 1
+            };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+};
+
+/// The check of value `v` (48 bits) in word `index`.
+fn check16(index: usize, v: u64) -> u16 {
+    let idx = (index as u16).to_le_bytes();
+    let val = v.to_le_bytes();
+    let mut crc = 0xFFFFu16;
+    for b in idx.iter().chain(&val[..6]) {
+        crc = (crc << 8) ^ CRC16_TABLE[((crc >> 8) as u8 ^ b) as usize];
+    }
+    crc
+}
+
+/// The primary codeword of `v` in word `index` (`v` is cut to 48 bits).
+fn encode(index: usize, v: u64) -> u64 {
+    let v = v & CHECKED_MAX;
+    v | (check16(index, v) as u64) << 48
+}
+
+/// The value of a primary codeword, if it passes its check.
+fn decode(index: usize, raw: u64) -> Option<u64> {
+    let v = raw & CHECKED_MAX;
+    ((raw >> 48) as u16 == check16(index, v)).then_some(v)
+}
+
+/// A copy's value: decoded, checked and in range.
+fn copy_value(word: Word, raw: u64) -> Option<u64> {
+    decode(word.primary(), raw).filter(|&v| word.in_range(v))
+}
+
+/// The robust mutex of a [`Control`], borrowed from it: the handle cannot outlive the mapping.
+/// It never hands out the [`RobustLock`] inside (that handle is `Copy` and unbounded), only
+/// its operations.
+pub struct ControlLock<'a> {
+    lock: RobustLock,
+    _mapping: PhantomData<&'a Control>,
+}
+
+impl ControlLock<'_> {
+    /// [`RobustLock::lock`].
+    pub fn lock(&self) -> Result<LockOutcome, LockError> {
+        self.lock.lock()
+    }
+    /// [`RobustLock::try_lock`].
+    pub fn try_lock(&self) -> Result<TryLockOutcome, LockError> {
+        self.lock.try_lock()
+    }
+    /// [`RobustLock::unlock`].
+    pub fn unlock(&self) -> Result<(), LockError> {
+        self.lock.unlock()
+    }
+    /// [`RobustLock::word`].
+    pub fn word(&self) -> LockWord {
+        self.lock.word()
+    }
+    /// [`RobustLock::owner_died`].
+    pub fn owner_died(&self) -> bool {
+        self.lock.owner_died()
+    }
+    /// [`RobustLock::holder_tid`].
+    pub fn holder_tid(&self) -> Option<u32> {
+        self.lock.holder_tid()
+    }
+    /// [`RobustLock::recover_dead_holder`].
+    pub fn recover_dead_holder(&self, dead_tid: u32) -> bool {
+        self.lock.recover_dead_holder(dead_tid)
+    }
+    /// [`RobustLock::futex_word`] (borrowed from the mapping like the handle).
+    pub fn futex_word(&self) -> &std::sync::atomic::AtomicU32 {
+        self.lock.futex_word()
+    }
+}
+
+/// What this process last wrote to each checked slot field: the engine's own view, from
+/// which [`Control::repair_own`] rewrites its slot when both copies are lost.
+#[derive(Default)]
+struct Shadow {
+    values: [[std::sync::atomic::AtomicU64; CHECKED_FIELDS.len()]; SLOTS],
+    /// Bit `slot * 8 + i`: `values[slot][i]` was written by this process.
+    written: std::sync::atomic::AtomicU64,
+}
+
 /// A control file that cannot be created or opened.
 #[derive(Debug)]
 pub enum ControlError {
@@ -264,6 +629,9 @@ pub struct Control {
     words: Arc<MappedWords<Arc<MmapRaw>>>,
     map: Arc<MmapRaw>,
     path: PathBuf,
+    shadow: Arc<Shadow>,
+    /// (device, inode) of the mapped file.
+    file_id: (u64, u64),
 }
 
 /// CLOCK_MONOTONIC in ns (comparable across processes on the host).
@@ -310,8 +678,14 @@ impl Control {
                 let w = |i: usize, v: u64| c.words.word(i).store(v, Ordering::Relaxed);
                 w(W_MAGIC, MAGIC);
                 w(W_VERSION, VERSION);
-                w(W_EPOCH, 0);
-                w(W_ACTIVE, NO_SLOT);
+                for word in Word::all() {
+                    let v = match word {
+                        Word::ActiveSlot => CHECKED_MAX,
+                        Word::ClusterState => ClusterState::Up as u64,
+                        _ => 0,
+                    };
+                    c.store_checked(word, v);
+                }
                 // SAFETY: the lock area is inside the mapping, 64-byte aligned, and no other
                 // process uses it before READY is published below.
                 unsafe { RobustLock::init(c.map.as_mut_ptr().add(LOCK_OFFSET)) }
@@ -399,6 +773,12 @@ impl Control {
     }
 
     fn map(path: &Path, file: &std::fs::File) -> Result<Control, ControlError> {
+        let meta = file.metadata().map_err(|source| ControlError::Io {
+            path: path.to_owned(),
+            op: "stat",
+            source,
+        })?;
+        let file_id = (meta.dev(), meta.ino());
         let map = MmapOptions::new()
             .len(FILE_BYTES)
             .map_raw(file)
@@ -414,6 +794,8 @@ impl Control {
             words: Arc::new(words),
             map,
             path: path.to_owned(),
+            shadow: Arc::default(),
+            file_id,
         })
     }
 
@@ -422,57 +804,303 @@ impl Control {
         &self.path
     }
 
-    /// The robust mutex the active's writing thread holds.
-    pub fn lock(&self) -> RobustLock {
-        // SAFETY: initialised before READY was published; inside the mapping, which lives as
-        // long as `self.map` (the caller keeps the Control alive while using the lock).
-        unsafe { RobustLock::from_ptr(self.map.as_mut_ptr().add(LOCK_OFFSET)) }
+    /// Whether the file this mapping came from is still the cluster's control file (`down`
+    /// removes the cluster directory; a new cluster creates a new file). One `stat`: call it
+    /// now and then, not in a hot loop. An error other than "not found" counts as linked (it
+    /// proves nothing).
+    pub fn still_linked(&self) -> bool {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) => (m.dev(), m.ino()) == self.file_id,
+            Err(e) => e.kind() != io::ErrorKind::NotFound,
+        }
     }
 
-    /// The current epoch.
+    /// The robust mutex the active's writing thread holds, borrowed from this mapping.
+    pub fn lock(&self) -> ControlLock<'_> {
+        ControlLock {
+            // SAFETY: initialised before READY was published (`open` waits for READY); inside
+            // the mapping (const-asserted: LOCK_OFFSET + SIZE <= FILE_BYTES), 64-byte aligned
+            // (page-aligned mapping + 64), and the mapping lives as long as `self.map`, which
+            // the returned handle borrows through `&self`: it cannot outlive the mapping.
+            lock: unsafe { RobustLock::from_ptr(self.map.as_mut_ptr().add(LOCK_OFFSET)) },
+            _mapping: PhantomData,
+        }
+    }
+
+    fn raw(&self, index: usize) -> &AtomicU64 {
+        self.words.word(index)
+    }
+
+    /// Write both copies of a checked word: the primary (one store, so never torn), then the
+    /// mirror. Readers trust an intact primary, so the mirror lagging behind is harmless.
+    fn store_checked(&self, word: Word, v: u64) {
+        let code = encode(word.primary(), v);
+        self.raw(word.primary()).store(code, Ordering::Release);
+        self.raw(word.mirror()).store(!code, Ordering::Release);
+    }
+
+    /// Read a checked word: the primary if intact, else the mirror if intact, else the
+    /// damage, named.
+    pub fn read(&self, word: Word) -> Result<u64, Corruption> {
+        let p = self.raw(word.primary()).load(Ordering::Acquire);
+        if let Some(v) = copy_value(word, p) {
+            return Ok(v);
+        }
+        let m = self.raw(word.mirror()).load(Ordering::Acquire);
+        match copy_value(word, !m) {
+            Some(v) => Ok(v),
+            None => Err(Corruption {
+                word,
+                damage: Damage::Both,
+                primary_raw: p,
+                mirror_raw: m,
+                intact: None,
+            }),
+        }
+    }
+
+    /// Both copies of `word`, each checked: the damage if either is damaged.
+    fn inspect(&self, word: Word) -> Option<Corruption> {
+        let p = self.raw(word.primary()).load(Ordering::Acquire);
+        let m = self.raw(word.mirror()).load(Ordering::Acquire);
+        let (pv, mv) = (copy_value(word, p), copy_value(word, !m));
+        let (damage, intact) = match (pv, mv) {
+            (Some(_), Some(_)) => return None,
+            (None, Some(v)) => (Damage::Primary, Some(v)),
+            (Some(v), None) => (Damage::Mirror, Some(v)),
+            (None, None) => (Damage::Both, None),
+        };
+        Some(Corruption {
+            word,
+            damage,
+            primary_raw: p,
+            mirror_raw: m,
+            intact,
+        })
+    }
+
+    /// Every damaged copy of a checked word, named. Empty when the block is intact. A mirror
+    /// that is intact but holds an older value than its primary (a writer between its two
+    /// stores, or one that died there) is not damage: readers trust the primary.
+    pub fn verify(&self) -> Vec<Corruption> {
+        Word::all().filter_map(|w| self.inspect(w)).collect()
+    }
+
+    /// Rewrite each damaged copy from the intact one (compare-and-swap on the damaged word,
+    /// so a concurrent legitimate write wins). Returns what was found; words damaged in both
+    /// copies are left for [`repair_own`](Self::repair_own).
+    pub fn repair(&self) -> Vec<Corruption> {
+        let found = self.verify();
+        for c in &found {
+            let Some(v) = c.intact else { continue };
+            let code = encode(c.word.primary(), v);
+            let (index, from, to) = match c.damage {
+                Damage::Primary => (c.word.primary(), c.primary_raw, code),
+                Damage::Mirror => (c.word.mirror(), c.mirror_raw, !code),
+                Damage::Both => continue,
+            };
+            let _ = self
+                .raw(index)
+                .compare_exchange(from, to, Ordering::AcqRel, Ordering::Relaxed);
+        }
+        found
+    }
+
+    /// What a live engine in `slot` calls now and then: [`repair`](Self::repair), then, for
+    /// a word damaged in both copies, rewrite it from this process's own view — each checked
+    /// field of `slot` from the value this process last wrote there, and, while this process
+    /// wrote `slot` as the active, the epoch and the active slot from that record. Every
+    /// rewrite is a compare-and-swap from the damaged word. Returns what was found (each also
+    /// logged, with the word named).
+    pub fn repair_own(&self, slot: usize) -> Vec<Corruption> {
+        if slot >= SLOTS {
+            return Vec::new();
+        }
+        let found = self.repair();
+        for c in &found {
+            warn!("{c}; repairing");
+            if c.damage != Damage::Both {
+                continue;
+            }
+            let mine = |f: Field| self.shadow_value(slot, f);
+            let v = match c.word {
+                Word::Slot { slot: s, field } if s == slot => mine(field),
+                Word::Epoch if mine(Field::Role) == Some(Role::Active as u64) => mine(Field::Epoch),
+                Word::ActiveSlot if mine(Field::Role) == Some(Role::Active as u64) => {
+                    Some(slot as u64)
+                }
+                _ => None,
+            };
+            let Some(v) = v else { continue };
+            let code = encode(c.word.primary(), v);
+            if self
+                .raw(c.word.primary())
+                .compare_exchange(c.primary_raw, code, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                let _ = self.raw(c.word.mirror()).compare_exchange(
+                    c.mirror_raw,
+                    !code,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
+                warn!(word = %c.word, value = v, "rewrote both copies from this engine's own view");
+            }
+        }
+        found
+    }
+
+    fn shadow_value(&self, slot: usize, f: Field) -> Option<u64> {
+        let i = checked_index(f)?;
+        let bit = 1u64 << (slot * 8 + i);
+        (self
+            .shadow
+            .written
+            .load(std::sync::atomic::Ordering::Relaxed)
+            & bit
+            != 0)
+            .then(|| self.shadow.values[slot][i].load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The current epoch (the mirror's if the primary is damaged; if both are, the primary's
+    /// low 48 bits: a decision must use [`epoch_checked`](Self::epoch_checked)).
     pub fn epoch(&self) -> u64 {
-        self.words.word(W_EPOCH).load(Ordering::Acquire)
+        self.epoch_checked()
+            .unwrap_or_else(|c| c.primary_raw & CHECKED_MAX)
     }
 
-    /// The active slot, if any.
+    /// The current epoch, or the damage.
+    pub fn epoch_checked(&self) -> Result<u64, Corruption> {
+        self.read(Word::Epoch)
+    }
+
+    /// The active slot, if any (`None` also when both copies are damaged).
     pub fn active_slot(&self) -> Option<usize> {
-        let s = self.words.word(W_ACTIVE).load(Ordering::Acquire);
-        (s < SLOTS as u64).then_some(s as usize)
+        self.active_slot_checked().ok().flatten()
+    }
+
+    /// The active slot (`None`: no active), or the damage.
+    pub fn active_slot_checked(&self) -> Result<Option<usize>, Corruption> {
+        let s = self.read(Word::ActiveSlot)?;
+        Ok((s < SLOTS as u64).then_some(s as usize))
+    }
+
+    /// The cluster's state, or the damage.
+    pub fn cluster_state(&self) -> Result<ClusterState, Corruption> {
+        Ok(match self.read(Word::ClusterState)? {
+            2 => ClusterState::Down,
+            _ => ClusterState::Up,
+        })
+    }
+
+    /// Set the cluster's state (`understudy down` sets [`ClusterState::Down`] before it
+    /// stops the engines; an engine claiming an epoch sets [`ClusterState::Up`]).
+    pub fn set_cluster_state(&self, state: ClusterState) {
+        self.store_checked(Word::ClusterState, state as u64);
     }
 
     /// Become active: bump the epoch from `from` to `from + 1` and record `slot` as active,
-    /// only if nobody else bumped it first. Returns the new epoch.
+    /// only if nobody else bumped it first. Returns the new epoch. A primary epoch word that
+    /// fails its check is claimed from its intact mirror (the compare-and-swap acts on the
+    /// damaged word as found, so two claimers still cannot both win).
     pub fn claim_epoch(&self, from: u64, slot: usize) -> Option<u64> {
+        let next = from.checked_add(1).filter(|&n| n <= CHECKED_MAX)?;
+        if slot >= SLOTS {
+            return None;
+        }
+        let w = Word::Epoch;
+        let raw = self.raw(w.primary()).load(Ordering::Acquire);
+        let current = match copy_value(w, raw) {
+            Some(v) => v,
+            None => copy_value(w, !self.raw(w.mirror()).load(Ordering::Acquire))?,
+        };
+        if current != from {
+            return None;
+        }
+        let code = encode(w.primary(), next);
         // SYNC POINT: epoch claimed (AcqRel CAS; every engine reads the epoch with Acquire).
-        self.words
-            .word(W_EPOCH)
-            .compare_exchange(from, from + 1, Ordering::AcqRel, Ordering::Acquire)
+        self.raw(w.primary())
+            .compare_exchange(raw, code, Ordering::AcqRel, Ordering::Acquire)
             .ok()?;
-        self.words
-            .word(W_ACTIVE)
-            .store(slot as u64, Ordering::Release);
-        Some(from + 1)
+        self.raw(w.mirror()).store(!code, Ordering::Release);
+        self.store_checked(Word::ActiveSlot, slot as u64);
+        if self.cluster_state() != Ok(ClusterState::Up) {
+            self.set_cluster_state(ClusterState::Up);
+        }
+        Some(next)
     }
 
-    /// A slot field.
-    pub fn slot_word(&self, slot: usize, f: Field) -> &AtomicU64 {
-        assert!(slot < SLOTS);
+    /// A non-checked slot word.
+    fn slot_word(&self, slot: usize, f: Field) -> &AtomicU64 {
+        assert!(
+            slot < SLOTS,
+            "slot {slot} out of range (our own caller's bug)"
+        );
         self.words.word(SLOT_BASE + slot * SLOT_WORDS + f as usize)
     }
 
-    /// Read a slot field.
+    /// Read a slot field. A checked field ([`Field::is_checked`]) reads the intact copy; if
+    /// both are damaged, the primary's low 48 bits (a decision must use
+    /// [`get_checked`](Self::get_checked)).
     pub fn get(&self, slot: usize, f: Field) -> u64 {
+        if f.is_checked() {
+            return self
+                .get_checked(slot, f)
+                .unwrap_or_else(|c| c.primary_raw & CHECKED_MAX);
+        }
         self.slot_word(slot, f).load(Ordering::Acquire)
     }
 
-    /// Write a slot field.
+    /// Read a slot field, or the damage if it is a checked field with no intact copy.
+    pub fn get_checked(&self, slot: usize, f: Field) -> Result<u64, Corruption> {
+        assert!(
+            slot < SLOTS,
+            "slot {slot} out of range (our own caller's bug)"
+        );
+        if f.is_checked() {
+            return self.read(Word::Slot { slot, field: f });
+        }
+        Ok(self.slot_word(slot, f).load(Ordering::Acquire))
+    }
+
+    /// Write a slot field (both copies of a checked field; its value is cut to 48 bits).
     pub fn set(&self, slot: usize, f: Field, v: u64) {
-        self.slot_word(slot, f).store(v, Ordering::Release)
+        assert!(
+            slot < SLOTS,
+            "slot {slot} out of range (our own caller's bug)"
+        );
+        match checked_index(f) {
+            Some(i) => {
+                let v = v & CHECKED_MAX;
+                self.shadow.values[slot][i].store(v, std::sync::atomic::Ordering::Relaxed);
+                self.shadow
+                    .written
+                    .fetch_or(1 << (slot * 8 + i), std::sync::atomic::Ordering::Relaxed);
+                self.store_checked(Word::Slot { slot, field: f }, v);
+            }
+            None => self.slot_word(slot, f).store(v, Ordering::Release),
+        }
+    }
+
+    /// XOR `mask` into the control file's word at `byte_offset` (8-aligned): a bit flip, for
+    /// tests of the checks. False if the offset is not an aligned word of the file.
+    #[cfg(feature = "fault-injection")]
+    pub fn flip_bits(&self, byte_offset: usize, mask: u64) -> bool {
+        if byte_offset % 8 != 0 || byte_offset >= FILE_BYTES {
+            return false;
+        }
+        self.raw(byte_offset / 8).fetch_xor(mask, Ordering::AcqRel);
+        true
     }
 
     /// Post a command to the active; returns its sequence number.
     pub fn post(&self, command: u64, arg: u64) -> u64 {
-        let seq = self.words.word(W_CMD_SEQ).load(Ordering::Acquire) + 1;
+        // Another process writes the word: wrap rather than overflow.
+        let seq = self
+            .words
+            .word(W_CMD_SEQ)
+            .load(Ordering::Acquire)
+            .wrapping_add(1);
         self.words.word(W_CMD).store(command, Ordering::Relaxed);
         self.words.word(W_CMD_ARG).store(arg, Ordering::Relaxed);
         // SYNC POINT: command posted (Release; Acquire in `pending`).

@@ -17,7 +17,7 @@
 
 use crate::app::{negotiate, write_versions, Agreement, Application, Feature, Refused, Tx};
 use crate::control::{self, cmd, monotonic_ns, realtime_ns, slot_cmd, Control, Field, Role, State};
-use crate::liveness::{self, LockError, LockWord, ProcessIdentity, RobustLock, TryLockOutcome};
+use crate::liveness::{self, LockError, LockWord, ProcessIdentity, TryLockOutcome};
 use crate::protocol::{self, rt, CommitBlock, FeaturesBlock, HeartbeatBlock, Hello, Position};
 use crate::store::{Op, Spare, Store};
 use shm_layout::record::{decode, TemplateInfo};
@@ -706,6 +706,9 @@ impl<A: Application, I: Input> Engine<A, I> {
             if idle_tick || busy && iter % 64 == 0 {
                 let now = monotonic_ns();
                 if now - last_house > 200_000 || !busy && now - last_house > 20_000 {
+                    if now / 10_000_000 != last_house / 10_000_000 {
+                        self.control.repair_own(s); // checked words, every ~10 ms
+                    }
                     last_house = now;
                     self.control.set(s, Field::HeartbeatNs, now);
                     self.control.set(s, Field::Commits, self.commits);
@@ -1560,7 +1563,9 @@ impl<A: Application, I: Input> Engine<A, I> {
     /// Apply the stream and watch the active until something happens.
     fn follow(&mut self, u: &mut Upstream) -> Result<Follow, EngineError> {
         let s = self.opt.slot;
-        let lock = self.control.lock();
+        // The lock borrows the mapping: hold our own handle on it while `self` changes.
+        let control = self.control.clone();
+        let lock = control.lock();
         let active = u.active_slot;
         let apid = self.control.get(active, Field::Pid);
         let active_id = ProcessIdentity {
@@ -1632,6 +1637,9 @@ impl<A: Application, I: Input> Engine<A, I> {
             }
             let now = monotonic_ns();
             if now - last_house > 500_000 {
+                if now / 10_000_000 != last_house / 10_000_000 {
+                    self.control.repair_own(s); // checked words, every ~10 ms
+                }
                 last_house = now;
                 self.control.set(s, Field::HeartbeatNs, now);
                 self.control.set(s, Field::Commits, self.commits);
@@ -2269,7 +2277,7 @@ pub fn push_tx(
 /// block's other words say about its process — is never taken over. The compare-and-swap in
 /// the recovery acts only on the exact word that named the dead thread, and the epoch CAS
 /// after locking lets one engine win even if two recover at once.
-fn try_lock_recovering(lock: &RobustLock) -> Result<TryLockOutcome, LockError> {
+fn try_lock_recovering(lock: &control::ControlLock<'_>) -> Result<TryLockOutcome, LockError> {
     match lock.try_lock()? {
         TryLockOutcome::WouldBlock => {
             let Some(tid) = lock.holder_tid() else {
