@@ -26,26 +26,45 @@
 //!   sequence it has already seen (responses arrive in request order, so one counter suffices).
 //!
 //! A client learns of a role change only through latency: it never reconnects or resubmits.
+//! It does learn, within a bounded time, what would otherwise be silence:
+//!
+//! - [`ClientError::ClusterDown`]: the operator stopped the cluster (`understudy down` marks
+//!   the control block before it stops the engines, then removes the cluster's files); seen
+//!   at the next poll that finds no response.
+//! - [`ClientError::NoActive`]: no live engine has been active for longer than the client's
+//!   bound ([`Client::set_no_active_bound`], default 2 s; failovers and switchovers take
+//!   milliseconds) — an outage. Not final: once an engine is active again, polls answer again.
+//! - [`ClientError::ClientClosed`]: the engine closed this client's rings, with its reason
+//!   ([`CloseReason`]): it sent malformed frames, its rings could not be opened, it was taken
+//!   for dead, it did not read its responses. Final.
+//! - [`ClientError::ResponseTooLarge`]: the answer to one request did not fit in this client's
+//!   response ring; the engine sent this error in its place. The client stays connected.
 //!
 //! # Examples
 //!
 //! ```no_run
-//! use understudy_runtime::client::Client;
+//! use understudy_runtime::client::{Client, ClientError};
 //! use std::time::Duration;
 //!
-//! let mut client = Client::connect("/dev/shm/understudy/demo".as_ref()).unwrap();
+//! // Wait up to 5 s for the cluster to come up.
+//! let mut client = Client::connect_timeout("/dev/shm/understudy/demo".as_ref(), Duration::from_secs(5)).unwrap();
 //! let seq = client.submit(b"hello").unwrap();
-//! let response = client.wait_response(Duration::from_secs(1)).unwrap().unwrap();
-//! assert_eq!(response.0, seq);
+//! match client.wait_response(Duration::from_secs(1)) {
+//!     Ok(Some((s, response))) => assert_eq!(s, seq),
+//!     Ok(None) => println!("no answer yet"),
+//!     Err(ClientError::NoActive { .. }) => println!("outage: no engine is active"),
+//!     Err(e) => println!("{e}"),
+//! }
 //! ```
 
-use crate::control::{Control, MAX_CLIENTS};
+use crate::control::{ClusterState, Control, Field, Role, MAX_CLIENTS};
 use crate::engine::{Input, InputMeta, SourcePosition};
-use crate::liveness::ProcessIdentity;
+use crate::liveness::{Liveness, ProcessIdentity};
 use crate::store::Store;
 use shm_layout::region::{Identity, Region, RegionMemory, RegionSpec};
 use shm_layout::ring::{BatchBuf, Consumer, Producer, PushError};
 use shm_layout::Ordering;
+use std::collections::VecDeque;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -55,16 +74,70 @@ use tracing::{info, warn};
 pub const REQUEST: u16 = 1;
 /// Record type of a response frame (payload: request sequence u64, then the response).
 pub const RESPONSE: u16 = 2;
+/// Record type sent in place of a response too large for the client's ring (payload: request
+/// sequence, the response's length, the most bytes a batch may take in the ring; u64 each).
+pub const RESPONSE_TOO_LARGE: u16 = 3;
 /// Region kind tags.
 const KIND_IN: u32 = 10;
 const KIND_OUT: u32 = 11;
-/// Close reasons.
+/// Close reasons (the words the engine writes; see [`CloseReason`]).
 const CLOSE_BY_CLIENT: u64 = 1;
 const CLOSE_GARBAGE: u64 = 2;
 const CLOSE_DEAD: u64 = 3;
 const CLOSE_SLOW: u64 = 4;
+const CLOSE_UNUSABLE: u64 = 5;
 /// Default ring capacity of a client's rings.
 pub const DEFAULT_CAPACITY: usize = 1 << 20;
+/// Default of [`Client::set_no_active_bound`].
+pub const DEFAULT_NO_ACTIVE_BOUND: Duration = Duration::from_secs(2);
+/// How often an idle client looks at the cluster (a `stat` and a `/proc` read).
+const STATUS_EVERY: Duration = Duration::from_millis(20);
+
+/// Why the engine closed a client's rings (the word it wrote).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed them itself.
+    ByClient,
+    /// The client sent malformed frames.
+    Malformed,
+    /// The client's process was taken for dead.
+    Dead,
+    /// The client did not read its responses (its response ring stayed full).
+    Slow,
+    /// The client's rings could not be opened or resumed (damaged headers or positions).
+    Unusable,
+    /// A reason this version does not know.
+    Other(u64),
+}
+
+impl CloseReason {
+    /// From the word the engine wrote.
+    pub fn from_word(w: u64) -> CloseReason {
+        match w {
+            CLOSE_BY_CLIENT => CloseReason::ByClient,
+            CLOSE_GARBAGE => CloseReason::Malformed,
+            CLOSE_DEAD => CloseReason::Dead,
+            CLOSE_SLOW => CloseReason::Slow,
+            CLOSE_UNUSABLE => CloseReason::Unusable,
+            other => CloseReason::Other(other),
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::ByClient => f.write_str("the client closed them"),
+            CloseReason::Malformed => f.write_str("it sent malformed frames"),
+            CloseReason::Dead => f.write_str("it was taken for dead"),
+            CloseReason::Slow => f.write_str("it did not read its responses"),
+            CloseReason::Unusable => {
+                f.write_str("its rings could not be opened or resumed (damaged)")
+            }
+            CloseReason::Other(w) => write!(f, "reason code {w}"),
+        }
+    }
+}
 
 /// A client that cannot connect or talk to the cluster.
 #[derive(Debug)]
@@ -78,10 +151,30 @@ pub enum ClientError {
         /// Entries in the registry.
         max: usize,
     },
-    /// The engine closed this client's rings.
-    Closed {
-        /// Why (a close reason code).
-        reason: u64,
+    /// The engine closed this client's rings: final, connect again.
+    ClientClosed {
+        /// Why.
+        reason: CloseReason,
+    },
+    /// The cluster was stopped (`understudy down`), or its files are gone.
+    ClusterDown,
+    /// No live engine has been active for longer than the client's bound: an outage. Not
+    /// final: the client is served again once an engine is active.
+    NoActive {
+        /// When this client first saw no active (CLOCK_MONOTONIC ns, as
+        /// [`crate::control::monotonic_ns`]).
+        since_ns: u64,
+    },
+    /// The response to one request did not fit in this client's response ring; the engine sent
+    /// this in its place. The client stays connected.
+    ResponseTooLarge {
+        /// The request's sequence number.
+        request_seq: u64,
+        /// The response's length in bytes.
+        found: u64,
+        /// The most bytes one batch may take in this client's response ring (frame header
+        /// and the 8-byte request sequence included).
+        max: u64,
     },
     /// A response frame failed validation.
     BadResponse(String),
@@ -103,15 +196,24 @@ impl fmt::Display for ClientError {
                 f,
                 "client registry full: expected a free entry, found all {max} taken"
             ),
-            ClientError::Closed { reason } => write!(
+            ClientError::ClientClosed { reason } => {
+                write!(f, "the engine closed this client's rings: {reason}")
+            }
+            ClientError::ClusterDown => f.write_str(
+                "the cluster is down (stopped by the operator, or its files are gone)",
+            ),
+            ClientError::NoActive { since_ns } => write!(
                 f,
-                "the engine closed this client's rings ({})",
-                match *reason {
-                    CLOSE_GARBAGE => "it sent malformed frames",
-                    CLOSE_DEAD => "it was taken for dead",
-                    CLOSE_SLOW => "it did not read its responses",
-                    _ => "closed",
-                }
+                "no engine has been active for {} ms: an outage",
+                crate::control::monotonic_ns().saturating_sub(*since_ns) / 1_000_000
+            ),
+            ClientError::ResponseTooLarge {
+                request_seq,
+                found,
+                max,
+            } => write!(
+                f,
+                "the response to request {request_seq} ({found} bytes) does not fit in this client's response ring (at most {max} bytes): connect with larger rings"
             ),
             ClientError::BadResponse(s) => write!(f, "bad response frame: {s}"),
             ClientError::Setup(s) => f.write_str(s),
@@ -122,6 +224,12 @@ impl fmt::Display for ClientError {
     }
 }
 impl std::error::Error for ClientError {}
+
+/// An answer read from the response ring.
+enum Answer {
+    Response(Vec<u8>),
+    TooLarge { found: u64, max: u64 },
+}
 
 /// A connection to a cluster's active engine, whichever engine that is.
 pub struct Client {
@@ -135,7 +243,14 @@ pub struct Client {
     buf: BatchBuf,
     /// Responses already returned: requests with a smaller sequence are answered.
     answered: u64,
-    ready: std::collections::VecDeque<(u64, Vec<u8>)>,
+    /// Answers read from the ring, not yet returned (in request order).
+    ready: VecDeque<(u64, Answer)>,
+    no_active_bound: Duration,
+    /// When this client first saw no live active (CLOCK_MONOTONIC ns).
+    no_active_since: Option<u64>,
+    /// Empty polls since the last status check; the clock is read every 64.
+    empty_polls: u32,
+    last_status: Option<Instant>,
 }
 
 fn random_id() -> u64 {
@@ -154,6 +269,37 @@ impl Client {
     /// Connect to the cluster whose directory is `dir` (`<shm_dir>/<cluster name>`).
     pub fn connect(dir: &Path) -> Result<Client, ClientError> {
         Self::connect_with(dir, DEFAULT_CAPACITY)
+    }
+
+    /// Connect, retrying every 10 ms while the cluster is not there yet (no control file, one
+    /// still being initialised, a full registry) for up to `timeout`; the last error after.
+    pub fn connect_timeout(dir: &Path, timeout: Duration) -> Result<Client, ClientError> {
+        Self::connect_with_timeout(dir, DEFAULT_CAPACITY, timeout)
+    }
+
+    /// [`connect_timeout`](Self::connect_timeout) with rings of `capacity` bytes.
+    pub fn connect_with_timeout(
+        dir: &Path,
+        capacity: usize,
+        timeout: Duration,
+    ) -> Result<Client, ClientError> {
+        let started = Instant::now();
+        loop {
+            match Self::connect_with(dir, capacity) {
+                Ok(c) => return Ok(c),
+                Err(
+                    e @ (ClientError::Control(_)
+                    | ClientError::RegistryFull { .. }
+                    | ClientError::Region(_)),
+                ) => {
+                    if started.elapsed() >= timeout {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Connect to cluster `name` under `shm_dir`.
@@ -206,7 +352,11 @@ impl Client {
             responses,
             buf: BatchBuf::with_capacity(4096),
             answered: 0,
-            ready: Default::default(),
+            ready: VecDeque::new(),
+            no_active_bound: DEFAULT_NO_ACTIVE_BOUND,
+            no_active_since: None,
+            empty_polls: 0,
+            last_status: None,
         })
     }
 
@@ -215,12 +365,16 @@ impl Client {
         self.id
     }
 
+    /// How long no live active may last before polls report [`ClientError::NoActive`]
+    /// (default [`DEFAULT_NO_ACTIVE_BOUND`]).
+    pub fn set_no_active_bound(&mut self, bound: Duration) {
+        self.no_active_bound = bound;
+    }
+
     /// Submit a request; returns its sequence number (responses carry it). `Ok(None)` when the
     /// request ring is full (the engine is behind): try again later.
     pub fn try_submit(&mut self, request: &[u8]) -> Result<Option<u64>, ClientError> {
-        if let Some(r) = self.in_region.closed() {
-            return Err(ClientError::Closed { reason: r });
-        }
+        self.check_closed()?;
         // The request's sequence is its frame's: when the frame wraps, a padding frame with a
         // sequence of its own goes first, so read it from what was committed.
         let mut batch = self.requests.batch();
@@ -236,17 +390,19 @@ impl Client {
         }
     }
 
-    /// Submit, waiting (spinning, then yielding) while the ring is full.
+    /// Submit, waiting (spinning, then yielding) while the ring is full; while it stays full
+    /// the cluster's status is checked as in [`poll_response`](Self::poll_response).
     pub fn submit(&mut self, request: &[u8]) -> Result<u64, ClientError> {
         let mut spins = 0u32;
         loop {
             if let Some(seq) = self.try_submit(request)? {
                 return Ok(seq);
             }
-            spins += 1;
+            spins = spins.saturating_add(1);
             if spins < 1000 {
                 std::hint::spin_loop();
             } else {
+                self.status(true)?;
                 std::thread::yield_now();
             }
         }
@@ -260,46 +416,165 @@ impl Client {
             .is_ok()
     }
 
-    /// The next response, if one arrived: `(request sequence, response bytes)`. Duplicates (a
-    /// response re-emitted by a new active) are dropped here.
-    pub fn poll_response(&mut self) -> Result<Option<(u64, Vec<u8>)>, ClientError> {
-        if let Some(r) = self.ready.pop_front() {
-            return Ok(Some(r));
-        }
-        loop {
-            match self.responses.poll(&mut self.buf) {
-                Ok(false) => {
-                    if let Some(r) = self.out_region.closed() {
-                        return Err(ClientError::Closed { reason: r });
-                    }
-                    return Ok(None);
-                }
-                Ok(true) => {
-                    for f in self.buf.frames() {
-                        if f.meta.record_type != RESPONSE || f.payload.len() < 8 {
-                            return Err(ClientError::BadResponse(format!(
-                                "expected a response frame of at least 8 bytes, found type {} with {} bytes",
-                                f.meta.record_type,
-                                f.payload.len()
-                            )));
-                        }
-                        let seq = u64::from_le_bytes(f.payload[..8].try_into().expect("8"));
-                        if seq < self.answered {
-                            continue; // re-emitted after a role change: already delivered
-                        }
-                        self.answered = seq + 1;
-                        self.ready.push_back((seq, f.payload[8..].to_vec()));
-                    }
-                    if let Some(r) = self.ready.pop_front() {
-                        return Ok(Some(r));
-                    }
-                }
-                Err(e) => return Err(ClientError::BadResponse(e.to_string())),
-            }
+    /// The engine closed our rings: its reason (ring close words first, then the registry's
+    /// refusal word for rings it could not open).
+    fn check_closed(&self) -> Result<(), ClientError> {
+        let word = self
+            .out_region
+            .closed()
+            .or_else(|| self.in_region.closed())
+            .or_else(|| match self.control.client_refused(self.entry) {
+                0 => None,
+                r => Some(r),
+            });
+        match word {
+            Some(w) => Err(ClientError::ClientClosed {
+                reason: CloseReason::from_word(w),
+            }),
+            None => Ok(()),
         }
     }
 
-    /// Wait up to `timeout` for the next response.
+    /// Read one batch of answers from the ring into `ready`. Duplicates (a response
+    /// re-emitted by a new active) are dropped here.
+    fn fill(&mut self) -> Result<bool, ClientError> {
+        match self.responses.poll(&mut self.buf) {
+            Ok(false) => Ok(false),
+            Ok(true) => {
+                for f in self.buf.frames() {
+                    let p = f.payload;
+                    let word = |i: usize| {
+                        p.get(i * 8..i * 8 + 8)
+                            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                    };
+                    let (seq, answer) = match (f.meta.record_type, word(0)) {
+                        (RESPONSE, Some(seq)) => (seq, Answer::Response(p[8..].to_vec())),
+                        (RESPONSE_TOO_LARGE, Some(seq)) if p.len() == 24 => (
+                            seq,
+                            Answer::TooLarge {
+                                found: word(1).unwrap_or(0),
+                                max: word(2).unwrap_or(0),
+                            },
+                        ),
+                        (t, _) => {
+                            return Err(ClientError::BadResponse(format!(
+                                "expected a response frame (type {RESPONSE}, at least 8 bytes, or type {RESPONSE_TOO_LARGE}, 24 bytes), found type {t} with {} bytes",
+                                p.len()
+                            )))
+                        }
+                    };
+                    if seq < self.answered {
+                        continue; // re-emitted after a role change: already delivered
+                    }
+                    self.answered = seq.checked_add(1).ok_or_else(|| {
+                        ClientError::BadResponse(format!(
+                            "expected a request sequence below {}, found {seq}",
+                            u64::MAX
+                        ))
+                    })?;
+                    self.ready.push_back((seq, answer));
+                }
+                Ok(true)
+            }
+            Err(e) => Err(ClientError::BadResponse(e.to_string())),
+        }
+    }
+
+    fn deliver(seq: u64, answer: Answer) -> Result<Option<(u64, Vec<u8>)>, ClientError> {
+        match answer {
+            Answer::Response(r) => Ok(Some((seq, r))),
+            Answer::TooLarge { found, max } => Err(ClientError::ResponseTooLarge {
+                request_seq: seq,
+                found,
+                max,
+            }),
+        }
+    }
+
+    /// The next response, if one arrived: `(request sequence, response bytes)`. Duplicates (a
+    /// response re-emitted by a new active) are dropped here. When none is waiting, the
+    /// cluster's status is checked (the down mark at every such poll; files and the active's
+    /// liveness every 20 ms): `Err(ClusterDown)`, `Err(NoActive { .. })` once there has been
+    /// no live active for longer than the bound, `Err(ClientClosed { .. })`; see the module
+    /// documentation. `Err(ResponseTooLarge { .. })` answers one request and leaves the
+    /// client usable.
+    pub fn poll_response(&mut self) -> Result<Option<(u64, Vec<u8>)>, ClientError> {
+        if self.ready.is_empty() {
+            self.fill()?;
+        }
+        if let Some((seq, a)) = self.ready.pop_front() {
+            self.empty_polls = 0;
+            return Self::deliver(seq, a);
+        }
+        self.status(false)?;
+        Ok(None)
+    }
+
+    /// Check the cluster's status while nothing arrives: closed rings and the down mark each
+    /// time; every [`STATUS_EVERY`] (or when `now`), the control file's link and the active.
+    fn status(&mut self, now: bool) -> Result<(), ClientError> {
+        self.check_closed()?;
+        if self.control.cluster_state() == Ok(ClusterState::Down) {
+            return Err(ClientError::ClusterDown);
+        }
+        self.empty_polls = self.empty_polls.wrapping_add(1);
+        if !now && self.empty_polls % 64 != 0 {
+            return Ok(());
+        }
+        if self.last_status.is_some_and(|t| t.elapsed() < STATUS_EVERY) {
+            return Ok(());
+        }
+        self.last_status = Some(Instant::now());
+        if !self.control.still_linked() {
+            return Err(ClientError::ClusterDown);
+        }
+        if self.active_alive() {
+            self.no_active_since = None;
+            return Ok(());
+        }
+        let now_ns = crate::control::monotonic_ns();
+        let since = *self.no_active_since.get_or_insert(now_ns);
+        if now_ns.saturating_sub(since) >= self.no_active_bound.as_nanos() as u64 {
+            return Err(ClientError::NoActive { since_ns: since });
+        }
+        Ok(())
+    }
+
+    /// A live engine is active: the control block names an active slot whose record says
+    /// active in the current epoch, and its process (pid + start time) is alive. A damaged
+    /// word with no intact copy counts as no evidence of an active (a live engine repairs
+    /// its words within milliseconds).
+    fn active_alive(&self) -> bool {
+        let c = &self.control;
+        let (Ok(epoch), Ok(Some(a))) = (c.epoch_checked(), c.active_slot_checked()) else {
+            return false;
+        };
+        let (Ok(pid), Ok(st), Ok(role), Ok(e)) = (
+            c.get_checked(a, Field::Pid),
+            c.get_checked(a, Field::StartTime),
+            c.get_checked(a, Field::Role),
+            c.get_checked(a, Field::Epoch),
+        ) else {
+            return false;
+        };
+        if Role::from_word(role) != Role::Active || e != epoch || pid == 0 {
+            return false;
+        }
+        let Ok(pid) = u32::try_from(pid) else {
+            return false;
+        };
+        let id = ProcessIdentity {
+            pid,
+            start_time_ticks: st,
+        };
+        // A /proc read error is not proof of death.
+        !matches!(
+            id.check(),
+            Ok(Liveness::Exited | Liveness::Reaped | Liveness::PidReused { .. })
+        )
+    }
+
+    /// Wait up to `timeout` for the next response (errors as [`poll_response`](Self::poll_response)).
     pub fn wait_response(
         &mut self,
         timeout: Duration,
@@ -315,7 +590,7 @@ impl Client {
             if timeout.is_zero() || spins % 64 == 63 && t.elapsed() >= timeout {
                 return Ok(None);
             }
-            spins += 1;
+            spins = spins.wrapping_add(1);
             if spins < 2000 {
                 std::hint::spin_loop();
             } else {
@@ -324,7 +599,10 @@ impl Client {
         }
     }
 
-    /// Submit and wait for the response.
+    /// Submit and wait up to `timeout` for this request's response. Answers to other requests
+    /// in flight that arrive meanwhile are kept, in order, for
+    /// [`poll_response`](Self::poll_response). Errors as `poll_response`;
+    /// `Err(ResponseTooLarge)` only for this request.
     pub fn call(
         &mut self,
         request: &[u8],
@@ -332,12 +610,23 @@ impl Client {
     ) -> Result<Option<Vec<u8>>, ClientError> {
         let seq = self.submit(request)?;
         let t = Instant::now();
+        let mut spins = 0u32;
         loop {
-            let left = timeout.saturating_sub(t.elapsed());
-            match self.wait_response(left)? {
-                Some((s, r)) if s == seq => return Ok(Some(r)),
-                Some(_) => continue,
-                None => return Ok(None),
+            if let Some(i) = self.ready.iter().position(|(s, _)| *s == seq) {
+                let (s, a) = self.ready.remove(i).expect("index in range");
+                return Self::deliver(s, a).map(|r| r.map(|(_, bytes)| bytes));
+            }
+            if !self.fill()? {
+                self.status(false)?;
+                if spins % 64 == 63 && t.elapsed() >= timeout {
+                    return Ok(None);
+                }
+                spins = spins.wrapping_add(1);
+                if spins < 2000 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
             }
         }
     }
@@ -381,7 +670,9 @@ pub struct ClientInput {
     /// Positions replicated before we became active, applied when a client's rings open.
     resume_at: Vec<(u64, SourcePosition)>,
     /// Test hook: abort after this many commits, between commit and egress.
+    #[cfg(feature = "fault-injection")]
     crash_before_egress_after: Option<u64>,
+    #[cfg(feature = "fault-injection")]
     commits: u64,
 }
 
@@ -399,9 +690,12 @@ impl ClientInput {
             retired: Vec::new(),
             closed: Vec::new(),
             resume_at: Vec::new(),
+            // Test hook (cargo feature `fault-injection` only; a release build has none).
+            #[cfg(feature = "fault-injection")]
             crash_before_egress_after: std::env::var("UNDERSTUDY_TEST_CRASH_BEFORE_EGRESS")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            #[cfg(feature = "fault-injection")]
             commits: 0,
         })
     }
@@ -424,10 +718,22 @@ impl ClientInput {
                     info!(client = format!("{id:016x}"), "client connected");
                     self.conns.push(c);
                 }
-                Err(e) => warn!(
-                    client = format!("{id:016x}"),
-                    "client rings not usable: {e}"
-                ),
+                // Files gone: the client is going away and releases its entry.
+                Err(ClientError::Region(shm_layout::region::RegionError::Io {
+                    source, ..
+                })) if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    // Never retried (a damaged ring stays damaged): the client is told
+                    // through its registry entry, since its rings may not even open.
+                    warn!(
+                        client = format!("{id:016x}"),
+                        "client refused, its rings are not usable: {e}"
+                    );
+                    self.closed.push(id);
+                    if !matches!(e, ClientError::ClientClosed { .. }) {
+                        self.control.refuse_client(entry, id, CLOSE_UNUSABLE);
+                    }
+                }
             }
         }
     }
@@ -444,7 +750,9 @@ impl ClientInput {
         )
         .map_err(ClientError::Region)?;
         if let Some(r) = in_region.closed().or(out_region.closed()) {
-            return Err(ClientError::Closed { reason: r });
+            return Err(ClientError::ClientClosed {
+                reason: CloseReason::from_word(r),
+            });
         }
         if in_region.kind() != KIND_IN || out_region.kind() != KIND_OUT {
             return Err(ClientError::Setup(format!(
@@ -538,14 +846,16 @@ fn write_response(
         heap = v;
         &heap
     };
+    let mut refusal = [0u8; 24];
+    let (mut record_type, mut payload) = (RESPONSE, payload);
     let mut started = None;
     loop {
-        match responses.try_publish(RESPONSE, 1, 8, payload) {
+        match responses.try_publish(record_type, 1, 8, payload) {
             Ok(()) => {
                 // SYNC POINT: response emitted (Release; Acquire in `ClientInput::open`).
                 out_region
                     .user_word(0)
-                    .store(request_seq + 1, Ordering::Release);
+                    .store(request_seq.saturating_add(1), Ordering::Release);
                 return Ok(());
             }
             // A full response ring means the client stopped reading (it holds tens of
@@ -556,7 +866,25 @@ fn write_response(
             {
                 std::hint::spin_loop();
             }
-            Err(PushError::Full { .. }) => return Err(ClientError::Closed { reason: CLOSE_SLOW }),
+            Err(PushError::Full { .. }) => {
+                return Err(ClientError::ClientClosed {
+                    reason: CloseReason::Slow,
+                })
+            }
+            // A response the ring can never carry: refused here, at the source, with an error
+            // in its place that the client decodes; the client stays connected.
+            Err(PushError::TooLarge { max_bytes, .. }) if record_type == RESPONSE => {
+                warn!(
+                    request = request_seq,
+                    bytes = response.len(),
+                    max_bytes,
+                    "response too large for the client's ring; sending an error in its place"
+                );
+                refusal[..8].copy_from_slice(&request_seq.to_le_bytes());
+                refusal[8..16].copy_from_slice(&(response.len() as u64).to_le_bytes());
+                refusal[16..].copy_from_slice(&(max_bytes as u64).to_le_bytes());
+                (record_type, payload) = (RESPONSE_TOO_LARGE, &refusal);
+            }
             Err(_) => {
                 return Err(ClientError::TooLarge {
                     found: response.len(),
@@ -603,9 +931,18 @@ impl Input for ClientInput {
                 self.drop_conn(i, CLOSE_GARBAGE, &why);
                 return None;
             }
+            let seq = f.meta.seq;
+            // The sequence is the client's word: checked, never wrapped.
+            let Some(next_seq) = seq.checked_add(1) else {
+                let why = format!(
+                    "expected a request sequence below {}, found {seq}",
+                    u64::MAX
+                );
+                self.drop_conn(i, CLOSE_GARBAGE, &why);
+                return None;
+            };
             buf.clear();
             buf.extend_from_slice(f.payload);
-            let seq = f.meta.seq;
             let next_pos = c
                 .batch
                 .frames()
@@ -617,17 +954,20 @@ impl Input for ClientInput {
                 source: c.id,
                 request_seq: seq,
                 next_pos,
-                next_seq: seq + 1,
+                next_seq,
             });
         }
         None
     }
 
     fn committed(&mut self, meta: &InputMeta, response: &[u8]) {
-        self.commits += 1;
-        if self.crash_before_egress_after == Some(self.commits) {
-            eprintln!("test hook: crashing between commit and egress");
-            std::process::abort();
+        #[cfg(feature = "fault-injection")]
+        {
+            self.commits += 1;
+            if self.crash_before_egress_after == Some(self.commits) {
+                eprintln!("test hook: crashing between commit and egress");
+                std::process::abort();
+            }
         }
         let Some(i) = self.conns.iter().position(|c| c.id == meta.source) else {
             return;

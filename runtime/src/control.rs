@@ -498,21 +498,29 @@ const CRC16_TABLE: [u16; 256] = {
 };
 
 /// The check of value `v` (48 bits) in word `index`.
-fn check16(index: usize, v: u64) -> u16 {
+const fn check16(index: usize, v: u64) -> u16 {
     let idx = (index as u16).to_le_bytes();
     let val = v.to_le_bytes();
+    let bytes = [
+        idx[0], idx[1], val[0], val[1], val[2], val[3], val[4], val[5],
+    ];
     let mut crc = 0xFFFFu16;
-    for b in idx.iter().chain(&val[..6]) {
-        crc = (crc << 8) ^ CRC16_TABLE[((crc >> 8) as u8 ^ b) as usize];
+    let mut i = 0;
+    while i < bytes.len() {
+        crc = (crc << 8) ^ CRC16_TABLE[((crc >> 8) as u8 ^ bytes[i]) as usize];
+        i += 1;
     }
     crc
 }
 
 /// The primary codeword of `v` in word `index` (`v` is cut to 48 bits).
-fn encode(index: usize, v: u64) -> u64 {
+const fn encode(index: usize, v: u64) -> u64 {
     let v = v & CHECKED_MAX;
     v | (check16(index, v) as u64) << 48
 }
+
+/// The cluster-state primary word of an intact, up cluster (the clients' fast path).
+const CLUSTER_UP_CODE: u64 = encode(W_CLUSTER, ClusterState::Up as u64);
 
 /// The value of a primary codeword, if it passes its check.
 fn decode(index: usize, raw: u64) -> Option<u64> {
@@ -987,6 +995,9 @@ impl Control {
 
     /// The cluster's state, or the damage.
     pub fn cluster_state(&self) -> Result<ClusterState, Corruption> {
+        if self.raw(W_CLUSTER).load(Ordering::Acquire) == CLUSTER_UP_CODE {
+            return Ok(ClusterState::Up);
+        }
         Ok(match self.read(Word::ClusterState)? {
             2 => ClusterState::Down,
             _ => ClusterState::Up,
@@ -1158,6 +1169,9 @@ impl Control {
                 self.words
                     .word(CLIENT_BASE + i * CLIENT_WORDS + 2)
                     .store(start_time, Ordering::Relaxed);
+                self.words
+                    .word(CLIENT_BASE + i * CLIENT_WORDS + 3)
+                    .store(0, Ordering::Relaxed);
                 // SYNC POINT: client registered (Release; Acquire in `client`).
                 w.store(id, Ordering::Release);
                 return Some(i);
@@ -1185,6 +1199,25 @@ impl Control {
             .word(CLIENT_BASE + i * CLIENT_WORDS + 2)
             .load(Ordering::Relaxed);
         Some((id, pid, st))
+    }
+
+    /// Registry entry `i`'s close word: 0, or the reason the active refused the client
+    /// (written when it cannot even open the client's rings to close them).
+    pub fn client_refused(&self, i: usize) -> u64 {
+        assert!(i < MAX_CLIENTS);
+        self.words
+            .word(CLIENT_BASE + i * CLIENT_WORDS + 3)
+            .load(Ordering::Acquire)
+    }
+
+    /// Record that the active refused the client in registry entry `i` (if it still holds
+    /// `id`) for `reason`.
+    pub fn refuse_client(&self, i: usize, id: u64, reason: u64) {
+        assert!(i < MAX_CLIENTS);
+        let base = CLIENT_BASE + i * CLIENT_WORDS;
+        if self.words.word(base).load(Ordering::Acquire) == id {
+            self.words.word(base + 3).store(reason, Ordering::Release);
+        }
     }
 
     /// Free registry entry `i` if it still holds `id`.

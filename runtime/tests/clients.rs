@@ -341,7 +341,7 @@ fn bad_and_dead_clients_leave_others_unaffected() {
     let mut closed = false;
     for _ in 0..2000 {
         match bad.poll_response() {
-            Err(ClientError::Closed { .. }) => {
+            Err(ClientError::ClientClosed { .. }) => {
                 closed = true;
                 break;
             }
