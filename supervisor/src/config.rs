@@ -49,6 +49,21 @@ pub const CLUSTER_NAME_LEN_MAX: usize = 32;
 pub const RING_CAPACITY_BYTES_MIN: u64 = 4096;
 /// The largest ring: 1 GiB, far beyond any sane catch-up backlog.
 pub const RING_CAPACITY_BYTES_MAX: u64 = 1 << 30;
+/// The longest heartbeat interval: 1 minute. The hung thresholds derived from it (40
+/// intervals, in ns) then fit a u64 many times over.
+pub const HEARTBEAT_MS_MAX: u64 = 60_000;
+/// The longest timeout or restart delay: 1 day, so every deadline derived from one fits.
+pub const DURATION_MS_MAX: u64 = 86_400_000;
+/// The longest back-pressure wait: 60 s.
+pub const WAIT_MAX_US_MAX: u64 = 60_000_000;
+/// The loosest latency bound for acceptance: 1 hour.
+pub const LATENCY_US_MAX: u64 = 3_600_000_000;
+/// The most crashes a crash-loop window may allow.
+pub const CRASH_LOOP_MAX_MAX: u32 = 10_000;
+/// The highest CPU number a slot may be pinned to (the size of the kernel's CPU set type).
+pub const CPU_MAX: u32 = 1023;
+/// The longest path of the control socket (`sun_path` holds 108 bytes with its NUL).
+pub const SOCKET_PATH_BYTES_MAX: usize = 107;
 
 /// Engine environment variables the supervisor sets itself, each with what sets it instead;
 /// `engine.env` may not name them (every other variable, `UNDERSTUDY_HUNG_MS` and
@@ -260,9 +275,14 @@ impl Default for BackpressureConfig {
 pub struct AcceptanceConfig {
     /// The soak period after the switchover.
     pub accept_for_ms: u64,
-    /// The highest acceptable fraction of requests the new version refuses (its handler
-    /// returns an error) during the soak, in `[0, 1]`.
+    /// The highest acceptable fraction of failed requests during the soak, in `[0, 1]`.
+    /// Engine failures (a crash, a panic, a timeout, an error the runtime reports) always
+    /// fail the check; a handler's business refusal (`Err(Refused)`) counts only with
+    /// [`Self::count_refusals`].
     pub max_error_rate: f64,
+    /// Count the handler's refusals as errors against `max_error_rate` (off: an application
+    /// that refuses orders is not failing).
+    pub count_refusals: bool,
     /// The highest acceptable 99th percentile of the new active's request service time
     /// (handler, commit to the standby, response), as the engine publishes it: measured on
     /// one request in 4, over windows of at least 1000 timed requests or 1 s (power-of-two
@@ -278,6 +298,7 @@ impl Default for AcceptanceConfig {
         Self {
             accept_for_ms: 2_000,
             max_error_rate: 0.01,
+            count_refusals: false,
             max_latency_us_p99: 10_000,
             accept_cmd: None,
         }
@@ -498,11 +519,29 @@ impl ClusterConfig {
                 format!("{:?}", self.cluster),
             );
         }
-        if !self.shm_dir.is_absolute() {
+        let parent_dir = self
+            .shm_dir
+            .components()
+            .any(|c| c == std::path::Component::ParentDir);
+        if !self.shm_dir.is_absolute() || parent_dir {
             bad(
                 "shm_dir",
-                "an absolute path",
+                "an absolute path without `..`",
                 format!("{:?}", self.shm_dir.display().to_string()),
+            );
+        }
+        let socket_bytes =
+            self.shm_dir.as_os_str().len() + self.cluster.len() + "//supervisor.sock".len();
+        if socket_bytes > SOCKET_PATH_BYTES_MAX {
+            bad(
+                "shm_dir",
+                &format!(
+                    "a path short enough that <shm_dir>/<cluster>/supervisor.sock fits a Unix socket address ({SOCKET_PATH_BYTES_MAX} bytes)"
+                ),
+                format!(
+                    "{:?} ({socket_bytes} bytes with the socket)",
+                    self.shm_dir.display().to_string()
+                ),
             );
         }
 
@@ -555,6 +594,14 @@ impl ClusterConfig {
             let Some(cpu) = slot.as_ref().and_then(|s| s.cpu) else {
                 continue;
             };
+            if cpu > CPU_MAX {
+                bad(
+                    field,
+                    &format!("a CPU number from 0 to {CPU_MAX}"),
+                    cpu.to_string(),
+                );
+                continue;
+            }
             let shared = pinned[..i]
                 .iter()
                 .find(|(_, other)| other.as_ref().and_then(|s| s.cpu) == Some(cpu));
@@ -590,6 +637,79 @@ impl ClusterConfig {
         ] {
             if value == 0 {
                 bad(field, "a value above 0", "0".into());
+            }
+        }
+        for (field, value, max, unit) in [
+            (
+                "timeouts.heartbeat_ms",
+                t.heartbeat_ms,
+                HEARTBEAT_MS_MAX,
+                "ms (1 minute)",
+            ),
+            (
+                "timeouts.start_ms",
+                t.start_ms,
+                DURATION_MS_MAX,
+                "ms (1 day)",
+            ),
+            ("timeouts.hot_ms", t.hot_ms, DURATION_MS_MAX, "ms (1 day)"),
+            (
+                "timeouts.switchover_ms",
+                t.switchover_ms,
+                DURATION_MS_MAX,
+                "ms (1 day)",
+            ),
+            (
+                "timeouts.shutdown_ms",
+                t.shutdown_ms,
+                DURATION_MS_MAX,
+                "ms (1 day)",
+            ),
+            (
+                "restart.backoff_initial_ms",
+                self.restart.backoff_initial_ms,
+                DURATION_MS_MAX,
+                "ms (1 day)",
+            ),
+            (
+                "restart.backoff_max_ms",
+                self.restart.backoff_max_ms,
+                DURATION_MS_MAX,
+                "ms (1 day)",
+            ),
+            (
+                "restart.crash_loop_window_ms",
+                self.restart.crash_loop_window_ms,
+                DURATION_MS_MAX,
+                "ms (1 day)",
+            ),
+            (
+                "restart.crash_loop_max",
+                u64::from(self.restart.crash_loop_max),
+                u64::from(CRASH_LOOP_MAX_MAX),
+                "crashes",
+            ),
+            (
+                "backpressure.wait_max_us",
+                self.backpressure.wait_max_us,
+                WAIT_MAX_US_MAX,
+                "µs (60 s)",
+            ),
+            (
+                "acceptance.accept_for_ms",
+                self.acceptance.accept_for_ms,
+                crate::proto::ACCEPT_FOR_MS_MAX,
+                "ms (7 days)",
+            ),
+            (
+                "acceptance.max_latency_us_p99",
+                self.acceptance.max_latency_us_p99,
+                LATENCY_US_MAX,
+                "µs (1 hour)",
+            ),
+        ] {
+            if value > max {
+                bad(field, &format!("at most {max} {unit}"), value.to_string());
             }
         }
         if t.heartbeat_ms >= t.switchover_ms {
@@ -661,6 +781,50 @@ impl ClusterConfig {
     /// Checks that `engine.binary` exists, is a file and is executable.
     pub fn check_binary(&self) -> Result<(), ConfigError> {
         check_binary(&self.engine.binary)
+    }
+
+    /// Checks the config against this host: every pinned CPU is one this process may run on
+    /// (online and in its affinity set), so that pinning an engine cannot fail at spawn.
+    pub fn check_host(&self) -> Result<(), ConfigError> {
+        let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok();
+        let mut problems = Vec::new();
+        for (field, slot) in [
+            ("slots.a.cpu", &self.slots.a),
+            ("slots.b.cpu", &self.slots.b),
+            ("slots.c.cpu", &self.slots.c),
+        ] {
+            let Some(cpu) = slot.as_ref().and_then(|s| s.cpu) else {
+                continue;
+            };
+            let usable = allowed
+                .as_ref()
+                .is_some_and(|set| set.is_set(cpu as usize).unwrap_or(false));
+            if !usable {
+                let list = allowed
+                    .as_ref()
+                    .map(|set| {
+                        (0..nix::sched::CpuSet::count())
+                            .filter(|&i| set.is_set(i).unwrap_or(false))
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_else(|| "unknown".into());
+                problems.push(FieldProblem {
+                    field: field.into(),
+                    expected: format!("a CPU of this machine that understudy may use ({list})"),
+                    found: cpu.to_string(),
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                origin: "this host".into(),
+                problems,
+            })
+        }
     }
 
     /// The directory holding this cluster's shared files: `<shm_dir>/<cluster>`.

@@ -16,10 +16,7 @@
 //! before anything else and never continues it: see [`UpgradePlan::resume`](crate::plan::UpgradePlan::resume).
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -36,8 +33,7 @@ use crate::config::{ClusterConfig, ConfigError, RestartConfig};
 use crate::ops::{Operation, ResumeOp, Stepped};
 use crate::process::{self, EngineProc, ExitInfo, SpawnError, SpawnSpec};
 use crate::proto::{
-    Code, EngineStatus, InterruptedUpgrade, Reply, ReplyKind, Request, RoleChange, SlotRestarts,
-    StatusReport, SCHEMA_VERSION, SOCKET_NAME,
+    Code, EngineStatus, InterruptedUpgrade, Reply, Request, RoleChange, SlotRestarts, StatusReport,
 };
 use crate::record;
 
@@ -45,8 +41,6 @@ use crate::record;
 pub const HUNG_BEATS: u64 = 10;
 /// How many role changes `status` remembers.
 const ROLE_CHANGES_KEPT: usize = 16;
-/// The longest request line the socket accepts.
-const REQUEST_BYTES_MAX: u64 = 64 * 1024;
 
 /// Why `up` could not run the cluster.
 #[derive(Debug)]
@@ -67,6 +61,8 @@ pub enum UpError {
         /// The start timeout.
         timeout_ms: u64,
     },
+    /// The shared-memory or cluster directory is not private to this user.
+    Trust(shm_layout::trust::TrustError),
     /// Anything else (socket, files).
     Io(String),
 }
@@ -75,7 +71,7 @@ impl UpError {
     /// The exit code for this failure.
     pub fn code(&self) -> Code {
         match self {
-            UpError::Config(_) => Code::BadConfig,
+            UpError::Config(_) | UpError::Trust(_) => Code::BadConfig,
             UpError::AlreadyRunning { .. } => Code::Busy,
             UpError::NoActive { .. } => Code::Timeout,
             UpError::Control(_) | UpError::Spawn(_) | UpError::Io(_) => Code::Failed,
@@ -98,6 +94,11 @@ impl std::fmt::Display for UpError {
                 f,
                 "engine a did not become active within {timeout_ms} ms (timeouts.start_ms); \
                  check its log above"
+            ),
+            UpError::Trust(e) => write!(
+                f,
+                "refusing to use the cluster's files: {e} (shm_dir must be private to the user \
+                 running understudy; nothing was started)"
             ),
             UpError::Io(e) => f.write_str(e),
         }
@@ -181,20 +182,48 @@ fn install_signal_handlers() {
 
 /// Runs the supervisor in the foreground until `down` or SIGINT/SIGTERM (which leave the
 /// engines running, for a later `up` to re-adopt).
+///
+/// The shared-memory directory and the cluster directory are created private or verified so
+/// ([`shm_layout::trust`]) before anything is read from them or run; an `up` that fails
+/// before it serves stops the engines it started and removes what it created.
 pub fn up(config: ClusterConfig) -> Result<(), UpError> {
     config.check_binary().map_err(UpError::Config)?;
+    config.check_host().map_err(UpError::Config)?;
+    let created_shm_dir =
+        shm_layout::trust::ensure_private_dir(&config.shm_dir).map_err(UpError::Trust)?;
+    let dir = config.cluster_dir();
+    let created_dir = shm_layout::trust::ensure_private_dir(&dir).map_err(UpError::Trust)?;
+    let remove_created = || {
+        if created_dir {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        if created_shm_dir {
+            // Only if nothing else was made in it meanwhile.
+            let _ = std::fs::remove_dir(dir.parent().unwrap_or(&dir));
+        }
+    };
     install_signal_handlers();
-    let mut sup = Supervisor::start(config)?;
-    let socket = sup.dir.join(SOCKET_NAME);
-    let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket)
-        .map_err(|e| UpError::Io(format!("cannot bind {}: {e}", socket.display())))?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| UpError::Io(format!("cannot chmod {}: {e}", socket.display())))?;
+    let mut sup = match Supervisor::start(config) {
+        Ok(sup) => sup,
+        Err(e) => {
+            remove_created();
+            return Err(e);
+        }
+    };
+    let (listener, socket) = match crate::socket::bind(&sup.dir) {
+        Ok(bound) => bound,
+        Err(e) => {
+            if sup.started_fresh() {
+                sup.abandon_fresh();
+                remove_created();
+            }
+            return Err(UpError::Io(e));
+        }
+    };
     let (tx, rx) = mpsc::channel::<Inbound>();
     std::thread::Builder::new()
         .name("control-socket".into())
-        .spawn(move || serve(listener, tx))
+        .spawn(move || crate::socket::serve(listener, tx))
         .map_err(|e| UpError::Io(format!("cannot start the socket thread: {e}")))?;
     info!(socket = %socket.display(), "control socket ready");
     sup.run(&rx);
@@ -206,100 +235,11 @@ pub fn up(config: ClusterConfig) -> Result<(), UpError> {
     Ok(())
 }
 
-fn serve(listener: UnixListener, tx: Sender<Inbound>) {
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let tx = tx.clone();
-        let _ = std::thread::Builder::new()
-            .name("control-client".into())
-            .spawn(move || {
-                if let Err(e) = handle_client(stream, &tx, uid) {
-                    warn!("control client: {e}");
-                }
-            });
-    }
-}
-
-fn handle_client(stream: UnixStream, tx: &Sender<Inbound>, uid: u32) -> std::io::Result<()> {
-    let mut out = stream.try_clone()?;
-    let write = |out: &mut UnixStream, reply: &Reply| -> std::io::Result<()> {
-        let mut line = serde_json::to_string(reply).map_err(std::io::Error::other)?;
-        line.push('\n');
-        out.write_all(line.as_bytes())
-    };
-    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
-        .map_err(std::io::Error::from)?;
-    if peer.uid() != uid {
-        warn!(
-            peer_uid = peer.uid(),
-            peer_pid = peer.pid(),
-            "control socket: refused a client of another user"
-        );
-        return write(
-            &mut out,
-            &Reply::result(
-                Code::Usage,
-                format!(
-                    "refused: expected a client of uid {uid}, found uid {}",
-                    peer.uid()
-                ),
-            ),
-        );
-    }
-    let mut line = String::new();
-    BufReader::new(std::io::Read::take(&stream, REQUEST_BYTES_MAX)).read_line(&mut line)?;
-    let request: Request = match serde_json::from_str(line.trim()) {
-        Ok(r) => r,
-        Err(e) => {
-            return write(
-                &mut out,
-                &Reply::result(
-                    Code::Usage,
-                    format!(
-                    "bad request: {e}; expected one JSON line like {{\"v\":1,\"op\":\"status\"}}"
-                ),
-                ),
-            )
-        }
-    };
-    if request.v != SCHEMA_VERSION {
-        return write(
-            &mut out,
-            &Reply::result(
-                Code::Usage,
-                format!(
-                    "schema version: expected {SCHEMA_VERSION}, found {}",
-                    request.v
-                ),
-            ),
-        );
-    }
-    let (reply_tx, reply_rx) = mpsc::channel();
-    if tx.send((request, reply_tx)).is_err() {
-        return write(
-            &mut out,
-            &Reply::result(Code::NotRunning, "the supervisor is shutting down"),
-        );
-    }
-    for reply in reply_rx {
-        let last = reply.kind == ReplyKind::Result;
-        // A client that went away does not stop the operation.
-        if write(&mut out, &reply).is_err() {
-            return Ok(());
-        }
-        if last {
-            break;
-        }
-    }
-    Ok(())
-}
-
 impl Supervisor {
     /// Opens (or creates) the cluster, adopts its live engines or starts `a` then `b`.
     pub fn start(config: ClusterConfig) -> Result<Supervisor, UpError> {
         let dir = config.cluster_dir();
+        shm_layout::trust::ensure_private_dir(&dir).map_err(UpError::Trust)?;
         let mut control = Control::open_or_create(&dir).map_err(UpError::Control)?;
         let me = ProcessIdentity::current().map_err(|e| UpError::Io(e.to_string()))?;
         let other = ProcessIdentity {
@@ -363,7 +303,10 @@ impl Supervisor {
             finished: false,
         };
         if live.is_empty() {
-            sup.start_fresh()?;
+            if let Err(e) = sup.start_fresh() {
+                sup.abandon_fresh();
+                return Err(e);
+            }
         } else {
             for (slot, identity) in live {
                 match EngineProc::adopt(slot, identity) {
@@ -475,7 +418,8 @@ impl Supervisor {
                 }
             }
             if Instant::now() > deadline {
-                if let Some(proc) = self.engines[0].take() {
+                // Killed here, reaped by `abandon_fresh`.
+                if let Some(proc) = self.engines[0].as_ref() {
                     proc.kill();
                 }
                 return Err(UpError::NoActive {
@@ -493,6 +437,44 @@ impl Supervisor {
         self.spawn(1, &binary, true).map_err(UpError::Spawn)?;
         self.managed = [true, true, false];
         Ok(())
+    }
+
+    /// Every engine was started by this supervisor (none adopted): a fresh start.
+    pub(crate) fn started_fresh(&self) -> bool {
+        self.engines.iter().flatten().all(|p| p.child.is_some())
+    }
+
+    /// Undoes a fresh start that failed: kills the engines it started, waits for them (bounded)
+    /// and removes the cluster's files (no engine of the cluster is alive, so they belong to
+    /// nobody); the directory itself stays for the caller, who knows whether it made it.
+    pub(crate) fn abandon_fresh(&mut self) {
+        for slot in 0..SLOTS {
+            if let Some(mut proc) = self.engines[slot].take() {
+                proc.kill();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while proc.exited().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+        self.control.supervisor_word(0).store(0, Ordering::Release);
+        match std::fs::read_dir(&self.dir) {
+            Ok(entries) => {
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    let removed = match entry.file_type() {
+                        Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+                        _ => std::fs::remove_file(&path),
+                    };
+                    if let Err(e) = removed {
+                        warn!(file = %path.display(), "cannot remove a file of the failed start: {e}");
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(dir = %self.dir.display(), "cannot clean up after the failed start: {e}")
+            }
+        }
     }
 
     /// Keep at least two slots managed (an active and a standby).

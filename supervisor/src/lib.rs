@@ -23,3 +23,4 @@ pub mod plan;
 pub mod process;
 pub mod proto;
 pub mod record;
+mod socket;

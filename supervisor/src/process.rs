@@ -8,7 +8,10 @@
 //! wrapper script that `exec`s the engine, or for a multi-call binary behind a symbolic link
 //! (the demo's `matchbook-v1`). So the supervisor keeps [`SPAWNED_FILE`] in the cluster
 //! directory — each engine it started, by process identity, with its binary — and an adopted
-//! engine takes its binary from there ([`spawned_binary`]), `/proc` only as a fallback.
+//! engine takes its binary from there ([`spawned_binary`]), `/proc` only as a fallback. The
+//! file is believed only if it is this user's, mode 0600, not a link, in the private cluster
+//! directory ([`shm_layout::trust`]): otherwise anyone able to write it could name their own
+//! program as an engine's binary and have the supervisor run it at the next restart.
 //!
 //! This module knows processes, not roles: what a death means is the supervisor's business.
 
@@ -28,6 +31,8 @@ use crate::config::ClusterConfig;
 pub const SPAWNED_FILE: &str = "engines.json";
 const SPAWNED_FORMAT: &str = "understudy-engines";
 const SPAWNED_VERSION: u32 = 1;
+/// The largest engines file read: three engines take well under a kilobyte.
+const SPAWNED_BYTES_MAX: u64 = 64 * 1024;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,12 +84,14 @@ pub fn spawned_binary(
     identity: &ProcessIdentity,
 ) -> Result<Option<PathBuf>, String> {
     let path = dir.join(SPAWNED_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    // The file names executables this supervisor will run: believed only if nobody but this
+    // user could have written it (ours, mode 0600, not a link, in a private directory).
+    let bytes = match shm_layout::trust::read_private_file(&path, SPAWNED_BYTES_MAX) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(format!("not trusted: {e}")),
     };
-    let list: SpawnedList = serde_json::from_str(&text).map_err(|e| {
+    let list: SpawnedList = serde_json::from_slice(&bytes).map_err(|e| {
         format!(
             "{}: expected a list of started engines, found {e}",
             path.display()
@@ -258,9 +265,26 @@ impl EngineProc {
             source,
         })?;
         let pid = child.id();
-        let identity =
-            ProcessIdentity::of(pid).map_err(|e| SpawnError::Watch(format!("pid {pid}: {e}")))?;
-        let pidfd = Pidfd::open(pid).map_err(|e| SpawnError::Watch(format!("pid {pid}: {e}")))?;
+        // An engine that cannot be watched is not left running untracked (out of descriptors
+        // for its pidfd, say): it is killed and reaped before the error is returned.
+        let watched = ProcessIdentity::of(pid)
+            .map_err(|e| e.to_string())
+            .and_then(|identity| {
+                Pidfd::open(pid)
+                    .map(|pidfd| (identity, pidfd))
+                    .map_err(|e| e.to_string())
+            });
+        let (identity, pidfd) = match watched {
+            Ok(w) => w,
+            Err(e) => {
+                let mut child = child;
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SpawnError::Watch(format!(
+                    "pid {pid}: {e}; the engine was killed"
+                )));
+            }
+        };
         Ok(EngineProc {
             slot: spec.slot,
             identity,

@@ -5,6 +5,13 @@
 //! exactly one `"type": "result"` line whose `code` says how it ended. Every line carries the
 //! schema version `v`; a request of another version is refused with [`Code::Usage`].
 //!
+//! Requests are parsed strictly ([`Request::parse`]): an operation only by its name, no field
+//! the operation does not take, every field of its type; whatever arrives — bytes that are not
+//! UTF-8, not JSON, a line too long — gets a `result` line with a [`RequestError`] that names
+//! what was expected and what was found. A long operation also sends a `keepalive` event
+//! ([`Reply::keepalive`]) after each second without other news, so a client can time out
+//! between lines without knowing how long the operation takes.
+//!
 //! The CLI is a thin client of this protocol, so scripts can speak it directly:
 //!
 //! ```text
@@ -19,12 +26,17 @@
 //!
 //! let request: Request = serde_json::from_str(r#"{"v":1,"op":"upgrade","binary":"/opt/v2"}"#).unwrap();
 //! assert!(matches!(request.op, Op::Upgrade(ref u) if !u.keep_standby));
+//! // Only by name, and only the fields the operation takes.
+//! assert!(Request::parse(br#"{"v":1,"op":5}"#).is_err());
+//! let unknown = Request::parse(br#"{"v":1,"op":"down","binary":"x"}"#).unwrap_err();
+//! assert!(unknown.to_string().contains("`binary`"), "{unknown}");
 //! let reply = Reply::result(Code::RolledBack, "upgrade rolled back");
 //! let line = serde_json::to_string(&reply).unwrap();
 //! assert!(line.contains(r#""code":"rolled-back""#));
 //! assert_eq!(Code::RolledBack.exit_code(), 6);
 //! ```
 
+use std::fmt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -35,8 +47,16 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// The socket's file name inside the cluster directory.
 pub const SOCKET_NAME: &str = "supervisor.sock";
 
-/// One request line.
+/// The longest request line accepted, newline excluded.
+pub const REQUEST_BYTES_MAX: usize = 64 * 1024;
+
+/// The longest soak period a request or the config may ask for: 7 days, so that every
+/// deadline derived from it fits.
+pub const ACCEPT_FOR_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
+
+/// One request line. Deserializing goes through [`Request::parse`]'s rules.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "serde_json::Value")]
 pub struct Request {
     /// Schema version; must be [`SCHEMA_VERSION`].
     pub v: u32,
@@ -55,8 +75,320 @@ impl Request {
     }
 }
 
-/// The operations.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Why a request line was refused; each names what was expected and what was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    /// The bytes are not UTF-8.
+    NotUtf8 {
+        /// Where the first bad byte is.
+        offset: usize,
+    },
+    /// The line is longer than [`REQUEST_BYTES_MAX`].
+    TooLong {
+        /// Bytes received before giving up.
+        found_bytes: usize,
+    },
+    /// The connection ended, or stayed silent, before a whole line.
+    Incomplete {
+        /// What happened.
+        found: String,
+    },
+    /// The text is not JSON.
+    NotJson {
+        /// The parser's message.
+        found: String,
+    },
+    /// The JSON is not an object.
+    NotAnObject {
+        /// The JSON type found.
+        found: &'static str,
+    },
+    /// A required field is missing.
+    Missing {
+        /// The field.
+        field: &'static str,
+    },
+    /// A field has the wrong type or value.
+    Field {
+        /// The field.
+        field: String,
+        /// What it must be.
+        expected: String,
+        /// What it was (shortened).
+        found: String,
+    },
+    /// Another schema version.
+    Version {
+        /// What was found.
+        found: u64,
+    },
+    /// An operation name nobody knows.
+    UnknownOp {
+        /// The name found.
+        found: String,
+    },
+    /// A field the operation does not take.
+    UnknownField {
+        /// The operation.
+        op: &'static str,
+        /// The field found.
+        field: String,
+    },
+}
+
+/// The operation names, as on the wire.
+pub const OP_NAMES: [&str; 6] = [
+    "status",
+    "switchover",
+    "upgrade",
+    "rollback",
+    "enable-features",
+    "down",
+];
+
+const UPGRADE_FIELDS: [&str; 5] = [
+    "binary",
+    "accept_for_ms",
+    "accept_cmd",
+    "keep_standby",
+    "no_enable",
+];
+
+fn json_type(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// `text` cut to 60 characters, quoted, for an error message.
+fn shown(text: &str) -> String {
+    let mut out: String = text.chars().take(60).collect();
+    if out.len() < text.len() {
+        out.push('…');
+    }
+    format!("{out:?}")
+}
+
+fn shown_value(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => shown(s),
+        other => {
+            let text = other.to_string();
+            if text.chars().count() > 60 {
+                format!("{} {}", json_type(other), shown(&text))
+            } else {
+                text
+            }
+        }
+    }
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const LIKE: &str = r#"one JSON line like {"v":1,"op":"status"}"#;
+        match self {
+            RequestError::NotUtf8 { offset } => write!(
+                f,
+                "bad request: expected {LIKE} in UTF-8, found a byte that is not UTF-8 at offset {offset}"
+            ),
+            RequestError::TooLong { found_bytes } => write!(
+                f,
+                "bad request: expected a line of at most {REQUEST_BYTES_MAX} bytes, found {found_bytes} bytes without a newline"
+            ),
+            RequestError::Incomplete { found } => {
+                write!(f, "bad request: expected {LIKE}, found {found}")
+            }
+            RequestError::NotJson { found } => {
+                write!(f, "bad request: expected {LIKE}, found text that is not JSON ({found})")
+            }
+            RequestError::NotAnObject { found } => {
+                write!(f, "bad request: expected a JSON object like {{\"v\":1,\"op\":\"status\"}}, found {found}")
+            }
+            RequestError::Missing { field } => {
+                write!(f, "bad request: field `{field}`: expected it, found it missing")
+            }
+            RequestError::Field {
+                field,
+                expected,
+                found,
+            } => write!(f, "bad request: field `{field}`: expected {expected}, found {found}"),
+            RequestError::Version { found } => write!(
+                f,
+                "bad request: field `v` (schema version): expected {SCHEMA_VERSION}, found {found}"
+            ),
+            RequestError::UnknownOp { found } => write!(
+                f,
+                "bad request: field `op`: expected one of {}, found {found}",
+                OP_NAMES.join(", ")
+            ),
+            RequestError::UnknownField { op, field } => write!(
+                f,
+                "bad request: unknown field {} for op `{op}`: expected {}",
+                shown(field),
+                if *op == "upgrade" {
+                    format!("only `v`, `op`, {}", UPGRADE_FIELDS.map(|f| format!("`{f}`")).join(", "))
+                } else {
+                    "only `v` and `op`".to_string()
+                }
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RequestError {}
+
+impl Request {
+    /// Parses one request line (without its newline) strictly: UTF-8, a JSON object, `v` equal
+    /// to [`SCHEMA_VERSION`], `op` one of [`OP_NAMES`] as a string, and only the fields that
+    /// operation takes, each of its type. Never panics, whatever the bytes.
+    pub fn parse(line: &[u8]) -> Result<Request, RequestError> {
+        if line.len() > REQUEST_BYTES_MAX {
+            return Err(RequestError::TooLong {
+                found_bytes: line.len(),
+            });
+        }
+        let text = std::str::from_utf8(line).map_err(|e| RequestError::NotUtf8 {
+            offset: e.valid_up_to(),
+        })?;
+        let value: serde_json::Value =
+            serde_json::from_str(text.trim()).map_err(|e| RequestError::NotJson {
+                found: e.to_string(),
+            })?;
+        Request::try_from(value)
+    }
+}
+
+impl TryFrom<serde_json::Value> for Request {
+    type Error = RequestError;
+
+    fn try_from(value: serde_json::Value) -> Result<Request, RequestError> {
+        let serde_json::Value::Object(mut fields) = value else {
+            return Err(RequestError::NotAnObject {
+                found: json_type(&value),
+            });
+        };
+        let v = fields
+            .remove("v")
+            .ok_or(RequestError::Missing { field: "v" })?;
+        let v = v.as_u64().ok_or_else(|| RequestError::Field {
+            field: "v".into(),
+            expected: format!("the schema version {SCHEMA_VERSION} as a number"),
+            found: shown_value(&v),
+        })?;
+        if v != u64::from(SCHEMA_VERSION) {
+            return Err(RequestError::Version { found: v });
+        }
+        let op = fields
+            .remove("op")
+            .ok_or(RequestError::Missing { field: "op" })?;
+        let serde_json::Value::String(name) = &op else {
+            return Err(RequestError::Field {
+                field: "op".into(),
+                expected: format!(
+                    "an operation name (one of {}) as a string",
+                    OP_NAMES.join(", ")
+                ),
+                found: shown_value(&op),
+            });
+        };
+        let (name, op) = match name.as_str() {
+            "status" => ("status", Op::Status),
+            "switchover" => ("switchover", Op::Switchover),
+            "rollback" => ("rollback", Op::Rollback),
+            "enable-features" => ("enable-features", Op::EnableFeatures),
+            "down" => ("down", Op::Down),
+            "upgrade" => (
+                "upgrade",
+                Op::Upgrade(UpgradeRequest::from_fields(&mut fields)?),
+            ),
+            _ => return Err(RequestError::UnknownOp { found: shown(name) }),
+        };
+        if let Some(field) = fields.keys().next() {
+            return Err(RequestError::UnknownField {
+                op: name,
+                field: field.clone(),
+            });
+        }
+        Ok(Request {
+            v: SCHEMA_VERSION,
+            op,
+        })
+    }
+}
+
+impl UpgradeRequest {
+    /// Takes the upgrade's fields out of `fields`, checking each one's type and bounds.
+    fn from_fields(
+        fields: &mut serde_json::Map<String, serde_json::Value>,
+    ) -> Result<UpgradeRequest, RequestError> {
+        let bad = |field: &str, expected: &str, value: &serde_json::Value| RequestError::Field {
+            field: field.into(),
+            expected: expected.into(),
+            found: shown_value(value),
+        };
+        let binary = match fields.remove("binary") {
+            None => return Err(RequestError::Missing { field: "binary" }),
+            Some(serde_json::Value::String(s)) if !s.is_empty() && !s.contains('\0') => {
+                PathBuf::from(s)
+            }
+            Some(other) => {
+                return Err(bad(
+                    "binary",
+                    "the path of the new engine executable, a non-empty string without NUL",
+                    &other,
+                ))
+            }
+        };
+        let accept_for_ms = match fields.remove("accept_for_ms") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(value) => match value.as_u64() {
+                Some(ms) if ms <= ACCEPT_FOR_MS_MAX => Some(ms),
+                _ => {
+                    return Err(bad(
+                        "accept_for_ms",
+                        &format!("a whole number of milliseconds from 0 to {ACCEPT_FOR_MS_MAX} (7 days), or null"),
+                        &value,
+                    ))
+                }
+            },
+        };
+        let accept_cmd = match fields.remove("accept_cmd") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) if !s.trim().is_empty() && !s.contains('\0') => {
+                Some(s)
+            }
+            Some(other) => {
+                return Err(bad(
+                    "accept_cmd",
+                    "a shell command (a non-empty string without NUL), or null",
+                    &other,
+                ))
+            }
+        };
+        let mut flag = |field: &'static str| match fields.remove(field) {
+            None => Ok(false),
+            Some(serde_json::Value::Bool(b)) => Ok(b),
+            Some(other) => Err(bad(field, "true or false", &other)),
+        };
+        let keep_standby = flag("keep_standby")?;
+        let no_enable = flag("no_enable")?;
+        Ok(UpgradeRequest {
+            binary,
+            accept_for_ms,
+            accept_cmd,
+            keep_standby,
+            no_enable,
+        })
+    }
+}
+
+/// The operations (parsed by name only, see [`Request::parse`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Op {
     /// A snapshot of the cluster ([`StatusReport`] in the result's `data`).
@@ -236,6 +568,19 @@ impl Reply {
             message: message.into(),
             data,
         }
+    }
+
+    /// The event a long operation sends after a second without other news:
+    /// `{"event":"keepalive"}` in `data`. Clients skip it; it lets them time out between
+    /// lines.
+    pub fn keepalive() -> Self {
+        Self::event("working", serde_json::json!({ "event": "keepalive" }))
+    }
+
+    /// This is a [`Reply::keepalive`] event.
+    pub fn is_keepalive(&self) -> bool {
+        self.kind == ReplyKind::Event
+            && self.data.get("event").and_then(|e| e.as_str()) == Some("keepalive")
     }
 
     /// With `data` attached.

@@ -53,6 +53,8 @@ pub const REJECTED_FILE: &str = "upgrade.json.rejected";
 pub const RECORD_FORMAT: &str = "understudy-upgrade";
 /// The layout version of the record this supervisor writes and reads.
 pub const RECORD_VERSION: u32 = 1;
+/// The largest record read: a record takes a few kilobytes at most.
+const RECORD_BYTES_MAX: u64 = 1024 * 1024;
 
 /// An upgrade in progress, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -357,11 +359,26 @@ fn shorten(text: &str) -> String {
 /// The record of `dir`'s cluster `cluster`, `None` if there is none.
 pub fn load(dir: &Path, cluster: &str) -> Result<Option<UpgradeRecord>, RecordError> {
     let path = dir.join(RECORD_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(RecordError::Read { path, source }),
+    // The record names executables the supervisor will run: believed only if nobody but this
+    // user could have written it (ours, mode 0600, not a link).
+    let bytes = match shm_layout::trust::read_private_file(&path, RECORD_BYTES_MAX) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            return Err(RecordError::Read {
+                path,
+                source: e.into(),
+            })
+        }
     };
+    let text = String::from_utf8(bytes).map_err(|e| RecordError::Invalid {
+        path: path.clone(),
+        expected: "UTF-8 text".into(),
+        found: format!(
+            "a byte that is not UTF-8 at offset {}",
+            e.utf8_error().valid_up_to()
+        ),
+    })?;
     UpgradeRecord::parse(&text, cluster)
         .map(Some)
         .map_err(|(expected, found)| RecordError::Invalid {
@@ -389,12 +406,17 @@ pub fn store(dir: &Path, record: &UpgradeRecord) -> Result<(), RecordError> {
 /// fsync, rename over `name`, fsync of `dir`.
 pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     let temp = dir.join(format!("{name}.tmp"));
+    // A temporary file left by a crash is replaced, never written through: created anew
+    // (`O_EXCL`), so it is ours with mode 0600 whatever stood at its name.
+    match std::fs::remove_file(&temp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&temp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
