@@ -616,7 +616,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                 return Ok(false);
             }
         }
-        match try_lock_recovering(&lock) {
+        match try_lock_recovering(&lock, self.control.path()) {
             Ok(TryLockOutcome::Acquired) | Ok(TryLockOutcome::OwnerDied) => {}
             Ok(TryLockOutcome::WouldBlock) => return Ok(false),
             Err(e) => return Err(EngineError::Other(format!("robust mutex: {e}"))),
@@ -1575,6 +1575,12 @@ impl<A: Application, I: Input> Engine<A, I> {
         let mut idle_polls = 0u32;
         let mut last_house = 0u64;
         let mut last_alive_check = monotonic_ns();
+        // When the stream last delivered a batch: a live active sends a heartbeat frame at
+        // least every 10 heartbeat intervals, so this is the second source before a fence.
+        // (Sampled at each liveness check from the batch count: no clock read per batch.)
+        let mut last_frame_ns = monotonic_ns();
+        let mut batches_at_check: u32 = 0;
+        let mut lying_identity_warned = false;
         let mut state = State::Syncing;
         let mut batches: u32 = 0;
         loop {
@@ -1682,6 +1688,10 @@ impl<A: Application, I: Input> Engine<A, I> {
                 // Backstop: the active's process is gone (or its pid reused), or it hangs.
                 if now - last_alive_check > 5_000_000 {
                     last_alive_check = now;
+                    if batches != batches_at_check {
+                        batches_at_check = batches;
+                        last_frame_ns = now;
+                    }
                     let ce = self.control.epoch();
                     // A newer epoch: someone else is active now. An older one: we handed over
                     // (planned switchover) and the target has not claimed the epoch yet; if it
@@ -1694,6 +1704,22 @@ impl<A: Application, I: Input> Engine<A, I> {
                     }
 
                     if !active_id.is_alive() {
+                        // Second source: the mutex. A live engine thread still holding it is
+                        // the active, whatever the slot's pid and start-time words say (a
+                        // corrupted word must never make two actives). A dead holder the
+                        // kernel did not mark is recovered by the step-up.
+                        if let Some(pid) = live_holder(&lock, control.path()) {
+                            if !lying_identity_warned {
+                                lying_identity_warned = true;
+                                warn!(
+                                    slot = %control::slot_name(active),
+                                    words_pid = active_id.pid,
+                                    holder_pid = pid,
+                                    "the control block says the active's process is gone, but a live engine thread holds the mutex: not stepping up (the slot's identity words are wrong)"
+                                );
+                            }
+                            continue;
+                        }
                         match self.drain(u, &mut state) {
                             Drained::Clean => {}
                             Drained::RoleChange(f) => return Ok(f),
@@ -1708,16 +1734,23 @@ impl<A: Application, I: Input> Engine<A, I> {
                         }
                         return Ok(Follow::StepUp { planned: false });
                     }
+                    // Hung: its heartbeat word is old AND the stream has been silent as long (a
+                    // live active sends heartbeat frames), AND the thread holding the mutex is
+                    // that process's. One stale or flipped word never fences a healthy active.
                     let hb = self.control.get(active, Field::HeartbeatNs);
+                    let hung_ns = self.opt.hung_after.as_nanos() as u64;
                     if state == State::Hot
-                        && now.saturating_sub(hb) > self.opt.hung_after.as_nanos() as u64
+                        && now.saturating_sub(hb) > hung_ns
+                        && now.saturating_sub(last_frame_ns) > hung_ns
+                        && live_holder(&lock, control.path()) == Some(active_id.pid)
                     {
                         warn!(
                             pid = active_id.pid,
-                            "active is hung (heartbeat {} ms old); fencing it with SIGKILL",
-                            (now - hb) / 1_000_000
+                            "active is hung (heartbeat {} ms old, stream silent {} ms); fencing it with SIGKILL",
+                            (now - hb) / 1_000_000,
+                            (now - last_frame_ns) / 1_000_000
                         );
-                        fence(active_id.pid);
+                        fence_identity(&active_id);
                     }
                 }
             }
@@ -1904,7 +1937,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         loop {
             let outcome = if t0.elapsed() >= next_gone_check {
                 next_gone_check = t0.elapsed() + Duration::from_millis(1);
-                try_lock_recovering(&lock)
+                try_lock_recovering(&lock, self.control.path())
             } else {
                 lock.try_lock()
             };
@@ -1978,13 +2011,21 @@ impl<A: Application, I: Input> Engine<A, I> {
         if now.saturating_sub(hb) <= self.opt.hung_after.as_nanos() as u64 || !self.slot_alive(a) {
             return;
         }
-        let pid = self.control.get(a, Field::Pid).min(u32::MAX as u64) as u32;
+        let id = ProcessIdentity {
+            pid: self.control.get(a, Field::Pid).min(u32::MAX as u64) as u32,
+            start_time_ticks: self.control.get(a, Field::StartTime),
+        };
+        // Second source: the thread holding the mutex must be that process's.
+        let lock = self.control.lock();
+        if live_holder(&lock, self.control.path()) != Some(id.pid) {
+            return;
+        }
         warn!(
-            pid,
+            pid = id.pid,
             "the old active holds the mutex and is hung (heartbeat {} ms old); fencing it with SIGKILL",
             (now - hb) / 1_000_000
         );
-        fence(pid);
+        fence_identity(&id);
     }
 
     fn mark_step_up(&mut self, t0: Instant, planned: bool) {
@@ -2277,13 +2318,16 @@ pub fn push_tx(
 /// block's other words say about its process — is never taken over. The compare-and-swap in
 /// the recovery acts only on the exact word that named the dead thread, and the epoch CAS
 /// after locking lets one engine win even if two recover at once.
-fn try_lock_recovering(lock: &control::ControlLock<'_>) -> Result<TryLockOutcome, LockError> {
+fn try_lock_recovering(
+    lock: &control::ControlLock<'_>,
+    control_path: &std::path::Path,
+) -> Result<TryLockOutcome, LockError> {
     match lock.try_lock()? {
         TryLockOutcome::WouldBlock => {
             let Some(tid) = lock.holder_tid() else {
                 return Ok(TryLockOutcome::WouldBlock);
             };
-            if liveness::thread_is_gone(tid) && lock.recover_dead_holder(tid) {
+            if holder_is_gone(tid, control_path) && lock.recover_dead_holder(tid) {
                 warn!(
                     tid,
                     "the robust mutex named a thread that is gone, never marked owner-died (its \
@@ -2293,6 +2337,41 @@ fn try_lock_recovering(lock: &control::ControlLock<'_>) -> Result<TryLockOutcome
             lock.try_lock()
         }
         o => Ok(o),
+    }
+}
+
+/// The thread `tid` named in the robust mutex can no longer hold the active role: it does not
+/// exist (or is an exited process leader), or its id now belongs to a process that does not
+/// map this cluster's control block (every engine keeps it mapped while it may hold the
+/// mutex), i.e. the dead holder's id was reused by an unrelated thread.
+fn holder_is_gone(tid: u32, control_path: &std::path::Path) -> bool {
+    if liveness::thread_is_gone(tid) {
+        return true;
+    }
+    match liveness::thread_group_of(tid) {
+        Some(pid) => liveness::process_maps_file(pid, control_path) == Some(false),
+        None => liveness::thread_is_gone(tid),
+    }
+}
+
+/// The live process whose thread holds the robust mutex, if the word names one that maps
+/// this cluster's control block: the active as the kernel and glibc see it, whatever the
+/// control block's pid and start-time words say.
+fn live_holder(lock: &control::ControlLock<'_>, control_path: &std::path::Path) -> Option<u32> {
+    let tid = lock.holder_tid()?;
+    let pid = liveness::thread_group_of(tid)?;
+    (liveness::process_maps_file(pid, control_path) == Some(true)).then_some(pid)
+}
+
+/// SIGKILL exactly the process `id` names (through a pidfd, so a pid reused since cannot be
+/// hit), never this process. False if it is not that process any more, or not ours to signal.
+fn fence_identity(id: &ProcessIdentity) -> bool {
+    if id.pid == std::process::id() || id.pid < 2 {
+        return false;
+    }
+    match liveness::Pidfd::open_identity(id) {
+        Ok(fd) => fd.send_signal(libc::SIGKILL).is_ok(),
+        Err(_) => false,
     }
 }
 
@@ -2310,15 +2389,6 @@ fn install_abort_on_panic() {
             std::process::abort();
         }));
     });
-}
-
-fn fence(pid: u32) {
-    // The pid came from shared memory: never let it be 0, 1 or negative (kill(-1) signals
-    // every process of the user).
-    if (2..=i32::MAX as u32).contains(&pid) {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    }
 }
 
 /// A position in the history of the state (what `Base`, `SnapBegin`/`SnapEnd`, `StepUp` and

@@ -43,6 +43,7 @@ use std::fmt;
 use std::io;
 use std::mem::{align_of, size_of};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -776,6 +777,28 @@ impl RobustLock {
     }
 }
 
+/// The process (thread group) thread `tid` belongs to, from `/proc/<tid>/status`; `None` if the
+/// thread is gone or the file cannot be read.
+pub fn thread_group_of(tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Whether process `pid` has `path` mapped (a line of `/proc/<pid>/maps` ends with it);
+/// `None` if the maps cannot be read (the process is gone, or belongs to another user).
+///
+/// An engine keeps its cluster's control block mapped for as long as it may hold the robust
+/// mutex, so "the holder's process maps our control file" tells a live engine from an
+/// unrelated thread that was given a dead holder's thread id.
+pub fn process_maps_file(pid: u32, path: &Path) -> Option<bool> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let want = path.to_str()?;
+    Some(maps.lines().any(|l| l.trim_end().ends_with(want)))
+}
+
 /// `true` if thread `tid` can never run again: no thread has that id (`/proc/<tid>` is gone), or
 /// it is an exited, unreaped process leader (state `Z`/`X`).
 ///
@@ -1047,6 +1070,27 @@ impl Pidfd {
     /// The pid this pidfd was opened for.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// Sends `signal` to exactly the process this pidfd refers to (`pidfd_send_signal(2)`):
+    /// unlike `kill(pid)`, a pid reused since the pidfd was opened is never signalled.
+    pub fn send_signal(&self, signal: i32) -> io::Result<()> {
+        // SAFETY: pidfd_send_signal on an owned, open pidfd with a null siginfo (the kernel
+        // fills in a kill-like one); it reads no user memory.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.as_fd().as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0u32,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     /// Waits up to `timeout` (`None`: forever) for the process to exit. `Ok(true)` once it has.

@@ -181,6 +181,51 @@ fn panic_of_active_unwinding_is_a_failover() {
     panic_of_active_is_a_failover("unwind");
 }
 
+/// Wrong (but well-formed) identity and heartbeat words for the active — as a corrupted control
+/// block or a buggy tool could leave them — never make the standby step up beside a live
+/// active or fence it: the mutex holder and the stream are the second sources.
+#[test]
+fn wrong_identity_and_heartbeat_words_never_make_a_second_active() {
+    let mut cl = Cluster::new("lying-words");
+    let c = cl.control();
+    let e0 = paced_env(&cl, 0);
+    cl.spawn("child_engine", 0, 1, u64::MAX, false, &e0);
+    wait_until("a active", Duration::from_secs(10), || {
+        role(&c, 0) == Role::Active
+    });
+    // A short hung threshold: the stale heartbeat word alone would fence at once.
+    let mut e1 = paced_env(&cl, 1);
+    e1.push(("US_HUNG_MS", "150".to_string()));
+    cl.spawn("child_engine", 1, 1, u64::MAX, true, &e1);
+    wait_until("b hot", Duration::from_secs(20), || {
+        state(&c, 1) == State::Hot
+    });
+    let a_pid = cl.pid(0).unwrap();
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        // A pid that is certainly not a live process of ours, and a heartbeat from boot.
+        c.set(0, Field::Pid, 4_000_000);
+        c.set(0, Field::StartTime, 1);
+        c.set(0, Field::HeartbeatNs, 1);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(cl.running(0), "the active (pid {a_pid}) was killed");
+    assert_eq!(
+        c.get(1, Field::StepUps),
+        0,
+        "the standby stepped up beside a live active"
+    );
+    assert_eq!(role(&c, 1), Role::Standby);
+    // And the cluster still works: a real death is still a failover.
+    c.set(0, Field::Pid, a_pid as u64);
+    cl.kill(0);
+    wait_until(
+        "b steps up after the real death",
+        Duration::from_secs(20),
+        || c.get(1, Field::StepUps) > 0 && role(&c, 1) == Role::Active,
+    );
+}
+
 /// Planned switchovers back and forth under load: each time the new active starts from exactly
 /// the old active's committed state, and the old active becomes a hot standby without catch-up.
 #[test]
