@@ -97,6 +97,9 @@ enum Command {
     EnableFeatures,
     /// Stop every engine cleanly, remove the shared files, stop the supervisor.
     Down,
+    /// Start again the restarts the crash-loop breaker stopped (after fixing the engine),
+    /// without restarting the supervisor.
+    ResumeRestarts,
     /// Check the host: CPU isolation, memlock, huge pages, clock source, leftover files.
     Doctor {
         /// Remove the shared files of dead clusters.
@@ -160,6 +163,7 @@ fn main() {
         Command::Rollback => request(&cli, Op::Rollback),
         Command::EnableFeatures => request(&cli, Op::EnableFeatures),
         Command::Down => request(&cli, Op::Down),
+        Command::ResumeRestarts => request(&cli, Op::ResumeRestarts),
     };
     std::process::exit(code.exit_code());
 }

@@ -36,6 +36,7 @@ use crate::proto::{
     Code, EngineStatus, InterruptedUpgrade, Reply, Request, RoleChange, SlotRestarts, StatusReport,
 };
 use crate::record;
+use crate::verify::{self, HeartbeatSeen};
 
 /// A heartbeat older than this many configured intervals means the engine is hung.
 pub const HUNG_BEATS: u64 = 10;
@@ -110,6 +111,10 @@ impl std::error::Error for UpError {}
 /// Restart bookkeeping of one slot.
 #[derive(Debug, Default)]
 pub(crate) struct Restart {
+    /// Unexpected deaths within the crash-loop window: they set the backoff.
+    deaths: VecDeque<Instant>,
+    /// The crashes among them (not the kills by a signal from outside, an operator's or the
+    /// OOM killer's, nor the supervisor's own fences): they trip the crash-loop breaker.
     crashes: VecDeque<Instant>,
     next_at: Option<Instant>,
     /// The backoff before the pending restart (`next_at`).
@@ -144,6 +149,15 @@ pub struct Supervisor {
     restarts: [Restart; SLOTS],
     /// Slots whose active is hung with no hot standby to take over: reported, not fenced.
     hung_unfenced: [bool; SLOTS],
+    /// How long the supervisor itself has seen each slot's heartbeat word unchanged.
+    heartbeat_seen: [Option<HeartbeatSeen>; SLOTS],
+    /// The engine (pid) in each slot last seen as a hot standby, and in which epoch: if the
+    /// active of that epoch dies, it holds every committed transaction.
+    hot_seen: [Option<(u32, u64)>; SLOTS],
+    /// A control-block record that a second source contradicted has been reported (once).
+    suspect_reported: [bool; SLOTS],
+    /// "Waiting for the last copy" has been reported (once per episode).
+    last_copy_reported: bool,
     pub(crate) op: Option<Operation>,
     role_seen: (u64, Option<usize>),
     role_changes: VecDeque<RoleChange>,
@@ -291,6 +305,10 @@ impl Supervisor {
             managed: [false; SLOTS],
             restarts: Default::default(),
             hung_unfenced: [false; SLOTS],
+            heartbeat_seen: [None; SLOTS],
+            hot_seen: [None; SLOTS],
+            suspect_reported: [false; SLOTS],
+            last_copy_reported: false,
             op: None,
             role_seen,
             role_changes: VecDeque::new(),
@@ -598,6 +616,7 @@ impl Supervisor {
                 self.on_request(request, reply);
             }
             self.resend_stops();
+            self.watch_hot();
             self.fence();
             self.watch_roles();
             self.step_op();
@@ -660,7 +679,27 @@ impl Supervisor {
                 Some(s) => {
                     info!(dead = %slot_name(slot), active = %slot_name(s), "failover: the standby stepped up")
                 }
-                None => error!(dead = %slot_name(slot), "outage: no hot standby could step up"),
+                None => match (self.lock_holder(), self.last_copy()) {
+                    (Some(h), _) => warn!(
+                        dead = %slot_name(slot),
+                        serving = %slot_name(h),
+                        "the control block shows no active engine, but engine {} holds the active's lock: it serves; not an outage",
+                        slot_name(h)
+                    ),
+                    (None, Some(s)) => {
+                        self.last_copy_reported = true;
+                        error!(
+                            dead = %slot_name(slot),
+                            holder = %slot_name(s),
+                            stopped = ?self.engines[s].as_ref().and_then(|p| verify::is_stopped(p.pid())),
+                            "the active died and engine {} holds the latest committed state but has not stepped up (stalled?); it is the last copy: not fencing or replacing it, waiting for it to resume",
+                            slot_name(s)
+                        )
+                    }
+                    (None, None) => {
+                        error!(dead = %slot_name(slot), "outage: no hot standby could step up")
+                    }
+                },
             }
         }
         let upgrading = matches!(self.op, Some(Operation::Upgrade(_) | Operation::Resume(_)));
@@ -669,16 +708,103 @@ impl Supervisor {
             self.op = Some(op);
         }
         if !upgrading && self.managed[slot] {
-            let now = Instant::now();
-            let window = Duration::from_millis(self.config.restart.crash_loop_window_ms);
-            let r = &mut self.restarts[slot];
+            // Every unexpected death backs the next restart off; only a crash of the engine's
+            // own counts toward giving up: not the supervisor's fence, nor a kill by a signal
+            // from outside (an operator's burst of kills is not a broken engine).
+            let crashed = !proc.fenced && !killed_by_signal(&exit);
+            self.count_death(slot, crashed);
+        }
+    }
+
+    /// Counts a death of the engine in `slot` for its restarts' backoff, and for the
+    /// crash-loop breaker if it `crashed`.
+    fn count_death(&mut self, slot: usize, crashed: bool) {
+        let now = Instant::now();
+        let r = &mut self.restarts[slot];
+        r.deaths.push_back(now);
+        if crashed {
             r.crashes.push_back(now);
-            while r
-                .crashes
+        }
+        self.prune_restarts(slot, now);
+    }
+
+    /// Forgets the deaths older than the crash-loop window.
+    fn prune_restarts(&mut self, slot: usize, now: Instant) {
+        let window = Duration::from_millis(self.config.restart.crash_loop_window_ms);
+        let r = &mut self.restarts[slot];
+        for list in [&mut r.deaths, &mut r.crashes] {
+            while list
                 .front()
                 .is_some_and(|t| now.duration_since(*t) > window)
             {
-                r.crashes.pop_front();
+                list.pop_front();
+            }
+        }
+    }
+
+    /// `understudy resume-restarts`: forget every slot's crashes, so that restarts stopped by
+    /// the crash-loop breaker start again (with no backoff).
+    fn resume_restarts(&mut self) -> Reply {
+        let stopped: Vec<String> = (0..SLOTS)
+            .filter(|&s| self.restarts[s].given_up)
+            .map(|s| slot_name(s).to_string())
+            .collect();
+        for r in &mut self.restarts {
+            *r = Restart::default();
+        }
+        if stopped.is_empty() {
+            return Reply::result(
+                Code::Ok,
+                "no slot's restarts were stopped; crash counts cleared",
+            );
+        }
+        info!(slots = ?stopped, "restarts resumed by the operator");
+        Reply::result(
+            Code::Ok,
+            format!(
+                "restarts resumed for engine(s) {}; crash counts cleared",
+                stopped.join(", ")
+            ),
+        )
+        .with_data(serde_json::json!({ "resumed": stopped }))
+    }
+
+    /// The slot of our live engine whose thread holds the robust mutex only an active holds,
+    /// mapped through `/proc/<pid>/task/<tid>`: which engine serves, by a source other than
+    /// the control block's role and slot records.
+    fn lock_holder(&self) -> Option<usize> {
+        let tid = self.control.lock().holder_tid()?;
+        (0..SLOTS).find(|&s| {
+            self.engines[s].as_ref().is_some_and(|p| {
+                !p.fenced && verify::tid_belongs_to(p.pid(), tid) && p.identity.is_alive()
+            })
+        })
+    }
+
+    /// With no engine active: a live engine that was a hot standby in the current epoch, so
+    /// that it holds every transaction the dead active committed — the last copy of the
+    /// state, never to be killed; it steps up when it runs again.
+    fn last_copy(&self) -> Option<usize> {
+        let epoch = self.control.epoch();
+        (0..SLOTS).find(|&s| {
+            self.engines[s].as_ref().is_some_and(|p| {
+                !p.fenced
+                    && !p.expected_exit
+                    && self.hot_seen[s] == Some((p.pid(), epoch))
+                    && p.identity.is_alive()
+            })
+        })
+    }
+
+    /// Remembers which engines are hot standbys of which epoch (for [`Self::last_copy`]).
+    fn watch_hot(&mut self) {
+        for slot in 0..SLOTS {
+            if self.is_hot_standby(slot) {
+                if let Some(p) = self.engines[slot].as_ref() {
+                    self.hot_seen[slot] = Some((p.pid(), self.control.get(slot, Field::Epoch)));
+                }
+            } else if self.engines[slot].is_none() {
+                self.hot_seen[slot] = None;
             }
         }
     }
@@ -724,46 +850,93 @@ impl Supervisor {
     /// for one that is not active, since a busy catch-up may delay it), and any active of an
     /// old epoch: never two actives.
     ///
-    /// A hung active is fenced only if a hot standby with a fresh heartbeat can take over.
-    /// Without one, killing it would turn a stall (a paused VM, a debugger, a swap storm) into
-    /// the loss of the cluster's whole state; it is reported and left to resume.
+    /// Never the last copy of the state, and never on the control block's word alone:
+    /// - a hung active only if a hot standby with a fresh heartbeat can take over. Without
+    ///   one, killing it would turn a stall (a paused VM, a debugger, a swap storm) into the
+    ///   loss of the cluster's whole state; it is reported and left to resume;
+    /// - a hung standby only if another live engine verifiably serves (it holds the active's
+    ///   robust mutex): with the active dead, a stalled standby is the last copy, and it steps
+    ///   up when it resumes;
+    /// - "hung" means the heartbeat word is old *and* the supervisor has seen it unchanged for
+    ///   the whole threshold (a word one flipped bit made old is rewritten within an interval);
+    /// - "active in an old epoch" only if another of our live engines holds the active's
+    ///   mutex: if this engine holds it, it is the active and the epoch word is what is wrong.
     fn fence(&mut self) {
         let now = monotonic_ns();
+        let seen_at = Instant::now();
         let hung_ns = self.config.timeouts.heartbeat_ms * HUNG_BEATS * 1_000_000;
         let epoch = self.control.epoch();
+        let holder = self.lock_holder();
         for slot in 0..SLOTS {
             let Some(proc) = self.engines[slot].as_ref() else {
+                self.heartbeat_seen[slot] = None;
                 continue;
             };
             if proc.expected_exit || proc.fenced || !self.ours(slot) {
                 continue;
             }
             let pid = proc.pid();
+            let alive = proc.identity.is_alive();
             let role = self.role(slot);
+            let word = self.control.get(slot, Field::HeartbeatNs);
+            let unchanged_ns = match self.heartbeat_seen[slot].as_mut() {
+                Some(seen) => seen.observe(pid, word, seen_at),
+                None => {
+                    self.heartbeat_seen[slot] = Some(HeartbeatSeen::new(pid, word, seen_at));
+                    Duration::ZERO
+                }
+            }
+            .as_nanos() as u64;
             let age = self.heartbeat_age_ns(slot, now);
             let limit = if role == Role::Active {
                 hung_ns
             } else {
                 hung_ns * 4
             };
-            let stale_active = role == Role::Active
-                && proc.identity.is_alive()
+            let claims_stale = role == Role::Active
+                && alive
                 && self.control.get(slot, Field::Epoch) < epoch
                 && self.state(slot) == State::Serving;
-            let hung = age > limit;
+            let superseded = claims_stale && holder.is_some_and(|h| h != slot);
+            if claims_stale && !superseded && !self.suspect_reported[slot] {
+                self.suspect_reported[slot] = true;
+                warn!(
+                    slot = %slot_name(slot),
+                    pid,
+                    engine_epoch = self.control.get(slot, Field::Epoch),
+                    control_epoch = epoch,
+                    lock_holder = holder.map(slot_name).map(String::from).as_deref().unwrap_or("none"),
+                    "the control block says this engine is active in an old epoch, but no other engine holds the active's lock: the control block is suspect; not fencing"
+                );
+            }
+            let hung = age > limit && unchanged_ns > limit;
             if !hung && self.hung_unfenced[slot] {
                 self.hung_unfenced[slot] = false;
                 info!(slot = %slot_name(slot), pid, "the hung engine's heartbeat resumed");
             }
-            if !(hung || stale_active) {
+            if !(hung || superseded) {
                 continue;
             }
-            if stale_active {
-                error!(slot = %slot_name(slot), pid, "engine is active in an old epoch; fencing it with SIGKILL");
+            if superseded {
+                error!(slot = %slot_name(slot), pid, active = %holder.map_or('-', slot_name), "engine is active in an old epoch while another engine holds the active's lock; fencing it with SIGKILL");
             } else if role == Role::Active && !self.can_take_over(slot, now, hung_ns) {
                 if !self.hung_unfenced[slot] {
                     self.hung_unfenced[slot] = true;
                     error!(slot = %slot_name(slot), pid, heartbeat_age_ms = age / 1_000_000, "the active engine is hung, but no hot standby could take over: not fencing it (that would lose the cluster's state); waiting for it to resume");
+                }
+                continue;
+            } else if role != Role::Active
+                && !holder.is_some_and(|h| h != slot && self.heartbeat_age_ns(h, now) <= hung_ns)
+            {
+                if !self.hung_unfenced[slot] {
+                    self.hung_unfenced[slot] = true;
+                    error!(
+                        slot = %slot_name(slot),
+                        pid,
+                        heartbeat_age_ms = age / 1_000_000,
+                        stopped = ?verify::is_stopped(pid),
+                        "the standby is hung, but no other engine verifiably serves: it may hold the last copy of the state; not fencing it, waiting for it to resume"
+                    );
                 }
                 continue;
             } else {
@@ -844,6 +1017,9 @@ impl Supervisor {
         if !no_active {
             self.no_active_since = None;
         }
+        if !no_active {
+            self.last_copy_reported = false;
+        }
         if no_active
             && !self.outage_reported
             && self
@@ -852,8 +1028,36 @@ impl Supervisor {
                 .elapsed()
                 > self.config.timeouts.switchover()
         {
-            self.outage_reported = true;
-            error!("outage: no engine is active and none can step up; the state is lost, run `understudy down` then `understudy up`");
+            // Verified before it is said: the control block alone never declares the state
+            // lost.
+            if let Some(h) = self.lock_holder() {
+                if !self.suspect_reported[h] {
+                    self.suspect_reported[h] = true;
+                    warn!(
+                        serving = %slot_name(h),
+                        pid = self.engines[h].as_ref().map_or(0, |p| p.pid()),
+                        control_epoch = self.control.epoch(),
+                        control_active = ?self.control.active_slot(),
+                        record_pid = self.control.get(h, Field::Pid),
+                        record_start_time = self.control.get(h, Field::StartTime),
+                        "the control block shows no active engine, but engine {} holds the active's lock: it serves, this is not an outage; the control block is suspect",
+                        slot_name(h)
+                    );
+                }
+            } else if let Some(s) = self.last_copy() {
+                if !self.last_copy_reported {
+                    self.last_copy_reported = true;
+                    error!(
+                        holder = %slot_name(s),
+                        stopped = ?self.engines[s].as_ref().and_then(|p| verify::is_stopped(p.pid())),
+                        "no engine is active; engine {} holds the latest committed state (the last copy) and has not stepped up: waiting for it to resume; it is not fenced or replaced",
+                        slot_name(s)
+                    );
+                }
+            } else {
+                self.outage_reported = true;
+                error!("outage: no engine is active and none can step up; the state is lost, run `understudy down` then `understudy up`");
+            }
         }
         let binary = active
             .and_then(|a| self.engines[a].as_ref())
@@ -865,6 +1069,9 @@ impl Supervisor {
             if !self.managed[slot] || self.engines[slot].is_some() {
                 continue;
             }
+            if self.restarts[slot].next_at.is_none() {
+                self.prune_restarts(slot, now);
+            }
             let restart = &self.config.restart;
             let r = &mut self.restarts[slot];
             if r.given_up {
@@ -874,14 +1081,15 @@ impl Supervisor {
                 Some(t) => t,
                 None => {
                     let crashes = r.crashes.len() as u32;
+                    let deaths = r.deaths.len() as u32;
                     if crashes > restart.crash_loop_max {
                         r.given_up = true;
-                        error!(slot = %slot_name(slot), crashes, window_ms = restart.crash_loop_window_ms, "crash loop: restarts of this slot stopped; fix the engine, then restart the supervisor");
+                        error!(slot = %slot_name(slot), crashes, window_ms = restart.crash_loop_window_ms, "crash loop: restarts of this slot stopped; fix the engine, then run `understudy resume-restarts`");
                         continue;
                     }
-                    let delay_ms = restart_delay_ms(restart, crashes);
-                    if crashes > 0 {
-                        warn!(slot = %slot_name(slot), crashes, window_ms = restart.crash_loop_window_ms, delay_ms, "restarting the engine after a backoff");
+                    let delay_ms = restart_delay_ms(restart, deaths);
+                    if deaths > 0 {
+                        warn!(slot = %slot_name(slot), crashes, deaths, window_ms = restart.crash_loop_window_ms, delay_ms, "restarting the engine after a backoff");
                     }
                     r.delay_ms = delay_ms;
                     let t = now + Duration::from_millis(delay_ms);
@@ -897,7 +1105,7 @@ impl Supervisor {
                 Ok(()) => info!(slot = %slot_name(slot), "restarted as the new standby"),
                 Err(e) => {
                     error!(slot = %slot_name(slot), "restart failed: {e}");
-                    self.restarts[slot].crashes.push_back(now);
+                    self.count_death(slot, true);
                 }
             }
         }
@@ -931,8 +1139,24 @@ impl Supervisor {
         match request.op {
             Op::Status => {
                 let report = self.status();
-                let message = status_summary(&report);
-                let _ = reply.send(Reply::result(Code::Ok, message).with_data(report));
+                let mut message = status_summary(&report);
+                // An outage is exit 9, as `--help` says: no engine is active, verified (an
+                // engine holding the active's lock serves whatever the control block says).
+                let code = if report.active.is_none() && self.lock_holder().is_none() {
+                    if let Some(s) = self.last_copy() {
+                        message.push_str(&format!(
+                            "; engine {} holds the last copy of the state and has not stepped up (stalled?)",
+                            slot_name(s)
+                        ));
+                    }
+                    Code::Outage
+                } else {
+                    Code::Ok
+                };
+                let _ = reply.send(Reply::result(code, message).with_data(report));
+            }
+            Op::ResumeRestarts => {
+                let _ = reply.send(self.resume_restarts());
             }
             Op::Rollback => {
                 if let Some(Operation::Upgrade(run)) = self.op.as_mut() {
@@ -1058,6 +1282,20 @@ impl Supervisor {
             role_changes: self.role_changes.iter().cloned().collect(),
             interrupted_upgrade: self.interrupted.clone(),
         }
+    }
+}
+
+/// The engine was killed by a signal that comes from outside it (SIGKILL, SIGTERM, SIGINT,
+/// SIGHUP) rather than dying of its own fault (an exit, a panic's abort, a fault).
+fn killed_by_signal(exit: &ExitInfo) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    match exit {
+        ExitInfo::Status(s) => matches!(
+            s.signal(),
+            Some(libc::SIGKILL | libc::SIGTERM | libc::SIGINT | libc::SIGHUP)
+        ),
+        // An adopted engine's status went to its old parent: counted as a crash.
+        ExitInfo::Unknown => false,
     }
 }
 

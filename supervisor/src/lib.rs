@@ -24,3 +24,4 @@ pub mod process;
 pub mod proto;
 pub mod record;
 mod socket;
+mod verify;

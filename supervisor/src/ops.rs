@@ -18,6 +18,7 @@
 //! [`ResumeOp`] first: it lets the action in flight settle, observes the cluster and hands it
 //! to the resumed plan, which restores the old version or keeps an accepted new one.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::mpsc::Sender;
@@ -36,10 +37,25 @@ use crate::plan::{
 use crate::proto::{Code, InterruptedUpgrade, Op, Reply, UpgradeEvent, UpgradeRequest};
 use crate::record::{self, RecordedEngine, UpgradeRecord};
 
-/// Test hook, off unless set: an upgrade holds before performing the first action of this
-/// step number (after recording it as in flight), so that a test can kill the supervisor
-/// there. Never set it in production.
+/// Test hook, only in a build with the `fault-injection` feature (the root package's tests):
+/// an upgrade holds before performing the first action of this step number (after recording
+/// it as in flight), so that a test can kill the supervisor there. A production build does
+/// not read it.
 pub const TEST_PAUSE_ENV: &str = "UNDERSTUDY_TEST_UPGRADE_PAUSE_AT_STEP";
+
+/// The step [`TEST_PAUSE_ENV`] names, in a `fault-injection` build.
+#[cfg(feature = "fault-injection")]
+fn test_pause_at() -> Option<u8> {
+    std::env::var(TEST_PAUSE_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A production build never holds an upgrade.
+#[cfg(not(feature = "fault-injection"))]
+fn test_pause_at() -> Option<u8> {
+    None
+}
 
 fn plan_slot(slot: usize) -> Slot {
     Slot::ALL[slot]
@@ -152,6 +168,18 @@ impl SwitchExec {
     }
 }
 
+/// SIGKILLs the process group `child` leads (it was spawned with `process_group(0)`), then
+/// reaps `child`.
+fn kill_group(child: &mut Child) {
+    if let Ok(pgid) = i32::try_from(child.id()) {
+        // The group is ours as long as its leader is unreaped: it is reaped only below.
+        // SAFETY: killpg has no memory-safety preconditions.
+        unsafe { libc::killpg(pgid, libc::SIGKILL) };
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 fn result_name(code: u64) -> String {
     match code {
         result::OK => "ok".into(),
@@ -257,9 +285,9 @@ impl Operation {
                 UpgradeRun::begin(sup, request, reply).map(|r| Operation::Upgrade(Box::new(r)))
             }
             Op::Down => Ok(Operation::Down(DownOp::begin(sup, reply))),
-            Op::Status | Op::Rollback => Err(Reply::result(
+            Op::Status | Op::Rollback | Op::ResumeRestarts => Err(Reply::result(
                 Code::Failed,
-                "internal: status and rollback are handled by the supervisor loop",
+                "internal: status, rollback and resume-restarts are handled by the supervisor loop",
             )),
         }
     }
@@ -293,6 +321,7 @@ impl Operation {
         };
         UpgradeRun::begin(sup, request, reply).map(|mut r| {
             r.accept_cmd = None;
+            r.rollback = true;
             Operation::Upgrade(Box::new(r))
         })
     }
@@ -344,6 +373,9 @@ impl Operation {
         match self {
             Operation::Switchover(op) => {
                 if slot == op.exec.from || slot == op.exec.to {
+                    // A failover overtook the command: never leave it posted for the new
+                    // active to take (or refuse) in a later operation.
+                    op.exec.cancel(sup);
                     op.failed = Some(format!(
                         "engine {} died during the switchover; engine {} is active",
                         slot_name(slot),
@@ -481,6 +513,9 @@ pub(crate) struct DownOp {
     active_stopping: bool,
     deadline: Instant,
     watchers: Vec<Sender<Reply>>,
+    /// The result is sent: until when the supervisor waits for the socket threads to have
+    /// written it (it exits after `down`, and a result still in a channel would be lost).
+    flushing_until: Option<Instant>,
 }
 
 impl DownOp {
@@ -500,10 +535,23 @@ impl DownOp {
             active_stopping: false,
             deadline: Instant::now() + sup.config.timeouts.shutdown(),
             watchers: vec![reply],
+            flushing_until: None,
         }
     }
 
     fn step(&mut self, sup: &mut Supervisor) -> bool {
+        if let Some(until) = self.flushing_until {
+            // A socket thread drops its receiver once it has written the result line: until
+            // then a probe is accepted (and never written: the thread stops reading at the
+            // result).
+            let probe = Reply::event("flushing", serde_json::Value::Null);
+            self.watchers.retain(|w| w.send(probe.clone()).is_ok());
+            if self.watchers.is_empty() || Instant::now() > until {
+                sup.finished = true;
+                return true;
+            }
+            return false;
+        }
         let running: Vec<usize> = (0..SLOTS)
             .filter(|&s| sup.engines[s].is_some() && (self.active_stopping || !sup.is_active(s)))
             .collect();
@@ -552,8 +600,8 @@ impl DownOp {
         };
         info!("{}", reply.message);
         emit(&self.watchers, &reply);
-        sup.finished = true;
-        true
+        self.flushing_until = Some(Instant::now() + Duration::from_secs(2));
+        false
     }
 }
 
@@ -572,6 +620,8 @@ enum Phase {
     },
     Start {
         slot: usize,
+        /// The binary, until it is spawned: the slot's previous engine was still exiting.
+        waiting: Option<PathBuf>,
     },
     Attach {
         standby: usize,
@@ -614,6 +664,9 @@ pub(crate) struct UpgradeRun {
     pause_at: Option<u8>,
     /// Holding there.
     paused: bool,
+    /// `rollback` of a completed upgrade: the plan's "new version" is the previous one, and
+    /// the events and the result say so.
+    rollback: bool,
 }
 
 impl UpgradeRun {
@@ -671,10 +724,9 @@ impl UpgradeRun {
             record,
             record_failed: false,
             resumed_at: None,
-            pause_at: std::env::var(TEST_PAUSE_ENV)
-                .ok()
-                .and_then(|v| v.trim().parse().ok()),
+            pause_at: test_pause_at(),
             paused: false,
+            rollback: false,
         };
         run.write_record(sup).map_err(|e| {
             Reply::result(
@@ -708,6 +760,7 @@ impl UpgradeRun {
             record_failed: false,
             pause_at: None,
             paused: false,
+            rollback: false,
         };
         run.persist(sup);
         run
@@ -791,20 +844,41 @@ impl UpgradeRun {
             event: event.into(),
             step: p.number,
             total: p.total,
-            name: p.step.name().into(),
+            name: self.words(p.step.name()),
             recovery: p.recovery.map(|r| r.to_string()),
-            action: planned.action.to_string(),
+            action: self.words(&planned.action.to_string()),
             result: result.clone(),
             elapsed_ms: elapsed.map(|d| d.as_millis() as u64),
         };
-        let message = match &result {
+        let message = self.words(&match &result {
             None => format!("{planned}"),
             Some(r) => format!("{planned}: {r}"),
-        };
+        });
         emit(
             &self.watchers,
             &Reply::event(message, serde_json::to_value(data).unwrap_or_default()),
         );
+    }
+
+    /// The plan's words for an upgrade, or for a rollback of a completed upgrade, whose
+    /// target is the version that ran before it.
+    fn words(&self, text: &str) -> String {
+        if !self.rollback {
+            return text.to_owned();
+        }
+        text.replace("upgrade completed", "rollback completed")
+            .replace("upgrade rolled back", "rollback undone")
+            .replace("upgrade aborted", "rollback aborted")
+            .replace("new standby", "previous-version standby")
+            .replace("old standby", "current standby")
+            .replace("old active", "current active")
+            .replace("old engine", "current engine")
+            .replace("the new version", "the previous version")
+            .replace("new-version", "previous-version")
+            .replace("new version", "previous version")
+            .replace("new features", "features")
+            .replace("the old version", "the version being rolled back")
+            .replace("old version", "version being rolled back")
     }
 
     fn report(&mut self, sup: &Supervisor, event: Event) {
@@ -952,16 +1026,32 @@ impl UpgradeRun {
             }
             Action::Start { slot, binary, .. } => {
                 let slot = slot_index(*slot);
-                if let Some(p) = &sup.engines[slot] {
-                    return Err(format!(
-                        "slot {} is still taken by pid {}",
-                        slot_name(slot),
-                        p.pid()
-                    ));
-                }
                 check_binary(binary).map_err(|e| e.to_string())?;
+                match &sup.engines[slot] {
+                    // Told to stop or killed (an engine that never registered, timed out a
+                    // moment ago): the slot is free once it has exited, within the action's
+                    // timeout.
+                    Some(p) if p.expected_exit || p.fenced => {
+                        info!(slot = %slot_name(slot), pid = p.pid(), "waiting for the slot's previous engine to exit before starting");
+                        return Ok(Phase::Start {
+                            slot,
+                            waiting: Some(binary.clone()),
+                        });
+                    }
+                    Some(p) => {
+                        return Err(format!(
+                            "slot {} is still taken by pid {}, which was not told to stop",
+                            slot_name(slot),
+                            p.pid()
+                        ))
+                    }
+                    None => {}
+                }
                 sup.spawn(slot, binary, true).map_err(|e| e.to_string())?;
-                Phase::Start { slot }
+                Phase::Start {
+                    slot,
+                    waiting: None,
+                }
             }
             Action::Attach { standby, active } => Phase::Attach {
                 standby: slot_index(*standby),
@@ -1010,7 +1100,22 @@ impl UpgradeRun {
                 }
                 None
             }
-            Phase::Start { slot } => {
+            Phase::Start { slot, waiting } => {
+                if let Some(binary) = waiting.as_ref() {
+                    if sup.engines[*slot].is_some() {
+                        return late.then_some(Event::TimedOut { id });
+                    }
+                    if let Err(e) = sup.spawn(*slot, binary, true) {
+                        return Some(Event::Failed {
+                            id,
+                            error: e.to_string(),
+                        });
+                    }
+                    *waiting = None;
+                    // With the process it started, for a restarted supervisor.
+                    self.persist(sup);
+                    return None;
+                }
                 if sup.ours(*slot) {
                     return Some(Event::Done { id });
                 }
@@ -1053,8 +1158,7 @@ impl UpgradeRun {
                 };
                 if let Some(why) = &self.abort {
                     if let Some(mut c) = cmd.take() {
-                        let _ = c.kill();
-                        let _ = c.wait();
+                        kill_group(&mut c);
                     }
                     return reject(why.clone());
                 }
@@ -1089,7 +1193,20 @@ impl UpgradeRun {
                     .control
                     .get(*slot, Field::Refusals)
                     .saturating_sub(base.1);
-                if requests > 0 {
+                let soak_ms = match &exec.planned.action {
+                    Action::Accept { accept_for_ms, .. } => *accept_for_ms,
+                    _ => 0,
+                };
+                if requests == 0 && soak_ms > 0 {
+                    // No request served is no evidence that the new version works.
+                    return reject(format!(
+                        "not enough evidence: engine {} served no request during the {soak_ms} ms acceptance window (acceptance.accept_for_ms); an upgrade is accepted only on traffic",
+                        slot_name(*slot)
+                    ));
+                }
+                // A handler's business refusal is the application working, not failing:
+                // it counts only if the config says so (engine failures reject above).
+                if requests > 0 && acceptance.count_refusals {
                     let rate = refusals as f64 / requests as f64;
                     if rate > acceptance.max_error_rate {
                         return reject(format!(
@@ -1112,6 +1229,9 @@ impl UpgradeRun {
                         .arg(&accept_cmd)
                         .env("UNDERSTUDY_DIR", &sup.dir)
                         .env("UNDERSTUDY_ACTIVE_SLOT", slot_name(*slot).to_string())
+                        // Its own process group: on a timeout or an abort the whole command
+                        // (the shell and whatever it started) is killed, not the shell alone.
+                        .process_group(0)
                         .spawn()
                     {
                         Ok(child) => *cmd = Some(child),
@@ -1131,8 +1251,7 @@ impl UpgradeRun {
                     }
                     Err(e) => reject(format!("accept command `{accept_cmd}`: {e}")),
                     Ok(None) if late => {
-                        let _ = child.kill();
-                        let _ = child.wait();
+                        kill_group(child);
                         Some(Event::TimedOut { id })
                     }
                     Ok(None) => None,
@@ -1151,10 +1270,7 @@ impl UpgradeRun {
             match exec.phase {
                 Phase::Accept {
                     cmd: Some(mut c), ..
-                } => {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
+                } => kill_group(&mut c),
                 Phase::Switchover(sw) => sw.cancel(sup),
                 _ => {}
             }
@@ -1232,8 +1348,9 @@ impl UpgradeRun {
             }
         }
         let took = self.started.elapsed();
-        info!(took_ms = took.as_millis() as u64, "{outcome}");
-        let reply = Reply::result(code, outcome.to_string()).with_data(serde_json::json!({
+        let said = self.words(&outcome.to_string());
+        info!(took_ms = took.as_millis() as u64, "{said}");
+        let reply = Reply::result(code, said).with_data(serde_json::json!({
             "outcome": format!("{outcome:?}").split_whitespace().next().unwrap_or("").trim_end_matches('{').to_string(),
             "reason": outcome.reason(),
             "took_ms": took.as_millis() as u64,

@@ -137,13 +137,14 @@ pub enum RequestError {
 }
 
 /// The operation names, as on the wire.
-pub const OP_NAMES: [&str; 6] = [
+pub const OP_NAMES: [&str; 7] = [
     "status",
     "switchover",
     "upgrade",
     "rollback",
     "enable-features",
     "down",
+    "resume-restarts",
 ];
 
 const UPGRADE_FIELDS: [&str; 5] = [
@@ -302,6 +303,7 @@ impl TryFrom<serde_json::Value> for Request {
             "rollback" => ("rollback", Op::Rollback),
             "enable-features" => ("enable-features", Op::EnableFeatures),
             "down" => ("down", Op::Down),
+            "resume-restarts" => ("resume-restarts", Op::ResumeRestarts),
             "upgrade" => (
                 "upgrade",
                 Op::Upgrade(UpgradeRequest::from_fields(&mut fields)?),
@@ -403,6 +405,9 @@ pub enum Op {
     EnableFeatures,
     /// Stop every engine cleanly, remove the shared files, stop the supervisor.
     Down,
+    /// Start restarting the slots the crash-loop breaker stopped (their crash counts are
+    /// cleared).
+    ResumeRestarts,
 }
 
 /// The arguments of an upgrade.

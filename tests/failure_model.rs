@@ -1,0 +1,811 @@
+//! End-to-end tests of the supervisor's failure model with real engine processes, real
+//! signals and real files under /dev/shm: the last copy of the state is never killed, a
+//! damaged control block never causes a kill or a false outage, bursts of kills do not trip
+//! the crash-loop breaker (and the operator can resume restarts it stopped), and the CLI's
+//! word is true (`down`, `status`, acceptance, the accept command, rollback wording, an
+//! upgrade binary that never registers).
+//!
+//! The engines are the runtime's test executables `understudy-testapp-v1`/`-v2` (see
+//! `tests/supervisor.rs`), running a self-driving workload of `--max` requests; the invariant
+//! checked at the end of a test is the same: every engine's digest equals the model's after
+//! exactly that many requests.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use understudy_runtime::control::{slot_index, Control, Field, Word, SLOTS};
+use understudy_runtime::liveness::ProcessIdentity;
+use understudy_runtime::testkit::{Model, Side};
+use understudy_supervisor::client::Client;
+use understudy_supervisor::proto::{Code, Op, Request, StatusReport, SOCKET_NAME};
+
+const CLI: &str = env!("CARGO_BIN_EXE_understudy");
+
+fn testapp(version: u32) -> PathBuf {
+    let path = Path::new(CLI)
+        .parent()
+        .expect("target dir")
+        .join(format!("understudy-testapp-v{version}"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before these tests",
+        path.display()
+    );
+    path
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Quick timeouts: a standby counts as hung after 20 ms × 10 × 4 = 800 ms, an active after
+/// 200 ms, and no active for 600 ms is an outage unless a second source says otherwise.
+const QUICK: &str = "[timeouts]
+heartbeat_ms = 20
+switchover_ms = 600
+";
+
+/// One cluster under a private shm directory, with its supervisor; everything (engines,
+/// supervisor, files) is killed and removed on drop, also when the test fails.
+struct Harness {
+    name: String,
+    work: PathBuf,
+    shm_dir: PathBuf,
+    config: PathBuf,
+    side: PathBuf,
+    log: PathBuf,
+    max: u64,
+    supervisor: Option<Child>,
+    /// Processes a test froze: thawed on drop, so that they can be killed and reaped.
+    frozen: Vec<u32>,
+}
+
+impl Harness {
+    /// Engines run `max` requests paced `pace_us` apart; `args` are extra engine arguments,
+    /// `extra` is appended to the config.
+    fn new(tag: &str, max: u64, pace_us: u64, args: &str, extra: &str) -> Harness {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{tag}-{n}");
+        let work =
+            std::env::temp_dir().join(format!("understudy-fm-{}-{name}", std::process::id()));
+        let shm_dir = PathBuf::from(format!(
+            "/dev/shm/understudy-fm-{}-{name}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&work);
+        let _ = std::fs::remove_dir_all(&shm_dir);
+        std::fs::create_dir_all(&work).unwrap();
+        let h = Harness {
+            log: work.join("supervisor.log"),
+            side: work.join("side"),
+            config: work.join("cluster.toml"),
+            name,
+            work,
+            shm_dir,
+            max,
+            supervisor: None,
+            frozen: Vec::new(),
+        };
+        h.write_config(&testapp(1), pace_us, args, extra);
+        h
+    }
+
+    fn write_config(&self, binary: &Path, pace_us: u64, args: &str, extra: &str) {
+        let text = format!(
+            r#"cluster = "{name}"
+shm_dir = "{shm}"
+[engine]
+binary = "{bin}"
+args = ["--max", "{max}", "--pace-us", "{pace_us}", "--side", "{side}"{args}]
+[acceptance]
+max_latency_us_p99 = 60000000
+{extra}
+"#,
+            name = self.name,
+            shm = self.shm_dir.display(),
+            bin = binary.display(),
+            max = self.max,
+            side = self.side.display(),
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// An executable shell script in the work directory.
+    fn script(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.work.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+        let mut perms = std::fs::metadata(&path).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&path, perms).unwrap();
+        path
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.shm_dir.join(&self.name)
+    }
+
+    fn cli(&self) -> Command {
+        let mut c = Command::new(CLI);
+        c.arg("--config").arg(&self.config).arg("--json");
+        c
+    }
+
+    /// Starts `understudy up` and waits for an active and a hot standby.
+    fn up(&mut self) -> StatusReport {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = self
+            .cli()
+            .arg("up")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.supervisor = Some(child);
+        self.wait(
+            "an active and a hot standby",
+            Duration::from_secs(30),
+            |s| s.active.is_some() && s.hot_standbys().count() >= 1,
+        )
+    }
+
+    fn try_status(&self) -> Option<StatusReport> {
+        let reply = Client::new(self.dir().join(SOCKET_NAME))
+            .request(&Request::new(Op::Status), |_| {})
+            .ok()?;
+        serde_json::from_value(reply.data).ok()
+    }
+
+    /// `understudy <args>`: exit code and the JSON lines it printed.
+    fn run(&self, args: &[&str]) -> (i32, Vec<serde_json::Value>) {
+        let out = self.cli().args(args).output().unwrap();
+        let lines = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (out.status.code().unwrap_or(-1), lines)
+    }
+
+    /// The supervisor's log (its engines' too), without terminal colours.
+    fn log_text(&self) -> String {
+        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    /// Waits until a line of the log contains every one of `parts`; returns that line.
+    fn wait_log(&self, parts: &[&str], timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.log_text();
+            if let Some(line) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited {timeout:?} for a log line with {parts:?}; log:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Polls status until `done` holds; panics with the last status and the log after
+    /// `timeout`.
+    fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&StatusReport) -> bool,
+    ) -> StatusReport {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.try_status() {
+                if done(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "waited {timeout:?} for {what}; last status: {last:#?}\nsupervisor log:\n{}",
+            self.log_tail()
+        );
+    }
+
+    /// Waits for the workload to end on an active and a hot standby with equal digests, and
+    /// checks the digest against the model (v1, no feature on).
+    fn check_invariant(&self) -> StatusReport {
+        let max = self.max;
+        let s = self.wait(
+            "the workload to finish on an active and a hot standby",
+            Duration::from_secs(90),
+            |s| {
+                let Some(active) = s.active_engine() else {
+                    return false;
+                };
+                active.commits == max
+                    && s.hot_standbys()
+                        .any(|e| e.commits == max && e.digest == active.digest)
+            },
+        );
+        let active = s.active_engine().unwrap();
+        let model = Model::new(1).advance_to(max);
+        assert_eq!(
+            active.digest, model,
+            "digest after {max} requests: engine {} has {:#x}, the model {model:#x}: a request was lost or applied twice\n{s:#?}",
+            active.slot, active.digest
+        );
+        s
+    }
+
+    fn side(&self) -> Side {
+        Side::open(&self.side)
+    }
+
+    fn control(&self) -> Control {
+        Control::open(&self.dir()).unwrap()
+    }
+
+    /// SIGSTOPs `pid` and returns once all its threads are stopped; thawed on drop.
+    fn freeze(&mut self, pid: u32) {
+        self.frozen.push(pid);
+        signal(pid, libc::SIGSTOP);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                return;
+            };
+            let all_stopped = tasks.flatten().all(|t| {
+                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                stat.rsplit_once(')').map_or(true, |(_, rest)| {
+                    let state = rest.trim_start();
+                    state.starts_with('T') || state.starts_with('Z') || state.starts_with('X')
+                })
+            });
+            if all_stopped {
+                return;
+            }
+            assert!(Instant::now() < deadline, "pid {pid} did not stop");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn thaw(&mut self, pid: u32) {
+        signal(pid, libc::SIGCONT);
+        self.frozen.retain(|p| *p != pid);
+    }
+
+    /// SIGKILLs `pid` and waits until it is gone; returns the requests acknowledged just
+    /// before the kill (the side channel's count).
+    fn kill_engine(&self, pid: u32) -> u64 {
+        let identity = ProcessIdentity::of(pid).ok();
+        let acked = self.side().committed();
+        signal(pid, libc::SIGKILL);
+        if let Some(identity) = identity {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while identity.is_alive() {
+                assert!(Instant::now() < deadline, "pid {pid} survives SIGKILL");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        acked
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        for pid in std::mem::take(&mut self.frozen) {
+            signal(pid, libc::SIGCONT);
+        }
+        if let Some(mut child) = self.supervisor.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Ok(control) = Control::open(&self.dir()) {
+            for slot in 0..SLOTS {
+                let identity = ProcessIdentity {
+                    pid: control.get(slot, Field::Pid) as u32,
+                    start_time_ticks: control.get(slot, Field::StartTime),
+                };
+                if identity.pid != 0 && identity.is_alive() {
+                    signal(identity.pid, libc::SIGKILL);
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.shm_dir);
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.work);
+        } else {
+            eprintln!("test files kept in {}", self.work.display());
+        }
+    }
+}
+
+/// `text` without ANSI escape sequences.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The log lines a destructive decision writes.
+fn kills_and_outages(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| {
+            l.contains("fencing it with SIGKILL")
+                || l.contains("state is lost")
+                || l.contains("outage: no")
+        })
+        .collect()
+}
+
+#[test]
+fn a_stalled_standby_is_the_last_copy_when_the_active_dies_and_steps_up_when_resumed() {
+    // Proves "the last copy is sacred": the standby is stopped (SIGSTOP) and the active
+    // SIGKILLed at once; the standby then stays stalled for 3 times its fence threshold. The
+    // supervisor does not kill it, says it waits for the last copy, and `status` exits 9
+    // (outage) meanwhile; resumed (SIGCONT), the same process steps up with every request the
+    // dead active acknowledged, the cluster gets a hot standby back, and nothing was lost.
+    let mut h = Harness::new("lastcopy", 30_000, 200, "", QUICK);
+    let s = h.up();
+    let active = s.active_engine().unwrap().clone();
+    let standby = s.hot_standbys().next().unwrap().clone();
+    let stalled = ProcessIdentity::of(standby.pid).unwrap();
+
+    h.freeze(standby.pid);
+    let acked = h.kill_engine(active.pid);
+    h.wait_log(
+        &["holds the latest committed state", "waiting for it to resume"],
+        Duration::from_secs(30),
+    );
+    // Past the standby fence threshold (800 ms) three times over.
+    let stalled_until = Instant::now() + Duration::from_millis(2400);
+    while Instant::now() < stalled_until {
+        assert!(
+            stalled.is_alive(),
+            "the stalled last copy was killed; log:\n{}",
+            h.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, lines) = h.run(&["status"]);
+    assert_eq!(
+        code,
+        Code::Outage.exit_code(),
+        "status during the stall: {lines:?}"
+    );
+    assert!(
+        lines
+            .last()
+            .and_then(|l| l["message"].as_str())
+            .is_some_and(|m| m.contains("last copy")),
+        "status names the last copy: {lines:?}"
+    );
+
+    h.thaw(standby.pid);
+    let s = h.wait(
+        "the resumed standby active",
+        Duration::from_secs(30),
+        |s| s.active_engine().is_some_and(|a| a.pid == standby.pid),
+    );
+    let slot = slot_index(&standby.slot).unwrap();
+    let step_up_commits = h.control().get(slot, Field::StepUpCommits);
+    assert!(
+        step_up_commits >= acked,
+        "engine {} stepped up at {step_up_commits} commits, but {acked} were acknowledged",
+        standby.slot
+    );
+    assert!(s.epoch > active.epoch);
+    let log = h.log_text();
+    assert!(
+        kills_and_outages(&log).is_empty(),
+        "a kill or an outage was declared: {:?}",
+        kills_and_outages(&log)
+    );
+    h.check_invariant();
+    let (code, _) = h.run(&["status"]);
+    assert_eq!(code, 0, "status once an engine is active again");
+}
+
+/// Flips `bit` of a control-block word for `hold`, again and again (a live engine repairs
+/// what it owns within ~10 ms: this is a stuck bit), then puts the values found back.
+/// `both`: flip the mirror copy too, so that no intact copy is left.
+fn hold_flipped(dir: &Path, offsets: &[usize], bit: u32, hold: Duration) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("control"))
+        .unwrap();
+    let read = |off: usize| {
+        let mut b = [0u8; 8];
+        file.read_exact_at(&mut b, off as u64).unwrap();
+        u64::from_le_bytes(b)
+    };
+    let originals: Vec<u64> = offsets.iter().map(|&o| read(o)).collect();
+    let until = Instant::now() + hold;
+    while Instant::now() < until {
+        for (&off, &orig) in offsets.iter().zip(&originals) {
+            file.write_all_at(&(orig ^ (1u64 << bit)).to_le_bytes(), off as u64)
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for (&off, &orig) in offsets.iter().zip(&originals) {
+        file.write_all_at(&orig.to_le_bytes(), off as u64).unwrap();
+    }
+}
+
+#[test]
+fn a_flipped_bit_in_any_control_block_word_a_decision_reads_kills_nothing_and_declares_no_outage(
+) {
+    // Proves "the control block is verified, not trusted": a bit flipped (and kept flipped,
+    // in both copies of a checked word, so that no intact copy is left) in each word a
+    // supervisor decision reads — the epoch, the active slot, and the active's and the
+    // standby's pid, start time, role, state, epoch and heartbeat — for longer than every
+    // fence threshold and the outage delay. No engine is killed, no outage or lost state is
+    // declared, the same two processes serve throughout, and nothing is lost.
+    let mut h = Harness::new("bitflip", 40_000, 300, "", QUICK);
+    let s = h.up();
+    let active = s.active_engine().unwrap().clone();
+    let standby = s.hot_standbys().next().unwrap().clone();
+    let a = slot_index(&active.slot).unwrap();
+    let b = slot_index(&standby.slot).unwrap();
+    let hold = Duration::from_millis(1200);
+    let checked = |w: Word| vec![w.primary_offset(), w.mirror_offset()];
+    let slot_word = |slot: usize, f: Field| Word::Slot { slot, field: f };
+    // (what, word offsets, the bit: one that moves the value to a plausible wrong one)
+    let mut cases: Vec<(String, Vec<usize>, u32)> = vec![
+        ("epoch".into(), checked(Word::Epoch), 4),
+        ("active slot".into(), checked(Word::ActiveSlot), 0),
+    ];
+    for (slot, who) in [(a, "active"), (b, "standby")] {
+        for (f, bit) in [
+            (Field::Pid, 2),
+            (Field::StartTime, 3),
+            (Field::Role, 1),
+            (Field::State, 0),
+            (Field::Epoch, 0),
+        ] {
+            cases.push((
+                format!("{who} {}", f.name()),
+                checked(slot_word(slot, f)),
+                bit,
+            ));
+        }
+        // The heartbeat is a plain word: an old-looking value.
+        let hb = understudy_runtime::control::Field::HeartbeatNs as usize;
+        let offset = (64 + slot * 32 + hb) * 8;
+        cases.push((format!("{who} heartbeat"), vec![offset], 40));
+    }
+    for (what, offsets, bit) in &cases {
+        hold_flipped(&h.dir(), offsets, *bit, hold);
+        let s = h.wait(
+            &format!("the cluster serving after a flip in `{what}`"),
+            Duration::from_secs(10),
+            |s| s.active.is_some(),
+        );
+        let pids: Vec<u32> = s.engines.iter().map(|e| e.pid).collect();
+        assert!(
+            pids.contains(&active.pid) && pids.contains(&standby.pid),
+            "after a flip in `{what}` the engines are {pids:?}, expected {} and {}; log:\n{}",
+            active.pid,
+            standby.pid,
+            h.log_tail()
+        );
+        let log = h.log_text();
+        assert!(
+            kills_and_outages(&log).is_empty(),
+            "after a flip in `{what}`: {:?}",
+            kills_and_outages(&log)
+        );
+    }
+    let s = h.check_invariant();
+    let pids: Vec<u32> = s.engines.iter().map(|e| e.pid).collect();
+    assert!(pids.contains(&active.pid) && pids.contains(&standby.pid));
+}
+
+#[test]
+fn kills_do_not_trip_the_crash_loop_breaker_and_resume_restarts_restarts_a_stopped_slot() {
+    // Proves the breaker's counting and its reset: with a breaker of 1 crash, five SIGKILLs
+    // of the standby in a burst are restarted every time (a kill from outside is not a
+    // crash); an engine that exits on its own twice stops the slot's restarts; once it is
+    // fixed, `understudy resume-restarts` (exit 0) brings the standby back without
+    // restarting the supervisor, and nothing was lost.
+    let mut h = Harness::new(
+        "breaker",
+        40_000,
+        300,
+        "",
+        "[restart]\nbackoff_initial_ms = 20\nbackoff_max_ms = 100\ncrash_loop_window_ms = 600000\ncrash_loop_max = 1\n",
+    );
+    let broken = h.work.join("break-b");
+    let wrapper = h.script(
+        "engine",
+        &format!(
+            "if [ \"$UNDERSTUDY_SLOT\" = b ] && [ -e {broken} ]; then\n  echo \"engine b: broken on purpose\" >&2\n  exit 1\nfi\nexec {bin} \"$@\"\n",
+            broken = broken.display(),
+            bin = testapp(1).display()
+        ),
+    );
+    h.write_config(
+        &wrapper,
+        300,
+        "",
+        "[restart]\nbackoff_initial_ms = 20\nbackoff_max_ms = 100\ncrash_loop_window_ms = 600000\ncrash_loop_max = 1\n",
+    );
+    let s = h.up();
+    assert_eq!(s.active.as_deref(), Some("a"));
+    for kill in 0..5 {
+        let b = h
+            .wait("engine b running", Duration::from_secs(30), |s| {
+                s.engine("b").is_some()
+            })
+            .engine("b")
+            .unwrap()
+            .pid;
+        h.kill_engine(b);
+        h.wait(
+            &format!("engine b restarted after kill {kill}"),
+            Duration::from_secs(30),
+            |s| s.engine("b").is_some_and(|e| e.pid != b),
+        );
+    }
+    let s = h.wait("a hot standby after the burst", Duration::from_secs(60), |s| {
+        s.hot_standbys().count() == 1
+    });
+    assert!(s.crash_looping.is_empty(), "{s:#?}");
+
+    std::fs::write(&broken, "").unwrap();
+    let b = s.engine("b").unwrap().pid;
+    h.kill_engine(b);
+    let s = h.wait("slot b given up", Duration::from_secs(60), |s| {
+        s.crash_looping == ["b"]
+    });
+    assert_eq!(s.engine("b"), None);
+    assert!(s.active.is_some(), "the active serves on: {s:#?}");
+
+    std::fs::remove_file(&broken).unwrap();
+    let (code, lines) = h.run(&["resume-restarts"]);
+    assert_eq!(code, 0, "resume-restarts: {lines:?}");
+    let s = h.wait(
+        "a hot standby in slot b again",
+        Duration::from_secs(60),
+        |s| s.hot_standbys().any(|e| e.slot == "b") && s.crash_looping.is_empty(),
+    );
+    assert!(s.restarts.iter().all(|r| !r.given_up), "{s:#?}");
+    h.check_invariant();
+}
+
+#[test]
+fn down_always_answers_with_its_result() {
+    // Proves that `down` reports the result it reached: in 4 clusters brought up and down,
+    // the CLI exits 0 with a result line every time (the supervisor used to exit before its
+    // socket thread had written the result), and the cluster directory is gone.
+    for round in 0..4 {
+        let mut h = Harness::new("down", 1_000_000, 500, "", "");
+        h.up();
+        let (code, lines) = h.run(&["down"]);
+        let result = lines.iter().find(|l| l["type"] == "result");
+        assert_eq!(
+            (code, result.map(|r| r["code"].clone())),
+            (0, Some(serde_json::json!("ok"))),
+            "round {round}: {lines:?}\n{}",
+            h.log_tail()
+        );
+        assert!(!h.dir().exists(), "round {round}: the cluster files remain");
+        if let Some(mut child) = h.supervisor.take() {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < deadline, "the supervisor did not exit");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// The result line of a CLI run.
+fn result_of(lines: &[serde_json::Value]) -> serde_json::Value {
+    lines
+        .iter()
+        .find(|l| l["type"] == "result")
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn refusals_count_against_acceptance_only_when_configured() {
+    // Proves that a handler's business refusals are not engine failures: with one request in
+    // 5 refused (a tagged request while the feature is off), the upgrade to v2 is accepted
+    // and completes by default (the error rate limit is 1 %), and rolls back (exit 6) with
+    // `count_refusals = true`, naming the refusals.
+    for (count, expected) in [(false, 0), (true, 6)] {
+        let mut h = Harness::new(
+            "refusals",
+            1_000_000,
+            300,
+            ", \"--tagged-every\", \"5\"",
+            &format!("accept_for_ms = 800\ncount_refusals = {count}\n"),
+        );
+        h.up();
+        let v2 = testapp(2);
+        let (code, lines) = h.run(&["upgrade", "--binary", v2.to_str().unwrap(), "--no-enable"]);
+        let result = result_of(&lines);
+        assert_eq!(
+            code,
+            expected,
+            "count_refusals = {count}: {result}\n{}",
+            h.log_tail()
+        );
+        if count {
+            assert!(
+                result["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("refused")),
+                "{result}"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_acceptance_window_without_requests_is_not_enough_evidence() {
+    // Proves that a soak with no traffic does not accept a new version: the workload has
+    // ended before the upgrade, and the upgrade rolls back (exit 6) saying why.
+    let mut h = Harness::new("noevidence", 500, 100, "", "");
+    h.up();
+    h.check_invariant();
+    let v2 = testapp(2);
+    let (code, lines) = h.run(&[
+        "upgrade",
+        "--binary",
+        v2.to_str().unwrap(),
+        "--accept-for",
+        "300ms",
+    ]);
+    let result = result_of(&lines);
+    assert_eq!(code, 6, "{result}\n{}", h.log_tail());
+    assert!(
+        result["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not enough evidence")),
+        "{result}"
+    );
+}
+
+#[test]
+fn an_accept_command_that_times_out_is_killed_with_its_children() {
+    // Proves that the acceptance command runs in its own process group, killed as a whole
+    // when it outlives the acceptance timeout: a `sleep` it started in the background is
+    // dead after the upgrade rolled back (exit 6), not left behind.
+    let mut h = Harness::new(
+        "acceptcmd",
+        1_000_000,
+        300,
+        "",
+        "[timeouts]\nstart_ms = 2000\n",
+    );
+    h.up();
+    let pidfile = h.work.join("child.pid");
+    let cmd = format!("sleep 600 & echo $! > {}; wait", pidfile.display());
+    let v2 = testapp(2);
+    let (code, lines) = h.run(&[
+        "upgrade",
+        "--binary",
+        v2.to_str().unwrap(),
+        "--accept-for",
+        "300ms",
+        "--accept-cmd",
+        &cmd,
+    ]);
+    assert_eq!(code, 6, "{}\n{}", result_of(&lines), h.log_tail());
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if state.contains(") Z") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the accept command's child {pid} survived its timeout"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_rollback_of_a_completed_upgrade_says_rollback() {
+    // Proves the rollback's words: after a completed upgrade to v2 (features off), `rollback`
+    // runs v1 again and its events and result speak of a rollback to the previous version,
+    // never of "the new version" or an "upgrade completed".
+    let mut h = Harness::new("rollback", 1_000_000, 300, "", "");
+    h.up();
+    let v2 = testapp(2);
+    let (code, lines) = h.run(&[
+        "upgrade",
+        "--binary",
+        v2.to_str().unwrap(),
+        "--accept-for",
+        "300ms",
+        "--no-enable",
+    ]);
+    assert_eq!(code, 0, "{}\n{}", result_of(&lines), h.log_tail());
+    let (code, lines) = h.run(&["rollback"]);
+    assert_eq!(code, 0, "{}\n{}", result_of(&lines), h.log_tail());
+    let text: Vec<String> = lines
+        .iter()
+        .filter_map(|l| l["message"].as_str().map(String::from))
+        .collect();
+    assert!(
+        text.iter()
+            .all(|m| !m.contains("new version") && !m.contains("upgrade completed")),
+        "{text:#?}"
+    );
+    assert!(
+        result_of(&lines)["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("rollback completed")),
+        "{text:#?}"
+    );
+    let s = h.wait("both engines on v1", Duration::from_secs(30), |s| {
+        s.engines.len() == 2 && s.engines.iter().all(|e| e.app_version == 1)
+    });
+    assert!(s.active.is_some());
+}
+
+#[test]
+fn an_upgrade_binary_that_never_registers_is_aborted_and_the_old_standby_restored() {
+    // Proves that an upgrade whose new binary never registers (it hangs before opening the
+    // cluster) ends `aborted` (exit 8) with the old version's hot standby back — not
+    // "recovery failed: slot b is still taken" (exit 7) while the hung process is still
+    // being killed.
+    let mut h = Harness::new(
+        "noregister",
+        1_000_000,
+        300,
+        "",
+        "[timeouts]\nstart_ms = 1500\n",
+    );
+    h.up();
+    let hang = h.script("hang", "exec sleep 600\n");
+    let (code, lines) = h.run(&["upgrade", "--binary", hang.to_str().unwrap()]);
+    let result = result_of(&lines);
+    assert_eq!(code, 8, "{result}\n{}", h.log_tail());
+    let s = h.wait(
+        "an old-version active and hot standby",
+        Duration::from_secs(30),
+        |s| s.active.is_some() && s.hot_standbys().count() == 1,
+    );
+    assert!(s.engines.iter().all(|e| e.app_version == 1), "{s:#?}");
+}
