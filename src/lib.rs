@@ -9,15 +9,16 @@
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
 pub mod demo;
+pub mod torture;
 
 pub use matchbook;
 pub use shm_layout;
 pub use understudy_runtime as runtime;
 pub use understudy_supervisor as supervisor;
 
-/// If this executable was invoked under an engine's name (`matchbook-v1`, `matchbook-v2`),
-/// run that engine and never return: the demo uses symbolic links to this binary as its two
-/// engine executables.
+/// If this executable was invoked under an engine's name (`matchbook-v1`, `matchbook-v2`,
+/// `understudy-testapp-v1`, `understudy-testapp-v2`), run that engine and never return: the
+/// demo and the torture command use symbolic links to this binary as engine executables.
 pub fn dispatch_multicall() {
     let arg0 = std::env::args_os().next().unwrap_or_default();
     let name = std::path::Path::new(&arg0)
@@ -27,6 +28,9 @@ pub fn dispatch_multicall() {
     match name.as_str() {
         "matchbook-v1" => matchbook::app::engine_main(1),
         "matchbook-v2" => matchbook::app::engine_main(2),
+        // The torture command's engines when the test executables were not built.
+        "understudy-testapp-v1" => understudy_runtime::testkit::engine_main(1),
+        "understudy-testapp-v2" => understudy_runtime::testkit::engine_main(2),
         _ => {}
     }
 }
