@@ -400,7 +400,7 @@ fn random_client_ring_words_give_typed_errors_never_panics() {
     let _control = Control::open_or_create(&d.0).unwrap();
     let mut input = ClientInput::new(&d.0).unwrap();
     let store = Store::new();
-    let seed = 0xC11E_47u64 ^ std::process::id() as u64;
+    let seed = 0x00C1_1E47_u64 ^ std::process::id() as u64;
     let mut rng = Rng(seed | 1);
     let mut client = Client::connect_with(&d.0, 4096).unwrap();
     input.resume(&store);
