@@ -47,6 +47,10 @@ struct Cli {
     /// Print one JSON object per line, even on a terminal.
     #[arg(long, global = true)]
     json: bool,
+    /// How long to wait for the supervisor to accept, then for each line of its answer (a
+    /// long operation sends a line at least every second): 5s for `status`, 10s otherwise.
+    #[arg(long, global = true, value_parser = parse_duration)]
+    timeout: Option<Duration>,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,6 +67,20 @@ enum Command {
         /// Requests per second per load client.
         #[arg(long, default_value_t = 5000)]
         rate: u64,
+    },
+    /// A fault campaign: the test application under client load through every way an engine
+    /// can die, stalls, switchovers, upgrades and supervisor restarts; prints a table (exit 0
+    /// only if nothing was lost or duplicated and no outage happened).
+    Torture {
+        /// Events to apply.
+        #[arg(long, default_value_t = 1000)]
+        events: u64,
+        /// Seed of the event sequence.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Load clients.
+        #[arg(long, default_value_t = 2)]
+        clients: usize,
     },
     /// Run the supervisor in the foreground: start (or re-adopt) the engines and keep them so.
     /// An upgrade that a killed supervisor left in the middle is never continued: before its
@@ -108,7 +126,24 @@ enum Command {
     },
 }
 
+/// The longest duration a flag takes: 7 days, the bound of `acceptance.accept_for_ms`, so
+/// every deadline derived from one fits.
+const FLAG_DURATION_MAX: Duration =
+    Duration::from_millis(understudy_supervisor::proto::ACCEPT_FOR_MS_MAX);
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration_unbounded(text)?;
+    if duration > FLAG_DURATION_MAX {
+        return Err(format!(
+            "expected a duration of at most {}s (7 days), found `{}`",
+            FLAG_DURATION_MAX.as_secs(),
+            text.trim()
+        ));
+    }
+    Ok(duration)
+}
+
+fn parse_duration_unbounded(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -127,7 +162,13 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
             ))
         }
     };
-    Ok(Duration::from_secs_f64(seconds))
+    // Checked: a value too large for a Duration (or not finite) is an error, not a panic.
+    Duration::try_from_secs_f64(seconds).map_err(|_| {
+        format!(
+            "expected a duration of at most {}s (7 days), found `{text}`",
+            FLAG_DURATION_MAX.as_secs()
+        )
+    })
 }
 
 fn main() {
@@ -136,6 +177,11 @@ fn main() {
     let cli = Cli::parse();
     let code = match &cli.command {
         Command::Demo { quick, rate } => demo(cli.json, *quick, *rate),
+        Command::Torture {
+            events,
+            seed,
+            clients,
+        } => understudy::torture::cli(cli.json, *events, *seed, *clients),
         Command::Up => up(&cli),
         Command::Doctor { fix } => doctor(&cli, *fix),
         Command::Status => status(&cli),
@@ -225,13 +271,12 @@ fn up(cli: &Cli) -> Code {
     }
 }
 
-fn client(cli: &Cli) -> Result<Client, Code> {
-    match &cli.socket {
-        Some(socket) => Ok(Client::new(socket)),
-        None => Ok(Client::new(
-            load_config(&cli.config)?.cluster_dir().join(SOCKET_NAME),
-        )),
-    }
+fn client(cli: &Cli, default_timeout: Duration) -> Result<Client, Code> {
+    let client = match &cli.socket {
+        Some(socket) => Client::new(socket),
+        None => Client::new(load_config(&cli.config)?.cluster_dir().join(SOCKET_NAME)),
+    };
+    Ok(client.with_timeout(cli.timeout.unwrap_or(default_timeout)))
 }
 
 fn human(cli: &Cli) -> bool {
@@ -240,7 +285,7 @@ fn human(cli: &Cli) -> bool {
 
 /// Sends `op`, shows its progress, prints the result; the result's code.
 fn request(cli: &Cli, op: Op) -> Code {
-    let client = match client(cli) {
+    let client = match client(cli, understudy_supervisor::client::DEFAULT_TIMEOUT) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -296,8 +341,11 @@ fn show_event(event: &Reply, human: bool) {
     }
 }
 
+/// `status`'s default timeout.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn status(cli: &Cli) -> Code {
-    let client = match client(cli) {
+    let client = match client(cli, STATUS_TIMEOUT) {
         Ok(c) => c,
         Err(code) => return code,
     };

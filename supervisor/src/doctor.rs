@@ -75,8 +75,81 @@ pub fn run(config: Option<&ClusterConfig>, shm_dir: &Path, fix: bool) -> Vec<Che
         check_memlock(),
         check_hugepages(),
         check_clocksource(),
+        check_trust(config, shm_dir),
         check_leftovers(shm_dir, fix),
     ]
+}
+
+/// The state files of a cluster directory that decide something, each checked as
+/// [`shm_layout::trust::open_private_file`] would.
+const STATE_FILES: [&str; 3] = [
+    "control",
+    crate::process::SPAWNED_FILE,
+    crate::record::RECORD_FILE,
+];
+
+/// Every problem found with the trust of `shm_dir`, the cluster directories under it (and the
+/// config's, wherever it is) and their state files.
+pub fn trust_problems(config: Option<&ClusterConfig>, shm_dir: &Path) -> Vec<String> {
+    use shm_layout::trust::{check_private_dir, open_private_file, TrustError};
+    let mut problems = Vec::new();
+    let mut dirs = Vec::new();
+    if std::fs::symlink_metadata(shm_dir).is_ok() {
+        if let Err(e) = check_private_dir(shm_dir) {
+            problems.push(e.to_string());
+        } else if let Ok(entries) = std::fs::read_dir(shm_dir) {
+            dirs.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    if let Some(c) = config {
+        let dir = c.cluster_dir();
+        if !dirs.contains(&dir) && std::fs::symlink_metadata(&dir).is_ok() {
+            dirs.push(dir);
+        }
+    }
+    dirs.sort();
+    for dir in dirs {
+        if let Err(e) = check_private_dir(&dir) {
+            problems.push(e.to_string());
+            continue;
+        }
+        for name in STATE_FILES {
+            match open_private_file(&dir.join(name), libc::O_RDONLY) {
+                Ok(_) => {}
+                Err(TrustError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+    }
+    problems
+}
+
+fn check_trust(config: Option<&ClusterConfig>, shm_dir: &Path) -> Check {
+    let name = "private cluster directories";
+    let problems = trust_problems(config, shm_dir);
+    if problems.is_empty() {
+        return Check::new(
+            name,
+            Verdict::Ok,
+            format!(
+                "{} and its clusters are this user's alone (owner, mode, no links)",
+                shm_dir.display()
+            ),
+            None,
+        );
+    }
+    Check::new(
+        name,
+        Verdict::Fail,
+        problems.join("; "),
+        Some(
+            "someone else could change what the supervisor reads or runs: stop the cluster, \
+             remove the directory or file named (after checking what is in it), and start \
+             again; `understudy up` refuses to use it meanwhile"
+                .into(),
+        ),
+    )
 }
 
 fn check_isolation(config: Option<&ClusterConfig>) -> Check {
