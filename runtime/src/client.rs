@@ -474,6 +474,9 @@ impl Client {
                     })?;
                     self.ready.push_back((seq, answer));
                 }
+                // An answer is proof that an engine is active: a later outage is timed from
+                // its own start, not from a failover seen before.
+                self.no_active_since = None;
                 Ok(true)
             }
             Err(e) => Err(ClientError::BadResponse(e.to_string())),
