@@ -520,6 +520,9 @@ pub(crate) struct DownOp {
 
 impl DownOp {
     fn begin(sup: &mut Supervisor, reply: Sender<Reply>) -> DownOp {
+        // Clients learn it at their next poll (`ClientError::ClusterDown`), not by silence.
+        sup.control
+            .set_cluster_state(understudy_runtime::control::ClusterState::Down);
         sup.managed = [false; SLOTS];
         let active = sup.active();
         for slot in 0..SLOTS {
