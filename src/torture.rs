@@ -445,6 +445,7 @@ impl Cluster {
             ));
         }
         Ok(DeathOutcome {
+            victim_pid: victim.pid,
             failover,
             settled_after: t0.elapsed(),
         })
@@ -500,6 +501,8 @@ impl Drop for Cluster {
 /// What followed a death.
 #[derive(Debug, Clone)]
 pub struct DeathOutcome {
+    /// The pid of the engine that died.
+    pub victim_pid: u32,
     /// The standby stepped up.
     pub failover: bool,
     /// From the death's start to a settled cluster.

@@ -267,7 +267,7 @@ fn sigbus() {
 }
 
 fn out_of_memory() {
-    // Limit the address space to what the process has plus 256 MiB, so the allocator fails
+    // Limit the address space to what the process has plus 64 MiB, so the allocator fails
     // long before the machine runs short (the kernel's OOM killer, which picks its own victim,
     // is never involved): Rust's allocation-failure handler then aborts the process.
     let vm_bytes = std::fs::read_to_string("/proc/self/statm")
@@ -276,16 +276,15 @@ fn out_of_memory() {
         .unwrap_or(0)
         * 4096;
     let limit = libc::rlimit {
-        rlim_cur: vm_bytes + (256 << 20),
+        rlim_cur: vm_bytes + (64 << 20),
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: setrlimit with a valid, initialised struct; lowers only the soft limit.
     unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) };
     let mut hoard: Vec<Vec<u8>> = Vec::new();
     loop {
-        let mut chunk = Vec::with_capacity(16 << 20);
-        chunk.resize(16 << 20, 1u8);
-        hoard.push(std::hint::black_box(chunk));
+        // Filled (memset), so every page is touched, as a real leak's would be.
+        hoard.push(std::hint::black_box(vec![1u8; 16 << 20]));
     }
 }
 
