@@ -1078,7 +1078,8 @@ impl<A: Application, I: Input> Engine<A, I> {
         // from its first transaction on (no catch-up: our digest equals its digest).
         let prepared = match self.prepared.take() {
             Some(p)
-                if p.epoch == next_epoch && p.gen == self.control.get(s, Field::AttachGen) + 1 =>
+                if p.epoch == next_epoch
+                    && p.gen == self.control.get(s, Field::AttachGen).wrapping_add(1) =>
             {
                 p
             }
@@ -1358,7 +1359,7 @@ impl<A: Application, I: Input> Engine<A, I> {
     /// does not include it.
     fn prepare_upstream(&mut self, epoch: u64) -> Result<Prepared, EngineError> {
         let s = self.opt.slot;
-        let gen = self.control.get(s, Field::AttachGen) + 1;
+        let gen = self.control.get(s, Field::AttachGen).wrapping_add(1);
         let sp = Control::stream_path(&self.opt.dir, epoch, s, gen);
         let fp = Control::feedback_path(&self.opt.dir, epoch, s, gen);
         let _ = Region::remove(&sp);
@@ -1432,7 +1433,7 @@ impl<A: Application, I: Input> Engine<A, I> {
     /// opening and validating them. Their paths follow from the active's slot and generation.
     fn preopen_next(&mut self, active: usize) {
         let epoch = self.epoch + 1;
-        let gen = self.control.get(active, Field::AttachGen) + 1;
+        let gen = self.control.get(active, Field::AttachGen).wrapping_add(1);
         if self
             .preopened
             .as_ref()
@@ -2031,7 +2032,7 @@ impl<A: Application, I: Input> Engine<A, I> {
     fn mark_step_up(&mut self, t0: Instant, planned: bool) {
         let s = self.opt.slot;
         let c = &self.control;
-        c.set(s, Field::StepUps, c.get(s, Field::StepUps) + 1);
+        c.set(s, Field::StepUps, c.get(s, Field::StepUps).wrapping_add(1));
         c.set(s, Field::LastStepUpNs, realtime_ns());
         c.set(s, Field::LastStepUpDurNs, t0.elapsed().as_nanos() as u64);
         c.set(s, Field::StepUpCommits, self.commits);
