@@ -328,28 +328,26 @@ impl<M: WordMemory> Producer<M> {
             {
                 break;
             }
-            let Some(end) = p.head.checked_add(len) else {
+            // As in `Consumer::poll`: a batch that would take the head or the sequence past
+            // the limits is not one a consumer would read (the head and the sequence are at
+            // most MAX_POSITION and MAX_SEQ here: checked above, kept by this test).
+            if len > MAX_POSITION - p.head || len >> 5 > MAX_SEQ - p.seq {
                 break;
-            };
+            }
+            let end = p.head + len;
             if end.saturating_sub(p.cached_tail) > p.capacity {
                 break;
             }
-            // Count the frames of the batch to learn the next sequence number (each at least
-            // one frame slot, so at most len / 32 of them).
+            // Count the frames of the batch to learn the next sequence number: each takes at
+            // least one frame slot, so at most len / 32 of them.
             let mut at = p.head;
-            let mut seq = p.seq;
             while at < end {
-                // `at < end <= tail + capacity <= 2^63 + 2^30` and `fb < 2^33`: no overflow.
+                // `at < end <= MAX_POSITION` and `fb < 2^33`: no overflow.
                 let w1 = p.word_at(at + 8).load(Ordering::Relaxed);
                 let fb = frame_bytes((w1 & 0xFFFF_FFFF) as usize) as u64;
                 at += fb.max(FRAME_ALIGN as u64);
-                seq = seq.checked_add(1).ok_or(RingError::OutOfRange {
-                    field: "sequence",
-                    found: seq,
-                    max: MAX_SEQ,
-                })?;
+                p.seq += 1;
             }
-            p.seq = seq;
             p.head = end;
         }
         if p.head < p.cached_tail {
@@ -439,8 +437,9 @@ impl<M: WordMemory> Producer<M> {
     /// p.try_publish(1, 1, 56, &[3; 56]).unwrap();
     /// ```
     pub fn check_push(&mut self, payload_len: usize) -> Result<(), PushError> {
-        if payload_len > self.capacity as usize {
-            // Larger than the ring (and `frame_bytes` of it could overflow).
+        if payload_len > u32::MAX as usize {
+            // Far larger than any ring (and `frame_bytes` of it could overflow): what `push`
+            // says, with the bytes needed counted without the padding.
             return Err(PushError::TooLarge {
                 needed_bytes: payload_len.saturating_add(HEADER_BYTES + FRAME_ALIGN),
                 max_bytes: max_batch_bytes(self.capacity as usize),
@@ -959,12 +958,12 @@ pub enum ReadError {
         /// The bound it broke.
         max: u64,
     },
-    /// The read position or the next sequence number is past what a ring ever reaches
-    /// ([`MAX_POSITION`], [`MAX_SEQ`]).
+    /// The batch would take the read position or the sequence numbers past what a ring ever
+    /// reaches ([`MAX_POSITION`], [`MAX_SEQ`]).
     OutOfRange {
         /// Position.
         pos: u64,
-        /// Which one: "read position" or "sequence".
+        /// Which one: "batch end position" or "batch's last sequence" (at most).
         field: &'static str,
         /// Value found.
         found: u64,
@@ -1187,16 +1186,18 @@ impl<M: WordMemory> Consumer<M> {
         }
         let len = w0 & COMMIT_LEN_MASK;
         let max = max_batch_bytes(self.capacity as usize) as u64;
-        // `pos <= MAX_POSITION` and `self.seq <= MAX_SEQ` (both 2^63) bound everything below:
-        // `pos + len` and every frame position in the batch stay below 2^63 + 2^31, and the
-        // batch's sequence numbers below 2^63 + 2^26, so none of the additions overflows.
+        // The read position and sequence never pass MAX_POSITION and MAX_SEQ (attach and
+        // seek check them, and a batch that would take them past is refused here), so the
+        // subtractions do not wrap; a batch has at most `len / 32` frames. Then `pos + len`,
+        // every frame position and sequence number in the batch stay within the limits (2^63)
+        // and none of the additions below overflows.
         if (w0 & COMMIT_CONT != 0)
             | ((w0 >> 32) as u32 != self.seq as u32)
             | (len == 0)
             | (len % FRAME_ALIGN as u64 != 0)
             | (len > max)
-            | (pos > MAX_POSITION)
-            | (self.seq > MAX_SEQ)
+            | (len > MAX_POSITION - pos)
+            | (len >> 5 > MAX_SEQ - self.seq)
         {
             return Err(self.batch_head_error(pos, w0));
         }
@@ -1331,19 +1332,20 @@ impl<M: WordMemory> Consumer<M> {
             found_word: w0,
             why,
         };
-        if pos > MAX_POSITION {
+        let len = w0 & COMMIT_LEN_MASK;
+        if w0 & COMMIT_CONT == 0 && len > MAX_POSITION - pos {
             return ReadError::OutOfRange {
                 pos,
-                field: "read position",
-                found: pos,
+                field: "batch end position",
+                found: pos.saturating_add(len),
                 max: MAX_POSITION,
             };
         }
-        if self.seq > MAX_SEQ {
+        if w0 & COMMIT_CONT == 0 && len >> 5 > MAX_SEQ - self.seq {
             return ReadError::OutOfRange {
                 pos,
-                field: "sequence",
-                found: self.seq,
+                field: "batch's last sequence",
+                found: self.seq.saturating_add(len >> 5),
                 max: MAX_SEQ,
             };
         }
