@@ -968,7 +968,14 @@ impl Supervisor {
     }
 
     fn watch_roles(&mut self) {
-        let now = (self.control.epoch(), self.control.active_slot());
+        // A damaged epoch or active-slot word is no role change (an engine repairs it).
+        let (Ok(epoch), Ok(active)) = (
+            self.control.epoch_checked(),
+            self.control.active_slot_checked(),
+        ) else {
+            return;
+        };
+        let now = (epoch, active);
         if now == self.role_seen {
             return;
         }
