@@ -1058,18 +1058,10 @@ impl<A: Application, I: Input> Engine<A, I> {
             .position(|r| r.slot == target)
             .expect("target checked");
         // Room for the step-up frame first (a hot standby's ring may be momentarily full under
-        // load): nothing has changed yet if there is none, and we stay active.
-        let need = shm_layout::frame::frame_bytes(56) + 2 * shm_layout::frame::FRAME_ALIGN;
+        // load): nothing has changed yet if there is none, and we stay active. `check_push`
+        // counts what the push below takes, padding before the buffer's end included.
         let room = push_waiting(&mut self.replicas[idx].stream, self.opt.backpressure, |p| {
-            let free_bytes = p.free_bytes();
-            if free_bytes >= need {
-                Ok(())
-            } else {
-                Err(PushError::Full {
-                    needed_bytes: need,
-                    free_bytes,
-                })
-            }
+            p.check_push(56)
         });
         if !room {
             return Err(SwitchoverRefused::NoRoom);
@@ -1099,7 +1091,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             let r = &mut self.replicas[idx];
             let mut b = r.stream.batch();
             b.push(rt::STEP_UP, 1, 56, zerocopy::IntoBytes::as_bytes(&pos))
-                .expect("room was made for the step-up frame");
+                .expect("check_push made room for the step-up frame; nothing wrote since");
             b.commit();
         }
         // Detach every replica; the other standbys re-attach to the new active. Their
