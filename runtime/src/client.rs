@@ -670,6 +670,8 @@ pub struct ClientInput {
     retired: Vec<u64>,
     /// Clients we closed: not reopened.
     closed: Vec<u64>,
+    /// Clients whose rings failed to open with an I/O error, already reported.
+    io_warned: Vec<u64>,
     /// Positions replicated before we became active, applied when a client's rings open.
     resume_at: Vec<(u64, SourcePosition)>,
     /// Test hook: abort after this many commits, between commit and egress.
@@ -692,6 +694,7 @@ impl ClientInput {
             last_liveness_ns: 0,
             retired: Vec::new(),
             closed: Vec::new(),
+            io_warned: Vec::new(),
             resume_at: Vec::new(),
             // Test hook (cargo feature `fault-injection` only; a release build has none).
             #[cfg(feature = "fault-injection")]
@@ -725,6 +728,17 @@ impl ClientInput {
                 Err(ClientError::Region(shm_layout::region::RegionError::Io {
                     source, ..
                 })) if source.kind() == std::io::ErrorKind::NotFound => {}
+                // A failed system call (out of file descriptors, of memory) says nothing
+                // about the client: retried at the next scan, reported once.
+                Err(e @ ClientError::Region(shm_layout::region::RegionError::Io { .. })) => {
+                    if !self.io_warned.contains(&id) {
+                        self.io_warned.push(id);
+                        warn!(
+                            client = format!("{id:016x}"),
+                            "client rings not opened yet: {e}"
+                        );
+                    }
+                }
                 Err(e) => {
                     // Never retried (a damaged ring stays damaged): the client is told
                     // through its registry entry, since its rings may not even open.
