@@ -273,6 +273,18 @@ pub fn encode_into<R: Record>(out: &mut Vec<u8>, block: &R, parts: &[&[u8]]) {
     }
 }
 
+/// The sum of lengths a block announces, checked: each comes from the peer's bytes.
+fn total(frame: &'static str, field: &'static str, parts: &[usize]) -> Result<usize, DecodeError> {
+    parts
+        .iter()
+        .try_fold(0usize, |acc, &n| acc.checked_add(n))
+        .ok_or(DecodeError::Field {
+            frame,
+            field,
+            found: parts.iter().map(|&n| n as u64).fold(0, u64::saturating_add),
+        })
+}
+
 fn var<'a>(
     payload: &'a [u8],
     block_length: u16,
@@ -321,8 +333,12 @@ pub fn decode_op_into(
         }
         rt::PUT | rt::DELETE => {
             let b: RecordBlock = decode(payload, block_length)?;
-            let total = b.key_len as usize + b.value_len as usize;
-            let kv = var(payload, block_length, "record", total)?;
+            let kv_len = total(
+                "record",
+                "key_len + value_len",
+                &[b.key_len as usize, b.value_len as usize],
+            )?;
+            let kv = var(payload, block_length, "record", kv_len)?;
             let (k, v) = kv.split_at(b.key_len as usize);
             if record_type == rt::PUT {
                 Ok(Op::Put {
@@ -465,14 +481,15 @@ impl Hello {
     /// Decode untrusted bytes.
     pub fn decode(payload: &[u8], block_length: u16) -> Result<Hello, DecodeError> {
         let b: HelloBlock = decode(payload, block_length)?;
+        // u16 counts times 16 or 32 bytes: at most 2^21 each, the sum checked all the same.
         let nt = b.templates as usize * 16;
         let nf = b.features as usize * 32;
-        let all = var(
-            payload,
-            block_length,
+        let var_len = total(
             "hello",
-            b.name_len as usize + nt + nf,
+            "name_len + templates + features",
+            &[b.name_len as usize, nt, nf],
         )?;
+        let all = var(payload, block_length, "hello", var_len)?;
         let (name, rest) = all.split_at(b.name_len as usize);
         let (ts, fs) = rest.split_at(nt);
         let name = String::from_utf8_lossy(name).into_owned();
@@ -534,5 +551,128 @@ mod tests {
                 assert!(decode_op(t, &buf[..buf.len() - 1], bl).is_err());
             }
         }
+    }
+
+    /// Generated inputs per decoder: `UNDERSTUDY_FUZZ_CASES` (default 100 000; the long run
+    /// sets millions).
+    fn fuzz_cases() -> u64 {
+        std::env::var("UNDERSTUDY_FUZZ_CASES")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(100_000)
+    }
+
+    /// A length field a hostile peer might write: near the bytes present, near a boundary of
+    /// its type, or anything.
+    fn hostile_len(x: u64, present: usize) -> u32 {
+        match x % 6 {
+            0 => (present as u32)
+                .wrapping_add((x >> 8) as u32 % 5)
+                .wrapping_sub(2),
+            1 => u32::MAX - (x >> 8) as u32 % 4,
+            2 => (x >> 8) as u32 % 64,
+            3 => 1 << ((x >> 8) % 32),
+            _ => (x >> 16) as u32,
+        }
+    }
+
+    #[test]
+    fn every_decoder_refuses_hostile_payloads_by_name_without_panicking() {
+        // Proves the stream's decoders (ops, commit, hello, positions) take any bytes a peer
+        // writes, with length fields near the bytes present and near u32/u16 limits, and
+        // return a value or a typed error: no panic, no out-of-bounds read, and a value only
+        // when every length it announces is present.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ std::process::id() as u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let types = [
+            rt::PUT_UNIT,
+            rt::RETIRE_UNIT,
+            rt::PUT,
+            rt::DELETE,
+            rt::COMMIT,
+            rt::HELLO,
+            rt::BASE,
+            0,
+            0xFFFF,
+        ];
+        let (mut ok, mut refused) = (0u64, 0u64);
+        let mut payload = Vec::with_capacity(256);
+        for _ in 0..fuzz_cases() {
+            let record_type = types[(next() % types.len() as u64) as usize];
+            payload.clear();
+            let n = (next() % 160) as usize;
+            payload.extend((0..n).map(|_| next() as u8));
+            // Block length: the real one mostly, sometimes anything.
+            let real = match record_type {
+                rt::PUT_UNIT | rt::PUT | rt::DELETE | rt::HEARTBEAT => 16,
+                rt::RETIRE_UNIT => 8,
+                rt::COMMIT | rt::HELLO => 48,
+                _ => 56,
+            };
+            let block_length = match next() % 4 {
+                0 => next() as u16,
+                1 => real + (next() % 3) as u16,
+                _ => real,
+            };
+            // Lengths inside the block near what is present.
+            let present = n.saturating_sub(block_length as usize);
+            let mut put32 = |at: usize, v: u32| {
+                if at + 4 <= payload.len() {
+                    payload[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                }
+            };
+            match record_type {
+                rt::PUT_UNIT => put32(12, hostile_len(next(), present)),
+                rt::PUT | rt::DELETE => {
+                    let k = hostile_len(next(), present);
+                    put32(4, k);
+                    put32(8, hostile_len(next(), present.saturating_sub(k as usize)));
+                }
+                rt::COMMIT => put32(40, hostile_len(next(), present)),
+                rt::HELLO => {
+                    let v = next();
+                    put32(8, (v as u16 as u32) | ((v >> 16) as u16 as u32) << 16);
+                    put32(12, (v >> 32) as u16 as u32 % 8);
+                }
+                _ => {}
+            }
+            let var_bytes = payload.len().saturating_sub(block_length as usize);
+            let r = match record_type {
+                rt::COMMIT => decode_commit(&payload, block_length).map(|(b, resp)| {
+                    assert_eq!(resp.len(), b.response_len as usize);
+                    assert!(resp.len() <= var_bytes);
+                }),
+                rt::HELLO => Hello::decode(&payload, block_length).map(|h| {
+                    assert!(h.name.len() <= 3 * var_bytes);
+                    assert!(16 * h.templates.len() + 32 * h.features.len() <= var_bytes);
+                }),
+                rt::BASE => decode::<Position>(&payload, block_length)
+                    .map(|_| ())
+                    .map_err(DecodeError::from),
+                t => decode_op(t, &payload, block_length).map(|op| match op {
+                    Op::PutUnit { state, .. } => assert!(state.len() <= var_bytes),
+                    Op::Put { key, value, .. } => assert!(key.len() + value.len() <= var_bytes),
+                    Op::Delete { key, .. } => assert!(key.len() <= var_bytes),
+                    Op::RetireUnit { .. } => {}
+                }),
+            };
+            match r {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains("expected") || msg.contains("impossible value"),
+                        "an error names what it expected: {msg}"
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
     }
 }

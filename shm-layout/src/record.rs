@@ -147,7 +147,7 @@ impl fmt::Display for RecordError {
                 found,
             } => write!(
                 f,
-                "record `{record}`: block length {block_length} but only {found} bytes present"
+                "record `{record}`: expected the block length's {block_length} bytes, found {found} bytes present"
             ),
             RecordError::TooShort {
                 record,
