@@ -272,7 +272,8 @@ impl Client {
     }
 
     /// Connect, retrying every 10 ms while the cluster is not there yet (no control file, one
-    /// still being initialised, a full registry) for up to `timeout`; the last error after.
+    /// still being initialised, one being stopped, a full registry) for up to `timeout`; the
+    /// last error after.
     pub fn connect_timeout(dir: &Path, timeout: Duration) -> Result<Client, ClientError> {
         Self::connect_with_timeout(dir, DEFAULT_CAPACITY, timeout)
     }
@@ -290,6 +291,7 @@ impl Client {
                 Err(
                     e @ (ClientError::Control(_)
                     | ClientError::RegistryFull { .. }
+                    | ClientError::ClusterDown
                     | ClientError::Region(_)),
                 ) => {
                     if started.elapsed() >= timeout {
@@ -307,9 +309,13 @@ impl Client {
         Self::connect(&shm_dir.join(name))
     }
 
-    /// Connect with rings of `capacity` bytes.
+    /// Connect with rings of `capacity` bytes. `Err(ClusterDown)` if the cluster is being
+    /// stopped.
     pub fn connect_with(dir: &Path, capacity: usize) -> Result<Client, ClientError> {
         let control = Control::open(dir).map_err(ClientError::Control)?;
+        if control.cluster_state() == Ok(ClusterState::Down) {
+            return Err(ClientError::ClusterDown);
+        }
         let me = ProcessIdentity::current()
             .map_err(|e| ClientError::Setup(format!("cannot read this process's identity: {e}")))?;
         let ident = Identity {

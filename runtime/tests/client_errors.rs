@@ -127,7 +127,8 @@ fn poll_until_err(
 }
 
 /// `down` marks the control block: a client's next poll says `ClusterDown`, also inside
-/// `call`; once the cluster's files are removed, a client learns it from the files as well.
+/// `call`, and `connect` refuses; once the cluster's files are removed, a client learns it
+/// from the files as well.
 #[test]
 fn a_client_is_told_the_cluster_is_down() {
     let (mut e, c) = Engines::pair("down");
@@ -146,6 +147,10 @@ fn a_client_is_told_the_cluster_is_down() {
         cl.call(&ledger(2), LONG),
         Err(ClientError::ClusterDown)
     ));
+    assert!(
+        matches!(Client::connect(&e.dir), Err(ClientError::ClusterDown)),
+        "no new connection to a cluster being stopped"
+    );
     // The operator's down goes on: engines stopped, files removed.
     c.set_cluster_state(ClusterState::Up);
     assert!(matches!(other.poll_response(), Ok(None)));
