@@ -34,6 +34,10 @@ pub const PAD_RECORD_TYPE: u16 = 0xFFFF;
 pub const FLAG_PAD: u16 = 1;
 
 const _: () = assert!(HEADER_BYTES == 4 * 8);
+// A payload length read from a frame header is a u32: `frame_bytes` of any of them (at most
+// 2^32 + 63) fits in a 64-bit usize, and so does any sum of it with a ring position offset
+// within a lap.
+const _: () = assert!(usize::BITS == 64, "shm-layout needs a 64-bit target");
 const _: () = assert!(FRAME_ALIGN.is_power_of_two() && FRAME_ALIGN >= HEADER_BYTES);
 
 /// Bytes a frame with `payload_len` bytes of payload occupies in the ring.
