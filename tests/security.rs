@@ -322,6 +322,9 @@ impl Drop for Cluster {
     }
 }
 
+/// How a case prepares the attacker's files.
+type Prepare = Box<dyn Fn(&Cluster)>;
+
 fn give_to_nobody(path: &Path) {
     std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).unwrap();
 }
@@ -344,7 +347,7 @@ fn a_cluster_directory_another_user_could_write_is_refused_and_nothing_runs() {
     // a shm directory made by someone else, a symbolic link in place of the cluster
     // directory, and a control file of another user; the engine binary (a script leaving a
     // marker) never runs, and what the attacker prepared is left exactly as it was.
-    let mut cases: Vec<(&str, Box<dyn Fn(&Cluster)>)> = vec![
+    let mut cases: Vec<(&str, Prepare)> = vec![
         (
             "cluster directory 0777",
             Box::new(|c: &Cluster| {
