@@ -745,6 +745,15 @@ impl Control {
                 found: format!("uid {}", meta.uid()),
             });
         }
+        // The rest of the trust boundary (a regular file, no access for group or others):
+        // a control block others could write decides nothing.
+        if let Err(e) = shm_layout::trust::check_private_file(&path, &file) {
+            return Err(ControlError::Io {
+                path,
+                op: "trust check",
+                source: e.into(),
+            });
+        }
         let c = Self::map(&path, &file)?;
         let started = Instant::now();
         // SYNC POINT: control published (Acquire side).
