@@ -583,6 +583,8 @@ struct Shadow {
     values: [[std::sync::atomic::AtomicU64; CHECKED_FIELDS.len()]; SLOTS],
     /// Bit `slot * 8 + i`: `values[slot][i]` was written by this process.
     written: std::sync::atomic::AtomicU64,
+    /// Fingerprint of what `repair_own` last reported.
+    reported: std::sync::atomic::AtomicU64,
 }
 
 /// A control file that cannot be created or opened.
@@ -934,8 +936,21 @@ impl Control {
             return Vec::new();
         }
         let found = self.repair();
+        // Log what was found once, not every call while it lasts (a word no live engine can
+        // rewrite stays damaged).
+        let fingerprint = found.iter().fold(found.len() as u64, |h, c| {
+            (h ^ c.word.primary() as u64 ^ c.primary_raw.rotate_left(17) ^ c.mirror_raw)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        });
+        let report = self
+            .shadow
+            .reported
+            .swap(fingerprint, std::sync::atomic::Ordering::Relaxed)
+            != fingerprint;
         for c in &found {
-            warn!("{c}; repairing");
+            if report {
+                warn!("{c}; repairing");
+            }
             if c.damage != Damage::Both {
                 continue;
             }
@@ -948,23 +963,39 @@ impl Control {
                 }
                 _ => None,
             };
-            let Some(v) = v else { continue };
-            let code = encode(c.word.primary(), v);
-            if self
-                .raw(c.word.primary())
-                .compare_exchange(c.primary_raw, code, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-            {
-                let _ = self.raw(c.word.mirror()).compare_exchange(
-                    c.mirror_raw,
-                    !code,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                );
-                warn!(word = %c.word, value = v, "rewrote both copies from this engine's own view");
+            if let Some(v) = v {
+                if self.restore(c, v) {
+                    warn!(word = %c.word, value = v, "rewrote both copies from this engine's own view");
+                }
             }
         }
         found
+    }
+
+    /// Rewrite both copies of a word found damaged (`found`, from [`verify`](Self::verify))
+    /// with `value`, taken from a second source (an engine's own view, the supervisor's record
+    /// of the processes it started). Compare-and-swap from the words as found: false, and
+    /// nothing written, if the primary changed since (someone else wrote or repaired it).
+    pub fn restore(&self, found: &Corruption, value: u64) -> bool {
+        let w = found.word;
+        if value > CHECKED_MAX || !w.in_range(value) {
+            return false;
+        }
+        let code = encode(w.primary(), value);
+        if self
+            .raw(w.primary())
+            .compare_exchange(found.primary_raw, code, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        let _ = self.raw(w.mirror()).compare_exchange(
+            found.mirror_raw,
+            !code,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        true
     }
 
     fn shadow_value(&self, slot: usize, f: Field) -> Option<u64> {

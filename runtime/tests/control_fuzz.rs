@@ -387,6 +387,14 @@ fn an_engine_rewrites_words_lost_in_both_copies_from_its_own_view() {
     );
     assert_eq!((c.epoch(), c.active_slot()), (2, Some(0)));
     assert_eq!(c.get(0, Field::Pid), 1000);
+    // A second source (the supervisor's record) restores what no engine can; a stale
+    // report or a value out of range writes nothing.
+    let lost = left[0].clone();
+    assert!(!c.restore(&lost, 99), "state 99 is out of range");
+    assert!(c.restore(&lost, 3));
+    assert!(!c.restore(&lost, 3), "the word changed since it was found");
+    assert!(c.verify().is_empty());
+    assert_eq!(c.get(1, Field::State), 3);
 }
 
 /// Random words written into a connected client's two ring files (superblock, ring control
