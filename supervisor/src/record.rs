@@ -655,4 +655,34 @@ mod tests {
         assert_eq!(load(&dir, "demo").unwrap(), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn a_record_others_could_write_or_a_link_is_not_believed() {
+        // Proves a record with access for others, or a symbolic link in its place, is refused
+        // before its contents are read (they name executables the supervisor would run), and a
+        // link left at the temporary file's name is replaced, not written through.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir("trust");
+        store(&dir, &sample()).unwrap();
+        let path = dir.join(RECORD_FILE);
+        assert!(load(&dir, "demo").unwrap().is_some());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let message = load(&dir, "demo").unwrap_err().to_string();
+        assert!(
+            message.contains("mode") && message.contains("0644"),
+            "{message}"
+        );
+        std::fs::remove_file(&path).unwrap();
+        let elsewhere = dir.join("elsewhere.json");
+        std::fs::write(&elsewhere, b"{}").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        let message = load(&dir, "demo").unwrap_err().to_string();
+        assert!(message.contains("symbolic link"), "{message}");
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.join(format!("{RECORD_FILE}.tmp"))).unwrap();
+        store(&dir, &sample()).unwrap();
+        assert_eq!(std::fs::read(&elsewhere).unwrap(), b"{}");
+        assert!(load(&dir, "demo").unwrap().is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
