@@ -536,6 +536,34 @@ fn copy_value(word: Word, raw: u64) -> Option<u64> {
 /// The robust mutex of a [`Control`], borrowed from it: the handle cannot outlive the mapping.
 /// It never hands out the [`RobustLock`] inside (that handle is `Copy` and unbounded), only
 /// its operations.
+///
+/// ```no_run
+/// # use understudy_runtime::control::Control;
+/// let control = Control::open("/dev/shm/understudy/demo".as_ref()).unwrap();
+/// let lock = control.lock();
+/// println!("owner died: {}", lock.owner_died());
+/// ```
+///
+/// Using the lock after the control block (its mapping) is gone does not compile:
+///
+/// ```compile_fail
+/// # use understudy_runtime::control::Control;
+/// let lock = {
+///     let control = Control::open("/dev/shm/understudy/demo".as_ref()).unwrap();
+///     control.lock() // error: `control` does not live long enough
+/// };
+/// println!("owner died: {}", lock.owner_died());
+/// ```
+///
+/// nor does taking the unbounded handle out of it:
+///
+/// ```compile_fail
+/// # use understudy_runtime::control::Control;
+/// # use understudy_runtime::liveness::RobustLock;
+/// let control = Control::open("/dev/shm/understudy/demo".as_ref()).unwrap();
+/// let escaped: RobustLock = *control.lock(); // error: cannot be dereferenced
+/// drop(control);
+/// ```
 pub struct ControlLock<'a> {
     lock: RobustLock,
     _mapping: PhantomData<&'a Control>,
