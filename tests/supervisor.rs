@@ -1176,6 +1176,12 @@ fn an_upgrade_record_that_cannot_be_trusted_is_set_aside_and_the_cluster_left_as
         r#"{"format":"understudy-upgrade","version":2,"cluster":"x"}"#,
     )
     .unwrap();
+    // Ours and private, as the supervisor writes it: what is refused here is its contents.
+    std::fs::set_permissions(
+        h.dir().join(RECORD_FILE),
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
     let s = h.up();
     let interrupted = s.interrupted_upgrade.clone().unwrap();
     assert_eq!(interrupted.code, Some(Code::Failed), "{interrupted:#?}");
