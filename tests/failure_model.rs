@@ -834,3 +834,39 @@ fn an_upgrade_binary_that_never_registers_is_aborted_and_the_old_standby_restore
     );
     assert!(s.engines.iter().all(|e| e.app_version == 1), "{s:#?}");
 }
+
+#[test]
+fn a_burst_of_kills_of_the_active_is_not_a_crash_loop_and_loses_nothing() {
+    // Proves that kills from outside are not crashes: with the default breaker (5 crashes in
+    // 10 s) and backoff, the active is SIGKILLed 8 times, 300 ms after each new active
+    // appears, without waiting for a hot standby. Each killed engine is restarted at once
+    // (no backoff: until it is hot the cluster has a single copy), the breaker never stops
+    // the restarts, no outage is declared, and nothing acknowledged was lost.
+    let mut h = Harness::new("burst", 30_000, 300, "", "");
+    let mut s = h.up();
+    for kill in 0..8 {
+        let active = s.active_engine().unwrap().clone();
+        std::thread::sleep(Duration::from_millis(300));
+        let acked = h.kill_engine(active.pid);
+        s = h.wait(
+            &format!("a new active after kill {kill}"),
+            Duration::from_secs(30),
+            |s| s.active_engine().is_some_and(|a| a.pid != active.pid),
+        );
+        let slot = slot_index(s.active.as_deref().unwrap()).unwrap();
+        let step_up_commits = h.control().get(slot, Field::StepUpCommits);
+        assert!(
+            step_up_commits >= acked,
+            "kill {kill}: stepped up at {step_up_commits} commits, {acked} were acknowledged"
+        );
+        assert!(s.crash_looping.is_empty(), "kill {kill}: {s:#?}");
+    }
+    let log = h.log_text();
+    assert!(
+        kills_and_outages(&log).is_empty(),
+        "{:?}",
+        kills_and_outages(&log)
+    );
+    assert!(!log.contains("restarting the engine after a backoff"));
+    h.check_invariant();
+}

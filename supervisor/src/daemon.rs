@@ -111,10 +111,9 @@ impl std::error::Error for UpError {}
 /// Restart bookkeeping of one slot.
 #[derive(Debug, Default)]
 pub(crate) struct Restart {
-    /// Unexpected deaths within the crash-loop window: they set the backoff.
-    deaths: VecDeque<Instant>,
-    /// The crashes among them (not the kills by a signal from outside, an operator's or the
-    /// OOM killer's, nor the supervisor's own fences): they trip the crash-loop breaker.
+    /// The engine's own crashes within the crash-loop window (an exit, a panic, a fault —
+    /// not a kill by a signal from outside, an operator's or the OOM killer's, nor the
+    /// supervisor's own fence): they set the backoff and trip the crash-loop breaker.
     crashes: VecDeque<Instant>,
     next_at: Option<Instant>,
     /// The backoff before the pending restart (`next_at`).
@@ -156,6 +155,9 @@ pub struct Supervisor {
     hot_seen: [Option<(u32, u64)>; SLOTS],
     /// A control-block record that a second source contradicted has been reported (once).
     suspect_reported: [bool; SLOTS],
+    /// Since when each slot's engine (pid) has looked superseded: active in an old epoch
+    /// while another engine holds the active's lock.
+    superseded_since: [Option<(u32, Instant)>; SLOTS],
     /// "Waiting for the last copy" has been reported (once per episode).
     last_copy_reported: bool,
     pub(crate) op: Option<Operation>,
@@ -308,6 +310,7 @@ impl Supervisor {
             heartbeat_seen: [None; SLOTS],
             hot_seen: [None; SLOTS],
             suspect_reported: [false; SLOTS],
+            superseded_since: [None; SLOTS],
             last_copy_reported: false,
             op: None,
             role_seen,
@@ -708,37 +711,34 @@ impl Supervisor {
             self.op = Some(op);
         }
         if !upgrading && self.managed[slot] {
-            // Every unexpected death backs the next restart off; only a crash of the engine's
-            // own counts toward giving up: not the supervisor's fence, nor a kill by a signal
-            // from outside (an operator's burst of kills is not a broken engine).
-            let crashed = !proc.fenced && !killed_by_signal(&exit);
-            self.count_death(slot, crashed);
+            // Only a crash of the engine's own backs off and counts toward giving up. A kill
+            // from outside (an operator's burst of kills) or the supervisor's own fence says
+            // nothing about the engine: it is restarted at once, since until its replacement
+            // is hot the cluster has a single copy of its state.
+            if proc.fenced || killed_by_signal(&exit) {
+                info!(slot = %slot_name(slot), "killed from outside or fenced, not a crash: restarting at once");
+            } else {
+                self.count_crash(slot);
+            }
         }
     }
 
-    /// Counts a death of the engine in `slot` for its restarts' backoff, and for the
-    /// crash-loop breaker if it `crashed`.
-    fn count_death(&mut self, slot: usize, crashed: bool) {
+    /// Counts a crash of the engine in `slot`, for its restarts' backoff and breaker.
+    fn count_crash(&mut self, slot: usize) {
         let now = Instant::now();
-        let r = &mut self.restarts[slot];
-        r.deaths.push_back(now);
-        if crashed {
-            r.crashes.push_back(now);
-        }
+        self.restarts[slot].crashes.push_back(now);
         self.prune_restarts(slot, now);
     }
 
-    /// Forgets the deaths older than the crash-loop window.
+    /// Forgets the crashes older than the crash-loop window.
     fn prune_restarts(&mut self, slot: usize, now: Instant) {
         let window = Duration::from_millis(self.config.restart.crash_loop_window_ms);
-        let r = &mut self.restarts[slot];
-        for list in [&mut r.deaths, &mut r.crashes] {
-            while list
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > window)
-            {
-                list.pop_front();
-            }
+        let crashes = &mut self.restarts[slot].crashes;
+        while crashes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
+            crashes.pop_front();
         }
     }
 
@@ -897,8 +897,22 @@ impl Supervisor {
                 && alive
                 && self.control.get(slot, Field::Epoch) < epoch
                 && self.state(slot) == State::Serving;
-            let superseded = claims_stale && holder.is_some_and(|h| h != slot);
-            if claims_stale && !superseded && !self.suspect_reported[slot] {
+            // An active killed a moment ago looks superseded until its exit is complete (its
+            // lock was taken over at once): only a state that lasts the hung threshold is
+            // a second active.
+            let looks_superseded = claims_stale && holder.is_some_and(|h| h != slot);
+            let superseded = match (looks_superseded, self.superseded_since[slot]) {
+                (false, _) => {
+                    self.superseded_since[slot] = None;
+                    false
+                }
+                (true, Some((p, since))) if p == pid => since.elapsed().as_nanos() as u64 > hung_ns,
+                (true, _) => {
+                    self.superseded_since[slot] = Some((pid, seen_at));
+                    false
+                }
+            };
+            if claims_stale && !looks_superseded && !self.suspect_reported[slot] {
                 self.suspect_reported[slot] = true;
                 warn!(
                     slot = %slot_name(slot),
@@ -1088,15 +1102,15 @@ impl Supervisor {
                 Some(t) => t,
                 None => {
                     let crashes = r.crashes.len() as u32;
-                    let deaths = r.deaths.len() as u32;
+
                     if crashes > restart.crash_loop_max {
                         r.given_up = true;
                         error!(slot = %slot_name(slot), crashes, window_ms = restart.crash_loop_window_ms, "crash loop: restarts of this slot stopped; fix the engine, then run `understudy resume-restarts`");
                         continue;
                     }
-                    let delay_ms = restart_delay_ms(restart, deaths);
-                    if deaths > 0 {
-                        warn!(slot = %slot_name(slot), crashes, deaths, window_ms = restart.crash_loop_window_ms, delay_ms, "restarting the engine after a backoff");
+                    let delay_ms = restart_delay_ms(restart, crashes);
+                    if crashes > 0 {
+                        warn!(slot = %slot_name(slot), crashes, window_ms = restart.crash_loop_window_ms, delay_ms, "restarting the engine after a backoff");
                     }
                     r.delay_ms = delay_ms;
                     let t = now + Duration::from_millis(delay_ms);
@@ -1112,7 +1126,7 @@ impl Supervisor {
                 Ok(()) => info!(slot = %slot_name(slot), "restarted as the new standby"),
                 Err(e) => {
                     error!(slot = %slot_name(slot), "restart failed: {e}");
-                    self.count_death(slot, true);
+                    self.count_crash(slot);
                 }
             }
         }
