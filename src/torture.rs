@@ -142,7 +142,7 @@ impl Death {
     pub fn name(self) -> String {
         match self {
             Death::Fault(f) => f.name().to_string(),
-            Death::Signal(s) => s.name().to_string(),
+            Death::Signal(s) => format!("kill -{}", s.name()),
         }
     }
 }
@@ -786,6 +786,8 @@ pub struct TortureOptions {
     pub exe: PathBuf,
     /// Print progress lines on stderr.
     pub progress: bool,
+    /// Leave out the events whose kind (as the table names it) contains one of these.
+    pub skip: Vec<String>,
 }
 
 impl TortureOptions {
@@ -798,6 +800,7 @@ impl TortureOptions {
             pace: Duration::from_micros(200),
             exe,
             progress: false,
+            skip: Vec::new(),
         }
     }
 }
@@ -818,6 +821,8 @@ pub struct KindStats {
 pub struct TortureReport {
     /// Seed.
     pub seed: u64,
+    /// Event kinds left out (`--skip`).
+    pub skipped: Vec<String>,
     /// Events applied.
     pub events: u64,
     /// Events by kind.
@@ -908,6 +913,7 @@ pub fn run(opts: &TortureOptions) -> TortureReport {
     let t0 = Instant::now();
     let mut report = TortureReport {
         seed: opts.seed,
+        skipped: opts.skip.clone(),
         ..Default::default()
     };
     let mut cluster = match Cluster::new(&opts.exe, "torture", "info") {
@@ -956,8 +962,13 @@ fn campaign(
     let mut version = 1u32;
     let t0 = Instant::now();
     for i in 0..opts.events {
-        let event = Event::random(&mut rng);
-        let kind = event.kind();
+        let (event, kind) = loop {
+            let event = Event::random(&mut rng);
+            let kind = event.kind();
+            if !opts.skip.iter().any(|s| kind.contains(s.as_str())) {
+                break (event, kind);
+            }
+        };
         load.take_window_wait_ms();
         let failover = match apply(cluster, event, &mut faults, &mut version) {
             Ok(f) => f,
@@ -1060,6 +1071,9 @@ pub fn print_human(r: &TortureReport, out: &mut impl std::io::Write) -> std::io:
         "understudy torture — {} events (seed {}) in {:.1} s",
         r.events, r.seed, r.wall_s
     )?;
+    if !r.skipped.is_empty() {
+        writeln!(out, "  left out: {}", r.skipped.join(", "))?;
+    }
     writeln!(
         out,
         "  {:<34} {:>7} {:>10} {:>18}",
@@ -1102,7 +1116,7 @@ pub fn print_human(r: &TortureReport, out: &mut impl std::io::Write) -> std::io:
 
 /// `understudy torture`: runs the campaign with this executable, prints the table (or the
 /// report as JSON), and returns the exit code.
-pub fn cli(json: bool, events: u64, seed: u64, clients: usize) -> Code {
+pub fn cli(json: bool, events: u64, seed: u64, clients: usize, skip: &[String]) -> Code {
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -1114,6 +1128,15 @@ pub fn cli(json: bool, events: u64, seed: u64, clients: usize) -> Code {
     opts.seed = seed;
     opts.clients = clients.max(1);
     opts.progress = true;
+    opts.skip = skip.to_vec();
+    let mut rng = Rng(opts.seed);
+    if (0..1000).all(|_| {
+        let kind = Event::random(&mut rng).kind();
+        skip.iter().any(|s| kind.contains(s.as_str()))
+    }) {
+        eprintln!("understudy torture: --skip leaves no event");
+        return Code::Usage;
+    }
     let report = run(&opts);
     if json {
         println!(
