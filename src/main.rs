@@ -81,6 +81,9 @@ enum Command {
         /// Load clients.
         #[arg(long, default_value_t = 2)]
         clients: usize,
+        /// Leave out the events whose kind contains this (repeatable), e.g. `kill -SIGSEGV`.
+        #[arg(long)]
+        skip: Vec<String>,
     },
     /// Run the supervisor in the foreground: start (or re-adopt) the engines and keep them so.
     /// An upgrade that a killed supervisor left in the middle is never continued: before its
@@ -181,7 +184,8 @@ fn main() {
             events,
             seed,
             clients,
-        } => understudy::torture::cli(cli.json, *events, *seed, *clients),
+            skip,
+        } => understudy::torture::cli(cli.json, *events, *seed, *clients, skip),
         Command::Up => up(&cli),
         Command::Doctor { fix } => doctor(&cli, *fix),
         Command::Status => status(&cli),
