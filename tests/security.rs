@@ -686,6 +686,96 @@ fn two_thousand_idle_connections_neither_block_status_nor_orphan_an_engine_in_a_
 }
 
 #[test]
+fn a_supervisor_out_of_descriptors_still_answers_and_says_so_at_a_bounded_rate() {
+    // Proves a supervisor at its descriptor limit (lowered with prlimit to a few above what it
+    // uses) under a flood of 500 idle connections still answers `status` (its accept errors
+    // close idle connections to make room instead of spinning), and logs the accept errors
+    // at most about once a second. It used to spin on accept() and leave `status` hanging.
+    let mut c = Cluster::new("emfile");
+    c.up();
+    let sup_pid = c.supervisor.as_ref().unwrap().id();
+    let used = std::fs::read_dir(format!("/proc/{sup_pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    let limit = libc::rlimit {
+        rlim_cur: used + 24,
+        rlim_max: used + 24,
+    };
+    // SAFETY: prlimit reads `limit` and writes nothing (null old-limit pointer).
+    let set = unsafe {
+        libc::prlimit(
+            sup_pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    if set != 0 {
+        eprintln!(
+            "skipped: cannot lower the supervisor's RLIMIT_NOFILE: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    if !raise_nofile(2048) {
+        eprintln!("skipped: cannot raise this test's RLIMIT_NOFILE");
+        return;
+    }
+    let socket = c.dir().join(SOCKET_NAME);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let idle: Vec<UnixStream> = (0..500)
+        .filter_map(|_| connect_bounded(&socket, deadline))
+        .collect();
+    assert!(idle.len() >= 100, "only {} connections made", idle.len());
+    let started = Instant::now();
+    for _ in 0..3 {
+        let reply = Client::new(&socket)
+            .with_timeout(Duration::from_secs(5))
+            .request(&Request::new(Op::Status), |_| {})
+            .unwrap_or_else(|e| panic!("status at the descriptor limit: {e}\n{}", c.log_tail()));
+        assert_eq!(
+            reply.code,
+            Some(understudy_supervisor::proto::Code::Ok),
+            "{reply:?}"
+        );
+    }
+    // Keep the flood on for a while, then count the accept-error lines.
+    std::thread::sleep(Duration::from_secs(2));
+    let seconds = started.elapsed().as_secs() + 2;
+    let log = std::fs::read_to_string(&c.log).unwrap_or_default();
+    let warnings = log.lines().filter(|l| l.contains("accept failed")).count() as u64;
+    assert!(
+        warnings >= 1,
+        "the descriptor limit was never reached (raise the flood?):\n{}",
+        c.log_tail()
+    );
+    assert!(
+        warnings <= seconds + 2,
+        "{warnings} accept-error lines in ~{seconds} s: not rate-limited\n{}",
+        c.log_tail()
+    );
+    drop(idle);
+    // With the flood gone, the supervisor recovers fully.
+    let limit = libc::rlimit {
+        rlim_cur: 1024,
+        rlim_max: 1024,
+    };
+    // SAFETY: as above.
+    unsafe {
+        libc::prlimit(
+            sup_pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    c.wait("status after the flood", Duration::from_secs(30), |s| {
+        s.active.is_some()
+    });
+    c.down_and_check_no_orphan();
+}
+
+#[test]
 fn flags_and_configs_out_of_bounds_exit_with_their_codes_and_a_failed_up_cleans_up() {
     // Proves `--accept-for` beyond its bound is a usage error (it panicked with exit 101), a
     // pinned CPU this machine does not have is a bad config (exit 10, it was 1 with "Invalid

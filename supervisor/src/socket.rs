@@ -9,9 +9,10 @@
 //!   [`REQUEST_BYTES_MAX`] bytes) within [`REQUEST_WAIT`]; at most [`PENDING_MAX`] connections
 //!   may be waiting at once (the oldest is refused to make room for a new one, so idle
 //!   connections can never lock out an operator), and at most [`IN_FLIGHT_MAX`] requests run
-//!   at once (the excess is refused with `busy`). Every refusal is a JSON `result` line. An
-//!   accept error (out of descriptors) backs off 10 → 50 ms and frees the oldest waiting
-//!   connection instead of spinning.
+//!   at once (the excess is refused with `busy`). Every refusal is a JSON `result` line. A
+//!   client that sent its line with its connect is answered as soon as it is accepted. An
+//!   accept error (out of descriptors) closes the oldest idle connection to make room or, with
+//!   none to close, pauses accepting 10 → 50 ms instead of spinning.
 //! - **Replying**: a thread per request relays the supervisor's replies, with a
 //!   [`Reply::keepalive`] event after each second without news, and gives up on a client that
 //!   does not read within [`WRITE_WAIT`] (the operation goes on).
@@ -232,6 +233,29 @@ pub fn serve(listener: UnixListener, tx: Sender<Inbound>) {
                     Ok((stream, _)) => {
                         backoff = ACCEPT_BACKOFF_MIN;
                         if let Some(stream) = admit(stream, uid, &mut warned) {
+                            let mut fresh = Pending {
+                                stream,
+                                line: Vec::new(),
+                                deadline: Instant::now() + REQUEST_WAIT,
+                            };
+                            // A client that wrote its line with the connect is answered at
+                            // once, whatever crowd of idle connections surrounds it.
+                            match read_some(&mut fresh) {
+                                ReadState::More => {}
+                                ReadState::Line(end) => {
+                                    let line: Vec<u8> = fresh.line[..end].to_vec();
+                                    dispatch(fresh.stream, &line, &tx, &in_flight);
+                                    continue;
+                                }
+                                ReadState::Failed(e) => {
+                                    refuse(
+                                        fresh.stream,
+                                        &Reply::result(Code::Usage, e.to_string()),
+                                    );
+                                    continue;
+                                }
+                                ReadState::Gone => continue,
+                            }
                             if pending.len() >= PENDING_MAX {
                                 if let Some(oldest) = pending.pop_front() {
                                     refuse(
@@ -245,25 +269,21 @@ pub fn serve(listener: UnixListener, tx: Sender<Inbound>) {
                                     );
                                 }
                             }
-                            pending.push_back(Pending {
-                                stream,
-                                line: Vec::new(),
-                                deadline: Instant::now() + REQUEST_WAIT,
-                            });
+                            pending.push_back(fresh);
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        // Out of descriptors (EMFILE/ENFILE) or memory: free the oldest
-                        // waiting connection and pause accepting instead of spinning.
-                        warned.warn(format_args!(
-                            "accept failed: {e}; pausing {} ms ({} connections waiting, {} requests running)",
-                            backoff.as_millis(),
-                            pending.len(),
-                            in_flight.load(Ordering::Relaxed)
-                        ));
+                        // Out of descriptors (EMFILE/ENFILE) or memory. While connections
+                        // wait idle, the oldest makes room and the accept is retried (the
+                        // queue drains; a client that sent its line is answered on accept);
+                        // with none to free, accepting pauses instead of spinning.
                         if let Some(oldest) = pending.pop_front() {
+                            warned.warn(format_args!(
+                                "accept failed: {e}; the oldest of {} idle connections was closed to make room",
+                                pending.len() + 1
+                            ));
                             refuse(
                                 oldest.stream,
                                 &Reply::result(
@@ -271,7 +291,13 @@ pub fn serve(listener: UnixListener, tx: Sender<Inbound>) {
                                     "refused: the supervisor is out of file descriptors; the oldest waiting connection (this one) made room",
                                 ),
                             );
+                            continue;
                         }
+                        warned.warn(format_args!(
+                            "accept failed: {e}; pausing {} ms ({} requests running)",
+                            backoff.as_millis(),
+                            in_flight.load(Ordering::Relaxed)
+                        ));
                         accept_paused_until = Some(Instant::now() + backoff);
                         backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                         break;
