@@ -331,6 +331,21 @@ pub fn check_private_dir(dir: &Path) -> Result<(), TrustError> {
     Ok(())
 }
 
+/// Verifies a directory that may be shared, like the one holding every cluster's directory
+/// when it is `/dev/shm` itself: it and its ancestors are owned by root or the running user
+/// and writable by group or others only if sticky (nobody else can then rename or replace
+/// what the running user puts in it).
+pub fn check_shared_dir(dir: &Path) -> Result<(), TrustError> {
+    let uid = euid();
+    let dir = normalised(dir)?;
+    let mut path = PathBuf::new();
+    for component in dir.components() {
+        path.push(component.as_os_str());
+        check_ancestor(&path, uid)?;
+    }
+    Ok(())
+}
+
 /// Checks an open file: a regular file owned by the running user with no permission bits for
 /// group or others.
 pub fn check_private_file(path: &Path, file: &File) -> Result<(), TrustError> {
@@ -467,6 +482,27 @@ mod tests {
         assert!(matches!(e, TrustError::Mode { .. }), "{e}");
         std::fs::set_permissions(t.0.join("shm"), std::fs::Permissions::from_mode(0o1777)).unwrap();
         ensure_private_dir(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_sticky_shared_dir_is_a_safe_parent_but_not_a_private_dir() {
+        // Proves /dev/shm-like directories (sticky, world-writable) are accepted as parents
+        // and as a shared directory, never as a private one.
+        let t = temp("sticky");
+        let shared = t.0.join("shm");
+        std::fs::create_dir_all(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        check_shared_dir(&shared).unwrap();
+        assert!(matches!(
+            check_private_dir(&shared),
+            Err(TrustError::Mode { .. })
+        ));
+        assert!(ensure_private_dir(&shared.join("cluster")).unwrap());
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(
+            check_shared_dir(&shared),
+            Err(TrustError::Mode { .. })
+        ));
     }
 
     #[test]

@@ -205,8 +205,9 @@ fn install_signal_handlers() {
 pub fn up(config: ClusterConfig) -> Result<(), UpError> {
     config.check_binary().map_err(UpError::Config)?;
     config.check_host().map_err(UpError::Config)?;
-    let created_shm_dir =
-        shm_layout::trust::ensure_private_dir(&config.shm_dir).map_err(UpError::Trust)?;
+    // The shm directory may be shared (`/dev/shm` itself: sticky, owned by root); the
+    // cluster directory below it must be private.
+    let created_shm_dir = std::fs::symlink_metadata(&config.shm_dir).is_err();
     let dir = config.cluster_dir();
     let created_dir = shm_layout::trust::ensure_private_dir(&dir).map_err(UpError::Trust)?;
     let remove_created = || {

@@ -91,14 +91,21 @@ const STATE_FILES: [&str; 3] = [
 /// Every problem found with the trust of `shm_dir`, the cluster directories under it (and the
 /// config's, wherever it is) and their state files.
 pub fn trust_problems(config: Option<&ClusterConfig>, shm_dir: &Path) -> Vec<String> {
-    use shm_layout::trust::{check_private_dir, open_private_file, TrustError};
+    use shm_layout::trust::{check_private_dir, check_shared_dir, open_private_file, TrustError};
     let mut problems = Vec::new();
     let mut dirs = Vec::new();
     if std::fs::symlink_metadata(shm_dir).is_ok() {
-        if let Err(e) = check_private_dir(shm_dir) {
+        // The shm directory may be shared (`/dev/shm` itself); a cluster directory in it, one
+        // holding a control file, must be private.
+        if let Err(e) = check_shared_dir(shm_dir) {
             problems.push(e.to_string());
         } else if let Ok(entries) = std::fs::read_dir(shm_dir) {
-            dirs.extend(entries.flatten().map(|e| e.path()));
+            dirs.extend(
+                entries
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|d| std::fs::symlink_metadata(d.join("control")).is_ok()),
+            );
         }
     }
     if let Some(c) = config {
