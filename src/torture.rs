@@ -812,6 +812,9 @@ pub struct KindStats {
     pub count: u64,
     /// Failovers they caused (the standby stepped up).
     pub failovers: u64,
+    /// Operations the supervisor declined or undid, leaving the cluster serving (an upgrade
+    /// aborted or rolled back, a switchover refused).
+    pub refused: u64,
     /// The longest time a client waited for an answer around one of them, ms.
     pub longest_wait_ms: f64,
 }
@@ -832,6 +835,8 @@ pub struct TortureReport {
     /// Events after which no engine served within 60 s although a copy of the state survived
     /// (every event starts from a hot standby, so any outage is one).
     pub outages: u64,
+    /// Why operations were declined or undone (the first 20).
+    pub refusals: Vec<String>,
     /// Lines of the supervisor's log that report an outage.
     pub outage_log_lines: u64,
     /// The first error that stopped the campaign, if one did.
@@ -970,8 +975,8 @@ fn campaign(
             }
         };
         load.take_window_wait_ms();
-        let failover = match apply(cluster, event, &mut faults, &mut version) {
-            Ok(f) => f,
+        let applied = match apply(cluster, event, &mut faults, &mut version) {
+            Ok(a) => a,
             Err(e) => {
                 if cluster.wait_settled(Duration::from_secs(60)).is_err() {
                     report.outages += 1;
@@ -985,7 +990,13 @@ fn campaign(
         let wait = load.take_window_wait_ms();
         let k = report.kinds.entry(kind.clone()).or_default();
         k.count += 1;
-        k.failovers += failover as u64;
+        k.failovers += applied.failover as u64;
+        if let Some(why) = applied.refused {
+            k.refused += 1;
+            if report.refusals.len() < 20 {
+                report.refusals.push(format!("event {i}: {why}"));
+            }
+        }
         k.longest_wait_ms = k.longest_wait_ms.max(wait);
         report.events += 1;
         let (lost, dup) = load.anomalies();
@@ -1001,18 +1012,47 @@ fn campaign(
     Ok(())
 }
 
-/// Applies one event and waits for a settled cluster; whether the standby stepped up.
+/// What one event did.
+struct Applied {
+    /// The standby stepped up.
+    failover: bool,
+    /// The supervisor declined or undid the operation (why), leaving a served cluster.
+    refused: Option<String>,
+}
+
+impl From<bool> for Applied {
+    fn from(failover: bool) -> Self {
+        Applied {
+            failover,
+            refused: None,
+        }
+    }
+}
+
+/// An operation's result: `Ok(None)` done, `Ok(Some(why))` declined or undone with the
+/// cluster left serving (aborted, rolled back, refused), `Err` anything else.
+fn outcome(what: &str, r: &Reply) -> Result<Option<String>, String> {
+    match r.code {
+        Some(Code::Ok) => Ok(None),
+        Some(Code::Aborted | Code::RolledBack | Code::WrongRole | Code::Busy) => {
+            Ok(Some(format!("{what}: {:?}: {}", r.code, r.message)))
+        }
+        _ => Err(format!("{what}: {:?}: {}", r.code, r.message)),
+    }
+}
+
+/// Applies one event and waits for a settled cluster.
 fn apply(
     cluster: &mut Cluster,
     event: Event,
     faults: &mut Client,
     version: &mut u32,
-) -> Result<bool, String> {
+) -> Result<Applied, String> {
     let s0 = cluster.wait_settled(Duration::from_secs(60))?;
     let active0 = s0.active_engine().ok_or("no active")?.slot.clone();
     let stepped = |s: &StatusReport| s.active_engine().is_some_and(|a| a.slot != active0);
     match event {
-        Event::Death(d, t) => Ok(cluster.inflict(d, t, faults)?.failover),
+        Event::Death(d, t) => Ok(cluster.inflict(d, t, faults)?.failover.into()),
         Event::Stall(t, d) => {
             let victim = match t {
                 Target::Active => s0.active_engine(),
@@ -1026,40 +1066,46 @@ fn apply(
             // SAFETY: as above (a fenced engine is gone: the signal then does nothing).
             unsafe { libc::kill(victim as i32, libc::SIGCONT) };
             let s = cluster.wait_settled(Duration::from_secs(60))?;
-            Ok(stepped(&s))
+            Ok(stepped(&s).into())
         }
         Event::Switchover => {
-            let r = cluster.request(Op::Switchover)?;
-            if r.code != Some(Code::Ok) {
-                return Err(format!("switchover: {:?}: {}", r.code, r.message));
-            }
+            let refused = outcome("switchover", &cluster.request(Op::Switchover)?)?;
             let s = cluster.wait_settled(Duration::from_secs(60))?;
-            Ok(stepped(&s))
+            Ok(Applied {
+                failover: stepped(&s),
+                refused,
+            })
         }
         Event::Upgrade => {
             let to = if *version == 1 { 2 } else { 1 };
             let r = cluster.request(Op::Upgrade(UpgradeRequest {
                 binary: cluster.binaries.version(to).to_path_buf(),
-                accept_for_ms: Some(300),
+                accept_for_ms: Some(500),
                 accept_cmd: None,
                 keep_standby: false,
                 no_enable: true,
             }))?;
-            if r.code != Some(Code::Ok) {
-                return Err(format!("upgrade to v{to}: {:?}: {}", r.code, r.message));
-            }
-            *version = to;
+            let refused = outcome(&format!("upgrade to v{to}"), &r)?;
             let s = cluster.wait_settled(Duration::from_secs(60))?;
-            if s.engines.iter().any(|e| e.app_version != to as u64) {
-                return Err(format!("after the upgrade to v{to}: {}", brief(&s)));
+            let now = if refused.is_none() { to } else { *version };
+            if s.engines.iter().any(|e| e.app_version != now as u64) {
+                return Err(format!(
+                    "after the upgrade to v{to} ({}), expected every engine on v{now}: {}",
+                    refused.as_deref().unwrap_or("done"),
+                    brief(&s)
+                ));
             }
-            Ok(stepped(&s))
+            *version = now;
+            Ok(Applied {
+                failover: stepped(&s),
+                refused,
+            })
         }
         Event::SupervisorRestart => {
             cluster.kill_supervisor();
             cluster.start_supervisor()?;
             let s = cluster.wait_settled(Duration::from_secs(60))?;
-            Ok(stepped(&s))
+            Ok(stepped(&s).into())
         }
     }
 }
@@ -1076,27 +1122,31 @@ pub fn print_human(r: &TortureReport, out: &mut impl std::io::Write) -> std::io:
     }
     writeln!(
         out,
-        "  {:<34} {:>7} {:>10} {:>18}",
-        "event", "count", "failovers", "longest wait (ms)"
+        "  {:<30} {:>7} {:>10} {:>8} {:>18}",
+        "event", "count", "failovers", "refused", "longest wait (ms)"
     )?;
     for (kind, k) in &r.kinds {
         writeln!(
             out,
-            "  {:<34} {:>7} {:>10} {:>18.1}",
-            kind, k.count, k.failovers, k.longest_wait_ms
+            "  {:<30} {:>7} {:>10} {:>8} {:>18.1}",
+            kind, k.count, k.failovers, k.refused, k.longest_wait_ms
         )?;
     }
     let failovers: u64 = r.kinds.values().map(|k| k.failovers).sum();
+    let refused: u64 = r.kinds.values().map(|k| k.refused).sum();
     writeln!(
         out,
-        "  {:<34} {:>7} {:>10} {:>18.1}",
-        "all", r.events, failovers, r.load.longest_wait_ms
+        "  {:<30} {:>7} {:>10} {:>8} {:>18.1}",
+        "all", r.events, failovers, refused, r.load.longest_wait_ms
     )?;
     writeln!(
         out,
         "  requests acknowledged {}  lost {}  duplicated {}  outages {} (log lines {})",
         r.load.acknowledged, r.load.lost, r.load.duplicated, r.outages, r.outage_log_lines
     )?;
+    for e in &r.refusals {
+        writeln!(out, "  refused: {e}")?;
+    }
     for e in &r.load.errors {
         writeln!(out, "  client error: {e}")?;
     }
