@@ -7,11 +7,17 @@
 //! `u64::MAX` passing `check_positions` and overflowing in the consumer; the step-up push at a
 //! ring head of capacity − 64, which needs 192 bytes where 160 were reserved), an exact test of
 //! `Producer::can_push`, and fuzz-style property tests with at least 100 000 generated inputs
-//! per parser. The number of inputs is `UNDERSTUDY_FUZZ_CASES` (default 100 000); the long run:
+//! per parser. The number of inputs is `UNDERSTUDY_FUZZ_CASES` (default 100 000: ~10 s for
+//! the whole file in a debug build on a loaded 2-vCPU machine); the long run, in release with
+//! the overflow checks of a debug build kept on (2 million inputs per parser take ~5 s):
 //!
 //! ```sh
-//! UNDERSTUDY_FUZZ_CASES=5000000 cargo test -p shm-layout --release --test hostile
+//! CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true UNDERSTUDY_FUZZ_CASES=20000000 \
+//!     cargo test -p shm-layout --release --test hostile
 //! ```
+//!
+//! Each fuzz test prints its base seed; `UNDERSTUDY_TEST_SEED=<seed>` repeats a run, and a
+//! failing case prints the seed that repeats exactly it.
 
 mod common;
 
