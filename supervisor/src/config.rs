@@ -583,6 +583,13 @@ impl ClusterConfig {
                     format!("{value:?}"),
                 );
             }
+            if let Some(expected) = engine_tuning_problem(key, value) {
+                bad(
+                    &format!("engine.env.{key}"),
+                    &expected,
+                    format!("{value:?}"),
+                );
+            }
         }
 
         let pinned = [
@@ -830,6 +837,41 @@ impl ClusterConfig {
     /// The directory holding this cluster's shared files: `<shm_dir>/<cluster>`.
     pub fn cluster_dir(&self) -> PathBuf {
         self.shm_dir.join(&self.cluster)
+    }
+}
+
+/// The engine tuning variables `[engine] env` may set, with bounds that keep the engine's
+/// arithmetic on them in range: `Some(what is expected)` if `value` is outside them.
+fn engine_tuning_problem(key: &str, value: &str) -> Option<String> {
+    let number = |max: u64, min: u64| -> Option<String> {
+        match value.trim().parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => None,
+            _ => Some(format!("a whole number from {min} to {max}")),
+        }
+    };
+    match key {
+        // 40 heartbeats of the longest interval: a standby's fence threshold.
+        "UNDERSTUDY_HUNG_MS" => number(HEARTBEAT_MS_MAX * 40, 1),
+        "UNDERSTUDY_BACKPRESSURE_US" => number(WAIT_MAX_US_MAX, 0),
+        "UNDERSTUDY_BACKPRESSURE_MS" => number(WAIT_MAX_US_MAX / 1000, 0),
+        "UNDERSTUDY_CATCHUP_CHUNK" => number(1 << 20, 1),
+        "UNDERSTUDY_IDLE" => {
+            let text = value.trim();
+            let ok = text == "spin"
+                || text == "shared"
+                || text.split_once(',').is_some_and(|(polls, sleep_us)| {
+                    polls.trim().parse::<u32>().is_ok()
+                        && sleep_us
+                            .trim()
+                            .parse::<u64>()
+                            .is_ok_and(|us| us <= 1_000_000)
+                });
+            (!ok).then(|| {
+                "`spin`, `shared` or `<spin polls>,<sleep µs>` (polls a u32, sleep at most 1000000 µs)"
+                    .to_string()
+            })
+        }
+        _ => None,
     }
 }
 

@@ -577,3 +577,36 @@ fn a_cpu_beyond_the_cpu_set_is_refused_by_validation_and_one_absent_here_by_the_
     let e = config.check_host().unwrap_err().to_string();
     assert!(e.contains("slots.b.cpu") && e.contains("1000"), "{e}");
 }
+
+#[test]
+fn engine_tuning_variables_out_of_bounds_are_refused_naming_them() {
+    // Proves `[engine] env` cannot hand an engine a tuning value whose arithmetic overflows
+    // (a hung threshold of u64::MAX ms, say), while sane values pass.
+    let config = |env: &str| {
+        ClusterConfig::from_str(
+            &format!("cluster = \"t\"\n[engine]\nbinary = \"/bin/true\"\n[engine.env]\n{env}\n"),
+            "env.toml",
+        )
+    };
+    for env in [
+        "UNDERSTUDY_HUNG_MS = \"18446744073709551615\"",
+        "UNDERSTUDY_HUNG_MS = \"0\"",
+        "UNDERSTUDY_BACKPRESSURE_US = \"-1\"",
+        "UNDERSTUDY_CATCHUP_CHUNK = \"0\"",
+        "UNDERSTUDY_IDLE = \"4,99999999999\"",
+        "UNDERSTUDY_IDLE = \"fast\"",
+    ] {
+        let key = env.split(' ').next().unwrap();
+        let e = config(env).unwrap_err().to_string();
+        assert!(e.contains(&format!("engine.env.{key}")), "{env}: {e}");
+    }
+    for env in [
+        "UNDERSTUDY_HUNG_MS = \"900\"",
+        "UNDERSTUDY_BACKPRESSURE_US = \"0\"",
+        "UNDERSTUDY_IDLE = \"spin\"",
+        "UNDERSTUDY_IDLE = \"100,50\"",
+        "APP_SETTING = \"anything\"",
+    ] {
+        config(env).unwrap_or_else(|e| panic!("{env}: {e}"));
+    }
+}
