@@ -17,6 +17,7 @@
 
 use crate::app::{negotiate, write_versions, Agreement, Application, Feature, Refused, Tx};
 use crate::control::{self, cmd, monotonic_ns, realtime_ns, slot_cmd, Control, Field, Role, State};
+use crate::counters::Counter;
 use crate::liveness::{self, LockError, LockWord, ProcessIdentity, TryLockOutcome};
 use crate::protocol::{self, rt, CommitBlock, FeaturesBlock, HeartbeatBlock, Hello, Position};
 use crate::store::{Op, Spare, Store};
@@ -86,6 +87,9 @@ pub struct Options {
     pub standby_only: bool,
     /// What a panic anywhere in the engine's process does (default: abort; see [`OnPanic`]).
     pub on_panic: OnPanic,
+    /// Publish live counters in `<dir>/counters` ([`crate::counters`]; default on, off only
+    /// to measure what they cost).
+    pub counters: bool,
 }
 
 /// What a panic in an engine process does.
@@ -182,6 +186,7 @@ impl Options {
             catchup_chunk: 512,
             standby_only: false,
             on_panic: OnPanic::Abort,
+            counters: true,
         }
     }
 }
@@ -469,6 +474,10 @@ pub struct Engine<A: Application, I: Input> {
     leftovers: Leftovers,
     service: ServiceTimes,
     service_published_ns: u64,
+    /// Our block of the cluster's counters file (`None` if off or not openable).
+    counters: Option<crate::counters::Writer>,
+    /// The slot's back-pressure total when this engine started.
+    counters_bp_base: u64,
 }
 
 fn identity_of(p: &ProcessIdentity) -> Identity {
@@ -503,6 +512,16 @@ impl<A: Application, I: Input> Engine<A, I> {
             epoch: 0,
         };
         let wv = write_versions(&templates, &features, 0);
+        let counters = opt
+            .counters
+            .then(|| crate::counters::Writer::open_or_create(&opt.dir, opt.slot))
+            .and_then(|r| r.map_err(|e| warn!("live counters off: {e}")).ok());
+        let counters_bp_base = counters
+            .as_ref()
+            .map_or(0, |k| k.get(Counter::BACKPRESSURE_WAITS_TOTAL));
+        if let Some(k) = &counters {
+            k.set(Counter::APP_VERSION, app.version() as u64);
+        }
         let e = Engine {
             app,
             input,
@@ -533,6 +552,8 @@ impl<A: Application, I: Input> Engine<A, I> {
             leftovers: Leftovers::default(),
             service: ServiceTimes::default(),
             service_published_ns: 0,
+            counters,
+            counters_bp_base,
             opt,
         };
         let s = e.opt.slot;
@@ -673,6 +694,12 @@ impl<A: Application, I: Input> Engine<A, I> {
         c.set(s, Field::Epoch, self.epoch);
         c.set(s, Field::Features, self.enabled);
         c.set(s, Field::Layout, self.agreed_layout as u64);
+        if let Some(k) = &self.counters {
+            k.set(Counter::ROLE, role as u64);
+            k.set(Counter::STATE, state as u64);
+            k.set(Counter::EPOCH, self.epoch);
+            k.set(Counter::TX_INDEX, self.commits);
+        }
     }
 
     // ------------------------------------------------------------------ active
@@ -714,6 +741,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                     self.control.set(s, Field::Commits, self.commits);
                     self.control.set(s, Field::Requests, self.requests);
                     self.control.set(s, Field::Refusals, self.refusals);
+                    self.publish_counters(now);
                     // A p99 says something over enough requests: publish every 100 ms once
                     // the window holds `MIN_SAMPLES` timed requests, else every second (a window of under 100
                     // requests has its maximum for its p99: one preemption would be "the p99").
@@ -795,7 +823,15 @@ impl<A: Application, I: Input> Engine<A, I> {
         self.input.committed(&meta, &self.tx.response);
         self.refusals += refused as u64;
         if timed {
-            self.service.record(monotonic_ns().saturating_sub(t0));
+            let ns = monotonic_ns().saturating_sub(t0);
+            self.service.record(ns);
+            if let Some(k) = &self.counters {
+                k.service_time(ns);
+            }
+        }
+        if let Some(k) = &self.counters {
+            k.add(Counter::REQUESTS_TOTAL, 1);
+            k.add(Counter::REFUSALS_TOTAL, refused as u64);
         }
         // After the store has this transaction (a snapshot end carries the digest after it),
         // and after the response is out.
@@ -844,6 +880,9 @@ impl<A: Application, I: Input> Engine<A, I> {
         let rep = self.replicas.remove(i);
         self.detached.push((rep.slot, rep.gen));
         warn!(slot = %control::slot_name(rep.slot), "standby untethered: {why}");
+        if let Some(k) = &self.counters {
+            k.add(Counter::UNTETHERS_TOTAL, 1);
+        }
         rep.stream_region.close(CLOSE_UNTETHERED);
         self.control
             .set(rep.slot, Field::State, State::Stale as u64);
@@ -894,6 +933,10 @@ impl<A: Application, I: Input> Engine<A, I> {
         self.replicate_tx(commit);
         self.tx.apply_to(&mut self.store);
         self.commits += 1;
+        if let Some(k) = &self.counters {
+            k.add(Counter::COMMITS_TOTAL, 1);
+            k.set(Counter::TX_INDEX, self.commits);
+        }
     }
 
     /// Push the transaction's ops and commit to every streaming replica as one batch each.
@@ -1120,6 +1163,10 @@ impl<A: Application, I: Input> Engine<A, I> {
         // re-attach with a full catch-up.
         self.epoch = next_epoch;
         self.publish_status(Role::Standby, State::Syncing);
+        if let Some(k) = &self.counters {
+            k.add(Counter::SWITCHOVERS_TOTAL, 1);
+            k.set(Counter::LAST_SWITCHOVER_NS, t0.elapsed().as_nanos() as u64);
+        }
         info!(slot = %control::slot_name(s), target = %control::slot_name(target), took_us = t0.elapsed().as_micros() as u64, "switched over; now standby");
         Ok(up)
     }
@@ -1649,6 +1696,10 @@ impl<A: Application, I: Input> Engine<A, I> {
                     .producer_position()
                     .saturating_sub(u.stream.position());
                 self.control.set(s, Field::LagBytes, lag);
+                if let Some(k) = &self.counters {
+                    k.housekeeping(now, self.counters_bp_base);
+                    k.set(Counter::STATE, state as u64);
+                }
                 if state == State::Hot && self.control.epoch() == self.epoch {
                     self.preopen_next(active);
                 }
@@ -1804,6 +1855,10 @@ impl<A: Application, I: Input> Engine<A, I> {
                             )));
                         }
                         self.commits = c.index + 1;
+                        if let Some(k) = &self.counters {
+                            k.add(Counter::APPLIED_TOTAL, 1);
+                            k.set(Counter::TX_INDEX, self.commits);
+                        }
                     }
                     rt::HELLO => {
                         let theirs = Hello::decode(f.payload, bl)
@@ -1865,6 +1920,9 @@ impl<A: Application, I: Input> Engine<A, I> {
                         *state = State::Hot;
                         self.control.set(s, Field::State, State::Hot as u64);
                         info!(slot = %control::slot_name(s), units = p.units, "hot (caught up)");
+                        if let Some(k) = &self.counters {
+                            k.add(Counter::CATCHUPS_TOTAL, 1);
+                        }
                     }
                     rt::FEATURES => {
                         let fb: FeaturesBlock =
@@ -2027,6 +2085,10 @@ impl<A: Application, I: Input> Engine<A, I> {
         c.set(s, Field::StepUps, c.get(s, Field::StepUps).wrapping_add(1));
         c.set(s, Field::LastStepUpNs, realtime_ns());
         c.set(s, Field::LastStepUpDurNs, t0.elapsed().as_nanos() as u64);
+        if let Some(k) = &self.counters {
+            k.add(Counter::STEP_UPS_TOTAL, 1);
+            k.set(Counter::LAST_STEP_UP_NS, t0.elapsed().as_nanos() as u64);
+        }
         c.set(s, Field::StepUpCommits, self.commits);
         c.set(s, Field::Served, 0);
         self.served = false;
@@ -2053,6 +2115,26 @@ impl<A: Application, I: Input> Drop for Engine<A, I> {
         // reference to the mapping for the rest of the process's life.
         if self.control.lock().holder_tid() == Some(liveness::current_tid()) {
             std::mem::forget(self.control.clone());
+        }
+    }
+}
+
+impl<A: Application, I: Input> Engine<A, I> {
+    /// Housekeeping of the live counters (active): heartbeat, state, the standby streams.
+    fn publish_counters(&mut self, now: u64) {
+        let Some(k) = &self.counters else { return };
+        k.housekeeping(now, self.counters_bp_base);
+        k.set(
+            Counter::STATE,
+            self.control.get(self.opt.slot, Field::State),
+        );
+        for slot in 0..control::SLOTS {
+            let view = self
+                .replicas
+                .iter_mut()
+                .find(|r| r.slot == slot)
+                .map(|r| (r.hot, r.stream.position(), r.stream.consumer_position()));
+            k.stream(slot, view);
         }
     }
 }
@@ -2412,10 +2494,15 @@ fn push_waiting(
     };
     let mut started = Instant::now();
     let mut seen_tail = stream.consumer_position();
+    let mut waited = false;
     loop {
         match push(stream) {
             Ok(()) => return true,
             Err(PushError::Full { .. }) => {
+                if !waited {
+                    waited = true;
+                    crate::counters::note_backpressure_wait();
+                }
                 let tail = stream.consumer_position();
                 if tail != seen_tail {
                     seen_tail = tail;

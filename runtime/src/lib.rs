@@ -34,6 +34,7 @@
 pub mod app;
 pub mod client;
 pub mod control;
+pub mod counters;
 pub mod engine;
 pub mod liveness;
 pub mod protocol;
