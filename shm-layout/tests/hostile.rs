@@ -1190,3 +1190,189 @@ fn hostile_region_files_are_refused_by_name() {
         "{opened} opened, {refused} refused"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// A hostile client process
+// ---------------------------------------------------------------------------------------------
+
+/// Set for the child: the region file of the ring it writes to.
+const HOSTILE_CHILD_ENV: &str = "UNDERSTUDY_HOSTILE_CLIENT_REGION";
+/// Batches the hostile child sends (or tries to).
+const HOSTILE_BATCHES: u64 = 3000;
+
+#[test]
+fn hostile_client_process() {
+    // Not a test on its own: the body of the client process that
+    // `a_hostile_client_process_stops_only_its_own_ring` starts. In a normal test run (no
+    // region given) it does nothing.
+    use std::os::unix::fs::FileExt;
+    let Ok(path) = std::env::var(HOSTILE_CHILD_ENV) else {
+        return;
+    };
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    let region = Region::open(path.as_ref(), Duration::from_secs(10)).expect("child: open");
+    let cap = region.capacity() as u64;
+    let mut p = region.producer().expect("child: producer");
+    // The client maps the whole file: it can write any word of it, the engine's included.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("child: open for writing");
+    let ring_at = shm_layout::region::HEADER_BYTES as u64;
+    let mut rng = Rng::new(std::process::id() as u64);
+    for b in 0..HOSTILE_BATCHES {
+        let payload = b.to_le_bytes();
+        match p.try_publish(9, 1, 8, &payload) {
+            Ok(()) => {}
+            // The engine stopped reading (it refused something): give it a moment.
+            Err(PushError::Full { .. }) => std::thread::sleep(Duration::from_micros(50)),
+            Err(e) => panic!("child: {e}"),
+        }
+        if rng.range(0, 64) == 0 {
+            // One hostile word: a control word (head, tail, either sequence), the commit word
+            // of the next batch (a stamp of the next sequence with a huge length, or
+            // anything), or a header word of the batch just written.
+            let pos = p.position();
+            let data = |q: u64| ring_at + CONTROL_BYTES as u64 + (q & (cap - 1));
+            let (at, v) = match rng.range(0, 6) {
+                0 => (ring_at + 8 * HEAD_POS as u64, hostile_word(&mut rng)),
+                1 => (ring_at + 8 * TAIL_POS as u64, hostile_word(&mut rng)),
+                2 => (ring_at + 8 * TAIL_SEQ as u64, hostile_word(&mut rng)),
+                3 => (ring_at + 8 * HEAD_SEQ as u64, hostile_word(&mut rng)),
+                4 => (data(pos), hostile_commit(&mut rng, p.next_seq(), cap)),
+                _ => (
+                    data(pos.wrapping_sub(32) + 8 * rng.range(0, 4)),
+                    hostile_word(&mut rng),
+                ),
+            };
+            file.write_at(&v.to_le_bytes(), at)
+                .expect("child: write a word");
+        }
+        if b % 16 == 0 {
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+}
+
+/// Kills and reaps the child when dropped (also when the test fails).
+struct ChildGuard(Option<std::process::Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn a_hostile_client_process_stops_only_its_own_ring() {
+    // Proves, across two real processes and real /dev/shm files, that a client process writing
+    // hostile words (positions and sequences near u64::MAX and MAX_POSITION, forged commit
+    // words, torn headers) into its ring while it publishes, at any moment, reaches the
+    // engine's side only as typed errors: the consumer of that ring refuses without moving,
+    // re-attaches (or is refused by name), and another client's ring served by the same
+    // thread keeps delivering every batch in order.
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+    let dir = TestDir::new("hostile-client");
+    let me = Identity {
+        pid: std::process::id() as u64,
+        start_time: 0,
+    };
+    let spec = |epoch| RegionSpec {
+        capacity: 16 * 1024,
+        epoch,
+        kind: 1,
+    };
+    let (a_path, b_path) = (dir.join("client-a.in"), dir.join("client-b.in"));
+    let a = Region::create(&a_path, spec(1), me).unwrap();
+    let b = Region::create(&b_path, spec(2), me).unwrap();
+    let (mut b_prod, mut b_cons) = (b.producer().unwrap(), b.consumer().unwrap());
+    let mut a_cons = Some(a.consumer().unwrap());
+    let mut guard = ChildGuard(Some(
+        Command::new(std::env::current_exe().expect("current test binary"))
+            .args([
+                "--exact",
+                "hostile_client_process",
+                "--nocapture",
+                "--test-threads=1",
+                "-q",
+            ])
+            .env(HOSTILE_CHILD_ENV, &a_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the hostile client"),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut a_batches, mut a_refusals, mut a_attach_refusals) = (0u64, 0u64, 0u64);
+    let (mut b_sent, mut b_read) = (0u64, 0u64);
+    let mut buf = BatchBuf::default();
+    let status = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the hostile client did not finish"
+        );
+        // The healthy client's ring: one batch out, every batch back in order.
+        if b_prod.try_publish(3, 1, 8, &b_sent.to_le_bytes()).is_ok() {
+            b_sent += 1;
+        }
+        while b_cons.poll(&mut buf).expect("the healthy ring never fails") {
+            for f in buf.frames() {
+                assert_eq!(f.payload, b_read.to_le_bytes(), "healthy ring, in order");
+                b_read += 1;
+            }
+        }
+        // The hostile client's ring.
+        match a_cons.as_mut() {
+            Some(c) => {
+                let (pos, seq) = (c.position(), c.next_seq());
+                match c.poll(&mut buf) {
+                    Ok(true) => a_batches += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        assert_eq!((c.position(), c.next_seq()), (pos, seq));
+                        assert!(e.to_string().contains("position"), "{e}");
+                        a_refusals += 1;
+                        // What an engine does with a peer it cannot read: drop it and (here,
+                        // to keep testing) attach again.
+                        a_cons = None;
+                    }
+                }
+            }
+            None => match a.consumer() {
+                Ok(c) => a_cons = Some(c),
+                Err(e) => {
+                    assert!(e.to_string().contains("expected"), "{e}");
+                    a_attach_refusals += 1;
+                }
+            },
+        }
+        if let Some(status) = guard.0.as_mut().unwrap().try_wait().unwrap() {
+            break status;
+        }
+        std::thread::yield_now();
+    };
+    guard.0 = None;
+    assert!(status.success(), "the hostile client exited with {status}");
+    while b_cons.poll(&mut buf).unwrap() {
+        b_read += buf.len() as u64;
+    }
+    assert_eq!(b_read, b_sent, "every batch of the healthy ring arrived");
+    assert!(b_sent > 0);
+    eprintln!(
+        "hostile ring: {a_batches} batches read, {a_refusals} refused, {a_attach_refusals} \
+         attaches refused; healthy ring: {b_read} batches"
+    );
+    assert!(
+        a_refusals + a_attach_refusals > 0,
+        "the hostile client's words were noticed"
+    );
+    drop((a, b));
+    Region::remove(&a_path).unwrap();
+    Region::remove(&b_path).unwrap();
+}
