@@ -811,10 +811,10 @@ fn a_rollback_of_a_completed_upgrade_says_rollback() {
 
 #[test]
 fn an_upgrade_binary_that_never_registers_is_aborted_and_the_old_standby_restored() {
-    // Proves that an upgrade whose new binary never registers (it hangs before opening the
-    // cluster) ends `aborted` (exit 8) with the old version's hot standby back — not
-    // "recovery failed: slot b is still taken" (exit 7) while the hung process is still
-    // being killed.
+    // Proves that an upgrade whose new binary never registers when the plan starts it (it
+    // passes the compatibility check, then hangs before opening the cluster) ends `aborted`
+    // (exit 8) with the old version's hot standby back — not "recovery failed: slot b is
+    // still taken" (exit 7) while the hung process is still being killed.
     let mut h = Harness::new(
         "noregister",
         1_000_000,
@@ -823,7 +823,15 @@ fn an_upgrade_binary_that_never_registers_is_aborted_and_the_old_standby_restore
         "[timeouts]\nstart_ms = 1500\n",
     );
     h.up();
-    let hang = h.script("hang", "exec sleep 600\n");
+    let once = h.work.join("registered-once");
+    let hang = h.script(
+        "hang",
+        &format!(
+            "if [ -e {once} ]; then exec sleep 600; fi\ntouch {once}\nexec {v2} \"$@\"\n",
+            once = once.display(),
+            v2 = testapp(2).display()
+        ),
+    );
     let (code, lines) = h.run(&["upgrade", "--binary", hang.to_str().unwrap()]);
     let result = result_of(&lines);
     assert_eq!(code, 8, "{result}\n{}", h.log_tail());
@@ -869,4 +877,62 @@ fn a_burst_of_kills_of_the_active_is_not_a_crash_loop_and_loses_nothing() {
     );
     assert!(!log.contains("restarting the engine after a backoff"));
     h.check_invariant();
+}
+
+#[test]
+fn an_incompatible_binary_is_refused_before_anything_is_taken_out_of_service() {
+    // Proves the compatibility check before the plan's first action: upgrading the test
+    // application to another application (matchbook, the same engine runtime) ends
+    // `aborted` (exit 8) with the reason, and the standby was never stopped (same processes,
+    // still hot); then, after a completed upgrade to v2 with its feature enabled, a downgrade
+    // to v1 is refused the same way.
+    let mut h = Harness::new("incompatible", 1_000_000, 300, "", "accept_for_ms = 300\n");
+    let before = h.up();
+    let pids = |s: &StatusReport| {
+        let mut p: Vec<u32> = s.engines.iter().map(|e| e.pid).collect();
+        p.sort();
+        p
+    };
+    let other = h.work.join("matchbook-v1");
+    std::os::unix::fs::symlink(CLI, &other).unwrap();
+    let (code, lines) = h.run(&["upgrade", "--binary", other.to_str().unwrap()]);
+    let result = result_of(&lines);
+    assert_eq!(code, 8, "{result}\n{}", h.log_tail());
+    let message = result["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("nothing was changed")
+            && (message.contains("another application") || message.contains("exited during")),
+        "{result}"
+    );
+    let s = h.wait(
+        "the same active and hot standby",
+        Duration::from_secs(30),
+        |s| s.active.is_some() && s.hot_standbys().count() == 1 && s.engines.len() == 2,
+    );
+    assert_eq!(pids(&s), pids(&before), "{s:#?}");
+
+    let v2 = testapp(2);
+    let (code, lines) = h.run(&["upgrade", "--binary", v2.to_str().unwrap()]);
+    assert_eq!(code, 0, "{}\n{}", result_of(&lines), h.log_tail());
+    let upgraded = h.wait("v2 with its feature on", Duration::from_secs(30), |s| {
+        s.hot_standbys().count() == 1
+            && s.engines.len() == 2
+            && s.engines
+                .iter()
+                .all(|e| e.app_version == 2 && e.features != 0)
+    });
+    let v1 = testapp(1);
+    let (code, lines) = h.run(&["upgrade", "--binary", v1.to_str().unwrap()]);
+    let result = result_of(&lines);
+    assert_eq!(code, 8, "{result}\n{}", h.log_tail());
+    assert!(
+        result["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nothing was changed")),
+        "{result}"
+    );
+    let s = h.wait("the same v2 engines", Duration::from_secs(30), |s| {
+        s.active.is_some() && s.hot_standbys().count() == 1 && s.engines.len() == 2
+    });
+    assert_eq!(pids(&s), pids(&upgraded), "{s:#?}");
 }

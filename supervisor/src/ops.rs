@@ -670,6 +670,138 @@ pub(crate) struct UpgradeRun {
     /// `rollback` of a completed upgrade: the plan's "new version" is the previous one, and
     /// the events and the result say so.
     rollback: bool,
+    /// The compatibility check of the new binary, before the plan takes anything out of
+    /// service.
+    probe: Option<Probe>,
+}
+
+/// The new binary started once in the spare slot before the upgrade's first action: it must
+/// register as the same application and become a hot standby of the active (the active
+/// accepted its stream: it reads every record the enabled features write), then it is
+/// stopped. An incompatible binary (another application, a version that
+/// cannot read the records of the enabled features) ends the upgrade `aborted` with the
+/// reason, the standby still in service.
+struct Probe {
+    slot: usize,
+    spawned: bool,
+    /// The verdict, once reached: the probe is stopped, and the verdict given once it exited.
+    verdict: Option<Result<(), String>>,
+    deadline: Instant,
+}
+
+impl Probe {
+    fn new(sup: &Supervisor) -> Probe {
+        let t = &sup.config.timeouts;
+        Probe {
+            slot: SLOTS - 1,
+            spawned: false,
+            verdict: None,
+            deadline: Instant::now() + t.start() + Duration::from_millis(t.hot_ms),
+        }
+    }
+
+    /// `None` while the check runs; then the verdict, the probe gone.
+    fn poll(
+        &mut self,
+        sup: &mut Supervisor,
+        binary: &std::path::Path,
+    ) -> Option<Result<(), String>> {
+        let slot = self.slot;
+        if !self.spawned {
+            self.spawned = true;
+            if sup.engines[slot].is_some() {
+                // The spare slot is taken: no check (the plan's own steps will tell).
+                return Some(Ok(()));
+            }
+            if let Err(e) = sup.spawn(slot, binary, true) {
+                return Some(Err(format!("cannot start the new version: {e}")));
+            }
+            info!(slot = %slot_name(slot), "compatibility check: the new version starts in the spare slot");
+            return None;
+        }
+        if let Some(verdict) = &self.verdict {
+            if sup.engines[slot].is_none() {
+                return Some(verdict.clone());
+            }
+            if Instant::now() > self.deadline + sup.config.timeouts.shutdown() {
+                sup.kill_expected(slot);
+            }
+            return None;
+        }
+        let verdict = if sup.engines[slot].is_none() {
+            Some(Err(self.died_reason(sup)))
+        } else if sup.ours(slot) {
+            let active = sup.active();
+            let hash = |s: usize| sup.control.get(s, Field::AppHash);
+            let state = sup.state(slot);
+            match active {
+                Some(a) if hash(a) != hash(slot) => Some(Err(format!(
+                    "the new version runs another application than the active (engine {}: application hash {:#x}, engine {}: {:#x}); it is not an upgrade of this application",
+                    slot_name(slot),
+                    hash(slot),
+                    slot_name(a),
+                    hash(a)
+                ))),
+                _ if sup.role(slot) == understudy_runtime::control::Role::Standby
+                    && state == understudy_runtime::control::State::Hot =>
+                {
+                    Some(Ok(()))
+                }
+                _ if Instant::now() > self.deadline => Some(Err(format!(
+                    "the new version did not become a hot standby of the active within {} ms (timeouts.start_ms + hot_ms){}",
+                    sup.config.timeouts.start().as_millis() + u128::from(sup.config.timeouts.hot_ms),
+                    self.downgrade_hint(sup)
+                ))),
+                _ => None,
+            }
+        } else if Instant::now() > self.deadline {
+            Some(Err(format!(
+                "the new version did not register within {} ms (timeouts.start_ms + hot_ms)",
+                sup.config.timeouts.start().as_millis() + u128::from(sup.config.timeouts.hot_ms)
+            )))
+        } else {
+            None
+        };
+        let verdict = verdict?;
+        match &verdict {
+            Ok(()) => info!(
+                "compatibility check passed: the new version attached to the active; stopping it"
+            ),
+            Err(e) => warn!("compatibility check failed: {e}"),
+        }
+        if sup.engines[slot].is_none() {
+            return Some(verdict);
+        }
+        sup.request_stop(slot);
+        self.deadline = Instant::now();
+        self.verdict = Some(verdict);
+        None
+    }
+
+    /// The probe died on its own before attaching.
+    fn died_reason(&self, sup: &Supervisor) -> String {
+        format!(
+            "the new version exited during the compatibility check, before it attached to the active (the engine's own log line above, `engine stops: …`, says why: another application, or records it cannot read){}",
+            self.downgrade_hint(sup)
+        )
+    }
+
+    /// A downgrade while features are enabled: what the operator most likely hit.
+    fn downgrade_hint(&self, sup: &Supervisor) -> String {
+        let Some(a) = sup.active() else {
+            return String::new();
+        };
+        let features = sup.control.get(a, Field::Features);
+        let ours = sup.control.get(a, Field::AppVersion);
+        let theirs = sup.control.get(self.slot, Field::AppVersion);
+        if features != 0 && theirs != 0 && theirs < ours {
+            format!(
+                "; this is a downgrade (version {theirs} < {ours}) while features {features:#x} are enabled, whose records an older version may not read"
+            )
+        } else {
+            String::new()
+        }
+    }
 }
 
 impl UpgradeRun {
@@ -730,6 +862,7 @@ impl UpgradeRun {
             pause_at: test_pause_at(),
             paused: false,
             rollback: false,
+            probe: Some(Probe::new(sup)),
         };
         run.write_record(sup).map_err(|e| {
             Reply::result(
@@ -764,6 +897,7 @@ impl UpgradeRun {
             pause_at: None,
             paused: false,
             rollback: false,
+            probe: None,
         };
         run.persist(sup);
         run
@@ -898,6 +1032,25 @@ impl UpgradeRun {
     fn step(&mut self, sup: &mut Supervisor) -> bool {
         if self.paused {
             return false;
+        }
+        if let Some(probe) = self.probe.as_mut() {
+            let binary = self.new_binary.clone();
+            match probe.poll(sup, &binary) {
+                None => return false,
+                Some(Ok(())) => self.probe = None,
+                Some(Err(reason)) => {
+                    self.probe = None;
+                    self.finish(
+                        sup,
+                        Outcome::Aborted {
+                            reason: format!(
+                                "nothing was changed: {reason}; the engines run the old version as before"
+                            ),
+                        },
+                    );
+                    return true;
+                }
+            }
         }
         loop {
             if let Some(outcome) = self.forced.take() {
@@ -1281,6 +1434,10 @@ impl UpgradeRun {
     }
 
     fn on_death(&mut self, sup: &mut Supervisor, slot: usize, successor: Option<usize>) {
+        if self.probe.as_ref().is_some_and(|p| p.slot == slot) {
+            // The compatibility check's engine: its death is the check's answer.
+            return;
+        }
         emit(
             &self.watchers,
             &Reply::event(
