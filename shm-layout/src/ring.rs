@@ -14,7 +14,10 @@
 //! counters 64 bytes apart still false-share (the same reason as crossbeam's `CachePadded`).
 //!
 //! Positions are monotonic `u64` byte counters, never wrapped; the offset in the data area is
-//! `position & (capacity - 1)`. The consumer does not poll the producer's head: it spins on the
+//! `position & (capacity - 1)`. Every position and sequence number read from the shared memory
+//! is untrusted: attach, resume and seek refuse one past [`MAX_POSITION`] / [`MAX_SEQ`] (2^63)
+//! by name, and the consumer refuses a batch that would take it past them, so no arithmetic on
+//! them overflows (a ring ends after 2^63 bytes: 29 years at 10 GB/s). The consumer does not poll the producer's head: it spins on the
 //! commit word of the next frame, so in steady state one cache line moves per record, not two.
 //! The producer reads the consumer's tail only when its cached copy says the ring is full.
 //!
