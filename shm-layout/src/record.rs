@@ -46,7 +46,7 @@ pub trait Record: FromBytes + IntoBytes + Immutable + KnownLayout + Copy + Sized
     /// The template's name (part of its fingerprint).
     const NAME: &'static str;
     /// Every layout version with its block length, ascending; the last one is this struct
-    /// (its block length equals `size_of::<Self>()`; check with [`assert_record_layout!`]).
+    /// (its block length equals `size_of::<Self>()`; check with [`assert_record_layout!`](crate::assert_record_layout)).
     const VERSIONS: &'static [(u16, u16)];
     /// The value of every field for a reader whose writer did not send it.
     fn defaults() -> Self;

@@ -66,7 +66,7 @@ const W_USER: usize = 14;
 /// Words of the superblock (the rest of its page is zero and unused).
 pub const SUPERBLOCK_WORDS: usize = 16;
 
-/// A process's identity: pid and start time (clock ticks since boot, /proc/<pid>/stat field
+/// A process's identity: pid and start time (clock ticks since boot, `/proc/<pid>/stat` field
 /// 22), so that a reused pid is never mistaken for the same process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Identity {
