@@ -1035,7 +1035,34 @@ impl UpgradeRun {
         }
         if let Some(probe) = self.probe.as_mut() {
             let binary = self.new_binary.clone();
-            match probe.poll(sup, &binary) {
+            let began = probe.spawned;
+            let verdict = probe.poll(sup, &binary);
+            if !began && verdict.is_none() {
+                emit(
+                    &self.watchers,
+                    &Reply::event(
+                        format!(
+                            "compatibility check: {} starts as a standby in the spare slot",
+                            binary.display()
+                        ),
+                        serde_json::json!({ "event": "compatibility-check" }),
+                    ),
+                );
+            }
+            if let Some(verdict) = &verdict {
+                let text = match verdict {
+                    Ok(()) => "compatibility check passed".to_string(),
+                    Err(e) => format!("compatibility check failed: {e}"),
+                };
+                emit(
+                    &self.watchers,
+                    &Reply::event(
+                        text,
+                        serde_json::json!({ "event": "compatibility-check", "passed": verdict.is_ok() }),
+                    ),
+                );
+            }
+            match verdict {
                 None => return false,
                 Some(Ok(())) => self.probe = None,
                 Some(Err(reason)) => {
