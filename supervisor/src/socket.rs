@@ -407,6 +407,8 @@ fn dispatch(stream: UnixStream, line: &[u8], tx: &Sender<Inbound>, in_flight: &A
         );
     }
     let tx = tx.clone();
+    // Kept to answer on if no thread can be started (the closure takes the stream with it).
+    let fallback = stream.try_clone().ok();
     let spawned = std::thread::Builder::new()
         .name("control-client".into())
         .spawn(move || {
@@ -416,8 +418,16 @@ fn dispatch(stream: UnixStream, line: &[u8], tx: &Sender<Inbound>, in_flight: &A
             }
         });
     if let Err(e) = spawned {
-        // The stream went with the closure; the client sees the connection close.
         warn!("control socket: cannot start a client thread: {e}");
+        if let Some(stream) = fallback {
+            refuse(
+                stream,
+                &Reply::result(
+                    Code::Busy,
+                    format!("refused: the supervisor cannot start a thread for the request ({e}); try again"),
+                ),
+            );
+        }
     }
 }
 
