@@ -929,6 +929,92 @@ fn fuzz_a_client_ring_with_a_hostile_client() {
     );
 }
 
+#[test]
+fn fuzz_an_egress_ring_with_a_hostile_client() {
+    // Proves the engine's side of a client's response ring (the producer) survives a client
+    // that, as its consumer, writes any value into its tail words, the sleep words and the
+    // data, reads, and makes the engine restart (resume): the producer's view of the
+    // consumer's tail only moves forward to a position it could have released (frame-aligned,
+    // at most a lap behind the head, not ahead of it), its free space never exceeds the ring,
+    // and every push lands or is refused as Full, never elsewhere.
+    let cap = 1024usize;
+    let words = ring_words(cap) as u64;
+    let mut buf = BatchBuf::default();
+    let payload = vec![0x22; 300];
+    // Pushes that landed, pushes refused as full, resumes refused.
+    let mut seen = [0u64; 3];
+    fuzz("fuzz_an_egress_ring_with_a_hostile_client", |r| {
+        let (mem, _raw) = ring(cap);
+        let mut p = Some(Producer::create(mem.clone(), cap).unwrap());
+        let mut c = Consumer::attach(mem.clone(), cap).unwrap();
+        let mut last_tail = 0;
+        for _ in 0..r.range(1, 12) {
+            match r.range(0, 10) {
+                0..=3 => {
+                    if let Some(p) = p.as_mut() {
+                        let before = p.position();
+                        let n = r.range(0, 300) as usize;
+                        match p.try_publish(4, 1, 0, &payload[..n]) {
+                            Ok(()) => {
+                                seen[0] += 1;
+                                let fb = frame_bytes(n) as u64;
+                                let off = before % cap as u64;
+                                let pad = if off + fb > cap as u64 {
+                                    cap as u64 - off
+                                } else {
+                                    0
+                                };
+                                assert_eq!(p.position(), before + pad + fb);
+                            }
+                            Err(PushError::Full { .. }) => seen[1] += 1,
+                            Err(e) => panic!("{e}"),
+                        }
+                        let head = p.position();
+                        let tail = p.consumer_position();
+                        assert!(tail <= head && head - tail <= cap as u64 && tail % 32 == 0);
+                        assert!(tail >= last_tail, "the tail never moves back");
+                        last_tail = tail;
+                        assert!(p.free_bytes() <= cap);
+                    }
+                }
+                // The client reads (it may refuse what it reads: its own problem).
+                4 | 5 => {
+                    let _ = c.poll(&mut buf);
+                }
+                // The client writes a word: its tail words, the sleep words, or anywhere.
+                6..=8 => {
+                    let i = match r.range(0, 3) {
+                        0 => r.range(16, 18),
+                        1 => [32, 48][r.range(0, 2) as usize],
+                        _ => r.range(0, words),
+                    };
+                    mem.word(i as usize)
+                        .store(hostile_word(r), Ordering::Relaxed);
+                }
+                // The engine restarts and resumes the ring.
+                _ => {
+                    p = match Producer::resume(mem.clone(), cap) {
+                        Ok(p) => {
+                            last_tail = 0;
+                            Some(p)
+                        }
+                        Err(e) => {
+                            seen[2] += 1;
+                            assert!(e.to_string().contains("expected"), "{e}");
+                            None
+                        }
+                    };
+                }
+            }
+        }
+    });
+    eprintln!("pushes landed, full, resumes refused: {seen:?}");
+    assert!(
+        seen.iter().all(|&n| n > 0),
+        "every outcome comes up: {seen:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fuzz: record blocks
 // ---------------------------------------------------------------------------------------------
