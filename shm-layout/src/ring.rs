@@ -1468,7 +1468,7 @@ impl<M: WordMemory> Consumer<M> {
     pub fn torn_tail(&self) -> TornTail {
         // A torn batch leaves its head frame's header written (sequence word = the next
         // sequence, a non-zero length word) while its commit word stays 0.
-        // `p <= MAX_POSITION + 2^31` (see `poll`): the header offsets do not overflow.
+        // `p <= MAX_POSITION` (attach, seek and `poll` keep it so): no offset below overflows.
         let p = self.pos;
         let seen = self.word_at(p).load(Ordering::Relaxed) == 0
             && self.word_at(p + 24).load(Ordering::Relaxed) == self.seq
