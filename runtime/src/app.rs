@@ -2,9 +2,35 @@
 //! its handler runs in, and the version handshake between two engines.
 
 use crate::protocol::{FeatureDecl, Hello};
+use crate::records::{self, Record, RecordError};
 use crate::store::{Op, Spare, Store, UnitRef};
 use shm_layout::record::TemplateInfo;
 use std::fmt;
+
+/// How an engine became active (see [`Application::on_active`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Takeover {
+    /// The first active of a fresh cluster: nothing was served before.
+    Start,
+    /// The previous active died (or hung and was fenced): this engine applied everything it
+    /// had committed and took over.
+    Failover,
+    /// A planned switchover (`understudy switchover`, an upgrade): the previous active handed
+    /// the role over and is becoming this engine's standby.
+    Planned,
+}
+
+/// Where an engine took the active role over (see [`Application::on_active`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Activation {
+    /// How.
+    pub takeover: Takeover,
+    /// The epoch it is active in (one more per role change of the cluster).
+    pub epoch: u64,
+    /// Transactions committed in the cluster's history up to this point: the position the
+    /// engine's store reflects, every one of them applied.
+    pub commits: u64,
+}
 
 /// A feature: an application capability that needs a layout version of one template.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +87,21 @@ pub trait Application {
     fn on_apply(&mut self, _op: &Op, _store: &Store) {}
     /// Called on a standby after a snapshot replaced its whole state.
     fn on_reset(&mut self, _store: &Store) {}
+    /// Called when this engine becomes active, after its store holds every transaction the
+    /// cluster committed and before it takes its first request (and before it re-emits a
+    /// committed answer a client never received). Open feeds, arm timers, announce yourself
+    /// here.
+    ///
+    /// It runs inside the pause clients see: keep it short (spawn a thread for slow work).
+    /// It may read `store` and change the application's own memory; it cannot change the
+    /// replicated state (only a request's transaction can), and it must not block waiting for
+    /// clients. A panic in it is a panic of the engine (by default: abort, a failover).
+    fn on_active(&mut self, _activation: &Activation, _store: &Store) {}
+    /// Called when this engine becomes a standby — at start, and after it handed the active
+    /// role over in a planned switchover — before it applies anything from its active.
+    /// Close what only an active may hold (feeds, timers). The same rules as
+    /// [`Application::on_active`] apply.
+    fn on_standby(&mut self, _store: &Store) {}
 }
 
 /// The transaction context: reads see the store plus this transaction's own changes.
@@ -92,6 +133,58 @@ impl Tx<'_> {
             layout_version,
             state,
         });
+    }
+
+    /// Register a new work unit holding a typed record: its kind is `R::TYPE_ID`, its layout
+    /// the version of `R` the engines write now ([`Tx::write_version`]).
+    pub fn register_record<R: Record>(&mut self, id: u64, record: &R) {
+        self.put_unit_record(id, record)
+    }
+
+    /// Replace a work unit's state with a typed record (see [`Tx::register_record`]).
+    pub fn update_record<R: Record>(&mut self, id: u64, record: &R) {
+        self.put_unit_record(id, record)
+    }
+
+    fn put_unit_record<R: Record>(&mut self, id: u64, record: &R) {
+        let v = records::write_version_of::<R>(self.write_version(R::TYPE_ID));
+        let bytes = records::encoded(record, v).expect("write_version_of names a version of R");
+        self.put_unit(id, R::TYPE_ID, v, bytes)
+    }
+
+    /// A work unit's typed record as this transaction sees it, whichever layout version wrote
+    /// it (fields newer than the stored layout read as [`Record::defaults`]). `Ok(None)`: no
+    /// such unit; `Err`: the unit holds another kind, or a block too short for `R`.
+    pub fn unit_record<R: Record>(&self, id: u64) -> Result<Option<R>, RecordError> {
+        self.unit(id).map(records::decode_unit::<R>).transpose()
+    }
+
+    /// Put a typed record into table `R::TYPE_ID`, in the layout version the engines write
+    /// now, with a header naming its type and version.
+    pub fn put_record<R: Record>(&mut self, key: &[u8], record: &R) {
+        let v = records::write_version_of::<R>(self.write_version(R::TYPE_ID));
+        let block = records::encoded(record, v).expect("write_version_of names a version of R");
+        let mut value = self.spare.copy_of(&R::TYPE_ID.to_le_bytes());
+        value.extend_from_slice(&v.to_le_bytes());
+        value.extend_from_slice(block);
+        let key = self.spare.copy_of(key);
+        self.ops.push(Op::Put {
+            table: R::TYPE_ID,
+            key,
+            value,
+        });
+    }
+
+    /// A typed record of table `R::TYPE_ID` as this transaction sees it (any layout version).
+    pub fn get_record<R: Record>(&self, key: &[u8]) -> Result<Option<R>, RecordError> {
+        self.get(R::TYPE_ID, key)
+            .map(records::decode_table_value::<R>)
+            .transpose()
+    }
+
+    /// Delete a typed record of table `R::TYPE_ID`.
+    pub fn delete_record<R: Record>(&mut self, key: &[u8]) {
+        self.delete(R::TYPE_ID, key)
     }
 
     /// Retire a work unit.

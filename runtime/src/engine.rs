@@ -134,27 +134,27 @@ impl Options {
                 Err(_) => Ok(None),
             }
         }
-        if let Some(us) = num("UNDERSTUDY_BACKPRESSURE_US")? {
+        if let Some(us) = num(crate::launch::ENV_BACKPRESSURE_US)? {
             self.backpressure = if us == 0 {
                 Backpressure::Untether
             } else {
                 Backpressure::Wait(Duration::from_micros(us))
             };
         }
-        if let Some(ms) = num("UNDERSTUDY_BACKPRESSURE_MS")? {
+        if let Some(ms) = num(crate::launch::ENV_BACKPRESSURE_MS)? {
             self.backpressure = if ms == 0 {
                 Backpressure::Untether
             } else {
                 Backpressure::Wait(Duration::from_millis(ms))
             };
         }
-        if let Some(ms) = num("UNDERSTUDY_HUNG_MS")? {
+        if let Some(ms) = num(crate::launch::ENV_HUNG_MS)? {
             self.hung_after = Duration::from_millis(ms.max(1));
         }
-        if let Some(n) = num("UNDERSTUDY_CATCHUP_CHUNK")? {
+        if let Some(n) = num(crate::launch::ENV_CATCHUP_CHUNK)? {
             self.catchup_chunk = (n as usize).max(1);
         }
-        if let Ok(v) = std::env::var("UNDERSTUDY_IDLE") {
+        if let Ok(v) = std::env::var(crate::launch::ENV_IDLE) {
             self.idle = match v.trim() {
                 "spin" => Idle::SPIN,
                 "shared" => Idle::SHARED,
@@ -281,6 +281,17 @@ pub enum EngineError {
     Region(shm_layout::region::RegionError),
     /// The peer cannot pair with us.
     Refused(String),
+    /// Another live engine holds the slot this engine was told to take.
+    SlotTaken {
+        /// The slot (`a`, `b`, `c`).
+        slot: char,
+        /// The cluster directory.
+        dir: PathBuf,
+        /// The live engine's pid.
+        holder_pid: u64,
+        /// Our pid.
+        our_pid: u64,
+    },
     /// Anything else.
     Other(String),
 }
@@ -288,6 +299,16 @@ pub enum EngineError {
 impl fmt::Display for EngineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            EngineError::SlotTaken {
+                slot,
+                dir,
+                holder_pid,
+                our_pid,
+            } => write!(
+                f,
+                "slot {slot} of the cluster at {}: expected a free slot for this engine (pid {our_pid}), found it held by the live engine pid {holder_pid}; refusing to start",
+                dir.display()
+            ),
             EngineError::Control(e) => e.fmt(f),
             EngineError::Region(e) => e.fmt(f),
             EngineError::Refused(s) => write!(f, "refused by the active: {s}"),
@@ -478,6 +499,8 @@ pub struct Engine<A: Application, I: Input> {
     counters: Option<crate::counters::Writer>,
     /// The slot's back-pressure total when this engine started.
     counters_bp_base: u64,
+    /// How this engine last became active (for [`Application::on_active`]).
+    takeover: crate::app::Takeover,
 }
 
 fn identity_of(p: &ProcessIdentity) -> Identity {
@@ -495,9 +518,33 @@ impl<A: Application, I: Input> Engine<A, I> {
     /// Set up an engine in `opt.slot` of the cluster at `opt.dir` (creating the control file
     /// if this is the first engine).
     pub fn new(app: A, input: I, opt: Options) -> Result<Self, EngineError> {
+        if opt.slot >= control::SLOTS {
+            return Err(EngineError::Other(format!(
+                "slot: expected 0..{} (a, b or c), found {}",
+                control::SLOTS,
+                opt.slot
+            )));
+        }
         let control = Control::open_or_create(&opt.dir)?;
         let me = ProcessIdentity::current()
             .map_err(|e| EngineError::Other(format!("reading own identity: {e}")))?;
+        // Two engines in one slot would overwrite each other's words: the cluster would look
+        // like it had one engine, with no standby and no active the supervisor can see.
+        let holder = control.get(opt.slot, Field::Pid);
+        if holder != 0 && holder != me.pid as u64 && holder <= u32::MAX as u64 {
+            let id = ProcessIdentity {
+                pid: holder as u32,
+                start_time_ticks: control.get(opt.slot, Field::StartTime),
+            };
+            if id.is_alive() {
+                return Err(EngineError::SlotTaken {
+                    slot: control::slot_name(opt.slot),
+                    dir: opt.dir.clone(),
+                    holder_pid: holder,
+                    our_pid: me.pid as u64,
+                });
+            }
+        }
         let templates = app.templates();
         let features = app.features();
         let hello_base = Hello {
@@ -554,6 +601,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             service_published_ns: 0,
             counters,
             counters_bp_base,
+            takeover: crate::app::Takeover::Start,
             opt,
         };
         let s = e.opt.slot;
@@ -707,6 +755,14 @@ impl<A: Application, I: Input> Engine<A, I> {
     fn run_active(&mut self) -> Result<Next, EngineError> {
         let s = self.opt.slot;
         self.publish_status(Role::Active, State::Serving);
+        // The role hook runs before the first request is taken (and before a committed but
+        // undelivered response is re-emitted).
+        let activation = crate::app::Activation {
+            takeover: self.takeover,
+            epoch: self.epoch,
+            commits: self.commits,
+        };
+        self.app.on_active(&activation, &self.store);
         self.input.resume(&self.store);
         let mut idle_polls: u32 = 0;
         let mut last_house = 0u64;
@@ -1512,6 +1568,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         let s = self.opt.slot;
         let mut up = up;
         self.replicas.clear();
+        self.app.on_standby(&self.store);
         loop {
             // Find the active and attach to it.
             let mut u = match up.take() {
@@ -2094,6 +2151,11 @@ impl<A: Application, I: Input> Engine<A, I> {
         self.served = false;
         self.handed_over = None;
         c.set(s, Field::StepUpDigest, self.store.digest());
+        self.takeover = if planned {
+            crate::app::Takeover::Planned
+        } else {
+            crate::app::Takeover::Failover
+        };
         self.publish_status(Role::Active, State::Serving);
         info!(slot = %control::slot_name(s), epoch = self.epoch, planned, took_us = t0.elapsed().as_micros() as u64, "stepped up; now active");
         // Attach the old active at once if it pre-created its stream (planned switchover),
@@ -2232,6 +2294,7 @@ enum Follow {
 /// handing back the buffers it lets go of ([`Spare`]), a running engine's transactions
 /// allocate nothing in steady state.
 #[derive(Debug, Default)]
+#[doc(hidden)]
 pub struct TxBuffers {
     /// The transaction's changes, the input position record last.
     pub ops: Vec<Op>,
@@ -2272,6 +2335,7 @@ impl TxBuffers {
 /// changes in `tx.ops` (the input position record included) and its response in
 /// `tx.response`; true if the handler refused the request. The store is not changed. Engines
 /// and test models share this, so both compute the same state.
+#[doc(hidden)]
 pub fn execute<A: Application>(
     app: &mut A,
     store: &Store,
@@ -2315,6 +2379,7 @@ pub fn execute<A: Application>(
 
 /// Run one request on a local store and apply it (a model of what an engine does, for tests
 /// and benchmarks); returns the response.
+#[doc(hidden)]
 pub fn execute_local<A: Application>(
     app: &mut A,
     store: &mut Store,
@@ -2332,6 +2397,7 @@ pub fn execute_local<A: Application>(
 /// [`execute_local`], also returning the transaction's changes exactly as an engine streams
 /// them to its standbys (the input-position record last): what tests and benchmarks replay
 /// on a standby, or inspect to check what a request writes.
+#[doc(hidden)]
 pub fn execute_local_ops<A: Application>(
     app: &mut A,
     store: &mut Store,
@@ -2348,6 +2414,7 @@ pub fn execute_local_ops<A: Application>(
 }
 
 /// The commit record of transaction `index`, which consumed the request `meta` describes.
+#[doc(hidden)]
 pub fn commit_block(index: u64, meta: &InputMeta) -> CommitBlock {
     CommitBlock {
         index,
@@ -2362,6 +2429,7 @@ pub fn commit_block(index: u64, meta: &InputMeta) -> CommitBlock {
 
 /// Push one transaction (its ops, then the commit) as one batch: what the active writes to
 /// each standby's stream per transaction (public for the replication benchmark).
+#[doc(hidden)]
 pub fn push_tx(
     stream: &mut Producer<RegionMemory>,
     ops: &[Op],

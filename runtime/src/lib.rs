@@ -16,33 +16,141 @@
 //! Everything the engines share lives in files under the cluster directory: the control block
 //! ([`control`]), one replication ring pair per standby, one ring pair per client.
 //!
-//! This layer knows nothing of the supervisor or of the upgrade plan: it obeys the commands in
-//! the control block (switchover, enable features, stop) and publishes its state there.
+//! This layer knows nothing of the upgrade plan: it obeys the commands in the control block
+//! (switchover, enable features, stop) and publishes its state there. Under the supervisor
+//! (`understudy up`) an engine's `main` is one call, [`run`], which reads the
+//! [launch contract](launch) the supervisor sets.
+//!
+//! **Start here**: the example application `examples/callstate` (a telecom call-state table
+//! in two versions, with its client) is the one to read first; `matchbook` is the large one.
+//!
+//! # Writing an engine
 //!
 //! ```no_run
-//! use understudy_runtime::{client::ClientInput, Engine, Options};
-//! # fn app() -> understudy_runtime::testkit::TestApp { understudy_runtime::testkit::TestApp::new(1) }
-//! let dir = std::path::Path::new("/dev/shm/understudy/demo");
-//! let input = ClientInput::new(dir).unwrap();
-//! let engine = Engine::new(app(), input, Options::new(dir, 0)).unwrap();
-//! engine.run().unwrap();
+//! use understudy_runtime::records::{Record, TemplateInfo};
+//! use understudy_runtime::zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+//! use understudy_runtime::{Application, Refused, Tx};
+//!
+//! #[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy)]
+//! #[repr(C)]
+//! struct Counter { value: u64 }
+//! impl Record for Counter {
+//!     const TYPE_ID: u16 = 1;
+//!     const NAME: &'static str = "counter";
+//!     const VERSIONS: &'static [(u16, u16)] = &[(1, 8)];
+//!     fn defaults() -> Self { Counter { value: 0 } }
+//! }
+//!
+//! struct Counters;
+//! impl Application for Counters {
+//!     fn name(&self) -> &str { "counters" }
+//!     fn version(&self) -> u32 { 1 }
+//!     fn templates(&self) -> Vec<TemplateInfo> { vec![TemplateInfo::of::<Counter>()] }
+//!     /// A request is a counter id (8 bytes); the answer is its new value.
+//!     fn handle(&mut self, tx: &mut Tx<'_>, req: &[u8]) -> Result<(), Refused> {
+//!         let id = u64::from_le_bytes(req.try_into().map_err(|_| Refused(b"8 bytes".to_vec()))?);
+//!         let mut c = tx.unit_record::<Counter>(id).ok().flatten().unwrap_or(Counter { value: 0 });
+//!         c.value += 1;
+//!         tx.update_record(id, &c);
+//!         tx.respond(&c.value.to_le_bytes());
+//!         Ok(())
+//!     }
+//! }
+//!
+//! fn main() {
+//!     understudy_runtime::run(Counters) // never returns; exit codes in `launch::exit`
+//! }
 //! ```
+//!
+//! Without a supervisor (tests, tools) build an [`Engine`] yourself with [`Options`] and a
+//! [`client::ClientInput`]; give every engine of a cluster its own slot.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
 pub mod app;
 pub mod client;
+#[doc(hidden)]
 pub mod control;
 pub mod counters;
 pub mod engine;
+pub mod launch;
+#[doc(hidden)]
 pub mod liveness;
+#[doc(hidden)]
 pub mod protocol;
+pub mod records;
 pub mod store;
+#[doc(hidden)]
 pub mod testkit;
 
-pub use app::{Application, Feature, Refused, Tx};
-pub use engine::{Backpressure, Engine, Idle, Input, InputMeta, OnPanic, Options};
+pub use app::{Activation, Application, Feature, Refused, Takeover, Tx};
+pub use engine::{
+    Backpressure, Engine, EngineError, Exit, Idle, Input, InputMeta, OnPanic, Options,
+};
+pub use records::{Record, RecordError, TemplateInfo};
+pub use shm_layout::assert_record_layout;
+pub use store::Store;
+/// The zerocopy crate the record derives come from (`FromBytes`, `IntoBytes`, `Immutable`,
+/// `KnownLayout`); the derives expand to paths of a crate named `zerocopy`, so an application
+/// also lists `zerocopy` (same version) among its dependencies.
+pub use zerocopy;
+
+/// Protocol and engine internals: used by this workspace's benchmarks and tests, not part of
+/// the stable API.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::control;
+    pub use crate::engine::{
+        commit_block, execute, execute_local, execute_local_ops, push_tx, SourcePosition,
+        TxBuffers, SYS_INPUTS,
+    };
+    pub use crate::liveness;
+    pub use crate::protocol;
+}
+
+/// Run `app` as an engine under the supervisor, and exit: what an engine executable's `main`
+/// calls.
+///
+/// Reads the [launch contract](launch) (cluster directory, slot, standby-only, ring size,
+/// tuning variables), sets up logging ([`init_logging`]), serves the cluster's shared-memory
+/// clients, and exits with a code of [`launch::exit`]: 0 stopped on command, 2 misconfigured
+/// (a variable missing or malformed — the message names it), 3 failed, 4 slot held by another
+/// live engine. A panic aborts the process (see [`OnPanic`]): a failover.
+pub fn run<A: Application>(app: A) -> ! {
+    init_logging();
+    std::process::exit(run_code(app))
+}
+
+fn run_code<A: Application>(app: A) -> i32 {
+    let name = app.name().to_string();
+    let fail = |code: i32, e: &dyn std::fmt::Display| -> i32 {
+        tracing::error!("{name}: {e}");
+        eprintln!("{name}: {e}");
+        code
+    };
+    let launch = match launch::Launch::from_env() {
+        Ok(l) => l,
+        Err(e) => return fail(launch::exit::MISCONFIGURED, &e),
+    };
+    let opt = match launch.options() {
+        Ok(o) => o,
+        Err(e) => return fail(launch::exit::MISCONFIGURED, &e),
+    };
+    let input = match client::ClientInput::new(&launch.dir) {
+        Ok(i) => i,
+        Err(e) => return fail(launch::exit::FAILED, &e),
+    };
+    let engine = match Engine::new(app, input, opt) {
+        Ok(e) => e,
+        Err(e @ EngineError::SlotTaken { .. }) => return fail(launch::exit::SLOT_TAKEN, &e),
+        Err(e) => return fail(launch::exit::FAILED, &e),
+    };
+    match engine.run() {
+        Ok(Exit::Stopped) => launch::exit::STOPPED,
+        Err(e) => fail(launch::exit::FAILED, &e),
+    }
+}
 
 /// Log with `tracing` to stderr, filtered by `RUST_LOG` (default `info`): what every engine
 /// executable and the supervisor do first. A second call does nothing.
