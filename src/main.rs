@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+
+mod stat;
 use understudy_supervisor::client::Client;
 use understudy_supervisor::config::ClusterConfig;
 use understudy_supervisor::doctor::{self, Verdict};
@@ -92,6 +94,22 @@ enum Command {
     Up,
     /// Show every engine: role, epoch, versions, features, state, lag, requests/s, step-ups.
     Status,
+    /// The engines' live counters from shared memory, refreshed (rates per second); works
+    /// without the supervisor. `--json` prints one JSON object per refresh.
+    Stat {
+        /// One view (rates over one interval), then exit.
+        #[arg(long)]
+        once: bool,
+        /// Time between refreshes (e.g. `1s`, `500ms`).
+        #[arg(long, value_parser = parse_duration, default_value = "1s")]
+        interval: Duration,
+        /// Stop after this many views (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+        /// The cluster directory (default: `<shm_dir>/<cluster>` from the config).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Planned switchover to the hot standby; waits until done and prints the pause.
     Switchover,
     /// The rolling upgrade to a new engine binary, with acceptance and automatic rollback.
@@ -189,6 +207,12 @@ fn main() {
         Command::Up => up(&cli),
         Command::Doctor { fix } => doctor(&cli, *fix),
         Command::Status => status(&cli),
+        Command::Stat {
+            once,
+            interval,
+            count,
+            dir,
+        } => stat_cmd(&cli, *once, *interval, *count, dir.as_deref()),
         Command::Switchover => request(&cli, Op::Switchover),
         Command::Upgrade {
             binary,
@@ -342,6 +366,28 @@ fn show_event(event: &Reply, human: bool) {
             }
         }
         _ => println!("  * {}", event.message),
+    }
+}
+
+fn stat_cmd(cli: &Cli, once: bool, interval: Duration, count: u64, dir: Option<&Path>) -> Code {
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
+        None => match load_config(&cli.config) {
+            Ok(c) => c.cluster_dir(),
+            Err(code) => return code,
+        },
+    };
+    let opt = stat::StatOptions {
+        dir: &dir,
+        once,
+        json: cli.json,
+        interval,
+        count,
+    };
+    match stat::run(&opt) {
+        0 => Code::Ok,
+        3 => Code::NotRunning,
+        _ => Code::Failed,
     }
 }
 

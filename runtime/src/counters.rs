@@ -40,12 +40,12 @@
 use crate::control::{self, monotonic_ns, realtime_ns, Role, State, SLOTS};
 use memmap2::{MmapOptions, MmapRaw};
 use shm_layout::memory::{MappedWords, WordMemory};
-use std::sync::atomic::AtomicU64;
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -476,6 +476,11 @@ pub struct StreamView {
 }
 
 impl StreamView {
+    /// The standby's slot letter.
+    pub fn slot_name(&self) -> char {
+        control::slot_name(self.slot)
+    }
+
     /// Bytes written and not yet consumed (0 if the words make no sense).
     pub fn lag_bytes(&self) -> u64 {
         self.position_bytes.saturating_sub(self.consumed_bytes)

@@ -1756,6 +1756,8 @@ impl<A: Application, I: Input> Engine<A, I> {
                 if let Some(k) = &self.counters {
                     k.housekeeping(now, self.counters_bp_base);
                     k.set(Counter::STATE, state as u64);
+                    k.set(Counter::ROLE, self.control.get(s, Field::Role));
+                    k.set(Counter::EPOCH, self.epoch);
                 }
                 if state == State::Hot && self.control.epoch() == self.epoch {
                     self.preopen_next(active);
