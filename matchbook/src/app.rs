@@ -532,36 +532,9 @@ pub fn parse_response(bytes: &[u8]) -> Option<(WireResponse, &[u8])> {
     Some((r, rest))
 }
 
-/// The `main` of the matchbook engine executables (`matchbook-v1`, `matchbook-v2`):
-/// `--dir D --slot a|b|c [--standby] [--ring N] [--spin]` (or the supervisor's environment).
+/// The `main` of the matchbook engine executables (`matchbook-v1`, `matchbook-v2`): the
+/// supervisor's launch contract, or `--dir D --slot a|b|c [--standby] [--ring N] [--spin]`
+/// (see [`understudy_runtime::run`]).
 pub fn engine_main(version: u32) -> ! {
-    understudy_runtime::init_logging();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let fail = |e: &dyn std::fmt::Display| -> ! {
-        eprintln!("matchbook-v{version}: {e}");
-        std::process::exit(3)
-    };
-    let a = match understudy_runtime::testkit::parse_engine_args(&args) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("matchbook-v{version}: {e}");
-            std::process::exit(2);
-        }
-    };
-    let mut opt = understudy_runtime::Options::new(a.dir.clone(), a.slot);
-    opt.standby_only = a.standby_only;
-    opt.ring_capacity = a.ring;
-    if a.spin {
-        opt.idle = understudy_runtime::Idle::SPIN;
-    }
-    if let Err(e) = opt.apply_env() {
-        fail(&e);
-    }
-    let input = understudy_runtime::client::ClientInput::new(&a.dir).unwrap_or_else(|e| fail(&e));
-    let engine = understudy_runtime::Engine::new(Matchbook::new(version), input, opt)
-        .unwrap_or_else(|e| fail(&e));
-    match engine.run() {
-        Ok(_) => std::process::exit(0),
-        Err(e) => fail(&e),
-    }
+    understudy_runtime::run(Matchbook::new(version))
 }

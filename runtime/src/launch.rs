@@ -88,6 +88,8 @@ pub struct Launch {
     pub standby_only: bool,
     /// Ring capacity, if the supervisor set one.
     pub ring: Option<usize>,
+    /// Spin when idle (`--spin`; the same as `UNDERSTUDY_IDLE=spin`).
+    pub spin: bool,
 }
 
 /// A launch contract that cannot be followed; names the variable, what was expected and found.
@@ -111,6 +113,8 @@ pub enum LaunchError {
     },
     /// A tuning variable (see [`Options::apply_env`]) is malformed.
     Tuning(String),
+    /// A command-line argument it does not know, or one missing its value.
+    Argument(String),
 }
 
 impl fmt::Display for LaunchError {
@@ -133,6 +137,7 @@ impl fmt::Display for LaunchError {
                 found,
             } => write!(f, "{var}: expected {expected}, found `{found}`"),
             LaunchError::Tuning(s) => f.write_str(s),
+            LaunchError::Argument(s) => f.write_str(s),
         }
     }
 }
@@ -142,6 +147,48 @@ impl Launch {
     /// Read the contract from the process environment.
     pub fn from_env() -> Result<Launch, LaunchError> {
         Launch::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Read the contract from the environment, then let the standalone form's command-line
+    /// arguments override it: `--dir D --slot a|b|c [--standby] [--ring N] [--spin]` (how tests
+    /// and tools start an engine without a supervisor).
+    pub fn from_env_and_args(args: &[String]) -> Result<Launch, LaunchError> {
+        let mut set: Vec<(&'static str, String)> = Vec::new();
+        let mut spin = false;
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let var = match a.as_str() {
+                "--dir" => ENV_DIR,
+                "--slot" => ENV_SLOT,
+                "--ring" => ENV_RING,
+                "--standby" => {
+                    set.push((ENV_STANDBY, "1".into()));
+                    continue;
+                }
+                "--spin" => {
+                    spin = true;
+                    continue;
+                }
+                other => {
+                    return Err(LaunchError::Argument(format!(
+                        "expected --dir, --slot, --ring, --standby or --spin, found `{other}`"
+                    )))
+                }
+            };
+            let v = it.next().ok_or_else(|| {
+                LaunchError::Argument(format!("{a}: expected a value, found the end"))
+            })?;
+            set.push((var, v.clone()));
+        }
+        let mut l = Launch::from_lookup(|k| {
+            set.iter()
+                .rev()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.clone())
+                .or_else(|| std::env::var(k).ok())
+        })?;
+        l.spin = spin;
+        Ok(l)
     }
 
     /// Read the contract through `var` (the environment, or a map in tests).
@@ -188,6 +235,7 @@ impl Launch {
             slot,
             standby_only,
             ring,
+            spin: false,
         })
     }
 
@@ -199,6 +247,9 @@ impl Launch {
             opt.ring_capacity = r;
         }
         opt.apply_env().map_err(LaunchError::Tuning)?;
+        if self.spin {
+            opt.idle = crate::Idle::SPIN;
+        }
         Ok(opt)
     }
 }
@@ -230,9 +281,23 @@ mod tests {
                 dir: "/dev/shm/x/y".into(),
                 slot: 2,
                 standby_only: false,
-                ring: Some(65536)
+                ring: Some(65536),
+                spin: false,
             }
         );
+    }
+
+    #[test]
+    fn arguments_of_the_standalone_form() {
+        let args: Vec<String> = ["--dir", "/d", "--slot", "b", "--standby", "--spin"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let l = Launch::from_env_and_args(&args).unwrap();
+        assert_eq!((l.slot, l.standby_only, l.spin), (1, true, true));
+        assert_eq!(l.dir, PathBuf::from("/d"));
+        let e = Launch::from_env_and_args(&["--max".to_string()]).unwrap_err();
+        assert!(e.to_string().contains("`--max`"), "{e}");
     }
 
     #[test]

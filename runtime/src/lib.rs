@@ -113,7 +113,8 @@ pub mod internals {
 /// calls.
 ///
 /// Reads the [launch contract](launch) (cluster directory, slot, standby-only, ring size,
-/// tuning variables), sets up logging ([`init_logging`]), serves the cluster's shared-memory
+/// tuning variables; the standalone form's arguments `--dir D --slot a|b|c [--standby]
+/// [--ring N] [--spin]` override it), sets up logging ([`init_logging`]), serves the cluster's shared-memory
 /// clients, and exits with a code of [`launch::exit`]: 0 stopped on command, 2 misconfigured
 /// (a variable missing or malformed — the message names it), 3 failed, 4 slot held by another
 /// live engine. A panic aborts the process (see [`OnPanic`]): a failover.
@@ -129,7 +130,8 @@ fn run_code<A: Application>(app: A) -> i32 {
         eprintln!("{name}: {e}");
         code
     };
-    let launch = match launch::Launch::from_env() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let launch = match launch::Launch::from_env_and_args(&args) {
         Ok(l) => l,
         Err(e) => return fail(launch::exit::MISCONFIGURED, &e),
     };

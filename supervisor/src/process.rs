@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use understudy_runtime::control::{slot_index, slot_name};
+use understudy_runtime::launch;
 use understudy_runtime::liveness::{Pidfd, ProcessIdentity};
 
 use crate::config::ClusterConfig;
@@ -214,7 +215,7 @@ impl EngineProc {
         command
             .args(&config.engine.args)
             .env(
-                "UNDERSTUDY_BACKPRESSURE_US",
+                launch::ENV_BACKPRESSURE_US,
                 match config.backpressure.policy {
                     crate::config::BackpressurePolicy::Wait => {
                         config.backpressure.wait_max_us.max(1).to_string()
@@ -224,20 +225,20 @@ impl EngineProc {
             )
             // A standby fences a hung active at the same age the supervisor does.
             .env(
-                "UNDERSTUDY_HUNG_MS",
+                launch::ENV_HUNG_MS,
                 (config.timeouts.heartbeat_ms * crate::daemon::HUNG_BEATS).to_string(),
             )
             // The operator's `[engine] env` overrides the tuning above; the identity below
             // is the supervisor's alone (the config refuses those names in `engine.env`).
             .envs(&config.engine.env)
-            .env("UNDERSTUDY_DIR", spec.dir)
-            .env("UNDERSTUDY_SLOT", slot_name(spec.slot).to_string())
-            .env("UNDERSTUDY_RING", config.ring.capacity_bytes.to_string())
+            .env(launch::ENV_DIR, spec.dir)
+            .env(launch::ENV_SLOT, slot_name(spec.slot).to_string())
+            .env(launch::ENV_RING, config.ring.capacity_bytes.to_string())
             .process_group(0);
         if spec.standby {
-            command.env("UNDERSTUDY_STANDBY", "1");
+            command.env(launch::ENV_STANDBY, "1");
         } else {
-            command.env_remove("UNDERSTUDY_STANDBY");
+            command.env_remove(launch::ENV_STANDBY);
         }
         let cpu = match spec.slot {
             0 => config.slots.a.as_ref(),
