@@ -557,10 +557,19 @@ impl Supervisor {
     }
 
     /// The control block's record of `slot` is our engine's.
+    ///
+    /// A word damaged in both its copies (the control block names it) does not make the
+    /// supervisor lose track of an engine it watches: its own record of the process (the
+    /// pidfd it holds) stands until the live engine rewrites the word from its own view.
     pub(crate) fn ours(&self, slot: usize) -> bool {
         self.engines[slot].as_ref().is_some_and(|p| {
-            self.control.get(slot, Field::Pid) == u64::from(p.pid())
-                && self.control.get(slot, Field::StartTime) == p.identity.start_time_ticks
+            let matches = |f: Field, ours: u64| {
+                self.control
+                    .get_checked(slot, f)
+                    .map_or(true, |found| found == ours)
+            };
+            matches(Field::Pid, u64::from(p.pid()))
+                && matches(Field::StartTime, p.identity.start_time_ticks)
         })
     }
 
