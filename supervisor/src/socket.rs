@@ -7,6 +7,7 @@
 //! - **Serving**: one thread polls the listener and every connection still sending its
 //!   request line; no thread waits on an idle client. A connection must send its line (at most
 //!   [`REQUEST_BYTES_MAX`] bytes) within [`REQUEST_WAIT`]; at most [`PENDING_MAX`] connections
+//!   (and never more than a quarter of the descriptor limit, so the supervisor keeps the rest)
 //!   may be waiting at once (the oldest is refused to make room for a new one, so idle
 //!   connections can never lock out an operator), and at most [`IN_FLIGHT_MAX`] requests run
 //!   at once (the excess is refused with `busy`). Every refusal is a JSON `result` line. A
@@ -35,8 +36,26 @@ use crate::proto::{Code, Reply, ReplyKind, Request, RequestError, REQUEST_BYTES_
 
 /// How long a connection may take to send its request line.
 pub const REQUEST_WAIT: Duration = Duration::from_secs(5);
-/// Connections waiting for their request line at once.
+/// Connections waiting for their request line at once (see [`pending_max`]).
 pub const PENDING_MAX: usize = 256;
+
+/// The connections that may wait at once under the current descriptor limit: a quarter of
+/// it, at least 8, at most [`PENDING_MAX`].
+fn pending_max() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    };
+    usize::try_from(soft / 4)
+        .unwrap_or(PENDING_MAX)
+        .clamp(8, PENDING_MAX)
+}
 /// Requests being answered at once.
 pub const IN_FLIGHT_MAX: usize = 64;
 /// How long a client may leave a reply unread before it is dropped.
@@ -228,6 +247,7 @@ pub fn serve(listener: UnixListener, tx: Sender<Inbound>) {
         }
         if listener_fd.is_some_and(|fd| fd.revents != 0) {
             // Accept what is queued, a bounded number per turn.
+            let pending_max = pending_max();
             for _ in 0..PENDING_MAX {
                 match listener.accept() {
                     Ok((stream, _)) => {
@@ -256,14 +276,14 @@ pub fn serve(listener: UnixListener, tx: Sender<Inbound>) {
                                 }
                                 ReadState::Gone => continue,
                             }
-                            if pending.len() >= PENDING_MAX {
+                            while pending.len() >= pending_max {
                                 if let Some(oldest) = pending.pop_front() {
                                     refuse(
                                         oldest.stream,
                                         &Reply::result(
                                             Code::Busy,
                                             format!(
-                                                "refused: {PENDING_MAX} connections were waiting to send a request; the oldest (this one) made room"
+                                                "refused: {pending_max} connections were waiting to send a request; the oldest (this one) made room"
                                             ),
                                         ),
                                     );
