@@ -108,6 +108,9 @@ pub struct ClusterConfig {
     /// The replication ring.
     #[serde(default)]
     pub ring: RingConfig,
+    /// The Prometheus endpoint (off unless `listen` is set).
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 fn default_shm_dir() -> PathBuf {
@@ -469,6 +472,7 @@ impl ClusterConfig {
             backpressure: BackpressureConfig::default(),
             acceptance: AcceptanceConfig::default(),
             ring: RingConfig::default(),
+            metrics: crate::metrics::MetricsConfig::default(),
         }
     }
 
@@ -776,6 +780,9 @@ impl ClusterConfig {
                 "a power of two between 4096 and 1073741824",
                 capacity.to_string(),
             );
+        }
+        if let Err((expected, found)) = self.metrics.listen_addr() {
+            bad("metrics.listen", &expected, found);
         }
 
         if problems.is_empty() {

@@ -243,6 +243,10 @@ pub fn up(config: ClusterConfig) -> Result<(), UpError> {
         .spawn(move || crate::socket::serve(listener, tx))
         .map_err(|e| UpError::Io(format!("cannot start the socket thread: {e}")))?;
     info!(socket = %socket.display(), "control socket ready");
+    // Operations: the Prometheus endpoint and systemd notifications, each off unless asked.
+    let _metrics =
+        crate::metrics::start_from_config(&sup.config.metrics, &sup.dir, &sup.config.cluster);
+    let _systemd = crate::systemd::Notifier::start(sup.control.clone());
     sup.run(&rx);
     if !sup.finished {
         let _ = std::fs::remove_file(&socket);
@@ -612,6 +616,7 @@ impl Supervisor {
     /// The loop; returns after `down` or a signal.
     pub fn run(&mut self, requests: &Receiver<Inbound>) {
         while !self.finished && !SIGNALLED.load(Ordering::Relaxed) {
+            crate::systemd::loop_tick();
             if self.op.is_some() {
                 // Role changes are watched closely while an operation runs.
                 self.wait_for_exits(Duration::ZERO);
@@ -677,7 +682,8 @@ impl Supervisor {
             .control
             .get(slot, Field::Epoch)
             .min(self.control.epoch());
-        error!(slot = %slot_name(slot), pid = proc.pid(), was_active, "engine died ({exit})");
+        // A death is a warning: an ordinary failover follows it; an outage is an error below.
+        warn!(slot = %slot_name(slot), pid = proc.pid(), was_active, "engine died ({exit})");
         // With no active left, the dead engine may have been the active in the middle of a
         // planned switchover (it publishes "standby" as it hands over, before its target
         // claims the next epoch): wait for the target as for any successor.
