@@ -93,13 +93,12 @@ pub const CALL_LIMIT: Feature = Feature {
     layout_version: 2,
 };
 
-/// A request (encoded by [`Request::encode`]; the client sends these bytes).
+/// A request; on the wire an op byte and four u64 arguments, little-endian ([`Request::encode`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
-    /// Set up call `call` from `caller` to `callee`.
-    Setup { call: u64, caller: u64, callee: u64 },
-    /// Version 2, `call-limit` on: set up a call that may bill at most `max_secs`.
-    SetupLimited {
+    /// Set up call `call` from `caller` to `callee`; `max_secs` (v2, `call-limit` enabled):
+    /// the most seconds that may be billed, 0 = no limit.
+    Setup {
         call: u64,
         caller: u64,
         callee: u64,
@@ -111,67 +110,44 @@ pub enum Request {
     Bill { call: u64, secs: u64 },
     /// Release a call.
     Release { call: u64 },
-    /// Read a call: the answer is `state, billed_secs, max_secs` (u64 each).
-    Get { call: u64 },
     /// Read the totals: the answer is the [`Totals`] record's bytes.
     GetTotals,
 }
 
 impl Request {
-    /// The request's bytes: an op byte, then u64 arguments little-endian.
+    /// The request's bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let (op, args): (u8, &[u64]) = match *self {
+        let (op, args) = match *self {
             Request::Setup {
                 call,
                 caller,
                 callee,
-            } => (1, &[call, caller, callee]),
-            Request::SetupLimited {
-                call,
-                caller,
-                callee,
                 max_secs,
-            } => (2, &[call, caller, callee, max_secs]),
-            Request::Answer { call } => (3, &[call]),
-            Request::Bill { call, secs } => (4, &[call, secs]),
-            Request::Release { call } => (5, &[call]),
-            Request::Get { call } => (6, &[call]),
-            Request::GetTotals => (7, &[]),
+            } => (1, [call, caller, callee, max_secs]),
+            Request::Answer { call } => (2, [call, 0, 0, 0]),
+            Request::Bill { call, secs } => (3, [call, secs, 0, 0]),
+            Request::Release { call } => (4, [call, 0, 0, 0]),
+            Request::GetTotals => (5, [0; 4]),
         };
-        let mut v = vec![op];
-        args.iter()
-            .for_each(|a| v.extend_from_slice(&a.to_le_bytes()));
-        v
+        [&[op][..], args.as_bytes()].concat()
     }
 
     /// Parse a request (untrusted bytes).
     pub fn decode(b: &[u8]) -> Result<Request, Refused> {
         let (&op, rest) = b.split_first().ok_or_else(|| refuse("empty request"))?;
-        let arg = |i: usize| -> Result<u64, Refused> {
-            rest.get(i * 8..i * 8 + 8)
-                .map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
-                .ok_or_else(|| refuse("request too short"))
-        };
+        let [call, a, b, c] =
+            <[u64; 4]>::read_from_bytes(rest).map_err(|_| refuse("expected 33 bytes"))?;
         Ok(match op {
             1 => Request::Setup {
-                call: arg(0)?,
-                caller: arg(1)?,
-                callee: arg(2)?,
+                call,
+                caller: a,
+                callee: b,
+                max_secs: c,
             },
-            2 => Request::SetupLimited {
-                call: arg(0)?,
-                caller: arg(1)?,
-                callee: arg(2)?,
-                max_secs: arg(3)?,
-            },
-            3 => Request::Answer { call: arg(0)? },
-            4 => Request::Bill {
-                call: arg(0)?,
-                secs: arg(1)?,
-            },
-            5 => Request::Release { call: arg(0)? },
-            6 => Request::Get { call: arg(0)? },
-            7 => Request::GetTotals,
+            2 => Request::Answer { call },
+            3 => Request::Bill { call, secs: a },
+            4 => Request::Release { call },
+            5 => Request::GetTotals,
             _ => return Err(refuse("unknown request")),
         })
     }
@@ -193,11 +169,15 @@ impl CallState {
         CallState { version }
     }
 
-    fn totals(tx: &Tx<'_>) -> Result<Totals, Refused> {
+    /// Count something in the totals record.
+    fn count(tx: &mut Tx<'_>, f: impl FnOnce(&mut Totals)) -> Result<(), Refused> {
         let t = tx
             .get_record::<Totals>(TOTALS_KEY)
             .map_err(|e| refuse(&e.to_string()))?;
-        Ok(t.unwrap_or_default())
+        let mut t = t.unwrap_or_default();
+        f(&mut t);
+        tx.put_record(TOTALS_KEY, &t);
+        Ok(())
     }
 
     fn call(tx: &Tx<'_>, call: u64) -> Result<Call, Refused> {
@@ -205,31 +185,6 @@ impl CallState {
             .unit_record::<Call>(call)
             .map_err(|e| refuse(&e.to_string()))?;
         c.ok_or_else(|| refuse("no such call"))
-    }
-
-    fn setup(
-        tx: &mut Tx<'_>,
-        call: u64,
-        caller: u64,
-        callee: u64,
-        max: u64,
-    ) -> Result<(), Refused> {
-        if tx.unit(call).is_some() {
-            return Err(refuse("call exists"));
-        }
-        let c = Call {
-            caller,
-            callee,
-            billed_secs: 0,
-            state: RINGING,
-            _pad: 0,
-            max_secs: max,
-        };
-        tx.register_record(call, &c);
-        let mut t = Self::totals(tx)?;
-        t.setups += 1;
-        tx.put_record(TOTALS_KEY, &t);
-        Ok(())
     }
 }
 
@@ -259,17 +214,24 @@ impl Application for CallState {
                 call,
                 caller,
                 callee,
-            } => Self::setup(tx, call, caller, callee, 0)?,
-            Request::SetupLimited {
-                call,
-                caller,
-                callee,
                 max_secs,
             } => {
-                if self.version < 2 || !tx.feature_enabled(CALL_LIMIT.id) {
+                if max_secs != 0 && !tx.feature_enabled(CALL_LIMIT.id) {
                     return Err(refuse("call-limit is not enabled"));
                 }
-                Self::setup(tx, call, caller, callee, max_secs)?
+                if tx.unit(call).is_some() {
+                    return Err(refuse("call exists"));
+                }
+                let c = Call {
+                    caller,
+                    callee,
+                    billed_secs: 0,
+                    state: RINGING,
+                    _pad: 0,
+                    max_secs,
+                };
+                tx.register_record(call, &c);
+                Self::count(tx, |t| t.setups += 1)?;
             }
             Request::Answer { call } => {
                 let mut c = Self::call(tx, call)?;
@@ -278,9 +240,7 @@ impl Application for CallState {
                 }
                 c.state = ACTIVE;
                 tx.update_record(call, &c);
-                let mut t = Self::totals(tx)?;
-                t.answered += 1;
-                tx.put_record(TOTALS_KEY, &t);
+                Self::count(tx, |t| t.answered += 1)?;
             }
             Request::Bill { call, secs } => {
                 let mut c = Self::call(tx, call)?;
@@ -295,29 +255,19 @@ impl Application for CallState {
                     return Err(refuse("limit reached"));
                 }
                 tx.update_record(call, &c);
-                let mut t = Self::totals(tx)?;
-                t.billed_secs = t.billed_secs.wrapping_add(secs);
-                tx.put_record(TOTALS_KEY, &t);
+                Self::count(tx, |t| t.billed_secs = t.billed_secs.wrapping_add(secs))?;
             }
             Request::Release { call } => {
                 Self::call(tx, call)?;
                 tx.retire(call);
-                let mut t = Self::totals(tx)?;
-                t.released += 1;
-                tx.put_record(TOTALS_KEY, &t);
-            }
-            Request::Get { call } => {
-                let c = Self::call(tx, call)?;
-                tx.respond(b"+");
-                for w in [c.state as u64, c.billed_secs, c.max_secs] {
-                    tx.respond(&w.to_le_bytes());
-                }
-                return Ok(());
+                Self::count(tx, |t| t.released += 1)?;
             }
             Request::GetTotals => {
-                let t = Self::totals(tx)?;
+                let t = tx
+                    .get_record::<Totals>(TOTALS_KEY)
+                    .map_err(|e| refuse(&e.to_string()))?;
                 tx.respond(b"+");
-                tx.respond(t.as_bytes());
+                tx.respond(t.unwrap_or_default().as_bytes());
                 return Ok(());
             }
         }

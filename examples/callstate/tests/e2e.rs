@@ -193,19 +193,11 @@ fn load(dir: PathBuf, k: u64, stop: Arc<AtomicBool>, limited: Arc<AtomicBool>) -
         let call = k << 32 | n;
         let lim = limited.load(Ordering::Relaxed);
         let secs = n % 7 + 1;
-        let setup = if lim {
-            Request::SetupLimited {
-                call,
-                caller: k,
-                callee: n,
-                max_secs: 5,
-            }
-        } else {
-            Request::Setup {
-                call,
-                caller: k,
-                callee: n,
-            }
+        let setup = Request::Setup {
+            call,
+            caller: k,
+            callee: n,
+            max_secs: if lim { 5 } else { 0 },
         };
         let reqs = [
             setup,
@@ -308,7 +300,7 @@ fn callstate_under_the_supervisor() {
     );
     let refused = probe
         .call(
-            &Request::SetupLimited {
+            &Request::Setup {
                 call: 1,
                 caller: 0,
                 callee: 0,
