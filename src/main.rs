@@ -53,6 +53,10 @@ struct Cli {
     /// long operation sends a line at least every second): 5s for `status`, 10s otherwise.
     #[arg(long, global = true, value_parser = parse_duration)]
     timeout: Option<Duration>,
+    /// Log format of `up` and of the engines it starts: `text` (colours only on a terminal)
+    /// or `json` (one object per line, for log shippers).
+    #[arg(long, global = true, env = "UNDERSTUDY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -196,6 +200,8 @@ fn main() {
     // Invoked as `matchbook-v1` / `matchbook-v2` (the demo's engine executables): be that engine.
     understudy::dispatch_multicall();
     let cli = Cli::parse();
+    // The engines `up` starts inherit the format (still one thread here: no other reader).
+    std::env::set_var(understudy_runtime::LOG_FORMAT_VAR, &cli.log_format);
     let code = match &cli.command {
         Command::Demo { quick, rate } => demo(cli.json, *quick, *rate),
         Command::Torture {

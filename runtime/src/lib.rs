@@ -154,14 +154,29 @@ fn run_code<A: Application>(app: A) -> i32 {
     }
 }
 
+/// The variable that chooses the log format: `json` (one JSON object per line, for log
+/// shippers) or `text` (the default). `understudy --log-format json` sets it, so the engines
+/// the supervisor starts log the same way.
+pub const LOG_FORMAT_VAR: &str = "UNDERSTUDY_LOG_FORMAT";
+
 /// Log with `tracing` to stderr, filtered by `RUST_LOG` (default `info`): what every engine
 /// executable and the supervisor do first. A second call does nothing.
+///
+/// Text lines carry ANSI colours only when stderr is a terminal (a log file or a journal gets
+/// plain text); with [`LOG_FORMAT_VAR`]` = json` every line is a JSON object.
 pub fn init_logging() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = std::env::var(LOG_FORMAT_VAR).is_ok_and(|v| v.trim().eq_ignore_ascii_case("json"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().with_ansi(false).try_init()
+    } else {
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
+    };
 }
