@@ -43,6 +43,9 @@ use crate::record::{self, RecordedEngine, UpgradeRecord};
 /// not read it.
 pub const TEST_PAUSE_ENV: &str = "UNDERSTUDY_TEST_UPGRADE_PAUSE_AT_STEP";
 
+/// An upgrade's progress before its first action (its compatibility check).
+const UPGRADE_STARTING: &str = "starting";
+
 /// The step [`TEST_PAUSE_ENV`] names, in a `fault-injection` build.
 #[cfg(feature = "fault-injection")]
 fn test_pause_at() -> Option<u8> {
@@ -853,7 +856,7 @@ impl UpgradeRun {
                 .or_else(|| sup.config.acceptance.accept_cmd.clone()),
             old_binary,
             new_binary: request.binary,
-            current: "starting".into(),
+            current: UPGRADE_STARTING.into(),
             started: Instant::now(),
             watchers: vec![reply],
             record,
@@ -1584,6 +1587,20 @@ impl ResumeOp {
                 if let Some(proc) = sup.engines[slot].as_mut() {
                     info!(slot = %slot_name(slot), pid = proc.pid(), "the engine was being stopped; letting it stop");
                     proc.expected_exit = true;
+                }
+            }
+        }
+        // Stopped before its first action: an engine in the spare slot that the record does
+        // not know is the compatibility check's (see [`Probe`]); it only goes.
+        let spare = SLOTS - 1;
+        if record.checkpoint.in_flight.is_none() && record.progress == UPGRADE_STARTING {
+            if let Some(proc) = sup.engines[spare].as_ref() {
+                if record
+                    .version_of(plan_slot(spare), &proc.identity)
+                    .is_none()
+                {
+                    info!(slot = %slot_name(spare), pid = proc.pid(), "the engine in the spare slot is the interrupted upgrade's compatibility check; stopping it");
+                    sup.request_stop(spare);
                 }
             }
         }
