@@ -325,6 +325,24 @@ impl Drop for Cluster {
     }
 }
 
+/// Runs `script` with `sh -c` as uid/gid 65534 (a real unprivileged process; needs root).
+fn as_nobody(script: &str) {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "as uid {NOBODY}: `{script}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// How a case prepares the attacker's files.
 type Prepare = Box<dyn Fn(&Cluster)>;
 
@@ -370,20 +388,19 @@ fn a_cluster_directory_another_user_could_write_is_refused_and_nothing_runs() {
     ];
     if is_root() {
         cases.push((
-            "cluster directory of uid 65534, mode 0777",
+            "cluster directory made by uid 65534 (`mkdir -p -m 0777`, as that user)",
             Box::new(|c: &Cluster| {
-                std::fs::create_dir_all(c.dir()).unwrap();
-                give_to_nobody(&c.dir());
-                std::fs::set_permissions(c.dir(), std::fs::Permissions::from_mode(0o777)).unwrap();
+                as_nobody(&format!("mkdir -p -m 0777 {}", c.dir().display()));
             }),
         ));
         cases.push((
-            "shm directory of uid 65534",
+            "shm directory made by uid 65534 (as that user), a forged engines file in it",
             Box::new(|c: &Cluster| {
-                std::fs::create_dir_all(&c.shm_dir).unwrap();
-                give_to_nobody(&c.shm_dir);
-                std::fs::set_permissions(&c.shm_dir, std::fs::Permissions::from_mode(0o755))
-                    .unwrap();
+                as_nobody(&format!(
+                    "mkdir -m 0755 {shm} && mkdir -m 0755 {dir} && echo '{{}}' > {dir}/engines.json",
+                    shm = c.shm_dir.display(),
+                    dir = c.dir().display()
+                ));
             }),
         ));
         cases.push((
