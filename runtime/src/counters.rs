@@ -221,6 +221,9 @@ fn map_file(path: &Path, file: &std::fs::File) -> Result<Mapped, CountersError> 
     })
 }
 
+/// A header word to check: (name, index, expected value, how to show a value).
+type HeaderCheck = (&'static str, usize, u64, fn(u64) -> String);
+
 /// Open the file for reading or writing, validating everything in the header.
 fn open_existing(dir: &Path) -> Result<Mapped, CountersError> {
     let path = dir.join(FILE_NAME);
@@ -265,7 +268,7 @@ fn open_existing(dir: &Path) -> Result<Mapped, CountersError> {
         }
         std::thread::sleep(Duration::from_micros(200));
     }
-    let checks: [(&'static str, usize, u64, fn(u64) -> String); 5] = [
+    let checks: [HeaderCheck; 5] = [
         ("magic", H_MAGIC, MAGIC, |v| format!("{v:#018x}")),
         ("layout version", H_VERSION, LAYOUT_VERSION, |v| {
             v.to_string()

@@ -103,6 +103,8 @@ struct CountersCollector {
 }
 
 type Labels = Vec<(&'static str, String)>;
+/// One standby stream: (labels, position, lag in bytes, lag in transactions).
+type StreamRow = (Labels, u64, u64, Option<u64>);
 
 fn slot_labels(s: &SlotCounters) -> Labels {
     vec![("slot", s.name().to_string())]
@@ -225,7 +227,7 @@ fn encode_snapshot(
         ns_to_s(s.last_switchover_ns)
     })?;
     // Streams: only a live active's view is current.
-    let streams: Vec<(Labels, u64, u64, Option<u64>)> = used
+    let streams: Vec<StreamRow> = used
         .iter()
         .filter(|s| s.alive() && s.role() == Role::Active)
         .flat_map(|s| {
@@ -243,7 +245,7 @@ fn encode_snapshot(
             })
         })
         .collect();
-    let pick = |f: fn(&(Labels, u64, u64, Option<u64>)) -> Option<u64>| {
+    let pick = |f: fn(&StreamRow) -> Option<u64>| {
         streams
             .iter()
             .filter_map(|x| f(x).map(|v| (x.0.clone(), ConstGauge::new(v as f64))))
