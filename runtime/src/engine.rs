@@ -31,6 +31,7 @@ use tracing::{debug, error, info, warn};
 
 /// The system table holding, per input source: position, sequence, last request sequence and
 /// the last response (so a new active can resume input and re-emit an unsent response).
+#[doc(hidden)]
 pub const SYS_INPUTS: u16 = 0xFFFF;
 
 /// What to do when a standby's stream is full.
@@ -225,6 +226,7 @@ pub struct InputMeta {
 
 /// The replicated position of one input source.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[doc(hidden)]
 pub struct SourcePosition {
     /// Input position after the last consumed request.
     pub next_pos: u64,
@@ -345,6 +347,7 @@ const CLOSE_REFUSED: u64 = 3;
 const CLOSE_DETACHED: u64 = 4;
 
 /// Command result codes.
+#[doc(hidden)]
 pub mod result {
     /// Done.
     pub const OK: u64 = 0;
