@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use understudy_runtime::control::{Control, Field, SLOTS};
 use understudy_runtime::counters::{self, Snapshot};
 use understudy_runtime::liveness::ProcessIdentity;
+use understudy_runtime::testkit::Side;
 use understudy_supervisor::client::Client;
 use understudy_supervisor::proto::{Op, Request, StatusReport, SOCKET_NAME};
 
@@ -73,7 +74,7 @@ impl Cluster {
 shm_dir = "{shm}"
 [engine]
 binary = "{bin}"
-args = ["--max", "{max}", "--pace-us", "{pace_us}"]
+args = ["--max", "{max}", "--pace-us", "{pace_us}", "--side", "{side}"]
 env = {{ UNDERSTUDY_HUNG_MS = "5000" }}
 [timeouts]
 heartbeat_ms = 500
@@ -83,6 +84,7 @@ max_latency_us_p99 = 60000000
 "#,
                 shm = shm_dir.display(),
                 bin = testapp().display(),
+                side = work.join("side").display(),
             ),
         )
         .unwrap();
@@ -244,12 +246,20 @@ fn slot_index(name: &str) -> usize {
 
 /// The counters tell what happened: requests served across a SIGKILL of the active (each
 /// counted once, none lost), the step-ups, the restart and its catch-up, the planned
-/// switchover with its duration, the roles and epochs, the stream lag back to zero; and
-/// `stat --once --json` shows the same.
+/// switchover with its duration, a standby stopped under load (the active waits on its full
+/// stream, then untethers it; it catches up again once continued), the roles and epochs, the
+/// stream lag back to zero; and `stat --once --json` shows the same.
 #[test]
-fn counters_follow_load_a_kill_and_a_switchover() {
-    const MAX: u64 = 12_000;
-    let mut c = Cluster::new("counters", MAX, 100, "");
+fn counters_follow_load_a_kill_a_switchover_and_an_untether() {
+    // The workload is bounded by the side file's limit, moved by the test.
+    let mut c = Cluster::new(
+        "counters",
+        u64::MAX,
+        100,
+        "[ring]\ncapacity_bytes = 262144\n",
+    );
+    let side = Side::open(&c.work.join("side"));
+    side.set_limit(3000);
     let s = c.up(&[], &[]);
     let first = slot_index(s.active.as_deref().unwrap());
     let first_pid = s.active_engine().unwrap().pid;
@@ -274,18 +284,31 @@ fn counters_follow_load_a_kill_and_a_switchover() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let s = c.wait(
-        "the workload to end on the restarted engine with a hot standby",
-        |s| {
-            s.active_engine()
-                .is_some_and(|a| a.commits == MAX && slot_index(&a.slot) == first)
-                && s.hot_standbys().any(|e| e.commits == MAX)
-        },
-    );
+    c.wait("the restarted engine active with a hot standby", |s| {
+        s.active.as_deref().is_some_and(|a| slot_index(a) == first) && s.hot_standbys().count() >= 1
+    });
+    // The standby stopped under unbounded load: its 256 KiB stream fills, the active waits
+    // (20 ms, the default bound), then untethers it.
+    let standby_pid = c.try_status().unwrap().hot_standbys().next().unwrap().pid;
+    side.set_limit(0);
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(standby_pid as i32, libc::SIGSTOP) };
+    let untethered = c.wait_counters("the active to untether the stopped standby", |k| {
+        k.slots[first].untethers_total >= 1
+    });
+    let limit = untethered.slots[first].tx_index + 1000;
+    side.set_limit(limit);
+    // SAFETY: as above.
+    unsafe { libc::kill(standby_pid as i32, libc::SIGCONT) };
+    let s = c.wait("the workload to end with a hot standby again", |s| {
+        s.active_engine()
+            .is_some_and(|a| a.commits == limit && slot_index(&a.slot) == first)
+            && s.hot_standbys().any(|e| e.commits == limit)
+    });
     let epoch = s.epoch;
     let k = c.wait_counters("the counters to settle", |k| {
-        k.slots[first].tx_index == MAX
-            && k.slots[second].tx_index == MAX
+        k.slots[first].tx_index == limit
+            && k.slots[second].tx_index == limit
             && k.slots[first]
                 .streams
                 .iter()
@@ -296,8 +319,8 @@ fn counters_follow_load_a_kill_and_a_switchover() {
     // A request is counted after its transaction is on the standby's stream: the SIGKILL
     // may fall between the two, so the dead engine may miss counting at most one.
     assert!(
-        (MAX - 1..=MAX).contains(&requests),
-        "requests counted {requests}, served {MAX}: {k:#?}"
+        (limit - 1..=limit).contains(&requests),
+        "requests counted {requests}, served {limit}: {k:#?}"
     );
     assert!(f.requests_total >= 1000 && n.requests_total > 0, "{k:#?}");
     assert!(f.refusals_total <= f.requests_total && n.refusals_total <= n.requests_total);
@@ -305,11 +328,14 @@ fn counters_follow_load_a_kill_and_a_switchover() {
         f.commits_total >= f.requests_total && n.commits_total >= n.requests_total,
         "{k:#?}"
     );
-    // The killed slot's engine was started twice and caught up once after its restart; the
-    // other one applied the first active's stream, then served.
+    // The killed slot's engine was started twice and caught up after its restart; the other
+    // one applied the first active's stream, served, then caught up again after the untether.
     assert_eq!((f.starts_total, n.starts_total), (2, 1), "{k:#?}");
+    assert!(f.catchups_total >= 1 && n.catchups_total >= 2, "{k:#?}");
+    assert!(f.applied_total > 0 && n.applied_total > 0, "{k:#?}");
+    // The untether of the stopped standby, after waiting on its full stream.
     assert!(
-        f.catchups_total >= 1 && f.applied_total > 0 && n.applied_total > 0,
+        f.untethers_total >= 1 && f.backpressure_waits_total >= 1,
         "{k:#?}"
     );
     // One failover step-up on the survivor, one planned step-up back, one switchover.
@@ -346,7 +372,7 @@ fn counters_follow_load_a_kill_and_a_switchover() {
     assert_eq!(by_slot(second)["role"], "standby", "{v}");
     assert_eq!(by_slot(first)["starts_total"], 2, "{v}");
     assert_eq!(by_slot(second)["switchovers_total"], 1, "{v}");
-    assert_eq!(by_slot(first)["tx_index"], MAX, "{v}");
+    assert_eq!(by_slot(first)["tx_index"], limit, "{v}");
     assert!(by_slot(first)["requests_per_s"].is_number(), "{v}");
     assert_eq!(by_slot(first)["streams"][0]["lag_transactions"], 0, "{v}");
 
