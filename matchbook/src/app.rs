@@ -26,8 +26,8 @@ use crate::units::{
     decode_book, decode_order, order_unit_id, BookRecord, OrderRecord, UnitError, ORDER_UNIT_BIT,
 };
 pub use crate::units::{BOOK_KIND, BOOK_TYPE, ORDER_KIND, ORDER_TYPE};
-use shm_layout::record::TemplateInfo;
 use std::collections::HashMap;
+use understudy_runtime::records::TemplateInfo;
 use understudy_runtime::store::{Op, Store};
 use understudy_runtime::{Application, Feature, Refused, Tx};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};

@@ -43,8 +43,10 @@
 
 use crate::book::{AccountId, InvalidOrder, OrderId, OrderKind, PlacedOrder, RestingOrder};
 use crate::book::{Side, Symbol};
-use shm_layout::record::{block_length, decode, encoded, latest_version, Record, TemplateInfo};
 use std::fmt;
+use understudy_runtime::records::{
+    block_length, decode, encoded, latest_version, Record, TemplateInfo,
+};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Record type id of a book unit's state ([`BookRecord`]).
@@ -91,7 +93,7 @@ impl Record for BookRecord {
         }
     }
 }
-shm_layout::assert_record_layout!(BookRecord);
+understudy_runtime::assert_record_layout!(BookRecord);
 const _: () = {
     use core::mem::offset_of;
     assert!(offset_of!(BookRecord, symbol) == 0);
@@ -146,7 +148,7 @@ impl Record for OrderRecord {
         }
     }
 }
-shm_layout::assert_record_layout!(OrderRecord);
+understudy_runtime::assert_record_layout!(OrderRecord);
 const _: () = {
     use core::mem::offset_of;
     assert!(offset_of!(OrderRecord, id) == 0);

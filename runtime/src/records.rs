@@ -51,8 +51,8 @@
 
 use crate::store::UnitRef;
 pub use shm_layout::record::{
-    block_length, encoded, latest_version, oldest_version, version_at_most, Record, RecordError,
-    TemplateInfo,
+    block_length, decode, encode, encoded, latest_version, oldest_version, version_at_most, Record,
+    RecordError, TemplateInfo,
 };
 
 /// Bytes before the block in a typed table record: type id and layout version.
