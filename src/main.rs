@@ -143,6 +143,10 @@ enum Command {
     /// Start again the restarts the crash-loop breaker stopped (after fixing the engine),
     /// without restarting the supervisor.
     ResumeRestarts,
+    /// Apply the config file (`--config`) to the running supervisor: acceptance, restart,
+    /// timeouts and metrics change at once; a change to what the engines were started with
+    /// (engine, ring, backpressure, slots, cluster, shm_dir) is refused, naming each field.
+    Reload,
     /// Check the host: CPU isolation, memlock, huge pages, clock source, leftover files.
     Doctor {
         /// Remove the shared files of dead clusters.
@@ -244,6 +248,16 @@ fn main() {
         Command::EnableFeatures => request(&cli, Op::EnableFeatures),
         Command::Down => request(&cli, Op::Down),
         Command::ResumeRestarts => request(&cli, Op::ResumeRestarts),
+        Command::Reload => match std::fs::read_to_string(&cli.config) {
+            Ok(config_toml) => request(
+                &cli,
+                Op::Reload(understudy_supervisor::proto::ReloadRequest { config_toml }),
+            ),
+            Err(e) => {
+                eprintln!("understudy: reading {}: {e}", cli.config.display());
+                Code::BadConfig
+            }
+        },
     };
     std::process::exit(code.exit_code());
 }

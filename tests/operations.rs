@@ -612,3 +612,96 @@ fn systemd_notifications_reach_a_fake_notify_socket() {
         "the engines log JSON too:\n{log}"
     );
 }
+
+/// Runs `understudy upgrade --binary <testapp v2>` to its end: exit code and the last line.
+fn upgrade_to_v2(c: &Cluster) -> (i32, String) {
+    let v2 = testapp().with_file_name("understudy-testapp-v2");
+    let out = c
+        .cli()
+        .arg("upgrade")
+        .arg("--binary")
+        .arg(&v2)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    (
+        out.status.code().unwrap_or(-1),
+        stdout.lines().last().unwrap_or("").to_owned(),
+    )
+}
+
+/// Runs `understudy reload` with the config file as it is now: exit code and its result line.
+fn reload(c: &Cluster) -> (i32, String) {
+    let out = c.cli().arg("reload").output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
+}
+
+/// `reload` changes the acceptance bounds between two upgrades without restarting the
+/// supervisor: an accept command that fails rolls the first upgrade back; a reload that also
+/// changes the ring (fixed while the engines run) is refused whole, naming the field, and the
+/// next upgrade is still rolled back; a reload of the acceptance alone (and a metrics
+/// endpoint) applies, and the same upgrade is then accepted.
+#[test]
+fn reload_changes_the_acceptance_between_two_upgrades() {
+    let mut c = Cluster::new(
+        "reload",
+        u64::MAX,
+        500,
+        "accept_for_ms = 300\naccept_cmd = \"exit 1\"\n",
+    );
+    c.up(&[], &[]);
+    let (code, last) = upgrade_to_v2(&c);
+    assert_eq!(code, 6, "the failing accept command rolls back: {last}");
+
+    let text = std::fs::read_to_string(&c.config).unwrap();
+    let accepting = text.replace("accept_cmd = \"exit 1\"", "accept_cmd = \"exit 0\"");
+    assert_ne!(accepting, text);
+    // The acceptance and the ring together: refused whole.
+    std::fs::write(
+        &c.config,
+        format!("{accepting}[ring]\ncapacity_bytes = 65536\n"),
+    )
+    .unwrap();
+    let (code, line) = reload(&c);
+    assert_eq!(code, 10, "{line}");
+    assert!(
+        line.contains("ring.capacity_bytes") && line.contains("nothing applied"),
+        "{line}"
+    );
+    let (code, last) = upgrade_to_v2(&c);
+    assert_eq!(code, 6, "the refused reload changed nothing: {last}");
+
+    // The acceptance alone, and a metrics endpoint: applied.
+    std::fs::write(
+        &c.config,
+        format!("{accepting}[metrics]\nlisten = \"127.0.0.1:0\"\n"),
+    )
+    .unwrap();
+    let (code, line) = reload(&c);
+    assert_eq!(code, 0, "{line}");
+    assert!(
+        line.contains("acceptance.accept_cmd") && line.contains("metrics.listen"),
+        "{line}"
+    );
+    let (code, last) = upgrade_to_v2(&c);
+    assert_eq!(code, 0, "accepted after the reload: {last}");
+    let s = c.wait("both engines on v2", |s| {
+        s.engines.len() == 2 && s.engines.iter().all(|e| e.app_version == 2)
+    });
+    assert!(s.active.is_some());
+    assert!(
+        c.log_text().contains("metrics endpoint ready"),
+        "the reloaded metrics section started the endpoint:\n{}",
+        c.log_text()
+    );
+    // Nothing changed: said so.
+    let (code, line) = reload(&c);
+    assert_eq!(
+        (code, line.contains("nothing changed")),
+        (0, true),
+        "{line}"
+    );
+}

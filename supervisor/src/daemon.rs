@@ -244,8 +244,7 @@ pub fn up(config: ClusterConfig) -> Result<(), UpError> {
         .map_err(|e| UpError::Io(format!("cannot start the socket thread: {e}")))?;
     info!(socket = %socket.display(), "control socket ready");
     // Operations: the Prometheus endpoint and systemd notifications, each off unless asked.
-    let _metrics =
-        crate::metrics::start_from_config(&sup.config.metrics, &sup.dir, &sup.config.cluster);
+    let _ = crate::metrics::configure(&sup.config.metrics, &sup.dir, &sup.config.cluster);
     let _systemd = crate::systemd::Notifier::start(sup.control.clone());
     sup.run(&rx);
     if !sup.finished {
@@ -1194,6 +1193,13 @@ impl Supervisor {
             }
             Op::ResumeRestarts => {
                 let _ = reply.send(self.resume_restarts());
+            }
+            Op::Reload(request) => {
+                let answer = match self.op {
+                    Some(_) => self.busy(),
+                    None => crate::reload::reload(self, &request),
+                };
+                let _ = reply.send(answer);
             }
             Op::Rollback => {
                 if let Some(Operation::Upgrade(run)) = self.op.as_mut() {

@@ -24,6 +24,7 @@ pub mod plan;
 pub mod process;
 pub mod proto;
 pub mod record;
+mod reload;
 mod socket;
 pub mod systemd;
 mod verify;

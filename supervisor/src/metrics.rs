@@ -431,29 +431,43 @@ fn serve(mut stream: TcpStream, dir: &Path, cluster: &str) {
     let _ = stream.write_all(answer.as_bytes());
 }
 
-/// Start the endpoint if `[metrics] listen` is set; a bind failure is logged, not fatal (the
-/// engines matter more than their metrics).
-pub fn start_from_config(
-    config: &MetricsConfig,
-    dir: &Path,
-    cluster: &str,
-) -> Option<MetricsServer> {
+/// The running endpoint of this process (one supervisor per process).
+static ENDPOINT: std::sync::Mutex<Option<MetricsServer>> = std::sync::Mutex::new(None);
+
+/// Make the endpoint match `config`: started, moved to a new address, or stopped (at `up`
+/// and at every `reload`). A failure is logged and returned, never fatal: the engines
+/// matter more than their metrics.
+pub fn configure(config: &MetricsConfig, dir: &Path, cluster: &str) -> Result<(), String> {
+    let mut endpoint = ENDPOINT.lock().unwrap_or_else(|e| e.into_inner());
     let addr = match config.listen_addr() {
-        Ok(Some(a)) => a,
-        Ok(None) => return None,
+        Ok(a) => a,
         Err((expected, found)) => {
-            warn!("metrics.listen: expected {expected}, found {found}; no metrics endpoint");
-            return None;
+            let e = format!("metrics.listen: expected {expected}, found {found}");
+            warn!("{e}; the metrics endpoint is unchanged");
+            return Err(e);
         }
+    };
+    let running = endpoint.as_ref().map(MetricsServer::local_addr);
+    if addr.is_some() && addr == running {
+        return Ok(());
+    }
+    // Stop the old one first: the new address may be the same port.
+    if let Some(old) = endpoint.take() {
+        info!(listen = %old.local_addr(), "metrics endpoint stopped");
+    }
+    let Some(addr) = addr else {
+        return Ok(());
     };
     match MetricsServer::start(addr, dir.to_owned(), cluster.to_owned()) {
         Ok(s) => {
             info!(listen = %s.local_addr(), "metrics endpoint ready (GET /metrics)");
-            Some(s)
+            *endpoint = Some(s);
+            Ok(())
         }
         Err(e) => {
-            tracing::error!("metrics endpoint: cannot listen on {addr}: {e}; running without it");
-            None
+            let e = format!("metrics endpoint: cannot listen on {addr}: {e}; running without it");
+            tracing::error!("{e}");
+            Err(e)
         }
     }
 }

@@ -137,7 +137,7 @@ pub enum RequestError {
 }
 
 /// The operation names, as on the wire.
-pub const OP_NAMES: [&str; 7] = [
+pub const OP_NAMES: [&str; 8] = [
     "status",
     "switchover",
     "upgrade",
@@ -145,6 +145,7 @@ pub const OP_NAMES: [&str; 7] = [
     "enable-features",
     "down",
     "resume-restarts",
+    "reload",
 ];
 
 const UPGRADE_FIELDS: [&str; 5] = [
@@ -233,6 +234,8 @@ impl fmt::Display for RequestError {
                 shown(field),
                 if *op == "upgrade" {
                     format!("only `v`, `op`, {}", UPGRADE_FIELDS.map(|f| format!("`{f}`")).join(", "))
+                } else if *op == "reload" {
+                    "only `v`, `op` and `config_toml`".to_string()
                 } else {
                     "only `v` and `op`".to_string()
                 }
@@ -307,6 +310,10 @@ impl TryFrom<serde_json::Value> for Request {
             "upgrade" => (
                 "upgrade",
                 Op::Upgrade(UpgradeRequest::from_fields(&mut fields)?),
+            ),
+            "reload" => (
+                "reload",
+                Op::Reload(ReloadRequest::from_fields(&mut fields)?),
             ),
             _ => return Err(RequestError::UnknownOp { found: shown(name) }),
         };
@@ -408,6 +415,35 @@ pub enum Op {
     /// Start restarting the slots the crash-loop breaker stopped (their crash counts are
     /// cleared).
     ResumeRestarts,
+    /// Apply a new configuration to the running supervisor (what can change at run time).
+    Reload(ReloadRequest),
+}
+
+/// The arguments of a reload: the whole configuration file's text, which the supervisor
+/// parses and validates again (the client's `--config` is what is applied, never ignored).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadRequest {
+    /// The TOML text of the configuration.
+    pub config_toml: String,
+}
+
+impl ReloadRequest {
+    fn from_fields(
+        fields: &mut serde_json::Map<String, serde_json::Value>,
+    ) -> Result<ReloadRequest, RequestError> {
+        match fields.remove("config_toml") {
+            None => Err(RequestError::Missing {
+                field: "config_toml",
+            }),
+            Some(serde_json::Value::String(config_toml)) => Ok(ReloadRequest { config_toml }),
+            Some(other) => Err(RequestError::Field {
+                field: "config_toml".into(),
+                expected: "the configuration file's TOML text, as a string".into(),
+                found: shown_value(&other),
+            }),
+        }
+    }
 }
 
 /// The arguments of an upgrade.
