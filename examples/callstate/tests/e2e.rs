@@ -322,6 +322,16 @@ fn callstate_under_the_supervisor() {
     limited.store(true, Ordering::Relaxed);
     progress(&mut probe, 100);
 
+    // The role hook ran for each way of becoming active (the engines' stderr is in the log).
+    let log = std::fs::read_to_string(cluster.work.join("supervisor.log")).unwrap();
+    for how in ["active (Start,", "active (Failover,", "active (Planned,"] {
+        assert!(
+            log.contains(how),
+            "no `{how}` in the log:\n{}",
+            cluster.log()
+        );
+    }
+
     stop.store(true, Ordering::Relaxed);
     let acked: Vec<Acked> = loads.into_iter().map(|h| h.join().unwrap()).collect();
     let sum = |f: fn(&Acked) -> u64| acked.iter().map(f).sum::<u64>();
