@@ -108,6 +108,9 @@ pub(crate) struct SwitchExec {
     acked: bool,
     posted: Instant,
     active_at: Option<Instant>,
+    /// Times the command was posted again after a "not hot" refusal of a target that
+    /// reports hot.
+    reposts: u8,
 }
 
 enum SwitchPoll {
@@ -127,6 +130,7 @@ impl SwitchExec {
             acked: false,
             posted: Instant::now(),
             active_at: None,
+            reposts: 0,
         }
     }
 
@@ -137,6 +141,20 @@ impl SwitchExec {
                 return SwitchPoll::Pending;
             }
             self.acked = true;
+            // "Not hot" for a target that reports hot: the active judged it on a stale view
+            // (a command left over from an operation a failover overtook, or acks still on
+            // their way); asked once more before the refusal stands.
+            if code == result::NOT_HOT
+                && self.reposts == 0
+                && sup.is_hot_standby(self.to)
+                && sup.is_active(self.from)
+            {
+                self.reposts += 1;
+                self.acked = false;
+                self.seq = sup.control.post(cmd::SWITCHOVER, self.to as u64);
+                warn!(to = %slot_name(self.to), "switchover refused as not hot although the target reports hot: asked once more");
+                return SwitchPoll::Pending;
+            }
             if code != result::OK {
                 return SwitchPoll::Refused(format!(
                     "engine {} refused: {}",
