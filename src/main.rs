@@ -147,7 +147,8 @@ enum Command {
     /// timeouts and metrics change at once; a change to what the engines were started with
     /// (engine, ring, backpressure, slots, cluster, shm_dir) is refused, naming each field.
     Reload,
-    /// Check the host: CPU isolation, memlock, huge pages, clock source, leftover files.
+    /// Check the host: isolation of the pinned CPUs, clock source, trust of the shared
+    /// directories, leftover files.
     Doctor {
         /// Remove the shared files of dead clusters.
         #[arg(long)]

@@ -705,3 +705,51 @@ fn reload_changes_the_acceptance_between_two_upgrades() {
         "{line}"
     );
 }
+
+/// The CPUs each engine may run on (`Cpus_allowed_list` of /proc/<pid>/status).
+fn cpus_allowed(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or("")
+        .trim()
+        .to_owned()
+}
+
+/// `doctor` advises only on what the product uses: the CPUs of `[slots.x] cpu` are applied to
+/// each engine (its allowed CPUs are exactly its slot's), doctor checks that those CPUs are
+/// isolated, and it says nothing of memlock or huge pages, which understudy does not use.
+#[test]
+fn pinned_cpus_are_applied_and_doctor_checks_only_what_is_used() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (cpu_a, cpu_b) = (0, cpus - 1);
+    let mut c = Cluster::new(
+        "pinning",
+        u64::MAX,
+        500,
+        &format!("[slots.a]\ncpu = {cpu_a}\n[slots.b]\ncpu = {cpu_b}\n"),
+    );
+    let s = c.up(&[], &[]);
+    assert_eq!(s.engines.len(), 2, "{s:#?}");
+    for e in &s.engines {
+        let want = if e.slot == "a" { cpu_a } else { cpu_b };
+        assert_eq!(cpus_allowed(e.pid), want.to_string(), "engine {}", e.slot);
+    }
+    let out = c.cli().arg("doctor").output().unwrap();
+    let checks: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let names: Vec<&str> = checks.iter().filter_map(|c| c["name"].as_str()).collect();
+    assert!(
+        names.contains(&"CPU isolation of pinned cores"),
+        "{names:?}"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains("memlock") || n.contains("huge")),
+        "doctor advises on what the product does not use: {names:?}"
+    );
+}

@@ -69,11 +69,14 @@ pub fn parse_cpu_list(text: &str) -> Option<Vec<u32>> {
 
 /// Runs every check. `config` gives the pinned CPUs and the shared-memory directory (the
 /// defaults without one); with `fix`, leftover files of dead clusters are removed.
+///
+/// Doctor checks only what the product uses: pinned CPUs (`[slots.x] cpu`, applied with
+/// `sched_setaffinity` when an engine starts) should be isolated. It does not check the
+/// memlock limit or huge pages: understudy locks no memory and maps its rings and control
+/// block with ordinary pages, so advice about them would be advice about nothing.
 pub fn run(config: Option<&ClusterConfig>, shm_dir: &Path, fix: bool) -> Vec<Check> {
     vec![
         check_isolation(config),
-        check_memlock(),
-        check_hugepages(),
         check_clocksource(),
         check_trust(config, shm_dir),
         check_leftovers(shm_dir, fix),
@@ -207,63 +210,6 @@ fn check_isolation(config: Option<&ClusterConfig>) -> Check {
                     .join(",")
             )),
         )
-    }
-}
-
-fn check_memlock() -> Check {
-    let name = "memlock limit";
-    let want: u64 = 64 << 20;
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `limit` is a valid out-pointer for getrlimit.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        return Check::new(name, Verdict::Warn, format!("cannot read: {e}"), None);
-    }
-    let soft = limit.rlim_cur;
-    if soft == libc::RLIM_INFINITY {
-        Check::new(name, Verdict::Ok, "unlimited".into(), None)
-    } else if soft >= want {
-        Check::new(name, Verdict::Ok, format!("{} MiB", soft >> 20), None)
-    } else {
-        Check::new(
-            name,
-            Verdict::Warn,
-            format!("{} KiB: too little to lock the rings and the store in memory", soft >> 10),
-            Some("raise it: `ulimit -l unlimited`, or `LimitMEMLOCK=infinity` in the systemd unit, or a memlock line in /etc/security/limits.conf".into()),
-        )
-    }
-}
-
-fn check_hugepages() -> Check {
-    let name = "huge pages";
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |key: &str| {
-        meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    match field("HugePages_Total:") {
-        Some(0) | None => Check::new(
-            name,
-            Verdict::Warn,
-            "no huge pages reserved".into(),
-            Some("reserve some: `sysctl vm.nr_hugepages=512` (and in /etc/sysctl.conf)".into()),
-        ),
-        Some(total) => Check::new(
-            name,
-            Verdict::Ok,
-            format!(
-                "{total} reserved, {} free",
-                field("HugePages_Free:").unwrap_or(0)
-            ),
-            None,
-        ),
     }
 }
 
