@@ -81,6 +81,7 @@ pub mod liveness;
 pub mod protocol;
 pub mod records;
 pub mod store;
+#[cfg(feature = "testkit")]
 #[doc(hidden)]
 pub mod testkit;
 
