@@ -1374,4 +1374,23 @@ mod tests {
         assert_eq!(delays, [0, 30, 60, 120, 200, 200, 200]);
         assert_eq!(restart_delay_ms(&restart, u32::MAX), 200);
     }
+
+    #[test]
+    fn only_an_engine_dying_of_its_own_fault_counts_as_a_crash() {
+        // Proves the breaker's classification of exits: an exit code, a panic's abort and a
+        // fault are crashes; SIGKILL, SIGTERM, SIGINT and SIGHUP come from outside; an adopted
+        // engine's unknown status counts as a crash.
+        use std::os::unix::process::ExitStatusExt;
+        use std::process::ExitStatus;
+        let killed = |raw| killed_by_signal(&ExitInfo::Status(ExitStatus::from_raw(raw)));
+        for signal in [libc::SIGKILL, libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            assert!(killed(signal), "signal {signal}");
+        }
+        for signal in [libc::SIGSEGV, libc::SIGABRT, libc::SIGBUS, libc::SIGILL] {
+            assert!(!killed(signal), "signal {signal}");
+        }
+        assert!(!killed(1 << 8), "exit 1");
+        assert!(!killed(0), "exit 0");
+        assert!(!killed_by_signal(&ExitInfo::Unknown));
+    }
 }
