@@ -287,6 +287,21 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any values: a launch or a typed error naming the variable, never a panic; a slot is
+        /// accepted only as `a`, `b` or `c`.
+        #[test]
+        fn any_values(dir in ".{0,12}", slot in ".{0,3}", standby in ".{0,2}", ring in ".{0,8}") {
+            let env = [(ENV_DIR, dir.as_str()), (ENV_SLOT, slot.as_str()),
+                (ENV_STANDBY, standby.as_str()), (ENV_RING, ring.as_str())];
+            match Launch::from_lookup(lookup(&env)) {
+                Ok(l) => proptest::prop_assert!(["a", "b", "c"].contains(&slot.trim())
+                    && l.slot == slot_index(slot.trim()).unwrap()),
+                Err(e) => proptest::prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
+
     #[test]
     fn arguments_of_the_standalone_form() {
         let args: Vec<String> = ["--dir", "/d", "--slot", "b", "--standby", "--spin"]
