@@ -812,8 +812,9 @@ pub struct KindStats {
     pub count: u64,
     /// Failovers they caused (the standby stepped up).
     pub failovers: u64,
-    /// Operations the supervisor declined or undid, leaving the cluster serving (an upgrade
-    /// aborted or rolled back, a switchover refused).
+    /// Operations the supervisor declined, undid or failed, after which the cluster served
+    /// again with a hot standby (an upgrade aborted or rolled back, a switchover refused, or
+    /// one whose old active was fenced as hung in the middle).
     pub refused: u64,
     /// The longest time a client waited for an answer around one of them, ms.
     pub longest_wait_ms: f64,
@@ -1029,15 +1030,16 @@ impl From<bool> for Applied {
     }
 }
 
-/// An operation's result: `Ok(None)` done, `Ok(Some(why))` declined or undone with the
-/// cluster left serving (aborted, rolled back, refused), `Err` anything else.
+/// An operation's result: `Ok(None)` done, `Ok(Some(why))` declined, undone or failed (the
+/// caller then requires a served cluster with a hot standby, as after any event), `Err` an
+/// outage or a failed rollback.
 fn outcome(what: &str, r: &Reply) -> Result<Option<String>, String> {
     match r.code {
         Some(Code::Ok) => Ok(None),
-        Some(Code::Aborted | Code::RolledBack | Code::WrongRole | Code::Busy) => {
-            Ok(Some(format!("{what}: {:?}: {}", r.code, r.message)))
+        Some(Code::Outage | Code::RollbackFailed) | None => {
+            Err(format!("{what}: {:?}: {}", r.code, r.message))
         }
-        _ => Err(format!("{what}: {:?}: {}", r.code, r.message)),
+        Some(_) => Ok(Some(format!("{what}: {:?}: {}", r.code, r.message))),
     }
 }
 
