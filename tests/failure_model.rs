@@ -471,22 +471,30 @@ fn a_flipped_bit_in_any_control_block_word_a_decision_reads_kills_nothing_and_de
     // standby's pid, start time, role, state, epoch and heartbeat — for longer than every
     // fence threshold and the outage delay. No engine is killed, no outage or lost state is
     // declared, the same two processes serve throughout, and nothing is lost.
-    // Default heartbeat (50 ms): the supervisor fences a hung active after 500 ms and a hung
-    // standby after 2 s; the engines' own fence of a hung active waits 5 s here, so that only
-    // the supervisor's decisions are under test on this loaded machine.
+    // Heartbeat 100 ms: the supervisor fences a hung active after 1 s and a hung standby
+    // after 4 s (tolerant of a loaded 2-vCPU machine); the engines' own fence of a hung
+    // active waits 10 s here, so that only the supervisor's decisions are under test.
     let mut h = Harness::new(
         "bitflip",
-        60_000,
+        40_000,
         300,
         "",
-        "[timeouts]\nswitchover_ms = 600\n[engine.env]\nUNDERSTUDY_HUNG_MS = \"5000\"\n",
+        "[timeouts]\nheartbeat_ms = 100\nswitchover_ms = 600\n[engine.env]\nUNDERSTUDY_HUNG_MS = \"10000\"\n",
     );
     let s = h.up();
     let active = s.active_engine().unwrap().clone();
     let standby = s.hot_standbys().next().unwrap().clone();
     let a = slot_index(&active.slot).unwrap();
     let b = slot_index(&standby.slot).unwrap();
-    let hold = Duration::from_millis(2300);
+    // Each flip outlasts the threshold a decision on that word would wait for: the outage
+    // delay (600 ms), the active's fence (1 s), the standby's fence (4 s).
+    let hold = |what: &str| {
+        Duration::from_millis(if what == "standby heartbeat" {
+            4500
+        } else {
+            1500
+        })
+    };
     let checked = |w: Word| vec![w.primary_offset(), w.mirror_offset()];
     let slot_word = |slot: usize, f: Field| Word::Slot { slot, field: f };
     // (what, word offsets, the bit: one that moves the value to a plausible wrong one)
@@ -514,7 +522,7 @@ fn a_flipped_bit_in_any_control_block_word_a_decision_reads_kills_nothing_and_de
         cases.push((format!("{who} heartbeat"), vec![offset], 40));
     }
     for (what, offsets, bit) in &cases {
-        hold_flipped(&h.dir(), offsets, *bit, hold);
+        hold_flipped(&h.dir(), offsets, *bit, hold(what));
         let s = h.wait(
             &format!("the cluster serving after a flip in `{what}`"),
             Duration::from_secs(10),

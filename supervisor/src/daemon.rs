@@ -165,6 +165,9 @@ pub struct Supervisor {
     role_changes: VecDeque<RoleChange>,
     rates: [(u64, Instant, f64); SLOTS],
     last_rate_sample: Instant,
+    /// When the control block's checked words were last verified, and whether damage was
+    /// being reported.
+    control_checked: (Instant, bool),
     outage_reported: bool,
     /// Since when no engine has been active (an outage once it outlasts the switchover
     /// timeout).
@@ -321,6 +324,7 @@ impl Supervisor {
             role_changes: VecDeque::new(),
             rates: [(0, Instant::now(), 0.0); SLOTS],
             last_rate_sample: Instant::now(),
+            control_checked: (Instant::now(), false),
             outage_reported: false,
             no_active_since: None,
             last_upgrade: None,
@@ -635,6 +639,7 @@ impl Supervisor {
             self.resend_stops();
             self.watch_hot();
             self.fence();
+            self.check_control();
             self.watch_roles();
             self.step_op();
             self.keep();
@@ -976,6 +981,25 @@ impl Supervisor {
                 proc.fenced = true;
             }
         }
+    }
+
+    /// Every 100 ms: the control block's checked words verified, a copy damaged while the
+    /// other is intact rewritten from it (the engines do the same; compare-and-swap, so a
+    /// legitimate write wins), and the damage logged with each word named — once per episode.
+    fn check_control(&mut self) {
+        let (at, reporting) = self.control_checked;
+        if at.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        let found = self.control.repair();
+        if !found.is_empty() && !reporting {
+            for c in &found {
+                warn!("{c}; decisions on this word wait for a second source");
+            }
+        } else if found.is_empty() && reporting {
+            info!("the control block's checked words are intact again");
+        }
+        self.control_checked = (Instant::now(), !found.is_empty());
     }
 
     /// How old `slot`'s heartbeat is at `now` (CLOCK_MONOTONIC ns).
