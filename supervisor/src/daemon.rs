@@ -886,7 +886,8 @@ impl Supervisor {
         let seen_at = Instant::now();
         let hung_ns = self.config.timeouts.heartbeat_ms * HUNG_BEATS * 1_000_000;
         let epoch = self.control.epoch();
-        let holder = self.lock_holder();
+        // Who holds the active's lock: looked up (in /proc) only when a decision needs it.
+        let mut holder_seen: Option<Option<usize>> = None;
         for slot in 0..SLOTS {
             let Some(proc) = self.engines[slot].as_ref() else {
                 self.heartbeat_seen[slot] = None;
@@ -896,7 +897,6 @@ impl Supervisor {
                 continue;
             }
             let pid = proc.pid();
-            let alive = proc.identity.is_alive();
             let role = self.role(slot);
             let word = self.control.get(slot, Field::HeartbeatNs);
             let unchanged_ns = match self.heartbeat_seen[slot].as_mut() {
@@ -914,9 +914,17 @@ impl Supervisor {
                 hung_ns * 4
             };
             let claims_stale = role == Role::Active
-                && alive
                 && self.control.get(slot, Field::Epoch) < epoch
-                && self.state(slot) == State::Serving;
+                && self.state(slot) == State::Serving
+                && self.engines[slot]
+                    .as_ref()
+                    .is_some_and(|p| p.identity.is_alive());
+            let hung = age > limit && unchanged_ns > limit;
+            let holder = if claims_stale || hung {
+                *holder_seen.get_or_insert_with(|| self.lock_holder())
+            } else {
+                None
+            };
             // An active killed a moment ago looks superseded until its exit is complete (its
             // lock was taken over at once): only a state that lasts the hung threshold is
             // a second active.
@@ -943,7 +951,6 @@ impl Supervisor {
                     "the control block says this engine is active in an old epoch, but no other engine holds the active's lock: the control block is suspect; not fencing"
                 );
             }
-            let hung = age > limit && unchanged_ns > limit;
             if !hung && self.hung_unfenced[slot] {
                 self.hung_unfenced[slot] = false;
                 info!(slot = %slot_name(slot), pid, "the hung engine's heartbeat resumed");
