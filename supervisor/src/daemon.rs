@@ -1348,7 +1348,12 @@ impl Supervisor {
                     (crashes > 0 || r.given_up).then(|| SlotRestarts {
                         slot: slot_name(s).to_string(),
                         crashes,
-                        backoff_ms: r.delay_ms,
+                        // The backoff of the restart pending, or of the next one.
+                        backoff_ms: if r.next_at.is_some() {
+                            r.delay_ms
+                        } else {
+                            restart_delay_ms(&self.config.restart, crashes)
+                        },
                         given_up: r.given_up,
                     })
                 })
