@@ -29,7 +29,7 @@
 //! // Only by name, and only the fields the operation takes.
 //! assert!(Request::parse(br#"{"v":1,"op":5}"#).is_err());
 //! let unknown = Request::parse(br#"{"v":1,"op":"down","binary":"x"}"#).unwrap_err();
-//! assert!(unknown.to_string().contains("`binary`"), "{unknown}");
+//! assert!(unknown.to_string().contains("\"binary\""), "{unknown}");
 //! let reply = Reply::result(Code::RolledBack, "upgrade rolled back");
 //! let line = serde_json::to_string(&reply).unwrap();
 //! assert!(line.contains(r#""code":"rolled-back""#));
