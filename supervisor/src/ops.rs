@@ -883,7 +883,9 @@ impl UpgradeRun {
             pause_at: test_pause_at(),
             paused: false,
             rollback: false,
-            probe: Some(Probe::new(sup)),
+            // With `keep_standby` the plan's first action starts the new version in the
+            // spare slot anyway, before anything is taken out of service.
+            probe: (!request.keep_standby).then(|| Probe::new(sup)),
         };
         run.write_record(sup).map_err(|e| {
             Reply::result(
