@@ -14,6 +14,17 @@
 //! lists instead of starting new ones. If its predecessor stopped in the middle of an upgrade
 //! (the [`crate::record`] in the cluster directory says so), it settles that upgrade
 //! before anything else and never continues it: see [`UpgradePlan::resume`](crate::plan::UpgradePlan::resume).
+//!
+//! Two rules bound every destructive decision (a fence, a "state is lost" outage):
+//! - **The last copy is sacred.** A hung active is fenced only if a hot standby can take
+//!   over; a hung standby only while another engine verifiably serves. With the active dead,
+//!   a stalled standby that was hot in the epoch holds every committed transaction: it is
+//!   reported and waited for, and steps up when it runs again.
+//! - **The control block is verified, not trusted.** Before acting on it, the supervisor
+//!   checks it against what it knows itself ([`crate::verify`]): the pidfd and `/proc`
+//!   identity of each engine it watches, which of them holds the active's robust mutex, and
+//!   the heartbeat word as it saw it change. A flipped word never kills a serving engine or
+//!   declares a serving cluster lost.
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
