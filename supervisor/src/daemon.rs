@@ -21,7 +21,7 @@
 //!   a stalled standby that was hot in the epoch holds every committed transaction: it is
 //!   reported and waited for, and steps up when it runs again.
 //! - **The control block is verified, not trusted.** Before acting on it, the supervisor
-//!   checks it against what it knows itself ([`crate::verify`]): the pidfd and `/proc`
+//!   checks it against what it knows itself (module `verify`): the pidfd and `/proc`
 //!   identity of each engine it watches, which of them holds the active's robust mutex, and
 //!   the heartbeat word as it saw it change. A flipped word never kills a serving engine or
 //!   declares a serving cluster lost.
