@@ -13,7 +13,8 @@
 
 use understudy_supervisor::config::{ClusterConfig, ConfigError, HEARTBEAT_MS_MAX};
 use understudy_supervisor::proto::{
-    Op, Request, RequestError, UpgradeRequest, ACCEPT_FOR_MS_MAX, OP_NAMES, REQUEST_BYTES_MAX,
+    Op, ReloadRequest, Request, RequestError, UpgradeRequest, ACCEPT_FOR_MS_MAX, OP_NAMES,
+    REQUEST_BYTES_MAX,
 };
 
 fn cases() -> u64 {
@@ -85,9 +86,10 @@ fn json_value(rng: &mut Rng, depth: u32) -> serde_json::Value {
     }
 }
 
-const REQUEST_FIELDS: [&str; 9] = [
+const REQUEST_FIELDS: [&str; 10] = [
     "v",
     "op",
+    "config_toml",
     "binary",
     "accept_for_ms",
     "accept_cmd",
@@ -181,8 +183,8 @@ fn expected_request(bytes: &[u8]) -> Option<Request> {
         return None;
     }
     let op = map.get("op")?.as_str()?;
-    let allowed: &[&str] = if op == "upgrade" {
-        &[
+    let allowed: &[&str] = match op {
+        "upgrade" => &[
             "v",
             "op",
             "binary",
@@ -190,9 +192,9 @@ fn expected_request(bytes: &[u8]) -> Option<Request> {
             "accept_cmd",
             "keep_standby",
             "no_enable",
-        ]
-    } else {
-        &["v", "op"]
+        ],
+        "reload" => &["v", "op", "config_toml"],
+        _ => &["v", "op"],
     };
     if map.keys().any(|k| !allowed.contains(&k.as_str())) {
         return None;
@@ -203,7 +205,10 @@ fn expected_request(bytes: &[u8]) -> Option<Request> {
         "rollback" => Op::Rollback,
         "enable-features" => Op::EnableFeatures,
         "down" => Op::Down,
-        "resume-restarts" if OP_NAMES.contains(&"resume-restarts") => Op::ResumeRestarts,
+        "resume-restarts" => Op::ResumeRestarts,
+        "reload" => Op::Reload(ReloadRequest {
+            config_toml: map.get("config_toml")?.as_str()?.to_string(),
+        }),
         "upgrade" => {
             let binary = map.get("binary")?.as_str()?;
             if binary.is_empty() || binary.contains('\0') {
