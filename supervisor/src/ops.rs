@@ -799,6 +799,21 @@ impl Probe {
         None
     }
 
+    /// Another engine died while the check ran: the verdict is the upgrade's end (nothing
+    /// was changed); the probe is stopped first.
+    fn fail(&mut self, sup: &mut Supervisor, reason: String) {
+        if self.verdict.is_some() {
+            return;
+        }
+        warn!("compatibility check abandoned: {reason}");
+        if sup.engines[self.slot].is_some() {
+            sup.request_stop(self.slot);
+        }
+        self.spawned = true;
+        self.deadline = Instant::now();
+        self.verdict = Some(Err(reason));
+    }
+
     /// The probe died on its own before attaching.
     fn died_reason(&self, sup: &Supervisor) -> String {
         format!(
@@ -1087,7 +1102,28 @@ impl UpgradeRun {
             }
             match verdict {
                 None => return false,
-                Some(Ok(())) => self.probe = None,
+                Some(Ok(())) => {
+                    self.probe = None;
+                    // The plan starts from the roles it was made for, or not at all.
+                    let spec = self.plan.spec();
+                    let now = active_and_standby(sup).map(|(a, b)| (plan_slot(a), plan_slot(b)));
+                    if now.as_ref().ok() != Some(&(spec.active, spec.standby)) {
+                        let found = match now {
+                            Ok((a, b)) => format!("engine {a} active, engine {b} hot standby"),
+                            Err(reply) => reply.message,
+                        };
+                        self.finish(
+                            sup,
+                            Outcome::Aborted {
+                                reason: format!(
+                                    "nothing was changed: the cluster changed during the compatibility check (expected engine {} active and engine {} hot standby, found: {found}); run the upgrade again",
+                                    spec.active, spec.standby
+                                ),
+                            },
+                        );
+                        return true;
+                    }
+                }
                 Some(Err(reason)) => {
                     self.probe = None;
                     self.finish(
@@ -1484,8 +1520,20 @@ impl UpgradeRun {
     }
 
     fn on_death(&mut self, sup: &mut Supervisor, slot: usize, successor: Option<usize>) {
-        if self.probe.as_ref().is_some_and(|p| p.slot == slot) {
-            // The compatibility check's engine: its death is the check's answer.
+        if let Some(probe) = self.probe.as_mut() {
+            if probe.slot != slot {
+                // Before the plan's first action: nothing was changed; the upgrade ends here
+                // and the keeper restores the cluster.
+                probe.fail(
+                    sup,
+                    format!(
+                        "engine {} died during the compatibility check (active now: {})",
+                        slot_name(slot),
+                        successor.map_or("none".into(), |s| slot_name(s).to_string())
+                    ),
+                );
+            }
+            // The check's own engine: its death is the check's answer.
             return;
         }
         emit(
