@@ -77,6 +77,7 @@ fn death(death: Death, target: Target) {
         Ok(o) => o,
         Err(e) => panic!("{e}\nsupervisor log:\n{}", c.log_tail(80)),
     };
+    assert_eq!(outcome.incident, None, "{}", c.log_tail(80));
     assert_eq!(
         outcome.failover,
         target == Target::Active,
