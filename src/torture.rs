@@ -444,10 +444,11 @@ impl Cluster {
                 death.name(),
                 survivor.pid,
                 new_active.pid,
-                if self
-                    .log_text()
-                    .contains(&format!("fencing it with SIGKILL pid={}", survivor.pid))
-                {
+                if self.log_text().lines().any(|l| {
+                    l.contains("fencing")
+                        && l.split_whitespace()
+                            .any(|w| w == format!("pid={}", survivor.pid))
+                }) {
                     "fenced as hung"
                 } else {
                     "not fenced: unexplained"
