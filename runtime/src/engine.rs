@@ -950,12 +950,7 @@ impl<A: Application, I: Input> Engine<A, I> {
     /// Keep command `seq` pending (true) for up to `bound`, while a standby finishes
     /// attaching: the supervisor posts right after it saw the standby hot.
     fn defer_command(&mut self, seq: u64, bound: Duration) -> bool {
-        let first = *self.cmd_seen.get_or_insert((seq, Instant::now()));
-        if first.0 == seq && first.1.elapsed() < bound {
-            return true;
-        }
-        self.cmd_seen = None;
-        false
+        defer_decision(&mut self.cmd_seen, seq, bound, Instant::now())
     }
 
     /// Forget a source's replicated position, in a transaction of its own.
@@ -2453,6 +2448,32 @@ pub fn push_tx(
 
 /// SIGKILL a hung engine: its robust mutex becomes owner-died and its standby steps up. The
 /// caller checked its identity (pid + start time, so a reused pid is very unlikely).
+/// Whether to put off deciding command `seq` (its target may still be confirming it is hot):
+/// yes until `bound` has passed since this command was first seen. A command first seen under
+/// another sequence number (a command that a failover or a newer request superseded, left
+/// over in `seen`) starts its own clock: it must never inherit an older command's, which
+/// refused a new switchover as "not hot" at once.
+fn defer_decision(
+    seen: &mut Option<(u64, Instant)>,
+    seq: u64,
+    bound: Duration,
+    now: Instant,
+) -> bool {
+    match *seen {
+        Some((s, first)) if s == seq => {
+            if now.saturating_duration_since(first) < bound {
+                return true;
+            }
+            *seen = None;
+            false
+        }
+        _ => {
+            *seen = Some((seq, now));
+            true
+        }
+    }
+}
+
 /// `try_lock`, recovering a mutex whose holder thread is provably gone although the word was
 /// never marked owner-died (see [`RobustLock::recover_dead_holder`]).
 ///
@@ -2694,7 +2715,49 @@ fn send_chunk(
 
 #[cfg(test)]
 mod tests {
-    use super::ServiceTimes;
+    use super::{defer_decision, ServiceTimes};
+    use std::time::{Duration, Instant};
+
+    /// A switchover left over from a superseded command does not make the next one refused at
+    /// once as "not hot": each sequence number is deferred on its own clock.
+    #[test]
+    fn a_command_left_over_from_a_superseded_one_gets_its_own_deferral() {
+        let t0 = Instant::now();
+        let bound = Duration::from_secs(1);
+        let mut seen = None;
+        // Command 7 is deferred, then decided once its bound has passed.
+        assert!(defer_decision(&mut seen, 7, bound, t0));
+        assert!(defer_decision(
+            &mut seen,
+            7,
+            bound,
+            t0 + Duration::from_millis(500)
+        ));
+        assert!(!defer_decision(
+            &mut seen,
+            7,
+            bound,
+            t0 + Duration::from_secs(2)
+        ));
+        assert_eq!(seen, None);
+        // Command 8 was seen, then superseded (a failover) before being decided: command 9,
+        // much later, is deferred on its own clock, not refused on 8's.
+        assert!(defer_decision(&mut seen, 8, bound, t0));
+        let later = t0 + Duration::from_secs(30);
+        assert!(defer_decision(&mut seen, 9, bound, later));
+        assert!(defer_decision(
+            &mut seen,
+            9,
+            bound,
+            later + Duration::from_millis(900)
+        ));
+        assert!(!defer_decision(
+            &mut seen,
+            9,
+            bound,
+            later + Duration::from_secs(1)
+        ));
+    }
 
     /// One long preemption among a full window does not move the p99; the window resets.
     #[test]
