@@ -365,6 +365,12 @@ impl Supervisor {
                     Err(e) => warn!(slot = %slot_name(slot), "cannot adopt engine: {e}"),
                 }
             }
+            // A `down` that a previous supervisor began and did not finish left the cluster
+            // marked down: clients would be told `ClusterDown` by a cluster we now serve.
+            if sup.control.cluster_state() != Ok(understudy_runtime::control::ClusterState::Up) {
+                sup.control
+                    .set_cluster_state(understudy_runtime::control::ClusterState::Up);
+            }
             sup.ensure_two_managed();
             sup.record_spawned();
             sup.take_up_interrupted_upgrade();
