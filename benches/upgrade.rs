@@ -228,6 +228,7 @@ fn one_run(run: usize, rate: u64, accept_ms: u64, pre: Duration, warm: Duration)
                 accept_cmd: None,
                 keep_standby: false,
                 no_enable: false,
+                ..Default::default()
             })),
             |r| {
                 let t_us = load.now_us();

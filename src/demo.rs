@@ -410,6 +410,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
                 accept_cmd: None,
                 keep_standby: false,
                 no_enable: false,
+                ..Default::default()
             })),
             |ev| {
                 let t = t0.elapsed().as_secs_f64();

@@ -117,6 +117,13 @@ enum Command {
     /// Planned switchover to the hot standby; waits until done and prints the pause.
     Switchover,
     /// The rolling upgrade to a new engine binary, with acceptance and automatic rollback.
+    ///
+    /// The acceptance bounds are the config's `[acceptance]`; each flag below replaces one of
+    /// them for this upgrade only (the config, and the next upgrade, are unchanged). When
+    /// `--config` (or `UNDERSTUDY_CONFIG`) is given, that file's `[acceptance]` is the base of
+    /// this upgrade's bounds, and the upgrade is refused (exit 10, nothing done) if the file
+    /// differs from the running config anywhere else: apply such changes with `reload` first.
+    /// Without it, the running config's bounds (as last reloaded) are the base.
     Upgrade {
         /// The new engine executable.
         #[arg(long)]
@@ -127,6 +134,18 @@ enum Command {
         /// A shell command that must exit 0 for the upgrade to be accepted.
         #[arg(long)]
         accept_cmd: Option<String>,
+        /// The highest acceptable fraction of refused requests during the soak, 0 to 1
+        /// (`acceptance.max_error_rate`; counted only with refusals counted).
+        #[arg(long, value_name = "FRACTION", value_parser = parse_error_rate)]
+        max_error_rate: Option<f64>,
+        /// Count the handler's refusals as errors against the error rate, `true` or `false`
+        /// (`acceptance.count_refusals`).
+        #[arg(long, value_name = "BOOL", value_parser = parse_bool_flag)]
+        count_refusals: Option<bool>,
+        /// The highest acceptable p99 request service time of the new active, in µs, at most
+        /// 3600000000 (`acceptance.max_latency_us_p99`).
+        #[arg(long, value_name = "MICROSECONDS", value_parser = parse_latency_us)]
+        max_latency_us_p99: Option<u64>,
         /// Start the new version as a third standby first: a hot standby at every moment.
         #[arg(long)]
         keep_standby: bool,
@@ -173,6 +192,36 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// `--max-error-rate`: the bound of `acceptance.max_error_rate`.
+fn parse_error_rate(text: &str) -> Result<f64, String> {
+    let text = text.trim();
+    let rate: f64 = text
+        .parse()
+        .map_err(|_| format!("expected a fraction between 0 and 1, found `{text}`"))?;
+    understudy_supervisor::config::check_max_error_rate(rate)
+        .map_err(|expected| format!("expected {expected}, found `{text}`"))
+}
+
+/// `--max-latency-us-p99`: the bound of `acceptance.max_latency_us_p99`.
+fn parse_latency_us(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let bound = understudy_supervisor::config::LATENCY_US_MAX;
+    let us: u64 = text.parse().map_err(|_| {
+        format!("expected a whole number of µs from 0 to {bound} (1 hour), found `{text}`")
+    })?;
+    understudy_supervisor::config::check_max_latency_us_p99(us)
+        .map_err(|expected| format!("expected {expected}, found `{text}`"))
+}
+
+/// `--count-refusals`: `true` or `false`.
+fn parse_bool_flag(text: &str) -> Result<bool, String> {
+    match text.trim() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(format!("expected `true` or `false`, found `{other}`")),
+    }
+}
+
 fn parse_duration_unbounded(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = text
@@ -204,7 +253,16 @@ fn parse_duration_unbounded(text: &str) -> Result<Duration, String> {
 fn main() {
     // Invoked as `matchbook-v1` / `matchbook-v2` (the demo's engine executables): be that engine.
     understudy::dispatch_multicall();
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // `--config` named by the operator (flag or environment), not the default file name.
+    let config_given = matches!(
+        config_source(&matches),
+        Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+    );
     // The engines `up` starts inherit the format (still one thread here: no other reader).
     std::env::set_var(understudy_runtime::LOG_FORMAT_VAR, &cli.log_format);
     let code = match &cli.command {
@@ -229,11 +287,27 @@ fn main() {
             binary,
             accept_for,
             accept_cmd,
+            max_error_rate,
+            count_refusals,
+            max_latency_us_p99,
             keep_standby,
             no_enable,
         } => {
             // The supervisor runs in another directory: send an absolute path.
             let binary = std::path::absolute(binary).unwrap_or_else(|_| binary.clone());
+            // A config file the operator named is used (its [acceptance] is this upgrade's
+            // base, the rest must match the running config), never ignored.
+            let config_toml = if config_given {
+                match std::fs::read_to_string(&cli.config) {
+                    Ok(text) => Some(text),
+                    Err(e) => {
+                        eprintln!("understudy: reading {}: {e}", cli.config.display());
+                        std::process::exit(Code::BadConfig.exit_code());
+                    }
+                }
+            } else {
+                None
+            };
             request(
                 &cli,
                 Op::Upgrade(UpgradeRequest {
@@ -242,6 +316,10 @@ fn main() {
                     accept_cmd: accept_cmd.clone(),
                     keep_standby: *keep_standby,
                     no_enable: *no_enable,
+                    max_error_rate: *max_error_rate,
+                    count_refusals: *count_refusals,
+                    max_latency_us_p99: *max_latency_us_p99,
+                    config_toml,
                 }),
             )
         }
@@ -296,6 +374,21 @@ fn demo(json: bool, quick: bool, rate: u64) -> Code {
             Code::Failed
         }
     }
+}
+
+/// Where the value of the global `--config` came from (it may be given after the subcommand).
+fn config_source(matches: &clap::ArgMatches) -> Option<clap::parser::ValueSource> {
+    let mut source = matches.value_source("config");
+    let mut m = matches;
+    while let Some((_, sub)) = m.subcommand() {
+        if let Some(s) = sub.value_source("config") {
+            if source.is_none_or(|t| s > t) {
+                source = Some(s);
+            }
+        }
+        m = sub;
+    }
+    source
 }
 
 fn load_config(path: &Path) -> Result<ClusterConfig, Code> {

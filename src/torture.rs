@@ -1143,6 +1143,7 @@ fn apply(
                 accept_cmd: None,
                 keep_standby: false,
                 no_enable: true,
+                ..Default::default()
             }))?;
             let refused = outcome(&format!("upgrade to v{to}"), &r)?;
             let s = cluster.wait_settled(Duration::from_secs(60))?;

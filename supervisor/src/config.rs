@@ -296,6 +296,26 @@ pub struct AcceptanceConfig {
     pub accept_cmd: Option<String>,
 }
 
+/// The bound of `acceptance.max_error_rate` (config, upgrade flag and upgrade request alike):
+/// `Err(expected)` when `rate` is outside it.
+pub fn check_max_error_rate(rate: f64) -> Result<f64, &'static str> {
+    if rate.is_finite() && (0.0..=1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err("a fraction between 0 and 1")
+    }
+}
+
+/// The bound of `acceptance.max_latency_us_p99` (config, upgrade flag and upgrade request
+/// alike): `Err(expected)` when `us` is above it.
+pub fn check_max_latency_us_p99(us: u64) -> Result<u64, String> {
+    if us <= LATENCY_US_MAX {
+        Ok(us)
+    } else {
+        Err(format!("at most {LATENCY_US_MAX} µs (1 hour)"))
+    }
+}
+
 impl Default for AcceptanceConfig {
     fn default() -> Self {
         Self {
@@ -757,10 +777,10 @@ impl ClusterConfig {
             );
         }
         let a = &self.acceptance;
-        if !(0.0..=1.0).contains(&a.max_error_rate) {
+        if let Err(expected) = check_max_error_rate(a.max_error_rate) {
             bad(
                 "acceptance.max_error_rate",
-                "a fraction between 0 and 1",
+                expected,
                 a.max_error_rate.to_string(),
             );
         }

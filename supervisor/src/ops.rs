@@ -28,7 +28,7 @@ use tracing::{error, info, warn};
 use understudy_runtime::control::{cmd, realtime_ns, slot_cmd, slot_name, Field, SLOTS};
 use understudy_runtime::engine::result;
 
-use crate::config::check_binary;
+use crate::config::{check_binary, AcceptanceConfig, ClusterConfig};
 use crate::daemon::Supervisor;
 use crate::plan::{
     Action, Cluster, Engine, Event, Next, Outcome, Planned, Recovery, Role as PlanRole, Slot,
@@ -339,6 +339,7 @@ impl Operation {
             accept_cmd: None,
             keep_standby: false,
             no_enable: true,
+            ..Default::default()
         };
         UpgradeRun::begin(sup, request, reply).map(|mut r| {
             r.accept_cmd = None;
@@ -664,6 +665,55 @@ enum Phase {
     Enable(EnableExec),
 }
 
+/// The acceptance bounds of one upgrade: the `[acceptance]` of the config file the operator
+/// named (`request.config_toml`, refused if it differs from the running config anywhere else)
+/// or of the running config, then every bound the request gives in place of the config's.
+fn upgrade_acceptance(
+    sup: &Supervisor,
+    request: &UpgradeRequest,
+) -> Result<AcceptanceConfig, String> {
+    let mut a = match &request.config_toml {
+        None => sup.config.acceptance.clone(),
+        Some(text) => {
+            let named = ClusterConfig::from_str(text, "the config file given to `upgrade`")
+                .map_err(|e| format!("upgrade refused, nothing done: {e}"))?;
+            let mut other = crate::reload::fixed_changes(&sup.config, &named);
+            other.extend(
+                crate::reload::live_changes(&sup.config, &named)
+                    .into_iter()
+                    .filter(|(field, ..)| !field.starts_with("acceptance")),
+            );
+            if !other.is_empty() {
+                let what: Vec<String> = other
+                    .iter()
+                    .map(|(f, a, b)| format!("`{f}` (running {a}, file {b})"))
+                    .collect();
+                return Err(format!(
+                    "upgrade refused, nothing done: the config file given differs from the running config outside [acceptance]: {}; `upgrade` takes only the file's [acceptance] (apply the rest with `understudy reload`, or name the running config)",
+                    what.join(", ")
+                ));
+            }
+            named.acceptance
+        }
+    };
+    if let Some(ms) = request.accept_for_ms {
+        a.accept_for_ms = ms;
+    }
+    if let Some(cmd) = &request.accept_cmd {
+        a.accept_cmd = Some(cmd.clone());
+    }
+    if let Some(rate) = request.max_error_rate {
+        a.max_error_rate = rate;
+    }
+    if let Some(count) = request.count_refusals {
+        a.count_refusals = count;
+    }
+    if let Some(us) = request.max_latency_us_p99 {
+        a.max_latency_us_p99 = us;
+    }
+    Ok(a)
+}
+
 /// A rolling upgrade in progress.
 pub(crate) struct UpgradeRun {
     plan: UpgradePlan,
@@ -673,6 +723,8 @@ pub(crate) struct UpgradeRun {
     abort: Option<String>,
     forced: Option<Outcome>,
     accept_cmd: Option<String>,
+    /// The acceptance bounds of this upgrade: the config's, with the request's overrides.
+    acceptance: AcceptanceConfig,
     old_binary: PathBuf,
     new_binary: PathBuf,
     current: String,
@@ -847,6 +899,8 @@ impl UpgradeRun {
         reply: Sender<Reply>,
     ) -> Result<UpgradeRun, Reply> {
         check_binary(&request.binary).map_err(|e| Reply::result(Code::BadConfig, e.to_string()))?;
+        let acceptance =
+            upgrade_acceptance(sup, &request).map_err(|e| Reply::result(Code::BadConfig, e))?;
         let (active, standby) = active_and_standby(sup)?;
         if let Some(extra) =
             (0..SLOTS).find(|&s| s != active && s != standby && sup.engines[s].is_some())
@@ -871,9 +925,7 @@ impl UpgradeRun {
             new_binary: request.binary.clone(),
             keep_standby: request.keep_standby,
             no_enable: request.no_enable,
-            accept_for_ms: request
-                .accept_for_ms
-                .unwrap_or(sup.config.acceptance.accept_for_ms),
+            accept_for_ms: acceptance.accept_for_ms,
             timeouts: sup.config.timeouts.clone(),
         };
         let plan = UpgradePlan::new(spec).map_err(|e| Reply::result(Code::Usage, e.to_string()))?;
@@ -884,9 +936,8 @@ impl UpgradeRun {
             pending: None,
             abort: None,
             forced: None,
-            accept_cmd: request
-                .accept_cmd
-                .or_else(|| sup.config.acceptance.accept_cmd.clone()),
+            accept_cmd: acceptance.accept_cmd.clone(),
+            acceptance,
             old_binary,
             new_binary: request.binary,
             current: UPGRADE_STARTING.into(),
@@ -924,6 +975,7 @@ impl UpgradeRun {
             abort: None,
             forced: None,
             accept_cmd: None,
+            acceptance: sup.config.acceptance.clone(),
             old_binary: record.old_binary.clone(),
             new_binary: record.new_binary.clone(),
             current: "resuming".into(),
@@ -1414,7 +1466,7 @@ impl UpgradeRun {
                 if !sup.is_active(*slot) {
                     return reject(format!("engine {} is no longer active", slot_name(*slot)));
                 }
-                let acceptance = &sup.config.acceptance;
+                let acceptance = &self.acceptance;
                 *worst_p99_ns = (*worst_p99_ns).max(sup.control.get(*slot, Field::ServiceP99Ns));
                 if *worst_p99_ns > acceptance.max_latency_us_p99 * 1000 {
                     return reject(format!(

@@ -148,12 +148,16 @@ pub const OP_NAMES: [&str; 8] = [
     "reload",
 ];
 
-const UPGRADE_FIELDS: [&str; 5] = [
+const UPGRADE_FIELDS: [&str; 9] = [
     "binary",
     "accept_for_ms",
     "accept_cmd",
     "keep_standby",
     "no_enable",
+    "max_error_rate",
+    "count_refusals",
+    "max_latency_us_p99",
+    "config_toml",
 ];
 
 fn json_type(value: &serde_json::Value) -> &'static str {
@@ -379,6 +383,59 @@ impl UpgradeRequest {
                 ))
             }
         };
+        // The acceptance bounds this upgrade overrides: the config's bounds, exactly.
+        let max_error_rate = match fields.remove("max_error_rate") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(value) => match value.as_f64().map(crate::config::check_max_error_rate) {
+                Some(Ok(rate)) => Some(rate),
+                Some(Err(expected)) => {
+                    return Err(bad(
+                        "max_error_rate",
+                        &format!("{expected}, or null"),
+                        &value,
+                    ))
+                }
+                None => {
+                    return Err(bad(
+                        "max_error_rate",
+                        "a fraction between 0 and 1 as a number, or null",
+                        &value,
+                    ))
+                }
+            },
+        };
+        let max_latency_us_p99 = match fields.remove("max_latency_us_p99") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(value) => match value.as_u64().map(crate::config::check_max_latency_us_p99) {
+                Some(Ok(us)) => Some(us),
+                _ => {
+                    return Err(bad(
+                        "max_latency_us_p99",
+                        &format!(
+                            "a whole number of µs from 0 to {} (1 hour), or null",
+                            crate::config::LATENCY_US_MAX
+                        ),
+                        &value,
+                    ))
+                }
+            },
+        };
+        let count_refusals = match fields.remove("count_refusals") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Bool(b)) => Some(b),
+            Some(other) => return Err(bad("count_refusals", "true, false or null", &other)),
+        };
+        let config_toml = match fields.remove("config_toml") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(s),
+            Some(other) => {
+                return Err(bad(
+                    "config_toml",
+                    "the configuration file's TOML text as a string, or null",
+                    &other,
+                ))
+            }
+        };
         let mut flag = |field: &'static str| match fields.remove(field) {
             None => Ok(false),
             Some(serde_json::Value::Bool(b)) => Ok(b),
@@ -392,6 +449,10 @@ impl UpgradeRequest {
             accept_cmd,
             keep_standby,
             no_enable,
+            max_error_rate,
+            count_refusals,
+            max_latency_us_p99,
+            config_toml,
         })
     }
 }
@@ -446,8 +507,10 @@ impl ReloadRequest {
     }
 }
 
-/// The arguments of an upgrade.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The arguments of an upgrade. Every acceptance bound left out (`None`) is taken from the
+/// config (from `config_toml` when given, else from the running config); a bound given
+/// applies to this upgrade only.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpgradeRequest {
     /// The new engine executable.
@@ -465,6 +528,20 @@ pub struct UpgradeRequest {
     /// Leave the new features disabled.
     #[serde(default)]
     pub no_enable: bool,
+    /// `acceptance.max_error_rate` for this upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<f64>,
+    /// `acceptance.count_refusals` for this upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count_refusals: Option<bool>,
+    /// `acceptance.max_latency_us_p99` for this upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_latency_us_p99: Option<u64>,
+    /// The text of the config file the operator named (`understudy --config F upgrade`): its
+    /// `[acceptance]` is the base of this upgrade's bounds; refused if it differs from the
+    /// running config anywhere else (apply that with `understudy reload` first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_toml: Option<String>,
 }
 
 /// How a request ended, and the CLI's exit code for it.

@@ -57,7 +57,7 @@ fn diff(prefix: &str, running: &impl Serialize, new: &impl Serialize) -> Vec<Cha
 }
 
 /// The fields of `new` that differ from `running` and cannot change at run time.
-fn fixed_changes(running: &ClusterConfig, new: &ClusterConfig) -> Vec<Change> {
+pub(crate) fn fixed_changes(running: &ClusterConfig, new: &ClusterConfig) -> Vec<Change> {
     let mut out = Vec::new();
     out.extend(diff("cluster", &running.cluster, &new.cluster));
     out.extend(diff("shm_dir", &running.shm_dir, &new.shm_dir));
@@ -73,7 +73,7 @@ fn fixed_changes(running: &ClusterConfig, new: &ClusterConfig) -> Vec<Change> {
 }
 
 /// The fields of `new` that differ from `running` and are applied at run time.
-fn live_changes(running: &ClusterConfig, new: &ClusterConfig) -> Vec<Change> {
+pub(crate) fn live_changes(running: &ClusterConfig, new: &ClusterConfig) -> Vec<Change> {
     let mut out = Vec::new();
     out.extend(diff("acceptance", &running.acceptance, &new.acceptance));
     out.extend(diff("restart", &running.restart, &new.restart));

@@ -11,7 +11,7 @@
 //!
 //! Below them, the regression tests of the bugs of issue 10 that live in these parsers.
 
-use understudy_supervisor::config::{ClusterConfig, ConfigError, HEARTBEAT_MS_MAX};
+use understudy_supervisor::config::{ClusterConfig, ConfigError, HEARTBEAT_MS_MAX, LATENCY_US_MAX};
 use understudy_supervisor::proto::{
     Op, ReloadRequest, Request, RequestError, UpgradeRequest, ACCEPT_FOR_MS_MAX, OP_NAMES,
     REQUEST_BYTES_MAX,
@@ -86,7 +86,7 @@ fn json_value(rng: &mut Rng, depth: u32) -> serde_json::Value {
     }
 }
 
-const REQUEST_FIELDS: [&str; 10] = [
+const REQUEST_FIELDS: [&str; 13] = [
     "v",
     "op",
     "config_toml",
@@ -95,6 +95,9 @@ const REQUEST_FIELDS: [&str; 10] = [
     "accept_cmd",
     "keep_standby",
     "no_enable",
+    "max_error_rate",
+    "count_refusals",
+    "max_latency_us_p99",
     "type",
     "extra",
 ];
@@ -154,7 +157,16 @@ fn request_bytes(rng: &mut Rng) -> Vec<u8> {
                 let value = match name.as_str() {
                     "binary" if rng.chance(60) => serde_json::json!("/opt/engine-v2"),
                     "accept_for_ms" if rng.chance(50) => serde_json::json!(rng.below(1 << 40)),
-                    "keep_standby" | "no_enable" if rng.chance(60) => {
+                    // Fractions exactly representable in few digits (a JSON round trip is exact),
+                    // around the bounds.
+                    "max_error_rate" if rng.chance(50) => {
+                        serde_json::json!(rng.below(1100) as f64 / 1024.0)
+                    }
+                    "max_latency_us_p99" if rng.chance(50) => {
+                        serde_json::json!(LATENCY_US_MAX - 2 + rng.below(4))
+                    }
+                    "config_toml" if rng.chance(50) => serde_json::json!("cluster = \"x\""),
+                    "keep_standby" | "no_enable" | "count_refusals" if rng.chance(60) => {
                         serde_json::json!(rng.chance(50))
                     }
                     _ => json_value(rng, 1),
@@ -192,6 +204,10 @@ fn expected_request(bytes: &[u8]) -> Option<Request> {
             "accept_cmd",
             "keep_standby",
             "no_enable",
+            "max_error_rate",
+            "count_refusals",
+            "max_latency_us_p99",
+            "config_toml",
         ],
         "reload" => &["v", "op", "config_toml"],
         _ => &["v", "op"],
@@ -232,12 +248,37 @@ fn expected_request(bytes: &[u8]) -> Option<Request> {
                 None => Some(false),
                 Some(v) => v.as_bool(),
             };
+            // Absent or null: the config's bound; else within the config's own bounds.
+            let optional = |name: &str| match map.get(name) {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => Some(v),
+            };
+            let max_error_rate = match optional("max_error_rate") {
+                None => None,
+                Some(v) => Some(v.as_f64().filter(|r| (0.0..=1.0).contains(r))?),
+            };
+            let max_latency_us_p99 = match optional("max_latency_us_p99") {
+                None => None,
+                Some(v) => Some(v.as_u64().filter(|&us| us <= LATENCY_US_MAX)?),
+            };
+            let count_refusals = match optional("count_refusals") {
+                None => None,
+                Some(v) => Some(v.as_bool()?),
+            };
+            let config_toml = match optional("config_toml") {
+                None => None,
+                Some(v) => Some(v.as_str()?.to_string()),
+            };
             Op::Upgrade(UpgradeRequest {
                 binary: binary.into(),
                 accept_for_ms,
                 accept_cmd,
                 keep_standby: flag("keep_standby")?,
                 no_enable: flag("no_enable")?,
+                max_error_rate,
+                count_refusals,
+                max_latency_us_p99,
+                config_toml,
             })
         }
         _ => return None,
