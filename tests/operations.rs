@@ -613,21 +613,42 @@ fn systemd_notifications_reach_a_fake_notify_socket() {
     );
 }
 
-/// Runs `understudy upgrade --binary <testapp v2>` to its end: exit code and the last line.
+/// Runs `understudy --config <the cluster's file> upgrade --binary <testapp v2>` to its end:
+/// exit code and the last line.
 fn upgrade_to_v2(c: &Cluster) -> (i32, String) {
+    upgrade_to_v2_with(c.cli(), &[])
+}
+
+/// Runs `<cli> upgrade --binary <testapp v2> <args>` to its end: exit code and the last line
+/// of stdout (of stderr when stdout is empty, as for a flag clap refuses).
+fn upgrade_to_v2_with(mut cli: Command, args: &[&str]) -> (i32, String) {
     let v2 = testapp().with_file_name("understudy-testapp-v2");
-    let out = c
-        .cli()
+    let out = cli
         .arg("upgrade")
         .arg("--binary")
         .arg(&v2)
+        .args(args)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    (
-        out.status.code().unwrap_or(-1),
-        stdout.lines().last().unwrap_or("").to_owned(),
-    )
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let last = stdout
+        .lines()
+        .last()
+        .or_else(|| stderr.lines().find(|l| !l.trim().is_empty()))
+        .unwrap_or("");
+    (out.status.code().unwrap_or(-1), last.to_owned())
+}
+
+/// The CLI addressing the supervisor by its socket alone: no `--config` given (and none in
+/// the environment), so `upgrade` takes the running config's acceptance as its base.
+fn cli_by_socket(c: &Cluster) -> Command {
+    let mut cmd = Command::new(CLI);
+    cmd.env_remove("UNDERSTUDY_CONFIG")
+        .arg("--socket")
+        .arg(c.dir().join(SOCKET_NAME))
+        .arg("--json");
+    cmd
 }
 
 /// Runs `understudy reload` with the config file as it is now: exit code and its result line.
@@ -671,7 +692,15 @@ fn reload_changes_the_acceptance_between_two_upgrades() {
         line.contains("ring.capacity_bytes") && line.contains("nothing applied"),
         "{line}"
     );
+    // `upgrade --config` with that file: refused, naming the field, never ignored.
     let (code, last) = upgrade_to_v2(&c);
+    assert_eq!(code, 10, "{last}");
+    assert!(
+        last.contains("ring.capacity_bytes") && last.contains("nothing done"),
+        "{last}"
+    );
+    // Without `--config`: the running config's acceptance, which the refused reload left.
+    let (code, last) = upgrade_to_v2_with(cli_by_socket(&c), &[]);
     assert_eq!(code, 6, "the refused reload changed nothing: {last}");
 
     // The acceptance alone, and a metrics endpoint: applied.
@@ -752,4 +781,74 @@ fn pinned_cpus_are_applied_and_doctor_checks_only_what_is_used() {
             .any(|n| n.contains("memlock") || n.contains("huge")),
         "doctor advises on what the product does not use: {names:?}"
     );
+}
+
+/// `upgrade` flags override the acceptance bounds for that upgrade only: with the config alone
+/// an upgrade would be accepted, `--max-latency-us-p99 1` (no engine serves in 1 µs) rolls it
+/// back (exit 6), naming the bound; a flag out of the config's bounds is refused by the CLI
+/// (exit 2) naming the flag, its bound and the value, before anything is sent; the next
+/// upgrade without flags is accepted (the override did not stick). An edited `[acceptance]`
+/// in the `--config` file is this upgrade's base.
+#[test]
+fn upgrade_flags_override_the_acceptance_for_that_upgrade_only() {
+    let mut c = Cluster::new("upflags", u64::MAX, 500, "accept_for_ms = 300\n");
+    c.up(&[], &[]);
+
+    for (flag, value, bound) in [
+        ("--max-error-rate", "1.5", "between 0 and 1"),
+        ("--max-latency-us-p99", "3600000001", "at most 3600000000"),
+        ("--count-refusals", "maybe", "`true` or `false`"),
+        ("--max-error-rate", "NaN", "between 0 and 1"),
+    ] {
+        let (code, line) = upgrade_to_v2_with(c.cli(), &[flag, value]);
+        assert_eq!(code, 2, "{flag} {value}: {line}");
+        assert!(
+            line.contains(flag) && line.contains(bound) && line.contains(value),
+            "{flag} {value}: {line}"
+        );
+    }
+    assert!(
+        !c.log_text().contains("upgrade begins"),
+        "a refused flag sent nothing:\n{}",
+        c.log_text()
+    );
+
+    // The soak is long enough for the engine to publish its p99 (at least every second).
+    let (code, last) = upgrade_to_v2_with(
+        c.cli(),
+        &["--accept-for", "2500ms", "--max-latency-us-p99", "1"],
+    );
+    assert_eq!(code, 6, "the tightened p99 bound rolls back: {last}");
+    assert!(last.contains("rolled back"), "{last}");
+    assert!(
+        c.log_text().contains("acceptance.max_latency_us_p99"),
+        "the rejection names the bound:\n{}",
+        c.log_text()
+    );
+    let s = c.wait("both engines on v1 again", |s| {
+        s.engines.len() == 2 && s.engines.iter().all(|e| e.app_version == 1)
+    });
+    assert!(s.active.is_some());
+
+    // The `--config` file's [acceptance] is the base: a failing accept command there rolls
+    // back, although the running config has none.
+    let text = std::fs::read_to_string(&c.config).unwrap();
+    std::fs::write(
+        &c.config,
+        text.replace(
+            "accept_for_ms = 300\n",
+            "accept_for_ms = 300\naccept_cmd = \"exit 1\"\n",
+        ),
+    )
+    .unwrap();
+    let (code, last) = upgrade_to_v2(&c);
+    assert_eq!(code, 6, "the file's accept command rolls back: {last}");
+    std::fs::write(&c.config, &text).unwrap();
+
+    // The override did not stick: the config alone accepts.
+    let (code, last) = upgrade_to_v2(&c);
+    assert_eq!(code, 0, "accepted with the config's bounds: {last}");
+    c.wait("both engines on v2", |s| {
+        s.engines.len() == 2 && s.engines.iter().all(|e| e.app_version == 2)
+    });
 }
