@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use understudy_runtime::control::{monotonic_ns, Role};
-use understudy_runtime::counters::{self, Reader, SlotCounters, Snapshot};
+use understudy_runtime::counters::{self, ClientView, Reader, SlotCounters, Snapshot};
 
 /// How `stat` runs.
 pub struct StatOptions<'a> {
@@ -114,6 +114,17 @@ fn rates(prev: Option<&Snapshot>, cur: &Snapshot, i: usize) -> [Option<f64>; 4] 
     ]
 }
 
+/// Responses per second to one client (the same client in the previous view).
+fn client_rate(prev: Option<&Snapshot>, cur: &Snapshot, c: &ClientView) -> Option<f64> {
+    let p = prev?;
+    let before = p.clients.iter().find(|x| x.id == c.id)?;
+    rate(
+        Some(before.responses_total),
+        c.responses_total,
+        cur.read_at_ns.saturating_sub(p.read_at_ns),
+    )
+}
+
 fn opt_f(v: Option<f64>) -> Value {
     v.map_or(Value::Null, |v| json!((v * 10.0).round() / 10.0))
 }
@@ -176,11 +187,27 @@ pub fn to_json(dir: &Path, prev: Option<&Snapshot>, cur: &Snapshot) -> Value {
             })
         })
         .collect();
+    let clients: Vec<Value> = cur
+        .clients
+        .iter()
+        .map(|c| {
+            json!({
+                "client": c.id_hex(),
+                "entry": c.entry,
+                "position_bytes": c.consumed_bytes,
+                "published_bytes": c.published_bytes,
+                "lag_bytes": c.lag_bytes(),
+                "responses_total": c.responses_total,
+                "responses_per_s": opt_f(client_rate(prev, cur, c)),
+            })
+        })
+        .collect();
     json!({
         "v": 1,
         "dir": dir.display().to_string(),
         "layout_version": counters::LAYOUT_VERSION,
         "engines": engines,
+        "clients": clients,
     })
 }
 
@@ -301,6 +328,22 @@ pub fn render(dir: &Path, prev: Option<&Snapshot>, cur: &Snapshot) -> String {
                 v.lag_bytes(),
                 cur.lag_transactions(s.slot, v.slot)
                     .map_or_else(|| "-".into(), |n| n.to_string()),
+            ));
+        }
+    }
+    if !cur.clients.is_empty() {
+        o.push_str(&format!(
+            "\nclients (request rings, as the active serves them)\n  {:<16} {:>14} {:>10} {:>12} {:>8}\n",
+            "client", "position B", "lag B", "responses", "resp/s"
+        ));
+        for c in &cur.clients {
+            o.push_str(&format!(
+                "  {:<16} {:>14} {:>10} {:>12} {:>8}\n",
+                c.id_hex(),
+                c.consumed_bytes,
+                c.lag_bytes(),
+                c.responses_total,
+                fmt_rate(client_rate(prev, cur, c)),
             ));
         }
     }

@@ -384,6 +384,82 @@ fn counters_follow_load_a_kill_a_switchover_and_an_untether() {
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no counters in"));
+    drop(c);
+
+    // Per-client counters: a cluster serving client rings (`--clients`); a client's position,
+    // lag and responses move, in the file, `stat --json` and the Prometheus text.
+    let mut c = Cluster::new("clients", u64::MAX, 100, "");
+    let text = std::fs::read_to_string(&c.config).unwrap();
+    std::fs::write(
+        &c.config,
+        text.replace("args = [", "args = [\"--clients\", "),
+    )
+    .unwrap();
+    c.up(&[], &[]);
+    let mut client = understudy_runtime::client::Client::connect(&c.dir()).unwrap();
+    let id = client.id();
+    for k in 0..50u64 {
+        let answer = client
+            .call(&(1000 + k).to_le_bytes(), Duration::from_secs(30))
+            .unwrap();
+        assert!(answer.is_some(), "request {k} answered");
+    }
+    let k = c.wait_counters("the client's counters to show its 50 requests", |k| {
+        k.clients
+            .iter()
+            .any(|x| x.id == id && x.responses_total >= 50 && x.lag_bytes() == 0)
+    });
+    let mine = k.clients.iter().find(|x| x.id == id).unwrap();
+    assert!(mine.consumed_bytes > 0, "{k:#?}");
+    assert_eq!(mine.responses_total, 50, "{k:#?}");
+    let before = mine.consumed_bytes;
+    for k in 0..10u64 {
+        let answer = client
+            .call(&(2000 + k).to_le_bytes(), Duration::from_secs(30))
+            .unwrap();
+        assert!(answer.is_some(), "request {k} answered");
+    }
+    c.wait_counters("the client's position to move on", |k| {
+        k.clients
+            .iter()
+            .any(|x| x.id == id && x.responses_total == 60 && x.consumed_bytes > before)
+    });
+    let out = c
+        .cli()
+        .args(["stat", "--once", "--interval", "100ms"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shown = v["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["client"] == format!("{id:016x}"))
+        .unwrap_or_else(|| panic!("client {id:016x} in {v}"));
+    assert_eq!(shown["responses_total"], 60, "{v}");
+    assert_eq!(shown["lag_bytes"], 0, "{v}");
+    let prom = understudy_supervisor::metrics::render(&c.dir(), &c.name);
+    let labels = format!("client=\"{id:016x}\"");
+    assert_eq!(
+        sample(&prom, "understudy_client_lag_bytes", &[&labels]),
+        Some(0.0),
+        "{prom}"
+    );
+    assert_eq!(
+        sample(&prom, "understudy_client_responses_total", &[&labels]),
+        Some(60.0),
+        "{prom}"
+    );
+    assert!(
+        sample(&prom, "understudy_client_position_bytes", &[&labels]).is_some_and(|v| v > 0.0),
+        "{prom}"
+    );
+    // A client that goes away leaves the table.
+    drop(client);
+    c.wait_counters("the client's entry to be cleared", |k| {
+        !k.clients.iter().any(|x| x.id == id)
+    });
 }
 
 fn control_name(slot: usize) -> String {

@@ -680,6 +680,11 @@ pub struct ClientInput {
     io_warned: Vec<u64>,
     /// Positions replicated before we became active, applied when a client's rings open.
     resume_at: Vec<(u64, SourcePosition)>,
+    /// The client area of the live counters (`crate::counters`), mapped when we first become
+    /// active (the engine created the file at its start); `None` if counters are off.
+    counters: Option<crate::counters::ClientsWriter>,
+    /// Mapping it was tried (once: a failure is not retried on the serving path).
+    counters_tried: bool,
     /// Test hook: abort after this many commits, between commit and egress.
     #[cfg(feature = "fault-injection")]
     crash_before_egress_after: Option<u64>,
@@ -702,6 +707,8 @@ impl ClientInput {
             closed: Vec::new(),
             io_warned: Vec::new(),
             resume_at: Vec::new(),
+            counters: None,
+            counters_tried: false,
             // Test hook (cargo feature `fault-injection` only; a release build has none).
             #[cfg(feature = "fault-injection")]
             crash_before_egress_after: std::env::var("UNDERSTUDY_TEST_CRASH_BEFORE_EGRESS")
@@ -728,6 +735,14 @@ impl ClientInput {
             match self.open(entry, id, pid, st) {
                 Ok(c) => {
                     info!(client = format!("{id:016x}"), "client connected");
+                    if let Some(k) = &self.counters {
+                        k.connect(
+                            c.entry,
+                            c.id,
+                            c.requests.position(),
+                            c.requests.producer_position(),
+                        );
+                    }
                     self.conns.push(c);
                 }
                 // Files gone: the client is going away and releases its entry.
@@ -824,6 +839,9 @@ impl ClientInput {
     fn drop_conn(&mut self, i: usize, reason: u64, why: &str) {
         let c = self.conns.swap_remove(i);
         warn!(client = format!("{:016x}", c.id), "client dropped: {why}");
+        if let Some(k) = &self.counters {
+            k.disconnect(c.entry);
+        }
         // Never reopen it (a closed client keeps its registry entry until it goes away).
         self.closed.push(c.id);
         c.in_region.close(reason);
@@ -999,6 +1017,13 @@ impl Input for ClientInput {
         let r = write_response(&mut c.responses, &c.out_region, meta.request_seq, response);
         // The transaction is committed to every standby: the request's slot may be reused.
         c.requests.release_to(meta.next_pos, meta.next_seq);
+        // Live counters: relaxed stores to words only we write (no call, lock or allocation).
+        if let Some(k) = &self.counters {
+            k.progress(c.entry, meta.next_pos, c.requests.producer_position());
+            if r.is_ok() {
+                k.response(c.entry);
+            }
+        }
         if let Err(e) = r {
             let why = e.to_string();
             self.drop_conn(i, CLOSE_SLOW, &why);
@@ -1009,7 +1034,27 @@ impl Input for ClientInput {
         // Any rings we had open belong to an older role: reopen at replicated positions.
         self.conns.clear();
         self.resume_at = SourcePosition::all(store);
+        if !self.counters_tried {
+            self.counters_tried = true;
+            self.counters = match crate::counters::ClientsWriter::open(&self.dir) {
+                Ok(k) => Some(k),
+                // Counters off for this cluster: no file, nothing to say.
+                Err(e) if e.is_not_found() => None,
+                Err(e) => {
+                    warn!("live client counters off: {e}");
+                    None
+                }
+            };
+        }
         self.scan();
+        // Entries a previous active left for clients that are gone.
+        if let Some(k) = &self.counters {
+            for entry in 0..MAX_CLIENTS {
+                if !self.conns.iter().any(|c| c.entry == entry) {
+                    k.disconnect(entry);
+                }
+            }
+        }
         self.last_scan_ns = crate::control::monotonic_ns();
     }
 

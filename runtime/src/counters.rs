@@ -19,6 +19,14 @@
 //!   step-up and switchover durations, the active's view of each standby stream, the sampled
 //!   service-time histogram): reset when an engine starts in the slot.
 //!
+//! After the slot blocks comes the **client area**: [`MAX_CLIENTS`] entries of
+//! [`CLIENT_WORDS`] words, one per client registry entry (the control block's), written only by
+//! the active engine's client path ([`ClientsWriter`], from `client::ClientInput`) with relaxed
+//! stores: the client's id (0: no client), the position its request ring was consumed to, the
+//! position the client had published (their difference is the lag in bytes) and the responses
+//! written to it. Entries follow the registry; a response count continues across a switchover
+//! for a client that stays.
+//!
 //! A reader ([`read`]) validates the header (magic, layout version, size, geometry) and treats
 //! every word as untrusted: the values are reported as found, and everything derived from them
 //! (lags, sums) uses saturating arithmetic.
@@ -37,7 +45,7 @@
 //! std::fs::remove_dir_all(&dir).unwrap();
 //! ```
 
-use crate::control::{self, monotonic_ns, realtime_ns, Role, State, SLOTS};
+use crate::control::{self, monotonic_ns, realtime_ns, Role, State, MAX_CLIENTS, SLOTS};
 use memmap2::{MmapOptions, MmapRaw};
 use shm_layout::memory::{MappedWords, WordMemory};
 use std::fmt;
@@ -54,8 +62,9 @@ use std::time::{Duration, Instant};
 pub const FILE_NAME: &str = "counters";
 /// `USCNTRS1` little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"USCNTRS1");
-/// The layout version of this file (bumped when a word moves; words are only appended).
-pub const LAYOUT_VERSION: u64 = 1;
+/// The layout version of this file (bumped when a word moves or an area is added). 2: the
+/// per-client area after the slot blocks, the file grown to 12 KiB.
+pub const LAYOUT_VERSION: u64 = 2;
 /// Words in the header line.
 const HEADER_WORDS: usize = 8;
 /// Words per slot block: 2 KiB, a multiple of the 64-byte line, so no two slots share a line.
@@ -63,8 +72,14 @@ pub const SLOT_WORDS: usize = 256;
 /// Service-time histogram buckets: bucket `b` counts times in `[2^(b-1), 2^b)` ns.
 pub const HIST_BUCKETS: usize = 64;
 /// The file's size.
-pub const FILE_BYTES: usize = 8192;
-const _: () = assert!((HEADER_WORDS + SLOTS * SLOT_WORDS) * 8 <= FILE_BYTES);
+pub const FILE_BYTES: usize = 12288;
+/// First word of the client area, line-aligned (after the slot blocks).
+const CLIENTS: usize = HEADER_WORDS + SLOTS * SLOT_WORDS;
+/// Words per client entry: id, request ring position consumed, request ring position the
+/// client published, responses written.
+pub const CLIENT_WORDS: usize = 4;
+const _: () = assert!((CLIENTS + MAX_CLIENTS * CLIENT_WORDS) * 8 <= FILE_BYTES);
+const _: () = assert!(CLIENTS * 8 % 64 == 0);
 const _: () = assert!(SLOT_WORDS * 8 % 64 == 0 && HEADER_WORDS * 8 == 64);
 
 const H_MAGIC: usize = 0;
@@ -74,6 +89,7 @@ const H_SLOTS: usize = 3;
 const H_SLOT_WORDS: usize = 4;
 const H_READY: usize = 5;
 const H_HIST_BUCKETS: usize = 6;
+const H_CLIENTS: usize = 7;
 const READY: u64 = 0x5245_4144_5921_0001;
 
 /// One word of a slot block. The constants are the only values, each below [`SLOT_WORDS`]
@@ -246,6 +262,21 @@ fn open_existing(dir: &Path) -> Result<Mapped, CountersError> {
         meta = file.metadata().map_err(io("stat"))?;
     }
     if meta.len() != FILE_BYTES as u64 {
+        // A file of another layout version has another size: name the version, not the size.
+        let mut head = [0u8; 16];
+        if std::os::unix::fs::FileExt::read_exact_at(&file, &mut head, 0).is_ok() {
+            let word = |i: usize| {
+                u64::from_le_bytes(head[i * 8..i * 8 + 8].try_into().unwrap_or_default())
+            };
+            if word(H_MAGIC) == MAGIC && word(H_VERSION) != LAYOUT_VERSION {
+                return Err(CountersError::Field {
+                    path,
+                    field: "layout version",
+                    expected: LAYOUT_VERSION.to_string(),
+                    found: word(H_VERSION).to_string(),
+                });
+            }
+        }
         return Err(CountersError::Field {
             path,
             field: "file size",
@@ -291,6 +322,14 @@ fn open_existing(dir: &Path) -> Result<Mapped, CountersError> {
                 found: show(found),
             });
         }
+    }
+    if w(H_CLIENTS) != MAX_CLIENTS as u64 {
+        return Err(CountersError::Field {
+            path,
+            field: "client entries",
+            expected: MAX_CLIENTS.to_string(),
+            found: w(H_CLIENTS).to_string(),
+        });
     }
     if w(H_HIST_BUCKETS) != HIST_BUCKETS as u64 {
         return Err(CountersError::Field {
@@ -368,6 +407,7 @@ impl Writer {
                 set(H_SLOTS, SLOTS as u64);
                 set(H_SLOT_WORDS, SLOT_WORDS as u64);
                 set(H_HIST_BUCKETS, HIST_BUCKETS as u64);
+                set(H_CLIENTS, MAX_CLIENTS as u64);
                 // SYNC POINT: counters published (Release; Acquire is in `open_existing`).
                 m.words.word(H_READY).store(READY, Ordering::Release);
                 m
@@ -462,6 +502,108 @@ impl Writer {
     /// A counter's current value (our own word).
     pub fn get(&self, c: Counter) -> u64 {
         self.word(c.0).load(Ordering::Relaxed)
+    }
+}
+
+/// The active engine's handle on the client area (see the module's documentation): one
+/// writer at a time, the engine serving the clients.
+pub struct ClientsWriter {
+    words: Arc<Words>,
+}
+
+impl ClientsWriter {
+    /// Map `<dir>/counters`, which the engine created at its start (the slot's [`Writer`]).
+    pub fn open(dir: &Path) -> Result<ClientsWriter, CountersError> {
+        let m = open_existing(dir)?;
+        // Checked once here; every index used below is `CLIENTS + e * CLIENT_WORDS + k` with
+        // `e < MAX_CLIENTS` and `k < CLIENT_WORDS`.
+        assert!(CLIENTS + MAX_CLIENTS * CLIENT_WORDS <= m.words.len_words());
+        Ok(ClientsWriter { words: m.words })
+    }
+
+    /// Word `k` of entry `entry`, or `None` for an entry beyond the registry.
+    #[inline(always)]
+    fn word(&self, entry: usize, k: usize) -> Option<&AtomicU64> {
+        if entry >= MAX_CLIENTS || k >= CLIENT_WORDS {
+            return None;
+        }
+        // SAFETY: `entry < MAX_CLIENTS` and `k < CLIENT_WORDS` (checked above), and
+        // `CLIENTS + MAX_CLIENTS * CLIENT_WORDS <= len_words` was asserted in `open`.
+        Some(unsafe {
+            self.words
+                .word_unchecked(CLIENTS + entry * CLIENT_WORDS + k)
+        })
+    }
+
+    /// Client `id` is served from registry entry `entry`, its request ring at `consumed` of
+    /// `published` bytes. Its response count continues if the entry already names it (the
+    /// same client, served by the previous active), else starts at 0.
+    pub fn connect(&self, entry: usize, id: u64, consumed: u64, published: u64) {
+        let Some(id_word) = self.word(entry, 0) else {
+            return;
+        };
+        if id_word.load(Ordering::Relaxed) != id {
+            id_word.store(0, Ordering::Relaxed);
+            if let Some(w) = self.word(entry, 3) {
+                w.store(0, Ordering::Relaxed);
+            }
+        }
+        self.progress(entry, consumed, published);
+        id_word.store(id, Ordering::Relaxed);
+    }
+
+    /// The client's request ring is consumed to `consumed`; it had published `published`.
+    /// Two relaxed stores.
+    #[inline(always)]
+    pub fn progress(&self, entry: usize, consumed: u64, published: u64) {
+        if let (Some(c), Some(p)) = (self.word(entry, 1), self.word(entry, 2)) {
+            c.store(consumed, Ordering::Relaxed);
+            p.store(published, Ordering::Relaxed);
+        }
+    }
+
+    /// One response written to the client (we are the only writer: a relaxed load and store).
+    #[inline(always)]
+    pub fn response(&self, entry: usize) {
+        if let Some(w) = self.word(entry, 3) {
+            w.store(w.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        }
+    }
+
+    /// No client is served from `entry` any more.
+    pub fn disconnect(&self, entry: usize) {
+        for k in 0..CLIENT_WORDS {
+            if let Some(w) = self.word(entry, k) {
+                w.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// One client's request ring and responses, as the active engine last wrote them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClientView {
+    /// The client's registry entry.
+    pub entry: usize,
+    /// The client's id.
+    pub id: u64,
+    /// Bytes of its request ring the engine consumed.
+    pub consumed_bytes: u64,
+    /// Bytes the client had published into it when the engine last looked.
+    pub published_bytes: u64,
+    /// Responses written to the client.
+    pub responses_total: u64,
+}
+
+impl ClientView {
+    /// Bytes published and not yet consumed (0 if the words make no sense).
+    pub fn lag_bytes(&self) -> u64 {
+        self.published_bytes.saturating_sub(self.consumed_bytes)
+    }
+
+    /// The id as `stat` and the metrics show it (16 hex digits, like the logs).
+    pub fn id_hex(&self) -> String {
+        format!("{:016x}", self.id)
     }
 }
 
@@ -606,6 +748,8 @@ impl SlotCounters {
 pub struct Snapshot {
     /// One entry per slot.
     pub slots: Vec<SlotCounters>,
+    /// The clients the active engine serves (entries with an id).
+    pub clients: Vec<ClientView>,
     /// CLOCK_MONOTONIC when read.
     pub read_at_ns: u64,
 }
@@ -678,8 +822,22 @@ impl Reader {
                 }
             })
             .collect();
+        let clients = (0..MAX_CLIENTS)
+            .filter_map(|entry| {
+                let at = CLIENTS + entry * CLIENT_WORDS;
+                let id = w(at);
+                (id != 0).then(|| ClientView {
+                    entry,
+                    id,
+                    consumed_bytes: w(at + 1),
+                    published_bytes: w(at + 2),
+                    responses_total: w(at + 3),
+                })
+            })
+            .collect();
         Snapshot {
             slots,
+            clients,
             read_at_ns: monotonic_ns(),
         }
     }
@@ -750,15 +908,22 @@ mod tests {
         bytes[8] = 9; // layout version
         std::fs::write(&path, &bytes).unwrap();
         let e = read(&d.0).unwrap_err().to_string();
-        assert!(e.contains("layout version: expected 1, found 9"), "{e}");
-        bytes[8] = 1;
+        assert!(e.contains("layout version: expected 2, found 9"), "{e}");
+        bytes[8] = 2;
         bytes[0] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         let e = read(&d.0).unwrap_err().to_string();
         assert!(e.contains("magic"), "{e}");
         std::fs::write(&path, &bytes[..4096]).unwrap();
         let e = read(&d.0).unwrap_err().to_string();
-        assert!(e.contains("file size: expected 8192, found 4096"), "{e}");
+        assert!(e.contains("file size: expected 12288, found 4096"), "{e}");
+        // A version-1 file (8 KiB): refused by its version, not just its size.
+        let mut v1 = bytes[..8192].to_vec();
+        v1[0] ^= 1; // the magic, put back
+        v1[8] = 1;
+        std::fs::write(&path, &v1).unwrap();
+        let e = read(&d.0).unwrap_err().to_string();
+        assert!(e.contains("layout version: expected 2, found 1"), "{e}");
         std::fs::remove_file(&path).unwrap();
         assert!(read(&d.0).unwrap_err().is_not_found());
     }
@@ -772,6 +937,37 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = read(&d.0).unwrap_err().to_string();
         assert!(e.contains("0600"), "{e}");
+    }
+
+    /// The client area: an entry appears with its id, its lag is published minus consumed, its
+    /// responses count; a reconnect of the same id keeps the count, another id resets it;
+    /// a disconnect removes the entry; out-of-range entries are ignored.
+    #[test]
+    fn client_entries_follow_connect_progress_and_disconnect() {
+        let d = dir("clients");
+        let _slot = Writer::open_or_create(&d.0, 0).unwrap();
+        let k = ClientsWriter::open(&d.0).unwrap();
+        assert!(read(&d.0).unwrap().clients.is_empty());
+        k.connect(3, 0xabc, 0, 64);
+        k.progress(3, 48, 128);
+        k.response(3);
+        k.response(3);
+        k.connect(MAX_CLIENTS, 1, 0, 0);
+        k.response(MAX_CLIENTS);
+        let s = read(&d.0).unwrap();
+        assert_eq!(s.clients.len(), 1);
+        let c = s.clients[0];
+        assert_eq!(
+            (c.entry, c.id, c.lag_bytes(), c.responses_total),
+            (3, 0xabc, 80, 2)
+        );
+        assert_eq!(c.id_hex(), "0000000000000abc");
+        k.connect(3, 0xabc, 128, 128);
+        assert_eq!(read(&d.0).unwrap().clients[0].responses_total, 2);
+        k.connect(3, 0xdef, 0, 0);
+        assert_eq!(read(&d.0).unwrap().clients[0].responses_total, 0);
+        k.disconnect(3);
+        assert!(read(&d.0).unwrap().clients.is_empty());
     }
 
     /// Quantiles come from bucket upper bounds.

@@ -36,7 +36,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use understudy_runtime::control::{monotonic_ns, Role};
-use understudy_runtime::counters::{self, SlotCounters, Snapshot};
+use understudy_runtime::counters::{self, ClientView, SlotCounters, Snapshot};
 
 /// `[metrics]`: the Prometheus endpoint (off unless `listen` is set).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +86,9 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     ("understudy_stream_position_bytes", "gauge", "bytes the active wrote into the standby's current stream"),
     ("understudy_stream_lag_bytes", "gauge", "bytes of the standby's stream written and not yet consumed"),
     ("understudy_stream_lag_transactions", "gauge", "transactions the standby is behind the active"),
+    ("understudy_client_position_bytes", "gauge", "bytes of the client's request ring the active consumed (label client: its id)"),
+    ("understudy_client_lag_bytes", "gauge", "bytes the client published into its request ring and the active has not consumed yet"),
+    ("understudy_client_responses_total", "counter", "responses the active engines wrote to the client"),
     ("understudy_service_time_seconds", "histogram", "request service time on the active, one request in four sampled, power-of-two buckets; _sum estimated from bucket midpoints"),
 ];
 
@@ -258,6 +261,37 @@ fn encode_snapshot(
     )?;
     family(encoder, "understudy_stream_lag_bytes", pick(|x| Some(x.2)))?;
     family(encoder, "understudy_stream_lag_transactions", pick(|x| x.3))?;
+    // Clients: the area a live active writes (a dead one's entries are stale).
+    let clients: Vec<&ClientView> = if used.iter().any(|s| s.alive() && s.role() == Role::Active) {
+        snap.clients.iter().collect()
+    } else {
+        Vec::new()
+    };
+    let client_labels = |c: &ClientView| -> Labels { vec![("client", c.id_hex())] };
+    family(
+        encoder,
+        "understudy_client_position_bytes",
+        clients
+            .iter()
+            .map(|c| (client_labels(c), ConstGauge::new(c.consumed_bytes as f64)))
+            .collect(),
+    )?;
+    family(
+        encoder,
+        "understudy_client_lag_bytes",
+        clients
+            .iter()
+            .map(|c| (client_labels(c), ConstGauge::new(c.lag_bytes() as f64)))
+            .collect(),
+    )?;
+    family(
+        encoder,
+        "understudy_client_responses",
+        clients
+            .iter()
+            .map(|c| (client_labels(c), ConstCounter::new(c.responses_total)))
+            .collect(),
+    )?;
     // The sampled service-time histogram of each engine that has samples.
     let with_samples: Vec<&&SlotCounters> =
         used.iter().filter(|s| s.service_samples() > 0).collect();
