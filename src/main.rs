@@ -382,7 +382,7 @@ fn config_source(matches: &clap::ArgMatches) -> Option<clap::parser::ValueSource
     let mut m = matches;
     while let Some((_, sub)) = m.subcommand() {
         if let Some(s) = sub.value_source("config") {
-            if source.is_none_or(|t| s > t) {
+            if !matches!(source, Some(t) if t >= s) {
                 source = Some(s);
             }
         }
