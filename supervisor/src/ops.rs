@@ -962,7 +962,18 @@ impl UpgradeRun {
             )
         })?;
         sup.interrupted = None;
-        info!(from = %run.old_binary.display(), to = %run.new_binary.display(), keep_standby = run.plan.spec().keep_standby, "upgrade begins");
+        let a = &run.acceptance;
+        info!(
+            from = %run.old_binary.display(),
+            to = %run.new_binary.display(),
+            keep_standby = run.plan.spec().keep_standby,
+            accept_for_ms = a.accept_for_ms,
+            max_error_rate = a.max_error_rate,
+            count_refusals = a.count_refusals,
+            max_latency_us_p99 = a.max_latency_us_p99,
+            accept_cmd = a.accept_cmd.as_deref().unwrap_or(""),
+            "upgrade begins"
+        );
         Ok(run)
     }
 
