@@ -1,0 +1,162 @@
+//! Engine options: the slot, cluster directory, idle and backpressure policies, and what a
+//! panic does; read from the environment the supervisor sets.
+
+use super::*;
+
+/// What to do when a standby's stream is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backpressure {
+    /// Wait up to this long for room, then untether the standby.
+    Wait(Duration),
+    /// Untether the standby at once (it becomes stale and must catch up again).
+    Untether,
+}
+
+/// How an idle loop waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Idle {
+    /// Polls with a spin hint before sleeping.
+    pub spin_polls: u32,
+    /// Sleep per idle poll after that (0 = never sleep: lowest latency, burns a core).
+    pub sleep: Duration,
+}
+
+impl Idle {
+    /// Spin forever (benchmarks, pinned cores).
+    pub const SPIN: Idle = Idle {
+        spin_polls: u32::MAX,
+        sleep: Duration::ZERO,
+    };
+    /// Spin a little, then sleep 50 µs between polls (shared cores, tests).
+    pub const SHARED: Idle = Idle {
+        spin_polls: 20_000,
+        sleep: Duration::from_micros(50),
+    };
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The cluster directory (control file, streams).
+    pub dir: PathBuf,
+    /// This engine's slot (0 = a, 1 = b, 2 = c).
+    pub slot: usize,
+    /// Ring capacity of the streams this engine creates (as a standby).
+    pub ring_capacity: usize,
+    /// Back-pressure policy.
+    pub backpressure: Backpressure,
+    /// Idle strategy.
+    pub idle: Idle,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// A heartbeat older than this means the active is hung: the standby fences it.
+    pub hung_after: Duration,
+    /// Snapshot items per catch-up chunk (bounds the active's pause).
+    pub catchup_chunk: usize,
+    /// Start as standby even if no active exists (wait for one).
+    pub standby_only: bool,
+    /// What a panic anywhere in the engine's process does (default: abort; see [`OnPanic`]).
+    pub on_panic: OnPanic,
+    /// Publish live counters in `<dir>/counters` ([`crate::counters`]; default on, off only
+    /// to measure what they cost).
+    pub counters: bool,
+}
+
+/// What a panic in an engine process does.
+///
+/// The default, [`OnPanic::Abort`], makes every panic — in the request handler, in an apply
+/// hook, in the runtime, in any thread of the process — end the process with SIGABRT right
+/// after the panic message is printed. That is a failover like any other death: the kernel
+/// marks the active's robust mutex owner-died, the standby applies every committed transaction
+/// and steps up; the request whose handler panicked was never committed, so the new active runs
+/// it again (a request that panics every engine it meets ends the last one too: fix the
+/// handler, or refuse the request with [`Refused`]). Unwinding instead would run the
+/// application's destructors on half-changed state and could leave a process that lost its
+/// engine thread but keeps running.
+///
+/// [`OnPanic::Unwind`] keeps Rust's default (for applications that install their own hook).
+/// A panic that unwinds out of [`Engine::run`] still fails over: the engine keeps the control
+/// block mapped while its thread holds the mutex, so the kernel marks it at the thread's exit,
+/// and a standby recovers a mutex whose holder thread is provably gone in any case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPanic {
+    /// Print the panic, then abort the process (a failover).
+    Abort,
+    /// Leave the process's panic hook alone.
+    Unwind,
+}
+
+impl Options {
+    /// Override settings from the environment (what a supervisor passes to an engine):
+    /// `UNDERSTUDY_BACKPRESSURE_US` / `_MS` (wait bound before untethering; 0 = untether at
+    /// once),
+    /// `UNDERSTUDY_HUNG_MS` (heartbeat age that counts as hung), `UNDERSTUDY_IDLE` (`spin`,
+    /// `shared`, or `<spin polls>,<sleep µs>`), `UNDERSTUDY_CATCHUP_CHUNK` (items per chunk).
+    /// A malformed value is an error naming the variable, the expected and the found value.
+    pub fn apply_env(&mut self) -> Result<(), String> {
+        fn num(var: &str) -> Result<Option<u64>, String> {
+            match std::env::var(var) {
+                Ok(v) => v
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| format!("{var}: expected a non-negative integer, found `{v}`")),
+                Err(_) => Ok(None),
+            }
+        }
+        if let Some(us) = num(crate::launch::ENV_BACKPRESSURE_US)? {
+            self.backpressure = if us == 0 {
+                Backpressure::Untether
+            } else {
+                Backpressure::Wait(Duration::from_micros(us))
+            };
+        }
+        if let Some(ms) = num(crate::launch::ENV_BACKPRESSURE_MS)? {
+            self.backpressure = if ms == 0 {
+                Backpressure::Untether
+            } else {
+                Backpressure::Wait(Duration::from_millis(ms))
+            };
+        }
+        if let Some(ms) = num(crate::launch::ENV_HUNG_MS)? {
+            self.hung_after = Duration::from_millis(ms.max(1));
+        }
+        if let Some(n) = num(crate::launch::ENV_CATCHUP_CHUNK)? {
+            self.catchup_chunk = (n as usize).max(1);
+        }
+        if let Ok(v) = std::env::var(crate::launch::ENV_IDLE) {
+            self.idle = match v.trim() {
+                "spin" => Idle::SPIN,
+                "shared" => Idle::SHARED,
+                other => {
+                    let bad = || {
+                        format!("UNDERSTUDY_IDLE: expected `spin`, `shared` or `<spin polls>,<sleep µs>`, found `{other}`")
+                    };
+                    let (a, b) = other.split_once(',').ok_or_else(bad)?;
+                    Idle {
+                        spin_polls: a.trim().parse().map_err(|_| bad())?,
+                        sleep: Duration::from_micros(b.trim().parse().map_err(|_| bad())?),
+                    }
+                }
+            };
+        }
+        Ok(())
+    }
+
+    /// Defaults for `dir` and `slot`.
+    pub fn new(dir: impl Into<PathBuf>, slot: usize) -> Options {
+        Options {
+            dir: dir.into(),
+            slot,
+            ring_capacity: 8 << 20,
+            backpressure: Backpressure::Wait(Duration::from_millis(20)),
+            idle: Idle::SHARED,
+            heartbeat: Duration::from_millis(1),
+            hung_after: Duration::from_millis(500),
+            catchup_chunk: 512,
+            standby_only: false,
+            on_panic: OnPanic::Abort,
+            counters: true,
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! The active's standbys: attach a new one (handshake), service each attached stream
+//! (feedback, heartbeats, detach).
+
+use super::*;
+
+pub(super) enum ReplicaPhase {
+    /// Waiting for the standby's hello on the feedback ring.
+    AwaitHello,
+    /// Streaming; `cursor` is the snapshot progress if a catch-up is under way.
+    Streaming(Option<Snapshot>),
+}
+
+pub(super) struct Snapshot {
+    pub(super) units_after: Option<u64>,
+    pub(super) units_done: bool,
+    pub(super) records_after: Option<(u16, Vec<u8>)>,
+}
+
+pub(super) struct Replica {
+    pub(super) slot: usize,
+    pub(super) gen: u64,
+    pub(super) stream_region: Region,
+    pub(super) feedback_region: Region,
+    pub(super) stream: Producer<RegionMemory>,
+    pub(super) feedback: Consumer<RegionMemory>,
+    pub(super) phase: ReplicaPhase,
+    pub(super) agreement: Option<Agreement>,
+    pub(super) hot: bool,
+}
+
+impl<A: Application, I: Input> Engine<A, I> {
+    /// Drop replica `i` for good (this attach generation is never reopened); keep the first
+    /// close reason (the standby's own, e.g. a corrupt stream).
+    pub(super) fn detach(&mut self, i: usize, why: &str) {
+        let rep = self.replicas.remove(i);
+        self.detached.push((rep.slot, rep.gen));
+        warn!(slot = %control::slot_name(rep.slot), "standby detached: {why}");
+        if rep.stream_region.closed().is_none() {
+            rep.stream_region.close(CLOSE_DETACHED);
+        }
+    }
+
+    /// Drop replica `i` that cannot keep up: it is marked stale and must catch up again.
+    pub(super) fn untether(&mut self, i: usize, why: &str) {
+        let rep = self.replicas.remove(i);
+        self.detached.push((rep.slot, rep.gen));
+        warn!(slot = %control::slot_name(rep.slot), "standby untethered: {why}");
+        if let Some(k) = &self.counters {
+            k.add(Counter::UNTETHERS_TOTAL, 1);
+        }
+        rep.stream_region.close(CLOSE_UNTETHERED);
+        self.control
+            .set(rep.slot, Field::State, State::Stale as u64);
+    }
+
+    /// Find standbys that announced a new attach generation in our epoch and open them.
+    pub(super) fn attach_new_replicas(&mut self) {
+        for slot in 0..control::SLOTS {
+            if slot == self.opt.slot {
+                continue;
+            }
+            let c = &self.control;
+            if Role::from_word(c.get(slot, Field::Role)) != Role::Standby
+                || c.get(slot, Field::Epoch) != self.epoch
+            {
+                continue;
+            }
+            let gen = c.get(slot, Field::AttachGen);
+            if self.replicas.iter().any(|r| r.slot == slot && r.gen == gen)
+                || self.detached.contains(&(slot, gen))
+            {
+                continue;
+            }
+            self.replicas.retain(|r| r.slot != slot);
+            let sp = Control::stream_path(&self.opt.dir, self.epoch, slot, gen);
+            let fp = Control::feedback_path(&self.opt.dir, self.epoch, slot, gen);
+            // Regions opened ahead of a planned step-up (see `preopen_next`) skip the file work.
+            let pre = match self.preopened.take() {
+                Some(p) if p.slot == slot && p.epoch == self.epoch && p.gen == gen => {
+                    Some((p.stream_region, p.feedback_region))
+                }
+                _ => None,
+            };
+            let open = || -> Result<Replica, EngineError> {
+                let (stream_region, feedback_region) = match pre {
+                    Some(p) => p,
+                    None => (
+                        Region::open(&sp, Duration::from_millis(1))?,
+                        Region::open(&fp, Duration::from_millis(1))?,
+                    ),
+                };
+                // Untrusted: the files must be this epoch's stream and feedback rings.
+                for (r, kind) in [
+                    (&stream_region, KIND_STREAM),
+                    (&feedback_region, KIND_FEEDBACK),
+                ] {
+                    if r.kind() != kind || r.epoch() != self.epoch {
+                        return Err(EngineError::Other(format!(
+                            "{}: expected a ring of kind {kind} for epoch {}, found kind {} epoch {}",
+                            r.path().display(),
+                            self.epoch,
+                            r.kind(),
+                            r.epoch()
+                        )));
+                    }
+                }
+                stream_region.set_producer_identity(self.me);
+                feedback_region.set_consumer_identity(self.me);
+                let stream = stream_region.producer()?;
+                let feedback = feedback_region.consumer()?;
+                Ok(Replica {
+                    slot,
+                    gen,
+                    stream_region,
+                    feedback_region,
+                    stream,
+                    feedback,
+                    phase: ReplicaPhase::AwaitHello,
+                    agreement: None,
+                    hot: false,
+                })
+            };
+            match open() {
+                Ok(r) => {
+                    debug!(slot = %control::slot_name(slot), gen, "standby attaching");
+                    self.replicas.push(r);
+                }
+                Err(e) => {
+                    debug!(slot = %control::slot_name(slot), "standby not ready to attach: {e}")
+                }
+            }
+        }
+    }
+
+    /// Handshakes, catch-up chunks, acks, detaches.
+    pub(super) fn service_replicas(&mut self) {
+        let mut i = 0;
+        while i < self.replicas.len() {
+            match self.service_replica(i) {
+                Ok(()) => i += 1,
+                Err(why) => self.detach(i, &why),
+            }
+        }
+        let peers: Vec<u64> = self
+            .replicas
+            .iter()
+            .filter_map(|r| {
+                r.agreement
+                    .as_ref()
+                    .map(|_| self.control.get(r.slot, Field::AppVersion))
+            })
+            .collect();
+        self.control.set(
+            self.opt.slot,
+            Field::PeerVersion,
+            peers.first().copied().unwrap_or(0),
+        );
+        // The layout every attached standby can read (a departed older peer no longer limits it).
+        if let Some(l) = self
+            .replicas
+            .iter()
+            .filter_map(|r| r.agreement.as_ref().map(Agreement::layout_version))
+            .min()
+        {
+            if l != self.agreed_layout {
+                self.agreed_layout = l;
+                self.control.set(self.opt.slot, Field::Layout, l as u64);
+            }
+        }
+    }
+
+    pub(super) fn service_replica(&mut self, i: usize) -> Result<(), String> {
+        let hello_now = self.hello();
+        let r = &mut self.replicas[i];
+        if r.feedback_region.closed().is_some() || r.stream_region.closed().is_some() {
+            return Err("its regions were closed".into());
+        }
+        // Feedback: hello, acks, refusals.
+        loop {
+            match r.feedback.poll(&mut self.buf) {
+                Ok(false) => break,
+                Ok(true) => {
+                    for f in self.buf.frames() {
+                        match f.meta.record_type {
+                            rt::HELLO if matches!(r.phase, ReplicaPhase::AwaitHello) => {
+                                let theirs = Hello::decode(f.payload, f.meta.block_length)
+                                    .map_err(|e| format!("bad hello: {e}"))?;
+                                match negotiate(&hello_now, &theirs, self.enabled) {
+                                    Ok(a) => {
+                                        if a.versions_differ {
+                                            info!(ours = hello_now.app_version, theirs = theirs.app_version, layout = a.layout_version(), "standby runs another version; streaming the agreed layout");
+                                        }
+                                        r.agreement = Some(a);
+                                        let mut b = r.stream.batch();
+                                        hello_now.encode(&mut self.scratch);
+                                        b.push(rt::HELLO, 1, 48, &self.scratch)
+                                            .map_err(|e| e.to_string())?;
+                                        let same = theirs.digest == hello_now.digest
+                                            && theirs.commits == hello_now.commits;
+                                        let pos =
+                                            position_of(&self.store, self.commits, self.epoch, 0);
+                                        if same {
+                                            b.push(
+                                                rt::BASE,
+                                                1,
+                                                56,
+                                                zerocopy::IntoBytes::as_bytes(&pos),
+                                            )
+                                            .map_err(|e| e.to_string())?;
+                                            r.phase = ReplicaPhase::Streaming(None);
+                                            r.hot = true;
+                                        } else {
+                                            b.push(
+                                                rt::SNAP_BEGIN,
+                                                1,
+                                                56,
+                                                zerocopy::IntoBytes::as_bytes(&pos),
+                                            )
+                                            .map_err(|e| e.to_string())?;
+                                            r.phase = ReplicaPhase::Streaming(Some(Snapshot {
+                                                units_after: None,
+                                                units_done: false,
+                                                records_after: None,
+                                            }));
+                                        }
+                                        b.commit();
+                                    }
+                                    Err(e) => {
+                                        let msg = format!(
+                                            "{e} (active: {} v{}, standby: {} v{})",
+                                            hello_now.name,
+                                            hello_now.app_version,
+                                            theirs.name,
+                                            theirs.app_version
+                                        );
+                                        let _ =
+                                            r.stream.try_publish(rt::REFUSE, 1, 0, msg.as_bytes());
+                                        r.stream_region.close(CLOSE_REFUSED);
+                                        return Err(format!("refused: {msg}"));
+                                    }
+                                }
+                            }
+                            rt::ACK => {
+                                if let Ok(p) = decode::<Position>(f.payload, f.meta.block_length) {
+                                    if p.arg == 1 {
+                                        r.hot = true;
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Err(e) => return Err(format!("corrupt feedback: {e}")),
+            }
+        }
+        // Catch-up chunk.
+        let chunk = self.opt.catchup_chunk;
+        catch_up_step(
+            r,
+            &self.store,
+            self.commits,
+            self.epoch,
+            chunk,
+            &mut self.scratch,
+        )?;
+        Ok(())
+    }
+}
+
+/// Push with the back-pressure policy: while `push` finds the ring full, wait as long as the
+/// standby keeps consuming; give up (false) when it consumed nothing for the policy's bound,
+/// at once under `Untether`, or on any other error.
+pub(super) fn push_waiting(
+    stream: &mut Producer<RegionMemory>,
+    policy: Backpressure,
+    mut push: impl FnMut(&mut Producer<RegionMemory>) -> Result<(), PushError>,
+) -> bool {
+    let max = match policy {
+        Backpressure::Wait(d) => d,
+        Backpressure::Untether => Duration::ZERO,
+    };
+    let mut started = Instant::now();
+    let mut seen_tail = stream.consumer_position();
+    let mut waited = false;
+    loop {
+        match push(stream) {
+            Ok(()) => return true,
+            Err(PushError::Full { .. }) => {
+                if !waited {
+                    waited = true;
+                    crate::counters::note_backpressure_wait();
+                }
+                let tail = stream.consumer_position();
+                if tail != seen_tail {
+                    seen_tail = tail;
+                    started = Instant::now();
+                } else if started.elapsed() >= max {
+                    return false;
+                }
+                std::hint::spin_loop();
+            }
+            Err(e) => {
+                error!("cannot write to a standby's stream: {e}");
+                return false;
+            }
+        }
+    }
+}

@@ -1,0 +1,673 @@
+//! The standby role: attach to the active's stream, follow it (apply each committed batch),
+//! and watch the active for death.
+
+use super::*;
+
+/// Standby regions created but not yet announced (see `Engine::prepare_upstream`).
+pub(super) struct Prepared {
+    pub(super) epoch: u64,
+    pub(super) gen: u64,
+    pub(super) stream_region: Region,
+    pub(super) feedback_region: Region,
+    pub(super) stream: Consumer<RegionMemory>,
+    pub(super) feedback: Producer<RegionMemory>,
+}
+
+/// Another engine's prepared regions, opened ahead of a planned step-up.
+pub(super) struct Preopened {
+    pub(super) slot: usize,
+    pub(super) epoch: u64,
+    pub(super) gen: u64,
+    pub(super) stream_region: Region,
+    pub(super) feedback_region: Region,
+}
+
+/// A standby's end of the stream.
+pub(super) struct Upstream {
+    pub(super) stream_region: Region,
+    pub(super) feedback_region: Region,
+    pub(super) stream: Consumer<RegionMemory>,
+    pub(super) feedback: Producer<RegionMemory>,
+    pub(super) active_slot: usize,
+    pub(super) last_ack: Instant,
+}
+
+/// Mappings of a role this engine left, kept until the role change is over (see
+/// `Engine::leftovers`).
+#[derive(Default)]
+pub(super) struct Leftovers {
+    /// Our old upstream after a step-up; its files are unlinked when it is dropped.
+    pub(super) upstream: Vec<Upstream>,
+    /// Our replicas after handing the role over (each already closed or handed over).
+    pub(super) replicas: Vec<Replica>,
+    pub(super) since: Option<Instant>,
+}
+
+impl Leftovers {
+    pub(super) fn keep_upstream(&mut self, u: Box<Upstream>) {
+        self.upstream.push(*u);
+        self.since = Some(Instant::now());
+    }
+
+    pub(super) fn keep_replicas(&mut self, r: impl IntoIterator<Item = Replica>) {
+        self.replicas.extend(r);
+        self.since = Some(Instant::now());
+    }
+
+    /// Unmap (and unlink) them if the role change is over: `done` (the new role has done
+    /// its first work), or 20 ms have passed.
+    pub(super) fn reap(&mut self, done: bool) {
+        let Some(since) = self.since else {
+            return;
+        };
+        if !done && since.elapsed() < Duration::from_millis(20) {
+            return;
+        }
+        for u in self.upstream.drain(..) {
+            let _ = Region::remove(u.stream_region.path());
+            let _ = Region::remove(u.feedback_region.path());
+        }
+        self.replicas.clear();
+        self.since = None;
+    }
+}
+
+impl<A: Application, I: Input> Engine<A, I> {
+    /// Create the standby's two regions for `epoch` and announce them in our slot.
+    pub(super) fn create_upstream(
+        &mut self,
+        epoch: u64,
+        active_slot: usize,
+    ) -> Result<Upstream, EngineError> {
+        let p = self.prepare_upstream(epoch)?;
+        self.announce_upstream(p, active_slot)
+    }
+
+    /// Create (not yet announce) this engine's standby regions for `epoch`: the file work of
+    /// attaching, which an active does ahead of a planned switchover so the switchover's pause
+    /// does not include it.
+    pub(super) fn prepare_upstream(&mut self, epoch: u64) -> Result<Prepared, EngineError> {
+        let s = self.opt.slot;
+        let gen = self.control.get(s, Field::AttachGen).wrapping_add(1);
+        let sp = Control::stream_path(&self.opt.dir, epoch, s, gen);
+        let fp = Control::feedback_path(&self.opt.dir, epoch, s, gen);
+        let _ = Region::remove(&sp);
+        let _ = Region::remove(&fp);
+        let spec = |kind| RegionSpec {
+            capacity: self.opt.ring_capacity,
+            epoch,
+            kind,
+        };
+        let stream_region = Region::create(&sp, spec(KIND_STREAM), self.me)?;
+        let feedback_region = Region::create(&fp, spec(KIND_FEEDBACK), self.me)?;
+        stream_region.set_consumer_identity(self.me);
+        let stream = stream_region.consumer()?;
+        let feedback = feedback_region.producer()?;
+        Ok(Prepared {
+            epoch,
+            gen,
+            stream_region,
+            feedback_region,
+            stream,
+            feedback,
+        })
+    }
+
+    /// Write our hello into prepared regions and announce them in our slot: from here on the
+    /// active of `p.epoch` attaches them.
+    pub(super) fn announce_upstream(
+        &mut self,
+        p: Prepared,
+        active_slot: usize,
+    ) -> Result<Upstream, EngineError> {
+        let s = self.opt.slot;
+        let Prepared {
+            epoch,
+            gen,
+            stream_region,
+            feedback_region,
+            stream,
+            mut feedback,
+        } = p;
+        let mut h = self.hello();
+        h.epoch = epoch;
+        h.encode(&mut self.scratch);
+        feedback
+            .try_publish(rt::HELLO, 1, 48, &self.scratch)
+            .map_err(|e| {
+                EngineError::Other(format!(
+                    "writing our hello into {}: {e}",
+                    feedback_region.path().display()
+                ))
+            })?;
+        let c = &self.control;
+        c.set(s, Field::Epoch, epoch);
+        c.set(s, Field::Role, Role::Standby as u64);
+        c.set(s, Field::State, State::Syncing as u64);
+        c.set(s, Field::AttachGen, gen);
+        c.set(s, Field::Served, 0);
+        self.served = false;
+        Ok(Upstream {
+            stream_region,
+            feedback_region,
+            stream,
+            feedback,
+            active_slot,
+            last_ack: Instant::now(),
+        })
+    }
+
+    /// As a hot standby: open the regions our active prepared for the next epoch (see
+    /// `prepare_upstream`), so that if it hands over to us, stepping up does not include
+    /// opening and validating them. Their paths follow from the active's slot and generation.
+    pub(super) fn preopen_next(&mut self, active: usize) {
+        let epoch = self.epoch + 1;
+        let gen = self.control.get(active, Field::AttachGen).wrapping_add(1);
+        if self
+            .preopened
+            .as_ref()
+            .is_some_and(|p| p.slot == active && p.epoch == epoch && p.gen == gen)
+        {
+            return;
+        }
+        self.preopened = None;
+        let sp = Control::stream_path(&self.opt.dir, epoch, active, gen);
+        let fp = Control::feedback_path(&self.opt.dir, epoch, active, gen);
+        if !sp.exists() || !fp.exists() {
+            return;
+        }
+        if let (Ok(stream_region), Ok(feedback_region)) = (
+            Region::open(&sp, Duration::ZERO),
+            Region::open(&fp, Duration::ZERO),
+        ) {
+            self.preopened = Some(Preopened {
+                slot: active,
+                epoch,
+                gen,
+                stream_region,
+                feedback_region,
+            });
+        }
+    }
+
+    /// Drop prepared regions that were never announced.
+    pub(super) fn discard_prepared(&mut self) {
+        if let Some(p) = self.prepared.take() {
+            let _ = Region::remove(p.stream_region.path());
+            let _ = Region::remove(p.feedback_region.path());
+        }
+    }
+
+    pub(super) fn run_standby(&mut self, up: Option<Box<Upstream>>) -> Result<Next, EngineError> {
+        let s = self.opt.slot;
+        let mut up = up;
+        self.replicas.clear();
+        self.app.on_standby(&self.store);
+        loop {
+            // Find the active and attach to it.
+            let mut u = match up.take() {
+                Some(u) => u,
+                None => match self.attach_upstream()? {
+                    Attach::Attached(u) => u,
+                    Attach::BecomeActive => return Ok(Next::Active),
+                    Attach::Stop => return Ok(Next::Stop),
+                },
+            };
+            match self.follow(&mut u)? {
+                Follow::Reattach => {
+                    u.feedback_region.close(CLOSE_DETACHED);
+                    let _ = Region::remove(u.stream_region.path());
+                    let _ = Region::remove(u.feedback_region.path());
+                    continue;
+                }
+                Follow::StepUp { planned } => {
+                    // Unmapped and unlinked after the step-up, outside its pause.
+                    self.leftovers.keep_upstream(u);
+                    if self.step_up(planned) {
+                        return Ok(Next::Active);
+                    }
+                    self.leftovers.reap(true);
+                    continue;
+                }
+                Follow::Stop => {
+                    u.feedback_region.close(CLOSE_DETACHED);
+                    let _ = Region::remove(u.stream_region.path());
+                    let _ = Region::remove(u.feedback_region.path());
+                    self.control.set(s, Field::Cmd, 0);
+                    return Ok(Next::Stop);
+                }
+            }
+        }
+    }
+
+    pub(super) fn attach_upstream(&mut self) -> Result<Attach, EngineError> {
+        let s = self.opt.slot;
+        let started = Instant::now();
+        loop {
+            self.control.set(s, Field::HeartbeatNs, monotonic_ns());
+            if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
+                return Ok(Attach::Stop);
+            }
+            let epoch = self.control.epoch();
+            // We handed the active role over in a planned switchover and the target died before
+            // claiming the next epoch: nobody served since, our state is the cluster's state;
+            // take the role back (the mutex and the epoch compare-and-swap keep it single).
+            if let Some((from, target, _, _)) = self.handed_over {
+                if epoch > from {
+                    self.handed_over = None;
+                } else if !self.slot_alive(target) || started.elapsed() > Duration::from_secs(5) {
+                    self.epoch = from;
+                    if self.try_claim(Some(from))? {
+                        self.handed_over = None;
+                        warn!(target = %control::slot_name(target), "the switchover target died before stepping up; active again");
+                        self.mark_step_up(started, false);
+                        return Ok(Attach::BecomeActive);
+                    }
+                }
+            }
+            if let Some(a) = self.control.active_slot() {
+                if a != s
+                    && self.slot_alive(a)
+                    && self.control.get(a, Field::Epoch) == epoch
+                    && Role::from_word(self.control.get(a, Field::Role)) == Role::Active
+                {
+                    self.epoch = epoch;
+                    return Ok(Attach::Attached(Box::new(self.create_upstream(epoch, a)?)));
+                }
+            }
+            // No live active: if allowed, take over (the first engine, or after a death
+            // nobody else handled).
+            // A fresh cluster (epoch 0) has nothing to lose; later, only a hot standby
+            // steps up (an empty engine taking over would lose the state).
+            if !self.opt.standby_only
+                && self.control.epoch() == 0
+                && started.elapsed() > Duration::from_millis(20)
+                && self.try_become_first_active()?
+            {
+                self.mark_step_up(started, false);
+                return Ok(Attach::BecomeActive);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Apply the stream and watch the active until something happens.
+    pub(super) fn follow(&mut self, u: &mut Upstream) -> Result<Follow, EngineError> {
+        let s = self.opt.slot;
+        // The lock borrows the mapping: hold our own handle on it while `self` changes.
+        let control = self.control.clone();
+        let lock = control.lock();
+        let active = u.active_slot;
+        let apid = self.control.get(active, Field::Pid);
+        let active_id = ProcessIdentity {
+            pid: apid.min(u32::MAX as u64) as u32,
+            start_time_ticks: self.control.get(active, Field::StartTime),
+        };
+        let mut idle_polls = 0u32;
+        let mut last_house = 0u64;
+        let mut last_alive_check = monotonic_ns();
+        // When the stream last delivered a batch: a live active sends a heartbeat frame at
+        // least every 10 heartbeat intervals, so this is the second source before a fence.
+        // (Sampled at each liveness check from the batch count: no clock read per batch.)
+        let mut last_frame_ns = monotonic_ns();
+        let mut batches_at_check: u32 = 0;
+        let mut lying_identity_warned = false;
+        let mut state = State::Syncing;
+        let mut batches: u32 = 0;
+        loop {
+            // Fast path: the active's mutex word. The kernel sets OWNER_DIED in it while the
+            // dying process exits, before its memory is torn down.
+            let died = matches!(lock.word(), LockWord::OwnerDied { .. });
+            let mut got = false;
+            match u.stream.poll(&mut self.buf) {
+                Ok(true) => {
+                    idle_polls = 0;
+                    got = true;
+                    batches = batches.wrapping_add(1);
+                    match self.apply_batch(&mut state) {
+                        Ok(Some(f)) => return Ok(f),
+                        Ok(None) => {}
+                        Err(e) => {
+                            warn!(slot = %control::slot_name(s), "stream rejected: {e}; resyncing");
+                            if let EngineError::Refused(_) = e {
+                                return Err(e);
+                            }
+                            self.control.set(s, Field::State, State::Stale as u64);
+                            u.stream_region.close(CLOSE_CORRUPT);
+                            return Ok(Follow::Reattach);
+                        }
+                    }
+                    // Under sustained load the ring never runs empty: still do the
+                    // housekeeping (acks, heartbeat, commands) every 64 batches.
+                    if batches % 64 != 0 {
+                        continue;
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(slot = %control::slot_name(s), "corrupt frame in the stream: {e}; resyncing");
+                    self.control.set(s, Field::State, State::Stale as u64);
+                    u.stream_region.close(CLOSE_CORRUPT);
+                    return Ok(Follow::Reattach);
+                }
+            }
+            if died && !got {
+                // Drain what the active committed before it died.
+                match self.drain(u, &mut state) {
+                    Drained::Clean => {}
+                    Drained::RoleChange(f) => return Ok(f),
+                    Drained::Broken => return Ok(Follow::Reattach),
+                }
+                let tail = u.stream.torn_tail();
+                info!(slot = %control::slot_name(s), committed_end = tail.committed_end, torn = tail.uncommitted_bytes_seen, "active died (owner-died); stepping up");
+                if self.took_nothing_since_handover(active) {
+                    warn!(
+                        "the switchover target died before serving anything; taking the role back"
+                    );
+                    return Ok(Follow::StepUp { planned: false });
+                }
+                if state != State::Hot || u.stream_region.closed().is_some() {
+                    warn!("the active died before this standby was hot; it cannot step up with a partial state");
+                    return Ok(Follow::Reattach);
+                }
+                return Ok(Follow::StepUp { planned: false });
+            }
+            let now = monotonic_ns();
+            if now - last_house > 500_000 {
+                if now / 10_000_000 != last_house / 10_000_000 {
+                    self.control.repair_own(s); // checked words, every ~10 ms
+                }
+                last_house = now;
+                self.control.set(s, Field::HeartbeatNs, now);
+                self.control.set(s, Field::Commits, self.commits);
+                self.control.set(s, Field::Digest, self.store.digest());
+                self.leftovers.reap(false);
+                let lag = u
+                    .stream
+                    .producer_position()
+                    .saturating_sub(u.stream.position());
+                self.control.set(s, Field::LagBytes, lag);
+                if let Some(k) = &self.counters {
+                    k.housekeeping(now, self.counters_bp_base);
+                    k.set(Counter::STATE, state as u64);
+                    k.set(Counter::ROLE, self.control.get(s, Field::Role));
+                    k.set(Counter::EPOCH, self.epoch);
+                }
+                if state == State::Hot && self.control.epoch() == self.epoch {
+                    self.preopen_next(active);
+                }
+                if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
+                    return Ok(Follow::Stop);
+                }
+                if u.stream_region.closed().is_some() && u.stream.has_next() {
+                    // Apply what was committed before the close first: a refusal is
+                    // published right before the close, and its message must not be lost.
+                    continue;
+                }
+                if u.stream_region.closed().is_some() {
+                    info!(slot = %control::slot_name(s), "stream closed by the active; re-attaching");
+                    if self.control.epoch() != self.epoch
+                        || u.stream_region.closed() == Some(CLOSE_DETACHED)
+                    {
+                        // Planned switchover elsewhere or detach: attach to whoever is active.
+                    } else {
+                        self.control.set(s, Field::State, State::Stale as u64);
+                    }
+                    return Ok(Follow::Reattach);
+                }
+                if u.last_ack.elapsed() > Duration::from_millis(1) {
+                    u.last_ack = Instant::now();
+                    let p = self.position((state == State::Hot) as u64);
+                    let _ =
+                        u.feedback
+                            .try_publish(rt::ACK, 1, 56, zerocopy::IntoBytes::as_bytes(&p));
+                }
+                // Backstop: the active's process is gone (or its pid reused), or it hangs.
+                if now - last_alive_check > 5_000_000 {
+                    last_alive_check = now;
+                    if batches != batches_at_check {
+                        batches_at_check = batches;
+                        last_frame_ns = now;
+                    }
+                    let ce = self.control.epoch();
+                    // A newer epoch: someone else is active now. An older one: we handed over
+                    // (planned switchover) and the target has not claimed the epoch yet; if it
+                    // died doing so, re-attaching lets us take the state back.
+                    if ce > self.epoch || (ce < self.epoch && !active_id.is_alive()) {
+                        return Ok(Follow::Reattach);
+                    }
+                    if ce < self.epoch {
+                        continue;
+                    }
+
+                    if !active_id.is_alive() {
+                        // Second source: the mutex. A live engine thread still holding it is
+                        // the active, whatever the slot's pid and start-time words say (a
+                        // corrupted word must never make two actives). A dead holder the
+                        // kernel did not mark is recovered by the step-up.
+                        if let Some(pid) = live_holder(&lock, control.path()) {
+                            if !lying_identity_warned {
+                                lying_identity_warned = true;
+                                warn!(
+                                    slot = %control::slot_name(active),
+                                    words_pid = active_id.pid,
+                                    holder_pid = pid,
+                                    "the control block says the active's process is gone, but a live engine thread holds the mutex: not stepping up (the slot's identity words are wrong)"
+                                );
+                            }
+                            continue;
+                        }
+                        match self.drain(u, &mut state) {
+                            Drained::Clean => {}
+                            Drained::RoleChange(f) => return Ok(f),
+                            Drained::Broken => return Ok(Follow::Reattach),
+                        }
+                        info!("active process is gone (identity check); stepping up");
+                        if self.took_nothing_since_handover(active) {
+                            return Ok(Follow::StepUp { planned: false });
+                        }
+                        if state != State::Hot || u.stream_region.closed().is_some() {
+                            return Ok(Follow::Reattach);
+                        }
+                        return Ok(Follow::StepUp { planned: false });
+                    }
+                    // Hung: its heartbeat word is old AND the stream has been silent as long (a
+                    // live active sends heartbeat frames), AND the thread holding the mutex is
+                    // that process's. One stale or flipped word never fences a healthy active.
+                    let hb = self.control.get(active, Field::HeartbeatNs);
+                    let hung_ns = self.opt.hung_after.as_nanos() as u64;
+                    if state == State::Hot
+                        && now.saturating_sub(hb) > hung_ns
+                        && now.saturating_sub(last_frame_ns) > hung_ns
+                        && live_holder(&lock, control.path()) == Some(active_id.pid)
+                    {
+                        warn!(
+                            pid = active_id.pid,
+                            "active is hung (heartbeat {} ms old, stream silent {} ms); fencing it with SIGKILL",
+                            (now - hb) / 1_000_000,
+                            (now - last_frame_ns) / 1_000_000
+                        );
+                        fence_identity(&active_id);
+                    }
+                }
+            }
+            if !got {
+                idle_polls = idle_polls.saturating_add(1);
+                self.idle_wait(idle_polls);
+            }
+        }
+    }
+
+    /// After the active died: apply every batch it committed. A frame that fails validation
+    /// or does not apply means our copy is not the committed state: never step up on it.
+    pub(super) fn drain(&mut self, u: &mut Upstream, state: &mut State) -> Drained {
+        loop {
+            match u.stream.poll(&mut self.buf) {
+                Ok(false) => return Drained::Clean,
+                Ok(true) => match self.apply_batch(state) {
+                    Ok(None) => {}
+                    Ok(Some(f)) => return Drained::RoleChange(f),
+                    Err(e) => {
+                        error!("a batch the dead active committed does not apply: {e}; not stepping up");
+                        *state = State::Stale;
+                        return Drained::Broken;
+                    }
+                },
+                Err(e) => {
+                    error!("a frame the dead active left is corrupt: {e}; not stepping up");
+                    *state = State::Stale;
+                    return Drained::Broken;
+                }
+            }
+        }
+    }
+
+    /// Apply the batch in `self.buf`. `Ok(Some)` when the batch changes the role.
+    pub(super) fn apply_batch(&mut self, state: &mut State) -> Result<Option<Follow>, EngineError> {
+        let s = self.opt.slot;
+        let mut frames = std::mem::take(&mut self.buf);
+        let r = (|| {
+            for f in frames.frames() {
+                let bl = f.meta.block_length;
+                match f.meta.record_type {
+                    rt::PUT_UNIT | rt::RETIRE_UNIT | rt::PUT | rt::DELETE => {
+                        let spare = &mut self.tx.spare;
+                        let op = protocol::decode_op_into(f.meta.record_type, f.payload, bl, spare)
+                            .map_err(|e| EngineError::Other(e.to_string()))?;
+                        self.store.apply(&op);
+                        self.app.on_apply(&op, &self.store);
+                        self.tx.spare.recycle(op);
+                    }
+                    rt::COMMIT => {
+                        let (c, _) = protocol::decode_commit(f.payload, bl)
+                            .map_err(|e| EngineError::Other(e.to_string()))?;
+                        if *state == State::Hot && c.index != self.commits {
+                            return Err(EngineError::Other(format!(
+                                "commit out of order: expected transaction {}, found {}",
+                                self.commits, c.index
+                            )));
+                        }
+                        self.commits = c.index + 1;
+                        if let Some(k) = &self.counters {
+                            k.add(Counter::APPLIED_TOTAL, 1);
+                            k.set(Counter::TX_INDEX, self.commits);
+                        }
+                    }
+                    rt::HELLO => {
+                        let theirs = Hello::decode(f.payload, bl)
+                            .map_err(|e| EngineError::Other(e.to_string()))?;
+                        let ours = self.hello();
+                        let a = negotiate(&ours, &theirs, 0)
+                            .map_err(|e| EngineError::Refused(e.to_string()))?;
+                        if a.versions_differ {
+                            info!(
+                                ours = ours.app_version,
+                                theirs = theirs.app_version,
+                                layout = a.layout_version(),
+                                "active runs another version"
+                            );
+                        }
+                        self.agreed_layout = a.layout_version();
+                        self.enabled = theirs.enabled;
+                        self.write_versions =
+                            write_versions(&self.templates, &self.features, self.enabled);
+                        self.control
+                            .set(s, Field::PeerVersion, theirs.app_version as u64);
+                        self.control
+                            .set(s, Field::Layout, self.agreed_layout as u64);
+                        self.control.set(s, Field::Features, self.enabled);
+                        self.control.set(s, Field::Enableable, a.enableable);
+                    }
+                    rt::BASE => {
+                        let p: Position =
+                            decode(f.payload, bl).map_err(|e| EngineError::Other(e.to_string()))?;
+                        if p.digest != self.store.digest() || p.commits != self.commits {
+                            return Err(EngineError::Other(format!(
+                                "base position differs: active at {} commits digest {:#x}, standby at {} digest {:#x}",
+                                p.commits, p.digest, self.commits, self.store.digest()
+                            )));
+                        }
+                        *state = State::Hot;
+                        self.control.set(s, Field::State, State::Hot as u64);
+                        info!(slot = %control::slot_name(s), commits = p.commits, "hot (no catch-up needed)");
+                    }
+                    rt::SNAP_BEGIN => {
+                        let p: Position =
+                            decode(f.payload, bl).map_err(|e| EngineError::Other(e.to_string()))?;
+                        self.store.clear();
+                        self.commits = p.commits;
+                        *state = State::Syncing;
+                        self.control.set(s, Field::State, State::Syncing as u64);
+                        info!(slot = %control::slot_name(s), units = p.units, "catch-up begins");
+                    }
+                    rt::SNAP_END => {
+                        let p: Position =
+                            decode(f.payload, bl).map_err(|e| EngineError::Other(e.to_string()))?;
+                        if p.digest != self.store.digest() || p.commits != self.commits {
+                            return Err(EngineError::Other(format!(
+                                "catch-up ended with a different state: active {} commits digest {:#x}, standby {} digest {:#x}",
+                                p.commits, p.digest, self.commits, self.store.digest()
+                            )));
+                        }
+                        self.app.on_reset(&self.store);
+                        *state = State::Hot;
+                        self.control.set(s, Field::State, State::Hot as u64);
+                        info!(slot = %control::slot_name(s), units = p.units, "hot (caught up)");
+                        if let Some(k) = &self.counters {
+                            k.add(Counter::CATCHUPS_TOTAL, 1);
+                        }
+                    }
+                    rt::FEATURES => {
+                        let fb: FeaturesBlock =
+                            decode(f.payload, bl).map_err(|e| EngineError::Other(e.to_string()))?;
+                        self.enabled = fb.enabled;
+                        self.write_versions =
+                            write_versions(&self.templates, &self.features, self.enabled);
+                        self.control.set(s, Field::Features, self.enabled);
+                        info!(enabled = fb.enabled, "features switched");
+                    }
+                    rt::HEARTBEAT => {}
+                    rt::STEP_UP => {
+                        let p: Position =
+                            decode(f.payload, bl).map_err(|e| EngineError::Other(e.to_string()))?;
+                        if p.digest != self.store.digest() || p.commits != self.commits {
+                            warn!("step-up description differs: active {} commits digest {:#x}, standby {} digest {:#x}; stepping up, the old active will catch up", p.commits, p.digest, self.commits, self.store.digest());
+                        }
+                        return Ok(Some(Follow::StepUp { planned: true }));
+                    }
+                    t if t == rt::REFUSE => {
+                        return Err(EngineError::Refused(
+                            String::from_utf8_lossy(f.payload).into_owned(),
+                        ));
+                    }
+                    other => {
+                        return Err(EngineError::Other(format!(
+                            "unknown record type {other} in the stream"
+                        )));
+                    }
+                }
+            }
+            Ok(None)
+        })();
+        self.buf = std::mem::take(&mut frames);
+        r
+    }
+}
+
+pub(super) enum Drained {
+    Clean,
+    RoleChange(Follow),
+    Broken,
+}
+
+pub(super) enum Attach {
+    Attached(Box<Upstream>),
+    BecomeActive,
+    Stop,
+}
+
+pub(super) enum Follow {
+    Reattach,
+    StepUp { planned: bool },
+    Stop,
+}
