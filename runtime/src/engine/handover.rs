@@ -1,6 +1,7 @@
 //! Role changes: planned switchover (active side), step-up (standby side), lock recovery and
 //! fencing a hung active.
 
+use super::role::{self, OnLockBusy};
 use super::*;
 
 impl<A: Application, I: Input> Engine<A, I> {
@@ -120,31 +121,36 @@ impl<A: Application, I: Input> Engine<A, I> {
             match outcome {
                 Ok(TryLockOutcome::Acquired) | Ok(TryLockOutcome::OwnerDied) => break,
                 Ok(TryLockOutcome::WouldBlock) => {
-                    if self.control.epoch() != self.epoch {
-                        warn!("another engine claimed the epoch first");
-                        return false;
-                    }
-                    // After a crash the mutex is owner-died at once (or recovered above once
-                    // its holder thread is gone), so a mutex that stays held by a live thread
-                    // means a live engine holds it: another engine stepping up, or the active
-                    // itself, alive although its slot's words said otherwise (a corrupted pid
-                    // or start time). Either way we must not step up. In a planned switchover
-                    // the old active releases it right after the step-up frame, but it may be
-                    // descheduled for a while in between: giving up then would leave both
-                    // engines standby. Wait while nobody else claims the epoch; a hung old
-                    // active is fenced (SIGKILL) and its mutex becomes owner-died.
-                    if !planned && t0.elapsed() > Duration::from_millis(500) {
-                        warn!(
-                            holder_tid = lock.holder_tid(),
-                            "the mutex stays held by a live thread: another engine holds the active role; not stepping up"
-                        );
-                        return false;
-                    }
-                    if planned && t0.elapsed() > Duration::from_millis(1) {
-                        let now = monotonic_ns();
-                        self.control.set(self.opt.slot, Field::HeartbeatNs, now);
-                        if t0.elapsed() > self.opt.hung_after {
-                            self.fence_hung_holder(now);
+                    let busy = role::LockBusy {
+                        planned,
+                        elapsed: t0.elapsed(),
+                        epoch_now: self.control.epoch(),
+                        epoch_ours: self.epoch,
+                        hung_after: self.opt.hung_after,
+                    };
+                    match role::on_lock_busy(busy) {
+                        OnLockBusy::EpochTaken => {
+                            warn!("another engine claimed the epoch first");
+                            return false;
+                        }
+                        OnLockBusy::LiveHolder => {
+                            warn!(
+                                holder_tid = lock.holder_tid(),
+                                "the mutex stays held by a live thread: another engine holds the active role; not stepping up"
+                            );
+                            return false;
+                        }
+                        OnLockBusy::Wait {
+                            heartbeat,
+                            check_hung,
+                        } => {
+                            if heartbeat {
+                                let now = monotonic_ns();
+                                self.control.set(self.opt.slot, Field::HeartbeatNs, now);
+                                if check_hung {
+                                    self.fence_hung_holder(now);
+                                }
+                            }
                         }
                     }
                     std::hint::spin_loop();
@@ -184,16 +190,19 @@ impl<A: Application, I: Input> Engine<A, I> {
             return;
         };
         let hb = self.control.get(a, Field::HeartbeatNs);
-        if now.saturating_sub(hb) <= self.opt.hung_after.as_nanos() as u64 || !self.slot_alive(a) {
-            return;
-        }
         let id = ProcessIdentity {
             pid: self.control.get(a, Field::Pid).min(u32::MAX as u64) as u32,
             start_time_ticks: self.control.get(a, Field::StartTime),
         };
         // Second source: the thread holding the mutex must be that process's.
         let lock = self.control.lock();
-        if live_holder(&lock, self.control.path()) != Some(id.pid) {
+        if !role::should_fence_hung_holder(
+            now.saturating_sub(hb),
+            self.opt.hung_after.as_nanos() as u64,
+            || self.slot_alive(a),
+            id.pid,
+            || live_holder(&lock, self.control.path()),
+        ) {
             return;
         }
         warn!(

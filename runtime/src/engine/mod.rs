@@ -19,8 +19,9 @@
 //! requests come from), `transaction` (one request against the store, its commit block),
 //! `active` (the active loop and commands), `replicas` (attaching and servicing standbys),
 //! `catch_up` (bringing a new standby to live), `standby` (following the active's stream),
-//! `handover` (switchover, step-up, lock recovery, fencing), `process` (panic and fault-signal
-//! behaviour). This file holds the [`Engine`] itself: construction, the role loop, and the
+//! `handover` (switchover, step-up, lock recovery, fencing), `role` (the standby's decisions
+//! as pure functions of its observations: when to step up, re-attach, give up, fence),
+//! `process` (panic and fault-signal behaviour). This file holds the [`Engine`] itself: construction, the role loop, and the
 //! helpers every role uses.
 
 use crate::app::{negotiate, write_versions, Agreement, Application, Feature, Refused, Tx};
@@ -44,6 +45,7 @@ mod input;
 mod options;
 mod process;
 mod replicas;
+mod role;
 mod standby;
 mod transaction;
 

@@ -1,6 +1,7 @@
 //! The standby role: attach to the active's stream, follow it (apply each committed batch),
 //! and watch the active for death.
 
+use super::role::{self, NoStepUpBecause, OnActiveDead, OnLivenessCheck, StepUpBecause};
 use super::*;
 
 /// Standby regions created but not yet announced (see `Engine::prepare_upstream`).
@@ -352,25 +353,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                 }
             }
             if died && !got {
-                // Drain what the active committed before it died.
-                match self.drain(u, &mut state) {
-                    Drained::Clean => {}
-                    Drained::RoleChange(f) => return Ok(f),
-                    Drained::Broken => return Ok(Follow::Reattach),
-                }
-                let tail = u.stream.torn_tail();
-                info!(slot = %control::slot_name(s), committed_end = tail.committed_end, torn = tail.uncommitted_bytes_seen, "active died (owner-died); stepping up");
-                if self.took_nothing_since_handover(active) {
-                    warn!(
-                        "the switchover target died before serving anything; taking the role back"
-                    );
-                    return Ok(Follow::StepUp { planned: false });
-                }
-                if state != State::Hot || u.stream_region.closed().is_some() {
-                    warn!("the active died before this standby was hot; it cannot step up with a partial state");
-                    return Ok(Follow::Reattach);
-                }
-                return Ok(Follow::StepUp { planned: false });
+                return Ok(self.on_active_dead(u, &mut state, active, Death::OwnerDied));
             }
             let now = monotonic_ns();
             if now - last_house > 500_000 {
@@ -429,23 +412,25 @@ impl<A: Application, I: Input> Engine<A, I> {
                         batches_at_check = batches;
                         last_frame_ns = now;
                     }
-                    let ce = self.control.epoch();
-                    // A newer epoch: someone else is active now. An older one: we handed over
-                    // (planned switchover) and the target has not claimed the epoch yet; if it
-                    // died doing so, re-attaching lets us take the state back.
-                    if ce > self.epoch || (ce < self.epoch && !active_id.is_alive()) {
-                        return Ok(Follow::Reattach);
-                    }
-                    if ce < self.epoch {
-                        continue;
-                    }
-
-                    if !active_id.is_alive() {
-                        // Second source: the mutex. A live engine thread still holding it is
-                        // the active, whatever the slot's pid and start-time words say (a
-                        // corrupted word must never make two actives). A dead holder the
-                        // kernel did not mark is recovered by the step-up.
-                        if let Some(pid) = live_holder(&lock, control.path()) {
+                    let obs = role::LivenessCheck {
+                        epoch_now: self.control.epoch(),
+                        epoch_ours: self.epoch,
+                        active_alive: active_id.is_alive(),
+                        active_pid: active_id.pid,
+                        hot: state == State::Hot,
+                        heartbeat_age_ns: now
+                            .saturating_sub(self.control.get(active, Field::HeartbeatNs)),
+                        stream_silence_ns: now.saturating_sub(last_frame_ns),
+                        hung_after_ns: self.opt.hung_after.as_nanos() as u64,
+                    };
+                    match role::on_liveness_check(obs, || live_holder(&lock, control.path())) {
+                        // A newer epoch: someone else is active now. An older one: we handed
+                        // over (planned switchover) and the target died before claiming the
+                        // epoch; re-attaching lets us take the state back.
+                        OnLivenessCheck::Reattach => return Ok(Follow::Reattach),
+                        // The target of our handover, alive, has not claimed the epoch yet.
+                        OnLivenessCheck::WaitForClaim => continue,
+                        OnLivenessCheck::LiveHolder { pid } => {
                             if !lying_identity_warned {
                                 lying_identity_warned = true;
                                 warn!(
@@ -457,43 +442,75 @@ impl<A: Application, I: Input> Engine<A, I> {
                             }
                             continue;
                         }
-                        match self.drain(u, &mut state) {
-                            Drained::Clean => {}
-                            Drained::RoleChange(f) => return Ok(f),
-                            Drained::Broken => return Ok(Follow::Reattach),
+                        OnLivenessCheck::ActiveDead => {
+                            return Ok(self.on_active_dead(u, &mut state, active, Death::Identity));
                         }
-                        info!("active process is gone (identity check); stepping up");
-                        if self.took_nothing_since_handover(active) {
-                            return Ok(Follow::StepUp { planned: false });
+                        OnLivenessCheck::FenceHung => {
+                            warn!(
+                                pid = active_id.pid,
+                                "active is hung (heartbeat {} ms old, stream silent {} ms); fencing it with SIGKILL",
+                                obs.heartbeat_age_ns / 1_000_000,
+                                obs.stream_silence_ns / 1_000_000
+                            );
+                            fence_identity(&active_id);
                         }
-                        if state != State::Hot || u.stream_region.closed().is_some() {
-                            return Ok(Follow::Reattach);
-                        }
-                        return Ok(Follow::StepUp { planned: false });
-                    }
-                    // Hung: its heartbeat word is old AND the stream has been silent as long (a
-                    // live active sends heartbeat frames), AND the thread holding the mutex is
-                    // that process's. One stale or flipped word never fences a healthy active.
-                    let hb = self.control.get(active, Field::HeartbeatNs);
-                    let hung_ns = self.opt.hung_after.as_nanos() as u64;
-                    if state == State::Hot
-                        && now.saturating_sub(hb) > hung_ns
-                        && now.saturating_sub(last_frame_ns) > hung_ns
-                        && live_holder(&lock, control.path()) == Some(active_id.pid)
-                    {
-                        warn!(
-                            pid = active_id.pid,
-                            "active is hung (heartbeat {} ms old, stream silent {} ms); fencing it with SIGKILL",
-                            (now - hb) / 1_000_000,
-                            (now - last_frame_ns) / 1_000_000
-                        );
-                        fence_identity(&active_id);
+                        OnLivenessCheck::Healthy => {}
                     }
                 }
             }
             if !got {
                 idle_polls = idle_polls.saturating_add(1);
                 self.idle_wait(idle_polls);
+            }
+        }
+    }
+
+    /// The active is dead (its mutex owner-died, or its identity gone with no live holder of
+    /// the mutex): drain what it committed, then step up or re-attach ([`role::on_active_dead`]).
+    pub(super) fn on_active_dead(
+        &mut self,
+        u: &mut Upstream,
+        state: &mut State,
+        active: usize,
+        death: Death,
+    ) -> Follow {
+        // Drain what the active committed before it died.
+        let drained_cleanly = match self.drain(u, state) {
+            Drained::Clean => true,
+            Drained::RoleChange(f) => return f,
+            Drained::Broken => false,
+        };
+        if drained_cleanly {
+            match death {
+                Death::OwnerDied => {
+                    let tail = u.stream.torn_tail();
+                    info!(slot = %control::slot_name(self.opt.slot), committed_end = tail.committed_end, torn = tail.uncommitted_bytes_seen, "active died (owner-died); stepping up");
+                }
+                Death::Identity => info!("active process is gone (identity check); stepping up"),
+            }
+        }
+        let obs = role::AfterDrain {
+            drained_cleanly,
+            took_nothing_since_handover: drained_cleanly
+                && self.took_nothing_since_handover(active),
+            hot: *state == State::Hot,
+            stream_closed: u.stream_region.closed().is_some(),
+        };
+        let loud = death == Death::OwnerDied;
+        match role::on_active_dead(obs) {
+            OnActiveDead::StepUp(why) => {
+                if loud && why == StepUpBecause::TakeBackHandover {
+                    warn!(
+                        "the switchover target died before serving anything; taking the role back"
+                    );
+                }
+                Follow::StepUp { planned: false }
+            }
+            OnActiveDead::Reattach(why) => {
+                if loud && why == NoStepUpBecause::NotHot {
+                    warn!("the active died before this standby was hot; it cannot step up with a partial state");
+                }
+                Follow::Reattach
             }
         }
     }
@@ -652,6 +669,15 @@ impl<A: Application, I: Input> Engine<A, I> {
         self.buf = std::mem::take(&mut frames);
         r
     }
+}
+
+/// How the standby learned that its active died.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Death {
+    /// The kernel marked the robust mutex owner-died (the fast path).
+    OwnerDied,
+    /// The active's process identity is gone and no live thread holds the mutex (backstop).
+    Identity,
 }
 
 pub(super) enum Drained {
