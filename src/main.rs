@@ -588,7 +588,7 @@ fn print_status(r: &StatusReport) {
     }
     if !r.crash_looping.is_empty() {
         println!(
-            "crash loop, restarts stopped: slots {}",
+            "crash loop, restarts stopped: slots {} (fix the engine, then run `understudy resume-restarts`)",
             r.crash_looping.join(", ")
         );
     }
