@@ -1,5 +1,5 @@
 //! End-to-end tests of the supervisor's trust boundary and bounds (issue 10), with real
-//! supervisors, real engines (the runtime's `understudy-testapp-v1`), real files under
+//! supervisors, real engines (the testkit's `understudy-testapp-v1`), real files under
 //! /dev/shm and real connections:
 //!
 //! - a cluster directory (or the directory above it, or a file in it, or a link for it) that
@@ -33,10 +33,14 @@ const CLI: &str = env!("CARGO_BIN_EXE_understudy");
 const NOBODY: u32 = 65534;
 
 fn testapp() -> PathBuf {
+    testapp_version(1)
+}
+
+fn testapp_version(version: u32) -> PathBuf {
     let path = Path::new(CLI)
         .parent()
         .expect("target dir")
-        .join("understudy-testapp-v1");
+        .join(format!("understudy-testapp-v{version}"));
     assert!(
         path.exists(),
         "{} is missing: run `cargo build --workspace --bins` before these tests",
@@ -88,9 +92,15 @@ impl Cluster {
     }
 
     fn write_config(&self, binary: &Path, extra: &str) {
+        self.write_config_with_args(binary, "", extra)
+    }
+
+    /// As [`Cluster::write_config`], with `args` (a TOML array's items, `""` for none) as the
+    /// engines' arguments.
+    fn write_config_with_args(&self, binary: &Path, args: &str, extra: &str) {
         let text = format!(
             "cluster = \"{name}\"\nshm_dir = \"{shm}\"\n[engine]\nbinary = \"{bin}\"\n\
-             [restart]\nbackoff_initial_ms = 20\nbackoff_max_ms = 200\n\
+             args = [{args}]\n[restart]\nbackoff_initial_ms = 20\nbackoff_max_ms = 200\n\
              crash_loop_window_ms = 1000\ncrash_loop_max = 50\n\
              # No fence for a heartbeat late by CPU starvation on a loaded test machine: these\n\
              # tests kill engines themselves.\n\
@@ -643,22 +653,59 @@ fn connect_bounded(path: &Path, deadline: Instant) -> Option<UnixStream> {
     }
 }
 
+/// `status` with a 1 s timeout (a generous bound), its report, the engines it names noted in
+/// `seen`; the error if it did not answer `Ok` in time.
+fn status_within_1s(
+    socket: &Path,
+    seen: &mut Vec<ProcessIdentity>,
+) -> Result<StatusReport, String> {
+    let reply = Client::new(socket)
+        .with_timeout(Duration::from_secs(1))
+        .request(&Request::new(Op::Status), |_| {})
+        .map_err(|e| e.to_string())?;
+    if reply.code != Some(understudy_supervisor::proto::Code::Ok) {
+        return Err(format!("expected an Ok result, found {reply:?}"));
+    }
+    let report: StatusReport =
+        serde_json::from_value(reply.data).map_err(|e| format!("expected a status report: {e}"))?;
+    for e in &report.engines {
+        if let Ok(identity) = ProcessIdentity::of(e.pid) {
+            if !seen.contains(&identity) {
+                seen.push(identity);
+            }
+        }
+    }
+    Ok(report)
+}
+
 #[test]
-fn two_thousand_idle_connections_neither_block_status_nor_orphan_an_engine_in_a_failover() {
-    // Proves a flood of 2,000 idle connections held open while the active is SIGKILLed does
-    // not stop `status` (each call bounded by a 1 s timeout, a generous bound) or the
-    // failover and restart, and that no engine is left running untracked: after `down`, every
-    // engine ever seen is gone.
+fn two_thousand_idle_connections_neither_block_status_nor_orphan_an_engine_in_a_failover_and_an_upgrade(
+) {
+    // Proves a flood of 2,000 idle connections held open while the active is SIGKILLed and
+    // then while the cluster is upgraded to v2 with `understudy upgrade` does not stop
+    // `status` (each call bounded by a 1 s timeout, a generous bound), the failover and
+    // restart, or the upgrade (exit 0, both engines on v2), and that no engine is left running
+    // untracked: after `down`, every engine ever seen (v1 and v2) is gone. During the upgrade
+    // the flood is renewed (the supervisor refuses idle connections after 5 s, or the oldest
+    // beyond its pending bound), so it stays at its bound the whole time.
     let want = 4096;
     if !raise_nofile(want) {
         eprintln!("skipped: cannot raise RLIMIT_NOFILE to {want}");
         return;
     }
     let mut c = Cluster::new("flood");
+    // A paced self-driving workload, so the upgrade's acceptance window sees requests (a
+    // window without any is rolled back by design); no latency bound, which on a loaded
+    // 2-core machine would say nothing about the engine.
+    c.write_config_with_args(
+        &testapp(),
+        "\"--pace-us\", \"200\"",
+        "[acceptance]\nmax_latency_us_p99 = 60000000\n",
+    );
     let before = c.up();
     let socket = c.dir().join(SOCKET_NAME);
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut idle = Vec::with_capacity(2000);
+    let mut idle = std::collections::VecDeque::with_capacity(2000);
     while idle.len() < 2000 {
         assert!(
             Instant::now() < deadline,
@@ -666,17 +713,14 @@ fn two_thousand_idle_connections_neither_block_status_nor_orphan_an_engine_in_a_
             idle.len()
         );
         if let Some(s) = connect_bounded(&socket, deadline) {
-            idle.push(s);
+            idle.push_back(s);
         }
     }
     let status_1s = |c: &mut Cluster| -> StatusReport {
-        let reply = Client::new(c.dir().join(SOCKET_NAME))
-            .with_timeout(Duration::from_secs(1))
-            .request(&Request::new(Op::Status), |_| {})
-            .unwrap_or_else(|e| panic!("status under the flood: {e}\n{}", c.log_tail()));
-        let report: StatusReport = serde_json::from_value(reply.data).unwrap();
-        c.note_engines(&report);
-        report
+        let mut seen = std::mem::take(&mut c.engines_seen);
+        let result = status_within_1s(&socket, &mut seen);
+        c.engines_seen = seen;
+        result.unwrap_or_else(|e| panic!("status under the flood: {e}\n{}", c.log_tail()))
     };
     let s = status_1s(&mut c);
     assert_eq!(s.active, before.active);
@@ -701,6 +745,120 @@ fn two_thousand_idle_connections_neither_block_status_nor_orphan_an_engine_in_a_
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // The upgrade, with the flood renewed by one thread and `status` polled by another.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooder = {
+        let stop = stop.clone();
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            let mut renewed = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // 10 every 50 ms: 1,000 in the supervisor's 5 s request wait, well above its
+                // bound of 256 waiting connections, slowly enough that a `status` connection
+                // is read long before 256 newer ones push it out.
+                for _ in 0..10 {
+                    let bound = Instant::now() + Duration::from_secs(1);
+                    if let Some(s) = connect_bounded(&socket, bound) {
+                        idle.pop_front();
+                        idle.push_back(s);
+                        renewed += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (idle, renewed)
+        })
+    };
+    let poller = {
+        let stop = stop.clone();
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let (mut answered, mut failures) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match status_within_1s(&socket, &mut seen) {
+                    Ok(_) => answered += 1,
+                    Err(e) => failures.push(e),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (answered, failures, seen)
+        })
+    };
+    let out_path = c.work.join("upgrade.out");
+    let err_path = c.work.join("upgrade.err");
+    let mut upgrade = c
+        .cli()
+        .args(["upgrade", "--binary"])
+        .arg(testapp_version(2))
+        .args(["--accept-for", "500ms"])
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let code = loop {
+        if let Some(status) = upgrade.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = upgrade.kill();
+            let _ = upgrade.wait();
+            stop.store(true, Ordering::Relaxed);
+            panic!(
+                "`understudy upgrade` still runs after 120 s under the flood\n{}",
+                c.log_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    stop.store(true, Ordering::Relaxed);
+    let (answered, failures, seen) = poller.join().expect("the status poller panicked");
+    let (idle, renewed) = flooder.join().expect("the flooder panicked");
+    for identity in seen {
+        if !c.engines_seen.contains(&identity) {
+            c.engines_seen.push(identity);
+        }
+    }
+    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    assert_eq!(
+        code,
+        Some(0),
+        "upgrade under the flood failed:\n{out}\n{err}\n{}",
+        c.log_tail()
+    );
+    let last_step = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["data"]["event"] == "end")
+        .filter_map(|l| l["data"]["step"].as_u64())
+        .max();
+    assert_eq!(
+        last_step,
+        Some(8),
+        "the upgrade did not end its 8 steps:\n{out}"
+    );
+    eprintln!(
+        "during the upgrade: {answered} status answers within 1 s, {} not; \
+         {renewed} flood connections renewed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} status calls failed during the upgrade, the first: {}\n{}",
+        failures.len(),
+        answered + failures.len() as u64,
+        failures[0],
+        c.log_tail()
+    );
+    assert!(answered >= 1, "no status answered during the upgrade");
+    assert!(renewed >= 1, "the flood was not renewed during the upgrade");
+    let s = c.wait("both engines on v2", Duration::from_secs(30), |s| {
+        s.active.is_some() && s.engines.len() == 2 && s.engines.iter().all(|e| e.app_version == 2)
+    });
+    assert!(s.hot_standbys().count() >= 1, "{s:#?}");
     drop(idle);
     c.down_and_check_no_orphan();
 }
