@@ -6,7 +6,7 @@
 //! The bench re-executes itself for every other process it needs (the environment variable
 //! [`ROLE_ENV`] selects the role), so it needs no separately built executable:
 //!
-//! - `engine`: the test engine (`understudy_runtime::testkit::engine_main(1)`, exactly what
+//! - `engine`: the test engine (`understudy_testkit::engine_main(1)`, exactly what
 //!   `understudy-testapp-v1` runs) serving shared-memory clients (`--clients`);
 //! - `ring-echo`: the bare ring baseline: consumes the request ring, answers each request on
 //!   the response ring with a frame of the size the engine writes (request sequence + 8 bytes);
@@ -54,8 +54,8 @@ use understudy_runtime::control::{realtime_ns, Control, Field, Role, State};
 use understudy_runtime::engine::execute_local;
 use understudy_runtime::liveness::ProcessIdentity;
 use understudy_runtime::store::Store;
-use understudy_runtime::testkit::TestApp;
 use understudy_runtime::InputMeta;
+use understudy_testkit::TestApp;
 
 /// Selects a child's role (`engine`, `ring-echo`, `uds-handler`, `uds-echo`).
 const ROLE_ENV: &str = "UNDERSTUDY_CLIENT_BENCH_ROLE";
@@ -74,7 +74,7 @@ fn main() {
     match std::env::var(ROLE_ENV).as_deref() {
         Ok("engine") => {
             pin_from_env();
-            understudy_runtime::testkit::engine_main(1)
+            understudy_testkit::engine_main(1)
         }
         Ok("ring-echo") => ring_echo_main(),
         Ok("uds-handler") => uds_main(true),

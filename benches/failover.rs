@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 use understudy_runtime::control::{
     cmd, monotonic_ns, realtime_ns, slot_cmd, Control, Field, Role, State,
 };
-use understudy_runtime::testkit::Side;
+use understudy_testkit::Side;
 
 const BUILD_HINT: &str = "cargo build --release -p understudy-runtime --bins";
 

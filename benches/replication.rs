@@ -46,8 +46,8 @@ use understudy_runtime::engine::commit_block;
 use understudy_runtime::engine::push_tx;
 use understudy_runtime::engine::{execute, InputMeta, TxBuffers};
 use understudy_runtime::store::Store;
-use understudy_runtime::testkit::Update4;
 use understudy_runtime::{Application, Options};
+use understudy_testkit::Update4;
 
 /// Work units in the store; each transaction updates 4 of them.
 const UNITS: u64 = 1024;

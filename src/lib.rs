@@ -29,8 +29,8 @@ pub fn dispatch_multicall() {
         "matchbook-v1" => matchbook::app::engine_main(1),
         "matchbook-v2" => matchbook::app::engine_main(2),
         // The torture command's engines when the test executables were not built.
-        "understudy-testapp-v1" => understudy_runtime::testkit::engine_main(1),
-        "understudy-testapp-v2" => understudy_runtime::testkit::engine_main(2),
+        "understudy-testapp-v1" => understudy_testkit::engine_main(1),
+        "understudy-testapp-v2" => understudy_testkit::engine_main(2),
         _ => {}
     }
 }

@@ -11,7 +11,7 @@
 //!
 //! Deaths that need a cooperating binary (a panic, `exit`, a return from `main`, a real
 //! SIGSEGV or SIGBUS, a stack overflow, an allocation failure) are fault requests that the test
-//! application recognises ([`understudy_runtime::testkit::Fault`]): the active dies in its
+//! application recognises ([`understudy_testkit::Fault`]): the active dies in its
 //! handler, or the standby in its apply hook, once per token file. Signals (SIGABRT, SIGSEGV,
 //! SIGBUS, SIGTERM, SIGKILL) are sent to the engine's pid from the supervisor's status; stalls
 //! are SIGSTOP … SIGCONT. Nothing here needs a hook in production code.
@@ -31,11 +31,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use understudy_runtime::client::Client;
-use understudy_runtime::testkit::{fault_request, Fault, COUNTER, COUNTER_READ};
 use understudy_supervisor::client::Client as Ctl;
 use understudy_supervisor::proto::{
     Code, Op, Reply, Request, StatusReport, UpgradeRequest, SOCKET_NAME,
 };
+use understudy_testkit::{fault_request, Fault, COUNTER, COUNTER_READ};
 
 /// The two engine executables (application versions 1 and 2).
 #[derive(Debug, Clone)]

@@ -4,10 +4,10 @@
 //! load; and a release that panics once active, rolled back by the upgrade's acceptance check.
 //!
 //! The deaths that need a cooperating binary come from the test application's fault requests
-//! ([`understudy_runtime::testkit::Fault`]), fired once per token file: in the request handler
+//! ([`understudy_testkit::Fault`]), fired once per token file: in the request handler
 //! of the active, or in the apply hook of the standby. Signals are sent to the engine's pid.
 //!
-//! The engines are the runtime's test executables `understudy-testapp-v1`/`-v2`, found next
+//! The engines are the testkit's test executables `understudy-testapp-v1`/`-v2`, found next
 //! to `understudy` in the target directory (`cargo test --workspace` builds them; with
 //! `-p understudy` alone run `cargo build --workspace --bins` first).
 //!
@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use understudy::torture::{Cluster, Death, Load, Signal, Target};
 use understudy_runtime::client::Client;
-use understudy_runtime::testkit::Fault;
 use understudy_supervisor::proto::Code;
+use understudy_testkit::Fault;
 
 const CLI: &str = env!("CARGO_BIN_EXE_understudy");
 

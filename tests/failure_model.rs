@@ -5,7 +5,7 @@
 //! word is true (`down`, `status`, acceptance, the accept command, rollback wording, an
 //! upgrade binary that never registers).
 //!
-//! The engines are the runtime's test executables `understudy-testapp-v1`/`-v2` (see
+//! The engines are the testkit's test executables `understudy-testapp-v1`/`-v2` (see
 //! `tests/supervisor.rs`), running a self-driving workload of `--max` requests; the invariant
 //! checked at the end of a test is the same: every engine's digest equals the model's after
 //! exactly that many requests.
@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use understudy_runtime::control::{slot_index, Control, Field, Word, SLOTS};
 use understudy_runtime::liveness::ProcessIdentity;
-use understudy_runtime::testkit::{Model, Side};
 use understudy_supervisor::client::Client;
 use understudy_supervisor::proto::{Code, Op, Request, StatusReport, SOCKET_NAME};
+use understudy_testkit::{Model, Side};
 
 const CLI: &str = env!("CARGO_BIN_EXE_understudy");
 

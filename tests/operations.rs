@@ -3,7 +3,7 @@
 //! --json`, the Prometheus endpoint scraped over loopback, systemd notifications on a fake
 //! `NOTIFY_SOCKET`, and the logs (no colours off a terminal, JSON lines on request).
 //!
-//! The engines are the runtime's test executables `understudy-testapp-v1`, found next to
+//! The engines are the testkit's test executables `understudy-testapp-v1`, found next to
 //! `understudy` in the target directory (`cargo build --workspace --bins`, or a plain
 //! `cargo test --workspace`, builds them).
 
@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use understudy_runtime::control::{Control, Field, SLOTS};
 use understudy_runtime::counters::{self, Snapshot};
 use understudy_runtime::liveness::ProcessIdentity;
-use understudy_runtime::testkit::Side;
 use understudy_supervisor::client::Client;
 use understudy_supervisor::proto::{Op, Request, StatusReport, SOCKET_NAME};
+use understudy_testkit::Side;
 
 const CLI: &str = env!("CARGO_BIN_EXE_understudy");
 

@@ -3,7 +3,7 @@
 //! given up, rolling upgrades (completed, rejected, crashing, keep-standby, an engine killed
 //! at every step) and operator errors.
 //!
-//! The engines are the runtime's test executables `understudy-testapp-v1`/`-v2`, found next to
+//! The engines are the testkit's test executables `understudy-testapp-v1`/`-v2`, found next to
 //! `understudy` in the target directory: build them first with
 //! `cargo build --workspace --bins` (a plain `cargo test --workspace` builds them too, because
 //! the runtime crate's own integration tests need them).
@@ -23,10 +23,10 @@ use understudy_runtime::control::{Control, Field, Role, SLOTS};
 use understudy_runtime::engine::{execute_local, InputMeta};
 use understudy_runtime::liveness::ProcessIdentity;
 use understudy_runtime::store::Store;
-use understudy_runtime::testkit::{Model, Side, TestApp};
 use understudy_supervisor::client::Client;
 use understudy_supervisor::proto::{Code, Op, Request, StatusReport, SOCKET_NAME};
 use understudy_supervisor::record::{self, RECORD_FILE};
+use understudy_testkit::{Model, Side, TestApp};
 
 const CLI: &str = env!("CARGO_BIN_EXE_understudy");
 

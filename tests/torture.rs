@@ -6,7 +6,7 @@
 //! `UNDERSTUDY_TORTURE_EVENTS` (default 250) and `UNDERSTUDY_TORTURE_SEED` (default 2026) set
 //! the run; the long version is `cargo run --release -- torture --events 10000`.
 //!
-//! Needs the runtime's test executables next to `understudy` (`cargo test --workspace` builds
+//! Needs the testkit's test executables next to `understudy` (`cargo test --workspace` builds
 //! them; with `-p understudy` alone run `cargo build --workspace --bins` first).
 
 use std::path::Path;

@@ -81,9 +81,6 @@ pub mod liveness;
 pub mod protocol;
 pub mod records;
 pub mod store;
-#[cfg(feature = "testkit")]
-#[doc(hidden)]
-pub mod testkit;
 
 pub use app::{Activation, Application, Feature, Refused, Takeover, Tx};
 pub use engine::{

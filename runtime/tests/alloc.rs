@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use understudy_runtime::app::write_versions;
 use understudy_runtime::engine::{commit_block, execute, push_tx, InputMeta, TxBuffers};
 use understudy_runtime::protocol::{self, rt};
-use understudy_runtime::testkit::Update4;
 use understudy_runtime::Application;
+use understudy_testkit::Update4;
 
 struct Counting;
 

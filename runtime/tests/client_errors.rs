@@ -19,7 +19,31 @@ use understudy_runtime::control::{
 use understudy_runtime::store::Store;
 use understudy_runtime::Input;
 
-const ENGINE: &str = env!("CARGO_BIN_EXE_understudy-testapp-v1");
+/// The test engine v1 (`understudy-testapp-v1 <args>`), run by this test binary re-executing
+/// itself as [`testapp_engine`]: an integration test only gets its own package's executables,
+/// and the test engines live in the testkit crate.
+fn engine_command(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::current_exe().expect("current_exe"));
+    c.args([
+        "--exact",
+        "testapp_engine",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(understudy_testkit::ENGINE_ARGS_VAR, args.join("\n"));
+    c
+}
+
+/// Not a test: the test engine v1 when [`engine_command`] runs this binary.
+#[test]
+#[ignore = "the test engine that engine_command starts"]
+fn testapp_engine() {
+    if let Ok(a) = std::env::var(understudy_testkit::ENGINE_ARGS_VAR) {
+        let args: Vec<String> = a.lines().map(String::from).collect();
+        std::process::exit(understudy_testkit::engine_process_with(1, &args).into());
+    }
+}
 /// Generous bound for anything that should take milliseconds (2 loaded cores, debug build).
 const LONG: Duration = Duration::from_secs(20);
 
@@ -39,17 +63,17 @@ impl Engines {
         Engines { dir, kids: vec![] }
     }
     fn spawn(&mut self, slot: usize, standby: bool) {
-        let mut c = Command::new(ENGINE);
-        c.args([
+        let mut args = vec![
             "--dir",
             self.dir.to_str().unwrap(),
             "--slot",
             ["a", "b", "c"][slot],
             "--clients",
-        ]);
+        ];
         if standby {
-            c.arg("--standby");
+            args.push("--standby");
         }
+        let mut c = engine_command(&args);
         c.env("RUST_LOG", std::env::var("US_LOG").unwrap_or("warn".into()))
             .env("UNDERSTUDY_BACKPRESSURE_MS", "500")
             // Hang detection is not under test: a starved debug engine must not be fenced.

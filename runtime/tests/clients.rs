@@ -13,7 +13,31 @@ use understudy_runtime::control::{Control, Field, Role, State};
 
 static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-const ENGINE: &str = env!("CARGO_BIN_EXE_understudy-testapp-v1");
+/// The test engine v1 (`understudy-testapp-v1 <args>`), run by this test binary re-executing
+/// itself as [`testapp_engine`]: an integration test only gets its own package's executables,
+/// and the test engines live in the testkit crate.
+fn engine_command(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::current_exe().expect("current_exe"));
+    c.args([
+        "--exact",
+        "testapp_engine",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(understudy_testkit::ENGINE_ARGS_VAR, args.join("\n"));
+    c
+}
+
+/// Not a test: the test engine v1 when [`engine_command`] runs this binary.
+#[test]
+#[ignore = "the test engine that engine_command starts"]
+fn testapp_engine() {
+    if let Ok(a) = std::env::var(understudy_testkit::ENGINE_ARGS_VAR) {
+        let args: Vec<String> = a.lines().map(String::from).collect();
+        std::process::exit(understudy_testkit::engine_process_with(1, &args).into());
+    }
+}
 
 /// A client process for the "killed mid-request" test (re-executed test binary).
 #[test]
@@ -48,17 +72,17 @@ impl Engines {
         Engines { dir, kids: vec![] }
     }
     fn spawn(&mut self, slot: usize, standby: bool, env: &[(&str, &str)]) {
-        let mut c = Command::new(ENGINE);
-        c.args([
+        let mut args = vec![
             "--dir",
             self.dir.to_str().unwrap(),
             "--slot",
             ["a", "b", "c"][slot],
             "--clients",
-        ]);
+        ];
         if standby {
-            c.arg("--standby");
+            args.push("--standby");
         }
+        let mut c = engine_command(&args);
         // Debug builds on 2 shared cores: a standby can be descheduled for tens of ms.
         c.env("RUST_LOG", std::env::var("US_LOG").unwrap_or("warn".into()))
             .env("UNDERSTUDY_BACKPRESSURE_MS", "500")
@@ -119,7 +143,7 @@ fn load_client(
     let mut c = Client::connect(&dir).unwrap();
     let mut t = Tally::default();
     let mut inflight = std::collections::HashSet::new();
-    let mut req = understudy_runtime::testkit::COUNTER.to_vec();
+    let mut req = understudy_testkit::COUNTER.to_vec();
     req.extend_from_slice(&id.to_le_bytes());
     let handle = |c: &mut Client, t: &mut Tally, inflight: &mut std::collections::HashSet<u64>| {
         while let Some((seq, resp)) = c.poll_response().unwrap() {

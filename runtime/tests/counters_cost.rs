@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use understudy_runtime::control::{slot_cmd, Control, Field};
 use understudy_runtime::engine::{Input, InputMeta};
 use understudy_runtime::store::Store;
-use understudy_runtime::testkit::{TestApp, Workload};
 use understudy_runtime::{Engine, Idle, OnPanic, Options};
+use understudy_testkit::{TestApp, Workload};
 
 /// The workload, timed from its first request to the commit of its last.
 struct Timed {

@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use understudy_runtime::control::{Control, Field, Role, State};
-pub use understudy_runtime::testkit::*;
+pub use understudy_testkit::*;
 
 /// A unique cluster directory under /dev/shm, removed (with every engine killed) on drop.
 pub struct Cluster {

@@ -1,7 +1,7 @@
 //! Test engine, version 2 (the `tagged` feature, Counter layout 2).
 //!
 //! `main` returns what the engine's run ended with (and returns early on the
-//! `return-from-main` fault, see `testkit::Fault`).
+//! `return-from-main` fault, see `understudy_testkit::Fault`).
 fn main() -> std::process::ExitCode {
-    std::process::ExitCode::from(understudy_runtime::testkit::engine_process(2))
+    std::process::ExitCode::from(understudy_testkit::engine_process(2))
 }

@@ -6,13 +6,13 @@
 //! Two executables run it as real engines: `understudy-testapp-v1` and `understudy-testapp-v2`.
 #![allow(missing_docs)]
 
-use crate::engine::{execute_local, InputMeta, SourcePosition};
-use crate::store::Store;
-use crate::{Application, Feature, Input, Refused, Tx};
 use shm_layout::record::{decode, encoded, Record, TemplateInfo};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use understudy_runtime::engine::{execute_local, InputMeta, SourcePosition};
+use understudy_runtime::store::Store;
+use understudy_runtime::{Application, Feature, Input, Refused, Tx};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// The work unit's state record: `tag` appeared in layout version 2.
@@ -427,8 +427,8 @@ impl Application for TestApp {
         tx.respond(&(k * 2).to_le_bytes());
         Ok(())
     }
-    fn on_apply(&mut self, op: &crate::store::Op, _store: &Store) {
-        if let crate::store::Op::Put { table, value, .. } = op {
+    fn on_apply(&mut self, op: &understudy_runtime::store::Op, _store: &Store) {
+        if let understudy_runtime::store::Op::Put { table, value, .. } = op {
             if *table == FAULT_TABLE && value.len() >= 2 {
                 fire_once(value[0], &value[2..], "apply hook");
             }
@@ -608,7 +608,7 @@ impl Input for Workload {
     fn committed(&mut self, meta: &InputMeta, _response: &[u8]) {
         if let Some(s) = &self.side {
             // Commit times, so benchmarks can measure pauses from inside the engine.
-            let now = crate::control::monotonic_ns();
+            let now = understudy_runtime::control::monotonic_ns();
             let last = s.word(2).swap(now, Ordering::AcqRel);
             if s.word(3).load(Ordering::Relaxed) == 0 {
                 s.word(3).store(now, Ordering::Release);
@@ -720,7 +720,7 @@ pub fn parse_engine_args(args: &[String]) -> Result<EngineArgs, String> {
         dir: std::env::var("UNDERSTUDY_DIR").unwrap_or_default().into(),
         slot: std::env::var("UNDERSTUDY_SLOT")
             .ok()
-            .and_then(|s| crate::control::slot_index(&s))
+            .and_then(|s| understudy_runtime::control::slot_index(&s))
             .unwrap_or(0),
         standby_only: std::env::var("UNDERSTUDY_STANDBY").is_ok_and(|v| v == "1"),
         ring: std::env::var("UNDERSTUDY_RING")
@@ -759,7 +759,7 @@ pub fn parse_engine_args(args: &[String]) -> Result<EngineArgs, String> {
             "--dir" => a.dir = val("--dir")?.into(),
             "--slot" => {
                 let v = val("--slot")?;
-                a.slot = crate::control::slot_index(&v)
+                a.slot = understudy_runtime::control::slot_index(&v)
                     .ok_or_else(|| format!("--slot: expected a, b or c, found `{v}`"))?
             }
             "--standby" => a.standby_only = true,
@@ -801,9 +801,19 @@ pub fn engine_main(version: u32) -> ! {
 /// A panic that ends the engine's thread is resumed here, so it ends `main` as if the engine
 /// had run on the main thread.
 pub fn engine_process(version: u32) -> u8 {
-    crate::init_logging();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let a = match parse_engine_args(&args) {
+    engine_process_with(version, &args)
+}
+
+/// The variable that carries the test engine's arguments, one per line, to a test binary that
+/// re-executes itself as a test engine (a package's integration tests only get the executables
+/// of their own package, so the runtime's tests run the engine this way).
+pub const ENGINE_ARGS_VAR: &str = "UNDERSTUDY_TESTAPP_ARGS";
+
+/// [`engine_process`] with these arguments instead of the process's own.
+pub fn engine_process_with(version: u32, args: &[String]) -> u8 {
+    understudy_runtime::init_logging();
+    let a = match parse_engine_args(args) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("testapp-v{version}: {e}");
@@ -850,11 +860,11 @@ fn run_engine(version: u32, a: EngineArgs) -> u8 {
         *b = 1;
     }
     std::hint::black_box(&mut ballast);
-    let mut opt = crate::Options::new(a.dir.clone(), a.slot);
+    let mut opt = understudy_runtime::Options::new(a.dir.clone(), a.slot);
     opt.standby_only = a.standby_only;
     opt.ring_capacity = a.ring;
     if a.spin {
-        opt.idle = crate::Idle::SPIN;
+        opt.idle = understudy_runtime::Idle::SPIN;
     }
     let fail = |e: &dyn std::fmt::Display| -> u8 {
         eprintln!("testapp-v{version}: {e}");
@@ -865,13 +875,13 @@ fn run_engine(version: u32, a: EngineArgs) -> u8 {
     }
 
     let result = if a.clients {
-        let input = match crate::client::ClientInput::new(&a.dir) {
+        let input = match understudy_runtime::client::ClientInput::new(&a.dir) {
             Ok(i) => i,
             Err(e) => return fail(&e),
         };
         let mut input = FaultInput::new(input);
         input.panic_after_active = a.panic_after_active;
-        match crate::Engine::new(TestApp::new(version), input, opt) {
+        match understudy_runtime::Engine::new(TestApp::new(version), input, opt) {
             Ok(engine) => engine.run(),
             Err(e) => return fail(&e),
         }
@@ -882,7 +892,7 @@ fn run_engine(version: u32, a: EngineArgs) -> u8 {
         input.crash_after = a.crash_after_active;
         let mut app = TestApp::new(version);
         app.keep = a.keep;
-        match crate::Engine::new(app, input, opt) {
+        match understudy_runtime::Engine::new(app, input, opt) {
             Ok(engine) => engine.run(),
             Err(e) => return fail(&e),
         }
@@ -915,7 +925,7 @@ impl Update4 {
         for id in 0..self.units {
             let c = CounterV1 { k: 0, sum: id };
             let state = encoded(&c, 1).expect("v1").to_vec();
-            let unit = crate::store::Unit {
+            let unit = understudy_runtime::store::Unit {
                 kind: 1,
                 layout_version: 1,
                 state,
