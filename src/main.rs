@@ -605,6 +605,18 @@ fn print_status(r: &StatusReport) {
             }
         );
     }
+    for f in &r.foreign_engines {
+        println!(
+            "engine {}: pid {} ({}) registered in this slot but was not started by the supervisor ({}); it is not watched, fenced or restarted",
+            f.slot,
+            f.pid,
+            f.role,
+            match f.expected_pid {
+                Some(p) => format!("expected pid {p}"),
+                None => "the supervisor runs no engine there".to_string(),
+            }
+        );
+    }
     if let Some(u) = &r.interrupted_upgrade {
         println!(
             "interrupted upgrade{}{}: {}",

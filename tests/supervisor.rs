@@ -1254,6 +1254,96 @@ fn operator_errors_are_reported_clearly_with_their_exit_codes() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
+/// A child process killed and reaped when dropped (a test that fails midway leaves nothing).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_engine_started_by_hand_in_a_free_slot_is_reported() {
+    // Proves the supervisor reports a live engine registered in a slot it did not start it
+    // in: a warning naming the slot, the pid found and the pid expected (none here), the
+    // `status` field `foreign_engines` (JSON and text), and that the report ends with the
+    // engine; the cluster serves on throughout.
+    let mut h = Harness::new("foreign", 1_000_000, 200, "");
+    let before = h.up();
+    assert!(before.foreign_engines.is_empty(), "{before:#?}");
+    let dir = h.dir();
+    let mut engine = KillOnDrop(
+        Command::new(testapp(1))
+            .args(["--dir", dir.to_str().unwrap(), "--slot", "c", "--standby"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = engine.0.id();
+    let s = h.wait(
+        "the hand-started engine in slot c reported",
+        Duration::from_secs(30),
+        |s| {
+            s.foreign_engines
+                .iter()
+                .any(|f| f.slot == "c" && f.pid == pid)
+        },
+    );
+    let f = s.foreign_engines.iter().find(|f| f.slot == "c").unwrap();
+    assert_eq!(f.expected_pid, None, "{s:#?}");
+    assert!(
+        s.engine("c").is_none(),
+        "not one of the supervisor's: {s:#?}"
+    );
+    assert!(s.active.is_some(), "the cluster serves on: {s:#?}");
+    h.wait_log(
+        &[
+            "slot c",
+            &format!("engine pid {pid} registered"),
+            "no engine of this supervisor runs there",
+        ],
+        Duration::from_secs(10),
+    );
+
+    // `status --json` carries it; plain `status` prints it.
+    let out = h.cli().arg("status").output().unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let foreign = &reply["data"]["foreign_engines"];
+    assert_eq!(foreign[0]["slot"], "c", "{reply:#}");
+    assert_eq!(foreign[0]["pid"], u64::from(pid), "{reply:#}");
+    assert!(foreign[0]["expected_pid"].is_null(), "{reply:#}");
+    let out = Command::new(CLI)
+        .arg("--config")
+        .arg(&h.config)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("engine c: pid {pid}"))
+            && text.contains("was not started by the supervisor"),
+        "{text}"
+    );
+
+    // Gone once the engine is.
+    let _ = engine.0.kill();
+    let _ = engine.0.wait();
+    let s = h.wait(
+        "the report to end with the engine",
+        Duration::from_secs(30),
+        |s| s.foreign_engines.is_empty(),
+    );
+    assert!(s.active.is_some(), "{s:#?}");
+}
+
 #[test]
 fn doctor_finds_and_removes_the_files_of_a_dead_cluster() {
     // Proves `doctor` reports a cluster whose engines are all dead (exit 12) and `--fix`

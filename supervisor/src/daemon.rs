@@ -44,7 +44,8 @@ use crate::config::{ClusterConfig, ConfigError, RestartConfig};
 use crate::ops::{Operation, ResumeOp, Stepped};
 use crate::process::{self, EngineProc, ExitInfo, SpawnError, SpawnSpec};
 use crate::proto::{
-    Code, EngineStatus, InterruptedUpgrade, Reply, Request, RoleChange, SlotRestarts, StatusReport,
+    Code, EngineStatus, ForeignEngine, InterruptedUpgrade, Reply, Request, RoleChange,
+    SlotRestarts, StatusReport,
 };
 use crate::record;
 use crate::verify::{self, HeartbeatSeen};
@@ -189,7 +190,25 @@ pub struct Supervisor {
     pub(crate) interrupted: Option<InterruptedUpgrade>,
     /// Set when `down` has finished: the loop ends.
     pub(crate) finished: bool,
+    /// Per slot, a live engine its control-block record names that is not the one the
+    /// supervisor watches there: since when it has been seen, and whether it was reported.
+    foreign: [Option<ForeignSeen>; SLOTS],
+    /// When the slots' records were last compared with the engines the supervisor watches.
+    foreign_checked: Instant,
 }
+
+/// A live engine registered in a slot the supervisor did not start it in.
+#[derive(Debug, Clone, Copy)]
+struct ForeignSeen {
+    identity: ProcessIdentity,
+    since: Instant,
+    reported: bool,
+}
+
+/// How long a slot's record must name a live engine that is not the supervisor's before it is
+/// reported: an engine the supervisor is about to adopt (one a previous supervisor started)
+/// registers a moment before it is adopted.
+const FOREIGN_AFTER: Duration = Duration::from_secs(1);
 
 static SIGNALLED: AtomicBool = AtomicBool::new(false);
 
@@ -341,6 +360,8 @@ impl Supervisor {
             last_upgrade: None,
             interrupted: None,
             finished: false,
+            foreign: [None; SLOTS],
+            foreign_checked: Instant::now(),
         };
         if live.is_empty() {
             if let Err(e) = sup.start_fresh() {
@@ -661,6 +682,73 @@ impl Supervisor {
             self.step_op();
             self.keep();
             self.sample_rates();
+            self.watch_foreign();
+        }
+    }
+
+    /// Every 100 ms: each slot's control-block record compared with the engine the supervisor
+    /// watches there. A live process the record names (pid and start time) that is not that
+    /// engine — one started by hand in a free slot, say — is warned about once, naming the
+    /// slot, the pid found and the pid expected, and shown by `status` while it lives. A word
+    /// damaged in both its copies decides nothing (the slot is compared again next time).
+    fn watch_foreign(&mut self) {
+        if self.foreign_checked.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        self.foreign_checked = Instant::now();
+        for slot in 0..SLOTS {
+            let (Ok(pid), Ok(start)) = (
+                self.control.get_checked(slot, Field::Pid),
+                self.control.get_checked(slot, Field::StartTime),
+            ) else {
+                continue;
+            };
+            let expected = self.engines[slot].as_ref().map(|p| p.identity);
+            let found = u32::try_from(pid)
+                .ok()
+                .filter(|&pid| pid != 0)
+                .map(|pid| ProcessIdentity {
+                    pid,
+                    start_time_ticks: start,
+                })
+                .filter(|id| Some(*id) != expected && id.is_alive());
+            let Some(identity) = found else {
+                if let Some(gone) = self.foreign[slot].take().filter(|f| f.reported) {
+                    info!(slot = %slot_name(slot), pid = gone.identity.pid, "the engine that registered in slot {} without this supervisor is gone from its record", slot_name(slot));
+                }
+                continue;
+            };
+            let seen = match self.foreign[slot] {
+                Some(f) if f.identity == identity => f,
+                _ => ForeignSeen {
+                    identity,
+                    since: Instant::now(),
+                    reported: false,
+                },
+            };
+            let seen = if !seen.reported && seen.since.elapsed() >= FOREIGN_AFTER {
+                let expected_pid = expected.map(|e| e.pid);
+                warn!(
+                    slot = %slot_name(slot),
+                    pid = identity.pid,
+                    start_time = identity.start_time_ticks,
+                    expected_pid = ?expected_pid,
+                    "engine pid {} registered in slot {}, which this supervisor did not start it in ({}): it is not watched, fenced or restarted",
+                    identity.pid,
+                    slot_name(slot),
+                    match expected_pid {
+                        Some(p) => format!("expected pid {p}"),
+                        None => "no engine of this supervisor runs there".to_string(),
+                    }
+                );
+                ForeignSeen {
+                    reported: true,
+                    ..seen
+                }
+            } else {
+                seen
+            };
+            self.foreign[slot] = Some(seen);
         }
     }
 
@@ -1377,6 +1465,20 @@ impl Supervisor {
                 .collect(),
             role_changes: self.role_changes.iter().cloned().collect(),
             interrupted_upgrade: self.interrupted.clone(),
+            foreign_engines: (0..SLOTS)
+                .filter_map(|s| {
+                    let f = self.foreign[s].filter(|f| f.reported)?;
+                    Some(ForeignEngine {
+                        slot: slot_name(s).to_string(),
+                        pid: f.identity.pid,
+                        start_time_ticks: f.identity.start_time_ticks,
+                        expected_pid: self.engines[s].as_ref().map(|p| p.pid()),
+                        role: Role::from_word(self.control.get(s, Field::Role))
+                            .name()
+                            .to_string(),
+                    })
+                })
+                .collect(),
         }
     }
 }

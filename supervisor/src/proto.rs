@@ -777,6 +777,23 @@ pub struct EngineStatus {
     pub heartbeat_age_ms: u64,
 }
 
+/// A live engine registered in a slot's control-block record that is not the engine the
+/// supervisor started or adopted for that slot (started by hand, or by another tool): it is
+/// not watched, fenced or restarted, and it may replicate from the active.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForeignEngine {
+    /// `a`, `b` or `c`.
+    pub slot: String,
+    /// The process the slot's record names.
+    pub pid: u32,
+    /// Its start time (clock ticks after boot), which with the pid identifies it.
+    pub start_time_ticks: u64,
+    /// The engine the supervisor watches in that slot, if any.
+    pub expected_pid: Option<u32>,
+    /// The role its record shows (`active`, `standby`, `out-of-service`, `none`).
+    pub role: String,
+}
+
 /// The restart keeper's view of a slot whose engine crashed recently.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotRestarts {
@@ -857,6 +874,10 @@ pub struct StatusReport {
     pub interrupted_upgrade: Option<InterruptedUpgrade>,
     /// The most recent role changes, oldest first.
     pub role_changes: Vec<RoleChange>,
+    /// Live engines registered in a slot that the supervisor did not start there (see
+    /// [`ForeignEngine`]).
+    #[serde(default)]
+    pub foreign_engines: Vec<ForeignEngine>,
 }
 
 impl StatusReport {
