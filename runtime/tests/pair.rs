@@ -226,6 +226,29 @@ fn wrong_identity_and_heartbeat_words_never_make_a_second_active() {
     );
 }
 
+/// A new engine in a slot starts its request counts at 0: a previous engine's larger count
+/// left in the slot made the supervisor's acceptance check (a difference from when it began)
+/// see a new version that served thousands of requests as having served none.
+#[test]
+fn a_new_engine_does_not_inherit_its_slots_request_counts() {
+    let mut cl = Cluster::new("fresh-counts");
+    let c = cl.control();
+    let e0 = paced_env(&cl, 0);
+    cl.spawn("child_engine", 0, 1, u64::MAX, false, &e0);
+    wait_until("a active", Duration::from_secs(10), || {
+        role(&c, 0) == Role::Active
+    });
+    c.set(1, Field::Requests, 1_000_000);
+    c.set(1, Field::Refusals, 1_000);
+    let e1 = paced_env(&cl, 1);
+    cl.spawn("child_engine", 1, 1, u64::MAX, true, &e1);
+    wait_until("b hot", Duration::from_secs(20), || {
+        state(&c, 1) == State::Hot
+    });
+    assert_eq!(c.get(1, Field::Requests), 0);
+    assert_eq!(c.get(1, Field::Refusals), 0);
+}
+
 /// Planned switchovers back and forth under load: each time the new active starts from exactly
 /// the old active's committed state, and the old active becomes a hot standby without catch-up.
 #[test]

@@ -312,6 +312,11 @@ impl<A: Application, I: Input> Engine<A, I> {
         c.set(s, Field::State, State::Starting as u64);
         c.set(s, Field::Cmd, 0);
         c.set(s, Field::Error, 0);
+        // Per-incarnation counts start at 0: an acceptance check reads this slot's requests as
+        // a difference from when it began, and a previous engine's larger count left here made
+        // a new version that served thousands of requests look as if it had served none.
+        c.set(s, Field::Requests, 0);
+        c.set(s, Field::Refusals, 0);
         c.set(s, Field::HeartbeatNs, monotonic_ns());
         c.set(s, Field::Pid, e.me.pid);
         Ok(e)
