@@ -861,16 +861,16 @@ fn a_burst_of_kills_of_the_active_is_not_a_crash_loop_and_loses_nothing() {
     // it is hot the cluster has a single copy), the breaker never stops the restarts, no
     // outage is declared, and nothing acknowledged was lost.
     let mut h = Harness::new("burst", 30_000, 300, "", "");
-    let mut s = h.up();
+    h.up();
     for kill in 0..8 {
-        s = h.wait(
+        let s = h.wait(
             &format!("a hot standby before kill {kill}"),
             Duration::from_secs(30),
             |s| s.active.is_some() && s.hot_standbys().count() == 1,
         );
         let active = s.active_engine().unwrap().clone();
         let acked = h.kill_engine(active.pid);
-        s = h.wait(
+        let s = h.wait(
             &format!("a new active after kill {kill}"),
             Duration::from_secs(30),
             |s| s.active_engine().is_some_and(|a| a.pid != active.pid),
