@@ -663,6 +663,8 @@ struct Conn {
     /// Frames of the last batch read, served one at a time.
     batch: BatchBuf,
     next_frame: usize,
+    /// Responses since the client's published position was last sampled for the counters.
+    unsampled: u32,
 }
 
 /// The active engine's [`Input`]: every registered client's rings, served round-robin.
@@ -833,6 +835,7 @@ impl ClientInput {
             responses,
             batch: BatchBuf::with_capacity(4096),
             next_frame: 0,
+            unsampled: 0,
         })
     }
 
@@ -1018,8 +1021,15 @@ impl Input for ClientInput {
         // The transaction is committed to every standby: the request's slot may be reused.
         c.requests.release_to(meta.next_pos, meta.next_seq);
         // Live counters: relaxed stores to words only we write (no call, lock or allocation).
+        // The client's published position (for its lag) lives on a line the client writes on
+        // every request: sample it every 64 responses here and at each idle scan, not per request.
         if let Some(k) = &self.counters {
-            k.progress(c.entry, meta.next_pos, c.requests.producer_position());
+            k.consumed(c.entry, meta.next_pos);
+            c.unsampled += 1;
+            if c.unsampled >= 64 {
+                c.unsampled = 0;
+                k.published(c.entry, c.requests.producer_position());
+            }
             if r.is_ok() {
                 k.response(c.entry);
             }
@@ -1063,6 +1073,12 @@ impl Input for ClientInput {
         if now - self.last_scan_ns > 1_000_000 {
             self.last_scan_ns = now;
             self.scan();
+            if let Some(k) = &self.counters {
+                for c in &mut self.conns {
+                    c.unsampled = 0;
+                    k.published(c.entry, c.requests.producer_position());
+                }
+            }
         }
         if now - self.last_liveness_ns > 50_000_000 {
             self.last_liveness_ns = now;

@@ -562,6 +562,26 @@ impl ClientsWriter {
         }
     }
 
+    /// The client's request ring is consumed to `consumed`. One relaxed store: the active's
+    /// per-request path, which must not read the line the client writes (see
+    /// [`published`](Self::published)).
+    #[inline(always)]
+    pub fn consumed(&self, entry: usize, consumed: u64) {
+        if let Some(c) = self.word(entry, 1) {
+            c.store(consumed, Ordering::Relaxed);
+        }
+    }
+
+    /// The client had published its request ring to `published` (for the lag). Sampled by the
+    /// caller off the per-request path: reading the client's head pulls a line the client
+    /// writes on every request.
+    #[inline(always)]
+    pub fn published(&self, entry: usize, published: u64) {
+        if let Some(p) = self.word(entry, 2) {
+            p.store(published, Ordering::Relaxed);
+        }
+    }
+
     /// One response written to the client (we are the only writer: a relaxed load and store).
     #[inline(always)]
     pub fn response(&self, entry: usize) {
