@@ -89,10 +89,8 @@ fn role_name(s: &SlotCounters) -> &'static str {
         return "dead";
     }
     match s.role() {
-        Role::Active => "active",
-        Role::Standby => "standby",
-        Role::OutOfService => "out-of-service",
         Role::None => "starting",
+        r => r.name(),
     }
 }
 

@@ -409,9 +409,8 @@ impl Cluster {
                 }
             }
             Death::Signal(sig) => {
-                // SAFETY: kill(2) of an engine pid the supervisor just reported for this
-                // cluster.
-                unsafe { libc::kill(victim.pid as i32, sig.number()) };
+                let fd = engine_pidfd(victim.pid)?;
+                let _ = fd.send_signal(sig.number());
             }
         }
         let s = self.wait(
@@ -1118,11 +1117,12 @@ fn apply(
             }
             .ok_or("no engine to stall")?
             .pid;
-            // SAFETY: kill(2) of an engine pid the supervisor just reported.
-            unsafe { libc::kill(victim as i32, libc::SIGSTOP) };
+            // One pidfd for both signals: if the stalled engine is fenced meanwhile, SIGCONT
+            // reaches nobody, never a process that reused its pid.
+            let fd = engine_pidfd(victim)?;
+            let _ = fd.send_signal(libc::SIGSTOP);
             std::thread::sleep(d);
-            // SAFETY: as above (a fenced engine is gone: the signal then does nothing).
-            unsafe { libc::kill(victim as i32, libc::SIGCONT) };
+            let _ = fd.send_signal(libc::SIGCONT);
             let s = cluster.wait_settled(Duration::from_secs(60))?;
             Ok(stepped(&s).into())
         }
@@ -1269,4 +1269,13 @@ pub fn cli(json: bool, events: u64, seed: u64, clients: usize, skip: &[String]) 
     } else {
         Code::Failed
     }
+}
+
+/// A pidfd for an engine pid the supervisor reported: signals sent through it reach that process
+/// or nobody (never a process that reused the pid, never a process group for pid 0).
+fn engine_pidfd(pid: u32) -> Result<understudy_runtime::liveness::Pidfd, String> {
+    if pid < 2 {
+        return Err(format!("refusing to signal pid {pid}"));
+    }
+    understudy_runtime::liveness::Pidfd::open(pid).map_err(|e| format!("pidfd of pid {pid}: {e}"))
 }

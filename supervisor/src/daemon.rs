@@ -155,6 +155,9 @@ pub struct Supervisor {
     pub(crate) dir: PathBuf,
     pub(crate) control: Control,
     pub(crate) engines: [Option<EngineProc>; SLOTS],
+    /// This supervisor found no live engine and started the cluster itself: only then may a
+    /// failed `up` remove the cluster's files (re-adopted engines still run on them).
+    pub(crate) fresh: bool,
     /// Slots the keeper keeps running.
     pub(crate) managed: [bool; SLOTS],
     restarts: [Restart; SLOTS],
@@ -341,6 +344,7 @@ impl Supervisor {
             dir,
             control,
             engines: [None, None, None],
+            fresh: live.is_empty(),
             managed: [false; SLOTS],
             restarts: Default::default(),
             hung_unfenced: [false; SLOTS],
@@ -508,7 +512,9 @@ impl Supervisor {
 
     /// Every engine was started by this supervisor (none adopted): a fresh start.
     pub(crate) fn started_fresh(&self) -> bool {
-        self.engines.iter().flatten().all(|p| p.child.is_some())
+        // Recorded, not inferred from the engines we hold: when every adoption failed we hold
+        // none, and "all of none are our children" would remove the files of a live cluster.
+        self.fresh
     }
 
     /// Undoes a fresh start that failed: kills the engines it started, waits for them (bounded)
@@ -928,7 +934,10 @@ impl Supervisor {
                 if let Some(p) = self.engines[slot].as_ref() {
                     self.hot_seen[slot] = Some((p.pid(), self.control.get(slot, Field::Epoch)));
                 }
-            } else if self.engines[slot].is_none() {
+            } else {
+                // Gone, or no longer a hot standby of this epoch (it fell back to syncing, was
+                // untethered, stepped up): old evidence must not call it the last copy. A
+                // stalled standby keeps its words, so it stays marked while it cannot run.
                 self.hot_seen[slot] = None;
             }
         }
@@ -1313,8 +1322,15 @@ impl Supervisor {
                 let report = self.status();
                 let mut message = status_summary(&report);
                 // An outage is exit 9, as `--help` says: no engine is active, verified (an
-                // engine holding the active's lock serves whatever the control block says).
-                let code = if report.active.is_none() && self.lock_holder().is_none() {
+                // engine holding the active's lock serves whatever the control block says),
+                // for longer than the switchover timeout — the same grace the loop gives before
+                // it says "outage": an ordinary failover's window is not one.
+                let code = if report.active.is_none()
+                    && self.lock_holder().is_none()
+                    && self
+                        .no_active_since
+                        .is_some_and(|t| t.elapsed() > self.config.timeouts.switchover())
+                {
                     if let Some(s) = self.last_copy() {
                         message.push_str(&format!(
                             "; engine {} holds the last copy of the state and has not stepped up (stalled?)",

@@ -165,15 +165,6 @@ fn ns_to_s(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
-fn role_label(r: Role) -> &'static str {
-    match r {
-        Role::Active => "active",
-        Role::Standby => "standby",
-        Role::OutOfService => "out-of-service",
-        Role::None => "none",
-    }
-}
-
 fn encode_snapshot(
     encoder: &mut DescriptorEncoder,
     snap: &Snapshot,
@@ -188,7 +179,7 @@ fn encode_snapshot(
         .flat_map(|s| {
             [Role::Active, Role::Standby, Role::OutOfService, Role::None].map(|r| {
                 let mut l = slot_labels(s);
-                l.push(("role", role_label(r).to_owned()));
+                l.push(("role", Role::name(r).to_owned()));
                 (l, ConstGauge::new(i64::from(s.alive() && s.role() == r)))
             })
         })
