@@ -787,16 +787,40 @@ pub fn thread_group_of(tid: u32) -> Option<u32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Whether process `pid` has `path` mapped (a line of `/proc/<pid>/maps` ends with it);
-/// `None` if the maps cannot be read (the process is gone, or belongs to another user).
+/// Whether process `pid` has the file at `path` mapped: a line of `/proc/<pid>/maps` names its
+/// device and inode; `None` if the maps or the file cannot be read (the process is gone or
+/// belongs to another user, the file is gone).
+///
+/// Compared by device and inode, never by the path's text: the kernel writes the canonical
+/// path, which differs from the one we were given for a relative directory, a `//`, a symlinked
+/// ancestor (`/dev/shm -> /run/shm`) or an unlinked file (` (deleted)`), and a live engine must
+/// never read as "not mapping it" (its lock would be taken from it).
 ///
 /// An engine keeps its cluster's control block mapped for as long as it may hold the robust
 /// mutex, so "the holder's process maps our control file" tells a live engine from an
 /// unrelated thread that was given a dead holder's thread id.
 pub fn process_maps_file(pid: u32, path: &Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    let want = path.to_str()?;
-    Some(maps.lines().any(|l| l.trim_end().ends_with(want)))
+    Some(maps_name_file(&maps, meta.dev(), meta.ino()))
+}
+
+/// Whether a `/proc/<pid>/maps` text has a line for device `dev` (as `st_dev`) and inode `ino`.
+fn maps_name_file(maps: &str, dev: u64, ino: u64) -> bool {
+    let (major, minor) = (libc::major(dev) as u64, libc::minor(dev) as u64);
+    maps.lines().any(|l| {
+        let mut f = l.split_ascii_whitespace().skip(3);
+        let (Some(d), Some(i)) = (f.next(), f.next()) else {
+            return false;
+        };
+        let Some((ma, mi)) = d.split_once(':') else {
+            return false;
+        };
+        u64::from_str_radix(ma, 16) == Ok(major)
+            && u64::from_str_radix(mi, 16) == Ok(minor)
+            && i.parse::<u64>() == Ok(ino)
+    })
 }
 
 /// `true` if thread `tid` can never run again: no thread has that id (`/proc/<tid>` is gone), or
@@ -1341,6 +1365,36 @@ mod tests {
         assert_eq!(lock.try_lock(), Ok(TryLockOutcome::OwnerDied));
         assert_eq!(lock.holder_tid(), Some(current_tid()));
         lock.unlock().unwrap();
+    }
+
+    /// A mapped file is found by device and inode whatever path names it (a symlinked
+    /// directory, `//`, a relative path), and our own mapping of a file is seen.
+    #[test]
+    fn a_mapped_file_is_found_by_device_and_inode_not_by_its_path_text() {
+        let maps = "7f00-7f01 rw-s 00000000 00:1a 4242 /run/shm/x/control\n\
+                    7f02-7f03 r--p 00000000 fd:01 17 /usr/lib/libc.so.6\n";
+        let dev = libc::makedev(0, 0x1a);
+        assert!(maps_name_file(maps, dev, 4242));
+        assert!(!maps_name_file(maps, dev, 4243));
+        assert!(!maps_name_file(maps, libc::makedev(0, 0x1b), 4242));
+        assert!(maps_name_file(maps, libc::makedev(0xfd, 1), 17));
+        // Our own mapping of a file under /dev/shm, named through a `//` and a `.` component.
+        let path =
+            std::path::PathBuf::from(format!("/dev/shm/liveness-maps-{}", std::process::id()));
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        // SAFETY: a shared mapping of a file only this test uses, dropped before it is removed.
+        let map = unsafe { memmap2::MmapOptions::new().len(4096).map_raw(&file) }.unwrap();
+        let odd =
+            std::path::PathBuf::from(format!("/dev//shm/./liveness-maps-{}", std::process::id()));
+        let found = process_maps_file(std::process::id(), &odd);
+        drop(map);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(found, Some(true));
     }
 
     /// A watch that times out says so, with the holder it was watching.
