@@ -1387,8 +1387,11 @@ mod tests {
             .write(true)
             .open(&path)
             .unwrap();
-        // SAFETY: a shared mapping of a file only this test uses, dropped before it is removed.
-        let map = unsafe { memmap2::MmapOptions::new().len(4096).map_raw(&file) }.unwrap();
+        // A raw shared mapping of a file only this test uses, dropped before it is removed.
+        let map = memmap2::MmapOptions::new()
+            .len(4096)
+            .map_raw(&file)
+            .unwrap();
         let odd =
             std::path::PathBuf::from(format!("/dev//shm/./liveness-maps-{}", std::process::id()));
         let found = process_maps_file(std::process::id(), &odd);
