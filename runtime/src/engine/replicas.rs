@@ -280,23 +280,31 @@ pub(super) fn push_waiting(
         Backpressure::Wait(d) => d,
         Backpressure::Untether => Duration::ZERO,
     };
-    let mut started = Instant::now();
-    let mut seen_tail = stream.consumer_position();
-    let mut waited = false;
+    // The clock and the standby's tail line are read only once the ring is full: on the
+    // per-transaction path a push that fits touches neither (the producer's cached limit
+    // decides).
+    let mut waiting: Option<(Instant, u64)> = None;
     loop {
         match push(stream) {
             Ok(()) => return true,
             Err(PushError::Full { .. }) => {
-                if !waited {
-                    waited = true;
-                    crate::counters::note_backpressure_wait();
-                }
                 let tail = stream.consumer_position();
-                if tail != seen_tail {
-                    seen_tail = tail;
-                    started = Instant::now();
-                } else if started.elapsed() >= max {
-                    return false;
+                match &mut waiting {
+                    None => {
+                        crate::counters::note_backpressure_wait();
+                        if max.is_zero() {
+                            return false;
+                        }
+                        waiting = Some((Instant::now(), tail));
+                    }
+                    Some((started, seen_tail)) => {
+                        if tail != *seen_tail {
+                            *seen_tail = tail;
+                            *started = Instant::now();
+                        } else if started.elapsed() >= max {
+                            return false;
+                        }
+                    }
                 }
                 std::hint::spin_loop();
             }
