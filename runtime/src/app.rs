@@ -163,10 +163,11 @@ impl Tx<'_> {
     /// now, with a header naming its type and version.
     pub fn put_record<R: Record>(&mut self, key: &[u8], record: &R) {
         let v = records::write_version_of::<R>(self.write_version(R::TYPE_ID));
-        let block = records::encoded(record, v).expect("write_version_of names a version of R");
-        let mut value = self.spare.copy_of(&R::TYPE_ID.to_le_bytes());
-        value.extend_from_slice(&v.to_le_bytes());
-        value.extend_from_slice(block);
+        // A pooled buffer (no allocation in steady state), filled by the one encoder of the
+        // typed table value's layout.
+        let mut value = self.spare.copy_of(&[]);
+        records::encode_table_value(record, v, &mut value)
+            .expect("write_version_of names a version of R");
         let key = self.spare.copy_of(key);
         self.ops.push(Op::Put {
             table: R::TYPE_ID,
