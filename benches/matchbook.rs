@@ -212,10 +212,12 @@ impl Case {
         self.bytes.push(bytes as f64 / requests.len() as f64);
 
         let standby = &mut self.standby;
+        let mut before = understudy_runtime::store::BeforeBuf::new();
         let t = Instant::now();
         for op in changes.iter().flatten() {
+            before.capture(&standby.store, op);
             standby.store.apply(op);
-            standby.app.on_apply(op, &standby.store);
+            standby.app.on_apply(op, before.view(), &standby.store);
         }
         self.standby_ns
             .push(t.elapsed().as_nanos() as f64 / requests.len() as f64);

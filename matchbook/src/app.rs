@@ -463,7 +463,12 @@ impl Application for Matchbook {
         }
     }
 
-    fn on_apply(&mut self, op: &Op, _store: &Store) {
+    fn on_apply(
+        &mut self,
+        op: &Op,
+        _before: understudy_runtime::store::Before<'_>,
+        _store: &Store,
+    ) {
         match op {
             Op::PutUnit {
                 id,

@@ -17,6 +17,7 @@ const SYMBOLS: [u32; 2] = [1, 2];
 struct Node {
     app: Matchbook,
     store: Store,
+    before: understudy_runtime::store::BeforeBuf,
 }
 
 impl Node {
@@ -24,6 +25,7 @@ impl Node {
         Node {
             app: Matchbook::new(version),
             store: Store::new(),
+            before: Default::default(),
         }
     }
 
@@ -47,8 +49,9 @@ impl Node {
 
     /// Applies one change as a standby does.
     fn apply(&mut self, op: &Op) {
+        self.before.capture(&self.store, op);
         self.store.apply(op);
-        self.app.on_apply(op, &self.store);
+        self.app.on_apply(op, self.before.view(), &self.store);
     }
 }
 

@@ -3,6 +3,7 @@
 
 use crate::protocol::{FeatureDecl, Hello};
 use crate::records::{self, Record, RecordError};
+pub use crate::store::Before;
 use crate::store::{Op, Spare, Store, UnitRef};
 use shm_layout::record::TemplateInfo;
 use std::fmt;
@@ -84,8 +85,27 @@ pub trait Application {
     /// Called on a standby for every change it applies (not on the active for its own
     /// commits: its handler made them), so derived in-memory indexes stay hot and step-up does
     /// not rebuild them. A handler that returns `Err` must leave its in-memory view unchanged.
-    fn on_apply(&mut self, _op: &Op, _store: &Store) {}
-    /// Called on a standby after a snapshot replaced its whole state.
+    ///
+    /// `before` is what the change replaced (the unit's previous state or the record's
+    /// previous value, seen in place; `None` if there was none); `store` already holds the
+    /// change. An application that keeps counts or indexes by state undoes `before` and adds
+    /// the new value, without a shadow copy of its units.
+    ///
+    /// It is called for the items of a catch-up snapshot too (after
+    /// [`Application::on_snapshot_begin`], each with `before` = `None`), so indexes kept here
+    /// are complete when the snapshot ends and [`Application::on_reset`] has nothing to
+    /// rebuild.
+    fn on_apply(&mut self, _op: &Op, _before: Before<'_>, _store: &Store) {}
+    /// Called on a standby when a catch-up snapshot begins: its store was just emptied (every
+    /// item arrives again through [`Application::on_apply`]). Drop derived indexes here.
+    /// It runs on the standby's apply path while the active streams live traffic: a
+    /// standby that stalls here for long is untethered, so free large structures off the
+    /// thread (e.g. move them into a thread that drops them).
+    fn on_snapshot_begin(&mut self, _store: &Store) {}
+    /// Called on a standby after a snapshot replaced its whole state (the store holds the
+    /// active's state as of the snapshot's end). The same rule on stalls as
+    /// [`Application::on_snapshot_begin`] holds: an application that keeps its indexes in
+    /// `on_apply` has nothing to do here.
     fn on_reset(&mut self, _store: &Store) {}
     /// Called when this engine becomes active, after its store holds every transaction the
     /// cluster committed and before it takes its first request (and before it re-emits a
@@ -225,7 +245,7 @@ impl Tx<'_> {
                 _ => {}
             }
         }
-        self.store.unit(id).map(|u| u.as_ref())
+        self.store.unit(id)
     }
 
     /// A record as this transaction sees it, in place (no copy).

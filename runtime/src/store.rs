@@ -109,6 +109,77 @@ impl Spare {
     }
 }
 
+/// What a change replaced, seen in place (see `Application::on_apply`): an application that
+/// keeps counts or indexes by a unit's state needs the old state to undo it, and need not keep
+/// a shadow copy of every unit for that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Before<'a> {
+    /// A unit change (`PutUnit`, `RetireUnit`): the unit's previous state, `None` if it did
+    /// not exist.
+    Unit(Option<UnitRef<'a>>),
+    /// A record change (`Put`, `Delete`): the record's previous value, `None` if it did not
+    /// exist.
+    Record(Option<&'a [u8]>),
+}
+
+/// A copy of what a change is about to replace, in a buffer reused from change to change (no
+/// allocation once warm): the store overwrites states in place, so the old bytes must be
+/// copied out before the change is applied.
+#[derive(Debug, Default)]
+pub struct BeforeBuf {
+    unit: bool,
+    present: bool,
+    kind: u16,
+    layout_version: u16,
+    bytes: Vec<u8>,
+}
+
+impl BeforeBuf {
+    /// An empty buffer.
+    pub fn new() -> BeforeBuf {
+        BeforeBuf::default()
+    }
+
+    /// Copy what `op` would replace in `store`.
+    pub fn capture(&mut self, store: &Store, op: &Op) {
+        self.bytes.clear();
+        match op {
+            Op::PutUnit { id, .. } | Op::RetireUnit { id } => {
+                self.unit = true;
+                let u = store.unit(*id);
+                self.present = u.is_some();
+                if let Some(u) = u {
+                    self.kind = u.kind;
+                    self.layout_version = u.layout_version;
+                    self.bytes.extend_from_slice(u.state);
+                }
+            }
+            Op::Put { table, key, .. } | Op::Delete { table, key } => {
+                self.unit = false;
+                let v = store.get(*table, key);
+                self.present = v.is_some();
+                if let Some(v) = v {
+                    self.bytes.extend_from_slice(v);
+                }
+            }
+        }
+    }
+
+    /// What was captured.
+    pub fn view(&self) -> Before<'_> {
+        match (self.unit, self.present) {
+            (true, false) => Before::Unit(None),
+            (true, true) => Before::Unit(Some(UnitRef {
+                kind: self.kind,
+                layout_version: self.layout_version,
+                state: &self.bytes,
+            })),
+            (false, false) => Before::Record(None),
+            (false, true) => Before::Record(Some(&self.bytes)),
+        }
+    }
+}
+
 /// One change to the store: the body of a run-state update frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -151,6 +222,16 @@ pub enum Op {
 struct Hashed<T> {
     item: T,
     hash: u64,
+}
+
+/// Where a snapshot walk of the units is: [`UnitCursor::START`], then what
+/// [`Store::units_from`] hands back. Opaque: its meaning is the store's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UnitCursor(Option<u64>);
+
+impl UnitCursor {
+    /// Before the first unit.
+    pub const START: UnitCursor = UnitCursor(None);
 }
 
 /// Work units and tables.
@@ -225,9 +306,9 @@ impl Store {
         self.record_count
     }
 
-    /// A work unit.
-    pub fn unit(&self, id: u64) -> Option<&Unit> {
-        self.units.get(&id).map(|h| &h.item)
+    /// A work unit, seen in place.
+    pub fn unit(&self, id: u64) -> Option<UnitRef<'_>> {
+        self.units.get(&id).map(|h| h.item.as_ref())
     }
 
     /// A record.
@@ -238,9 +319,9 @@ impl Store {
             .map(|v| v.item.as_slice())
     }
 
-    /// All units, ordered by id.
-    pub fn units(&self) -> impl Iterator<Item = (u64, &Unit)> {
-        self.units.iter().map(|(k, v)| (*k, &v.item))
+    /// All units, in the store's own order (not necessarily by id).
+    pub fn units(&self) -> impl Iterator<Item = (u64, UnitRef<'_>)> {
+        self.units.iter().map(|(k, v)| (*k, v.item.as_ref()))
     }
 
     /// All records of `table`, ordered by key.
@@ -423,18 +504,21 @@ impl Store {
         self.digest = 0;
     }
 
-    /// Up to `max` units with id greater than `after` (a snapshot chunk; `None` = from the start).
-    pub fn units_after(
+    /// Up to `max` units from `cursor` on (a snapshot chunk), each with the cursor just past
+    /// it. A snapshot walks the store with it while live changes go on: every unit that exists
+    /// from the walk's start to its end and is not changed meanwhile is visited exactly once
+    /// (a unit that is changed travels in the live stream as a whole).
+    pub fn units_from(
         &self,
-        after: Option<u64>,
+        cursor: UnitCursor,
         max: usize,
-    ) -> impl Iterator<Item = (u64, &Unit)> {
+    ) -> impl Iterator<Item = (UnitCursor, u64, UnitRef<'_>)> {
         use std::ops::Bound;
-        let lo = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let lo = cursor.0.map_or(Bound::Unbounded, Bound::Excluded);
         self.units
             .range((lo, Bound::Unbounded))
             .take(max)
-            .map(|(k, v)| (*k, &v.item))
+            .map(|(k, v)| (UnitCursor(Some(*k)), *k, v.item.as_ref()))
     }
 
     /// Up to `max` records after `(table, key)` (a snapshot chunk; `None` = from the start).
@@ -530,7 +614,7 @@ mod tests {
         assert!(spare.len() <= Spare::MAX_BUFFERS);
         let mut fresh = Store::new();
         for (id, u) in a.units() {
-            fresh.put_unit(id, u.clone());
+            fresh.put_unit(id, u.to_unit());
         }
         for t in 0..3 {
             for (k, v) in a.table(t) {

@@ -228,8 +228,8 @@ fn typed_and_raw_round_trip_compared() {
     // Same state, except the typed table records' 4-byte header.
     for id in 0..UNITS {
         assert_eq!(
-            ts.unit(id).map(|u| u.state.clone()),
-            rs.unit(id).map(|u| u.state.clone())
+            ts.unit(id).map(|u| u.state.to_vec()),
+            rs.unit(id).map(|u| u.state.to_vec())
         );
     }
 }

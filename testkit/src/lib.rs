@@ -427,7 +427,12 @@ impl Application for TestApp {
         tx.respond(&(k * 2).to_le_bytes());
         Ok(())
     }
-    fn on_apply(&mut self, op: &understudy_runtime::store::Op, _store: &Store) {
+    fn on_apply(
+        &mut self,
+        op: &understudy_runtime::store::Op,
+        _before: understudy_runtime::store::Before<'_>,
+        _store: &Store,
+    ) {
         if let understudy_runtime::store::Op::Put { table, value, .. } = op {
             if *table == FAULT_TABLE && value.len() >= 2 {
                 fire_once(value[0], &value[2..], "apply hook");

@@ -72,9 +72,8 @@ pub(super) fn send_chunk(
     if !snap.units_done {
         let mut last = snap.units_after;
         let mut full = false;
-        for (id, u) in store.units_after(snap.units_after, chunk) {
-            let (t, bl) =
-                protocol::encode_put_unit(id, u.kind, u.layout_version, &u.state, scratch);
+        for (next, id, u) in store.units_from(snap.units_after, chunk) {
+            let (t, bl) = protocol::encode_put_unit(id, u.kind, u.layout_version, u.state, scratch);
             match b.push(t, 1, bl, scratch) {
                 Ok(()) => {}
                 Err(PushError::Full { .. }) => {
@@ -89,7 +88,7 @@ pub(super) fn send_chunk(
                 }
                 Err(e) => return Err(e),
             }
-            last = Some(id);
+            last = next;
             n += 1;
         }
         if !full && n < chunk {

@@ -172,6 +172,8 @@ pub struct Engine<A: Application, I: Input> {
     request: Vec<u8>,
     scratch: Vec<u8>,
     buf: BatchBuf,
+    /// What the change being applied replaces (for `Application::on_apply`).
+    before: crate::store::BeforeBuf,
     replicas: Vec<Replica>,
     agreed_layout: u16,
     cmd_seen: Option<(u64, Instant)>,
@@ -285,6 +287,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             request: Vec::with_capacity(256),
             scratch: Vec::with_capacity(4096),
             buf: BatchBuf::with_capacity(1 << 16),
+            before: crate::store::BeforeBuf::new(),
             replicas: Vec::new(),
             agreed_layout: 1,
             cmd_seen: None,

@@ -11,7 +11,7 @@ pub(super) enum ReplicaPhase {
 }
 
 pub(super) struct Snapshot {
-    pub(super) units_after: Option<u64>,
+    pub(super) units_after: crate::store::UnitCursor,
     pub(super) units_done: bool,
     pub(super) records_after: Option<(u16, Vec<u8>)>,
 }
@@ -218,7 +218,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                                             )
                                             .map_err(|e| e.to_string())?;
                                             r.phase = ReplicaPhase::Streaming(Some(Snapshot {
-                                                units_after: None,
+                                                units_after: crate::store::UnitCursor::START,
                                                 units_done: false,
                                                 records_after: None,
                                             }));

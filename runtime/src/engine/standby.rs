@@ -551,8 +551,9 @@ impl<A: Application, I: Input> Engine<A, I> {
                         let spare = &mut self.tx.spare;
                         let op = protocol::decode_op_into(f.meta.record_type, f.payload, bl, spare)
                             .map_err(|e| EngineError::Other(e.to_string()))?;
+                        self.before.capture(&self.store, &op);
                         self.store.apply(&op);
-                        self.app.on_apply(&op, &self.store);
+                        self.app.on_apply(&op, self.before.view(), &self.store);
                         self.tx.spare.recycle(op);
                     }
                     rt::COMMIT => {
@@ -611,7 +612,12 @@ impl<A: Application, I: Input> Engine<A, I> {
                     rt::SNAP_BEGIN => {
                         let p: Position =
                             decode(f.payload, bl).map_err(|e| EngineError::Other(e.to_string()))?;
-                        self.store.clear();
+                        // Emptying a store of millions of units takes tens to hundreds
+                        // of ms: the old one is dropped on a thread of its own, so the
+                        // standby keeps draining the stream while the active streams live
+                        // traffic beside the snapshot.
+                        drop_off_thread(std::mem::take(&mut self.store));
+                        self.app.on_snapshot_begin(&self.store);
                         self.commits = p.commits;
                         *state = State::Syncing;
                         self.control.set(s, Field::State, State::Syncing as u64);
@@ -669,6 +675,16 @@ impl<A: Application, I: Input> Engine<A, I> {
         self.buf = std::mem::take(&mut frames);
         r
     }
+}
+
+/// Drop `store` on a thread of its own (at once if it is small, or if no thread can be made).
+pub(super) fn drop_off_thread(store: Store) {
+    if store.unit_count() + store.record_count() < 10_000 {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("understudy-drop".into())
+        .spawn(move || drop(store));
 }
 
 /// How the standby learned that its active died.
