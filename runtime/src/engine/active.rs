@@ -207,7 +207,8 @@ impl<A: Application, I: Input> Engine<A, I> {
             if ok {
                 i += 1;
             } else {
-                self.untether(i, "its stream is full");
+                let why = self.untether_reason(i);
+                self.untether(i, &why);
             }
         }
     }

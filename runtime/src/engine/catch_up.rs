@@ -1,37 +1,122 @@
-//! Catch-up: bring a new standby from a base position or a chunked snapshot to live,
-//! interleaved with live transactions.
+//! Catch-up: bring a new standby from a chunked snapshot to live, interleaved with live
+//! transactions, so that it always converges.
+//!
+//! # Why a catch-up converges under any load the active can serve
+//!
+//! The snapshot is a walk of the active's store (units, then records) by a cursor that
+//! visits every item existing from the walk's start to its end and not changed meanwhile
+//! exactly once; every change made meanwhile travels in the live stream, after `SNAP_BEGIN`,
+//! as a whole (a unit's full state, a record's full value), so applying the walk's items and
+//! the live changes in stream order leaves the standby with the active's state at `SNAP_END`.
+//!
+//! The walk is sent two ways:
+//! - **Per transaction** ([`Engine::catch_up_with_live_traffic`]): after every live
+//!   transaction, a small piece of the walk (`catchup_chunk / 128`, at least 2 items) is
+//!   pushed under the same back-pressure policy as the transaction itself. This is the
+//!   progress guarantee: the walk has N items, so it ends after at most N / piece live
+//!   transactions, however fast they come. It is also the flow control: when the standby
+//!   applies slower than the active commits, every transaction waits for room for itself and
+//!   its piece, so the active's admission slows to what the standby takes, instead of the
+//!   ring filling until the standby is untethered.
+//! - **Opportunistically** ([`catch_up_step`], from housekeeping): bigger chunks, but only
+//!   into the half of the ring that no live traffic needs, so an idle or lightly loaded
+//!   active finishes the walk at the standby's apply rate while live transactions keep half
+//!   the ring as headroom and never wait for snapshot bytes.
+//!
+//! Untethering stays the last resort: only a standby that consumed nothing for the whole
+//! back-pressure bound (default 20 ms) is let go, and the active logs why (its lag, the
+//! walk's progress).
 
 use super::*;
 
+/// Snapshot items sent after every live transaction of a catch-up.
+pub(super) fn piece_per_transaction(catchup_chunk: usize) -> usize {
+    (catchup_chunk / 128).max(2)
+}
+
 impl<A: Application, I: Input> Engine<A, I> {
-    /// Under sustained load the ring is mostly full of live transactions; a syncing standby
-    /// also gets a small snapshot chunk after every transaction, so catch-up always progresses
-    /// (the active is paced by back-pressure to what the standby can take).
+    /// The per-transaction piece of every walk under way (see the module's convergence
+    /// argument): pushed with back-pressure, like the transaction it follows.
     pub(super) fn catch_up_with_live_traffic(&mut self) {
-        let chunk = (self.opt.catchup_chunk / 16).max(4);
+        let piece = piece_per_transaction(self.opt.catchup_chunk);
         let mut i = 0;
         while i < self.replicas.len() {
             let r = &mut self.replicas[i];
-            if !matches!(r.phase, ReplicaPhase::Streaming(Some(_))) {
+            let ReplicaPhase::Streaming(Some(snap)) = &mut r.phase else {
                 i += 1;
                 continue;
+            };
+            let (store, scratch) = (&self.store, &mut self.scratch);
+            let mut result = Ok(false);
+            let pushed = push_waiting(&mut r.stream, self.opt.backpressure, |p| {
+                match send_chunk(p, store, snap, piece, usize::MAX, scratch) {
+                    Ok(sent) => {
+                        result = Ok(sent == Sent::Done);
+                        Ok(())
+                    }
+                    Err(e @ PushError::Full { .. }) => Err(e),
+                    Err(e) => {
+                        result = Err(e.to_string());
+                        Ok(())
+                    }
+                }
+            });
+            if !pushed {
+                let why = self.untether_reason(i);
+                self.untether(i, &why);
+                continue;
             }
-            match catch_up_step(
-                r,
-                &self.store,
-                self.commits,
-                self.epoch,
-                chunk,
-                &mut self.scratch,
-            ) {
-                Ok(()) => i += 1,
-                Err(why) => self.detach(i, &why),
+            match result {
+                Err(e) => self.detach(i, &format!("catch-up: {e}")),
+                Ok(done) => {
+                    if done {
+                        let r = &mut self.replicas[i];
+                        end_snapshot(r, &self.store, self.commits, self.epoch);
+                    }
+                    i += 1;
+                }
             }
         }
     }
+
+    /// Why replica `i` is being untethered, for the operator: how far behind it is and, in a
+    /// catch-up, how far its snapshot got.
+    pub(super) fn untether_reason(&mut self, i: usize) -> String {
+        let r = &mut self.replicas[i];
+        let lag = r.stream.position() - r.stream.consumer_position();
+        let cap = r.stream.capacity();
+        let phase = match &r.phase {
+            ReplicaPhase::Streaming(Some(s)) => format!(
+                "in catch-up ({} of {} units and {} records sent)",
+                s.units_sent,
+                self.store.unit_count(),
+                s.records_sent
+            ),
+            _ => "streaming live".to_string(),
+        };
+        format!(
+            "its stream is full and it consumed nothing for {:?} ({lag} of {cap} bytes unread, {phase}); it must catch up again",
+            match self.opt.backpressure {
+                Backpressure::Wait(d) => d,
+                Backpressure::Untether => Duration::ZERO,
+            }
+        )
+    }
 }
 
-/// One catch-up step for replica `r`: a chunk of the snapshot, then `SnapEnd` once complete.
+/// What one call of [`send_chunk`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sent {
+    /// No item fitted (or none was allowed): nothing was committed.
+    Nothing,
+    /// Some items; the walk goes on.
+    Some,
+    /// The walk is complete (`SNAP_END` is next).
+    Done,
+}
+
+/// One opportunistic catch-up step for replica `r` (housekeeping): a chunk of the walk into
+/// the half of the ring that live traffic does not need, then `SNAP_END` once complete.
 pub(super) fn catch_up_step(
     r: &mut Replica,
     store: &Store,
@@ -43,88 +128,99 @@ pub(super) fn catch_up_step(
     let ReplicaPhase::Streaming(Some(snap)) = &mut r.phase else {
         return Ok(());
     };
-    let done = send_chunk(&mut r.stream, store, snap, chunk, scratch)
-        .map_err(|e| format!("catch-up: {e}"))?;
-    if done {
-        let pos = position_of(store, commits, epoch, 0);
-        match r
-            .stream
-            .try_publish(rt::SNAP_END, 1, 56, zerocopy::IntoBytes::as_bytes(&pos))
-        {
-            Ok(()) => r.phase = ReplicaPhase::Streaming(None),
-            Err(PushError::Full { .. }) => {}
-            Err(e) => return Err(e.to_string()),
+    if !snap.is_done() {
+        let headroom = r.stream.capacity() / 2;
+        let budget = r.stream.free_bytes().saturating_sub(headroom);
+        if budget == 0 {
+            return Ok(());
         }
+        match send_chunk(&mut r.stream, store, snap, chunk, budget, scratch) {
+            Ok(_) | Err(PushError::Full { .. }) => {}
+            Err(e) => return Err(format!("catch-up: {e}")),
+        }
+    }
+    if snap.is_done() {
+        end_snapshot(r, store, commits, epoch);
     }
     Ok(())
 }
 
-/// Send one catch-up chunk; true when the snapshot is complete.
+/// Publish `SNAP_END` (the active's position after the last transaction) once the walk is
+/// complete; if the ring is full now, the next step tries again.
+fn end_snapshot(r: &mut Replica, store: &Store, commits: u64, epoch: u64) {
+    let pos = position_of(store, commits, epoch, 0);
+    if r.stream
+        .try_publish(rt::SNAP_END, 1, 56, zerocopy::IntoBytes::as_bytes(&pos))
+        .is_ok()
+    {
+        r.phase = ReplicaPhase::Streaming(None);
+    }
+}
+
+/// Send up to `max` items of the walk, and no more than `budget` bytes, as one batch. Items
+/// that do not fit the ring now stay for the next call (`PushError::Full` only if not even
+/// the first fitted).
 pub(super) fn send_chunk(
     stream: &mut Producer<RegionMemory>,
     store: &Store,
     snap: &mut Snapshot,
-    chunk: usize,
+    max: usize,
+    budget: usize,
     scratch: &mut Vec<u8>,
-) -> Result<bool, PushError> {
+) -> Result<Sent, PushError> {
     let mut b = stream.batch();
     let mut n = 0;
+    let mut stop: Option<PushError> = None;
     if !snap.units_done {
         let mut last = snap.units_after;
-        let mut full = false;
-        for (next, id, u) in store.units_from(snap.units_after, chunk) {
+        for (next, id, u) in store.units_from(snap.units_after, max) {
+            if b.bytes() >= budget {
+                break;
+            }
             let (t, bl) = protocol::encode_put_unit(id, u.kind, u.layout_version, u.state, scratch);
-            match b.push(t, 1, bl, scratch) {
-                Ok(()) => {}
-                Err(PushError::Full { .. }) => {
-                    full = true;
-                    break;
-                }
-                // The chunk so far plus this item would not fit even an empty ring: commit what
-                // we have, the item goes first in the next chunk.
-                Err(PushError::TooLarge { .. }) if n > 0 => {
-                    full = true;
-                    break;
-                }
-                Err(e) => return Err(e),
+            if let Err(e) = b.push(t, 1, bl, scratch) {
+                stop = Some(e);
+                break;
             }
             last = next;
             n += 1;
         }
-        if !full && n < chunk {
+        // Fewer than asked for, and not for want of room: the walk of the units is complete.
+        if stop.is_none() && n < max && b.bytes() < budget {
             snap.units_done = true;
         }
         snap.units_after = last;
-        if n > 0 {
-            b.commit();
-        }
-        return Ok(false);
-    }
-    let mut last = snap.records_after.clone();
-    let mut done = true;
-    for (table, key, value) in store.records_after(snap.records_after.as_ref(), chunk) {
-        let (t, bl) = protocol::encode_put(table, key, value, scratch);
-        match b.push(t, 1, bl, scratch) {
-            Ok(()) => {}
-            Err(PushError::Full { .. }) => {
-                done = false;
+        snap.units_sent += n as u64;
+    } else {
+        let mut last = snap.records_after.clone();
+        for (table, key, value) in store.records_after(snap.records_after.as_ref(), max) {
+            if b.bytes() >= budget {
                 break;
             }
-            Err(PushError::TooLarge { .. }) if n > 0 => {
-                done = false;
+            let (t, bl) = protocol::encode_put(table, key, value, scratch);
+            if let Err(e) = b.push(t, 1, bl, scratch) {
+                stop = Some(e);
                 break;
             }
-            Err(e) => return Err(e),
+            last = Some((table, key.to_vec()));
+            n += 1;
         }
-        last = Some((table, key.to_vec()));
-        n += 1;
+        if stop.is_none() && n < max && b.bytes() < budget {
+            snap.records_done = true;
+        }
+        snap.records_after = last;
+        snap.records_sent += n as u64;
     }
-    if n == chunk {
-        done = false;
-    }
-    snap.records_after = last;
     if n > 0 {
         b.commit();
     }
-    Ok(done)
+    match stop {
+        // The chunk so far plus this item would not fit: what we have is committed, the item
+        // goes first next time. An item that fits no empty ring is an error.
+        Some(PushError::Full { .. }) | Some(PushError::TooLarge { .. }) if n > 0 => Ok(Sent::Some),
+        Some(e) => Err(e),
+        None if snap.is_done() => Ok(Sent::Done),
+        None if n > 0 => Ok(Sent::Some),
+        None => Ok(Sent::Nothing),
+    }
 }

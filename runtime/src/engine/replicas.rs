@@ -10,10 +10,33 @@ pub(super) enum ReplicaPhase {
     Streaming(Option<Snapshot>),
 }
 
+/// Where a catch-up's walk of the store is (see `catch_up`).
 pub(super) struct Snapshot {
     pub(super) units_after: crate::store::UnitCursor,
     pub(super) units_done: bool,
     pub(super) records_after: Option<(u16, Vec<u8>)>,
+    pub(super) records_done: bool,
+    /// Items sent so far (for the operator).
+    pub(super) units_sent: u64,
+    pub(super) records_sent: u64,
+}
+
+impl Snapshot {
+    pub(super) fn new() -> Snapshot {
+        Snapshot {
+            units_after: crate::store::UnitCursor::START,
+            units_done: false,
+            records_after: None,
+            records_done: false,
+            units_sent: 0,
+            records_sent: 0,
+        }
+    }
+
+    /// Every unit and record was sent.
+    pub(super) fn is_done(&self) -> bool {
+        self.units_done && self.records_done
+    }
 }
 
 pub(super) struct Replica {
@@ -49,6 +72,10 @@ impl<A: Application, I: Input> Engine<A, I> {
             k.add(Counter::UNTETHERS_TOTAL, 1);
         }
         rep.stream_region.close(CLOSE_UNTETHERED);
+        // SYNC POINT (store → store): the close is ordered before `Stale`; pairs with the
+        // standby's `Hot`-then-re-read in `Engine::become_hot`, so a closed stream never leaves
+        // `Hot` in its slot.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         self.control
             .set(rep.slot, Field::State, State::Stale as u64);
     }
@@ -217,11 +244,8 @@ impl<A: Application, I: Input> Engine<A, I> {
                                                 zerocopy::IntoBytes::as_bytes(&pos),
                                             )
                                             .map_err(|e| e.to_string())?;
-                                            r.phase = ReplicaPhase::Streaming(Some(Snapshot {
-                                                units_after: crate::store::UnitCursor::START,
-                                                units_done: false,
-                                                records_after: None,
-                                            }));
+                                            r.phase =
+                                                ReplicaPhase::Streaming(Some(Snapshot::new()));
                                         }
                                         b.commit();
                                     }

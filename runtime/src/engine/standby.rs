@@ -325,7 +325,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                     idle_polls = 0;
                     got = true;
                     batches = batches.wrapping_add(1);
-                    match self.apply_batch(&mut state) {
+                    match self.apply_batch(&mut state, &u.stream_region) {
                         Ok(Some(f)) => return Ok(f),
                         Ok(None) => {}
                         Err(e) => {
@@ -382,20 +382,18 @@ impl<A: Application, I: Input> Engine<A, I> {
                 if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
                     return Ok(Follow::Stop);
                 }
-                if u.stream_region.closed().is_some() && u.stream.has_next() {
-                    // Apply what was committed before the close first: a refusal is
-                    // published right before the close, and its message must not be lost.
-                    continue;
-                }
-                if u.stream_region.closed().is_some() {
-                    info!(slot = %control::slot_name(s), "stream closed by the active; re-attaching");
-                    if self.control.epoch() != self.epoch
-                        || u.stream_region.closed() == Some(CLOSE_DETACHED)
-                    {
-                        // Planned switchover elsewhere or detach: attach to whoever is active.
-                    } else {
-                        self.control.set(s, Field::State, State::Stale as u64);
+                if let Some(why) = u.stream_region.closed() {
+                    // A closed stream is never hot, from the moment the close is seen (the
+                    // frames still in it are applied below, but nothing after them comes).
+                    if state == State::Hot || state == State::Syncing {
+                        state = self.not_hot_after_close(why);
                     }
+                    if u.stream.has_next() {
+                        // Apply what was committed before the close first: a refusal is
+                        // published right before the close, and its message must not be lost.
+                        continue;
+                    }
+                    info!(slot = %control::slot_name(s), reason = close_reason(why), "stream closed by the active; re-attaching");
                     return Ok(Follow::Reattach);
                 }
                 if u.last_ack.elapsed() > Duration::from_millis(1) {
@@ -521,7 +519,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         loop {
             match u.stream.poll(&mut self.buf) {
                 Ok(false) => return Drained::Clean,
-                Ok(true) => match self.apply_batch(state) {
+                Ok(true) => match self.apply_batch(state, &u.stream_region) {
                     Ok(None) => {}
                     Ok(Some(f)) => return Drained::RoleChange(f),
                     Err(e) => {
@@ -539,8 +537,47 @@ impl<A: Application, I: Input> Engine<A, I> {
         }
     }
 
+    /// Publish `Hot` after a base position or a complete catch-up, unless `stream` is closed:
+    /// a standby is hot only while its stream is open. The active closes the stream, then
+    /// writes `Stale` into our slot (see `Engine::untether`); we write `Hot`, then look at the
+    /// close word again, so whichever order the two engines run in, a closed stream never
+    /// leaves `Hot` in the slot.
+    pub(super) fn become_hot(&mut self, stream: &Region) -> State {
+        let s = self.opt.slot;
+        if let Some(why) = stream.closed() {
+            warn!(slot = %control::slot_name(s), reason = close_reason(why), "caught up, but the active closed the stream meanwhile: not hot");
+            return self.not_hot_after_close(why);
+        }
+        self.control.set(s, Field::State, State::Hot as u64);
+        // SYNC POINT (store → load): our `Hot` store is ordered before the re-read of the
+        // close word; pairs with the active's close-then-`Stale` in `Engine::untether`.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if let Some(why) = stream.closed() {
+            warn!(slot = %control::slot_name(s), reason = close_reason(why), "the active closed the stream as this standby became hot: not hot");
+            return self.not_hot_after_close(why);
+        }
+        State::Hot
+    }
+
+    /// Our state once the stream is seen closed: `Stale` if our copy fell behind for good
+    /// (untethered, corrupt), `Syncing` if we were merely detached (we re-attach at once, and
+    /// a copy that still matches needs no catch-up).
+    pub(super) fn not_hot_after_close(&mut self, why: u64) -> State {
+        let st = if why == CLOSE_UNTETHERED || why == CLOSE_CORRUPT {
+            State::Stale
+        } else {
+            State::Syncing
+        };
+        self.control.set(self.opt.slot, Field::State, st as u64);
+        st
+    }
+
     /// Apply the batch in `self.buf`. `Ok(Some)` when the batch changes the role.
-    pub(super) fn apply_batch(&mut self, state: &mut State) -> Result<Option<Follow>, EngineError> {
+    pub(super) fn apply_batch(
+        &mut self,
+        state: &mut State,
+        stream: &Region,
+    ) -> Result<Option<Follow>, EngineError> {
         let s = self.opt.slot;
         let mut frames = std::mem::take(&mut self.buf);
         let r = (|| {
@@ -605,9 +642,10 @@ impl<A: Application, I: Input> Engine<A, I> {
                                 p.commits, p.digest, self.commits, self.store.digest()
                             )));
                         }
-                        *state = State::Hot;
-                        self.control.set(s, Field::State, State::Hot as u64);
-                        info!(slot = %control::slot_name(s), commits = p.commits, "hot (no catch-up needed)");
+                        *state = self.become_hot(stream);
+                        if *state == State::Hot {
+                            info!(slot = %control::slot_name(s), commits = p.commits, "hot (no catch-up needed)");
+                        }
                     }
                     rt::SNAP_BEGIN => {
                         let p: Position =
@@ -633,9 +671,10 @@ impl<A: Application, I: Input> Engine<A, I> {
                             )));
                         }
                         self.app.on_reset(&self.store);
-                        *state = State::Hot;
-                        self.control.set(s, Field::State, State::Hot as u64);
-                        info!(slot = %control::slot_name(s), units = p.units, "hot (caught up)");
+                        *state = self.become_hot(stream);
+                        if *state == State::Hot {
+                            info!(slot = %control::slot_name(s), units = p.units, "hot (caught up)");
+                        }
                         if let Some(k) = &self.counters {
                             k.add(Counter::CATCHUPS_TOTAL, 1);
                         }
@@ -674,6 +713,17 @@ impl<A: Application, I: Input> Engine<A, I> {
         })();
         self.buf = std::mem::take(&mut frames);
         r
+    }
+}
+
+/// The close word's reason, for logs.
+pub(super) fn close_reason(why: u64) -> &'static str {
+    match why {
+        CLOSE_UNTETHERED => "untethered (it fell behind)",
+        CLOSE_CORRUPT => "corrupt stream",
+        CLOSE_REFUSED => "refused",
+        CLOSE_DETACHED => "detached",
+        _ => "unknown",
     }
 }
 
