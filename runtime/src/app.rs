@@ -1,12 +1,16 @@
 //! What an application implements to become an understudy engine, the transaction context
 //! its handler runs in, and the version handshake between two engines.
 
+use crate::engine::timers;
+pub use crate::engine::timers::{Timer, TimerId};
+use crate::engine::TxBuffers;
 use crate::protocol::{FeatureDecl, Hello};
 use crate::records::{self, Record, RecordError};
 pub use crate::store::Before;
-use crate::store::{Op, Spare, Store, UnitRef};
+use crate::store::{Op, Store, UnitRef};
 use shm_layout::record::TemplateInfo;
 use std::fmt;
+use std::time::Duration;
 
 /// How an engine became active (see [`Application::on_active`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,14 +126,87 @@ pub trait Application {
     /// Close what only an active may hold (feeds, timers). The same rules as
     /// [`Application::on_active`] apply.
     fn on_standby(&mut self, _store: &Store) {}
+    /// Called on the active when timer `timer` is due (its deadline has passed), in a
+    /// transaction of its own that also deletes the timer: once it commits, the timer never
+    /// fires again, on this engine or on one that takes over; if the engine dies before the
+    /// commit, the next active fires it. Timers fire in deadline order (ties in the order they
+    /// were armed), between requests, a few per turn of the engine's loop, never before their
+    /// deadline. An `Err` rolls back the handler's changes; the timer is still consumed.
+    /// What it writes with [`Tx::respond`] goes nowhere (no client asked).
+    fn on_timer(&mut self, _tx: &mut Tx<'_>, _timer: &Timer) -> Result<(), Refused> {
+        Ok(())
+    }
+    /// The refusal a request gets when its transaction is too large for the replication
+    /// stream (see [`TxTooLarge`]): the transaction is rolled back and this is the answer.
+    /// By default the error's message.
+    fn on_too_large(&mut self, error: &TxTooLarge) -> Refused {
+        Refused::from(*error)
+    }
+}
+
+/// What a change is about: a work unit, or a record of a table (the identity the
+/// transaction's index of its own changes is keyed by).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ident<'k> {
+    Unit(u64),
+    Record(u16, &'k [u8]),
+}
+
+impl Ident<'_> {
+    /// What `op` changes.
+    pub(crate) fn of(op: &Op) -> Ident<'_> {
+        match op {
+            Op::PutUnit { id, .. } | Op::RetireUnit { id } => Ident::Unit(*id),
+            Op::Put { table, key, .. } | Op::Delete { table, key } => Ident::Record(*table, key),
+        }
+    }
+}
+
+/// A transaction too large for the replication stream: it was refused (rolled back, nothing
+/// applied or replicated) and the request answered with [`Application::on_too_large`]'s
+/// refusal.
+///
+/// Every transaction travels to each standby as one batch of the stream ring, so its encoded
+/// size — its changes, its response (kept in the input-position record) and the commit, plus
+/// room for one wrap of the ring — may not exceed the ring's largest batch,
+/// `Options::ring_capacity` minus 32 bytes (8 MiB − 32 by default). The limit is the engine's
+/// own, applied whether or not a standby is attached. A handler that loads in bulk watches
+/// [`Tx::encoded_len`] against [`Tx::limit`] (or calls [`Tx::check_fits`]) and splits its
+/// work into several requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxTooLarge {
+    /// The bytes the transaction would take in the stream.
+    pub found_bytes: usize,
+    /// The most a transaction may take (see [`Tx::limit`]).
+    pub limit_bytes: usize,
+}
+
+impl fmt::Display for TxTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "transaction too large for the replication stream: expected at most {} bytes (the stream ring's capacity, Options::ring_capacity, less one frame), found {} bytes; split the work into smaller transactions or raise ring_capacity",
+            self.limit_bytes, self.found_bytes
+        )
+    }
+}
+impl std::error::Error for TxTooLarge {}
+
+impl From<TxTooLarge> for Refused {
+    /// The refusal a handler returns with `tx.check_fits()?`: the error's message.
+    fn from(e: TxTooLarge) -> Refused {
+        Refused(e.to_string().into_bytes())
+    }
 }
 
 /// The transaction context: reads see the store plus this transaction's own changes.
+///
+/// Reads of the transaction's own changes ([`Tx::unit`], [`Tx::get`] and the typed readers)
+/// cost O(1) however many changes it holds: past a handful of changes they go through a hash
+/// index of the changes, kept from transaction to transaction (no allocation in steady state).
 pub struct Tx<'a> {
     pub(crate) store: &'a Store,
-    pub(crate) ops: &'a mut Vec<Op>,
-    pub(crate) spare: &'a mut Spare,
-    pub(crate) response: &'a mut Vec<u8>,
+    pub(crate) bufs: &'a mut TxBuffers,
     pub(crate) enabled: u64,
     pub(crate) write_versions: &'a [(u16, u16)],
 }
@@ -146,8 +223,8 @@ impl Tx<'_> {
     }
 
     fn put_unit(&mut self, id: u64, kind: u16, layout_version: u16, state: &[u8]) {
-        let state = self.spare.copy_of(state);
-        self.ops.push(Op::PutUnit {
+        let state = self.bufs.spare.copy_of(state);
+        self.bufs.push_op(Op::PutUnit {
             id,
             kind,
             layout_version,
@@ -185,11 +262,11 @@ impl Tx<'_> {
         let v = records::write_version_of::<R>(self.write_version(R::TYPE_ID));
         // A pooled buffer (no allocation in steady state), filled by the one encoder of the
         // typed table value's layout.
-        let mut value = self.spare.copy_of(&[]);
+        let mut value = self.bufs.spare.copy_of(&[]);
         records::encode_table_value(record, v, &mut value)
             .expect("write_version_of names a version of R");
-        let key = self.spare.copy_of(key);
-        self.ops.push(Op::Put {
+        let key = self.bufs.spare.copy_of(key);
+        self.bufs.push_op(Op::Put {
             table: R::TYPE_ID,
             key,
             value,
@@ -210,58 +287,46 @@ impl Tx<'_> {
 
     /// Retire a work unit.
     pub fn retire(&mut self, id: u64) {
-        self.ops.push(Op::RetireUnit { id });
+        self.bufs.push_op(Op::RetireUnit { id });
     }
 
     /// Put a record into table `table`.
     pub fn put(&mut self, table: u16, key: &[u8], value: &[u8]) {
-        let (key, value) = (self.spare.copy_of(key), self.spare.copy_of(value));
-        self.ops.push(Op::Put { table, key, value });
+        let (key, value) = (self.bufs.spare.copy_of(key), self.bufs.spare.copy_of(value));
+        self.bufs.push_op(Op::Put { table, key, value });
     }
 
     /// Delete a record.
     pub fn delete(&mut self, table: u16, key: &[u8]) {
-        let key = self.spare.copy_of(key);
-        self.ops.push(Op::Delete { table, key });
+        let key = self.bufs.spare.copy_of(key);
+        self.bufs.push_op(Op::Delete { table, key });
     }
 
     /// A work unit as this transaction sees it, in place (no copy).
     pub fn unit(&self, id: u64) -> Option<UnitRef<'_>> {
-        for op in self.ops.iter().rev() {
-            match op {
-                Op::PutUnit {
-                    id: i,
-                    kind,
-                    layout_version,
-                    state,
-                } if *i == id => {
-                    return Some(UnitRef {
-                        kind: *kind,
-                        layout_version: *layout_version,
-                        state,
-                    })
-                }
-                Op::RetireUnit { id: i } if *i == id => return None,
-                _ => {}
-            }
+        match self.bufs.latest(Ident::Unit(id)) {
+            Some(Op::PutUnit {
+                kind,
+                layout_version,
+                state,
+                ..
+            }) => Some(UnitRef {
+                kind: *kind,
+                layout_version: *layout_version,
+                state,
+            }),
+            Some(_) => None,
+            None => self.store.unit(id),
         }
-        self.store.unit(id)
     }
 
     /// A record as this transaction sees it, in place (no copy).
     pub fn get(&self, table: u16, key: &[u8]) -> Option<&[u8]> {
-        for op in self.ops.iter().rev() {
-            match op {
-                Op::Put {
-                    table: t,
-                    key: k,
-                    value,
-                } if *t == table && k == key => return Some(value),
-                Op::Delete { table: t, key: k } if *t == table && k == key => return None,
-                _ => {}
-            }
+        match self.bufs.latest(Ident::Record(table, key)) {
+            Some(Op::Put { value, .. }) => Some(value),
+            Some(_) => None,
+            None => self.store.get(table, key),
         }
-        self.store.get(table, key)
     }
 
     /// The committed store (without this transaction's changes).
@@ -271,7 +336,73 @@ impl Tx<'_> {
 
     /// Append to the response.
     pub fn respond(&mut self, bytes: &[u8]) {
-        self.response.extend_from_slice(bytes);
+        self.bufs.response.extend_from_slice(bytes);
+    }
+
+    /// The bytes this transaction takes in the replication stream so far: its changes, its
+    /// response (replicated with the request's input position), the commit, and room for one
+    /// wrap of the ring. Compare with [`Tx::limit`].
+    pub fn encoded_len(&self) -> usize {
+        self.bufs.encoded_len()
+    }
+
+    /// The most a transaction may take in the replication stream: the stream ring's largest
+    /// batch, `Options::ring_capacity` − 32 bytes. A transaction over it is refused (see
+    /// [`TxTooLarge`]).
+    pub fn limit(&self) -> usize {
+        self.bufs.limit_bytes
+    }
+
+    /// `Err` if the transaction as it stands is over [`Tx::limit`]: a handler may return it
+    /// (`tx.check_fits()?` refuses the request with the error's message) or roll back part of
+    /// its work itself. A handler that returns `Ok` with a transaction over the limit is
+    /// refused by the engine the same way (see [`Application::on_too_large`]).
+    pub fn check_fits(&self) -> Result<(), TxTooLarge> {
+        let found_bytes = self.encoded_len();
+        if found_bytes > self.limit() {
+            return Err(TxTooLarge {
+                found_bytes,
+                limit_bytes: self.limit(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Now on `CLOCK_MONOTONIC`, in ns: the clock timer deadlines are on. Read once per
+    /// transaction (every call in one transaction answers the same).
+    pub fn now_ns(&self) -> u64 {
+        self.bufs.now_ns()
+    }
+
+    /// Arm a timer for `deadline_ns` (on `CLOCK_MONOTONIC`, see [`Tx::now_ns`]) about work unit
+    /// `unit_id` with the application's `tag`: once this transaction commits, the timer is
+    /// replicated state, and the active fires it through [`Application::on_timer`] once its
+    /// deadline has passed — exactly once across failovers and switchovers (see
+    /// `engine/timers.rs`). A transaction that is rolled back arms nothing.
+    ///
+    /// Both engines of a cluster run on one host and share `CLOCK_MONOTONIC`, so a deadline
+    /// armed on one engine means the same instant on the other.
+    pub fn arm_timer(&mut self, deadline_ns: u64, unit_id: u64, tag: u64) -> TimerId {
+        timers::arm(self, deadline_ns, unit_id, tag)
+    }
+
+    /// [`Tx::arm_timer`] for `after` from [`Tx::now_ns`].
+    pub fn arm_timer_after(&mut self, after: Duration, unit_id: u64, tag: u64) -> TimerId {
+        let deadline = self
+            .now_ns()
+            .saturating_add(after.as_nanos().min(u64::MAX as u128) as u64);
+        self.arm_timer(deadline, unit_id, tag)
+    }
+
+    /// Cancel a timer. A timer that is not armed (never armed, already fired or cancelled) is
+    /// left alone: cancelling it changes nothing.
+    pub fn cancel_timer(&mut self, id: TimerId) {
+        timers::cancel(self, id)
+    }
+
+    /// An armed timer as this transaction sees it (`None`: fired, cancelled or never armed).
+    pub fn timer(&self, id: TimerId) -> Option<Timer> {
+        timers::get(self, id)
     }
 
     /// Is feature `id` enabled (on both engines, from this point of the stream)?

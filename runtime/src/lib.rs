@@ -82,7 +82,9 @@ pub mod protocol;
 pub mod records;
 pub mod store;
 
-pub use app::{Activation, Application, Feature, Refused, Takeover, Tx};
+pub use app::{
+    Activation, Application, Feature, Refused, Takeover, Timer, TimerId, Tx, TxTooLarge,
+};
 pub use engine::{
     Backpressure, Engine, EngineError, Exit, Idle, Input, InputMeta, OnPanic, Options,
 };

@@ -128,7 +128,7 @@ pub fn decode_table_value<R: Record>(value: &[u8]) -> Result<R, RecordError> {
 mod tests {
     use super::*;
     use crate::app::Tx;
-    use crate::store::{Op, Spare, Store};
+    use crate::store::Store;
     use proptest::prelude::*;
     use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -177,22 +177,18 @@ mod tests {
     /// Runs `f` in a transaction over `store` writing template 7 as `version`, then commits
     /// its changes to `store`.
     fn in_tx(store: &mut Store, version: u16, f: impl FnOnce(&mut Tx<'_>)) {
-        let mut ops: Vec<Op> = Vec::new();
-        let mut spare = Spare::new();
-        let mut response = Vec::new();
+        let mut bufs = crate::engine::TxBuffers::new();
         let wv = [(7u16, version)];
         {
             let mut tx = Tx {
                 store,
-                ops: &mut ops,
-                spare: &mut spare,
-                response: &mut response,
+                bufs: &mut bufs,
                 enabled: 0,
                 write_versions: &wv,
             };
             f(&mut tx);
         }
-        for op in &ops {
+        for op in &bufs.ops {
             store.apply(op);
         }
     }

@@ -15,6 +15,10 @@ impl<A: Application, I: Input> Engine<A, I> {
             commits: self.commits,
         };
         self.app.on_active(&activation, &self.store);
+        // Every transaction is held to what one batch of a standby's stream can carry, with
+        // or without a standby attached (see `TxTooLarge`).
+        self.tx.limit_bytes = shm_layout::ring::max_batch_bytes(self.opt.ring_capacity);
+        self.timers_resume();
         self.input.resume(&self.store);
         let mut idle_polls: u32 = 0;
         let mut last_house = 0u64;
@@ -34,6 +38,14 @@ impl<A: Application, I: Input> Engine<A, I> {
             } else {
                 false
             };
+            // Due timers, a bounded number per turn, between requests. The clock is read only
+            // while a timer is armed, and when busy on one turn in 16.
+            if self.next_timer_ns != u64::MAX && (!busy || iter % 16 == 0) {
+                let now = monotonic_ns();
+                if now >= self.next_timer_ns {
+                    self.fire_due_timers(now);
+                }
+            }
             // Idle and spinning, housekeeping (two clock reads, tens of ns each on a VM) runs
             // every 16th poll, so a request arriving is noticed sooner; before every sleep.
             let idle_tick =
@@ -126,6 +138,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             &req,
         );
         self.request = req;
+        self.timers_armed();
         self.commit_tx(&commit_block(self.commits, &meta));
         self.requests += 1;
         self.input.committed(&meta, &self.tx.response);

@@ -47,6 +47,7 @@ mod process;
 mod replicas;
 mod role;
 mod standby;
+pub(crate) mod timers;
 mod transaction;
 
 pub use self::input::{Input, InputMeta, SourcePosition, SYS_INPUTS};
@@ -201,6 +202,8 @@ pub struct Engine<A: Application, I: Input> {
     counters_bp_base: u64,
     /// How this engine last became active (for [`Application::on_active`]).
     takeover: crate::app::Takeover,
+    /// The earliest timer deadline the active knows of (`u64::MAX`: none); see `timers`.
+    next_timer_ns: u64,
 }
 
 fn identity_of(p: &ProcessIdentity) -> Identity {
@@ -303,6 +306,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             counters,
             counters_bp_base,
             takeover: crate::app::Takeover::Start,
+            next_timer_ns: u64::MAX,
             opt,
         };
         let s = e.opt.slot;

@@ -2,11 +2,13 @@
 //! block and pushing a committed batch to a stream.
 
 use super::*;
+use crate::app::{Ident, TxTooLarge};
+use shm_layout::frame::{frame_bytes, FRAME_ALIGN};
 
 /// What a transaction is built in, kept from one transaction to the next: with the store
 /// handing back the buffers it lets go of ([`Spare`]), a running engine's transactions
 /// allocate nothing in steady state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 #[doc(hidden)]
 pub struct TxBuffers {
     /// The transaction's changes, the input position record last.
@@ -15,15 +17,52 @@ pub struct TxBuffers {
     pub response: Vec<u8>,
     /// Buffers for the next transactions' changes.
     pub spare: Spare,
+    /// The most a transaction may take in the stream (see [`crate::app::TxTooLarge`]); an
+    /// engine sets it from its `Options::ring_capacity`.
+    pub limit_bytes: usize,
+    /// The clock [`Tx::now_ns`] reads: `None` is `CLOCK_MONOTONIC`; a model sets its own.
+    pub clock_ns: Option<u64>,
+    /// The index of `ops` by what each changes (built past [`INDEX_FROM_OPS`] changes).
+    index: OpIndex,
+    /// Stream frames of `ops` so far: their bytes, and the largest frame.
+    frames_bytes: usize,
+    frame_max_bytes: usize,
+    /// `Tx::now_ns` of this transaction once read (0: not yet).
+    now_ns: std::cell::Cell<u64>,
+    /// The timer sequence record of this transaction: its index in `ops` and the next id.
+    pub(crate) timer_seq: Option<(usize, u64)>,
+    /// The earliest deadline this transaction armed (`u64::MAX`: none).
+    pub(crate) armed_min_ns: u64,
+}
+
+/// `Options::new`'s `ring_capacity`: the limit of a transaction built outside an engine.
+const DEFAULT_RING_CAPACITY: usize = 8 << 20;
+
+/// Changes a transaction holds before reads of its own changes go through the index rather
+/// than a scan (a scan of a few changes is as fast as a hash and needs no upkeep).
+pub(crate) const INDEX_FROM_OPS: usize = 8;
+
+impl Default for TxBuffers {
+    fn default() -> Self {
+        TxBuffers::new()
+    }
 }
 
 impl TxBuffers {
-    /// Empty buffers.
+    /// Empty buffers, with the limit of the default ring.
     pub fn new() -> TxBuffers {
         TxBuffers {
             ops: Vec::with_capacity(64),
             response: Vec::with_capacity(256),
             spare: Spare::new(),
+            limit_bytes: shm_layout::ring::max_batch_bytes(DEFAULT_RING_CAPACITY),
+            clock_ns: None,
+            index: OpIndex::default(),
+            frames_bytes: 0,
+            frame_max_bytes: 0,
+            now_ns: std::cell::Cell::new(0),
+            timer_seq: None,
+            armed_min_ns: u64::MAX,
         }
     }
 
@@ -33,6 +72,12 @@ impl TxBuffers {
             self.spare.recycle(op);
         }
         self.response.clear();
+        self.index.clear();
+        self.frames_bytes = 0;
+        self.frame_max_bytes = 0;
+        self.now_ns.set(0);
+        self.timer_seq = None;
+        self.armed_min_ns = u64::MAX;
     }
 
     /// Move the transaction's changes into `store` (once they are on every standby's
@@ -41,13 +86,184 @@ impl TxBuffers {
         for op in self.ops.drain(..) {
             store.apply_owned(op, &mut self.spare);
         }
+        self.index.clear();
+        self.frames_bytes = 0;
+        self.frame_max_bytes = 0;
+    }
+
+    /// Add a change, keeping the size and the index up to date.
+    pub(crate) fn push_op(&mut self, op: Op) {
+        let fb = frame_bytes(op_payload_bytes(&op));
+        self.frames_bytes += fb;
+        self.frame_max_bytes = self.frame_max_bytes.max(fb);
+        self.ops.push(op);
+        if self.index.is_built() {
+            self.index.insert(&self.ops, self.ops.len() - 1);
+        } else if self.ops.len() > INDEX_FROM_OPS {
+            self.index.build(&self.ops);
+        }
+    }
+
+    /// The last change of this transaction to `what`, if any.
+    pub(crate) fn latest(&self, what: Ident<'_>) -> Option<&Op> {
+        if self.index.is_built() {
+            return self.index.find(&self.ops, what).map(|i| &self.ops[i]);
+        }
+        self.ops.iter().rev().find(|op| Ident::of(op) == what)
+    }
+
+    /// The bytes the transaction takes in the stream: its changes, the input position record
+    /// with the response so far, the commit frame, and the padding one wrap may need.
+    pub(crate) fn encoded_len(&self) -> usize {
+        // The input-position record: a `Put` of an 8-byte key and a 24-byte position before
+        // the response (see `SourcePosition::encode`).
+        let input = frame_bytes(16 + 8 + 24 + self.response.len());
+        let commit = frame_bytes(48);
+        let largest = self.frame_max_bytes.max(input).max(commit);
+        // A frame that would cross the ring's end is preceded by a padding frame filling the
+        // rest of the lap: less than that frame's own size, so at most the largest frame's
+        // size less one alignment unit.
+        self.frames_bytes + input + commit + largest - FRAME_ALIGN
+    }
+
+    /// The transaction's notion of now (see [`Tx::now_ns`]).
+    pub(crate) fn now_ns(&self) -> u64 {
+        if let Some(t) = self.clock_ns {
+            return t;
+        }
+        if self.now_ns.get() == 0 {
+            self.now_ns.set(monotonic_ns().max(1));
+        }
+        self.now_ns.get()
+    }
+
+    /// The oversize refusal of the transaction as it stands, if it is over the limit.
+    fn too_large(&self) -> Option<TxTooLarge> {
+        let found_bytes = self.encoded_len();
+        (found_bytes > self.limit_bytes).then_some(TxTooLarge {
+            found_bytes,
+            limit_bytes: self.limit_bytes,
+        })
+    }
+}
+
+/// The payload bytes `protocol::encode_op` writes for `op` (its fixed block and its variable
+/// parts); checked against the encoder in this file's tests.
+fn op_payload_bytes(op: &Op) -> usize {
+    match op {
+        Op::PutUnit { state, .. } => 16 + state.len(),
+        Op::RetireUnit { .. } => 8,
+        Op::Put { key, value, .. } => 16 + key.len() + value.len(),
+        Op::Delete { key, .. } => 16 + key.len(),
+    }
+}
+
+/// A hash index of a transaction's changes by what each changes (open addressing, linear
+/// probing, at most half full), holding the position in `ops` of the latest change to each
+/// unit and record. Its table is kept from transaction to transaction: only the part in use is
+/// cleared, so a transaction of a few changes after a bulk load of thousands clears a few
+/// slots, and it allocates only to grow past the largest transaction seen.
+#[derive(Debug, Default)]
+struct OpIndex {
+    slots: Vec<u32>,
+    /// Slots in use: a power of two, 0 when not built.
+    live: usize,
+    entries: usize,
+}
+
+const EMPTY: u32 = u32::MAX;
+
+fn ident_hash(what: Ident<'_>) -> u64 {
+    let h = match what {
+        Ident::Unit(id) => id ^ 0x5555_5555_5555_5555,
+        Ident::Record(table, key) => crate::store::hash_parts(&[&table.to_le_bytes(), key]),
+    };
+    // A finaliser (murmur3's): the slot is taken from the low bits.
+    let h = (h ^ (h >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    let h = (h ^ (h >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+impl OpIndex {
+    fn is_built(&self) -> bool {
+        self.live != 0
+    }
+
+    fn clear(&mut self) {
+        let live = self.live;
+        self.slots[..live].fill(EMPTY);
+        self.live = 0;
+        self.entries = 0;
+    }
+
+    /// Index every change of `ops`, later ones over earlier ones.
+    fn build(&mut self, ops: &[Op]) {
+        let mut live = 32;
+        while live < ops.len() * 2 {
+            live *= 2;
+        }
+        self.rebuild(ops, live);
+    }
+
+    fn rebuild(&mut self, ops: &[Op], live: usize) {
+        if self.slots.len() < live {
+            self.slots.resize(live, EMPTY);
+        }
+        self.slots[..live.max(self.live)].fill(EMPTY);
+        self.live = live;
+        self.entries = 0;
+        for i in 0..ops.len() {
+            self.put(ops, i);
+        }
+    }
+
+    /// `ops[i]` was just added.
+    fn insert(&mut self, ops: &[Op], i: usize) {
+        if (self.entries + 1) * 2 > self.live {
+            self.rebuild(ops, self.live * 2);
+        } else {
+            self.put(ops, i);
+        }
+    }
+
+    fn put(&mut self, ops: &[Op], i: usize) {
+        let what = Ident::of(&ops[i]);
+        let mask = self.live - 1;
+        let mut s = ident_hash(what) as usize & mask;
+        loop {
+            match self.slots[s] {
+                EMPTY => {
+                    self.slots[s] = i as u32;
+                    self.entries += 1;
+                    return;
+                }
+                j if Ident::of(&ops[j as usize]) == what => {
+                    self.slots[s] = i as u32;
+                    return;
+                }
+                _ => s = (s + 1) & mask,
+            }
+        }
+    }
+
+    fn find(&self, ops: &[Op], what: Ident<'_>) -> Option<usize> {
+        let mask = self.live - 1;
+        let mut s = ident_hash(what) as usize & mask;
+        loop {
+            match self.slots[s] {
+                EMPTY => return None,
+                j if Ident::of(&ops[j as usize]) == what => return Some(j as usize),
+                _ => s = (s + 1) & mask,
+            }
+        }
     }
 }
 
 /// Run the application's handler for one request against `store`, leaving the transaction's
 /// changes in `tx.ops` (the input position record included) and its response in
-/// `tx.response`; true if the handler refused the request. The store is not changed. Engines
-/// and test models share this, so both compute the same state.
+/// `tx.response`; true if the handler refused the request, or the engine did because the
+/// transaction is larger than `tx.limit_bytes` (see [`TxTooLarge`]). The store is not changed.
+/// Engines and test models share this, so both compute the same state.
 #[doc(hidden)]
 pub fn execute<A: Application>(
     app: &mut A,
@@ -59,30 +275,40 @@ pub fn execute<A: Application>(
     request: &[u8],
 ) -> bool {
     tx.clear();
-    let TxBuffers {
-        ops,
-        response,
-        spare,
-    } = tx;
     let mut t = Tx {
         store,
-        ops,
-        spare,
-        response,
+        bufs: tx,
         enabled,
         write_versions,
     };
-    let refused = if let Err(Refused(bytes)) = app.handle(&mut t, request) {
+    let mut refused = if let Err(Refused(bytes)) = app.handle(&mut t, request) {
         tx.clear();
         tx.response.extend_from_slice(&bytes);
         true
     } else {
         false
     };
+    if let Some(e) = tx.too_large() {
+        // Refused before anything is applied or replicated: the same on an engine with or
+        // without a standby, and the stream never sees a batch it cannot carry.
+        let Refused(bytes) = app.on_too_large(&e);
+        tx.clear();
+        tx.response.extend_from_slice(&bytes);
+        if tx.too_large().is_some() {
+            // A refusal as large as the stream: answered empty rather than not at all.
+            tx.response.clear();
+        }
+        debug!(
+            found_bytes = e.found_bytes,
+            limit_bytes = e.limit_bytes,
+            "transaction refused: too large for the stream"
+        );
+        refused = true;
+    }
     let key = tx.spare.copy_of(&meta.source.to_le_bytes());
     let mut value = tx.spare.copy_of(&[]);
     SourcePosition::encode(meta, &tx.response, &mut value);
-    tx.ops.push(Op::Put {
+    tx.push_op(Op::Put {
         table: SYS_INPUTS,
         key,
         value,
@@ -143,8 +369,8 @@ pub fn commit_block(index: u64, meta: &InputMeta) -> CommitBlock {
 /// Push one transaction (its ops, then the commit) as one batch: what the active writes to
 /// each standby's stream per transaction (public for the replication benchmark).
 #[doc(hidden)]
-pub fn push_tx(
-    stream: &mut Producer<RegionMemory>,
+pub fn push_tx<M: shm_layout::memory::WordMemory>(
+    stream: &mut Producer<M>,
     ops: &[Op],
     commit: &CommitBlock,
     scratch: &mut Vec<u8>,
@@ -157,4 +383,76 @@ pub fn push_tx(
     b.push(rt::COMMIT, 1, 48, zerocopy::IntoBytes::as_bytes(commit))?;
     b.commit();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shm_layout::memory::HeapMemory;
+
+    /// The size a transaction counts for itself is what the stream takes: for every kind of
+    /// change, and for a batch pushed at any offset of the ring (a wrap's padding included),
+    /// the batch never exceeds `encoded_len`; a transaction at the limit fits an empty ring.
+    #[test]
+    fn encoded_len_bounds_the_batch_pushed() {
+        let mut tx = TxBuffers::new();
+        let mut ops = vec![
+            Op::PutUnit {
+                id: 1,
+                kind: 2,
+                layout_version: 1,
+                state: vec![7; 100],
+            },
+            Op::RetireUnit { id: 3 },
+            Op::Put {
+                table: 4,
+                key: vec![1; 9],
+                value: vec![2; 3000],
+            },
+            Op::Delete {
+                table: 4,
+                key: vec![1; 40],
+            },
+        ];
+        let mut scratch = Vec::new();
+        for op in &ops {
+            let (_, bl) = protocol::encode_op(op, &mut scratch);
+            assert_eq!(op_payload_bytes(op), scratch.len(), "{op:?} (block {bl})");
+        }
+        tx.response.extend_from_slice(b"answer");
+        for op in ops.drain(..) {
+            tx.push_op(op);
+        }
+        let meta = InputMeta::default();
+        let predicted = tx.encoded_len();
+        let mut value = Vec::new();
+        SourcePosition::encode(&meta, &tx.response, &mut value);
+        tx.ops.push(Op::Put {
+            table: SYS_INPUTS,
+            key: meta.source.to_le_bytes().to_vec(),
+            value,
+        });
+        let capacity = 1 << 14;
+        let mem = std::sync::Arc::new(HeapMemory::new(shm_layout::ring::ring_words(capacity)));
+        let mut p = Producer::create(mem.clone(), capacity).expect("ring");
+        let mut c = Consumer::attach(mem, capacity).expect("consumer");
+        let mut buf = BatchBuf::with_capacity(capacity);
+        let mut largest = 0;
+        // Push the same transaction at every offset of the ring (two laps).
+        for _ in 0..2 * capacity / FRAME_ALIGN {
+            let start = p.position();
+            push_tx(&mut p, &tx.ops, &commit_block(0, &meta), &mut scratch).expect("fits");
+            largest = largest.max((p.position() - start) as usize);
+            assert!(c.poll(&mut buf).expect("read"));
+            // Shift the next start by one frame.
+            p.try_publish(1, 1, 0, &[]).expect("room");
+            assert!(c.poll(&mut buf).expect("read"));
+        }
+        assert!(
+            largest <= predicted,
+            "a batch took {largest} bytes, more than the {predicted} counted"
+        );
+        // Some offset made it wrap (padding), and the count is not wildly above the batch.
+        assert!(largest > predicted - 3200, "{largest} vs {predicted}");
+    }
 }
