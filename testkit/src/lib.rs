@@ -70,6 +70,30 @@ pub const COUNTER_READ: &[u8; 8] = b"COUNTRD!";
 /// The counters' table.
 pub const COUNTER_TABLE: u16 = 3;
 
+/// A bulk write (`BIG_WRITE` + n u64): puts records of [`BIG_RECORD`] bytes into
+/// [`BIG_TABLE`] until they hold n bytes, in one transaction; answers `ok` + the transaction's
+/// `Tx::encoded_len` and `Tx::limit` (u64 LE each). A transaction over the stream's limit is
+/// refused by the engine: the answer is then the `TxTooLarge` message.
+pub const BIG_WRITE: &[u8; 8] = b"BIGWRIT!";
+/// The bulk writes' table.
+pub const BIG_TABLE: u16 = 5;
+/// The size of one bulk record.
+pub const BIG_RECORD: usize = 16 << 10;
+
+/// Arm timers (`TIMER_ARM` + count u32 + spread_ms u32 + first tag u64): `count` timers with
+/// deadlines spread evenly over the next `spread_ms` (the i-th at `(i + 1) · spread / count`),
+/// tags `first .. first + count`, each noted in [`TIMER_ARMED`]. Answers the count (u64).
+pub const TIMER_ARM: &[u8; 8] = b"TIMERARM";
+/// Timer statistics (`TIMER_STATS`): answers 7 u64 — timers armed, timers fired, firings in
+/// all, firings before their deadline, timers fired more than once, timers armed whose
+/// deadline has passed that have not fired, and the latest first firing after its deadline
+/// (ns).
+pub const TIMER_STATS: &[u8; 8] = b"TIMERSTA";
+/// Timers armed: tag (u64 LE) → deadline ns (u64 LE).
+pub const TIMER_ARMED: u16 = 6;
+/// Timers fired: tag → (firings u64, first firing's CLOCK_MONOTONIC ns u64).
+pub const TIMER_FIRED: u16 = 7;
+
 /// Feature 0, "tagged", needs Counter layout 2.
 pub const TAGGED: u16 = 0;
 
@@ -375,6 +399,65 @@ impl Application for TestApp {
             }
             return Ok(());
         }
+        if req.len() == 16 && req[..8] == BIG_WRITE[..] {
+            let n = u64::from_le_bytes(req[8..16].try_into().unwrap_or([0; 8])) as usize;
+            let chunk = vec![0x5a; BIG_RECORD];
+            let mut i = 0u64;
+            let mut written = 0usize;
+            while written < n {
+                let len = BIG_RECORD.min(n - written);
+                tx.put(BIG_TABLE, &i.to_le_bytes(), &chunk[..len]);
+                written += len;
+                i += 1;
+            }
+            tx.respond(b"ok");
+            let (len, limit) = (tx.encoded_len() as u64, tx.limit() as u64);
+            tx.respond(&len.to_le_bytes());
+            tx.respond(&limit.to_le_bytes());
+            return Ok(());
+        }
+        if req.len() == 24 && req[..8] == TIMER_ARM[..] {
+            let count = u32::from_le_bytes(req[8..12].try_into().unwrap_or([0; 4])) as u64;
+            let spread_ns =
+                u32::from_le_bytes(req[12..16].try_into().unwrap_or([0; 4])) as u64 * 1_000_000;
+            let first = u64::from_le_bytes(req[16..24].try_into().unwrap_or([0; 8]));
+            let now = tx.now_ns();
+            for i in 0..count {
+                let deadline = now + (i + 1) * spread_ns / count.max(1);
+                let tag = first + i;
+                tx.arm_timer(deadline, tag, tag);
+                tx.put(TIMER_ARMED, &tag.to_le_bytes(), &deadline.to_le_bytes());
+            }
+            tx.respond(&count.to_le_bytes());
+            return Ok(());
+        }
+        if req == TIMER_STATS {
+            let now = tx.now_ns();
+            let word = |v: &[u8], i: usize| {
+                u64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
+            };
+            let (mut armed, mut fired, mut firings, mut early, mut twice, mut overdue) =
+                (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+            let mut late_max = 0u64;
+            for (tag, d) in tx.store().table(TIMER_ARMED) {
+                armed += 1;
+                let deadline = word(d, 0);
+                match tx.store().get(TIMER_FIRED, tag) {
+                    Some(f) => {
+                        fired += 1;
+                        firings += word(f, 0);
+                        early += (word(f, 1) < deadline) as u64;
+                        twice += (word(f, 0) > 1) as u64;
+                        late_max = late_max.max(word(f, 1).saturating_sub(deadline));
+                    }
+                    None => overdue += (deadline < now) as u64,
+                }
+            }
+            for w in [armed, fired, firings, early, twice, overdue, late_max] {
+                tx.respond(&w.to_le_bytes());
+            }
+            return Ok(());
+        }
         if req == STATS {
             // Ledger statistics: keys and the sum of their counts.
             let (mut keys, mut sum) = (0u64, 0u64);
@@ -425,6 +508,23 @@ impl Application for TestApp {
             tx.delete(1, &((k / 13) % 50).to_le_bytes());
         }
         tx.respond(&(k * 2).to_le_bytes());
+        Ok(())
+    }
+    fn on_timer(
+        &mut self,
+        tx: &mut Tx<'_>,
+        timer: &understudy_runtime::Timer,
+    ) -> Result<(), Refused> {
+        // Count the firing, with the clock of the first one (the check that none fires early).
+        let key = timer.tag.to_le_bytes();
+        let (n, first) = tx.get(TIMER_FIRED, &key).map_or((0, tx.now_ns()), |v| {
+            let w = |i: usize| u64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+            (w(0), w(1))
+        });
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&(n + 1).to_le_bytes());
+        v[8..].copy_from_slice(&first.to_le_bytes());
+        tx.put(TIMER_FIRED, &key, &v);
         Ok(())
     }
     fn on_apply(
