@@ -283,14 +283,25 @@ fn stopped_standby_is_untethered_and_catches_up_after_resume() {
 /// Spawn an active that keeps every unit and let it commit `units` transactions (so it holds
 /// that many units); its workload then waits on the side limit, which the test raises.
 fn large_active(cl: &mut Cluster, units: u64, chunk: usize) -> (Control, Side) {
+    large_active_with(cl, units, chunk, &[])
+}
+
+/// [`large_active`] with more environment for the active.
+fn large_active_with(
+    cl: &mut Cluster,
+    units: u64,
+    chunk: usize,
+    extra: &[(&'static str, String)],
+) -> (Control, Side) {
     let c = cl.control();
     let side = cl.side(0);
     side.set_limit(units);
-    let env = [
+    let mut env = vec![
         cl.side_env(0),
         ("US_KEEP", "1".to_string()),
         ("US_CHUNK", chunk.to_string()),
     ];
+    env.extend_from_slice(extra);
     spawn(cl, 0, false, &env);
     wait_cluster(&c, &format!("a commits {units} transactions"), T, || {
         c.get(0, Field::Commits) == units
@@ -414,4 +425,121 @@ fn standby_started_before_the_active_waits_then_attaches() {
     });
     assert_eq!(c.epoch(), 1, "the active started epoch 1");
     finish_and_compare(&c, &side, 0, 1, &mut Model::new(1), 300);
+}
+
+/// "Hot" is never published on a closed stream, wherever in a catch-up the active lets the
+/// standby go: for each step of the catch-up (its begin, chunks, its end, past its end), the
+/// active untethers the syncing standby at that step (test hook), a watcher samples the
+/// standby's state beside its stream's close word the whole time, and once the standby is
+/// hot again (re-attached and caught up), a SIGKILL of the active makes it step up with the
+/// model's state: the "hot" it published was true.
+#[test]
+fn hot_is_never_published_on_a_closed_stream_at_any_step_of_a_catch_up() {
+    const UNITS: u64 = 1_000;
+    // Steps: 1 = the snapshot's begin; a chunk of 64 units is one step, and each live
+    // transaction (one every ms) sends a piece; the walk ends well before step 200.
+    for at in [1u64, 2, 3, 5, 8, 13, 21, 34, 55, 200] {
+        let mut cl = Cluster::new(&format!("untether{at}"));
+        let (c, side) = large_active_with(
+            &mut cl,
+            UNITS,
+            64,
+            &[
+                ("UNDERSTUDY_TEST_UNTETHER_AT_STEP", at.to_string()),
+                ("US_PACE_US", "1000".to_string()),
+            ],
+        );
+        side.set_limit(u64::MAX);
+        spawn(&mut cl, 1, true, &[("US_KEEP", "1".to_string())]);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (stop, dir, c) = (stop.clone(), cl.dir.clone(), cl.control());
+            std::thread::spawn(move || watch_hot_against_close(&c, &dir, 1, &stop))
+        };
+        wait_cluster(&c, "b hot", T, || {
+            state(&c, 1) == State::Hot && role(&c, 1) == Role::Standby
+        });
+        // Hot for a while under the live load, still on an open stream.
+        std::thread::sleep(Duration::from_millis(100));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let seen = watcher.join().expect("watcher");
+        assert_eq!(
+            seen.violations, 0,
+            "untether at step {at}: hot seen on a closed stream {} times",
+            seen.violations
+        );
+        let (committed, started) = (side.committed(), side.started());
+        cl.kill(0);
+        wait_cluster(&c, "b active after the kill", T, || {
+            role(&c, 1) == Role::Active && c.get(1, Field::StepUps) > 0
+        });
+        let end = c.get(1, Field::StepUpCommits);
+        assert!(
+            committed <= end && end <= started + 1,
+            "untether at step {at}: b stepped up at {end} transactions; the dead active had committed at least {committed}"
+        );
+        assert_eq!(
+            keeping_model().advance_to(end),
+            c.get(1, Field::StepUpDigest),
+            "untether at step {at}: b's state at its step-up is not the state after exactly {end} transactions"
+        );
+        let untethers: u64 = understudy_runtime::counters::read(&cl.dir)
+            .map(|s| s.slots.iter().map(|k| k.untethers_total).sum())
+            .unwrap_or(0);
+        eprintln!(
+            "untether at catch-up step {at}: {untethers} untether(s), {} untethered stream(s) seen closed by the watcher, b took over at {end} transactions",
+            seen.closed_streams
+        );
+        // The walk of 1,000 units in chunks of 64 takes more than 13 steps: the hook fired.
+        if at <= 13 {
+            assert_eq!(untethers, 1, "the test hook untethered b at step {at}");
+        }
+    }
+}
+
+#[derive(Default)]
+struct Watched {
+    violations: u64,
+    closed_streams: u64,
+}
+
+/// Sample `slot`'s state and its current stream's close word until `stop`: a `Hot` state that
+/// stays beside a closed stream of the same attach generation (re-read after 20 ms, so the
+/// instant between the active's close and its `Stale` is not counted) is a violation.
+fn watch_hot_against_close(
+    c: &Control,
+    dir: &Path,
+    slot: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Watched {
+    let mut w = Watched::default();
+    let mut open: Option<(u64, u64, Region)> = None;
+    let mut counted: Vec<(u64, u64)> = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let (epoch, gen) = (c.epoch(), c.get(slot, Field::AttachGen));
+        if open.as_ref().map(|(e, g, _)| (*e, *g)) != Some((epoch, gen)) {
+            open = Region::open(&Control::stream_path(dir, epoch, slot, gen), Duration::ZERO)
+                .ok()
+                .map(|r| (epoch, gen, r));
+        }
+        if let Some((e, g, r)) = &open {
+            if r.closed().is_some() {
+                if !counted.contains(&(*e, *g)) {
+                    counted.push((*e, *g));
+                    w.closed_streams += 1;
+                }
+                if state(c, slot) == State::Hot {
+                    std::thread::sleep(Duration::from_millis(20));
+                    if state(c, slot) == State::Hot
+                        && c.get(slot, Field::AttachGen) == *g
+                        && c.epoch() == *e
+                    {
+                        w.violations += 1;
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    w
 }

@@ -69,14 +69,40 @@ impl<A: Application, I: Input> Engine<A, I> {
             match result {
                 Err(e) => self.detach(i, &format!("catch-up: {e}")),
                 Ok(done) => {
+                    let r = &mut self.replicas[i];
+                    r.catchup_steps += 1;
                     if done {
-                        let r = &mut self.replicas[i];
                         end_snapshot(r, &self.store, self.commits, self.epoch);
                     }
-                    i += 1;
+                    if !self.test_untether_at_step(i) {
+                        i += 1;
+                    }
                 }
             }
         }
+    }
+
+    /// Test hook (cargo feature `fault-injection` only; a release build has none): untether
+    /// replica `i` once its catch-up has taken exactly `UNDERSTUDY_TEST_UNTETHER_AT_STEP`
+    /// steps (1 = right after the snapshot's begin), once per process. True if it did.
+    pub(super) fn test_untether_at_step(&mut self, i: usize) -> bool {
+        #[cfg(feature = "fault-injection")]
+        {
+            use std::sync::atomic::{AtomicBool, Ordering};
+            static FIRED: AtomicBool = AtomicBool::new(false);
+            let at = std::env::var("UNDERSTUDY_TEST_UNTETHER_AT_STEP")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok());
+            if at.is_some_and(|at| at == self.replicas[i].catchup_steps)
+                && !FIRED.swap(true, Ordering::Relaxed)
+            {
+                let steps = self.replicas[i].catchup_steps;
+                self.untether(i, &format!("test hook: at catch-up step {steps}"));
+                return true;
+            }
+        }
+        let _ = i;
+        false
     }
 
     /// Why replica `i` is being untethered, for the operator: how far behind it is and, in a
@@ -135,7 +161,8 @@ pub(super) fn catch_up_step(
             return Ok(());
         }
         match send_chunk(&mut r.stream, store, snap, chunk, budget, scratch) {
-            Ok(_) | Err(PushError::Full { .. }) => {}
+            Ok(Sent::Nothing) | Err(PushError::Full { .. }) => {}
+            Ok(_) => r.catchup_steps += 1,
             Err(e) => return Err(format!("catch-up: {e}")),
         }
     }
@@ -154,6 +181,8 @@ fn end_snapshot(r: &mut Replica, store: &Store, commits: u64, epoch: u64) {
         .is_ok()
     {
         r.phase = ReplicaPhase::Streaming(None);
+        r.catchup_steps += 1;
+        debug!(slot = %control::slot_name(r.slot), steps = r.catchup_steps, "catch-up sent in full");
     }
 }
 

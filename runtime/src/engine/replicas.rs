@@ -49,6 +49,9 @@ pub(super) struct Replica {
     pub(super) phase: ReplicaPhase,
     pub(super) agreement: Option<Agreement>,
     pub(super) hot: bool,
+    /// Catch-up steps taken for this replica: the snapshot's begin, each chunk or piece
+    /// sent, its end (for the operator's log and the test hook that untethers at a step).
+    pub(super) catchup_steps: u64,
 }
 
 impl<A: Application, I: Input> Engine<A, I> {
@@ -145,6 +148,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                     phase: ReplicaPhase::AwaitHello,
                     agreement: None,
                     hot: false,
+                    catchup_steps: 0,
                 })
             };
             match open() {
@@ -164,6 +168,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         let mut i = 0;
         while i < self.replicas.len() {
             match self.service_replica(i) {
+                Ok(()) if self.test_untether_at_step(i) => {}
                 Ok(()) => i += 1,
                 Err(why) => self.detach(i, &why),
             }
@@ -202,6 +207,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         if r.feedback_region.closed().is_some() || r.stream_region.closed().is_some() {
             return Err("its regions were closed".into());
         }
+        let mut began = false;
         // Feedback: hello, acks, refusals.
         loop {
             match r.feedback.poll(&mut self.buf) {
@@ -246,6 +252,8 @@ impl<A: Application, I: Input> Engine<A, I> {
                                             .map_err(|e| e.to_string())?;
                                             r.phase =
                                                 ReplicaPhase::Streaming(Some(Snapshot::new()));
+                                            r.catchup_steps = 1;
+                                            began = true;
                                         }
                                         b.commit();
                                     }
@@ -277,6 +285,10 @@ impl<A: Application, I: Input> Engine<A, I> {
                 }
                 Err(e) => return Err(format!("corrupt feedback: {e}")),
             }
+        }
+        if began {
+            // The first chunk goes at the next housekeeping: the begin is a step of its own.
+            return Ok(());
         }
         // Catch-up chunk.
         let chunk = self.opt.catchup_chunk;
