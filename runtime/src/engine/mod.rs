@@ -175,6 +175,9 @@ pub struct Engine<A: Application, I: Input> {
     buf: BatchBuf,
     /// What the change being applied replaces (for `Application::on_apply`).
     before: crate::store::BeforeBuf,
+    /// The epoch whose active's death we last reported we could not step up for (a standby
+    /// that re-attaches while the dead active's slot still looks alive says it once).
+    not_hot_reported_epoch: Option<u64>,
     replicas: Vec<Replica>,
     agreed_layout: u16,
     cmd_seen: Option<(u64, Instant)>,
@@ -291,6 +294,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             scratch: Vec::with_capacity(4096),
             buf: BatchBuf::with_capacity(1 << 16),
             before: crate::store::BeforeBuf::new(),
+            not_hot_reported_epoch: None,
             replicas: Vec::new(),
             agreed_layout: 1,
             cmd_seen: None,

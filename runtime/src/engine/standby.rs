@@ -505,8 +505,22 @@ impl<A: Application, I: Input> Engine<A, I> {
                 Follow::StepUp { planned: false }
             }
             OnActiveDead::Reattach(why) => {
-                if loud && why == NoStepUpBecause::NotHot {
-                    warn!("the active died before this standby was hot; it cannot step up with a partial state");
+                if loud
+                    && why == NoStepUpBecause::NotHot
+                    && self.not_hot_reported_epoch != Some(self.epoch)
+                {
+                    self.not_hot_reported_epoch = Some(self.epoch);
+                    let st = State::from_word(self.control.get(self.opt.slot, Field::State));
+                    warn!(
+                        applied = self.commits,
+                        state = st.name(),
+                        "the active died before this standby was hot: it cannot step up ({}); it waits for an active",
+                        if st == State::Stale {
+                            "its copy stopped when its stream was closed: the transactions the active committed after that are on no standby"
+                        } else {
+                            "it was catching up: a partial state"
+                        }
+                    );
                 }
                 Follow::Reattach
             }
