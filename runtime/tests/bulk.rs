@@ -111,3 +111,68 @@ fn bulk_load_cost_is_printed() {
         big / small
     );
 }
+
+/// `n` (u64 LE) bytes in 64 KiB records of table 11, in one transaction; with a trailing 1, the
+/// handler checks `Tx::check_fits` after each record and refuses itself.
+struct Big;
+
+impl Application for Big {
+    fn name(&self) -> &str {
+        "big"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn templates(&self) -> Vec<TemplateInfo> {
+        Vec::new()
+    }
+    fn handle(&mut self, tx: &mut Tx<'_>, req: &[u8]) -> Result<(), Refused> {
+        let n = u64::from_le_bytes(req[..8].try_into().expect("8 bytes")) as usize;
+        let check = req.get(8) == Some(&1);
+        let chunk = vec![1u8; 64 << 10];
+        let mut i = 0u64;
+        while (i as usize) * chunk.len() < n {
+            tx.put(11, &i.to_le_bytes(), &chunk);
+            i += 1;
+            if check {
+                tx.check_fits()?;
+            }
+        }
+        tx.respond(b"ok");
+        Ok(())
+    }
+}
+
+/// The limit holds on an engine's transaction path with no standby at all (the model every
+/// engine runs): a transaction over `Tx::limit` is refused, its changes rolled back, its
+/// answer the `TxTooLarge` message; a handler can find out first with `Tx::check_fits`; one
+/// under the limit commits.
+#[test]
+fn a_transaction_over_the_limit_is_refused_without_a_standby() {
+    let meta = InputMeta {
+        source: 1,
+        request_seq: 1,
+        next_pos: 1,
+        next_seq: 1,
+    };
+    let limit = (8 << 20) - 32;
+    for check in [false, true] {
+        let mut store = Store::new();
+        let mut req = (9u64 << 20).to_le_bytes().to_vec();
+        if check {
+            req.push(1);
+        }
+        let resp = execute_local(&mut Big, &mut store, 0, &meta, &req);
+        let text = String::from_utf8_lossy(&resp).into_owned();
+        assert!(
+            text.starts_with("transaction too large for the replication stream")
+                && text.contains(&format!("expected at most {limit} bytes")),
+            "check_fits {check}: {text}"
+        );
+        assert_eq!(store.table(11).count(), 0, "nothing of it applied");
+    }
+    let mut store = Store::new();
+    let resp = execute_local(&mut Big, &mut store, 0, &meta, &(7u64 << 20).to_le_bytes());
+    assert_eq!(resp, b"ok");
+    assert_eq!(store.table(11).count(), 7 * 16);
+}
