@@ -43,7 +43,7 @@ impl DemoOptions {
         DemoOptions {
             json: false,
             quick: false,
-            shm_dir: "/dev/shm/understudy".into(),
+            shm_dir: understudy_supervisor::config::default_shm_dir(),
             exe,
             rate_per_client: 5_000,
         }

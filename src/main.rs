@@ -655,10 +655,11 @@ fn doctor(cli: &Cli, fix: bool) -> Code {
     } else {
         None
     };
-    let shm_dir = config.as_ref().map_or_else(
-        || PathBuf::from("/dev/shm/understudy"),
-        |c| c.shm_dir.clone(),
-    );
+    let shm_dir = config
+        .as_ref()
+        .map_or_else(understudy_supervisor::config::default_shm_dir, |c| {
+            c.shm_dir.clone()
+        });
     let checks = doctor::run(config.as_ref(), &shm_dir, fix);
     for check in &checks {
         if cli.json {

@@ -48,7 +48,7 @@ fn quick_demo_loses_and_duplicates_nothing() {
         assert_eq!(e["features"][0], "iceberg", "{report:#}");
     }
     // Cleaned up: this demo's cluster directory and its temporary directory are gone.
-    let cluster = std::path::PathBuf::from(format!("/dev/shm/understudy/demo-{pid}"));
+    let cluster = understudy_supervisor::config::default_shm_dir().join(format!("demo-{pid}"));
     assert!(
         !cluster.exists(),
         "the demo left {} behind",
@@ -70,7 +70,7 @@ fn interrupted_demo_cleans_up() {
         .spawn()
         .expect("run the demo");
     let pid = child.id();
-    let cluster = std::path::PathBuf::from(format!("/dev/shm/understudy/demo-{pid}"));
+    let cluster = understudy_supervisor::config::default_shm_dir().join(format!("demo-{pid}"));
     let t = std::time::Instant::now();
     while !cluster.join("control").exists() {
         assert!(

@@ -76,6 +76,10 @@ pub enum TrustError {
         expected: String,
         /// Its owner.
         found_uid: u32,
+        /// Its permission bits.
+        found_mode: u32,
+        /// The effective uid of the process that refused it.
+        caller_uid: u32,
     },
     /// The path's permission bits let someone else in.
     Mode {
@@ -85,6 +89,29 @@ pub enum TrustError {
         expected: &'static str,
         /// Its permission bits.
         found_mode: u32,
+        /// Its owner.
+        found_uid: u32,
+        /// The effective uid of the process that refused it.
+        caller_uid: u32,
+    },
+    /// The running user may not create or look up `path`: the directory holding it belongs to
+    /// someone else and its mode keeps this user out (a `/dev/shm/understudy` created 0700 by
+    /// root, then used by a service user).
+    Access {
+        /// What could not be created or looked up.
+        path: PathBuf,
+        /// What we were doing.
+        op: &'static str,
+        /// The directory that refused it (the parent of `path`).
+        denied_by: PathBuf,
+        /// Its owner.
+        owner_uid: u32,
+        /// Its permission bits.
+        mode: u32,
+        /// The effective uid of the process refused.
+        caller_uid: u32,
+        /// The error (`Permission denied`).
+        source: io::Error,
     },
 }
 
@@ -96,7 +123,19 @@ impl TrustError {
             | TrustError::Symlink { path }
             | TrustError::Kind { path, .. }
             | TrustError::Owner { path, .. }
-            | TrustError::Mode { path, .. } => path,
+            | TrustError::Mode { path, .. }
+            | TrustError::Access { path, .. } => path,
+        }
+    }
+
+    /// The directory whose owner or mode keeps the running user out, when that is the
+    /// problem: the path refused for [`TrustError::Owner`] and [`TrustError::Mode`], the
+    /// parent for [`TrustError::Access`].
+    pub fn unusable_dir(&self) -> Option<&Path> {
+        match self {
+            TrustError::Owner { path, .. } | TrustError::Mode { path, .. } => Some(path),
+            TrustError::Access { denied_by, .. } => Some(denied_by),
+            _ => None,
         }
     }
 }
@@ -122,23 +161,48 @@ impl fmt::Display for TrustError {
                 path,
                 expected,
                 found_uid,
+                found_mode,
+                caller_uid,
             } => write!(
                 f,
-                "{}: owner: expected {expected}, found uid {found_uid}; someone else created \
-                 it and could change what is in it: remove it (or choose another shm_dir) and \
-                 start again",
-                path.display()
+                "{}: owner: expected {expected}, found {} (mode {found_mode:04o}) while this \
+                 process runs as {}; someone else created it and could change what is in it: \
+                 remove it (or choose another shm_dir) and start again",
+                path.display(),
+                user_label(*found_uid),
+                user_label(*caller_uid),
             ),
             TrustError::Mode {
                 path,
                 expected,
                 found_mode,
+                found_uid,
+                caller_uid,
             } => write!(
                 f,
-                "{}: mode: expected {expected}, found {found_mode:04o}; someone else could \
-                 change what is in it: remove it (or `chmod go-rwx` it if you made it) and \
-                 start again",
-                path.display()
+                "{}: mode: expected {expected}, found {found_mode:04o} (owner {}, this process \
+                 runs as {}); someone else could change what is in it: remove it (or `chmod \
+                 go-rwx` it if you made it) and start again",
+                path.display(),
+                user_label(*found_uid),
+                user_label(*caller_uid),
+            ),
+            TrustError::Access {
+                path,
+                op,
+                denied_by,
+                owner_uid,
+                mode,
+                caller_uid,
+                source,
+            } => write!(
+                f,
+                "{}: {op} failed: {source}: {} belongs to {} with mode {mode:04o}, and this \
+                 process runs as {}, who may not create or look up anything in it",
+                path.display(),
+                denied_by.display(),
+                user_label(*owner_uid),
+                user_label(*caller_uid),
             ),
         }
     }
@@ -147,7 +211,7 @@ impl fmt::Display for TrustError {
 impl std::error::Error for TrustError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            TrustError::Io { source, .. } => Some(source),
+            TrustError::Io { source, .. } | TrustError::Access { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -156,7 +220,7 @@ impl std::error::Error for TrustError {
 impl From<TrustError> for io::Error {
     fn from(e: TrustError) -> io::Error {
         let kind = match &e {
-            TrustError::Io { source, .. } => source.kind(),
+            TrustError::Io { source, .. } | TrustError::Access { source, .. } => source.kind(),
             _ => io::ErrorKind::PermissionDenied,
         };
         io::Error::new(kind, e.to_string())
@@ -169,8 +233,70 @@ pub fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// `uid 1000 (alice)`, or `uid 1000` when the user database has no name for it (a container's
+/// arbitrary uid).
+pub fn user_label(uid: u32) -> String {
+    match user_name(uid) {
+        Some(name) => format!("uid {uid} ({name})"),
+        None => format!("uid {uid}"),
+    }
+}
+
+/// The name the user database gives `uid`, if any.
+pub fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: passwd is plain old data; an all-zero value is a valid (empty) one.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call: `pwd` and `result` are locals, `buf`
+        // is writable for `buf.len()` bytes; getpwuid_r writes the strings into `buf`.
+        let rc = unsafe {
+            libc::getpwuid_r(
+                uid,
+                &mut pwd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        if rc != 0 || result.is_null() || pwd.pw_name.is_null() {
+            return None;
+        }
+        // SAFETY: on success pw_name points to a NUL-terminated string inside `buf`, alive
+        // until `buf` is dropped below.
+        let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+        return Some(name.to_string_lossy().into_owned());
+    }
+}
+
 fn io_error<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> TrustError + 'a {
-    move |source| TrustError::Io {
+    move |source| refused(path, op, source)
+}
+
+/// The error of `op` on `path`: [`TrustError::Access`] naming the parent's owner and mode when
+/// it is a permission error and the parent can be looked at, [`TrustError::Io`] otherwise.
+fn refused(path: &Path, op: &'static str, source: io::Error) -> TrustError {
+    if source.kind() == io::ErrorKind::PermissionDenied {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if let Ok(meta) = std::fs::metadata(parent) {
+                return TrustError::Access {
+                    path: path.to_owned(),
+                    op,
+                    denied_by: parent.to_owned(),
+                    owner_uid: meta.uid(),
+                    mode: meta.mode() & 0o7777,
+                    caller_uid: euid(),
+                    source,
+                };
+            }
+        }
+    }
+    TrustError::Io {
         path: path.to_owned(),
         op,
         source,
@@ -195,6 +321,8 @@ fn check_ancestor(path: &Path, uid: u32) -> Result<(), TrustError> {
             path: path.to_owned(),
             expected: expected_owner(),
             found_uid: link.uid(),
+            found_mode: link.mode() & 0o7777,
+            caller_uid: uid,
         });
     }
     let meta = std::fs::metadata(path).map_err(io_error(path, "stat"))?;
@@ -209,6 +337,8 @@ fn check_ancestor(path: &Path, uid: u32) -> Result<(), TrustError> {
             path: path.to_owned(),
             expected: expected_owner(),
             found_uid: meta.uid(),
+            found_mode: meta.mode() & 0o7777,
+            caller_uid: uid,
         });
     }
     let mode = meta.mode() & 0o7777;
@@ -217,6 +347,8 @@ fn check_ancestor(path: &Path, uid: u32) -> Result<(), TrustError> {
             path: path.to_owned(),
             expected: "no write permission for group or others, or the sticky bit (like /dev/shm)",
             found_mode: mode,
+            found_uid: meta.uid(),
+            caller_uid: uid,
         });
     }
     Ok(())
@@ -242,6 +374,8 @@ fn check_own_dir(path: &Path, uid: u32) -> Result<(), TrustError> {
             path: path.to_owned(),
             expected: format!("uid {uid} (the user running understudy)"),
             found_uid: meta.uid(),
+            found_mode: meta.mode() & 0o7777,
+            caller_uid: uid,
         });
     }
     let mode = meta.mode() & 0o7777;
@@ -250,6 +384,8 @@ fn check_own_dir(path: &Path, uid: u32) -> Result<(), TrustError> {
             path: path.to_owned(),
             expected: "0700 (no write permission for group or others)",
             found_mode: mode,
+            found_uid: meta.uid(),
+            caller_uid: uid,
         });
     }
     Ok(())
@@ -362,6 +498,8 @@ pub fn check_private_file(path: &Path, file: &File) -> Result<(), TrustError> {
             path: path.to_owned(),
             expected: format!("uid {uid} (the user running understudy)"),
             found_uid: meta.uid(),
+            found_mode: meta.mode() & 0o7777,
+            caller_uid: uid,
         });
     }
     let mode = meta.mode() & 0o7777;
@@ -370,6 +508,8 @@ pub fn check_private_file(path: &Path, file: &File) -> Result<(), TrustError> {
             path: path.to_owned(),
             expected: "0600 (no permission for group or others)",
             found_mode: mode,
+            found_uid: meta.uid(),
+            caller_uid: uid,
         });
     }
     Ok(())
@@ -391,11 +531,7 @@ pub fn open_private_file(path: &Path, flags: libc::c_int) -> Result<File, TrustE
                     path: path.to_owned(),
                 }
             } else {
-                TrustError::Io {
-                    path: path.to_owned(),
-                    op: "open",
-                    source,
-                }
+                refused(path, "open", source)
             }
         })?;
     check_private_file(path, &file)?;
@@ -525,6 +661,43 @@ mod tests {
         assert!(matches!(e, TrustError::Symlink { .. }), "{e}");
         assert_eq!(read_private_file(&file, 10).unwrap(), Some(b"x".to_vec()));
         assert_eq!(read_private_file(&t.0.join("none"), 10).unwrap(), None);
+    }
+
+    #[test]
+    fn a_permission_error_names_the_directory_its_owner_and_mode_and_the_caller() {
+        // Proves a refused mkdir or lookup (EACCES: the service user below root's 0700
+        // directory) names the directory that refused, its owner and mode, and the caller.
+        let t = temp("access");
+        std::fs::create_dir_all(&t.0).unwrap();
+        std::fs::set_permissions(&t.0, std::fs::Permissions::from_mode(0o710)).unwrap();
+        let source = io::Error::from_raw_os_error(libc::EACCES);
+        let e = refused(&t.0.join("cluster"), "create directory", source);
+        let TrustError::Access {
+            denied_by,
+            owner_uid,
+            mode,
+            caller_uid,
+            ..
+        } = &e
+        else {
+            panic!("expected TrustError::Access, found {e:?}");
+        };
+        assert_eq!((denied_by, *owner_uid), (&t.0, euid()));
+        assert_eq!((*mode, *caller_uid), (0o710, euid()));
+        assert_eq!(e.unusable_dir(), Some(t.0.as_path()));
+        let text = e.to_string();
+        for part in ["create directory failed", "mode 0710", &user_label(euid())] {
+            assert!(text.contains(part), "{part:?} missing in {text}");
+        }
+        // Anything else stays an I/O error.
+        let e = refused(
+            &t.0.join("x"),
+            "open",
+            io::Error::from_raw_os_error(libc::EIO),
+        );
+        assert!(matches!(e, TrustError::Io { .. }), "{e}");
+        assert_eq!(user_label(0), "uid 0 (root)");
+        assert_eq!(user_label(4_000_000_000), "uid 4000000000");
     }
 
     #[test]

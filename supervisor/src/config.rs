@@ -9,11 +9,16 @@
 //! file system and a config may be parsed on one host for use on another.
 //!
 //! Every field has a default that works for a demo, except `cluster` and `engine.binary`.
+//! The default `shm_dir` depends on who runs understudy ([`default_shm_dir_for`]):
+//! `/dev/shm/understudy` for root, `/dev/shm/understudy-<uid>` for every other user, so a
+//! service user works out of the box and never meets root's clusters.
 //!
 //! # Examples
 //!
 //! ```
-//! use understudy_supervisor::config::{BackpressurePolicy, ClusterConfig};
+//! use understudy_supervisor::config::{
+//!     default_shm_dir, default_shm_dir_for, BackpressurePolicy, ClusterConfig,
+//! };
 //!
 //! let config = ClusterConfig::from_str(
 //!     r#"
@@ -28,7 +33,9 @@
 //! .unwrap();
 //! assert_eq!(config.backpressure.policy, BackpressurePolicy::Untether);
 //! assert_eq!(config.ring.capacity_bytes, 8 * 1024 * 1024);
-//! assert_eq!(config.cluster_dir().to_str(), Some("/dev/shm/understudy/demo"));
+//! assert_eq!(config.cluster_dir(), default_shm_dir().join("demo"));
+//! assert_eq!(default_shm_dir_for(0).to_str(), Some("/dev/shm/understudy"));
+//! assert_eq!(default_shm_dir_for(1000).to_str(), Some("/dev/shm/understudy-1000"));
 //!
 //! let typo = ClusterConfig::from_str("cluster = \"demo\"\nclustr = 1\n", "typo.toml");
 //! assert!(typo.unwrap_err().to_string().contains("clustr"));
@@ -85,7 +92,7 @@ pub const ENGINE_ENV_RESERVED: [(&str, &str); 4] = [
 pub struct ClusterConfig {
     /// The cluster's name, `[a-z0-9_-]{1,32}`; its files live in `<shm_dir>/<cluster>/`.
     pub cluster: String,
-    /// The directory holding every cluster's shared files.
+    /// The directory holding every cluster's shared files; [`default_shm_dir`] when left out.
     #[serde(default = "default_shm_dir")]
     pub shm_dir: PathBuf,
     /// The engine process to run in each slot.
@@ -113,8 +120,59 @@ pub struct ClusterConfig {
     pub metrics: crate::metrics::MetricsConfig,
 }
 
-fn default_shm_dir() -> PathBuf {
-    PathBuf::from("/dev/shm/understudy")
+/// Root's default `shm_dir` (and everyone's before the default became per user).
+pub const SHM_DIR_ROOT: &str = "/dev/shm/understudy";
+
+/// The default `shm_dir` of the running (effective) user: [`default_shm_dir_for`] its uid.
+/// Every place that needs the default (parsing a config, `doctor` without one, the demo)
+/// calls this.
+pub fn default_shm_dir() -> PathBuf {
+    default_shm_dir_for(shm_layout::trust::euid())
+}
+
+/// The default `shm_dir` of `uid`: [`SHM_DIR_ROOT`] (`/dev/shm/understudy`) for root,
+/// `/dev/shm/understudy-<uid>` for any other user.
+///
+/// - Per user: a cluster directory must be private to the user running it, and a single
+///   `/dev/shm/understudy` created 0700 by whoever ran first locks every other user out
+///   (`up` failed with "Permission denied"). Each user's own directory is created 0700 by
+///   that user at its first `up`; a root cluster and a user's cluster of the same name never
+///   share a directory.
+/// - The uid, not the user name: every process has one (a container's arbitrary uid has no
+///   name), it does not change when the user is renamed, it is what the trust checks compare,
+///   and it is short (`<shm_dir>/<cluster>/supervisor.sock` must fit 107 bytes).
+/// - Root keeps the old path: clusters root started before the default became per user are
+///   found, and their engines re-adopted, by the next `up` with the same config.
+pub fn default_shm_dir_for(uid: u32) -> PathBuf {
+    if uid == 0 {
+        PathBuf::from(SHM_DIR_ROOT)
+    } else {
+        PathBuf::from(format!("{SHM_DIR_ROOT}-{uid}"))
+    }
+}
+
+/// What the running user should set when `unusable` (a directory a
+/// [`shm_layout::trust::TrustError`] names: its owner or mode keeps this user out) stops it
+/// from creating or owning a cluster directory.
+pub fn shm_dir_advice(unusable: &Path) -> String {
+    let uid = shm_layout::trust::euid();
+    let user = shm_layout::trust::user_label(uid);
+    let default = default_shm_dir_for(uid);
+    if unusable.starts_with(&default) {
+        format!(
+            "{} is in the default shm_dir of {user} ({}), but someone else made it or changed \
+             its mode: check what is in it and remove it, or set `shm_dir = \"<a directory \
+             {user} may create>\"` in the config",
+            unusable.display(),
+            default.display()
+        )
+    } else {
+        format!(
+            "set `shm_dir = \"{}\"` in the config (the default for {user}, used when shm_dir is \
+             left out), or another directory {user} may create and own",
+            default.display()
+        )
+    }
 }
 
 /// `[engine]`: the program each slot runs.
@@ -1029,7 +1087,40 @@ capacity_bytes = 65536
         .unwrap();
         assert_eq!(c, ClusterConfig::new("demo", "/bin/true"));
         assert_eq!(c.timeouts.heartbeat(), Duration::from_millis(50));
-        assert_eq!(c.shm_dir, Path::new("/dev/shm/understudy"));
+        assert_eq!(c.shm_dir, default_shm_dir());
+    }
+
+    #[test]
+    fn the_default_shm_dir_is_per_user_and_root_keeps_the_old_one() {
+        // Proves root's default is the historical /dev/shm/understudy, every other uid gets a
+        // directory of its own, the running user's default is its uid's, and the advice for
+        // an unusable directory names the default to set (or, for the default itself, says
+        // someone else made it).
+        assert_eq!(default_shm_dir_for(0), Path::new("/dev/shm/understudy"));
+        assert_eq!(
+            default_shm_dir_for(1000),
+            Path::new("/dev/shm/understudy-1000")
+        );
+        assert_ne!(default_shm_dir_for(1000), default_shm_dir_for(1001));
+        let me = shm_layout::trust::euid();
+        assert_eq!(default_shm_dir(), default_shm_dir_for(me));
+        let mine = default_shm_dir_for(me);
+        let other = if me == 0 {
+            default_shm_dir_for(1000)
+        } else {
+            PathBuf::from(SHM_DIR_ROOT)
+        };
+        let advice = shm_dir_advice(&other);
+        assert!(
+            advice.contains(&format!("shm_dir = \"{}\"", mine.display())),
+            "{advice}"
+        );
+        let advice = shm_dir_advice(&mine.join("demo"));
+        assert!(advice.contains("someone else made it"), "{advice}");
+        // The socket path of the longest cluster name fits with the longest uid.
+        let mut c = ClusterConfig::new("a".repeat(CLUSTER_NAME_LEN_MAX), "/bin/true");
+        c.shm_dir = default_shm_dir_for(u32::MAX);
+        assert!(c.validate().is_ok(), "{:?}", c.validate());
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Host checks for a low-latency cluster (`understudy doctor`): each check reports what it
-//! found and, when something is wrong, what to do about it.
+//! found and, when something is wrong, what to do about it. Besides the host's latency
+//! settings, doctor checks that the user running it can create and own the cluster directory
+//! ([`check_cluster_dir`]): the check a service user needs before its first `up`.
 //!
 //! # Examples
 //!
@@ -78,9 +80,78 @@ pub fn run(config: Option<&ClusterConfig>, shm_dir: &Path, fix: bool) -> Vec<Che
     vec![
         check_isolation(config),
         check_clocksource(),
+        check_cluster_dir(config, shm_dir),
         check_trust(config, shm_dir),
         check_leftovers(shm_dir, fix),
     ]
+}
+
+/// The name of [`check_cluster_dir`]'s result.
+pub const CLUSTER_DIR_CHECK: &str = "cluster directory of this user";
+
+/// Whether the running user can create and own the cluster directory, as `up` will: the
+/// config's cluster directory, if it exists, must be this user's and private
+/// ([`shm_layout::trust::check_private_dir`]); otherwise a probe directory
+/// (`<shm_dir>/.doctor-probe-<pid>`, a name no cluster can have) is created under `shm_dir`
+/// exactly as `up` creates a cluster directory ([`shm_layout::trust::ensure_private_dir`]),
+/// then removed, with every directory above it that the probe created. A directory whose
+/// owner or mode keeps this user out is reported with its owner, its mode and the running
+/// user, and the fix says what to set.
+pub fn check_cluster_dir(config: Option<&ClusterConfig>, shm_dir: &Path) -> Check {
+    use shm_layout::trust::{check_private_dir, ensure_private_dir, euid, user_label};
+    let user = user_label(euid());
+    let fail = |e: shm_layout::trust::TrustError| {
+        let fix = match e.unusable_dir() {
+            Some(dir) => crate::config::shm_dir_advice(dir),
+            None => "remove the path named (after checking what is in it), or set `shm_dir` \
+                     in the config to a directory this user may create"
+                .into(),
+        };
+        Check::new(CLUSTER_DIR_CHECK, Verdict::Fail, e.to_string(), Some(fix))
+    };
+    if let Some(dir) = config.map(ClusterConfig::cluster_dir) {
+        if let Ok(meta) = std::fs::symlink_metadata(&dir) {
+            use std::os::unix::fs::MetadataExt;
+            return match check_private_dir(&dir) {
+                Ok(()) => Check::new(
+                    CLUSTER_DIR_CHECK,
+                    Verdict::Ok,
+                    format!(
+                        "{} exists and is {user}'s alone (mode {:04o})",
+                        dir.display(),
+                        meta.mode() & 0o7777
+                    ),
+                    None,
+                ),
+                Err(e) => fail(e),
+            };
+        }
+    }
+    // The directories the probe will create: shm_dir and the missing ones above it.
+    let probe = shm_dir.join(format!(".doctor-probe-{}", std::process::id()));
+    let missing: Vec<PathBuf> = probe
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
+        .map(Path::to_path_buf)
+        .collect();
+    let created = ensure_private_dir(&probe);
+    // Deepest first; remove_dir leaves alone a directory someone else filled meanwhile.
+    for dir in &missing {
+        let _ = std::fs::remove_dir(dir);
+    }
+    match created {
+        Ok(_) => Check::new(
+            CLUSTER_DIR_CHECK,
+            Verdict::Ok,
+            format!(
+                "{user} can create and own a cluster directory in {} (a probe was created \
+                 private and removed)",
+                shm_dir.display()
+            ),
+            None,
+        ),
+        Err(e) => fail(e),
+    }
 }
 
 /// The state files of a cluster directory that decide something, each checked as
@@ -143,7 +214,8 @@ fn check_trust(config: Option<&ClusterConfig>, shm_dir: &Path) -> Check {
             name,
             Verdict::Ok,
             format!(
-                "{} and its clusters are this user's alone (owner, mode, no links)",
+                "nobody but root and this user can change {}, and the cluster directories this \
+                 user can see in it are this user's alone (owner, mode, no links)",
                 shm_dir.display()
             ),
             None,
@@ -274,6 +346,16 @@ fn check_leftovers(shm_dir: &Path, fix: bool) -> Check {
     let name = "leftover shared files";
     let dead = dead_clusters(shm_dir);
     if dead.is_empty() {
+        if let Err(e) = std::fs::read_dir(shm_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Check::new(
+                    name,
+                    Verdict::Warn,
+                    format!("cannot list {}: {e}", shm_dir.display()),
+                    Some("run doctor as the user that runs the cluster".into()),
+                );
+            }
+        }
         return Check::new(
             name,
             Verdict::Ok,
@@ -311,4 +393,135 @@ fn check_leftovers(shm_dir: &Path, fix: bool) -> Check {
         format!("clusters whose engines are all dead: {list}"),
         Some("run `understudy doctor --fix` to remove them".into()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A scratch directory removed on drop, even when the test fails.
+    struct Scratch(PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(0o700));
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn scratch(tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("doctor-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        Scratch(dir)
+    }
+
+    fn config(shm_dir: &Path) -> ClusterConfig {
+        let mut c = ClusterConfig::new("probe", "/bin/true");
+        c.shm_dir = shm_dir.to_owned();
+        c
+    }
+
+    #[test]
+    fn a_usable_shm_dir_passes_and_the_probe_leaves_nothing_behind() {
+        // Proves the check passes where the user can create its cluster directory, and that
+        // the probe and every directory it had to create are gone afterwards (an existing
+        // shm_dir stays).
+        let t = scratch("usable");
+        let shm = t.0.join("shm/nested");
+        let check = check_cluster_dir(Some(&config(&shm)), &shm);
+        assert_eq!(check.verdict, Verdict::Ok, "{check:?}");
+        assert!(check.found.contains("can create and own"), "{check:?}");
+        assert!(
+            !t.0.join("shm").exists(),
+            "the probe left its parents behind"
+        );
+        std::fs::create_dir_all(&shm).unwrap();
+        let check = check_cluster_dir(None, &shm);
+        assert_eq!(check.verdict, Verdict::Ok, "{check:?}");
+        assert!(shm.exists(), "an existing shm_dir was removed");
+        assert_eq!(std::fs::read_dir(&shm).unwrap().count(), 0, "probe left");
+        // An existing cluster directory of this user, private: ok, named.
+        std::fs::create_dir_all(shm.join("probe")).unwrap();
+        std::fs::set_permissions(shm.join("probe"), std::fs::Permissions::from_mode(0o700))
+            .unwrap();
+        let check = check_cluster_dir(Some(&config(&shm)), &shm);
+        assert_eq!(check.verdict, Verdict::Ok, "{check:?}");
+        assert!(check.found.contains("exists") && check.found.contains("0700"));
+    }
+
+    #[test]
+    fn a_shm_dir_others_could_write_fails_naming_its_mode() {
+        // Proves a shm_dir writable by others (not sticky) fails the check, naming its mode,
+        // its owner and the running user.
+        let t = scratch("mode");
+        let shm = t.0.join("shm");
+        std::fs::create_dir_all(&shm).unwrap();
+        std::fs::set_permissions(&shm, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let check = check_cluster_dir(None, &shm);
+        assert_eq!(check.verdict, Verdict::Fail, "{check:?}");
+        let me = shm_layout::trust::user_label(shm_layout::trust::euid());
+        assert!(
+            check.found.contains("0777") && check.found.contains(&me),
+            "{check:?}"
+        );
+        assert!(check.fix.unwrap().contains("shm_dir = "));
+    }
+
+    #[test]
+    fn a_shm_dir_that_keeps_this_user_out_fails_naming_owner_mode_and_what_to_set() {
+        // Proves the setup of issue 15 (a shm_dir this user cannot create in) fails the check
+        // with the directory, its owner, its mode, the running user and the shm_dir to set;
+        // and a cluster directory of another user fails too. As root, the directories are
+        // given to uid 65534; as another user, a directory without write permission (which
+        // root would not be refused) plays the part.
+        let t = scratch("owner");
+        let shm = t.0.join("shm");
+        std::fs::create_dir_all(&shm).unwrap();
+        let me = shm_layout::trust::euid();
+        let (owner, mode) = if me == 0 {
+            std::os::unix::fs::chown(&shm, Some(65534), Some(65534)).unwrap();
+            std::fs::set_permissions(&shm, std::fs::Permissions::from_mode(0o700)).unwrap();
+            (65534, "0700")
+        } else {
+            std::fs::set_permissions(&shm, std::fs::Permissions::from_mode(0o500)).unwrap();
+            (me, "0500")
+        };
+        let check = check_cluster_dir(Some(&config(&shm)), &shm);
+        assert_eq!(check.verdict, Verdict::Fail, "{check:?}");
+        for part in [
+            shm.display().to_string(),
+            format!("uid {owner}"),
+            mode.to_string(),
+            shm_layout::trust::user_label(me),
+        ] {
+            assert!(check.found.contains(&part), "{part:?} missing: {check:?}");
+        }
+        let fix = check.fix.clone().unwrap();
+        let default = crate::config::default_shm_dir_for(me);
+        assert!(
+            fix.contains(&format!("shm_dir = \"{}\"", default.display())),
+            "{fix}"
+        );
+        assert!(!shm
+            .join(format!(".doctor-probe-{}", std::process::id()))
+            .exists());
+        if me == 0 {
+            // A cluster directory of another user below a directory of ours.
+            std::os::unix::fs::chown(&shm, Some(0), Some(0)).unwrap();
+            let dir = shm.join("probe");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+            let check = check_cluster_dir(Some(&config(&shm)), &shm);
+            assert_eq!(check.verdict, Verdict::Fail, "{check:?}");
+            assert!(
+                check.found.contains(&dir.display().to_string())
+                    && check.found.contains("uid 65534"),
+                "{check:?}"
+            );
+        } else {
+            eprintln!("part skipped: needs root to give a cluster directory to another user");
+        }
+    }
 }
