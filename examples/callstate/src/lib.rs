@@ -2,7 +2,10 @@
 //!
 //! Each call is a work unit holding a [`Call`] record; a [`Totals`] table record counts what
 //! the cluster did. Requests: set up a call (ringing), answer it (active), bill seconds of it,
-//! release it, get it. Version 2 adds a per-call limit of billed seconds: a field appended to
+//! release it, get it. A call set up with a ring timeout ([`Request::SetupRinging`]) that is
+//! not answered in time is released by a timer: replicated state, armed in the setup's
+//! transaction, cancelled by the answer or the release, fired by whichever engine is active
+//! when it is due — exactly once, across failovers and switchovers. Version 2 adds a per-call limit of billed seconds: a field appended to
 //! [`Call`] (layout version 2) and the `call-limit` feature, off until the operator runs
 //! `understudy enable-features` after the upgrade; until then a v2 engine writes layout 1,
 //! which a v1 engine reads.
@@ -14,7 +17,7 @@
 
 use understudy_runtime::records::{Record, TemplateInfo};
 use understudy_runtime::zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
-use understudy_runtime::{Activation, Application, Feature, Refused, Store, Tx};
+use understudy_runtime::{Activation, Application, Feature, Refused, Store, Timer, TimerId, Tx};
 
 pub mod client;
 
@@ -66,7 +69,7 @@ pub struct Totals {
     pub setups: u64,
     /// Calls answered.
     pub answered: u64,
-    /// Calls released.
+    /// Calls released (by a release request, or by their ring timeout).
     pub released: u64,
     /// Seconds billed over all calls.
     pub billed_secs: u64,
@@ -81,6 +84,10 @@ impl Record for Totals {
     }
 }
 understudy_runtime::assert_record_layout!(Totals);
+
+/// The table of ring timers: call id (u64 LE) → the [`TimerId`] that releases it if it is not
+/// answered in time (16 bytes).
+pub const RING_TIMERS: u16 = 3;
 
 /// The key of the one [`Totals`] record.
 pub const TOTALS_KEY: &[u8] = b"totals";
@@ -112,6 +119,14 @@ pub enum Request {
     Release { call: u64 },
     /// Read the totals: the answer is the [`Totals`] record's bytes.
     GetTotals,
+    /// Set up call `call` like [`Request::Setup`] (no limit), released by a timer if it is
+    /// still ringing `ring_ms` milliseconds later (counted in [`Totals::released`]).
+    SetupRinging {
+        call: u64,
+        caller: u64,
+        callee: u64,
+        ring_ms: u64,
+    },
 }
 
 impl Request {
@@ -128,6 +143,12 @@ impl Request {
             Request::Bill { call, secs } => (3, [call, secs, 0, 0]),
             Request::Release { call } => (4, [call, 0, 0, 0]),
             Request::GetTotals => (5, [0; 4]),
+            Request::SetupRinging {
+                call,
+                caller,
+                callee,
+                ring_ms,
+            } => (6, [call, caller, callee, ring_ms]),
         };
         [&[op][..], args.as_bytes()].concat()
     }
@@ -148,10 +169,19 @@ impl Request {
             3 => Request::Bill { call, secs: a },
             4 => Request::Release { call },
             5 => Request::GetTotals,
+            6 => Request::SetupRinging {
+                call,
+                caller: a,
+                callee: b,
+                ring_ms: c,
+            },
             _ => return Err(refuse("unknown request")),
         })
     }
 }
+
+/// The tag of a ring timer.
+const RING_TIMEOUT: u64 = 1;
 
 /// A refusal: `-` and the reason (an accepted request's answer starts with `+`).
 fn refuse(why: &str) -> Refused {
@@ -178,6 +208,40 @@ impl CallState {
         f(&mut t);
         tx.put_record(TOTALS_KEY, &t);
         Ok(())
+    }
+
+    /// Cancel the ring timer of `call`, if it has one.
+    fn stop_ringing(tx: &mut Tx<'_>, call: u64) {
+        let key = call.to_le_bytes();
+        if let Some(id) = tx.get(RING_TIMERS, &key).and_then(|v| v.try_into().ok()) {
+            tx.cancel_timer(TimerId::from_bytes(id));
+            tx.delete(RING_TIMERS, &key);
+        }
+    }
+
+    fn setup(
+        tx: &mut Tx<'_>,
+        call: u64,
+        caller: u64,
+        callee: u64,
+        max_secs: u64,
+    ) -> Result<(), Refused> {
+        if max_secs != 0 && !tx.feature_enabled(CALL_LIMIT.id) {
+            return Err(refuse("call-limit is not enabled"));
+        }
+        if tx.unit(call).is_some() {
+            return Err(refuse("call exists"));
+        }
+        let c = Call {
+            caller,
+            callee,
+            billed_secs: 0,
+            state: RINGING,
+            _pad: 0,
+            max_secs,
+        };
+        tx.register_record(call, &c);
+        Self::count(tx, |t| t.setups += 1)
     }
 
     fn call(tx: &Tx<'_>, call: u64) -> Result<Call, Refused> {
@@ -215,23 +279,20 @@ impl Application for CallState {
                 caller,
                 callee,
                 max_secs,
+            } => Self::setup(tx, call, caller, callee, max_secs)?,
+            Request::SetupRinging {
+                call,
+                caller,
+                callee,
+                ring_ms,
             } => {
-                if max_secs != 0 && !tx.feature_enabled(CALL_LIMIT.id) {
-                    return Err(refuse("call-limit is not enabled"));
-                }
-                if tx.unit(call).is_some() {
-                    return Err(refuse("call exists"));
-                }
-                let c = Call {
-                    caller,
-                    callee,
-                    billed_secs: 0,
-                    state: RINGING,
-                    _pad: 0,
-                    max_secs,
-                };
-                tx.register_record(call, &c);
-                Self::count(tx, |t| t.setups += 1)?;
+                Self::setup(tx, call, caller, callee, 0)?;
+                let id = tx.arm_timer_after(
+                    std::time::Duration::from_millis(ring_ms),
+                    call,
+                    RING_TIMEOUT,
+                );
+                tx.put(RING_TIMERS, &call.to_le_bytes(), &id.to_bytes());
             }
             Request::Answer { call } => {
                 let mut c = Self::call(tx, call)?;
@@ -240,6 +301,7 @@ impl Application for CallState {
                 }
                 c.state = ACTIVE;
                 tx.update_record(call, &c);
+                Self::stop_ringing(tx, call);
                 Self::count(tx, |t| t.answered += 1)?;
             }
             Request::Bill { call, secs } => {
@@ -259,6 +321,7 @@ impl Application for CallState {
             }
             Request::Release { call } => {
                 Self::call(tx, call)?;
+                Self::stop_ringing(tx, call);
                 tx.retire(call);
                 Self::count(tx, |t| t.released += 1)?;
             }
@@ -272,6 +335,21 @@ impl Application for CallState {
             }
         }
         tx.respond(b"+");
+        Ok(())
+    }
+
+    /// A ring timeout: the call is still ringing (its answer or release would have cancelled
+    /// the timer), so it is released.
+    fn on_timer(&mut self, tx: &mut Tx<'_>, timer: &Timer) -> Result<(), Refused> {
+        if timer.tag != RING_TIMEOUT {
+            return Ok(());
+        }
+        let call = timer.unit_id;
+        tx.delete(RING_TIMERS, &call.to_le_bytes());
+        if Self::call(tx, call)?.state == RINGING {
+            tx.retire(call);
+            Self::count(tx, |t| t.released += 1)?;
+        }
         Ok(())
     }
 
