@@ -54,6 +54,16 @@ struct Binaries {
     helper: PathBuf,
 }
 
+/// `userdel`, by its full path when root's PATH lacks /usr/sbin.
+fn userdel() -> PathBuf {
+    let path = Path::new("/usr/sbin/userdel");
+    if path.exists() {
+        path.to_owned()
+    } else {
+        PathBuf::from("userdel")
+    }
+}
+
 /// An unprivileged user made for one test, with a work directory (its HOME and config dir)
 /// it owns. Dropping it kills every process of the user, removes what it made under
 /// /dev/shm, the work directory and the user.
@@ -72,14 +82,20 @@ impl ServiceUser {
             return Err("not running as root: cannot create a user to run the cluster as".into());
         }
         let name = format!("understudy-nr-{}-{tag}", std::process::id());
-        let work = std::env::temp_dir().join(&name);
+        // Root's PATH may lack /usr/sbin.
+        let tool = |tool: &str| {
+            let path = Path::new("/usr/sbin").join(tool);
+            if path.exists() {
+                path
+            } else {
+                PathBuf::from(tool)
+            }
+        };
         let _guard = USERS.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = Command::new("userdel").arg(&name).output();
-        let out = Command::new("useradd")
-            .args(["--system", "--user-group", "--no-create-home", "--shell"])
-            .arg("/usr/sbin/nologin")
-            .arg("--home-dir")
-            .arg(&work)
+        let _ = Command::new(userdel()).arg(&name).output();
+        let out = Command::new(tool("useradd"))
+            .args(["--system", "--user-group", "--no-create-home"])
+            .args(["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"])
             .arg(&name)
             .output()
             .map_err(|e| format!("useradd cannot run: {e}"))?;
@@ -90,6 +106,7 @@ impl ServiceUser {
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
+        drop(_guard);
         let id = |name: &str, flag: &str| -> Result<u32, String> {
             let out = Command::new("id")
                 .arg(flag)
@@ -106,16 +123,36 @@ impl ServiceUser {
             name,
             uid: u32::MAX,
             gid: u32::MAX,
-            work,
+            work: PathBuf::new(),
         };
         user.uid = id(&user.name, "-u")?;
         user.gid = id(&user.name, "-g")?;
         assert_ne!(user.uid, 0, "useradd made a root user");
-        let _ = std::fs::remove_dir_all(&user.work);
-        std::fs::create_dir_all(&user.work).unwrap();
-        std::fs::set_permissions(&user.work, std::fs::Permissions::from_mode(0o700)).unwrap();
-        std::os::unix::fs::chown(&user.work, Some(user.uid), Some(user.gid)).unwrap();
-        Ok(user)
+        // Its work directory (HOME, config, logs): under the temp directory if the user can
+        // reach it there (TMPDIR may be a private directory of root's), else under /tmp.
+        for base in [std::env::temp_dir(), PathBuf::from("/tmp")] {
+            let dir = base.join(&user.name);
+            let _ = std::fs::remove_dir_all(&dir);
+            if std::fs::create_dir_all(&dir).is_err() {
+                continue;
+            }
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+            std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid)).unwrap();
+            let reachable = Command::new("/bin/sh")
+                .uid(user.uid)
+                .gid(user.gid)
+                .current_dir("/")
+                .args(["-c", "test -w \"$1\" && test -x \"$1\"", "sh"])
+                .arg(&dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            if reachable {
+                user.work = dir;
+                return Ok(user);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Err(format!("no temporary directory {} can reach", user.name))
     }
 
     /// `program` to run as this user: its uid and gid (std drops root's supplementary groups),
@@ -205,7 +242,8 @@ impl ServiceUser {
 impl Drop for ServiceUser {
     fn drop(&mut self) {
         if self.uid == u32::MAX {
-            let _ = Command::new("userdel").arg(&self.name).output();
+            let _guard = USERS.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = Command::new(userdel()).arg(&self.name).output();
             return;
         }
         // Every process of the user, by pid, until none is left.
@@ -251,9 +289,11 @@ impl Drop for ServiceUser {
                 self.work.display()
             );
         }
-        let _ = std::fs::remove_dir_all(&self.work);
+        if !self.work.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.work);
+        }
         let _guard = USERS.lock().unwrap_or_else(|e| e.into_inner());
-        match Command::new("userdel").arg(&self.name).output() {
+        match Command::new(userdel()).arg(&self.name).output() {
             Ok(out) if out.status.success() => {}
             other => eprintln!("userdel {} failed: {other:?}", self.name),
         }
