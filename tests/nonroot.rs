@@ -788,7 +788,8 @@ fn a_service_user_runs_up_failover_upgrade_and_down_beside_root() {
 /// The setup of issue 15: a service user whose config names root's `/dev/shm/understudy`
 /// (created 0700 by root). `doctor` fails the cluster directory check and `up` exits 10, each
 /// naming the directory, its owner (root) and mode, the user, and `shm_dir = "<the user's
-/// default>"` to set; nothing is created.
+/// default>"` to set; nothing is created. And the user's own default directory, made first by
+/// another user, is refused the same way, saying someone else made it.
 #[test]
 fn root_s_shm_dir_is_refused_naming_owner_mode_user_and_what_to_set() {
     let user = match ServiceUser::create("deny") {
@@ -842,4 +843,35 @@ fn root_s_shm_dir_is_refused_naming_owner_mode_user_and_what_to_set() {
     );
     drop(c);
     drop(root_shm);
+
+    // The user's own default, made first by someone else (uid 65534, 0700): with no shm_dir
+    // in the config, `up` names that directory and its owner, and says someone else made it.
+    struct Squatted(PathBuf);
+    impl Drop for Squatted {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let squatted = Squatted(default.clone());
+    shm_layout::trust::ensure_private_dir(&squatted.0).unwrap();
+    std::os::unix::fs::chown(&squatted.0, Some(65534), Some(65534)).unwrap();
+    let c = Cluster::new(Runner::User(&user), &bins, &name, &user.work, None);
+    let out = c.cli(&["up"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(10), "{stderr}");
+    let dir = default.display().to_string();
+    for part in [
+        &dir,
+        "uid 65534",
+        "mode 0700",
+        &user_label,
+        "someone else made it",
+    ] {
+        assert!(stderr.contains(part), "up does not say {part:?}: {stderr}");
+    }
+    assert!(
+        std::fs::symlink_metadata(&c.dir).is_err(),
+        "the refused up created {}",
+        c.dir.display()
+    );
 }
