@@ -690,6 +690,21 @@ fn a_service_user_runs_up_failover_upgrade_and_down_beside_root() {
         assert_eq!(owner, user.uid, "engine {} runs as uid {owner}", e.slot);
     }
 
+    // Root, given the user's config, looks under root's default and says whom to ask.
+    let out = Command::new(&bins.cli)
+        .arg("--config")
+        .arg(&mine.config)
+        .arg("status")
+        .env_remove("UNDERSTUDY_SOCKET")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("as the user that runs the supervisor"),
+        "{stderr}"
+    );
+
     // Root's cluster of the same name, on root's default: no collision.
     let mut theirs = Cluster::new(Runner::Root, &bins, &name, &root_work, None);
     assert_eq!(theirs.dir, Path::new(SHM_DIR_ROOT).join(&name));

@@ -74,11 +74,23 @@ impl ClientError {
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ClientError::NotRunning { socket, source } => write!(
-                f,
-                "no supervisor answers on {} ({source}); start one with `understudy up --config <cluster.toml>`",
-                socket.display()
-            ),
+            ClientError::NotRunning { socket, source } => {
+                write!(
+                    f,
+                    "no supervisor answers on {} ({source}); start one with `understudy up --config <cluster.toml>`",
+                    socket.display()
+                )?;
+                if source.kind() == std::io::ErrorKind::NotFound {
+                    // The default shm_dir is per user: the likely mistake is another user.
+                    write!(
+                        f,
+                        ", or run this command as the user that runs the supervisor (the \
+                         default shm_dir is per user: {} for this one)",
+                        crate::config::default_shm_dir().display()
+                    )?;
+                }
+                Ok(())
+            }
             ClientError::Protocol(e) => write!(f, "control socket: {e}"),
             ClientError::Timeout {
                 socket,
