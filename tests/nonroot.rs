@@ -64,6 +64,44 @@ fn userdel() -> PathBuf {
     }
 }
 
+/// The names of the users these tests create: `understudy-nr-<pid of the test>-<tag>`.
+const USER_PREFIX: &str = "understudy-nr-";
+
+/// Removes what a run of these tests killed before its guards ran (SIGKILL, a timeout) left:
+/// every user named [`USER_PREFIX`]`<pid>-…` whose test process is gone, with its processes,
+/// its files under /dev/shm and its work directory.
+fn sweep_stale_users() {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    for line in passwd.lines() {
+        let fields: Vec<&str> = line.split(':').collect();
+        let [name, _, uid, gid, ..] = fields[..] else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix(USER_PREFIX)
+            .and_then(|rest| rest.split('-').next()?.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let (Ok(uid), Ok(gid)) = (uid.parse(), gid.parse()) else {
+            continue;
+        };
+        if uid == 0 {
+            continue;
+        }
+        eprintln!("removing the user {name} a killed run of these tests left");
+        drop(ServiceUser {
+            name: name.to_owned(),
+            uid,
+            gid,
+            work: std::env::temp_dir().join(name),
+        });
+    }
+}
+
 /// An unprivileged user made for one test, with a work directory (its HOME and config dir)
 /// it owns. Dropping it kills every process of the user, removes what it made under
 /// /dev/shm, the work directory and the user.
@@ -81,7 +119,9 @@ impl ServiceUser {
         if unsafe { libc::geteuid() } != 0 {
             return Err("not running as root: cannot create a user to run the cluster as".into());
         }
-        let name = format!("understudy-nr-{}-{tag}", std::process::id());
+        static SWEPT: OnceLock<()> = OnceLock::new();
+        SWEPT.get_or_init(sweep_stale_users);
+        let name = format!("{USER_PREFIX}{}-{tag}", std::process::id());
         // Root's PATH may lack /usr/sbin.
         let tool = |tool: &str| {
             let path = Path::new("/usr/sbin").join(tool);
