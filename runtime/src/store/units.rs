@@ -160,31 +160,41 @@ fn write(rec: &mut [u8], id: u64, u: UnitRef<'_>) {
 }
 
 impl Slots {
+    /// The id at `h`: what every index probe compares, so kept small enough to inline.
+    #[inline(always)]
     fn id(&self, h: u32) -> u64 {
-        self.get(h).0
+        if h & BIG != 0 {
+            return self.get_big(h).0;
+        }
+        read_id(self.pages[(h >> SLOT_BITS) as usize].at((h & SLOT_MASK) as usize))
     }
 
+    #[inline]
     fn get(&self, h: u32) -> (u64, UnitRef<'_>) {
         if h & BIG != 0 {
-            match &self.big[(h & !BIG) as usize] {
-                Big::Live {
-                    id,
-                    kind,
-                    layout_version,
+            return self.get_big(h);
+        }
+        let rec = self.pages[(h >> SLOT_BITS) as usize].at((h & SLOT_MASK) as usize);
+        (read_id(rec), view(rec))
+    }
+
+    #[cold]
+    fn get_big(&self, h: u32) -> (u64, UnitRef<'_>) {
+        match &self.big[(h & !BIG) as usize] {
+            Big::Live {
+                id,
+                kind,
+                layout_version,
+                state,
+            } => (
+                *id,
+                UnitRef {
+                    kind: *kind,
+                    layout_version: *layout_version,
                     state,
-                } => (
-                    *id,
-                    UnitRef {
-                        kind: *kind,
-                        layout_version: *layout_version,
-                        state,
-                    },
-                ),
-                Big::Free { .. } => unreachable!("handle {h:#x} names a free big slot"),
-            }
-        } else {
-            let rec = self.pages[(h >> SLOT_BITS) as usize].at((h & SLOT_MASK) as usize);
-            (read_id(rec), view(rec))
+                },
+            ),
+            Big::Free { .. } => unreachable!("handle {h:#x} names a free big slot"),
         }
     }
 
