@@ -309,6 +309,10 @@ pub mod cmd {
 pub mod slot_cmd {
     /// Stop cleanly (out of service).
     pub const STOP: u64 = 1;
+    /// With no live active: become active with the consistent copy this engine holds
+    /// (`understudy promote --accept-loss`), losing what the dead active committed after it.
+    /// Ignored by an engine that holds no consistent copy, or while an active serves.
+    pub const PROMOTE: u64 = 2;
 }
 
 /// Whether the cluster is meant to run: `down` marks it before stopping the engines, so clients

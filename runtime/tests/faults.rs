@@ -543,3 +543,95 @@ fn watch_hot_against_close(
     }
     w
 }
+
+/// A standby that was hot, then untethered, keeps its consistent copy while it catches up
+/// again; if the active dies during that catch-up, the standby goes back to the copy (state
+/// `Stale`, its transaction count and digest published: exactly the model's state after that
+/// many transactions), does not step up on its own, and becomes active when the operator
+/// promotes it (slot command `PROMOTE`), starting from that copy.
+#[test]
+fn a_consistent_copy_survives_the_active_dying_during_a_re_catch_up_and_can_be_promoted() {
+    const UNITS: u64 = 20_000;
+    let mut cl = Cluster::new("prefix");
+    let (c, side) = large_active_with(
+        &mut cl,
+        UNITS,
+        16,
+        // Untethered only when frozen (a descheduled debug standby on a loaded host can
+        // stall for tens of ms); paced so that its catch-ups converge on 2 loaded cores.
+        &[
+            ("US_BACKPRESSURE_MS", "300".to_string()),
+            ("US_PACE_US", "200".to_string()),
+        ],
+    );
+    side.set_limit(u64::MAX);
+    spawn(
+        &mut cl,
+        1,
+        true,
+        &[
+            ("US_KEEP", "1".to_string()),
+            ("US_RING", "65536".to_string()),
+        ],
+    );
+    wait_cluster(&c, "b hot", T, || state(&c, 1) == State::Hot);
+    let mut tries = 0;
+    let copy = loop {
+        tries += 1;
+        assert!(tries <= 5, "b was never caught in its second catch-up");
+        // Untether b: freeze it until the active gives up on its full stream.
+        cl.stop(1);
+        wait_cluster(&c, "the active untethers the frozen b", T, || {
+            state(&c, 1) == State::Stale
+        });
+        let copy = c.get(1, Field::Commits);
+        let gen = c.get(1, Field::AttachGen);
+        cl.signal(1, libc::SIGCONT);
+        // Catch it in its second catch-up, freeze it, kill the active.
+        wait_cluster(&c, "b syncing again", T, || {
+            c.get(1, Field::AttachGen) > gen && state(&c, 1) != State::Stale
+        });
+        cl.stop(1);
+        if state(&c, 1) == State::Syncing {
+            break copy;
+        }
+        cl.signal(1, libc::SIGCONT);
+        wait_cluster(&c, "b hot", T, || state(&c, 1) == State::Hot);
+    };
+    cl.kill(0);
+    cl.signal(1, libc::SIGCONT);
+    // The copy holds what b applied before its stream was closed: at least what it had
+    // published when the active untethered it.
+    let at_untether = copy;
+    let mut copy = 0;
+    wait_cluster(&c, "b back to its consistent copy", T, || {
+        copy = c.get(1, Field::Commits);
+        state(&c, 1) == State::Stale && copy >= at_untether && c.get(1, Field::Epoch) == 1
+    });
+    // Published together with its digest; give the digest word a moment to follow.
+    std::thread::sleep(Duration::from_millis(50));
+    let copy = c.get(1, Field::Commits);
+    let mut m = keeping_model();
+    let d = m.advance_to(copy);
+    wait_cluster(&c, "b's published digest is the copy's", T, || {
+        c.get(1, Field::Digest) == d
+    });
+    // It does not step up on its own.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_ne!(role(&c, 1), Role::Active, "b stepped up with a stale copy");
+    // The operator promotes it.
+    c.set(
+        1,
+        Field::Cmd,
+        understudy_runtime::control::slot_cmd::PROMOTE,
+    );
+    wait_cluster(&c, "b active after the promote", T, || {
+        role(&c, 1) == Role::Active && c.get(1, Field::StepUps) > 0
+    });
+    assert_eq!(
+        c.get(1, Field::StepUpCommits),
+        copy,
+        "b took over from its copy"
+    );
+    assert_eq!(c.get(1, Field::StepUpDigest), d, "with the copy's state");
+}

@@ -658,6 +658,55 @@ impl Supervisor {
             && self.control.get(slot, Field::Epoch) == self.control.epoch()
     }
 
+    /// For an outage report: how far the last active got and what each other engine holds, so
+    /// the operator knows exactly which transactions are on no engine. The active's own
+    /// transaction index (counters file, written at every commit, before the answer goes out)
+    /// bounds what clients were acknowledged; the control block's count is its fallback.
+    pub(crate) fn what_was_committed(&self) -> String {
+        let counters = understudy_runtime::counters::read(&self.dir).ok();
+        let committed = |slot: usize| {
+            let published = self.control.get(slot, Field::Commits);
+            counters
+                .as_ref()
+                .and_then(|c| c.slots.get(slot))
+                .map_or(published, |c| c.tx_index.max(published))
+        };
+        let last = self.control.active_slot();
+        let mut parts = Vec::new();
+        if let Some(a) = last {
+            parts.push(format!(
+                "the last active (engine {}) committed {} transactions",
+                slot_name(a),
+                committed(a)
+            ));
+        }
+        for s in (0..SLOTS).filter(|&s| Some(s) != last && self.control.get(s, Field::Pid) != 0) {
+            let applied = self.control.get(s, Field::Commits);
+            let what = match self.state(s) {
+                State::Stale => format!(
+                    "a copy that stopped at {applied} transactions (its stream was closed)"
+                ),
+                State::Syncing => format!(
+                    "a partial copy (it was catching up; {applied} transactions of live traffic applied)"
+                ),
+                other => format!("{applied} transactions ({})", other.name()),
+            };
+            let gap = last
+                .map(|a| committed(a).saturating_sub(applied))
+                .unwrap_or(0);
+            parts.push(format!(
+                "engine {} holds {what}{}",
+                slot_name(s),
+                if gap > 0 && self.state(s) != State::Syncing {
+                    format!("; the last {gap} committed transactions are on no engine")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        parts.join("; ")
+    }
+
     /// The active slot, if it is one of our engines.
     pub(crate) fn active(&self) -> Option<usize> {
         (0..SLOTS).find(|&s| self.is_active(s))
@@ -1245,7 +1294,10 @@ impl Supervisor {
                 }
             } else {
                 self.outage_reported = true;
-                error!("outage: no engine is active and none can step up; the state is lost, run `understudy down` then `understudy up`");
+                error!(
+                    "outage: no engine is active and none can step up; {}; the state is lost, run `understudy down` then `understudy up`",
+                    self.what_was_committed()
+                );
             }
         }
         let binary = active

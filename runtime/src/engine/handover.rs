@@ -214,6 +214,9 @@ impl<A: Application, I: Input> Engine<A, I> {
     }
 
     pub(super) fn mark_step_up(&mut self, t0: Instant, planned: bool) {
+        // The active's store is the cluster's state: a consistent copy by definition.
+        self.consistent = true;
+        drop_off_thread(self.prefix.take());
         let s = self.opt.slot;
         let c = &self.control;
         c.set(s, Field::StepUps, c.get(s, Field::StepUps).wrapping_add(1));

@@ -178,6 +178,11 @@ pub struct Engine<A: Application, I: Input> {
     /// The epoch whose active's death we last reported we could not step up for (a standby
     /// that re-attaches while the dead active's slot still looks alive says it once).
     not_hot_reported_epoch: Option<u64>,
+    /// Our store is a consistent copy of the cluster's state after `commits` transactions
+    /// (hot once, then only whole batches applied), not a partial catch-up.
+    consistent: bool,
+    /// The consistent copy we held when a catch-up began (see `standby::Prefix`).
+    prefix: Option<Box<Prefix>>,
     replicas: Vec<Replica>,
     agreed_layout: u16,
     cmd_seen: Option<(u64, Instant)>,
@@ -295,6 +300,8 @@ impl<A: Application, I: Input> Engine<A, I> {
             buf: BatchBuf::with_capacity(1 << 16),
             before: crate::store::BeforeBuf::new(),
             not_hot_reported_epoch: None,
+            consistent: false,
+            prefix: None,
             replicas: Vec::new(),
             agreed_layout: 1,
             cmd_seen: None,

@@ -23,6 +23,17 @@ pub(super) struct Preopened {
     pub(super) feedback_region: Region,
 }
 
+/// The consistent copy a standby held when a catch-up began (it had been hot, then its
+/// stream was closed: untethered or resynced). It is kept beside the store being rebuilt until
+/// the catch-up ends, so that if the active dies meanwhile the cluster's state is not lost
+/// with it: the standby goes back to this copy, says exactly how far it reaches, and an
+/// operator can make it active (`understudy promote`), accepting the loss of what the
+/// active committed after it. Costs a second store for the length of a catch-up.
+pub(super) struct Prefix {
+    pub(super) store: Store,
+    pub(super) commits: u64,
+}
+
 /// A standby's end of the stream.
 pub(super) struct Upstream {
     pub(super) stream_region: Region,
@@ -249,6 +260,12 @@ impl<A: Application, I: Input> Engine<A, I> {
             if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
                 return Ok(Attach::Stop);
             }
+            if self.control.get(s, Field::Cmd) == slot_cmd::PROMOTE {
+                self.control.set(s, Field::Cmd, 0);
+                if let Some(next) = self.promote(started)? {
+                    return Ok(next);
+                }
+            }
             let epoch = self.control.epoch();
             // We handed the active role over in a planned switchover and the target died before
             // claiming the next epoch: nobody served since, our state is the cluster's state;
@@ -292,6 +309,29 @@ impl<A: Application, I: Input> Engine<A, I> {
         }
     }
 
+    /// The operator's `promote`: with no live active, become active with our consistent copy
+    /// (the mutex and the epoch's compare-and-swap keep the role single, as for any claim).
+    /// Refused, with the reason logged, when we hold no consistent copy or an active serves.
+    pub(super) fn promote(&mut self, started: Instant) -> Result<Option<Attach>, EngineError> {
+        if !self.consistent {
+            warn!("promote refused: this engine holds no consistent copy (it was catching up, or has nothing yet)");
+            return Ok(None);
+        }
+        if self.try_claim(None)? {
+            warn!(
+                commits = self.commits,
+                digest = format_args!("{:#x}", self.store.digest()),
+                epoch = self.epoch,
+                "promoted by the operator: active with the consistent copy of {} transactions; whatever the dead active committed after it is lost",
+                self.commits
+            );
+            self.mark_step_up(started, false);
+            return Ok(Some(Attach::BecomeActive));
+        }
+        warn!("promote refused: an active serves (or another engine claimed the epoch first)");
+        Ok(None)
+    }
+
     /// Apply the stream and watch the active until something happens.
     pub(super) fn follow(&mut self, u: &mut Upstream) -> Result<Follow, EngineError> {
         let s = self.opt.slot;
@@ -329,6 +369,8 @@ impl<A: Application, I: Input> Engine<A, I> {
                         Ok(Some(f)) => return Ok(f),
                         Ok(None) => {}
                         Err(e) => {
+                            // Part of the batch may be applied: not a consistent copy.
+                            self.consistent = false;
                             warn!(slot = %control::slot_name(s), "stream rejected: {e}; resyncing");
                             if let EngineError::Refused(_) = e {
                                 return Err(e);
@@ -505,6 +547,9 @@ impl<A: Application, I: Input> Engine<A, I> {
                 Follow::StepUp { planned: false }
             }
             OnActiveDead::Reattach(why) => {
+                if why == NoStepUpBecause::NotHot {
+                    self.back_to_prefix();
+                }
                 if loud
                     && why == NoStepUpBecause::NotHot
                     && self.not_hot_reported_epoch != Some(self.epoch)
@@ -527,6 +572,34 @@ impl<A: Application, I: Input> Engine<A, I> {
         }
     }
 
+    /// The active died during our catch-up: go back to the consistent copy we held when it
+    /// began, if any (the partial store is of no use without the active). We publish it as
+    /// `Stale` with its transaction count, so the supervisor can say exactly what it holds.
+    pub(super) fn back_to_prefix(&mut self) {
+        if self.consistent {
+            return;
+        }
+        let Some(p) = self.prefix.take() else {
+            return;
+        };
+        let partial = std::mem::replace(&mut self.store, p.store);
+        drop_off_thread(partial);
+        self.commits = p.commits;
+        self.consistent = true;
+        self.app.on_snapshot_begin(&self.store);
+        self.app.on_reset(&self.store);
+        let s = self.opt.slot;
+        self.control.set(s, Field::State, State::Stale as u64);
+        self.control.set(s, Field::Commits, self.commits);
+        self.control.set(s, Field::Digest, self.store.digest());
+        warn!(
+            commits = self.commits,
+            digest = format_args!("{:#x}", self.store.digest()),
+            "back to the consistent copy held before the catch-up: {} transactions; `understudy promote` makes it active, losing what the dead active committed after it",
+            self.commits
+        );
+    }
+
     /// After the active died: apply every batch it committed. A frame that fails validation
     /// or does not apply means our copy is not the committed state: never step up on it.
     pub(super) fn drain(&mut self, u: &mut Upstream, state: &mut State) -> Drained {
@@ -537,6 +610,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                     Ok(None) => {}
                     Ok(Some(f)) => return Drained::RoleChange(f),
                     Err(e) => {
+                        self.consistent = false;
                         error!("a batch the dead active committed does not apply: {e}; not stepping up");
                         *state = State::Stale;
                         return Drained::Broken;
@@ -656,6 +730,8 @@ impl<A: Application, I: Input> Engine<A, I> {
                                 p.commits, p.digest, self.commits, self.store.digest()
                             )));
                         }
+                        self.consistent = true;
+                        drop_off_thread(self.prefix.take());
                         *state = self.become_hot(stream);
                         if *state == State::Hot {
                             info!(slot = %control::slot_name(s), commits = p.commits, "hot (no catch-up needed)");
@@ -668,7 +744,17 @@ impl<A: Application, I: Input> Engine<A, I> {
                         // of ms: the old one is dropped on a thread of its own, so the
                         // standby keeps draining the stream while the active streams live
                         // traffic beside the snapshot.
-                        drop_off_thread(std::mem::take(&mut self.store));
+                        let old = std::mem::take(&mut self.store);
+                        if self.consistent {
+                            // Kept until the catch-up ends (see `Prefix`).
+                            drop_off_thread(self.prefix.replace(Box::new(Prefix {
+                                store: old,
+                                commits: self.commits,
+                            })));
+                        } else {
+                            drop_off_thread(old);
+                        }
+                        self.consistent = false;
                         self.app.on_snapshot_begin(&self.store);
                         self.commits = p.commits;
                         *state = State::Syncing;
@@ -685,6 +771,8 @@ impl<A: Application, I: Input> Engine<A, I> {
                             )));
                         }
                         self.app.on_reset(&self.store);
+                        self.consistent = true;
+                        drop_off_thread(self.prefix.take());
                         *state = self.become_hot(stream);
                         if *state == State::Hot {
                             info!(slot = %control::slot_name(s), units = p.units, "hot (caught up)");
@@ -741,9 +829,27 @@ pub(super) fn close_reason(why: u64) -> &'static str {
     }
 }
 
+/// What [`drop_off_thread`] may drop: a store, or a kept copy of one.
+pub(super) trait Droppable: Send + 'static {
+    /// Items in it (small ones are dropped in place).
+    fn items(&self) -> usize;
+}
+
+impl Droppable for Store {
+    fn items(&self) -> usize {
+        self.unit_count() + self.record_count()
+    }
+}
+
+impl Droppable for Option<Box<Prefix>> {
+    fn items(&self) -> usize {
+        self.as_ref().map_or(0, |p| p.store.items())
+    }
+}
+
 /// Drop `store` on a thread of its own (at once if it is small, or if no thread can be made).
-pub(super) fn drop_off_thread(store: Store) {
-    if store.unit_count() + store.record_count() < 10_000 {
+pub(super) fn drop_off_thread(store: impl Droppable) {
+    if store.items() < 10_000 {
         return;
     }
     let _ = std::thread::Builder::new()
