@@ -15,10 +15,12 @@
 //! - **Index.** `id → handle` is a `hashbrown::HashTable<u32>`: 4 bytes and 1 control byte a
 //!   bucket, at a load factor between 7/16 and 7/8, i.e. 5.7–11.4 bytes a unit. The id is
 //!   not stored in the index (it is in the record), so a probe reads the record to compare.
-//!   The id is hashed with foldhash keyed by a per-process random seed: unit ids come from
-//!   clients, and a keyed hash keeps a client from choosing ids that pile into one probe
-//!   sequence (HashDoS). The unit's 64-bit content hash is not stored: replacing or retiring a
-//!   unit hashes its old bytes again (about 10 ns for 48 bytes, cheaper than 8 bytes a unit).
+//!   The id is hashed with foldhash keyed by a seed drawn per store from the OS's randomness
+//!   (so it differs between engines and runs): unit ids come from clients, and a keyed hash
+//!   keeps a client from choosing ids that pile into one probe sequence (HashDoS). The walk
+//!   goes by slot, not through the index, so the seed changes no order the store shows. The
+//!   unit's 64-bit content hash is not stored: replacing or retiring a unit hashes its old
+//!   bytes again (10–15 ns for 48 bytes, cheaper than 8 bytes a unit).
 //! - **Free slots.** A freed slot's first two bytes chain it into its page's free list; a page
 //!   with free slots is on its record length's list of partial pages (doubly linked through
 //!   the pages, so a page can leave it in O(1)). A page whose last unit goes is released
