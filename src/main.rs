@@ -162,6 +162,17 @@ enum Command {
     /// Start again the restarts the crash-loop breaker stopped (after fixing the engine),
     /// without restarting the supervisor.
     ResumeRestarts,
+    /// After an outage (no engine active, none able to step up): make the engine in SLOT
+    /// active with the consistent copy it holds (`status` shows it as stale, with its count),
+    /// losing what the dead active committed after it. Says what would be lost unless
+    /// --accept-loss is given.
+    Promote {
+        /// The engine's slot: a, b or c.
+        slot: String,
+        /// Go ahead, accepting the loss.
+        #[arg(long)]
+        accept_loss: bool,
+    },
     /// Apply the config file (`--config`) to the running supervisor: acceptance, restart,
     /// timeouts and metrics change at once; a change to what the engines were started with
     /// (engine, ring, backpressure, slots, cluster, shm_dir) is refused, naming each field.
@@ -327,6 +338,13 @@ fn main() {
         Command::EnableFeatures => request(&cli, Op::EnableFeatures),
         Command::Down => request(&cli, Op::Down),
         Command::ResumeRestarts => request(&cli, Op::ResumeRestarts),
+        Command::Promote { slot, accept_loss } => request(
+            &cli,
+            Op::Promote(understudy_supervisor::proto::PromoteRequest {
+                slot: slot.clone(),
+                accept_loss: *accept_loss,
+            }),
+        ),
         Command::Reload => match std::fs::read_to_string(&cli.config) {
             Ok(config_toml) => request(
                 &cli,

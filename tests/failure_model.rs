@@ -950,3 +950,64 @@ fn an_incompatible_binary_is_refused_before_anything_is_taken_out_of_service() {
     });
     assert_eq!(pids(&s), pids(&upgraded), "{s:#?}");
 }
+
+#[test]
+fn a_stale_copy_is_not_declared_lost_and_promote_with_accept_loss_serves_from_it() {
+    // The standby is frozen until the active untethers it (its copy stops at a closed
+    // stream), then the active is SIGKILLed and the standby thawed: it holds a consistent but
+    // stale copy and must not step up on its own. The supervisor's outage report says how far
+    // the dead active got and what the standby holds; `promote` refuses without
+    // `--accept-loss` (naming the loss) and with it makes the standby active from its copy;
+    // the restarted engine then catches up from it and the workload finishes on a hot pair.
+    // A small ring, so the frozen standby is untethered long before it would be fenced.
+    let extra = format!("{QUICK}[ring]\ncapacity_bytes = 65536\n");
+    let mut h = Harness::new("promote", 20_000, 200, "", &extra);
+    let s = h.up();
+    let active = s.active_engine().unwrap().clone();
+    let standby = s.hot_standbys().next().unwrap().clone();
+    h.freeze(standby.pid);
+    h.wait(
+        "the frozen standby untethered",
+        Duration::from_secs(30),
+        |s| {
+            s.engines
+                .iter()
+                .any(|e| e.pid == standby.pid && e.state == "stale")
+        },
+    );
+    h.kill_engine(active.pid);
+    h.thaw(standby.pid);
+    let line = h.wait_log(
+        &["outage", "holds a copy that stopped at"],
+        Duration::from_secs(30),
+    );
+    assert!(
+        line.contains("the last active") && line.contains("committed"),
+        "the outage says how far the dead active got: {line}"
+    );
+    let (code, lines) = h.run(&["promote", &standby.slot]);
+    let message = lines
+        .last()
+        .and_then(|l| l["message"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert_ne!(code, 0, "promote without --accept-loss: {lines:?}");
+    assert!(
+        message.contains("--accept-loss") && message.contains("transactions"),
+        "the refusal names the loss: {message}"
+    );
+    let (code, lines) = h.run(&["promote", &standby.slot, "--accept-loss"]);
+    assert_eq!(
+        code,
+        0,
+        "promote --accept-loss: {lines:?}\n{}",
+        h.log_tail()
+    );
+    let s = h.wait(
+        "the promoted standby active",
+        Duration::from_secs(30),
+        |s| s.active_engine().is_some_and(|a| a.pid == standby.pid),
+    );
+    assert!(s.epoch > active.epoch);
+    h.check_invariant();
+}

@@ -500,11 +500,11 @@ impl Application for Matchbook {
         let mut errors = Vec::new();
         for (id, unit) in store.units() {
             match unit.kind {
-                ORDER_KIND => match decode_order(id, unit.layout_version, &unit.state) {
+                ORDER_KIND => match decode_order(id, unit.layout_version, unit.state) {
                     Ok((symbol, placed)) => orders.push((id, symbol, placed)),
                     Err(e) => errors.push(e),
                 },
-                kind => self.apply_unit(id, kind, unit.layout_version, &unit.state),
+                kind => self.apply_unit(id, kind, unit.layout_version, unit.state),
             }
         }
         orders.sort_unstable_by_key(|(_, _, placed)| placed.priority_seq);

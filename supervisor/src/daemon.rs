@@ -658,6 +658,81 @@ impl Supervisor {
             && self.control.get(slot, Field::Epoch) == self.control.epoch()
     }
 
+    /// `promote`: with no engine active (verified: none holds the active's lock) and the
+    /// operator accepting the loss, tell the engine in the slot to become active with the
+    /// consistent copy it holds. The engine itself refuses if it holds none, or if an active
+    /// appeared meanwhile (the mutex and the epoch's compare-and-swap decide).
+    pub(crate) fn promote(&mut self, request: &crate::proto::PromoteRequest) -> Reply {
+        let Some(slot) = ["a", "b", "c"].iter().position(|s| *s == request.slot) else {
+            return Reply::result(Code::Failed, format!("no slot {:?}", request.slot));
+        };
+        if let Some(a) = self.active() {
+            return Reply::result(
+                Code::WrongRole,
+                format!("engine {} is active: nothing to promote", slot_name(a)),
+            );
+        }
+        if let Some(h) = self.lock_holder() {
+            return Reply::result(
+                Code::WrongRole,
+                format!("engine {} holds the active's lock: it serves", slot_name(h)),
+            );
+        }
+        if self.engines[slot].is_none() {
+            return Reply::result(
+                Code::WrongRole,
+                format!("no engine runs in slot {}", slot_name(slot)),
+            );
+        }
+        let what = self.what_was_committed();
+        if !request.accept_loss {
+            return Reply::result(
+                Code::WrongRole,
+                format!(
+                    "promote loses what the dead active committed after the copy: {what}; run again with --accept-loss to go ahead"
+                ),
+            );
+        }
+        if self.state(slot) != State::Stale {
+            return Reply::result(
+                Code::WrongRole,
+                format!(
+                    "engine {} holds no consistent copy (state {}): nothing to promote",
+                    slot_name(slot),
+                    self.state(slot).name()
+                ),
+            );
+        }
+        warn!(slot = %slot_name(slot), "promote requested by the operator, accepting the loss: {what}");
+        self.control.set(
+            slot,
+            Field::Cmd,
+            understudy_runtime::control::slot_cmd::PROMOTE,
+        );
+        let deadline = Instant::now() + self.config.timeouts.switchover();
+        while Instant::now() < deadline {
+            if self.is_active(slot) {
+                self.outage_reported = false;
+                return Reply::result(
+                    Code::Ok,
+                    format!(
+                        "engine {} is active with its copy of {} transactions ({what})",
+                        slot_name(slot),
+                        self.control.get(slot, Field::StepUpCommits)
+                    ),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Reply::result(
+            Code::Failed,
+            format!(
+                "engine {} did not become active within the switchover timeout; see its log",
+                slot_name(slot)
+            ),
+        )
+    }
+
     /// For an outage report: how far the last active got and what each other engine holds, so
     /// the operator knows exactly which transactions are on no engine. The active's own
     /// transaction index (counters file, written at every commit, before the answer goes out)
@@ -1294,10 +1369,20 @@ impl Supervisor {
                 }
             } else {
                 self.outage_reported = true;
-                error!(
-                    "outage: no engine is active and none can step up; {}; the state is lost, run `understudy down` then `understudy up`",
-                    self.what_was_committed()
-                );
+                let stale = (0..SLOTS).find(|&s| {
+                    self.state(s) == State::Stale && self.control.get(s, Field::Pid) != 0
+                });
+                match stale {
+                    Some(s) => error!(
+                        "outage: no engine is active and none can step up; {}; `understudy promote {} --accept-loss` serves from that copy (or `understudy down` then `understudy up`)",
+                        self.what_was_committed(),
+                        slot_name(s)
+                    ),
+                    None => error!(
+                        "outage: no engine is active and none can step up; {}; the state is lost, run `understudy down` then `understudy up`",
+                        self.what_was_committed()
+                    ),
+                }
             }
         }
         let binary = active
@@ -1405,6 +1490,13 @@ impl Supervisor {
             }
             Op::ResumeRestarts => {
                 let _ = reply.send(self.resume_restarts());
+            }
+            Op::Promote(request) => {
+                let answer = match self.op {
+                    Some(_) => self.busy(),
+                    None => self.promote(&request),
+                };
+                let _ = reply.send(answer);
             }
             Op::Reload(request) => {
                 let answer = match self.op {

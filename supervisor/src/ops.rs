@@ -306,7 +306,7 @@ impl Operation {
                 UpgradeRun::begin(sup, request, reply).map(|r| Operation::Upgrade(Box::new(r)))
             }
             Op::Down => Ok(Operation::Down(DownOp::begin(sup, reply))),
-            Op::Status | Op::Rollback | Op::ResumeRestarts | Op::Reload(_) => Err(Reply::result(
+            Op::Status | Op::Rollback | Op::ResumeRestarts | Op::Reload(_) | Op::Promote(_) => Err(Reply::result(
                 Code::Failed,
                 "internal: status, rollback, resume-restarts and reload are handled by the supervisor loop",
             )),

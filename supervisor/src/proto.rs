@@ -137,7 +137,7 @@ pub enum RequestError {
 }
 
 /// The operation names, as on the wire.
-pub const OP_NAMES: [&str; 8] = [
+pub const OP_NAMES: [&str; 9] = [
     "status",
     "switchover",
     "upgrade",
@@ -146,6 +146,7 @@ pub const OP_NAMES: [&str; 8] = [
     "down",
     "resume-restarts",
     "reload",
+    "promote",
 ];
 
 const UPGRADE_FIELDS: [&str; 9] = [
@@ -240,6 +241,8 @@ impl fmt::Display for RequestError {
                     format!("only `v`, `op`, {}", UPGRADE_FIELDS.map(|f| format!("`{f}`")).join(", "))
                 } else if *op == "reload" {
                     "only `v`, `op` and `config_toml`".to_string()
+                } else if *op == "promote" {
+                    "only `v`, `op`, `slot` and `accept_loss`".to_string()
                 } else {
                     "only `v` and `op`".to_string()
                 }
@@ -318,6 +321,10 @@ impl TryFrom<serde_json::Value> for Request {
             "reload" => (
                 "reload",
                 Op::Reload(ReloadRequest::from_fields(&mut fields)?),
+            ),
+            "promote" => (
+                "promote",
+                Op::Promote(PromoteRequest::from_fields(&mut fields)?),
             ),
             _ => return Err(RequestError::UnknownOp { found: shown(name) }),
         };
@@ -478,6 +485,50 @@ pub enum Op {
     ResumeRestarts,
     /// Apply a new configuration to the running supervisor (what can change at run time).
     Reload(ReloadRequest),
+    /// With no engine active and none able to step up: make the engine in `slot` active with
+    /// the consistent copy it holds, accepting the loss of what the dead active committed
+    /// after it.
+    Promote(PromoteRequest),
+}
+
+/// The arguments of `promote`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRequest {
+    /// The engine's slot: `a`, `b` or `c`.
+    pub slot: String,
+    /// The operator accepts losing the transactions the copy does not hold (required).
+    pub accept_loss: bool,
+}
+
+impl PromoteRequest {
+    fn from_fields(
+        fields: &mut serde_json::Map<String, serde_json::Value>,
+    ) -> Result<PromoteRequest, RequestError> {
+        let slot = match fields.remove("slot") {
+            None => return Err(RequestError::Missing { field: "slot" }),
+            Some(serde_json::Value::String(s)) if matches!(s.as_str(), "a" | "b" | "c") => s,
+            Some(other) => {
+                return Err(RequestError::Field {
+                    field: "slot".into(),
+                    expected: "the engine's slot, \"a\", \"b\" or \"c\"".into(),
+                    found: shown_value(&other),
+                })
+            }
+        };
+        let accept_loss = match fields.remove("accept_loss") {
+            None => false,
+            Some(serde_json::Value::Bool(b)) => b,
+            Some(other) => {
+                return Err(RequestError::Field {
+                    field: "accept_loss".into(),
+                    expected: "true or false".into(),
+                    found: shown_value(&other),
+                })
+            }
+        };
+        Ok(PromoteRequest { slot, accept_loss })
+    }
 }
 
 /// The arguments of a reload: the whole configuration file's text, which the supervisor

@@ -13,8 +13,8 @@
 
 use understudy_supervisor::config::{ClusterConfig, ConfigError, HEARTBEAT_MS_MAX, LATENCY_US_MAX};
 use understudy_supervisor::proto::{
-    Op, ReloadRequest, Request, RequestError, UpgradeRequest, ACCEPT_FOR_MS_MAX, OP_NAMES,
-    REQUEST_BYTES_MAX,
+    Op, PromoteRequest, ReloadRequest, Request, RequestError, UpgradeRequest, ACCEPT_FOR_MS_MAX,
+    OP_NAMES, REQUEST_BYTES_MAX,
 };
 
 fn cases() -> u64 {
@@ -86,9 +86,11 @@ fn json_value(rng: &mut Rng, depth: u32) -> serde_json::Value {
     }
 }
 
-const REQUEST_FIELDS: [&str; 13] = [
+const REQUEST_FIELDS: [&str; 15] = [
     "v",
     "op",
+    "slot",
+    "accept_loss",
     "config_toml",
     "binary",
     "accept_for_ms",
@@ -166,6 +168,8 @@ fn request_bytes(rng: &mut Rng) -> Vec<u8> {
                         serde_json::json!(LATENCY_US_MAX - 2 + rng.below(4))
                     }
                     "config_toml" if rng.chance(50) => serde_json::json!("cluster = \"x\""),
+                    "slot" if rng.chance(70) => serde_json::json!(*rng.pick(&["a", "b", "c", "d"])),
+                    "accept_loss" if rng.chance(60) => serde_json::json!(rng.chance(50)),
                     "keep_standby" | "no_enable" | "count_refusals" if rng.chance(60) => {
                         serde_json::json!(rng.chance(50))
                     }
@@ -210,6 +214,7 @@ fn expected_request(bytes: &[u8]) -> Option<Request> {
             "config_toml",
         ],
         "reload" => &["v", "op", "config_toml"],
+        "promote" => &["v", "op", "slot", "accept_loss"],
         _ => &["v", "op"],
     };
     if map.keys().any(|k| !allowed.contains(&k.as_str())) {
@@ -225,6 +230,20 @@ fn expected_request(bytes: &[u8]) -> Option<Request> {
         "reload" => Op::Reload(ReloadRequest {
             config_toml: map.get("config_toml")?.as_str()?.to_string(),
         }),
+        "promote" => {
+            let slot = map.get("slot")?.as_str()?;
+            if !matches!(slot, "a" | "b" | "c") {
+                return None;
+            }
+            let accept_loss = match map.get("accept_loss") {
+                None => false,
+                Some(v) => v.as_bool()?,
+            };
+            Op::Promote(PromoteRequest {
+                slot: slot.to_string(),
+                accept_loss,
+            })
+        }
         "upgrade" => {
             let binary = map.get("binary")?.as_str()?;
             if binary.is_empty() || binary.contains('\0') {

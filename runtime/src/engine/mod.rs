@@ -402,8 +402,15 @@ impl<A: Application, I: Input> Engine<A, I> {
     /// Lock the mutex and claim the epoch after `expected` (the current one if `None`).
     fn try_claim(&mut self, expected: Option<u64>) -> Result<bool, EngineError> {
         let lock = self.control.lock();
+        // Fast path only (the mutex below decides): a live engine that is the active of the
+        // current epoch. A slot restarted after its active died holds a live process that is
+        // not the active.
         if let Some(a) = self.control.active_slot() {
-            if a != self.opt.slot && self.slot_alive(a) {
+            if a != self.opt.slot
+                && self.slot_alive(a)
+                && Role::from_word(self.control.get(a, Field::Role)) == Role::Active
+                && self.control.get(a, Field::Epoch) == self.control.epoch()
+            {
                 return Ok(false);
             }
         }

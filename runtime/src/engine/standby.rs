@@ -550,6 +550,10 @@ impl<A: Application, I: Input> Engine<A, I> {
                 if why == NoStepUpBecause::NotHot {
                     self.back_to_prefix();
                 }
+                // What we hold now, for the supervisor's report (and `promote`).
+                let s = self.opt.slot;
+                self.control.set(s, Field::Commits, self.commits);
+                self.control.set(s, Field::Digest, self.store.digest());
                 if loud
                     && why == NoStepUpBecause::NotHot
                     && self.not_hot_reported_epoch != Some(self.epoch)
