@@ -19,6 +19,7 @@
 //! requests come from), `transaction` (one request against the store, its commit block),
 //! `active` (the active loop and commands), `replicas` (attaching and servicing standbys),
 //! `catch_up` (bringing a new standby to live), `standby` (following the active's stream),
+//! `apply` (what a standby does with each frame of it),
 //! `handover` (switchover, step-up, lock recovery, fencing), `role` (the standby's decisions
 //! as pure functions of its observations: when to step up, re-attach, give up, fence),
 //! `process` (panic and fault-signal behaviour). This file holds the [`Engine`] itself: construction, the role loop, and the
@@ -39,6 +40,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 
 mod active;
+mod apply;
 mod catch_up;
 mod handover;
 mod input;
