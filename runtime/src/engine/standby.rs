@@ -338,23 +338,8 @@ impl<A: Application, I: Input> Engine<A, I> {
         // The lock borrows the mapping: hold our own handle on it while `self` changes.
         let control = self.control.clone();
         let lock = control.lock();
-        let active = u.active_slot;
-        let apid = self.control.get(active, Field::Pid);
-        let active_id = ProcessIdentity {
-            pid: apid.min(u32::MAX as u64) as u32,
-            start_time_ticks: self.control.get(active, Field::StartTime),
-        };
-        let mut idle_polls = 0u32;
-        let mut last_house = 0u64;
-        let mut last_alive_check = monotonic_ns();
-        // When the stream last delivered a batch: a live active sends a heartbeat frame at
-        // least every 10 heartbeat intervals, so this is the second source before a fence.
-        // (Sampled at each liveness check from the batch count: no clock read per batch.)
-        let mut last_frame_ns = monotonic_ns();
-        let mut batches_at_check: u32 = 0;
-        let mut lying_identity_warned = false;
+        let mut w = Watch::new(&self.control, u.active_slot);
         let mut state = State::Syncing;
-        let mut batches: u32 = 0;
         loop {
             // Fast path: the active's mutex word. The kernel sets OWNER_DIED in it while the
             // dying process exits, before its memory is torn down.
@@ -362,9 +347,9 @@ impl<A: Application, I: Input> Engine<A, I> {
             let mut got = false;
             match u.stream.poll(&mut self.buf) {
                 Ok(true) => {
-                    idle_polls = 0;
+                    w.idle_polls = 0;
                     got = true;
-                    batches = batches.wrapping_add(1);
+                    w.batches = w.batches.wrapping_add(1);
                     match self.apply_batch(&mut state, &u.stream_region) {
                         Ok(Some(f)) => return Ok(f),
                         Ok(None) => {}
@@ -382,7 +367,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                     }
                     // Under sustained load the ring never runs empty: still do the
                     // housekeeping (acks, heartbeat, commands) every 64 batches.
-                    if batches % 64 != 0 {
+                    if w.batches % 64 != 0 {
                         continue;
                     }
                 }
@@ -395,113 +380,148 @@ impl<A: Application, I: Input> Engine<A, I> {
                 }
             }
             if died && !got {
-                return Ok(self.on_active_dead(u, &mut state, active, Death::OwnerDied));
+                return Ok(self.on_active_dead(u, &mut state, w.active, Death::OwnerDied));
             }
             let now = monotonic_ns();
-            if now - last_house > 500_000 {
-                if now / 10_000_000 != last_house / 10_000_000 {
-                    self.control.repair_own(s); // checked words, every ~10 ms
+            if now - w.last_house > FOLLOW_HOUSEKEEPING_NS {
+                match self.follow_housekeeping(u, &mut w, &mut state, now) {
+                    Step::Go => {}
+                    Step::Again => continue,
+                    Step::Exit(f) => return Ok(f),
                 }
-                last_house = now;
-                self.control.set(s, Field::HeartbeatNs, now);
-                self.control.set(s, Field::Commits, self.commits);
-                self.control.set(s, Field::Digest, self.store.digest());
-                self.leftovers.reap(false);
-                let lag = u
-                    .stream
-                    .producer_position()
-                    .saturating_sub(u.stream.position());
-                self.control.set(s, Field::LagBytes, lag);
-                if let Some(k) = &self.counters {
-                    k.housekeeping(now, self.counters_bp_base);
-                    k.set(Counter::STATE, state as u64);
-                    k.set(Counter::ROLE, self.control.get(s, Field::Role));
-                    k.set(Counter::EPOCH, self.epoch);
-                }
-                if state == State::Hot && self.control.epoch() == self.epoch {
-                    self.preopen_next(active);
-                }
-                if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
-                    return Ok(Follow::Stop);
-                }
-                if let Some(why) = u.stream_region.closed() {
-                    // A closed stream is never hot, from the moment the close is seen (the
-                    // frames still in it are applied below, but nothing after them comes).
-                    if state == State::Hot || state == State::Syncing {
-                        state = self.not_hot_after_close(why);
-                    }
-                    if u.stream.has_next() {
-                        // Apply what was committed before the close first: a refusal is
-                        // published right before the close, and its message must not be lost.
-                        continue;
-                    }
-                    info!(slot = %control::slot_name(s), reason = close_reason(why), "stream closed by the active; re-attaching");
-                    return Ok(Follow::Reattach);
-                }
-                if u.last_ack.elapsed() > Duration::from_millis(1) {
-                    u.last_ack = Instant::now();
-                    let p = self.position((state == State::Hot) as u64);
-                    let _ =
-                        u.feedback
-                            .try_publish(rt::ACK, 1, 56, zerocopy::IntoBytes::as_bytes(&p));
-                }
-                // Backstop: the active's process is gone (or its pid reused), or it hangs.
-                if now - last_alive_check > 5_000_000 {
-                    last_alive_check = now;
-                    if batches != batches_at_check {
-                        batches_at_check = batches;
-                        last_frame_ns = now;
-                    }
-                    let obs = role::LivenessCheck {
-                        epoch_now: self.control.epoch(),
-                        epoch_ours: self.epoch,
-                        active_alive: active_id.is_alive(),
-                        active_pid: active_id.pid,
-                        hot: state == State::Hot,
-                        heartbeat_age_ns: now
-                            .saturating_sub(self.control.get(active, Field::HeartbeatNs)),
-                        stream_silence_ns: now.saturating_sub(last_frame_ns),
-                        hung_after_ns: self.opt.hung_after.as_nanos() as u64,
-                    };
-                    match role::on_liveness_check(obs, || live_holder(&lock, control.path())) {
-                        // A newer epoch: someone else is active now. An older one: we handed
-                        // over (planned switchover) and the target died before claiming the
-                        // epoch; re-attaching lets us take the state back.
-                        OnLivenessCheck::Reattach => return Ok(Follow::Reattach),
-                        // The target of our handover, alive, has not claimed the epoch yet.
-                        OnLivenessCheck::WaitForClaim => continue,
-                        OnLivenessCheck::LiveHolder { pid } => {
-                            if !lying_identity_warned {
-                                lying_identity_warned = true;
-                                warn!(
-                                    slot = %control::slot_name(active),
-                                    words_pid = active_id.pid,
-                                    holder_pid = pid,
-                                    "the control block says the active's process is gone, but a live engine thread holds the mutex: not stepping up (the slot's identity words are wrong)"
-                                );
-                            }
-                            continue;
-                        }
-                        OnLivenessCheck::ActiveDead => {
-                            return Ok(self.on_active_dead(u, &mut state, active, Death::Identity));
-                        }
-                        OnLivenessCheck::FenceHung => {
-                            warn!(
-                                pid = active_id.pid,
-                                "active is hung (heartbeat {} ms old, stream silent {} ms); fencing it with SIGKILL",
-                                obs.heartbeat_age_ns / 1_000_000,
-                                obs.stream_silence_ns / 1_000_000
-                            );
-                            fence_identity(&active_id);
-                        }
-                        OnLivenessCheck::Healthy => {}
+                if now - w.last_alive_check > LIVENESS_CHECK_NS {
+                    match self.check_liveness(u, &mut w, &mut state, now, &lock, &control) {
+                        Step::Go => {}
+                        Step::Again => continue,
+                        Step::Exit(f) => return Ok(f),
                     }
                 }
             }
             if !got {
-                idle_polls = idle_polls.saturating_add(1);
-                self.idle_wait(idle_polls);
+                w.idle_polls = w.idle_polls.saturating_add(1);
+                self.idle_wait(w.idle_polls);
             }
+        }
+    }
+
+    /// Every `FOLLOW_HOUSEKEEPING_NS`: publish what we hold, obey a stop, notice a closed
+    /// stream (never hot from then on), acknowledge our position.
+    fn follow_housekeeping(
+        &mut self,
+        u: &mut Upstream,
+        w: &mut Watch,
+        state: &mut State,
+        now: u64,
+    ) -> Step {
+        let s = self.opt.slot;
+        if now / REPAIR_EVERY_NS != w.last_house / REPAIR_EVERY_NS {
+            self.control.repair_own(s); // checked words
+        }
+        w.last_house = now;
+        self.control.set(s, Field::HeartbeatNs, now);
+        self.control.set(s, Field::Commits, self.commits);
+        self.control.set(s, Field::Digest, self.store.digest());
+        self.leftovers.reap(false);
+        let lag = u
+            .stream
+            .producer_position()
+            .saturating_sub(u.stream.position());
+        self.control.set(s, Field::LagBytes, lag);
+        if let Some(k) = &self.counters {
+            k.housekeeping(now, self.counters_bp_base);
+            k.set(Counter::STATE, *state as u64);
+            k.set(Counter::ROLE, self.control.get(s, Field::Role));
+            k.set(Counter::EPOCH, self.epoch);
+        }
+        if *state == State::Hot && self.control.epoch() == self.epoch {
+            self.preopen_next(w.active);
+        }
+        if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
+            return Step::Exit(Follow::Stop);
+        }
+        if let Some(why) = u.stream_region.closed() {
+            // A closed stream is never hot, from the moment the close is seen (the frames
+            // still in it are applied, but nothing after them comes).
+            if *state == State::Hot || *state == State::Syncing {
+                *state = self.not_hot_after_close(why);
+            }
+            if u.stream.has_next() {
+                // Apply what was committed before the close first: a refusal is published
+                // right before the close, and its message must not be lost.
+                return Step::Again;
+            }
+            info!(slot = %control::slot_name(s), reason = close_reason(why), "stream closed by the active; re-attaching");
+            return Step::Exit(Follow::Reattach);
+        }
+        if u.last_ack.elapsed() > ACK_EVERY {
+            u.last_ack = Instant::now();
+            let p = self.position((*state == State::Hot) as u64);
+            let _ = u
+                .feedback
+                .try_publish(rt::ACK, 1, 56, zerocopy::IntoBytes::as_bytes(&p));
+        }
+        Step::Go
+    }
+
+    /// The backstop to the mutex word, every `LIVENESS_CHECK_NS`: is the active's process gone
+    /// (or its pid reused), or hung? The decision is [`role::on_liveness_check`]'s.
+    fn check_liveness(
+        &mut self,
+        u: &mut Upstream,
+        w: &mut Watch,
+        state: &mut State,
+        now: u64,
+        lock: &control::ControlLock<'_>,
+        control: &Control,
+    ) -> Step {
+        w.last_alive_check = now;
+        if w.batches != w.batches_at_check {
+            w.batches_at_check = w.batches;
+            w.last_frame_ns = now;
+        }
+        let obs = role::LivenessCheck {
+            epoch_now: self.control.epoch(),
+            epoch_ours: self.epoch,
+            active_alive: w.active_id.is_alive(),
+            active_pid: w.active_id.pid,
+            hot: *state == State::Hot,
+            heartbeat_age_ns: now.saturating_sub(self.control.get(w.active, Field::HeartbeatNs)),
+            stream_silence_ns: now.saturating_sub(w.last_frame_ns),
+            hung_after_ns: self.opt.hung_after.as_nanos() as u64,
+        };
+        match role::on_liveness_check(obs, || live_holder(lock, control.path())) {
+            // A newer epoch: someone else is active now. An older one: we handed over
+            // (planned switchover) and the target died before claiming the epoch;
+            // re-attaching lets us take the state back.
+            OnLivenessCheck::Reattach => Step::Exit(Follow::Reattach),
+            // The target of our handover, alive, has not claimed the epoch yet.
+            OnLivenessCheck::WaitForClaim => Step::Again,
+            OnLivenessCheck::LiveHolder { pid } => {
+                if !w.lying_identity_warned {
+                    w.lying_identity_warned = true;
+                    warn!(
+                        slot = %control::slot_name(w.active),
+                        words_pid = w.active_id.pid,
+                        holder_pid = pid,
+                        "the control block says the active's process is gone, but a live engine thread holds the mutex: not stepping up (the slot's identity words are wrong)"
+                    );
+                }
+                Step::Again
+            }
+            OnLivenessCheck::ActiveDead => {
+                Step::Exit(self.on_active_dead(u, state, w.active, Death::Identity))
+            }
+            OnLivenessCheck::FenceHung => {
+                warn!(
+                    pid = w.active_id.pid,
+                    "active is hung (heartbeat {} ms old, stream silent {} ms); fencing it with SIGKILL",
+                    obs.heartbeat_age_ns / 1_000_000,
+                    obs.stream_silence_ns / 1_000_000
+                );
+                fence_identity(&w.active_id);
+                Step::Go
+            }
+            OnLivenessCheck::Healthy => Step::Go,
         }
     }
 
@@ -702,6 +722,61 @@ pub(super) fn drop_off_thread(store: impl Droppable) {
     let _ = std::thread::Builder::new()
         .name("understudy-drop".into())
         .spawn(move || drop(store));
+}
+
+/// A standby's housekeeping period while following.
+const FOLLOW_HOUSEKEEPING_NS: u64 = 500_000;
+/// How often the backstop liveness check runs.
+const LIVENESS_CHECK_NS: u64 = 5_000_000;
+/// How often an engine repairs its own checked words in the control block.
+pub(super) const REPAIR_EVERY_NS: u64 = 10_000_000;
+/// How often a standby acknowledges its position.
+const ACK_EVERY: Duration = Duration::from_millis(1);
+
+/// What a standby following its active keeps between polls.
+pub(super) struct Watch {
+    pub(super) active: usize,
+    pub(super) active_id: ProcessIdentity,
+    pub(super) idle_polls: u32,
+    pub(super) last_house: u64,
+    pub(super) last_alive_check: u64,
+    /// When the stream last delivered a batch: a live active sends a heartbeat frame at least
+    /// every 10 heartbeat intervals, so this is the second source before a fence. (Sampled at
+    /// each liveness check from the batch count: no clock read per batch.)
+    pub(super) last_frame_ns: u64,
+    pub(super) batches: u32,
+    pub(super) batches_at_check: u32,
+    pub(super) lying_identity_warned: bool,
+}
+
+impl Watch {
+    fn new(control: &Control, active: usize) -> Watch {
+        let now = monotonic_ns();
+        Watch {
+            active,
+            active_id: ProcessIdentity {
+                pid: control.get(active, Field::Pid).min(u32::MAX as u64) as u32,
+                start_time_ticks: control.get(active, Field::StartTime),
+            },
+            idle_polls: 0,
+            last_house: 0,
+            last_alive_check: now,
+            last_frame_ns: now,
+            batches: 0,
+            batches_at_check: 0,
+            lying_identity_warned: false,
+        }
+    }
+}
+
+/// What a step of `follow` says to do next.
+pub(super) enum Step {
+    /// Go on with this turn of the loop.
+    Go,
+    /// Start the next turn at once (no idle wait).
+    Again,
+    /// Leave `follow`.
+    Exit(Follow),
 }
 
 /// How the standby learned that its active died.
