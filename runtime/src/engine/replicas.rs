@@ -201,6 +201,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         }
     }
 
+    /// Feedback (hello, acks), then a catch-up chunk; `Err` detaches the replica.
     pub(super) fn service_replica(&mut self, i: usize) -> Result<(), String> {
         let hello_now = self.hello();
         let r = &mut self.replicas[i];
@@ -208,89 +209,41 @@ impl<A: Application, I: Input> Engine<A, I> {
             return Err("its regions were closed".into());
         }
         let mut began = false;
-        // Feedback: hello, acks, refusals.
-        loop {
-            match r.feedback.poll(&mut self.buf) {
-                Ok(false) => break,
-                Ok(true) => {
-                    for f in self.buf.frames() {
-                        match f.meta.record_type {
-                            rt::HELLO if matches!(r.phase, ReplicaPhase::AwaitHello) => {
-                                let theirs = Hello::decode(f.payload, f.meta.block_length)
-                                    .map_err(|e| format!("bad hello: {e}"))?;
-                                match negotiate(&hello_now, &theirs, self.enabled) {
-                                    Ok(a) => {
-                                        if a.versions_differ {
-                                            info!(ours = hello_now.app_version, theirs = theirs.app_version, layout = a.layout_version(), "standby runs another version; streaming the agreed layout");
-                                        }
-                                        r.agreement = Some(a);
-                                        let mut b = r.stream.batch();
-                                        hello_now.encode(&mut self.scratch);
-                                        b.push(rt::HELLO, 1, 48, &self.scratch)
-                                            .map_err(|e| e.to_string())?;
-                                        let same = theirs.digest == hello_now.digest
-                                            && theirs.commits == hello_now.commits;
-                                        let pos =
-                                            position_of(&self.store, self.commits, self.epoch, 0);
-                                        if same {
-                                            b.push(
-                                                rt::BASE,
-                                                1,
-                                                56,
-                                                zerocopy::IntoBytes::as_bytes(&pos),
-                                            )
-                                            .map_err(|e| e.to_string())?;
-                                            r.phase = ReplicaPhase::Streaming(None);
-                                            r.hot = true;
-                                        } else {
-                                            b.push(
-                                                rt::SNAP_BEGIN,
-                                                1,
-                                                56,
-                                                zerocopy::IntoBytes::as_bytes(&pos),
-                                            )
-                                            .map_err(|e| e.to_string())?;
-                                            r.phase =
-                                                ReplicaPhase::Streaming(Some(Snapshot::new()));
-                                            r.catchup_steps = 1;
-                                            began = true;
-                                        }
-                                        b.commit();
-                                    }
-                                    Err(e) => {
-                                        let msg = format!(
-                                            "{e} (active: {} v{}, standby: {} v{})",
-                                            hello_now.name,
-                                            hello_now.app_version,
-                                            theirs.name,
-                                            theirs.app_version
-                                        );
-                                        let _ =
-                                            r.stream.try_publish(rt::REFUSE, 1, 0, msg.as_bytes());
-                                        r.stream_region.close(CLOSE_REFUSED);
-                                        return Err(format!("refused: {msg}"));
-                                    }
-                                }
+        // Feedback: hello, acks.
+        while r
+            .feedback
+            .poll(&mut self.buf)
+            .map_err(|e| format!("corrupt feedback: {e}"))?
+        {
+            for f in self.buf.frames() {
+                match f.meta.record_type {
+                    rt::HELLO if matches!(r.phase, ReplicaPhase::AwaitHello) => {
+                        let theirs = Hello::decode(f.payload, f.meta.block_length)
+                            .map_err(|e| format!("bad hello: {e}"))?;
+                        let start = Start {
+                            ours: &hello_now,
+                            enabled: self.enabled,
+                            store: &self.store,
+                            commits: self.commits,
+                            epoch: self.epoch,
+                        };
+                        began |= start_streaming(r, &start, &theirs, &mut self.scratch)?;
+                    }
+                    rt::ACK => {
+                        if let Ok(p) = decode::<Position>(f.payload, f.meta.block_length) {
+                            if p.arg == 1 {
+                                r.hot = true;
                             }
-                            rt::ACK => {
-                                if let Ok(p) = decode::<Position>(f.payload, f.meta.block_length) {
-                                    if p.arg == 1 {
-                                        r.hot = true;
-                                    }
-                                }
-                            }
-                            _ => {}
                         }
                     }
+                    _ => {}
                 }
-                Err(e) => return Err(format!("corrupt feedback: {e}")),
             }
         }
         if began {
             // The first chunk goes at the next housekeeping: the begin is a step of its own.
             return Ok(());
         }
-        // Catch-up chunk.
         let chunk = self.opt.catchup_chunk;
         catch_up_step(
             r,
@@ -299,9 +252,68 @@ impl<A: Application, I: Input> Engine<A, I> {
             self.epoch,
             chunk,
             &mut self.scratch,
-        )?;
-        Ok(())
+        )
     }
+}
+
+/// What the active knows when a standby's hello arrives.
+struct Start<'a> {
+    ours: &'a Hello,
+    enabled: u64,
+    store: &'a Store,
+    commits: u64,
+    epoch: u64,
+}
+
+/// Answer a standby's hello: refuse it (a refusal frame, the stream closed), or agree on a
+/// layout and start streaming with our hello and either a base position (its store already is
+/// ours: hot at once) or a snapshot's begin. True if a catch-up began.
+fn start_streaming(
+    r: &mut Replica,
+    start: &Start<'_>,
+    theirs: &Hello,
+    scratch: &mut Vec<u8>,
+) -> Result<bool, String> {
+    let ours = start.ours;
+    let a = match negotiate(ours, theirs, start.enabled) {
+        Ok(a) => a,
+        Err(e) => {
+            let msg = format!(
+                "{e} (active: {} v{}, standby: {} v{})",
+                ours.name, ours.app_version, theirs.name, theirs.app_version
+            );
+            let _ = r.stream.try_publish(rt::REFUSE, 1, 0, msg.as_bytes());
+            r.stream_region.close(CLOSE_REFUSED);
+            return Err(format!("refused: {msg}"));
+        }
+    };
+    if a.versions_differ {
+        info!(
+            ours = ours.app_version,
+            theirs = theirs.app_version,
+            layout = a.layout_version(),
+            "standby runs another version; streaming the agreed layout"
+        );
+    }
+    r.agreement = Some(a);
+    let same = theirs.digest == ours.digest && theirs.commits == ours.commits;
+    let pos = position_of(start.store, start.commits, start.epoch, 0);
+    let mut b = r.stream.batch();
+    ours.encode(scratch);
+    b.push(rt::HELLO, 1, 48, scratch)
+        .map_err(|e| e.to_string())?;
+    let first = if same { rt::BASE } else { rt::SNAP_BEGIN };
+    b.push(first, 1, 56, zerocopy::IntoBytes::as_bytes(&pos))
+        .map_err(|e| e.to_string())?;
+    b.commit();
+    if same {
+        r.phase = ReplicaPhase::Streaming(None);
+        r.hot = true;
+    } else {
+        r.phase = ReplicaPhase::Streaming(Some(Snapshot::new()));
+        r.catchup_steps = 1;
+    }
+    Ok(!same)
 }
 
 /// Push with the back-pressure policy: while `push` finds the ring full, wait as long as the
