@@ -424,6 +424,8 @@ impl<A: Application, I: Input> Engine<A, I> {
         let e = expected.unwrap_or_else(|| self.control.epoch());
         match self.control.claim_epoch(e, self.opt.slot) {
             Some(ne) => {
+                // Invariant: the cluster's epoch only rises (claimed by compare-and-swap).
+                debug_assert!(ne > e, "epoch {e} claimed as {ne}");
                 self.epoch = ne;
                 info!(slot = %control::slot_name(self.opt.slot), epoch = ne, "starting as active");
                 Ok(true)

@@ -155,6 +155,8 @@ impl<A: Application, I: Input> Engine<A, I> {
                 Ok(r) => {
                     debug!(slot = %control::slot_name(slot), gen, "standby attaching");
                     self.replicas.push(r);
+                    // Invariant: one replica per slot (an older generation was dropped above).
+                    debug_assert_eq!(self.replicas.iter().filter(|r| r.slot == slot).count(), 1);
                 }
                 Err(e) => {
                     debug!(slot = %control::slot_name(slot), "standby not ready to attach: {e}")
