@@ -144,6 +144,10 @@ pub trait Application {
     }
 }
 
+/// Changes a transaction holds before reads of its own changes go through the index rather
+/// than a scan (a scan of a few changes is as fast as a hash and needs no upkeep).
+pub(crate) const INDEX_FROM_OPS: usize = 8;
+
 /// What a change is about: a work unit, or a record of a table (the identity the
 /// transaction's index of its own changes is keyed by).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,30 +307,72 @@ impl Tx<'_> {
     }
 
     /// A work unit as this transaction sees it, in place (no copy).
+    #[inline]
     pub fn unit(&self, id: u64) -> Option<UnitRef<'_>> {
-        match self.bufs.latest(Ident::Unit(id)) {
-            Some(Op::PutUnit {
-                kind,
-                layout_version,
-                state,
-                ..
-            }) => Some(UnitRef {
-                kind: *kind,
-                layout_version: *layout_version,
-                state,
-            }),
-            Some(_) => None,
-            None => self.store.unit(id),
+        // A short transaction is scanned here (a leaf: no call but the store's lookup); a
+        // long one goes through the index, out of line.
+        if self.bufs.ops.len() > INDEX_FROM_OPS {
+            return self.unit_indexed(id);
         }
+        self.unit_in(&self.bufs.ops, id)
+    }
+
+    #[inline(never)]
+    fn unit_indexed(&self, id: u64) -> Option<UnitRef<'_>> {
+        self.unit_in(self.bufs.candidates(Ident::Unit(id)), id)
+    }
+
+    #[inline(always)]
+    fn unit_in<'s>(&'s self, ops: &'s [Op], id: u64) -> Option<UnitRef<'s>> {
+        for op in ops.iter().rev() {
+            match op {
+                Op::PutUnit {
+                    id: i,
+                    kind,
+                    layout_version,
+                    state,
+                } if *i == id => {
+                    return Some(UnitRef {
+                        kind: *kind,
+                        layout_version: *layout_version,
+                        state,
+                    })
+                }
+                Op::RetireUnit { id: i } if *i == id => return None,
+                _ => {}
+            }
+        }
+        self.store.unit(id)
     }
 
     /// A record as this transaction sees it, in place (no copy).
+    #[inline]
     pub fn get(&self, table: u16, key: &[u8]) -> Option<&[u8]> {
-        match self.bufs.latest(Ident::Record(table, key)) {
-            Some(Op::Put { value, .. }) => Some(value),
-            Some(_) => None,
-            None => self.store.get(table, key),
+        if self.bufs.ops.len() > INDEX_FROM_OPS {
+            return self.get_indexed(table, key);
         }
+        self.get_in(&self.bufs.ops, table, key)
+    }
+
+    #[inline(never)]
+    fn get_indexed(&self, table: u16, key: &[u8]) -> Option<&[u8]> {
+        self.get_in(self.bufs.candidates(Ident::Record(table, key)), table, key)
+    }
+
+    #[inline(always)]
+    fn get_in<'s>(&'s self, ops: &'s [Op], table: u16, key: &[u8]) -> Option<&'s [u8]> {
+        for op in ops.iter().rev() {
+            match op {
+                Op::Put {
+                    table: t,
+                    key: k,
+                    value,
+                } if *t == table && k == key => return Some(value),
+                Op::Delete { table: t, key: k } if *t == table && k == key => return None,
+                _ => {}
+            }
+        }
+        self.store.get(table, key)
     }
 
     /// The committed store (without this transaction's changes).

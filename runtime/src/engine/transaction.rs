@@ -2,7 +2,7 @@
 //! block and pushing a committed batch to a stream.
 
 use super::*;
-use crate::app::{Ident, TxTooLarge};
+use crate::app::{Ident, TxTooLarge, INDEX_FROM_OPS};
 use shm_layout::frame::{frame_bytes, FRAME_ALIGN};
 
 /// What a transaction is built in, kept from one transaction to the next: with the store
@@ -24,9 +24,13 @@ pub struct TxBuffers {
     pub clock_ns: Option<u64>,
     /// The index of `ops` by what each changes (built past [`INDEX_FROM_OPS`] changes).
     index: OpIndex,
-    /// Stream frames of `ops` so far: their bytes, and the largest frame.
-    frames_bytes: usize,
-    frame_max_bytes: usize,
+    /// Payload bytes of the changes added through [`TxBuffers::push_op`] (for a quick bound).
+    payload_bytes: usize,
+    /// Stream frames of `ops[..sized]`: their bytes, and the largest frame (counted when the
+    /// size is asked for, so adding a change costs nothing more than the push).
+    sized: std::cell::Cell<usize>,
+    frames_bytes: std::cell::Cell<usize>,
+    frame_max_bytes: std::cell::Cell<usize>,
     /// `Tx::now_ns` of this transaction once read (0: not yet).
     now_ns: std::cell::Cell<u64>,
     /// The timer sequence record of this transaction: its index in `ops` and the next id.
@@ -37,10 +41,6 @@ pub struct TxBuffers {
 
 /// `Options::new`'s `ring_capacity`: the limit of a transaction built outside an engine.
 const DEFAULT_RING_CAPACITY: usize = 8 << 20;
-
-/// Changes a transaction holds before reads of its own changes go through the index rather
-/// than a scan (a scan of a few changes is as fast as a hash and needs no upkeep).
-pub(crate) const INDEX_FROM_OPS: usize = 8;
 
 impl Default for TxBuffers {
     fn default() -> Self {
@@ -58,8 +58,10 @@ impl TxBuffers {
             limit_bytes: shm_layout::ring::max_batch_bytes(DEFAULT_RING_CAPACITY),
             clock_ns: None,
             index: OpIndex::default(),
-            frames_bytes: 0,
-            frame_max_bytes: 0,
+            payload_bytes: 0,
+            sized: std::cell::Cell::new(0),
+            frames_bytes: std::cell::Cell::new(0),
+            frame_max_bytes: std::cell::Cell::new(0),
             now_ns: std::cell::Cell::new(0),
             timer_seq: None,
             armed_min_ns: u64::MAX,
@@ -73,8 +75,10 @@ impl TxBuffers {
         }
         self.response.clear();
         self.index.clear();
-        self.frames_bytes = 0;
-        self.frame_max_bytes = 0;
+        self.payload_bytes = 0;
+        self.sized.set(0);
+        self.frames_bytes.set(0);
+        self.frame_max_bytes.set(0);
         self.now_ns.set(0);
         self.timer_seq = None;
         self.armed_min_ns = u64::MAX;
@@ -87,43 +91,68 @@ impl TxBuffers {
             store.apply_owned(op, &mut self.spare);
         }
         self.index.clear();
-        self.frames_bytes = 0;
-        self.frame_max_bytes = 0;
+        self.payload_bytes = 0;
+        self.sized.set(0);
+        self.frames_bytes.set(0);
+        self.frame_max_bytes.set(0);
     }
 
-    /// Add a change, keeping the size and the index up to date.
+    /// Add a change, keeping the index up to date once it is built.
+    #[inline(always)]
     pub(crate) fn push_op(&mut self, op: Op) {
-        let fb = frame_bytes(op_payload_bytes(&op));
-        self.frames_bytes += fb;
-        self.frame_max_bytes = self.frame_max_bytes.max(fb);
+        // Inlined where the change is built, this is one addition of lengths at hand.
+        self.payload_bytes += op_payload_bytes(&op);
         self.ops.push(op);
+        if self.ops.len() > INDEX_FROM_OPS {
+            self.index_last();
+        }
+    }
+
+    /// Index the change just added (building the index if this is the first past
+    /// [`INDEX_FROM_OPS`]).
+    #[inline(never)]
+    fn index_last(&mut self) {
         if self.index.is_built() {
             self.index.insert(&self.ops, self.ops.len() - 1);
-        } else if self.ops.len() > INDEX_FROM_OPS {
+        } else {
             self.index.build(&self.ops);
         }
     }
 
-    /// The last change of this transaction to `what`, if any.
-    pub(crate) fn latest(&self, what: Ident<'_>) -> Option<&Op> {
-        if self.index.is_built() {
-            return self.index.find(&self.ops, what).map(|i| &self.ops[i]);
+    /// The changes to look through for the last change to `what`: all of them while the index
+    /// is not built (a scan from the end), else the one the index names, or none.
+    #[inline]
+    pub(crate) fn candidates(&self, what: Ident<'_>) -> &[Op] {
+        if !self.index.is_built() {
+            return &self.ops;
         }
-        self.ops.iter().rev().find(|op| Ident::of(op) == what)
+        match self.index.find(&self.ops, what) {
+            Some(i) => &self.ops[i..=i],
+            None => &[],
+        }
     }
 
     /// The bytes the transaction takes in the stream: its changes, the input position record
     /// with the response so far, the commit frame, and the padding one wrap may need.
     pub(crate) fn encoded_len(&self) -> usize {
+        let (mut sum, mut max) = (self.frames_bytes.get(), self.frame_max_bytes.get());
+        for op in &self.ops[self.sized.get()..] {
+            let fb = frame_bytes(op_payload_bytes(op));
+            sum += fb;
+            max = max.max(fb);
+        }
+        self.sized.set(self.ops.len());
+        self.frames_bytes.set(sum);
+        self.frame_max_bytes.set(max);
         // The input-position record: a `Put` of an 8-byte key and a 24-byte position before
         // the response (see `SourcePosition::encode`).
         let input = frame_bytes(16 + 8 + 24 + self.response.len());
         let commit = frame_bytes(48);
-        let largest = self.frame_max_bytes.max(input).max(commit);
+        let largest = max.max(input).max(commit);
         // A frame that would cross the ring's end is preceded by a padding frame filling the
         // rest of the lap: less than that frame's own size, so at most the largest frame's
         // size less one alignment unit.
-        self.frames_bytes + input + commit + largest - FRAME_ALIGN
+        sum + input + commit + largest - FRAME_ALIGN
     }
 
     /// The transaction's notion of now (see [`Tx::now_ns`]).
@@ -139,6 +168,14 @@ impl TxBuffers {
 
     /// The oversize refusal of the transaction as it stands, if it is over the limit.
     fn too_large(&self) -> Option<TxTooLarge> {
+        // A quick bound first: a frame takes at most its payload + 63 bytes, the padding is
+        // less than the largest frame, so twice the frames' bound is more than the batch. A
+        // transaction under half the limit by this bound is not looked at change by change.
+        let input = frame_bytes(16 + 8 + 24 + self.response.len());
+        let frames_max = self.payload_bytes + 63 * self.ops.len() + input + frame_bytes(48);
+        if frames_max.saturating_mul(2) <= self.limit_bytes {
+            return None;
+        }
         let found_bytes = self.encoded_len();
         (found_bytes > self.limit_bytes).then_some(TxTooLarge {
             found_bytes,
@@ -149,6 +186,7 @@ impl TxBuffers {
 
 /// The payload bytes `protocol::encode_op` writes for `op` (its fixed block and its variable
 /// parts); checked against the encoder in this file's tests.
+#[inline]
 fn op_payload_bytes(op: &Op) -> usize {
     match op {
         Op::PutUnit { state, .. } => 16 + state.len(),
@@ -185,15 +223,19 @@ fn ident_hash(what: Ident<'_>) -> u64 {
 }
 
 impl OpIndex {
+    #[inline]
     fn is_built(&self) -> bool {
         self.live != 0
     }
 
+    #[inline]
     fn clear(&mut self) {
-        let live = self.live;
-        self.slots[..live].fill(EMPTY);
-        self.live = 0;
-        self.entries = 0;
+        if self.live != 0 {
+            let live = self.live;
+            self.slots[..live].fill(EMPTY);
+            self.live = 0;
+            self.entries = 0;
+        }
     }
 
     /// Index every change of `ops`, later ones over earlier ones.
@@ -454,5 +496,47 @@ mod tests {
         );
         // Some offset made it wrap (padding), and the count is not wildly above the batch.
         assert!(largest > predicted - 3200, "{largest} vs {predicted}");
+    }
+
+    proptest::proptest! {
+        /// The index answers what a scan of the changes from the end answers, for every unit
+        /// and record after every change (keys colliding in a small space, tables sharing
+        /// keys, units and records sharing numbers, the index growing past its first size),
+        /// and again after the buffers are cleared and reused.
+        #[test]
+        fn the_index_agrees_with_a_scan(
+            rounds in proptest::collection::vec(
+                proptest::collection::vec((0u8..4, 0u64..24, 0u16..3), 0..200),
+                1..4,
+            )
+        ) {
+            let mut tx = TxBuffers::new();
+            for changes in rounds {
+                tx.clear();
+                for (kind, n, table) in changes {
+                    let key = n.to_le_bytes()[..(n % 3 + 1) as usize].to_vec();
+                    tx.push_op(match kind {
+                        0 => Op::PutUnit { id: n, kind: 1, layout_version: 1, state: vec![n as u8] },
+                        1 => Op::RetireUnit { id: n },
+                        2 => Op::Put { table, key, value: vec![n as u8] },
+                        _ => Op::Delete { table, key },
+                    });
+                    for m in 0..24u64 {
+                        let key = m.to_le_bytes()[..(m % 3 + 1) as usize].to_vec();
+                        let whats = [Ident::Unit(m), Ident::Record(0, &key), Ident::Record(2, &key)];
+                        for what in whats {
+                            let scanned = tx.ops.iter().rposition(|op| Ident::of(op) == what);
+                            let looked = tx
+                                .candidates(what)
+                                .iter()
+                                .rev()
+                                .find(|op| Ident::of(op) == what)
+                                .map(|op| op as *const Op);
+                            proptest::prop_assert_eq!(looked, scanned.map(|i| &tx.ops[i] as *const Op));
+                        }
+                    }
+                }
+            }
+        }
     }
 }
