@@ -10,8 +10,20 @@
 //! then    the payload area: the payload, then zero bytes up to the next 32-byte boundary
 //! ```
 //!
-//! The checksum covers words 1, 2 (without the checksum) and 3, and the whole payload area,
-//! zero padding included (a padding frame has no payload area to check).
+//! Integrity is chosen per batch by the producer ([`crate::ring::Integrity`]) and written in
+//! the flags of the batch head:
+//!
+//! - per frame (flags without [`FLAG_BATCH_SUM`] / [`FLAG_NO_SUM`], the default): each frame's
+//!   checksum covers its words 1, 2 (without the checksum) and 3, and its whole payload area,
+//!   zero padding included (a padding frame has no payload area to check);
+//! - per batch ([`FLAG_BATCH_SUM`] on the head): one checksum in the head covers the header
+//!   words and payload areas of every frame of the batch in order; the other frames' checksum
+//!   fields are 0 (one checksum per transaction instead of one per record);
+//! - off ([`FLAG_NO_SUM`] on the head): every checksum field of the batch is 0; the consumer
+//!   still checks the structure. A consumer that requires integrity (client rings) refuses it.
+//!
+//! Layout major 3 (this format) added the two batch flags; a major-2 reader would take a
+//! batch-sum or unchecked batch for corruption, so the region's major version tells them apart.
 //!
 //! A frame never starts on a word the producer has not zeroed or written in this lap: the
 //! producer zeroes the commit word just past each batch before the Release store that
@@ -32,6 +44,13 @@ pub const COMMIT_LEN_MASK: u64 = COMMIT_CONT - 1;
 pub const PAD_RECORD_TYPE: u16 = 0xFFFF;
 /// Frame flag: padding (no payload to read).
 pub const FLAG_PAD: u16 = 1;
+/// Batch-head flag: the head's checksum covers every frame of the batch; the other frames'
+/// checksum fields are 0.
+pub const FLAG_BATCH_SUM: u16 = 2;
+/// Batch-head flag: no checksum in this batch (every checksum field is 0).
+pub const FLAG_NO_SUM: u16 = 4;
+/// Flags that only a batch head may carry.
+pub const BATCH_FLAGS: u16 = FLAG_BATCH_SUM | FLAG_NO_SUM;
 
 const _: () = assert!(HEADER_BYTES == 4 * 8);
 // A payload length read from a frame header is a u32: `frame_bytes` of any of them (at most

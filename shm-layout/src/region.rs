@@ -44,8 +44,11 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"USTDYRG1");
 pub const READY: u64 = u64::from_le_bytes(*b"READY!!1");
 /// Layout major version: a reader refuses any other. 2: the frame checksum runs four lanes
 /// over 32-byte chunks of the payload area, zero padding included (1 ran two lanes over the
-/// payload words only), so a reader of 1 would refuse every frame of 2 as corrupt.
-pub const LAYOUT_MAJOR: u16 = 2;
+/// payload words only), so a reader of 1 would refuse every frame of 2 as corrupt. 3: the
+/// integrity of a batch is the producer's choice, in its head's flags (one checksum per
+/// frame, one per batch, or none; see [`crate::frame`]), so a reader of 2 would refuse a
+/// batch-sum or unchecked batch of 3 as corrupt.
+pub const LAYOUT_MAJOR: u16 = 3;
 /// Layout minor version: additions a major-1 reader can ignore.
 pub const LAYOUT_MINOR: u16 = 0;
 /// Bytes before the ring: the superblock page.

@@ -45,8 +45,9 @@
 //! ```
 
 use crate::frame::{
-    commit_word, frame_bytes, word1, word2, Checksum, CHUNK_WORDS, COMMIT_CONT, COMMIT_LEN_MASK,
-    FLAG_PAD, FRAME_ALIGN, HEADER_BYTES, PAD_RECORD_TYPE,
+    commit_word, frame_bytes, word1, word2, Checksum, BATCH_FLAGS, CHUNK_WORDS, COMMIT_CONT,
+    COMMIT_LEN_MASK, FLAG_BATCH_SUM, FLAG_NO_SUM, FLAG_PAD, FRAME_ALIGN, HEADER_BYTES,
+    PAD_RECORD_TYPE,
 };
 use crate::memory::WordMemory;
 use crate::sync::{fence, spin_hint, yield_now, AtomicU64, Ordering};
@@ -276,6 +277,34 @@ impl fmt::Display for PushError {
 }
 impl std::error::Error for PushError {}
 
+/// How a producer protects its batches against corruption (see [`crate::frame`]). The consumer
+/// checks the structure of every frame whatever the choice; checksums add detection of torn,
+/// misplaced or corrupted bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Integrity {
+    /// One checksum per frame (the default; what client rings use).
+    #[default]
+    PerFrame,
+    /// One checksum per batch (per transaction), in the batch head.
+    PerBatch,
+    /// No checksum: for a stream between two engines of the same host and user that wants the
+    /// last nanoseconds. A consumer refuses such batches unless told to accept them
+    /// ([`Consumer::set_require_integrity`]).
+    Off,
+}
+
+impl Integrity {
+    /// The batch-head flags that announce this choice.
+    #[inline(always)]
+    const fn head_flags(self) -> u16 {
+        match self {
+            Integrity::PerFrame => 0,
+            Integrity::PerBatch => FLAG_BATCH_SUM,
+            Integrity::Off => FLAG_NO_SUM,
+        }
+    }
+}
+
 /// The producing end. Exactly one exists per ring (the type is not `Clone`).
 pub struct Producer<M: WordMemory> {
     mem: M,
@@ -283,6 +312,11 @@ pub struct Producer<M: WordMemory> {
     head: u64,
     seq: u64,
     cached_tail: u64,
+    integrity: Integrity,
+    /// Under loom the ring's words are loom atomics, not bytes: a claim is written here and
+    /// copied into the ring at its commit (same positions, same stores as production).
+    #[cfg(loom)]
+    scratch: Vec<u8>,
 }
 
 impl<M: WordMemory> Producer<M> {
@@ -299,6 +333,9 @@ impl<M: WordMemory> Producer<M> {
             head,
             seq,
             cached_tail: tail,
+            integrity: Integrity::PerFrame,
+            #[cfg(loom)]
+            scratch: Vec::new(),
         }
     }
 
@@ -372,6 +409,16 @@ impl<M: WordMemory> Producer<M> {
     #[inline(always)]
     fn word_at(&self, pos: u64) -> &AtomicU64 {
         slot(self.data(), pos)
+    }
+
+    /// Choose how the next batches are protected (see [`Integrity`]); per frame by default.
+    pub fn set_integrity(&mut self, integrity: Integrity) {
+        self.integrity = integrity;
+    }
+
+    /// How batches are protected.
+    pub fn integrity(&self) -> Integrity {
+        self.integrity
     }
 
     /// The position the next batch will start at.
@@ -463,6 +510,7 @@ impl<M: WordMemory> Producer<M> {
     pub fn batch(&mut self) -> Batch<'_, M> {
         let start = self.head;
         let seq = self.seq;
+        let integrity = self.integrity;
         Batch {
             producer: self,
             start,
@@ -470,6 +518,9 @@ impl<M: WordMemory> Producer<M> {
             start_seq: seq,
             seq,
             frames: 0,
+            integrity,
+            sum: Checksum::new(0, 0, 0),
+            head_w2: 0,
         }
     }
 
@@ -590,6 +641,84 @@ pub struct Batch<'a, M: WordMemory> {
     /// Frames written so far; the first, at `start`, is the batch head (its commit word is
     /// written last, by `commit`).
     frames: u32,
+    integrity: Integrity,
+    /// The running checksum of the batch so far ([`Integrity::PerBatch`]).
+    sum: Checksum,
+    /// The head's word 2 without its checksum ([`Integrity::PerBatch`]: the sum is stored by
+    /// `commit`).
+    head_w2: u64,
+}
+
+/// Room for one frame claimed in a batch ([`Batch::claim`]): write the payload in place, then
+/// [`Claim::commit`]. The payload area holds whatever an earlier lap left there: write every
+/// byte the record needs. Dropping a claim without committing abandons the frame (the batch is
+/// as before the claim).
+pub struct Claim<'b, 'a, M: WordMemory> {
+    batch: &'b mut Batch<'a, M>,
+    record_type: u16,
+    layout_version: u16,
+    block_length: u16,
+    len: usize,
+    /// Padding before the frame (when the frame would run past the buffer's end).
+    pad: u64,
+    fb: u64,
+}
+
+impl<M: WordMemory> Claim<'_, '_, M> {
+    /// The payload bytes, in the ring (`len` bytes as claimed).
+    #[inline(always)]
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        #[cfg(loom)]
+        {
+            let len = self.len;
+            let words = &mut self.batch.producer.scratch[..];
+            &mut zerocopy::IntoBytes::as_mut_bytes(words)[..len]
+        }
+        #[cfg(not(loom))]
+        {
+            let data = self.batch.producer.data();
+            let i = word_index(data, self.batch.pos + self.pad) + CHUNK_WORDS;
+            debug_assert!(i * 8 + self.len <= data.len() * 8);
+            // SAFETY: `claim` placed the frame at `pos + pad` so that it ends at or before the
+            // buffer's end, and its payload area (`fb - 32 >= len` bytes from word `i`) lies in
+            // room the consumer released and that no committed frame covers: neither end
+            // accesses these bytes until this producer commits them (the consumer reads a frame
+            // only after the Release store of its batch's commit word). The words are
+            // `AtomicU64`s (an `UnsafeCell` each), so writing them through a pointer derived
+            // from the shared slice is allowed; the slice lives as long as `&mut self`, which
+            // `commit` consumes, so no atomic access of this producer overlaps it. `WordMemory`
+            // keeps the memory mapped and in place while the producer lives.
+            unsafe {
+                std::slice::from_raw_parts_mut((data.as_ptr().add(i) as *mut u8).cast(), self.len)
+            }
+        }
+    }
+
+    /// The payload as a typed record in place, when `R` fits in it (its size at most the
+    /// claimed length; the payload area is 32-byte aligned in the ring).
+    #[inline(always)]
+    pub fn record_mut<R>(&mut self) -> Option<&mut R>
+    where
+        R: zerocopy::FromBytes + zerocopy::IntoBytes + zerocopy::KnownLayout,
+    {
+        R::mut_from_prefix(self.bytes_mut()).ok().map(|(r, _)| r)
+    }
+
+    /// Add the frame to the batch (visible to the consumer at the batch's commit).
+    #[inline(always)]
+    pub fn commit(self) {
+        let b = self.batch;
+        if self.pad > 0 {
+            b.write_padding(self.pad);
+        }
+        b.finish_claimed(
+            self.record_type,
+            self.layout_version,
+            self.block_length,
+            self.len,
+            self.fb,
+        );
+    }
 }
 
 /// What a committed batch took.
@@ -605,7 +734,7 @@ pub struct Committed {
     pub frames: u32,
 }
 
-impl<M: WordMemory> Batch<'_, M> {
+impl<'a, M: WordMemory> Batch<'a, M> {
     /// Frames pushed so far.
     pub fn len(&self) -> usize {
         self.frames as usize
@@ -668,20 +797,191 @@ impl<M: WordMemory> Batch<'_, M> {
     /// or checksummed).
     #[cold]
     fn write_padding(&mut self, fb: u64) {
-        let data = self.producer.data();
         let w1 = word1((fb as usize - HEADER_BYTES) as u32, PAD_RECORD_TYPE, 0);
-        let w2 = word2(FLAG_PAD, 0);
-        let sum = Checksum::new(w1, w2, self.seq).finish();
+        let w2 = word2(self.flags(FLAG_PAD), 0);
+        let sum = self.sum_start(w1, w2);
+        let w2 = self.sum_end(w2, sum);
+        let data = self.producer.data();
         let i = word_index(data, self.pos);
         let header = &data[i..i + CHUNK_WORDS];
-        store_header(
-            header,
-            w1,
-            w2 | (sum as u64) << 32,
-            self.seq,
-            fb,
+        store_header(header, w1, w2, self.seq, fb, self.frames == 0);
+        self.advance(fb);
+    }
+
+    /// A frame's flags: the batch head also carries the batch's integrity choice.
+    #[inline(always)]
+    fn flags(&self, flags: u16) -> u16 {
+        if self.frames == 0 {
+            flags | self.integrity.head_flags()
+        } else {
+            flags
+        }
+    }
+
+    /// The checksum state a frame with header words `w1`, `w2` (no checksum) starts from: a
+    /// fresh one per frame, or the batch's running one ([`Integrity::PerBatch`]).
+    #[inline(always)]
+    fn sum_start(&self, w1: u64, w2: u64) -> Checksum {
+        if self.integrity == Integrity::PerBatch && self.frames != 0 {
+            let mut c = self.sum;
+            c.add4([w1, w2, self.seq, 0]);
+            c
+        } else {
+            Checksum::new(w1, w2, self.seq)
+        }
+    }
+
+    /// Word 2 as stored for a frame whose checksum state after its payload area is `sum`: its
+    /// own checksum per frame; otherwise 0 in the checksum field (the batch's sum goes into the
+    /// head at `commit`).
+    #[inline(always)]
+    fn sum_end(&mut self, w2: u64, sum: Checksum) -> u64 {
+        sum_end(
+            self.integrity,
             self.frames == 0,
-        );
+            (&mut self.sum, &mut self.head_w2),
+            w2,
+            sum,
+        )
+    }
+
+    /// Reserve room for a frame of `len` payload bytes and hand out its payload area in the
+    /// ring to write the record in place ([`Claim::bytes_mut`], [`Claim::record_mut`]); the
+    /// frame joins the batch at [`Claim::commit`] (dropping the claim abandons it). Checks and
+    /// errors are those of [`Batch::push`].
+    ///
+    /// ```
+    /// use shm_layout::memory::HeapMemory;
+    /// use shm_layout::ring::{ring_words, Consumer, Producer};
+    /// use std::sync::Arc;
+    ///
+    /// let mem = Arc::new(HeapMemory::new(ring_words(1024)));
+    /// let mut p = Producer::create(mem.clone(), 1024).unwrap();
+    /// let mut c = Consumer::attach(mem, 1024).unwrap();
+    /// let mut batch = p.batch();
+    /// let mut claim = batch.claim(7, 1, 5, 5).unwrap();
+    /// claim.bytes_mut().copy_from_slice(b"hello");
+    /// claim.commit();
+    /// batch.commit();
+    /// let view = c.read_batch().unwrap().unwrap();
+    /// assert_eq!(view.frames().next().unwrap().payload, b"hello");
+    /// ```
+    #[inline(always)]
+    pub fn claim(
+        &mut self,
+        record_type: u16,
+        layout_version: u16,
+        block_length: u16,
+        len: usize,
+    ) -> Result<Claim<'_, 'a, M>, PushError> {
+        if record_type == PAD_RECORD_TYPE {
+            return Err(PushError::ReservedType);
+        }
+        if len > u32::MAX as usize {
+            return Err(PushError::TooLarge {
+                needed_bytes: len.saturating_add(HEADER_BYTES + FRAME_ALIGN),
+                max_bytes: max_batch_bytes(self.producer.capacity as usize),
+            });
+        }
+        let fb = frame_bytes(len) as u64;
+        let (pad, needed_end) = placement(self.producer.capacity, self.pos, fb);
+        self.producer.reserve(needed_end)?;
+        #[cfg(loom)]
+        {
+            let s = &mut self.producer.scratch;
+            s.clear();
+            s.resize(((fb as usize) - HEADER_BYTES) / 8, 0);
+        }
+        Ok(Claim {
+            batch: self,
+            record_type,
+            layout_version,
+            block_length,
+            len,
+            pad,
+            fb,
+        })
+    }
+
+    /// Claim room for a frame of `len` payload bytes, let `fill` write them in place, and add
+    /// the frame to the batch.
+    #[inline(always)]
+    pub fn push_with(
+        &mut self,
+        record_type: u16,
+        layout_version: u16,
+        block_length: u16,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<(), PushError> {
+        let mut c = self.claim(record_type, layout_version, block_length, len)?;
+        fill(c.bytes_mut());
+        c.commit();
+        Ok(())
+    }
+
+    /// The frame of a claim at `self.pos` (its payload already in the ring): zero the bytes
+    /// past the payload in its last word, checksum the payload area if the batch's integrity
+    /// asks for it, then store the header.
+    #[inline(always)]
+    fn finish_claimed(
+        &mut self,
+        record_type: u16,
+        layout_version: u16,
+        block_length: u16,
+        len: usize,
+        fb: u64,
+    ) {
+        let w1 = word1(len as u32, record_type, layout_version);
+        let w2 = word2(self.flags(0), block_length);
+        let mut sum = self.sum_start(w1, w2);
+        let summing = self.integrity != Integrity::Off;
+        #[cfg(loom)]
+        let scratch = std::mem::take(&mut self.producer.scratch);
+        let data = self.producer.data();
+        let i = word_index(data, self.pos);
+        // In bounds: `claim` placed the frame so that it ends at or before the buffer's end.
+        let area = &data[i + CHUNK_WORDS..i + (fb >> 3) as usize];
+        #[cfg(loom)]
+        for (d, w) in area.iter().zip(&scratch) {
+            d.store(*w, Ordering::Relaxed);
+        }
+        #[cfg(not(loom))]
+        {
+            // The words past the payload are checksummed and must hold no stale bytes of an
+            // earlier lap: the partial last word keeps only the payload's bytes, the rest is 0.
+            let full = len / 8;
+            if len % 8 != 0 {
+                let keep = (1u64 << (8 * (len % 8))) - 1;
+                let w = area[full].load(Ordering::Relaxed);
+                area[full].store(w & keep, Ordering::Relaxed);
+            }
+            for w in &area[len.div_ceil(8)..] {
+                w.store(0, Ordering::Relaxed);
+            }
+        }
+        if summing {
+            for s in area.chunks_exact(CHUNK_WORDS) {
+                sum.add4([
+                    s[0].load(Ordering::Relaxed),
+                    s[1].load(Ordering::Relaxed),
+                    s[2].load(Ordering::Relaxed),
+                    s[3].load(Ordering::Relaxed),
+                ]);
+            }
+        }
+        if self.frames == 0 {
+            // The batch's end if no frame follows it (as in `write_frame`).
+            slot(data, self.pos + fb).store(0, Ordering::Relaxed);
+        }
+        let w2 = self.sum_end(w2, sum);
+        let data = self.producer.data();
+        let header = &data[i..i + CHUNK_WORDS];
+        store_header(header, w1, w2, self.seq, fb, self.frames == 0);
+        #[cfg(loom)]
+        {
+            self.producer.scratch = scratch;
+        }
         self.advance(fb);
     }
 
@@ -698,10 +998,11 @@ impl<M: WordMemory> Batch<'_, M> {
         payload: &[u8],
         fb: u64,
     ) {
-        let data = self.producer.data();
         let w1 = word1(payload.len() as u32, record_type, layout_version);
-        let w2 = word2(0, block_length);
-        let mut sum = Checksum::new(w1, w2, self.seq);
+        let w2 = word2(self.flags(0), block_length);
+        let mut sum = self.sum_start(w1, w2);
+        let summing = self.integrity != Integrity::Off;
+        let data = self.producer.data();
         let i = word_index(data, self.pos);
         // In bounds: `push` placed the frame so that it ends at or before the buffer's end.
         let (header, area) = data[i..i + (fb >> 3) as usize].split_at(CHUNK_WORDS);
@@ -724,17 +1025,23 @@ impl<M: WordMemory> Batch<'_, M> {
             }
         };
         if let Some((w, _)) = first {
-            sum.add4(w);
+            if summing {
+                sum.add4(w);
+            }
         }
         for (c, s) in (&mut chunks).zip(&mut slots) {
             let w = chunk_words(c);
-            sum.add4(w);
+            if summing {
+                sum.add4(w);
+            }
             store_chunk(s, w);
         }
         if let Some(s) = slots.next() {
             // The last, partial chunk (when it is not the first).
             let w = last_chunk_words(chunks.remainder());
-            sum.add4(w);
+            if summing {
+                sum.add4(w);
+            }
             store_chunk(s, w);
         }
         if self.frames == 0 {
@@ -746,7 +1053,13 @@ impl<M: WordMemory> Batch<'_, M> {
         if let Some((w, s)) = first {
             store_chunk(s, w);
         }
-        let w2 = w2 | (sum.finish() as u64) << 32;
+        let w2 = sum_end(
+            self.integrity,
+            self.frames == 0,
+            (&mut self.sum, &mut self.head_w2),
+            w2,
+            sum,
+        );
         store_header(header, w1, w2, self.seq, fb, self.frames == 0);
         self.advance(fb);
     }
@@ -767,6 +1080,11 @@ impl<M: WordMemory> Batch<'_, M> {
         if self.frames > 1 {
             slot(data, self.pos).store(0, Ordering::Relaxed);
         }
+        if self.integrity == Integrity::PerBatch {
+            // The batch's one checksum, in its head (same line as the commit word below).
+            let w2 = self.head_w2 | (self.sum.finish() as u64) << 32;
+            slot(data, self.start + 16).store(w2, Ordering::Relaxed);
+        }
         let len = (self.pos - self.start) as usize;
         // SYNC POINT: frame committed (Release side; Acquire is in `Consumer::poll`). Every
         // payload, header and continuation word of the batch was stored before this.
@@ -781,6 +1099,28 @@ impl<M: WordMemory> Batch<'_, M> {
             first_seq: self.start_seq,
             frames: self.frames,
         })
+    }
+}
+
+/// [`Batch::sum_end`] on the batch's fields (so that it can run while the ring is borrowed).
+#[inline(always)]
+fn sum_end(
+    integrity: Integrity,
+    head: bool,
+    (batch_sum, head_w2): (&mut Checksum, &mut u64),
+    w2: u64,
+    sum: Checksum,
+) -> u64 {
+    match integrity {
+        Integrity::PerFrame => w2 | (sum.finish() as u64) << 32,
+        Integrity::PerBatch => {
+            *batch_sum = sum;
+            if head {
+                *head_w2 = w2;
+            }
+            w2
+        }
+        Integrity::Off => w2,
     }
 }
 
@@ -973,7 +1313,24 @@ pub enum ReadError {
         /// The largest value accepted.
         max: u64,
     },
-    /// The checksum does not match the frame's bytes.
+    /// A frame's flags break the batch's rules.
+    BadFlags {
+        /// Position.
+        pos: u64,
+        /// The flags found.
+        found: u16,
+        /// What is wrong with them.
+        why: &'static str,
+    },
+    /// A batch without a checksum ([`Integrity::Off`]) where the consumer requires one
+    /// ([`Consumer::set_require_integrity`]).
+    Unchecked {
+        /// Position of the batch.
+        pos: u64,
+        /// Sequence of its first frame.
+        seq: u64,
+    },
+    /// The checksum does not match the frame's (or, per batch, the batch's) bytes.
     BadChecksum {
         /// Position.
         pos: u64,
@@ -1023,6 +1380,14 @@ impl fmt::Display for ReadError {
             } => write!(
                 f,
                 "batch at position {pos}: `{field}` out of range: expected at most {max}, found {found}"
+            ),
+            ReadError::BadFlags { pos, found, why } => write!(
+                f,
+                "frame at position {pos}: flags {found:#06x}: {why}"
+            ),
+            ReadError::Unchecked { pos, seq } => write!(
+                f,
+                "batch {seq} at position {pos}: expected a checksum (this consumer requires integrity), found a batch written without one"
             ),
             ReadError::BadChecksum {
                 pos,
@@ -1076,6 +1441,15 @@ pub struct Consumer<M: WordMemory> {
     released: u64,
     released_seq: u64,
     auto_release: bool,
+    require_integrity: bool,
+    /// Read in place and unreleased bytes that make `read_batch` publish the position.
+    release_bytes: u64,
+    /// The frames of the batch last read in place (grown once, reused).
+    views: Vec<FrameMeta>,
+    /// Under loom the ring's words are loom atomics, not bytes: a batch read "in place" is
+    /// copied here (the protocol checked is the same).
+    #[cfg(loom)]
+    scratch: Vec<u64>,
 }
 
 /// Published positions read from shared memory, validated: both frame-aligned, at most a lap
@@ -1120,6 +1494,11 @@ impl<M: WordMemory> Consumer<M> {
             released: tail,
             released_seq: seq,
             auto_release: true,
+            require_integrity: true,
+            release_bytes: capacity as u64 / 4,
+            views: Vec::with_capacity(64),
+            #[cfg(loom)]
+            scratch: Vec::new(),
         })
     }
 
@@ -1178,143 +1557,26 @@ impl<M: WordMemory> Consumer<M> {
 
     /// Copy the next committed batch into `buf` and validate every frame of it.
     /// `Ok(false)`: nothing committed yet. On error the position does not move.
+    ///
+    /// This is the read for ingress (client rings): the handler sees the consumer's own copy,
+    /// so a misbehaving client cannot change what was checked. The replication stream, written
+    /// by the engine's own peer, is read in place with [`Consumer::read_batch`].
     #[inline]
     pub fn poll(&mut self, buf: &mut BatchBuf) -> Result<bool, ReadError> {
         let data = data_area(&self.mem, self.capacity);
         let pos = self.pos;
-        // SYNC POINT: frame committed (Acquire side; Release is in `Batch::commit`).
-        let w0 = slot(data, pos).load(Ordering::Acquire);
-        if w0 == 0 {
+        let Some((end, seq)) = scan_batch::<true>(
+            data,
+            self.capacity,
+            pos,
+            self.seq,
+            self.require_integrity,
+            &mut buf.words,
+            &mut buf.frames,
+        )?
+        else {
             return Ok(false);
-        }
-        let len = w0 & COMMIT_LEN_MASK;
-        let max = max_batch_bytes(self.capacity as usize) as u64;
-        // The read position and sequence never pass MAX_POSITION and MAX_SEQ (attach and
-        // seek check them, and a batch that would take them past is refused here), so the
-        // subtractions do not wrap; a batch has at most `len / 32` frames. Then `pos + len`,
-        // every frame position and sequence number in the batch stay within the limits (2^63)
-        // and none of the additions below overflows.
-        if (w0 & COMMIT_CONT != 0)
-            | ((w0 >> 32) as u32 != self.seq as u32)
-            | (len == 0)
-            | (len % FRAME_ALIGN as u64 != 0)
-            | (len > max)
-            | (len > MAX_POSITION - pos)
-            | (len >> 5 > MAX_SEQ - self.seq)
-        {
-            return Err(self.batch_head_error(pos, w0));
-        }
-        // Every frame's payload area fits in the batch's words (grown once, never shrunk).
-        let batch_words = (len >> 3) as usize;
-        if buf.words.len() < batch_words {
-            buf.words.resize(batch_words, 0);
-        }
-        buf.frames.clear();
-        let end = pos + len;
-        let mut at = pos;
-        let mut seq = self.seq;
-        let mut out = 0;
-        loop {
-            // `at` is 32-byte aligned (`pos` is, and every frame length is), so the header's
-            // four words never wrap.
-            let i = word_index(data, at);
-            let header = &data[i..i + CHUNK_WORDS];
-            // The continuation stamp of a frame inside the batch (the commit word for its head).
-            let wc = if at == pos {
-                w0
-            } else {
-                header[0].load(Ordering::Relaxed)
-            };
-            let w1 = header[1].load(Ordering::Relaxed);
-            let w2 = header[2].load(Ordering::Relaxed);
-            let fseq = header[3].load(Ordering::Relaxed);
-            let payload_len = w1 & 0xFFFF_FFFF;
-            let record_type = (w1 >> 32) as u16;
-            let flags = w2 as u16;
-            let fb = frame_bytes(payload_len as usize) as u64;
-            let room = end - at;
-            let to_end = self.capacity - (at & (self.capacity - 1));
-            // One branch for all the checks of a record frame; a padding frame (once a lap)
-            // and a frame that fails take the slow path, which names the first check that
-            // failed. A continuation stamp must be exactly the word the producer writes: its
-            // flag, this frame's sequence and length (`fb <= room < 2^31` keeps the length in
-            // its field).
-            let valid = (fseq == seq)
-                & ((at == pos) | (wc == commit_word(seq, fb as usize, true)))
-                & (fb <= room.min(to_end))
-                & (flags & FLAG_PAD == 0)
-                & (record_type != PAD_RECORD_TYPE);
-            if !valid {
-                padding_frame(&FrameWords {
-                    pos: at,
-                    batch_head: at == pos,
-                    seq,
-                    wc,
-                    w1,
-                    w2,
-                    fseq,
-                    room,
-                    to_end,
-                })?;
-            } else {
-                // Copy the payload area out whole (32-byte chunks, checksummed as they pass);
-                // the caller sees only `payload_len` bytes of it.
-                let mut sum = Checksum::new(w1, w2 & 0xFFFF_FFFF, seq);
-                let area = &data[i + CHUNK_WORDS..i + (fb >> 3) as usize];
-                let copy = &mut buf.words[out..out + area.len()];
-                for (d, s) in copy
-                    .chunks_exact_mut(CHUNK_WORDS)
-                    .zip(area.chunks_exact(CHUNK_WORDS))
-                {
-                    let w = [
-                        s[0].load(Ordering::Relaxed),
-                        s[1].load(Ordering::Relaxed),
-                        s[2].load(Ordering::Relaxed),
-                        s[3].load(Ordering::Relaxed),
-                    ];
-                    sum.add4(w);
-                    d.copy_from_slice(&w);
-                }
-                let (stored, computed) = ((w2 >> 32) as u32, sum.finish());
-                if computed != stored {
-                    return Err(ReadError::BadChecksum {
-                        pos: at,
-                        seq,
-                        stored,
-                        computed,
-                    });
-                }
-                buf.frames.push(FrameMeta {
-                    seq,
-                    pos: at,
-                    record_type,
-                    layout_version: (w1 >> 48) as u16,
-                    block_length: (w2 >> 16) as u16,
-                    flags,
-                    payload_word: out as u32,
-                    payload_len: payload_len as u32,
-                });
-                out += area.len();
-            }
-            at += fb;
-            seq += 1;
-            if at == end {
-                break;
-            }
-        }
-        // A batch length cut short at a frame boundary passes every check above. The word just
-        // past the batch is 0 or the next batch's head (the producer zeroed it before the
-        // commit we acquired and cannot write there again before we release), never a frame
-        // stamped as continuing this batch.
-        let next = slot(data, end).load(Ordering::Relaxed);
-        if (next & COMMIT_CONT != 0) & ((next >> 32) as u32 == seq as u32) {
-            return Err(ReadError::BadCommit {
-                pos,
-                expected_seq: self.seq,
-                found_word: w0,
-                why: "batch length ends inside the batch: the frame past it continues it",
-            });
-        }
+        };
         buf.start = pos;
         buf.end = end;
         self.pos = end;
@@ -1325,46 +1587,84 @@ impl<M: WordMemory> Consumer<M> {
         Ok(true)
     }
 
-    /// What is wrong with the commit word `w0` of the batch head at `pos`.
-    #[cold]
-    #[inline(never)]
-    fn batch_head_error(&self, pos: u64, w0: u64) -> ReadError {
-        let bad = |why| ReadError::BadCommit {
+    /// Validate the next committed batch in place (the same checks as [`Consumer::poll`]: every
+    /// header word read once into locals, positions and lengths checked, the checksum the
+    /// batch carries verified) and hand out a view of its frames, payloads in the ring. The
+    /// view lives until the next call on this consumer; the bytes it shows stay unreleased
+    /// until then, so the producer cannot write them.
+    ///
+    /// Release is batched: with auto-release on, the consumer publishes its position when
+    /// what it has read and not released reaches [`Consumer::set_release_every`] bytes, and
+    /// whenever it finds nothing new (so a waiting producer is never kept waiting by an idle
+    /// consumer) — once per burst of batches rather than once per batch. `Ok(None)`: nothing
+    /// committed yet. On error the position does not move.
+    ///
+    /// For a peer that is trusted not to change committed frames (the replication stream);
+    /// ingress is copied with [`Consumer::poll`].
+    #[inline]
+    pub fn read_batch(&mut self) -> Result<Option<BatchView<'_>>, ReadError> {
+        if self.auto_release && self.pos - self.released >= self.release_bytes {
+            self.release_to(self.pos, self.seq);
+        }
+        let data = data_area(&self.mem, self.capacity);
+        let pos = self.pos;
+        #[cfg(not(loom))]
+        let found = scan_batch::<false>(
+            data,
+            self.capacity,
             pos,
-            expected_seq: self.seq,
-            found_word: w0,
-            why,
+            self.seq,
+            self.require_integrity,
+            &mut Vec::new(),
+            &mut self.views,
+        )?;
+        #[cfg(loom)]
+        let found = scan_batch::<true>(
+            data,
+            self.capacity,
+            pos,
+            self.seq,
+            self.require_integrity,
+            &mut self.scratch,
+            &mut self.views,
+        )?;
+        let Some((end, seq)) = found else {
+            if self.auto_release {
+                self.release_to(self.pos, self.seq);
+            }
+            return Ok(None);
         };
-        let len = w0 & COMMIT_LEN_MASK;
-        if w0 & COMMIT_CONT == 0 && len > MAX_POSITION - pos {
-            return ReadError::OutOfRange {
-                pos,
-                field: "batch end position",
-                found: pos.saturating_add(len),
-                max: MAX_POSITION,
-            };
-        }
-        if w0 & COMMIT_CONT == 0 && len >> 5 > MAX_SEQ - self.seq {
-            return ReadError::OutOfRange {
-                pos,
-                field: "batch's last sequence",
-                found: self.seq.saturating_add(len >> 5),
-                max: MAX_SEQ,
-            };
-        }
-        if w0 & COMMIT_CONT != 0 {
-            return bad("a continuation frame where a batch must start");
-        }
-        if (w0 >> 32) as u32 != self.seq as u32 {
-            return bad("sequence stamp is not the next sequence");
-        }
-        let max = max_batch_bytes(self.capacity as usize) as u64;
-        ReadError::BadLength {
-            pos,
-            field: "batch length",
-            found: w0 & COMMIT_LEN_MASK,
-            max,
-        }
+        self.pos = end;
+        self.seq = seq;
+        #[cfg(not(loom))]
+        let base = data_area(&self.mem, self.capacity).as_ptr().cast::<u8>();
+        #[cfg(loom)]
+        let base = zerocopy::IntoBytes::as_bytes(&self.scratch[..]);
+        Ok(Some(BatchView {
+            base,
+            frames: &self.views,
+            start: pos,
+            end,
+            _ring: std::marker::PhantomData,
+        }))
+    }
+
+    /// Publish the position once the unreleased bytes read in place reach `bytes` (at least
+    /// one frame slot, at most the capacity); the default is a quarter of the capacity.
+    pub fn set_release_every(&mut self, bytes: usize) {
+        self.release_bytes = (bytes as u64).clamp(FRAME_ALIGN as u64, self.capacity);
+    }
+
+    /// Release everything read so far (batches read in place included).
+    pub fn release(&mut self) {
+        self.release_to(self.pos, self.seq);
+    }
+
+    /// Accept batches without a checksum ([`Integrity::Off`])? Refused by default: a client
+    /// ring keeps its checksums; a standby that follows an engine configured without them
+    /// turns this off.
+    pub fn set_require_integrity(&mut self, on: bool) {
+        self.require_integrity = on;
     }
 
     /// Let the producer reuse everything before `pos` (the start of the frame with `seq`).
@@ -1481,6 +1781,342 @@ impl<M: WordMemory> Consumer<M> {
     }
 }
 
+/// What is wrong with the commit word `w0` of the batch head at `pos`.
+#[cold]
+#[inline(never)]
+fn batch_head_error(capacity: u64, pos: u64, seq: u64, w0: u64) -> ReadError {
+    let bad = |why| ReadError::BadCommit {
+        pos,
+        expected_seq: seq,
+        found_word: w0,
+        why,
+    };
+    let len = w0 & COMMIT_LEN_MASK;
+    if w0 & COMMIT_CONT == 0 && len > MAX_POSITION - pos {
+        return ReadError::OutOfRange {
+            pos,
+            field: "batch end position",
+            found: pos.saturating_add(len),
+            max: MAX_POSITION,
+        };
+    }
+    if w0 & COMMIT_CONT == 0 && len >> 5 > MAX_SEQ - seq {
+        return ReadError::OutOfRange {
+            pos,
+            field: "batch's last sequence",
+            found: seq.saturating_add(len >> 5),
+            max: MAX_SEQ,
+        };
+    }
+    if w0 & COMMIT_CONT != 0 {
+        return bad("a continuation frame where a batch must start");
+    }
+    if (w0 >> 32) as u32 != seq as u32 {
+        return bad("sequence stamp is not the next sequence");
+    }
+    let max = max_batch_bytes(capacity as usize) as u64;
+    ReadError::BadLength {
+        pos,
+        field: "batch length",
+        found: w0 & COMMIT_LEN_MASK,
+        max,
+    }
+}
+
+/// Validate the batch committed at `pos` whose first frame has sequence `seq0`: `Ok(None)` if
+/// nothing is committed there, otherwise the position and sequence just past it, with the
+/// metadata of its record frames in `frames`. With `COPY`, each payload area is copied into
+/// `words` as it is read (`payload_word` indexes `words`); without, nothing is copied and
+/// `payload_word` indexes the ring's data area. Every word of the batch is read once, into
+/// locals, and checked before anything is recorded about it.
+#[inline(always)]
+fn scan_batch<const COPY: bool>(
+    data: &[AtomicU64],
+    capacity: u64,
+    pos: u64,
+    seq0: u64,
+    require_integrity: bool,
+    words: &mut Vec<u64>,
+    frames: &mut Vec<FrameMeta>,
+) -> Result<Option<(u64, u64)>, ReadError> {
+    // SYNC POINT: frame committed (Acquire side; Release is in `Batch::commit`).
+    let w0 = slot(data, pos).load(Ordering::Acquire);
+    if w0 == 0 {
+        return Ok(None);
+    }
+    let len = w0 & COMMIT_LEN_MASK;
+    let max = max_batch_bytes(capacity as usize) as u64;
+    // The read position and sequence never pass MAX_POSITION and MAX_SEQ (attach and
+    // seek check them, and a batch that would take them past is refused here), so the
+    // subtractions do not wrap; a batch has at most `len / 32` frames. Then `pos + len`,
+    // every frame position and sequence number in the batch stay within the limits (2^63)
+    // and none of the additions below overflows.
+    if (w0 & COMMIT_CONT != 0)
+        | ((w0 >> 32) as u32 != seq0 as u32)
+        | (len == 0)
+        | (len % FRAME_ALIGN as u64 != 0)
+        | (len > max)
+        | (len > MAX_POSITION - pos)
+        | (len >> 5 > MAX_SEQ - seq0)
+    {
+        return Err(batch_head_error(capacity, pos, seq0, w0));
+    }
+    if COPY {
+        // Every frame's payload area fits in the batch's words (grown once, never shrunk).
+        let batch_words = (len >> 3) as usize;
+        if words.len() < batch_words {
+            words.resize(batch_words, 0);
+        }
+    }
+    frames.clear();
+    let end = pos + len;
+    let mut at = pos;
+    let mut seq = seq0;
+    let mut out = 0;
+    // The batch's integrity, from its head's flags (read once, with the head's header).
+    let mut mode = 0u16;
+    let mut batch_sum = Checksum::new(0, 0, 0);
+    let mut head_stored = 0u32;
+    loop {
+        // `at` is 32-byte aligned (`pos` is, and every frame length is), so the header's
+        // four words never wrap.
+        let i = word_index(data, at);
+        let header = &data[i..i + CHUNK_WORDS];
+        let head = at == pos;
+        // The continuation stamp of a frame inside the batch (the commit word for its head).
+        let wc = if head {
+            w0
+        } else {
+            header[0].load(Ordering::Relaxed)
+        };
+        let w1 = header[1].load(Ordering::Relaxed);
+        let w2 = header[2].load(Ordering::Relaxed);
+        let fseq = header[3].load(Ordering::Relaxed);
+        let payload_len = w1 & 0xFFFF_FFFF;
+        let record_type = (w1 >> 32) as u16;
+        let flags = w2 as u16;
+        let stored = (w2 >> 32) as u32;
+        let fb = frame_bytes(payload_len as usize) as u64;
+        let room = end - at;
+        let to_end = capacity - (at & (capacity - 1));
+        if head {
+            mode = flags & BATCH_FLAGS;
+            if mode == BATCH_FLAGS {
+                return Err(ReadError::BadFlags {
+                    pos,
+                    found: flags,
+                    why: "a batch head says both one checksum per batch and none",
+                });
+            }
+            if mode == FLAG_NO_SUM && require_integrity {
+                return Err(ReadError::Unchecked { pos, seq: seq0 });
+            }
+        }
+        // Batch flags only on the head; a checksum field only where the batch's integrity
+        // puts one (every frame per frame, the head per batch, nowhere when off).
+        let flags_ok = head | (flags & BATCH_FLAGS == 0);
+        let sum_field_ok = (mode == 0) | (head & (mode == FLAG_BATCH_SUM)) | (stored == 0);
+        // One branch for all the checks of a record frame; a padding frame (once a lap)
+        // and a frame that fails take the slow path, which names the first check that
+        // failed. A continuation stamp must be exactly the word the producer writes: its
+        // flag, this frame's sequence and length (`fb <= room < 2^31` keeps the length in
+        // its field).
+        let valid = (fseq == seq)
+            & (head | (wc == commit_word(seq, fb as usize, true)))
+            & (fb <= room.min(to_end))
+            & (flags & FLAG_PAD == 0)
+            & (record_type != PAD_RECORD_TYPE)
+            & flags_ok
+            & sum_field_ok;
+        let is_record = if valid {
+            true
+        } else {
+            if !flags_ok {
+                return Err(ReadError::BadFlags {
+                    pos: at,
+                    found: flags,
+                    why: "a batch flag on a frame that is not the batch head",
+                });
+            }
+            if !sum_field_ok {
+                return Err(ReadError::BadChecksum {
+                    pos: at,
+                    seq,
+                    stored,
+                    computed: 0,
+                });
+            }
+            padding_frame(&FrameWords {
+                pos: at,
+                batch_head: head,
+                seq,
+                wc,
+                w1,
+                w2,
+                fseq,
+                room,
+                to_end,
+            })?;
+            false
+        };
+        // The frame's checksum: its own (per frame) or the batch's running one. A padding
+        // frame's is its header's alone (its payload area is not written).
+        let summing = mode != FLAG_NO_SUM;
+        let mut sum = if mode == FLAG_BATCH_SUM && !head {
+            let mut c = batch_sum;
+            c.add4([w1, w2 & 0xFFFF_FFFF, seq, 0]);
+            c
+        } else {
+            Checksum::new(w1, w2 & 0xFFFF_FFFF, seq)
+        };
+        if is_record {
+            let area = &data[i + CHUNK_WORDS..i + (fb >> 3) as usize];
+            if summing || COPY {
+                // 32-byte chunks, checksummed (and copied) as they pass; the caller sees only
+                // `payload_len` bytes of the area.
+                for (k, s) in area.chunks_exact(CHUNK_WORDS).enumerate() {
+                    let w = [
+                        s[0].load(Ordering::Relaxed),
+                        s[1].load(Ordering::Relaxed),
+                        s[2].load(Ordering::Relaxed),
+                        s[3].load(Ordering::Relaxed),
+                    ];
+                    if summing {
+                        sum.add4(w);
+                    }
+                    if COPY {
+                        let d = out + k * CHUNK_WORDS;
+                        words[d..d + CHUNK_WORDS].copy_from_slice(&w);
+                    }
+                }
+            }
+            frames.push(FrameMeta {
+                seq,
+                pos: at,
+                record_type,
+                layout_version: (w1 >> 48) as u16,
+                block_length: (w2 >> 16) as u16,
+                flags,
+                payload_word: if COPY { out } else { i + CHUNK_WORDS } as u32,
+                payload_len: payload_len as u32,
+            });
+            if COPY {
+                out += area.len();
+            }
+        }
+        if mode == 0 {
+            let computed = sum.finish();
+            if computed != stored {
+                return Err(ReadError::BadChecksum {
+                    pos: at,
+                    seq,
+                    stored,
+                    computed,
+                });
+            }
+        } else if mode == FLAG_BATCH_SUM {
+            batch_sum = sum;
+            if head {
+                head_stored = stored;
+            }
+        }
+        at += fb;
+        seq += 1;
+        if at == end {
+            break;
+        }
+    }
+    if mode == FLAG_BATCH_SUM {
+        let computed = batch_sum.finish();
+        if computed != head_stored {
+            return Err(ReadError::BadChecksum {
+                pos,
+                seq: seq0,
+                stored: head_stored,
+                computed,
+            });
+        }
+    }
+    // A batch length cut short at a frame boundary passes every check above. The word just
+    // past the batch is 0 or the next batch's head (the producer zeroed it before the
+    // commit we acquired and cannot write there again before we release), never a frame
+    // stamped as continuing this batch.
+    let next = slot(data, end).load(Ordering::Relaxed);
+    if (next & COMMIT_CONT != 0) & ((next >> 32) as u32 == seq as u32) {
+        return Err(ReadError::BadCommit {
+            pos,
+            expected_seq: seq0,
+            found_word: w0,
+            why: "batch length ends inside the batch: the frame past it continues it",
+        });
+    }
+    Ok(Some((end, seq)))
+}
+
+/// A batch validated in place ([`Consumer::read_batch`]): its frames' payloads are views into
+/// the ring, valid until the next call on the consumer (which may release them).
+pub struct BatchView<'a> {
+    #[cfg(not(loom))]
+    base: *const u8,
+    #[cfg(loom)]
+    base: &'a [u8],
+    frames: &'a [FrameMeta],
+    start: u64,
+    end: u64,
+    _ring: std::marker::PhantomData<&'a [u8]>,
+}
+
+impl<'a> BatchView<'a> {
+    /// The frames of the batch, padding left out.
+    #[inline]
+    pub fn frames(&self) -> impl Iterator<Item = Frame<'a>> + '_ {
+        self.frames.iter().map(move |m| Frame {
+            meta: *m,
+            payload: self.payload(m),
+        })
+    }
+
+    #[inline(always)]
+    fn payload(&self, m: &FrameMeta) -> &'a [u8] {
+        let at = m.payload_word as usize * 8;
+        #[cfg(loom)]
+        {
+            &self.base[at..at + m.payload_len as usize]
+        }
+        #[cfg(not(loom))]
+        // SAFETY: `scan_batch` checked that the frame's payload area (`payload_len` bytes from
+        // data word `payload_word`) lies inside the data area and inside a committed batch that
+        // this consumer has not released: the producer writes none of these bytes until the
+        // consumer publishes a position past them, which takes `&mut` of the consumer this
+        // view borrows for `'a`. The words are atomics (`UnsafeCell`s), read here as plain
+        // bytes while no one writes them; `WordMemory` keeps the memory mapped while the
+        // consumer lives.
+        unsafe {
+            std::slice::from_raw_parts(self.base.add(at), m.payload_len as usize)
+        }
+    }
+
+    /// The number of record frames.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// No record frames (a batch of padding only).
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Position of the batch's first frame.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// Position just past the batch.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+}
+
 /// The words of a frame header that failed the consumer's combined check, as it read them.
 struct FrameWords {
     pos: u64,
@@ -1554,8 +2190,8 @@ fn frame_error(f: &FrameWords) -> ReadError {
 }
 
 /// The slow path of `Consumer::poll` for a frame that is not a valid record frame: `Ok` if it
-/// is a valid padding frame (header checked, checksummed, nothing to copy), otherwise the
-/// error for the first check it fails.
+/// is a valid padding frame (header checked, nothing to copy), otherwise the error for the
+/// first check it fails.
 #[cold]
 #[inline(never)]
 fn padding_frame(f: &FrameWords) -> Result<(), ReadError> {
@@ -1570,16 +2206,7 @@ fn padding_frame(f: &FrameWords) -> Result<(), ReadError> {
     if !valid {
         return Err(frame_error(f));
     }
-    let stored = (f.w2 >> 32) as u32;
-    let computed = Checksum::new(f.w1, f.w2 & 0xFFFF_FFFF, f.seq).finish();
-    if computed != stored {
-        return Err(ReadError::BadChecksum {
-            pos: f.pos,
-            seq: f.seq,
-            stored,
-            computed,
-        });
-    }
+    // Its checksum is checked by the caller, as the batch's integrity says.
     Ok(())
 }
 

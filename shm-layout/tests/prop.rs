@@ -589,6 +589,8 @@ fn read_error_pos(e: &ReadError) -> u64 {
         | ReadError::BadSequence { pos, .. }
         | ReadError::BadLength { pos, .. }
         | ReadError::OutOfRange { pos, .. }
+        | ReadError::BadFlags { pos, .. }
+        | ReadError::Unchecked { pos, .. }
         | ReadError::BadChecksum { pos, .. } => *pos,
     }
 }

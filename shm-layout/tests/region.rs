@@ -195,6 +195,25 @@ fn unknown_major_version_is_refused() {
 }
 
 #[test]
+fn a_region_of_the_previous_major_is_refused_naming_both_versions() {
+    // Proves a region written by a major-2 producer (per-frame checksums only, before the
+    // batch integrity flags of major 3) is refused, the error naming 3 expected and 2 found,
+    // rather than read with the newer frame rules.
+    assert_eq!(
+        LAYOUT_MAJOR, 3,
+        "update this test when the major changes again"
+    );
+    let dir = TestDir::new("major2");
+    let path = make_region(&dir, "ring");
+    let v = read_word(&path, W_VERSION);
+    write_word(&path, W_VERSION, (v & !0xFFFF) | 2);
+    let err = open_err(&path);
+    assert_field(&err, "layout major version", "3", "2");
+    let text = err.to_string();
+    assert!(text.contains('3') && text.contains('2'), "{text}");
+}
+
+#[test]
 fn newer_minor_version_is_accepted() {
     // Proves a minor version bump (additions an older reader may ignore) still opens.
     let dir = TestDir::new("minor");
