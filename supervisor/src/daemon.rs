@@ -28,7 +28,6 @@
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
@@ -40,18 +39,19 @@ use understudy_runtime::control::{
 };
 use understudy_runtime::liveness::ProcessIdentity;
 
+use crate::cluster::{Cluster, ClusterOps};
 use crate::config::{ClusterConfig, ConfigError, RestartConfig};
 use crate::ops::{Operation, ResumeOp, Stepped};
-use crate::process::{self, EngineProc, ExitInfo, SpawnError, SpawnSpec};
+use crate::process::{self, EngineProc, ExitInfo, SpawnError};
 use crate::proto::{
     Code, EngineStatus, ForeignEngine, InterruptedUpgrade, Reply, Request, RoleChange,
     SlotRestarts, StatusReport,
 };
 use crate::record;
+use crate::socket::Inbound;
 use crate::verify::{self, HeartbeatSeen};
 
-/// A heartbeat older than this many configured intervals means the engine is hung.
-pub const HUNG_BEATS: u64 = 10;
+pub use crate::process::HUNG_BEATS;
 /// How many role changes `status` remembers.
 const ROLE_CHANGES_KEPT: usize = 16;
 
@@ -154,20 +154,14 @@ pub(crate) fn restart_delay_ms(restart: &RestartConfig, crashes: u32) -> u64 {
         .min(restart.backoff_max_ms)
 }
 
-/// A request from a socket thread, with where to send the replies.
-pub(crate) type Inbound = (Request, Sender<Reply>);
-
 /// The supervisor's state; see the [module docs](self).
 pub struct Supervisor {
-    pub(crate) config: ClusterConfig,
-    pub(crate) dir: PathBuf,
-    pub(crate) control: Control,
-    pub(crate) engines: [Option<EngineProc>; SLOTS],
+    /// The cluster: config, directory, control block, engines and managed slots; lent to
+    /// the operation in progress.
+    pub(crate) cluster: Cluster,
     /// This supervisor found no live engine and started the cluster itself: only then may a
     /// failed `up` remove the cluster's files (re-adopted engines still run on them).
     pub(crate) fresh: bool,
-    /// Slots the keeper keeps running.
-    pub(crate) managed: [bool; SLOTS],
     restarts: [Restart; SLOTS],
     /// Slots whose active is hung with no hot standby to take over: reported, not fenced.
     hung_unfenced: [bool; SLOTS],
@@ -195,12 +189,6 @@ pub struct Supervisor {
     /// Since when no engine has been active (an outage once it outlasts the switchover
     /// timeout).
     no_active_since: Option<Instant>,
-    /// The binaries of the last completed upgrade (old, new), for `rollback`.
-    pub(crate) last_upgrade: Option<(PathBuf, PathBuf)>,
-    /// An upgrade a previous supervisor left in the middle, and how it was settled.
-    pub(crate) interrupted: Option<InterruptedUpgrade>,
-    /// Set when `down` has finished: the loop ends.
-    pub(crate) finished: bool,
     /// Per slot, a live engine its control-block record names that is not the one the
     /// supervisor watches there: since when it has been seen, and whether it was reported.
     foreign: [Option<ForeignSeen>; SLOTS],
@@ -271,7 +259,7 @@ pub fn up(config: ClusterConfig) -> Result<(), UpError> {
             return Err(e);
         }
     };
-    let (listener, socket) = match crate::socket::bind(&sup.dir) {
+    let (listener, socket) = match crate::socket::bind(&sup.cluster.dir) {
         Ok(bound) => bound,
         Err(e) => {
             if sup.started_fresh() {
@@ -288,12 +276,19 @@ pub fn up(config: ClusterConfig) -> Result<(), UpError> {
         .map_err(|e| UpError::Io(format!("cannot start the socket thread: {e}")))?;
     info!(socket = %socket.display(), "control socket ready");
     // Operations: the Prometheus endpoint and systemd notifications, each off unless asked.
-    let _ = crate::metrics::configure(&sup.config.metrics, &sup.dir, &sup.config.cluster);
-    let _systemd = crate::systemd::Notifier::start(sup.control.clone());
+    let _ = crate::metrics::configure(
+        &sup.cluster.config.metrics,
+        &sup.cluster.dir,
+        &sup.cluster.config.cluster,
+    );
+    let _systemd = crate::systemd::Notifier::start(sup.cluster.control.clone());
     sup.run(&rx);
-    if !sup.finished {
+    if !sup.cluster.outcomes.finished {
         let _ = std::fs::remove_file(&socket);
-        sup.control.supervisor_word(0).store(0, Ordering::Release);
+        sup.cluster
+            .control
+            .supervisor_word(0)
+            .store(0, Ordering::Release);
         info!("supervisor exits; the engines keep running (`understudy up` re-adopts them, `understudy down` stops them)");
     }
     Ok(())
@@ -348,12 +343,8 @@ impl Supervisor {
             .store(u64::from(me.pid), Ordering::Release);
         let role_seen = (control.epoch(), control.active_slot());
         let mut sup = Supervisor {
-            config,
-            dir,
-            control,
-            engines: [None, None, None],
+            cluster: Cluster::new(config, dir, control),
             fresh: live.is_empty(),
-            managed: [false; SLOTS],
             restarts: Default::default(),
             hung_unfenced: [false; SLOTS],
             heartbeat_seen: [None; SLOTS],
@@ -369,9 +360,6 @@ impl Supervisor {
             control_checked: (Instant::now(), false),
             outage_reported: false,
             no_active_since: None,
-            last_upgrade: None,
-            interrupted: None,
-            finished: false,
             foreign: [None; SLOTS],
             foreign_checked: Instant::now(),
         };
@@ -384,7 +372,7 @@ impl Supervisor {
             for (slot, identity) in live {
                 match EngineProc::adopt(slot, identity) {
                     Ok(mut proc) => {
-                        match process::spawned_binary(&sup.dir, slot, &identity) {
+                        match process::spawned_binary(&sup.cluster.dir, slot, &identity) {
                             Ok(Some(binary)) => proc.binary = binary,
                             Ok(None) => {}
                             Err(e) => {
@@ -392,20 +380,23 @@ impl Supervisor {
                             }
                         }
                         info!(slot = %slot_name(slot), pid = identity.pid, binary = %proc.binary.display(), "re-adopted a running engine");
-                        sup.engines[slot] = Some(proc);
-                        sup.managed[slot] = true;
+                        sup.cluster.engines[slot] = Some(proc);
+                        sup.cluster.managed[slot] = true;
                     }
                     Err(e) => warn!(slot = %slot_name(slot), "cannot adopt engine: {e}"),
                 }
             }
             // A `down` that a previous supervisor began and did not finish left the cluster
             // marked down: clients would be told `ClusterDown` by a cluster we now serve.
-            if sup.control.cluster_state() != Ok(understudy_runtime::control::ClusterState::Up) {
-                sup.control
+            if sup.cluster.control.cluster_state()
+                != Ok(understudy_runtime::control::ClusterState::Up)
+            {
+                sup.cluster
+                    .control
                     .set_cluster_state(understudy_runtime::control::ClusterState::Up);
             }
-            sup.ensure_two_managed();
-            sup.record_spawned();
+            sup.cluster.ensure_two_managed();
+            sup.cluster.record_spawned();
             sup.take_up_interrupted_upgrade();
         }
         Ok(sup)
@@ -414,17 +405,17 @@ impl Supervisor {
     /// An upgrade recorded as in progress by a previous supervisor is settled (never
     /// continued); a record that cannot be trusted is set aside and the cluster left as found.
     fn take_up_interrupted_upgrade(&mut self) {
-        match record::load(&self.dir, &self.config.cluster) {
+        match record::load(&self.cluster.dir, &self.cluster.config.cluster) {
             Ok(None) => {}
             Ok(Some(found)) if found.outcome.is_some() => {
                 let outcome = found.outcome.clone().unwrap_or_default();
                 info!(
                     "the previous supervisor's upgrade had ended ({outcome}); removing its record"
                 );
-                if let Err(e) = record::remove(&self.dir) {
+                if let Err(e) = record::remove(&self.cluster.dir) {
                     error!("{e}; remove it by hand");
                 }
-                self.interrupted = Some(InterruptedUpgrade {
+                self.cluster.outcomes.interrupted = Some(InterruptedUpgrade {
                     binary: Some(found.new_binary),
                     at: Some(found.progress),
                     decision: "none: it had ended before its supervisor stopped".into(),
@@ -433,16 +424,16 @@ impl Supervisor {
                 });
             }
             Ok(Some(found)) => {
-                let op = ResumeOp::begin(self, found);
+                let op = ResumeOp::begin(&mut self.cluster, found);
                 self.op = Some(Operation::Resume(op));
             }
             Err(e) => {
-                let aside = match record::set_aside(&self.dir) {
+                let aside = match record::set_aside(&self.cluster.dir) {
                     Ok(path) => format!("it was moved to {}", path.display()),
                     Err(e) => e.to_string(),
                 };
                 error!("{e}; an upgrade may have been left in the middle, and the cluster is left as found ({aside}); check `understudy status` and finish by hand");
-                self.interrupted = Some(InterruptedUpgrade {
+                self.cluster.outcomes.interrupted = Some(InterruptedUpgrade {
                     binary: None,
                     at: None,
                     decision: format!("left as found: {e}; {aside}"),
@@ -453,44 +444,16 @@ impl Supervisor {
         }
     }
 
-    /// Watches the engine that registered itself in the empty `slot` (one a previous
-    /// supervisor started just before it stopped); `true` if there is one.
-    pub(crate) fn adopt_registered(&mut self, slot: usize) -> bool {
-        let pid = self.control.get(slot, Field::Pid);
-        if self.engines[slot].is_some() || pid == 0 || pid > u64::from(u32::MAX) {
-            return false;
-        }
-        let identity = ProcessIdentity {
-            pid: pid as u32,
-            start_time_ticks: self.control.get(slot, Field::StartTime),
-        };
-        if !identity.is_alive() {
-            return false;
-        }
-        match EngineProc::adopt(slot, identity) {
-            Ok(mut proc) => {
-                if let Ok(Some(binary)) = process::spawned_binary(&self.dir, slot, &identity) {
-                    proc.binary = binary;
-                }
-                info!(slot = %slot_name(slot), pid = identity.pid, "adopted an engine that registered after this supervisor started");
-                self.engines[slot] = Some(proc);
-                true
-            }
-            Err(e) => {
-                warn!(slot = %slot_name(slot), "cannot adopt engine: {e}");
-                false
-            }
-        }
-    }
-
     fn start_fresh(&mut self) -> Result<(), UpError> {
-        let binary = self.config.engine.binary.clone();
-        self.spawn(0, &binary, false).map_err(UpError::Spawn)?;
-        let deadline = Instant::now() + self.config.timeouts.start();
-        while !self.is_active(0) {
-            if let Some(proc) = self.engines[0].as_mut() {
+        let binary = self.cluster.config.engine.binary.clone();
+        self.cluster
+            .spawn(0, &binary, false)
+            .map_err(UpError::Spawn)?;
+        let deadline = Instant::now() + self.cluster.config.timeouts.start();
+        while !self.cluster.is_active(0) {
+            if let Some(proc) = self.cluster.engines[0].as_mut() {
                 if let Some(exit) = proc.exited() {
-                    self.engines[0] = None;
+                    self.cluster.engines[0] = None;
                     return Err(UpError::Io(format!(
                         "engine a exited while starting ({exit}); check its log above"
                     )));
@@ -498,23 +461,28 @@ impl Supervisor {
             }
             if Instant::now() > deadline {
                 // Killed here, reaped by `abandon_fresh`.
-                if let Some(proc) = self.engines[0].as_ref() {
+                if let Some(proc) = self.cluster.engines[0].as_ref() {
                     proc.kill();
                 }
                 return Err(UpError::NoActive {
-                    timeout_ms: self.config.timeouts.start_ms,
+                    timeout_ms: self.cluster.config.timeouts.start_ms,
                 });
             }
             std::thread::sleep(Duration::from_millis(1));
         }
         info!(
             slot = "a",
-            epoch = self.control.epoch(),
+            epoch = self.cluster.control.epoch(),
             "engine a is active"
         );
-        self.role_seen = (self.control.epoch(), self.control.active_slot());
-        self.spawn(1, &binary, true).map_err(UpError::Spawn)?;
-        self.managed = [true, true, false];
+        self.role_seen = (
+            self.cluster.control.epoch(),
+            self.cluster.control.active_slot(),
+        );
+        self.cluster
+            .spawn(1, &binary, true)
+            .map_err(UpError::Spawn)?;
+        self.cluster.managed = [true, true, false];
         Ok(())
     }
 
@@ -530,7 +498,7 @@ impl Supervisor {
     /// nobody); the directory itself stays for the caller, who knows whether it made it.
     pub(crate) fn abandon_fresh(&mut self) {
         for slot in 0..SLOTS {
-            if let Some(mut proc) = self.engines[slot].take() {
+            if let Some(mut proc) = self.cluster.engines[slot].take() {
                 proc.kill();
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while proc.exited().is_none() && Instant::now() < deadline {
@@ -538,8 +506,11 @@ impl Supervisor {
                 }
             }
         }
-        self.control.supervisor_word(0).store(0, Ordering::Release);
-        match std::fs::read_dir(&self.dir) {
+        self.cluster
+            .control
+            .supervisor_word(0)
+            .store(0, Ordering::Release);
+        match std::fs::read_dir(&self.cluster.dir) {
             Ok(entries) => {
                 for entry in entries.flatten() {
                     let path = entry.path();
@@ -553,248 +524,14 @@ impl Supervisor {
                 }
             }
             Err(e) => {
-                warn!(dir = %self.dir.display(), "cannot clean up after the failed start: {e}")
+                warn!(dir = %self.cluster.dir.display(), "cannot clean up after the failed start: {e}")
             }
         }
-    }
-
-    /// Keep at least two slots managed (an active and a standby).
-    pub(crate) fn ensure_two_managed(&mut self) {
-        for slot in 0..SLOTS {
-            if self.managed.iter().filter(|m| **m).count() >= 2 {
-                break;
-            }
-            self.managed[slot] = true;
-        }
-    }
-
-    /// Spawns an engine in `slot`.
-    pub(crate) fn spawn(
-        &mut self,
-        slot: usize,
-        binary: &Path,
-        standby: bool,
-    ) -> Result<(), SpawnError> {
-        assert!(self.engines[slot].is_none(), "slot {slot} is free");
-        let proc = EngineProc::spawn(&SpawnSpec {
-            config: &self.config,
-            dir: &self.dir,
-            slot,
-            binary,
-            standby,
-        })?;
-        info!(slot = %slot_name(slot), pid = proc.pid(), binary = %binary.display(), standby, "engine started");
-        self.engines[slot] = Some(proc);
-        self.record_spawned();
-        Ok(())
-    }
-
-    /// Records the binary of every engine, for a supervisor that adopts them later.
-    pub(crate) fn record_spawned(&self) {
-        if let Err(e) = process::record_spawned(&self.dir, self.engines.iter().flatten()) {
-            warn!(
-                file = %self.dir.join(process::SPAWNED_FILE).display(),
-                "cannot record the engines' binaries: {e}; a restarted supervisor takes them from /proc, which misses a wrapper script"
-            );
-        }
-    }
-
-    /// Stops the engine in `slot` cleanly: it is told to stop; its exit is expected.
-    pub(crate) fn request_stop(&mut self, slot: usize) {
-        if let Some(proc) = self.engines[slot].as_mut() {
-            proc.expected_exit = true;
-            self.control.set(slot, Field::Cmd, slot_cmd::STOP);
-        }
-    }
-
-    /// SIGKILLs the engine in `slot`; its exit is expected.
-    pub(crate) fn kill_expected(&mut self, slot: usize) {
-        if let Some(proc) = self.engines[slot].as_mut() {
-            proc.expected_exit = true;
-            proc.kill();
-        }
-    }
-
-    /// The control block's record of `slot` is our engine's.
-    ///
-    /// A word damaged in both its copies (the control block names it) does not make the
-    /// supervisor lose track of an engine it watches: its own record of the process (the
-    /// pidfd it holds) stands until the live engine rewrites the word from its own view.
-    pub(crate) fn ours(&self, slot: usize) -> bool {
-        self.engines[slot].as_ref().is_some_and(|p| {
-            let matches = |f: Field, ours: u64| {
-                self.control
-                    .get_checked(slot, f)
-                    .map_or(true, |found| found == ours)
-            };
-            matches(Field::Pid, u64::from(p.pid()))
-                && matches(Field::StartTime, p.identity.start_time_ticks)
-        })
-    }
-
-    pub(crate) fn role(&self, slot: usize) -> Role {
-        if self.ours(slot) {
-            Role::from_word(self.control.get(slot, Field::Role))
-        } else {
-            Role::None
-        }
-    }
-
-    pub(crate) fn state(&self, slot: usize) -> State {
-        State::from_word(self.control.get(slot, Field::State))
-    }
-
-    /// `slot` is the active of the current epoch.
-    pub(crate) fn is_active(&self, slot: usize) -> bool {
-        self.role(slot) == Role::Active
-            && self.control.active_slot() == Some(slot)
-            && self.control.get(slot, Field::Epoch) == self.control.epoch()
-    }
-
-    /// `slot` is a hot standby of the current epoch.
-    pub(crate) fn is_hot_standby(&self, slot: usize) -> bool {
-        self.role(slot) == Role::Standby
-            && self.state(slot) == State::Hot
-            && self.control.get(slot, Field::Epoch) == self.control.epoch()
-    }
-
-    /// `promote`: with no engine active (verified: none holds the active's lock) and the
-    /// operator accepting the loss, tell the engine in the slot to become active with the
-    /// consistent copy it holds. The engine itself refuses if it holds none, or if an active
-    /// appeared meanwhile (the mutex and the epoch's compare-and-swap decide).
-    pub(crate) fn promote(&mut self, request: &crate::proto::PromoteRequest) -> Reply {
-        let Some(slot) = ["a", "b", "c"].iter().position(|s| *s == request.slot) else {
-            return Reply::result(Code::Failed, format!("no slot {:?}", request.slot));
-        };
-        if let Some(a) = self.active() {
-            return Reply::result(
-                Code::WrongRole,
-                format!("engine {} is active: nothing to promote", slot_name(a)),
-            );
-        }
-        if let Some(h) = self.lock_holder() {
-            return Reply::result(
-                Code::WrongRole,
-                format!("engine {} holds the active's lock: it serves", slot_name(h)),
-            );
-        }
-        if self.engines[slot].is_none() {
-            return Reply::result(
-                Code::WrongRole,
-                format!("no engine runs in slot {}", slot_name(slot)),
-            );
-        }
-        let what = self.what_was_committed();
-        if !request.accept_loss {
-            return Reply::result(
-                Code::WrongRole,
-                format!(
-                    "promote loses what the dead active committed after the copy: {what}; run again with --accept-loss to go ahead"
-                ),
-            );
-        }
-        if self.state(slot) != State::Stale {
-            return Reply::result(
-                Code::WrongRole,
-                format!(
-                    "engine {} holds no consistent copy (state {}): nothing to promote",
-                    slot_name(slot),
-                    self.state(slot).name()
-                ),
-            );
-        }
-        warn!(slot = %slot_name(slot), "promote requested by the operator, accepting the loss: {what}");
-        self.control.set(
-            slot,
-            Field::Cmd,
-            understudy_runtime::control::slot_cmd::PROMOTE,
-        );
-        let deadline = Instant::now() + self.config.timeouts.switchover();
-        while Instant::now() < deadline {
-            if self.is_active(slot) {
-                self.outage_reported = false;
-                return Reply::result(
-                    Code::Ok,
-                    format!(
-                        "engine {} is active with its copy of {} transactions ({what})",
-                        slot_name(slot),
-                        self.control.get(slot, Field::StepUpCommits)
-                    ),
-                );
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Reply::result(
-            Code::Failed,
-            format!(
-                "engine {} did not become active within the switchover timeout; see its log",
-                slot_name(slot)
-            ),
-        )
-    }
-
-    /// For an outage report: how far the last active got and what each other engine holds, so
-    /// the operator knows exactly which transactions are on no engine. The active's own
-    /// transaction index (counters file, written at every commit, before the answer goes out)
-    /// bounds what clients were acknowledged; the control block's count is its fallback.
-    pub(crate) fn what_was_committed(&self) -> String {
-        let counters = understudy_runtime::counters::read(&self.dir).ok();
-        let committed = |slot: usize| {
-            let published = self.control.get(slot, Field::Commits);
-            counters
-                .as_ref()
-                .and_then(|c| c.slots.get(slot))
-                .map_or(published, |c| c.tx_index.max(published))
-        };
-        let last = self.control.active_slot();
-        let mut parts = Vec::new();
-        if let Some(a) = last {
-            parts.push(format!(
-                "the last active (engine {}) committed {} transactions",
-                slot_name(a),
-                committed(a)
-            ));
-        }
-        for s in (0..SLOTS).filter(|&s| Some(s) != last && self.control.get(s, Field::Pid) != 0) {
-            let applied = self.control.get(s, Field::Commits);
-            let what = match self.state(s) {
-                State::Stale => format!(
-                    "a copy that stopped at {applied} transactions (its stream was closed)"
-                ),
-                State::Syncing => format!(
-                    "a partial copy (it was catching up; {applied} transactions of live traffic applied)"
-                ),
-                other => format!("{applied} transactions ({})", other.name()),
-            };
-            let gap = last
-                .map(|a| committed(a).saturating_sub(applied))
-                .unwrap_or(0);
-            parts.push(format!(
-                "engine {} holds {what}{}",
-                slot_name(s),
-                if gap > 0 && self.state(s) != State::Syncing {
-                    format!("; the last {gap} committed transactions are on no engine")
-                } else {
-                    String::new()
-                }
-            ));
-        }
-        parts.join("; ")
-    }
-
-    /// The active slot, if it is one of our engines.
-    pub(crate) fn active(&self) -> Option<usize> {
-        (0..SLOTS).find(|&s| self.is_active(s))
-    }
-
-    /// The first hot standby.
-    pub(crate) fn hot_standby(&self) -> Option<usize> {
-        (0..SLOTS).find(|&s| self.is_hot_standby(s))
     }
 
     /// The loop; returns after `down` or a signal.
     pub fn run(&mut self, requests: &Receiver<Inbound>) {
-        while !self.finished && !SIGNALLED.load(Ordering::Relaxed) {
+        while !self.cluster.outcomes.finished && !SIGNALLED.load(Ordering::Relaxed) {
             crate::systemd::loop_tick();
             if self.op.is_some() {
                 // Role changes are watched closely while an operation runs.
@@ -804,7 +541,7 @@ impl Supervisor {
                 self.wait_for_exits(Duration::from_millis(2));
             }
             for slot in 0..SLOTS {
-                let exit = self.engines[slot].as_mut().and_then(|p| p.exited());
+                let exit = self.cluster.engines[slot].as_mut().and_then(|p| p.exited());
                 if let Some(exit) = exit {
                     self.on_exit(slot, exit);
                 }
@@ -836,12 +573,12 @@ impl Supervisor {
         self.foreign_checked = Instant::now();
         for slot in 0..SLOTS {
             let (Ok(pid), Ok(start)) = (
-                self.control.get_checked(slot, Field::Pid),
-                self.control.get_checked(slot, Field::StartTime),
+                self.cluster.control.get_checked(slot, Field::Pid),
+                self.cluster.control.get_checked(slot, Field::StartTime),
             ) else {
                 continue;
             };
-            let expected = self.engines[slot].as_ref().map(|p| p.identity);
+            let expected = self.cluster.engines[slot].as_ref().map(|p| p.identity);
             let found = u32::try_from(pid)
                 .ok()
                 .filter(|&pid| pid != 0)
@@ -892,6 +629,7 @@ impl Supervisor {
 
     fn wait_for_exits(&self, timeout: Duration) {
         let mut fds: Vec<libc::pollfd> = self
+            .cluster
             .engines
             .iter()
             .flatten()
@@ -916,8 +654,8 @@ impl Supervisor {
     }
 
     fn on_exit(&mut self, slot: usize, exit: ExitInfo) {
-        let was_active = self.role(slot) == Role::Active;
-        let proc = self.engines[slot].take().expect("exited engine");
+        let was_active = self.cluster.role(slot) == Role::Active;
+        let proc = self.cluster.engines[slot].take().expect("exited engine");
         self.hung_unfenced[slot] = false;
         if proc.expected_exit {
             info!(slot = %slot_name(slot), pid = proc.pid(), "engine exited ({exit})");
@@ -926,26 +664,27 @@ impl Supervisor {
         // The epoch the dead engine was active in: a standby may already have claimed the next
         // one by now (it steps up on its own, often before this pidfd fires).
         let epoch = self
+            .cluster
             .control
             .get(slot, Field::Epoch)
-            .min(self.control.epoch());
+            .min(self.cluster.control.epoch());
         // A death is a warning: an ordinary failover follows it; an outage is an error below.
         warn!(slot = %slot_name(slot), pid = proc.pid(), was_active, "engine died ({exit})");
         // With no active left, the dead engine may have been the active in the middle of a
         // planned switchover (it publishes "standby" as it hands over, before its target
         // claims the next epoch): wait for the target as for any successor.
-        let handing_over = !was_active && self.active().filter(|&a| a != slot).is_none();
+        let handing_over = !was_active && self.cluster.active().filter(|&a| a != slot).is_none();
         let successor = if was_active || handing_over {
             self.await_successor(slot, epoch)
         } else {
-            self.active()
+            self.cluster.active()
         };
         if was_active || handing_over {
             match successor {
                 Some(s) => {
                     info!(dead = %slot_name(slot), active = %slot_name(s), "failover: the standby stepped up")
                 }
-                None => match (self.lock_holder(), self.last_copy()) {
+                None => match (self.cluster.lock_holder(), self.last_copy()) {
                     (Some(h), _) => warn!(
                         dead = %slot_name(slot),
                         serving = %slot_name(h),
@@ -957,7 +696,7 @@ impl Supervisor {
                         error!(
                             dead = %slot_name(slot),
                             holder = %slot_name(s),
-                            stopped = ?self.engines[s].as_ref().and_then(|p| verify::is_stopped(p.pid())),
+                            stopped = ?self.cluster.engines[s].as_ref().and_then(|p| verify::is_stopped(p.pid())),
                             "the active died and engine {} holds the latest committed state but has not stepped up (stalled?); it is the last copy: not fencing or replacing it, waiting for it to resume",
                             slot_name(s)
                         )
@@ -970,10 +709,10 @@ impl Supervisor {
         }
         let upgrading = matches!(self.op, Some(Operation::Upgrade(_) | Operation::Resume(_)));
         if let Some(mut op) = self.op.take() {
-            op.on_death(self, slot, successor);
+            op.on_death(&mut self.cluster, slot, successor);
             self.op = Some(op);
         }
-        if !upgrading && self.managed[slot] {
+        if !upgrading && self.cluster.managed[slot] {
             // Only a crash of the engine's own backs off and counts toward giving up. A kill
             // from outside (an operator's burst of kills) or the supervisor's own fence says
             // nothing about the engine: it is restarted at once, since until its replacement
@@ -995,7 +734,7 @@ impl Supervisor {
 
     /// Forgets the crashes older than the crash-loop window.
     fn prune_restarts(&mut self, slot: usize, now: Instant) {
-        let window = Duration::from_millis(self.config.restart.crash_loop_window_ms);
+        let window = Duration::from_millis(self.cluster.config.restart.crash_loop_window_ms);
         let crashes = &mut self.restarts[slot].crashes;
         while crashes
             .front()
@@ -1032,25 +771,13 @@ impl Supervisor {
         .with_data(serde_json::json!({ "resumed": stopped }))
     }
 
-    /// The slot of our live engine whose thread holds the robust mutex only an active holds,
-    /// mapped through `/proc/<pid>/task/<tid>`: which engine serves, by a source other than
-    /// the control block's role and slot records.
-    fn lock_holder(&self) -> Option<usize> {
-        let tid = self.control.lock().holder_tid()?;
-        (0..SLOTS).find(|&s| {
-            self.engines[s].as_ref().is_some_and(|p| {
-                !p.fenced && verify::tid_belongs_to(p.pid(), tid) && p.identity.is_alive()
-            })
-        })
-    }
-
     /// With no engine active: a live engine that was a hot standby in the current epoch, so
     /// that it holds every transaction the dead active committed — the last copy of the
     /// state, never to be killed; it steps up when it runs again.
     fn last_copy(&self) -> Option<usize> {
-        let epoch = self.control.epoch();
+        let epoch = self.cluster.control.epoch();
         (0..SLOTS).find(|&s| {
-            self.engines[s].as_ref().is_some_and(|p| {
+            self.cluster.engines[s].as_ref().is_some_and(|p| {
                 !p.fenced
                     && !p.expected_exit
                     && self.hot_seen[s] == Some((p.pid(), epoch))
@@ -1062,9 +789,10 @@ impl Supervisor {
     /// Remembers which engines are hot standbys of which epoch (for [`Self::last_copy`]).
     fn watch_hot(&mut self) {
         for slot in 0..SLOTS {
-            if self.is_hot_standby(slot) {
-                if let Some(p) = self.engines[slot].as_ref() {
-                    self.hot_seen[slot] = Some((p.pid(), self.control.get(slot, Field::Epoch)));
+            if self.cluster.is_hot_standby(slot) {
+                if let Some(p) = self.cluster.engines[slot].as_ref() {
+                    self.hot_seen[slot] =
+                        Some((p.pid(), self.cluster.control.get(slot, Field::Epoch)));
                 }
             } else {
                 // Gone, or no longer a hot standby of this epoch (it fell back to syncing, was
@@ -1078,19 +806,19 @@ impl Supervisor {
     /// After the active in `dead` died: the engine that stepped up, if any does within the
     /// switchover timeout.
     fn await_successor(&mut self, dead: usize, epoch: u64) -> Option<usize> {
-        let deadline = Instant::now() + self.config.timeouts.switchover();
+        let deadline = Instant::now() + self.cluster.config.timeouts.switchover();
         loop {
-            if let Some(a) = self.active().filter(|&a| a != dead) {
+            if let Some(a) = self.cluster.active().filter(|&a| a != dead) {
                 return Some(a);
             }
             let candidates = (0..SLOTS).any(|s| {
                 s != dead
-                    && self.role(s) == Role::Standby
-                    && self.control.get(s, Field::Epoch) >= epoch
-                    && self.engines[s]
+                    && self.cluster.role(s) == Role::Standby
+                    && self.cluster.control.get(s, Field::Epoch) >= epoch
+                    && self.cluster.engines[s]
                         .as_ref()
                         .is_some_and(|p| p.identity.is_alive())
-            }) || self.control.epoch() > epoch;
+            }) || self.cluster.control.epoch() > epoch;
             if !candidates || Instant::now() > deadline {
                 return None;
             }
@@ -1100,12 +828,12 @@ impl Supervisor {
 
     /// An engine clears its command word when it starts: repeat a pending stop.
     fn resend_stops(&self) {
-        for (slot, proc) in self.engines.iter().enumerate() {
+        for (slot, proc) in self.cluster.engines.iter().enumerate() {
             if let Some(proc) = proc {
-                if proc.expected_exit && self.ours(slot) {
-                    let state = self.state(slot);
-                    if state != State::Stopped && self.control.get(slot, Field::Cmd) == 0 {
-                        self.control.set(slot, Field::Cmd, slot_cmd::STOP);
+                if proc.expected_exit && self.cluster.ours(slot) {
+                    let state = self.cluster.state(slot);
+                    if state != State::Stopped && self.cluster.control.get(slot, Field::Cmd) == 0 {
+                        self.cluster.control.set(slot, Field::Cmd, slot_cmd::STOP);
                     }
                 }
             }
@@ -1130,21 +858,21 @@ impl Supervisor {
     fn fence(&mut self) {
         let now = monotonic_ns();
         let seen_at = Instant::now();
-        let hung_ns = self.config.timeouts.heartbeat_ms * HUNG_BEATS * 1_000_000;
-        let epoch = self.control.epoch();
+        let hung_ns = self.cluster.config.timeouts.heartbeat_ms * HUNG_BEATS * 1_000_000;
+        let epoch = self.cluster.control.epoch();
         // Who holds the active's lock: looked up (in /proc) only when a decision needs it.
         let mut holder_seen: Option<Option<usize>> = None;
         for slot in 0..SLOTS {
-            let Some(proc) = self.engines[slot].as_ref() else {
+            let Some(proc) = self.cluster.engines[slot].as_ref() else {
                 self.heartbeat_seen[slot] = None;
                 continue;
             };
-            if proc.expected_exit || proc.fenced || !self.ours(slot) {
+            if proc.expected_exit || proc.fenced || !self.cluster.ours(slot) {
                 continue;
             }
             let pid = proc.pid();
-            let role = self.role(slot);
-            let word = self.control.get(slot, Field::HeartbeatNs);
+            let role = self.cluster.role(slot);
+            let word = self.cluster.control.get(slot, Field::HeartbeatNs);
             let unchanged_ns = match self.heartbeat_seen[slot].as_mut() {
                 Some(seen) => seen.observe(pid, word, seen_at),
                 None => {
@@ -1160,14 +888,14 @@ impl Supervisor {
                 hung_ns * 4
             };
             let claims_stale = role == Role::Active
-                && self.control.get(slot, Field::Epoch) < epoch
-                && self.state(slot) == State::Serving
-                && self.engines[slot]
+                && self.cluster.control.get(slot, Field::Epoch) < epoch
+                && self.cluster.state(slot) == State::Serving
+                && self.cluster.engines[slot]
                     .as_ref()
                     .is_some_and(|p| p.identity.is_alive());
             let hung = age > limit && unchanged_ns > limit;
             let holder = if claims_stale || hung {
-                *holder_seen.get_or_insert_with(|| self.lock_holder())
+                *holder_seen.get_or_insert_with(|| self.cluster.lock_holder())
             } else {
                 None
             };
@@ -1191,7 +919,7 @@ impl Supervisor {
                 warn!(
                     slot = %slot_name(slot),
                     pid,
-                    engine_epoch = self.control.get(slot, Field::Epoch),
+                    engine_epoch = self.cluster.control.get(slot, Field::Epoch),
                     control_epoch = epoch,
                     lock_holder = holder.map(slot_name).map(String::from).as_deref().unwrap_or("none"),
                     "the control block says this engine is active in an old epoch, but no other engine holds the active's lock: the control block is suspect; not fencing"
@@ -1229,7 +957,7 @@ impl Supervisor {
             } else {
                 error!(slot = %slot_name(slot), pid, heartbeat_age_ms = age / 1_000_000, "engine is hung; fencing it with SIGKILL");
             }
-            if let Some(proc) = self.engines[slot].as_mut() {
+            if let Some(proc) = self.cluster.engines[slot].as_mut() {
                 proc.kill();
                 proc.fenced = true;
             }
@@ -1244,7 +972,7 @@ impl Supervisor {
         if at.elapsed() < Duration::from_millis(100) {
             return;
         }
-        let found = self.control.repair();
+        let found = self.cluster.control.repair();
         if !found.is_empty() && !reporting {
             for c in &found {
                 warn!("{c}; decisions on this word wait for a second source");
@@ -1257,7 +985,7 @@ impl Supervisor {
 
     /// How old `slot`'s heartbeat is at `now` (CLOCK_MONOTONIC ns).
     fn heartbeat_age_ns(&self, slot: usize, now: u64) -> u64 {
-        now.saturating_sub(self.control.get(slot, Field::HeartbeatNs))
+        now.saturating_sub(self.cluster.control.get(slot, Field::HeartbeatNs))
     }
 
     /// Some engine other than `active` is a hot standby of the epoch, alive, with a heartbeat
@@ -1265,9 +993,9 @@ impl Supervisor {
     fn can_take_over(&self, active: usize, now: u64, hung_ns: u64) -> bool {
         (0..SLOTS).any(|s| {
             s != active
-                && self.is_hot_standby(s)
+                && self.cluster.is_hot_standby(s)
                 && self.heartbeat_age_ns(s, now) <= hung_ns
-                && self.engines[s]
+                && self.cluster.engines[s]
                     .as_ref()
                     .is_some_and(|p| !p.fenced && p.identity.is_alive())
         })
@@ -1276,8 +1004,8 @@ impl Supervisor {
     fn watch_roles(&mut self) {
         // A damaged epoch or active-slot word is no role change (an engine repairs it).
         let (Ok(epoch), Ok(active)) = (
-            self.control.epoch_checked(),
-            self.control.active_slot_checked(),
+            self.cluster.control.epoch_checked(),
+            self.cluster.control.active_slot_checked(),
         ) else {
             return;
         };
@@ -1291,13 +1019,14 @@ impl Supervisor {
             epoch,
             active: active.map(|s| slot_name(s).to_string()),
             previous: self.role_seen.1.map(|s| slot_name(s).to_string()),
-            step_up_dur_ns: active.map_or(0, |s| self.control.get(s, Field::LastStepUpDurNs)),
+            step_up_dur_ns: active
+                .map_or(0, |s| self.cluster.control.get(s, Field::LastStepUpDurNs)),
         };
         info!(
             epoch,
             active = change.active.as_deref().unwrap_or("none"),
             previous = change.previous.as_deref().unwrap_or("none"),
-            step_ups = active.map_or(0, |s| self.control.get(s, Field::StepUps)),
+            step_ups = active.map_or(0, |s| self.cluster.control.get(s, Field::StepUps)),
             step_up_us = change.step_up_dur_ns / 1000,
             "role change"
         );
@@ -1312,7 +1041,7 @@ impl Supervisor {
     /// Restart dead engines in managed slots as standbys, with backoff; not during an
     /// upgrade or `down`, whose plans decide what runs.
     fn keep(&mut self) {
-        if self.finished
+        if self.cluster.outcomes.finished
             || matches!(
                 self.op,
                 Some(Operation::Upgrade(_) | Operation::Down(_) | Operation::Resume(_))
@@ -1320,13 +1049,13 @@ impl Supervisor {
         {
             return;
         }
-        let active = self.active();
+        let active = self.cluster.active();
         // A role change takes a moment (the old active hands over, the new one claims the
         // epoch): only an absence of any active that outlasts the switchover timeout is an
         // outage.
         let no_active = active.is_none()
-            && self.control.epoch() > 0
-            && (0..SLOTS).all(|s| self.role(s) != Role::Active);
+            && self.cluster.control.epoch() > 0
+            && (0..SLOTS).all(|s| self.cluster.role(s) != Role::Active);
         if !no_active {
             self.no_active_since = None;
         }
@@ -1339,20 +1068,20 @@ impl Supervisor {
                 .no_active_since
                 .get_or_insert_with(Instant::now)
                 .elapsed()
-                > self.config.timeouts.switchover()
+                > self.cluster.config.timeouts.switchover()
         {
             // Verified before it is said: the control block alone never declares the state
             // lost.
-            if let Some(h) = self.lock_holder() {
+            if let Some(h) = self.cluster.lock_holder() {
                 if !self.suspect_reported[h] {
                     self.suspect_reported[h] = true;
                     warn!(
                         serving = %slot_name(h),
-                        pid = self.engines[h].as_ref().map_or(0, |p| p.pid()),
-                        control_epoch = self.control.epoch(),
-                        control_active = ?self.control.active_slot(),
-                        record_pid = self.control.get(h, Field::Pid),
-                        record_start_time = self.control.get(h, Field::StartTime),
+                        pid = self.cluster.engines[h].as_ref().map_or(0, |p| p.pid()),
+                        control_epoch = self.cluster.control.epoch(),
+                        control_active = ?self.cluster.control.active_slot(),
+                        record_pid = self.cluster.control.get(h, Field::Pid),
+                        record_start_time = self.cluster.control.get(h, Field::StartTime),
                         "the control block shows no active engine, but engine {} holds the active's lock: it serves, this is not an outage; the control block is suspect",
                         slot_name(h)
                     );
@@ -1362,7 +1091,7 @@ impl Supervisor {
                     self.last_copy_reported = true;
                     error!(
                         holder = %slot_name(s),
-                        stopped = ?self.engines[s].as_ref().and_then(|p| verify::is_stopped(p.pid())),
+                        stopped = ?self.cluster.engines[s].as_ref().and_then(|p| verify::is_stopped(p.pid())),
                         "no engine is active; engine {} holds the latest committed state (the last copy) and has not stepped up: waiting for it to resume; it is not fenced or replaced",
                         slot_name(s)
                     );
@@ -1370,35 +1099,36 @@ impl Supervisor {
             } else {
                 self.outage_reported = true;
                 let stale = (0..SLOTS).find(|&s| {
-                    self.state(s) == State::Stale && self.control.get(s, Field::Pid) != 0
+                    self.cluster.state(s) == State::Stale
+                        && self.cluster.control.get(s, Field::Pid) != 0
                 });
                 match stale {
                     Some(s) => error!(
                         "outage: no engine is active and none can step up; {}; `understudy promote {} --accept-loss` serves from that copy (or `understudy down` then `understudy up`)",
-                        self.what_was_committed(),
+                        self.cluster.what_was_committed(),
                         slot_name(s)
                     ),
                     None => error!(
                         "outage: no engine is active and none can step up; {}; the state is lost, run `understudy down` then `understudy up`",
-                        self.what_was_committed()
+                        self.cluster.what_was_committed()
                     ),
                 }
             }
         }
         let binary = active
-            .and_then(|a| self.engines[a].as_ref())
+            .and_then(|a| self.cluster.engines[a].as_ref())
             .map(|p| p.binary.clone())
             .filter(|b| !b.as_os_str().is_empty())
-            .unwrap_or_else(|| self.config.engine.binary.clone());
+            .unwrap_or_else(|| self.cluster.config.engine.binary.clone());
         let now = Instant::now();
         for slot in 0..SLOTS {
-            if !self.managed[slot] || self.engines[slot].is_some() {
+            if !self.cluster.managed[slot] || self.cluster.engines[slot].is_some() {
                 continue;
             }
             if self.restarts[slot].next_at.is_none() {
                 self.prune_restarts(slot, now);
             }
-            let restart = &self.config.restart;
+            let restart = &self.cluster.config.restart;
             let r = &mut self.restarts[slot];
             if r.given_up {
                 continue;
@@ -1427,7 +1157,7 @@ impl Supervisor {
                 continue;
             }
             self.restarts[slot].next_at = None;
-            match self.spawn(slot, &binary, true) {
+            match self.cluster.spawn(slot, &binary, true) {
                 Ok(()) => info!(slot = %slot_name(slot), "restarted as the new standby"),
                 Err(e) => {
                     error!(slot = %slot_name(slot), "restart failed: {e}");
@@ -1444,8 +1174,8 @@ impl Supervisor {
         }
         self.last_rate_sample = now;
         for slot in 0..SLOTS {
-            let requests = if self.ours(slot) {
-                self.control.get(slot, Field::Requests)
+            let requests = if self.cluster.ours(slot) {
+                self.cluster.control.get(slot, Field::Requests)
             } else {
                 0
             };
@@ -1471,10 +1201,10 @@ impl Supervisor {
                 // for longer than the switchover timeout — the same grace the loop gives before
                 // it says "outage": an ordinary failover's window is not one.
                 let code = if report.active.is_none()
-                    && self.lock_holder().is_none()
+                    && self.cluster.lock_holder().is_none()
                     && self
                         .no_active_since
-                        .is_some_and(|t| t.elapsed() > self.config.timeouts.switchover())
+                        .is_some_and(|t| t.elapsed() > self.cluster.config.timeouts.switchover())
                 {
                     if let Some(s) = self.last_copy() {
                         message.push_str(&format!(
@@ -1494,14 +1224,22 @@ impl Supervisor {
             Op::Promote(request) => {
                 let answer = match self.op {
                     Some(_) => self.busy(),
-                    None => self.promote(&request),
+                    None => {
+                        let answer = crate::ops::promote(&mut self.cluster, &request);
+                        if answer.code == Some(Code::Ok) {
+                            self.outage_reported = false;
+                        }
+                        answer
+                    }
                 };
                 let _ = reply.send(answer);
             }
             Op::Reload(request) => {
                 let answer = match self.op {
                     Some(_) => self.busy(),
-                    None => crate::reload::reload(self, &request),
+                    None => {
+                        crate::reload::reload(&mut self.cluster.config, &self.cluster.dir, &request)
+                    }
                 };
                 let _ = reply.send(answer);
             }
@@ -1514,7 +1252,7 @@ impl Supervisor {
                     let _ = reply.send(self.busy());
                     return;
                 }
-                match Operation::rollback(self, reply.clone()) {
+                match Operation::rollback(&mut self.cluster, reply.clone()) {
                     Ok(op) => self.op = Some(op),
                     Err(r) => {
                         let _ = reply.send(r);
@@ -1526,7 +1264,7 @@ impl Supervisor {
                     let _ = reply.send(self.busy());
                     return;
                 }
-                match Operation::begin(self, op, reply.clone()) {
+                match Operation::begin(&mut self.cluster, op, reply.clone()) {
                     Ok(op) => self.op = Some(op),
                     Err(r) => {
                         let _ = reply.send(r);
@@ -1546,9 +1284,10 @@ impl Supervisor {
 
     fn step_op(&mut self) {
         if let Some(mut op) = self.op.take() {
-            match op.step(self) {
+            match op.step(&mut self.cluster) {
                 Stepped::Running => self.op = Some(op),
                 Stepped::Ended => {}
+                Stepped::Finished(result) => result.send(self.status()),
                 Stepped::Became(next) => self.op = Some(*next),
             }
         }
@@ -1557,33 +1296,39 @@ impl Supervisor {
     /// A snapshot for `status`.
     pub fn status(&self) -> StatusReport {
         let mut engines = Vec::new();
-        for (slot, proc) in self.engines.iter().enumerate() {
+        for (slot, proc) in self.cluster.engines.iter().enumerate() {
             let Some(proc) = proc else { continue };
-            let ours = self.ours(slot);
-            let get = |f| if ours { self.control.get(slot, f) } else { 0 };
+            let ours = self.cluster.ours(slot);
+            let get = |f| {
+                if ours {
+                    self.cluster.control.get(slot, f)
+                } else {
+                    0
+                }
+            };
             engines.push(EngineStatus {
                 slot: slot_name(slot).to_string(),
                 pid: proc.pid(),
-                role: self.role(slot).name().to_string(),
+                role: self.cluster.role(slot).name().to_string(),
                 epoch: get(Field::Epoch),
                 app_version: get(Field::AppVersion),
                 layout_version: get(Field::Layout),
                 features: get(Field::Features),
                 enableable: get(Field::Enableable),
                 state: if ours {
-                    self.state(slot).name().to_string()
+                    self.cluster.state(slot).name().to_string()
                 } else {
                     State::Starting.name().to_string()
                 },
                 // Only a standby's lag and only an active's rate mean anything; the slot's
                 // fields keep what an earlier role left there.
-                lag_bytes: if self.role(slot) == Role::Standby {
+                lag_bytes: if self.cluster.role(slot) == Role::Standby {
                     get(Field::LagBytes)
                 } else {
                     0
                 },
                 commits: get(Field::Commits),
-                requests_per_s: if self.role(slot) == Role::Active {
+                requests_per_s: if self.cluster.role(slot) == Role::Active {
                     self.rates[slot].2
                 } else {
                     0.0
@@ -1602,11 +1347,11 @@ impl Supervisor {
             });
         }
         StatusReport {
-            cluster: self.config.cluster.clone(),
-            dir: self.dir.clone(),
+            cluster: self.cluster.config.cluster.clone(),
+            dir: self.cluster.dir.clone(),
             supervisor_pid: std::process::id(),
-            epoch: self.control.epoch(),
-            active: self.active().map(|s| slot_name(s).to_string()),
+            epoch: self.cluster.control.epoch(),
+            active: self.cluster.active().map(|s| slot_name(s).to_string()),
             engines,
             operation: self.op.as_ref().map(|o| o.describe()),
             crash_looping: (0..SLOTS)
@@ -1616,7 +1361,8 @@ impl Supervisor {
             restarts: (0..SLOTS)
                 .filter_map(|s| {
                     let r = &self.restarts[s];
-                    let window = Duration::from_millis(self.config.restart.crash_loop_window_ms);
+                    let window =
+                        Duration::from_millis(self.cluster.config.restart.crash_loop_window_ms);
                     let crashes = r.crashes.iter().filter(|t| t.elapsed() <= window).count() as u32;
                     (crashes > 0 || r.given_up).then(|| SlotRestarts {
                         slot: slot_name(s).to_string(),
@@ -1625,14 +1371,14 @@ impl Supervisor {
                         backoff_ms: if r.next_at.is_some() {
                             r.delay_ms
                         } else {
-                            restart_delay_ms(&self.config.restart, crashes)
+                            restart_delay_ms(&self.cluster.config.restart, crashes)
                         },
                         given_up: r.given_up,
                     })
                 })
                 .collect(),
             role_changes: self.role_changes.iter().cloned().collect(),
-            interrupted_upgrade: self.interrupted.clone(),
+            interrupted_upgrade: self.cluster.outcomes.interrupted.clone(),
             foreign_engines: (0..SLOTS)
                 .filter_map(|s| {
                     let f = self.foreign[s].filter(|f| f.reported)?;
@@ -1640,8 +1386,8 @@ impl Supervisor {
                         slot: slot_name(s).to_string(),
                         pid: f.identity.pid,
                         start_time_ticks: f.identity.start_time_ticks,
-                        expected_pid: self.engines[s].as_ref().map(|p| p.pid()),
-                        role: Role::from_word(self.control.get(s, Field::Role))
+                        expected_pid: self.cluster.engines[s].as_ref().map(|p| p.pid()),
+                        role: Role::from_word(self.cluster.control.get(s, Field::Role))
                             .name()
                             .to_string(),
                     })

@@ -15,6 +15,7 @@
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
 pub mod client;
+mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod doctor;

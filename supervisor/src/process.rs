@@ -28,6 +28,10 @@ use understudy_runtime::liveness::{Pidfd, ProcessIdentity};
 
 use crate::config::ClusterConfig;
 
+/// A heartbeat older than this many configured intervals means the engine is hung (the
+/// supervisor fences it; an engine is told the same threshold at its start).
+pub const HUNG_BEATS: u64 = 10;
+
 /// The file in the cluster directory that names each started engine's binary.
 pub const SPAWNED_FILE: &str = "engines.json";
 const SPAWNED_FORMAT: &str = "understudy-engines";
@@ -226,7 +230,7 @@ impl EngineProc {
             // A standby fences a hung active at the same age the supervisor does.
             .env(
                 launch::ENV_HUNG_MS,
-                (config.timeouts.heartbeat_ms * crate::daemon::HUNG_BEATS).to_string(),
+                (config.timeouts.heartbeat_ms * HUNG_BEATS).to_string(),
             )
             // The operator's `[engine] env` overrides the tuning above; the identity below
             // is the supervisor's alone (the config refuses those names in `engine.env`).

@@ -20,7 +20,6 @@ use serde::Serialize;
 use tracing::info;
 
 use crate::config::ClusterConfig;
-use crate::daemon::Supervisor;
 use crate::proto::{Code, ReloadRequest, Reply};
 
 /// One field that differs: (dotted name, running value, new value).
@@ -83,12 +82,16 @@ pub(crate) fn live_changes(running: &ClusterConfig, new: &ClusterConfig) -> Vec<
 }
 
 /// Handle a reload request: the reply (code `bad-config` with every reason when refused).
-pub(crate) fn reload(sup: &mut Supervisor, request: &ReloadRequest) -> Reply {
+pub(crate) fn reload(
+    config: &mut ClusterConfig,
+    dir: &std::path::Path,
+    request: &ReloadRequest,
+) -> Reply {
     let new = match ClusterConfig::from_str(&request.config_toml, "the reloaded config") {
         Ok(c) => c,
         Err(e) => return Reply::result(Code::BadConfig, format!("reload refused: {e}")),
     };
-    let fixed = fixed_changes(&sup.config, &new);
+    let fixed = fixed_changes(config, &new);
     if !fixed.is_empty() {
         let what: Vec<String> = fixed
             .iter()
@@ -103,21 +106,19 @@ pub(crate) fn reload(sup: &mut Supervisor, request: &ReloadRequest) -> Reply {
         )
         .with_data(serde_json::json!({ "refused": fixed.iter().map(|c| &c.0).collect::<Vec<_>>() }));
     }
-    let live = live_changes(&sup.config, &new);
+    let live = live_changes(config, &new);
     if live.is_empty() {
         return Reply::result(Code::Ok, "reloaded: nothing changed")
             .with_data(serde_json::json!({ "changed": [] }));
     }
-    let metrics_moved = sup.config.metrics != new.metrics;
-    sup.config.acceptance = new.acceptance;
-    sup.config.restart = new.restart;
-    sup.config.timeouts = new.timeouts;
-    sup.config.metrics = new.metrics;
+    let metrics_moved = config.metrics != new.metrics;
+    config.acceptance = new.acceptance;
+    config.restart = new.restart;
+    config.timeouts = new.timeouts;
+    config.metrics = new.metrics;
     let mut notes = Vec::new();
     if metrics_moved {
-        if let Err(e) =
-            crate::metrics::configure(&sup.config.metrics, &sup.dir, &sup.config.cluster)
-        {
+        if let Err(e) = crate::metrics::configure(&config.metrics, dir, &config.cluster) {
             notes.push(e);
         }
     }

@@ -31,8 +31,10 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use crate::daemon::Inbound;
 use crate::proto::{Code, Reply, ReplyKind, Request, RequestError, REQUEST_BYTES_MAX, SOCKET_NAME};
+
+/// A request from a socket thread, with where to send the replies.
+pub(crate) type Inbound = (Request, Sender<Reply>);
 
 /// How long a connection may take to send its request line.
 pub const REQUEST_WAIT: Duration = Duration::from_secs(5);

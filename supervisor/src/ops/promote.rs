@@ -1,0 +1,91 @@
+//! `promote SLOT --accept-loss`: after an outage, serve from the consistent copy a standby
+//! holds.
+//!
+//! With no engine active (verified: none holds the active's lock) and the operator accepting
+//! the loss, the engine in the slot is told (slot command PROMOTE) to become active with the
+//! consistent copy it holds. The engine itself refuses if it holds none, or if an active
+//! appeared meanwhile (the mutex and the epoch's compare-and-swap decide).
+
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+use understudy_runtime::control::{slot_cmd, slot_index, slot_name, Field, State};
+
+use crate::cluster::ClusterOps;
+use crate::proto::{Code, PromoteRequest, Reply};
+
+/// How often the wait for the promoted engine looks at its record.
+const POLL_EVERY: Duration = Duration::from_millis(1);
+
+/// Promotes the engine `request` names, waiting (at most the switchover timeout) for it to
+/// be active; the reply says what was lost.
+pub(crate) fn promote(cluster: &mut dyn ClusterOps, request: &PromoteRequest) -> Reply {
+    let slot = match refusal(cluster, request) {
+        Ok(slot) => slot,
+        Err(reply) => return reply,
+    };
+    let what = cluster.what_was_committed();
+    warn!(slot = %slot_name(slot), "promote requested by the operator, accepting the loss: {what}");
+    cluster.control().set(slot, Field::Cmd, slot_cmd::PROMOTE);
+    let deadline = Instant::now() + cluster.config().timeouts.switchover();
+    while Instant::now() < deadline {
+        if cluster.is_active(slot) {
+            return Reply::result(
+                Code::Ok,
+                format!(
+                    "engine {} is active with its copy of {} transactions ({what})",
+                    slot_name(slot),
+                    cluster.control().get(slot, Field::StepUpCommits)
+                ),
+            );
+        }
+        std::thread::sleep(POLL_EVERY);
+    }
+    Reply::result(
+        Code::Failed,
+        format!(
+            "engine {} did not become active within the switchover timeout; see its log",
+            slot_name(slot)
+        ),
+    )
+}
+
+/// The slot to promote, or why not.
+fn refusal(cluster: &dyn ClusterOps, request: &PromoteRequest) -> Result<usize, Reply> {
+    let refuse = |why: String| Err(Reply::result(Code::WrongRole, why));
+    let Some(slot) = slot_index(&request.slot) else {
+        return Err(Reply::result(
+            Code::Failed,
+            format!("no slot {:?}", request.slot),
+        ));
+    };
+    if let Some(a) = cluster.active() {
+        return refuse(format!(
+            "engine {} is active: nothing to promote",
+            slot_name(a)
+        ));
+    }
+    if let Some(h) = cluster.lock_holder() {
+        return refuse(format!(
+            "engine {} holds the active's lock: it serves",
+            slot_name(h)
+        ));
+    }
+    if cluster.engine(slot).is_none() {
+        return refuse(format!("no engine runs in slot {}", slot_name(slot)));
+    }
+    if !request.accept_loss {
+        return refuse(format!(
+            "promote loses what the dead active committed after the copy: {}; run again with --accept-loss to go ahead",
+            cluster.what_was_committed()
+        ));
+    }
+    if cluster.state(slot) != State::Stale {
+        return refuse(format!(
+            "engine {} holds no consistent copy (state {}): nothing to promote",
+            slot_name(slot),
+            cluster.state(slot).name()
+        ));
+    }
+    Ok(slot)
+}
