@@ -37,6 +37,8 @@ mod switchover;
 mod upgrade;
 
 #[cfg(test)]
+mod fake;
+#[cfg(test)]
 mod tests;
 
 pub(crate) use command::CommandOp;

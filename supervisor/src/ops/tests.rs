@@ -1,1 +1,561 @@
+//! The operations against a fake cluster ([`FakeCluster`]): no process is started. Each
+//! operation's happy path, the engine refusing, a timeout and an engine dying in the middle.
 
+use std::sync::mpsc::{self, Receiver};
+use std::time::Duration;
+
+use understudy_runtime::control::{cmd, Field, Role, State};
+use understudy_runtime::engine::result;
+
+use super::command::CommandResult;
+use super::fake::FakeCluster;
+use super::{Operation, Stepped};
+use crate::cluster::ClusterOps;
+use crate::proto::{Code, Op, PromoteRequest, Reply, ReplyKind, UpgradeRequest};
+
+/// The most turns any operation here may take (each turn waits 1 ms): a bound, not a timing.
+const TURNS_MAX: usize = 20_000;
+const TURN: Duration = Duration::from_millis(1);
+
+/// How an operation driven to its end ended.
+enum End {
+    /// Its result went to its watchers.
+    Ended,
+    /// Its result, to be sent with the status.
+    Finished(Reply),
+}
+
+/// Plays the engines and steps `op` until it ends; panics (naming the operation) if it
+/// does not within [`TURNS_MAX`] turns.
+fn drive(fake: &mut FakeCluster, op: &mut Operation) -> End {
+    for _ in 0..TURNS_MAX {
+        fake.turn();
+        match op.step(fake) {
+            Stepped::Running => std::thread::sleep(TURN),
+            Stepped::Ended => return End::Ended,
+            Stepped::Finished(result) => return End::Finished(result.reply),
+            Stepped::Became(next) => *op = *next,
+        }
+    }
+    panic!(
+        "expected `{}` to end within {TURNS_MAX} turns, found it still running",
+        op.describe()
+    );
+}
+
+/// Begins `op` (it must begin) with a channel for its replies.
+fn begin(fake: &mut FakeCluster, op: Op) -> (Operation, Receiver<Reply>) {
+    let (tx, rx) = mpsc::channel();
+    match Operation::begin(fake, op, tx) {
+        Ok(op) => (op, rx),
+        Err(reply) => panic!("expected the operation to begin, found {reply:?}"),
+    }
+}
+
+/// The result line among the replies.
+fn result_of(rx: &Receiver<Reply>) -> Reply {
+    let replies: Vec<Reply> = rx.try_iter().collect();
+    replies
+        .iter()
+        .rev()
+        .find(|r| r.kind == ReplyKind::Result)
+        .cloned()
+        .unwrap_or_else(|| panic!("expected a result, found only {replies:?}"))
+}
+
+/// Drives `op` to an end whose result went to the channel.
+fn run_to_result(fake: &mut FakeCluster, op: &mut Operation, rx: &Receiver<Reply>) -> Reply {
+    match drive(fake, op) {
+        End::Ended => result_of(rx),
+        End::Finished(reply) => reply,
+    }
+}
+
+/// The cluster command still posted, if any (a withdrawn one posts command 0).
+fn posted_command(fake: &FakeCluster) -> Option<u64> {
+    fake.control()
+        .pending()
+        .map(|(_, command, _)| command)
+        .filter(|&c| c != 0)
+}
+
+#[test]
+fn command_results_are_typed_from_the_engines_codes() {
+    // Proves every result code the engine writes reads as its own variant (an unknown one
+    // keeps its number), and that the operator reads what the code means.
+    let codes = [
+        (result::OK, CommandResult::Ok),
+        (result::NOT_HOT, CommandResult::NotHot),
+        (result::NOT_ENABLEABLE, CommandResult::NotEnableable),
+        (result::UNKNOWN, CommandResult::Unknown),
+        (result::BUSY, CommandResult::Busy),
+        (99, CommandResult::Other(99)),
+    ];
+    for (code, typed) in codes {
+        assert_eq!(CommandResult::from_code(code), typed, "code {code}");
+    }
+    assert_eq!(
+        CommandResult::NotHot.to_string(),
+        "the target is not a hot standby"
+    );
+    assert_eq!(CommandResult::Other(99).to_string(), "result code 99");
+}
+
+#[test]
+fn switchover_hands_the_active_role_to_the_hot_standby() {
+    // Proves the happy path: the command is posted and acknowledged, b becomes the active of
+    // epoch 2 and a its hot standby, and the result says so.
+    let mut fake = FakeCluster::serving();
+    let (mut op, rx) = begin(&mut fake, Op::Switchover);
+    assert_eq!(posted_command(&fake), Some(cmd::SWITCHOVER));
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert_eq!(reply.code, Some(Code::Ok), "{reply:?}");
+    assert_eq!(reply.data["from"], "a");
+    assert_eq!(reply.data["to"], "b");
+    assert_eq!(reply.data["epoch"], 2);
+    assert!(fake.is_active(1) && fake.is_hot_standby(0));
+    assert_eq!(posted_command(&fake), None);
+}
+
+#[test]
+fn switchover_without_an_active_or_a_hot_standby_does_not_begin() {
+    // Proves the refusals before anything is posted: no hot standby (wrong role), no active
+    // (outage).
+    let mut fake = FakeCluster::serving();
+    fake.write(1, Role::Standby, State::Syncing);
+    let (tx, _rx) = mpsc::channel();
+    let refused = Operation::begin(&mut fake, Op::Switchover, tx.clone()).err();
+    assert_eq!(refused.and_then(|r| r.code), Some(Code::WrongRole));
+    fake.die(0);
+    let refused = Operation::begin(&mut fake, Op::Switchover, tx).err();
+    assert_eq!(refused.and_then(|r| r.code), Some(Code::Outage));
+    assert_eq!(posted_command(&fake), None);
+}
+
+#[test]
+fn switchover_refused_as_not_hot_is_asked_once_more_then_reported() {
+    // Proves the repost rule: "not hot" for a target that reports hot is asked once more
+    // (two commands posted), and a second refusal is the answer, named for the operator.
+    let mut fake = FakeCluster::serving();
+    fake.answer = Some(result::NOT_HOT);
+    let (mut op, rx) = begin(&mut fake, Op::Switchover);
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert_eq!(reply.code, Some(Code::WrongRole), "{reply:?}");
+    assert_eq!(
+        reply.message,
+        "engine a refused: the target is not a hot standby"
+    );
+    assert_eq!(
+        fake.control().acked().0,
+        2,
+        "expected the command asked twice"
+    );
+    assert!(fake.is_active(0), "the active stays");
+}
+
+#[test]
+fn switchover_refused_as_busy_is_reported_at_once() {
+    // Proves a refusal other than "not hot" is not asked again.
+    let mut fake = FakeCluster::serving();
+    fake.answer = Some(result::BUSY);
+    let (mut op, rx) = begin(&mut fake, Op::Switchover);
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert_eq!(reply.code, Some(Code::WrongRole), "{reply:?}");
+    assert!(
+        reply.message.contains("the active stays active"),
+        "{reply:?}"
+    );
+    assert_eq!(fake.control().acked().0, 1);
+}
+
+#[test]
+fn switchover_not_taken_times_out_and_is_withdrawn() {
+    // Proves the deadline: an active that never takes the command gets a timeout result,
+    // and the command is withdrawn so that no later active takes it.
+    let mut fake = FakeCluster::serving();
+    fake.config.timeouts.switchover_ms = 20;
+    fake.deaf = true;
+    let (mut op, rx) = begin(&mut fake, Op::Switchover);
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert_eq!(reply.code, Some(Code::Timeout), "{reply:?}");
+    assert!(reply.message.contains("20 ms"), "{reply:?}");
+    assert_eq!(
+        posted_command(&fake),
+        None,
+        "expected the command withdrawn"
+    );
+}
+
+#[test]
+fn switchover_fails_when_its_target_dies_and_is_withdrawn() {
+    // Proves an engine dying mid-operation: the result names the dead engine and the
+    // active, and the command is withdrawn.
+    let mut fake = FakeCluster::serving();
+    fake.deaf = true;
+    let (mut op, rx) = begin(&mut fake, Op::Switchover);
+    let successor = fake.die(1);
+    op.on_death(&mut fake, 1, successor);
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert_eq!(reply.code, Some(Code::Failed), "{reply:?}");
+    assert_eq!(
+        reply.message,
+        "engine b died during the switchover; engine a is active"
+    );
+    assert_eq!(posted_command(&fake), None);
+}
+
+/// The serving fake with feature 0x4 enableable on the standby.
+fn enableable() -> FakeCluster {
+    let fake = FakeCluster::serving();
+    fake.control().set(1, Field::Enableable, 0x4);
+    fake
+}
+
+#[test]
+fn enable_features_turns_them_on_in_both_engines() {
+    // Proves the happy path: the standby's enableable mask is posted, and the result comes
+    // once both engines report it.
+    let mut fake = enableable();
+    let (mut op, rx) = begin(&mut fake, Op::EnableFeatures);
+    assert_eq!(posted_command(&fake), Some(cmd::ENABLE_FEATURES));
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert_eq!(reply.code, Some(Code::Ok), "{reply:?}");
+    assert_eq!(reply.data["enabled"], 4);
+    for slot in [0, 1] {
+        assert_eq!(fake.control().get(slot, Field::Features), 0x4);
+    }
+}
+
+#[test]
+fn enable_features_with_nothing_to_enable_posts_nothing() {
+    // Proves the mask 0 case: answered at once, nothing posted.
+    let mut fake = FakeCluster::serving();
+    let (tx, _rx) = mpsc::channel();
+    let reply = Operation::begin(&mut fake, Op::EnableFeatures, tx).err();
+    assert_eq!(reply.and_then(|r| r.code), Some(Code::Ok));
+    assert_eq!(posted_command(&fake), None);
+}
+
+#[test]
+fn enable_features_refused_by_the_active_is_reported() {
+    // Proves the engine refusing: its typed result reaches the operator, nothing enabled.
+    let mut fake = enableable();
+    fake.answer = Some(result::NOT_ENABLEABLE);
+    let (mut op, rx) = begin(&mut fake, Op::EnableFeatures);
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert_eq!(reply.code, Some(Code::WrongRole), "{reply:?}");
+    assert_eq!(
+        reply.message,
+        "engine a refused: a feature is not supported by every engine"
+    );
+    assert_eq!(fake.control().get(0, Field::Features), 0);
+}
+
+#[test]
+fn enable_features_not_taken_times_out() {
+    // Proves the deadline of the same machine for another command.
+    let mut fake = enableable();
+    fake.config.timeouts.switchover_ms = 20;
+    fake.deaf = true;
+    let (mut op, rx) = begin(&mut fake, Op::EnableFeatures);
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert_eq!(reply.code, Some(Code::Timeout), "{reply:?}");
+    assert_eq!(
+        posted_command(&fake),
+        None,
+        "expected the command withdrawn"
+    );
+}
+
+#[test]
+fn enable_features_fails_when_the_standby_dies() {
+    // Proves an engine dying mid-operation fails it, naming the engine.
+    let mut fake = enableable();
+    fake.deaf = true;
+    let (mut op, rx) = begin(&mut fake, Op::EnableFeatures);
+    let successor = fake.die(1);
+    op.on_death(&mut fake, 1, successor);
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert_eq!(reply.code, Some(Code::Failed), "{reply:?}");
+    assert_eq!(reply.message, "engine b died while enabling features");
+}
+
+#[test]
+fn down_stops_the_standby_before_the_active_then_removes_the_files() {
+    // Proves the order of `down` (a stopping active would make its standby step up), the
+    // cluster marked down, the files removed, and the loop told to end once the result is
+    // written (the watcher gone).
+    let mut fake = FakeCluster::serving();
+    let (mut op, rx) = begin(&mut fake, Op::Down);
+    assert_eq!(
+        fake.control().cluster_state(),
+        Ok(understudy_runtime::control::ClusterState::Down)
+    );
+    assert_eq!(fake.managed, [false; 3]);
+    fake.turn();
+    assert!(
+        fake.engines[1].is_none(),
+        "expected the standby stopped first"
+    );
+    assert!(
+        fake.engines[0].is_some(),
+        "expected the active still running"
+    );
+    for _ in 0..TURNS_MAX {
+        fake.turn();
+        op.step(&mut fake);
+        if rx.try_iter().any(|r| r.kind == ReplyKind::Result) {
+            break;
+        }
+        std::thread::sleep(TURN);
+    }
+    assert!(fake.engines.iter().all(Option::is_none));
+    assert!(!fake.dir().exists(), "expected the cluster's files removed");
+    drop(rx);
+    assert!(matches!(op.step(&mut fake), Stepped::Ended));
+    assert!(fake.outcomes.finished);
+}
+
+#[test]
+fn down_kills_an_engine_that_does_not_stop_in_time() {
+    // Proves the shutdown deadline: a standby that ignores STOP is SIGKILLed, and `down`
+    // still ends with its result.
+    let mut fake = FakeCluster::serving();
+    fake.config.timeouts.shutdown_ms = 10;
+    fake.stubborn[1] = true;
+    let (mut op, rx) = begin(&mut fake, Op::Down);
+    let mut result = None;
+    for _ in 0..TURNS_MAX {
+        fake.turn();
+        op.step(&mut fake);
+        result = rx.try_iter().find(|r| r.kind == ReplyKind::Result);
+        if result.is_some() {
+            break;
+        }
+        std::thread::sleep(TURN);
+    }
+    assert_eq!(fake.killed, [1]);
+    assert_eq!(result.and_then(|r| r.code), Some(Code::Ok));
+}
+
+/// An upgrade request to this test binary (an executable file), judged on no traffic.
+fn upgrade_to_self() -> UpgradeRequest {
+    UpgradeRequest {
+        binary: std::env::current_exe().expect("the test binary"),
+        accept_for_ms: Some(0),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn upgrade_replaces_both_engines_and_keeps_serving() {
+    // Proves the upgrade's happy path end to end against the fake: the compatibility check,
+    // then every action of the plan; both engines run the new binary, one active and one
+    // hot, the record is gone and `rollback` can find the previous binary.
+    let mut fake = FakeCluster::serving();
+    let request = upgrade_to_self();
+    let new = request.binary.clone();
+    let (mut op, rx) = begin(&mut fake, Op::Upgrade(request));
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert_eq!(reply.code, Some(Code::Ok), "{reply:?}");
+    let active = fake.active().expect("an active");
+    let standby = fake.hot_standby().expect("a hot standby");
+    for slot in [active, standby] {
+        assert_eq!(fake.engines[slot].as_ref().map(|e| &e.binary), Some(&new));
+    }
+    assert_eq!(
+        fake.spawned.first().map(|s| s.0),
+        Some(2),
+        "the probe first"
+    );
+    assert!(!fake.dir().join(crate::record::RECORD_FILE).exists());
+    assert_eq!(
+        fake.outcomes.last_upgrade,
+        Some(("/bin/true".into(), new.clone()))
+    );
+    let events = rx.try_iter().filter(|r| r.kind == ReplyKind::Event).count();
+    assert!(events > 8, "expected an event per action, found {events}");
+}
+
+#[test]
+fn upgrade_whose_switchover_is_refused_ends_with_the_old_version_serving() {
+    // Proves the engine refusing during the upgrade: the plan recovers, and the old version
+    // is active again with a hot standby.
+    let mut fake = FakeCluster::serving();
+    fake.answer = Some(result::BUSY);
+    let (mut op, rx) = begin(&mut fake, Op::Upgrade(upgrade_to_self()));
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert!(
+        matches!(reply.code, Some(Code::Aborted | Code::RolledBack)),
+        "{reply:?}"
+    );
+    let active = fake.active().expect("an active");
+    let standby = fake.hot_standby().expect("a hot standby");
+    for slot in [active, standby] {
+        let binary = fake.engines[slot].as_ref().map(|e| e.binary.clone());
+        assert_eq!(binary, Some("/bin/true".into()), "engine {slot}");
+    }
+    assert_eq!(fake.outcomes.last_upgrade, None);
+}
+
+#[test]
+fn upgrade_whose_new_version_never_registers_is_aborted_before_any_change() {
+    // Proves the compatibility check's timeout: nothing was taken out of service.
+    let mut fake = FakeCluster::serving();
+    fake.config.timeouts.start_ms = 10;
+    fake.config.timeouts.hot_ms = 10;
+    fake.config.timeouts.shutdown_ms = 10;
+    fake.mute_starts = true;
+    let (mut op, rx) = begin(&mut fake, Op::Upgrade(upgrade_to_self()));
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert_eq!(reply.code, Some(Code::Aborted), "{reply:?}");
+    assert!(reply.message.contains("did not register"), "{reply:?}");
+    assert!(fake.is_active(0) && fake.is_hot_standby(1));
+    assert!(fake.engines[2].is_none(), "expected the probe gone");
+}
+
+#[test]
+fn upgrade_whose_new_active_dies_rolls_back_to_the_old_version() {
+    // Proves an engine dying mid-upgrade: the new active dies during its acceptance soak,
+    // the old one steps up, and the plan rolls back to the old version.
+    let mut fake = FakeCluster::serving();
+    let mut request = upgrade_to_self();
+    // A soak long enough to kill the new active in.
+    request.accept_for_ms = Some(60_000);
+    let new = request.binary.clone();
+    let (mut op, rx) = begin(&mut fake, Op::Upgrade(request));
+    let mut killed = false;
+    for _ in 0..TURNS_MAX {
+        fake.turn();
+        if !killed && op.describe().contains("acceptance") {
+            let new_active = fake
+                .active()
+                .filter(|&a| fake.engines[a].as_ref().map(|e| &e.binary) == Some(&new));
+            if let Some(a) = new_active {
+                let successor = fake.die(a);
+                op.on_death(&mut fake, a, successor);
+                killed = true;
+            }
+        }
+        match op.step(&mut fake) {
+            Stepped::Running => std::thread::sleep(TURN),
+            Stepped::Finished(result) => {
+                let reply = result.reply;
+                assert_eq!(reply.code, Some(Code::RolledBack), "{reply:?}");
+                assert!(killed);
+                let active = fake.active().expect("an active");
+                let binary = fake.engines[active].as_ref().map(|e| e.binary.clone());
+                assert_eq!(binary, Some("/bin/true".into()));
+                assert!(fake.hot_standby().is_some(), "expected a hot standby again");
+                drop(rx);
+                return;
+            }
+            Stepped::Ended | Stepped::Became(_) => panic!("expected the upgrade's result"),
+        }
+    }
+    panic!("expected the upgrade to end");
+}
+
+#[test]
+fn upgrade_aborts_when_an_engine_dies_during_the_compatibility_check() {
+    // Proves a death before the plan's first action ends the upgrade with nothing changed.
+    let mut fake = FakeCluster::serving();
+    fake.mute_starts = true;
+    let (mut op, rx) = begin(&mut fake, Op::Upgrade(upgrade_to_self()));
+    fake.turn();
+    assert!(matches!(op.step(&mut fake), Stepped::Running));
+    let successor = fake.die(1);
+    op.on_death(&mut fake, 1, successor);
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert_eq!(reply.code, Some(Code::Aborted), "{reply:?}");
+    assert!(
+        reply
+            .message
+            .contains("engine b died during the compatibility check"),
+        "{reply:?}"
+    );
+}
+
+#[test]
+fn rollback_after_an_upgrade_returns_to_the_previous_binary() {
+    // Proves `rollback`: refused with no completed upgrade, then an upgrade back to the
+    // previous binary after one.
+    let mut fake = FakeCluster::serving();
+    let (tx, _rx) = mpsc::channel();
+    let refused = Operation::rollback(&mut fake, tx).err();
+    assert_eq!(refused.and_then(|r| r.code), Some(Code::WrongRole));
+    let (mut op, rx) = begin(&mut fake, Op::Upgrade(upgrade_to_self()));
+    assert_eq!(run_to_result(&mut fake, &mut op, &rx).code, Some(Code::Ok));
+    let (tx, rx) = mpsc::channel();
+    let mut op = match Operation::rollback(&mut fake, tx) {
+        Ok(op) => op,
+        Err(reply) => panic!("expected the rollback to begin, found {reply:?}"),
+    };
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert_eq!(reply.code, Some(Code::Ok), "{reply:?}");
+    assert!(reply.message.contains("rollback completed"), "{reply:?}");
+    let active = fake.active().expect("an active");
+    let binary = fake.engines[active].as_ref().map(|e| e.binary.clone());
+    assert_eq!(binary, Some("/bin/true".into()));
+}
+
+#[test]
+fn promote_serves_from_a_stale_copy_only_with_the_loss_accepted() {
+    // Proves `promote`: refused while an active serves, without --accept-loss, and for an
+    // engine with no consistent copy; done for a stale standby once the loss is accepted.
+    let mut fake = FakeCluster::serving();
+    let ask = |slot: &str, accept_loss| PromoteRequest {
+        slot: slot.into(),
+        accept_loss,
+    };
+    let refused = super::promote(&mut fake, &ask("b", true));
+    assert_eq!(refused.code, Some(Code::WrongRole));
+    assert!(
+        refused.message.contains("engine a is active"),
+        "{refused:?}"
+    );
+    fake.die(0);
+    fake.write(1, Role::Standby, State::Stale);
+    let refused = super::promote(&mut fake, &ask("b", false));
+    assert!(refused.message.contains("--accept-loss"), "{refused:?}");
+    fake.lock_holder = Some(1);
+    let refused = super::promote(&mut fake, &ask("b", true));
+    assert!(
+        refused.message.contains("holds the active's lock"),
+        "{refused:?}"
+    );
+    fake.lock_holder = None;
+    fake.write(1, Role::Standby, State::Syncing);
+    let refused = super::promote(&mut fake, &ask("b", true));
+    assert!(
+        refused.message.contains("no consistent copy"),
+        "{refused:?}"
+    );
+    fake.write(1, Role::Standby, State::Stale);
+    // The engine takes its slot command while `promote` waits (it blocks the loop, as
+    // before): played here by a thread on the same control block.
+    let dir = fake.dir().to_path_buf();
+    let engine = std::thread::spawn(move || {
+        let control = understudy_runtime::control::Control::open(&dir).expect("control");
+        for _ in 0..TURNS_MAX {
+            if control.get(1, Field::Cmd) == understudy_runtime::control::slot_cmd::PROMOTE {
+                control.set(1, Field::Cmd, 0);
+                let epoch = control.epoch();
+                control.claim_epoch(epoch, 1).expect("the next epoch");
+                control.set(1, Field::Role, Role::Active as u64);
+                control.set(1, Field::State, State::Serving as u64);
+                control.set(1, Field::Epoch, control.epoch());
+                return true;
+            }
+            std::thread::sleep(TURN);
+        }
+        false
+    });
+    let done = super::promote(&mut fake, &ask("b", true));
+    assert!(
+        engine.join().expect("the engine thread"),
+        "expected PROMOTE posted"
+    );
+    assert_eq!(done.code, Some(Code::Ok), "{done:?}");
+    assert!(fake.is_active(1));
+}
