@@ -180,6 +180,8 @@ pub struct Engine<A: Application, I: Input> {
     /// The epoch whose active's death we last reported we could not step up for (a standby
     /// that re-attaches while the dead active's slot still looks alive says it once).
     not_hot_reported_epoch: Option<u64>,
+    /// Our slot's lock file, locked (`flock`) while this process lives.
+    _slot_claim: std::fs::File,
     /// Our store is a consistent copy of the cluster's state after `commits` transactions
     /// (hot once, then only whole batches applied), not a partial catch-up.
     consistent: bool,
@@ -223,6 +225,44 @@ fn identity_of(p: &ProcessIdentity) -> Identity {
     }
 }
 
+/// Lock `<dir>/slot-<x>.lock` (created private to the user) for as long as this process
+/// lives: the kernel releases an `flock` when its last descriptor closes, so a dead engine
+/// never holds its slot. `Err(None)`: another live process holds it.
+fn claim_slot(dir: &std::path::Path, slot: usize) -> Result<std::fs::File, Option<EngineError>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join(format!("slot-{}.lock", control::slot_name(slot)));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| {
+            Some(EngineError::Other(format!(
+                "{}: expected a lock file this engine can create or open, found: {e}",
+                path.display()
+            )))
+        })?;
+    shm_layout::trust::check_private_file(&path, &file)
+        .map_err(|e| Some(EngineError::Other(e.to_string())))?;
+    // SAFETY: flock has no memory-safety preconditions; the descriptor is open (owned by
+    // `file`, which outlives the call).
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(None);
+        }
+        return Err(Some(EngineError::Other(format!(
+            "{}: locking the slot: {e}",
+            path.display()
+        ))));
+    }
+    Ok(file)
+}
+
 fn app_hash(name: &str) -> u64 {
     crate::store::hash_parts(&[name.as_bytes()])
 }
@@ -258,6 +298,17 @@ impl<A: Application, I: Input> Engine<A, I> {
                 });
             }
         }
+        // The words above are read, then written later: two engines started at once in one
+        // slot would both pass. The slot's lock file decides between them.
+        let slot_claim = claim_slot(&opt.dir, opt.slot).map_err(|e| match e {
+            Some(e) => e,
+            None => EngineError::SlotTaken {
+                slot: control::slot_name(opt.slot),
+                dir: opt.dir.clone(),
+                holder_pid: control.get(opt.slot, Field::Pid),
+                our_pid: me.pid as u64,
+            },
+        })?;
         let templates = app.templates();
         let features = app.features();
         let hello_base = Hello {
@@ -302,6 +353,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             buf: BatchBuf::with_capacity(1 << 16),
             before: crate::store::BeforeBuf::new(),
             not_hot_reported_epoch: None,
+            _slot_claim: slot_claim,
             consistent: false,
             prefix: None,
             replicas: Vec::new(),
@@ -532,5 +584,22 @@ fn position_of(store: &Store, commits: u64, epoch: u64, arg: u64) -> Position {
         units: store.unit_count() as u64,
         epoch,
         arg,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// One live claim per slot: a second claim of a held slot fails, a released one succeeds
+    /// (the lock is per open file, so one process stands in for two).
+    #[test]
+    fn a_slot_is_claimed_by_one_engine_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("understudy-claim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let first = super::claim_slot(&dir, 1).expect("a free slot");
+        assert!(matches!(super::claim_slot(&dir, 1), Err(None)), "held");
+        assert!(super::claim_slot(&dir, 0).is_ok(), "another slot");
+        drop(first);
+        assert!(super::claim_slot(&dir, 1).is_ok(), "released with its file");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
