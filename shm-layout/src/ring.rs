@@ -316,7 +316,7 @@ pub struct Producer<M: WordMemory> {
     /// Under loom the ring's words are loom atomics, not bytes: a claim is written here and
     /// copied into the ring at its commit (same positions, same stores as production).
     #[cfg(loom)]
-    scratch: Vec<u8>,
+    scratch: Vec<u64>,
 }
 
 impl<M: WordMemory> Producer<M> {
