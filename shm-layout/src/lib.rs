@@ -12,8 +12,14 @@
 //! - [`memory`]: the raw word region the ring runs over (a heap buffer in loom models).
 //! - [`trust`]: the trust boundary: private directories and files (owner, mode, no links).
 //!
-//! Everything read from shared memory is untrusted: the consumer copies a frame out, then
-//! checks sequence, lengths and checksum before any typed view is made.
+//! Everything read from shared memory is untrusted: each header word is read once into a local
+//! and sequence, lengths, flags and the checksum the batch carries are checked before any view
+//! is made. Then the rule is by peer: the replication stream comes from the engine's own peer
+//! and is read in place ([`ring::Consumer::read_batch`]: views valid until the next release);
+//! what crosses from a client (ingress) is copied out first ([`ring::Consumer::poll`]), since a
+//! view would let a misbehaving client change bytes the handler already decided on. Integrity
+//! checksums are per frame, per batch or off ([`ring::Integrity`]); a consumer requires them by
+//! default, and client rings keep them.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]

@@ -21,6 +21,13 @@
 //! commit word of the next frame, so in steady state one cache line moves per record, not two.
 //! The producer reads the consumer's tail only when its cached copy says the ring is full.
 //!
+//! Two ways in and two ways out. A producer copies a payload in with [`Batch::push`] or
+//! claims its room and writes the record in place ([`Batch::claim`], [`Batch::push_with`]);
+//! either way one Release store (the batch head's commit word) publishes the batch. A consumer
+//! copies a batch out with [`Consumer::poll`] (ingress: a client must not change what was
+//! checked) or validates it where it lies and gets views ([`Consumer::read_batch`]: the
+//! replication stream), publishing its position once per burst rather than once per batch.
+//!
 //! # Examples
 //!
 //! ```
