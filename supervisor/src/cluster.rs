@@ -2,7 +2,7 @@
 //! in each slot and which slots are kept running — and the questions every operation asks of
 //! them (is this slot the active of the epoch? a hot standby? is the record there ours?).
 //!
-//! The supervisor's loop ([`crate::daemon`]) owns one [`Cluster`] and lends it to the
+//! The supervisor's loop (module `daemon`) owns one [`Cluster`] and lends it to the
 //! operation in progress as `&mut dyn` [`ClusterOps`]: operations never see the loop's own
 //! bookkeeping (restarts, fencing, role changes), and a fake can stand in for the live
 //! cluster in their unit tests. The role questions are written once, as provided methods of

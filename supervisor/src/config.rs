@@ -65,6 +65,9 @@ pub const DURATION_MS_MAX: u64 = 86_400_000;
 pub const WAIT_MAX_US_MAX: u64 = 60_000_000;
 /// The loosest latency bound for acceptance: 1 hour.
 pub const LATENCY_US_MAX: u64 = 3_600_000_000;
+/// The longest soak period a request or the config may ask for: 7 days, so that every
+/// deadline derived from it fits.
+pub const ACCEPT_FOR_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
 /// The most crashes a crash-loop window may allow.
 pub const CRASH_LOOP_MAX_MAX: u32 = 10_000;
 /// The highest CPU number a slot may be pinned to (the size of the kernel's CPU set type).
@@ -787,7 +790,7 @@ impl ClusterConfig {
             (
                 "acceptance.accept_for_ms",
                 self.acceptance.accept_for_ms,
-                crate::proto::ACCEPT_FOR_MS_MAX,
+                ACCEPT_FOR_MS_MAX,
                 "ms (7 days)",
             ),
             (

@@ -50,9 +50,9 @@ pub const SOCKET_NAME: &str = "supervisor.sock";
 /// The longest request line accepted, newline excluded.
 pub const REQUEST_BYTES_MAX: usize = 64 * 1024;
 
-/// The longest soak period a request or the config may ask for: 7 days, so that every
-/// deadline derived from it fits.
-pub const ACCEPT_FOR_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
+/// The longest soak period a request or the config may ask for (defined with the config's
+/// other bounds).
+pub use crate::config::ACCEPT_FOR_MS_MAX;
 
 /// One request line. Deserializing goes through [`Request::parse`]'s rules.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
