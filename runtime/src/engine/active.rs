@@ -40,9 +40,9 @@ impl<A: Application, I: Input> Engine<A, I> {
             };
             // Due timers, a bounded number per turn, between requests. The clock is read only
             // while a timer is armed, and when busy on one turn in 16.
-            if self.next_timer_ns != u64::MAX && (!busy || iter % 16 == 0) {
+            if self.next_timer.any() && (!busy || iter % 16 == 0) {
                 let now = monotonic_ns();
-                if now >= self.next_timer_ns {
+                if self.next_timer.may_be_due(now) {
                     self.fire_due_timers(now);
                 }
             }

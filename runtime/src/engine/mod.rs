@@ -214,8 +214,8 @@ pub struct Engine<A: Application, I: Input> {
     counters_bp_base: u64,
     /// How this engine last became active (for [`Application::on_active`]).
     takeover: crate::app::Takeover,
-    /// The earliest timer deadline the active knows of (`u64::MAX`: none); see `timers`.
-    next_timer_ns: u64,
+    /// When the active must next look at the timer table (see `timers`).
+    next_timer: timers::NextTimer,
 }
 
 fn identity_of(p: &ProcessIdentity) -> Identity {
@@ -371,7 +371,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             counters,
             counters_bp_base,
             takeover: crate::app::Takeover::Start,
-            next_timer_ns: u64::MAX,
+            next_timer: timers::NextTimer::NONE,
             opt,
         };
         let s = e.opt.slot;

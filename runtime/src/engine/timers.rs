@@ -235,16 +235,53 @@ pub fn fire<A: Application>(
     refused || too_large
 }
 
-impl<A: Application, I: Input> Engine<A, I> {
-    /// On becoming active: the earliest deadline in the store (timers armed by earlier actives
-    /// included).
-    pub(super) fn timers_resume(&mut self) {
-        self.next_timer_ns = earliest(&self.store);
+/// When the active must next look at the timer table: never later than the earliest deadline
+/// armed, so no due timer waits for a look (it may be earlier — a cancelled timer leaves it
+/// early — and a look moves it on). It spares the active a table lookup, and while no timer is
+/// armed a clock read, on every turn of its loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NextTimer(u64);
+
+impl NextTimer {
+    /// No timer armed.
+    pub(crate) const NONE: NextTimer = NextTimer(u64::MAX);
+
+    /// The earliest deadline in `store`: what an engine becoming active starts from (timers
+    /// armed by earlier actives included).
+    pub(crate) fn of(store: &Store) -> NextTimer {
+        NextTimer(earliest(store))
     }
 
-    /// A transaction that armed a timer committed: it may be the next due.
+    /// The transaction in `tx` (about to commit) armed timers: one may be the next due.
+    pub(crate) fn armed(&mut self, tx: &TxBuffers) {
+        self.0 = self.0.min(tx.armed_min_ns);
+    }
+
+    /// Whether a timer is armed at all, as far as is known (else the clock need not be read).
+    pub(crate) fn any(&self) -> bool {
+        self.0 != u64::MAX
+    }
+
+    /// Whether a timer may be due at `now_ns`.
+    pub(crate) fn may_be_due(&self, now_ns: u64) -> bool {
+        now_ns >= self.0
+    }
+
+    /// The table's first timer was looked at and is due at `next_ns` (`u64::MAX`: none).
+    pub(crate) fn looked(&mut self, next_ns: u64) {
+        self.0 = next_ns;
+    }
+}
+
+impl<A: Application, I: Input> Engine<A, I> {
+    /// On becoming active: start from the timers in the store.
+    pub(super) fn timers_resume(&mut self) {
+        self.next_timer = NextTimer::of(&self.store);
+    }
+
+    /// The transaction about to commit may have armed timers.
     pub(super) fn timers_armed(&mut self) {
-        self.next_timer_ns = self.next_timer_ns.min(self.tx.armed_min_ns);
+        self.next_timer.armed(&self.tx);
     }
 
     /// Fire up to [`FIRE_PER_TURN`] timers due at `now_ns`, each in a committed transaction of
@@ -254,7 +291,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             let timer = match due(&self.store, now_ns) {
                 Ok(t) => t,
                 Err(next) => {
-                    self.next_timer_ns = next;
+                    self.next_timer.looked(next);
                     return;
                 }
             };
@@ -348,6 +385,7 @@ mod tests {
         Arm { delay: u64 },
         Cancel { which: usize },
         ArmRolledBack,
+        ArmCrashed { delay: u64 },
         Advance { by: u64 },
         Fire { crash_at: Option<usize> },
     }
@@ -357,13 +395,21 @@ mod tests {
             4 => (0u64..1_000).prop_map(|delay| Step::Arm { delay }),
             2 => any::<usize>().prop_map(|which| Step::Cancel { which }),
             1 => Just(Step::ArmRolledBack),
+            1 => (0u64..1_000).prop_map(|delay| Step::ArmCrashed { delay }),
             3 => (0u64..400).prop_map(|by| Step::Advance { by }),
             3 => proptest::option::weighted(0.3, 0usize..FIRE_PER_TURN)
                 .prop_map(|crash_at| Step::Fire { crash_at }),
         ]
     }
 
-    fn request(app: &mut App, store: &mut Store, tx: &mut TxBuffers, n: &mut u64, req: &[u8]) {
+    fn request(
+        app: &mut App,
+        store: &mut Store,
+        tx: &mut TxBuffers,
+        n: &mut u64,
+        req: &[u8],
+        next: &mut NextTimer,
+    ) {
         *n += 1;
         let meta = InputMeta {
             source: 1,
@@ -372,6 +418,7 @@ mod tests {
             next_seq: *n,
         };
         execute(app, store, tx, 0, &[], &meta, req);
+        next.armed(tx);
         tx.apply_to(store);
     }
 
@@ -396,26 +443,43 @@ mod tests {
             let mut ids: Vec<TimerId> = Vec::new();
             let mut fired: Vec<(TimerId, u64)> = Vec::new();
             let mut next_tag = 0u64;
+            // What the active knows of the next deadline, kept as the engine keeps it.
+            let mut next = NextTimer::NONE;
+            // One turn of the active's loop: up to FIRE_PER_TURN firings, if the active looks at
+            // all. A crash drops the firing before its commit; the next active starts from the
+            // committed store. Returns whether a turn fired FIRE_PER_TURN (more may be due).
             let fire_turn = |app: &mut App, store: &mut Store, tx: &mut TxBuffers, clock: u64,
                              crash_at: Option<usize>, armed: &mut BTreeMap<TimerId, u64>,
-                             fired: &mut Vec<(TimerId, u64)>| {
+                             fired: &mut Vec<(TimerId, u64)>, next: &mut NextTimer|
+             -> Result<bool, TestCaseError> {
+                if !next.any() || !next.may_be_due(clock) {
+                    return Ok(false);
+                }
                 for i in 0..FIRE_PER_TURN {
-                    let Ok(t) = due(store, clock) else { break };
+                    let t = match due(store, clock) {
+                        Ok(t) => t,
+                        Err(n) => {
+                            next.looked(n);
+                            return Ok(false);
+                        }
+                    };
                     prop_assert!(t.deadline_ns <= clock);
                     // The model's next due timer is the table's first.
                     let (&first, &tag) = armed.iter().next().expect("model has it");
                     prop_assert_eq!((first, tag), (t.id, t.tag));
                     tx.clock_ns = Some(clock);
                     fire(app, store, tx, 0, &[], &t);
+                    next.armed(tx);
                     if crash_at == Some(i) {
                         tx.clear();
-                        break;
+                        *next = NextTimer::of(store);
+                        return Ok(false);
                     }
                     tx.apply_to(store);
                     armed.remove(&t.id);
                     fired.push((t.id, clock));
                 }
-                Ok(())
+                Ok(true)
             };
             for s in steps {
                 tx.clock_ns = Some(clock);
@@ -424,7 +488,7 @@ mod tests {
                         let mut req = vec![b'A'];
                         req.extend_from_slice(&delay.to_le_bytes());
                         req.extend_from_slice(&next_tag.to_le_bytes());
-                        request(&mut app, &mut store, &mut tx, &mut n, &req);
+                        request(&mut app, &mut store, &mut tx, &mut n, &req, &mut next);
                         let id = TimerId::from_bytes(tx.response[..16].try_into().unwrap());
                         prop_assert_eq!(id.deadline_ns(), clock + delay);
                         prop_assert!(!ids.contains(&id), "ids are unique");
@@ -440,15 +504,40 @@ mod tests {
                         };
                         let mut req = vec![b'C'];
                         req.extend_from_slice(&id.to_bytes());
-                        request(&mut app, &mut store, &mut tx, &mut n, &req);
+                        request(&mut app, &mut store, &mut tx, &mut n, &req, &mut next);
                         armed.remove(&id);
                     }
                     Step::ArmRolledBack => {
-                        request(&mut app, &mut store, &mut tx, &mut n, b"R");
+                        request(&mut app, &mut store, &mut tx, &mut n, b"R", &mut next);
+                    }
+                    Step::ArmCrashed { delay } => {
+                        // Built, never committed: the active died; the next starts from the
+                        // committed store.
+                        let mut req = vec![b'A'];
+                        req.extend_from_slice(&delay.to_le_bytes());
+                        req.extend_from_slice(&u64::MAX.to_le_bytes());
+                        n += 1;
+                        let meta = InputMeta { source: 1, request_seq: n, next_pos: n, next_seq: n };
+                        execute(&mut app, &store, &mut tx, 0, &[], &meta, &req);
+                        tx.clear();
+                        next = NextTimer::of(&store);
                     }
                     Step::Advance { by } => clock += by,
                     Step::Fire { crash_at } => {
-                        fire_turn(&mut app, &mut store, &mut tx, clock, crash_at, &mut armed, &mut fired)?;
+                        // Turns until the active finds nothing more due (or crashes).
+                        let mut more = true;
+                        let mut turn = 0;
+                        while more {
+                            let crash = if turn == 0 { crash_at } else { None };
+                            more = fire_turn(&mut app, &mut store, &mut tx, clock, crash, &mut armed, &mut fired, &mut next)?;
+                            turn += 1;
+                            if crash.is_some() {
+                                break;
+                            }
+                        }
+                        if crash_at.is_none() {
+                            prop_assert!(due(&store, clock).is_err(), "a due timer was not fired: the active's next deadline hid it");
+                        }
                     }
                 }
                 let in_store: Vec<TimerId> = store
@@ -460,9 +549,8 @@ mod tests {
             }
             // Everything still armed fires once the clock passes every deadline.
             clock += 10_000;
-            while due(&store, clock).is_ok() {
-                fire_turn(&mut app, &mut store, &mut tx, clock, None, &mut armed, &mut fired)?;
-            }
+            while fire_turn(&mut app, &mut store, &mut tx, clock, None, &mut armed, &mut fired, &mut next)? {}
+            prop_assert!(due(&store, clock).is_err(), "a due timer was not fired");
             prop_assert!(armed.is_empty());
             // In order, never early, each once; the application's record agrees.
             for w in fired.windows(2) {
@@ -490,11 +578,12 @@ mod tests {
             refuse_timers: true,
         };
         let (mut store, mut tx, mut n) = (Store::new(), TxBuffers::new(), 0);
+        let mut next = NextTimer::NONE;
         tx.clock_ns = Some(100);
         let mut req = vec![b'A'];
         req.extend_from_slice(&5u64.to_le_bytes());
         req.extend_from_slice(&1u64.to_le_bytes());
-        request(&mut app, &mut store, &mut tx, &mut n, &req);
+        request(&mut app, &mut store, &mut tx, &mut n, &req, &mut next);
         let t = due(&store, 105).expect("due");
         assert!(fire(&mut app, &store, &mut tx, 0, &[], &t));
         tx.apply_to(&mut store);
