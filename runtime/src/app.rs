@@ -113,8 +113,9 @@ pub trait Application {
     fn on_reset(&mut self, _store: &Store) {}
     /// Called when this engine becomes active, after its store holds every transaction the
     /// cluster committed and before it takes its first request (and before it re-emits a
-    /// committed answer a client never received). Open feeds, arm timers, announce yourself
-    /// here.
+    /// committed answer a client never received). Open feeds, start the process's own timers,
+    /// announce yourself here. (Timers armed with [`Tx::arm_timer`] are replicated state: they
+    /// need no re-arming here; this engine fires the due ones once it is active.)
     ///
     /// It runs inside the pause clients see: keep it short (spawn a thread for slow work).
     /// It may read `store` and change the application's own memory; it cannot change the
@@ -123,7 +124,7 @@ pub trait Application {
     fn on_active(&mut self, _activation: &Activation, _store: &Store) {}
     /// Called when this engine becomes a standby — at start, and after it handed the active
     /// role over in a planned switchover — before it applies anything from its active.
-    /// Close what only an active may hold (feeds, timers). The same rules as
+    /// Close what only an active may hold (feeds, the process's own timers). The same rules as
     /// [`Application::on_active`] apply.
     fn on_standby(&mut self, _store: &Store) {}
     /// Called on the active when timer `timer` is due (its deadline has passed), in a
