@@ -119,7 +119,7 @@ pub trait Application {
     ///
     /// It runs inside the pause clients see: keep it short (spawn a thread for slow work).
     /// It may read `store` and change the application's own memory; it cannot change the
-    /// replicated state (only a request's transaction can), and it must not block waiting for
+    /// replicated state (only a transaction can: a request's or a timer's), and it must not block waiting for
     /// clients. A panic in it is a panic of the engine (by default: abort, a failover).
     fn on_active(&mut self, _activation: &Activation, _store: &Store) {}
     /// Called when this engine becomes a standby — at start, and after it handed the active
@@ -133,7 +133,9 @@ pub trait Application {
     /// commit, the next active fires it. Timers fire in deadline order (ties in the order they
     /// were armed), between requests, a few per turn of the engine's loop, never before their
     /// deadline. An `Err` rolls back the handler's changes; the timer is still consumed.
-    /// What it writes with [`Tx::respond`] goes nowhere (no client asked).
+    /// What it writes with [`Tx::respond`] goes nowhere (no client asked). Timers live in
+    /// system tables of the store (`0xFFFE`, `0xFFFD`), whose changes a standby's
+    /// [`Application::on_apply`] sees like those of the other system tables.
     fn on_timer(&mut self, _tx: &mut Tx<'_>, _timer: &Timer) -> Result<(), Refused> {
         Ok(())
     }
