@@ -22,7 +22,8 @@
 //! `apply` (what a standby does with each frame of it),
 //! `handover` (switchover, step-up, lock recovery, fencing), `role` (the standby's decisions
 //! as pure functions of its observations: when to step up, re-attach, give up, fence),
-//! `process` (panic and fault-signal behaviour). This file holds the [`Engine`] itself: construction, the role loop, and the
+//! `process` (panic and fault-signal behaviour), `timers` (replicated timers: arming,
+//! firing, the exactly-once argument). This file holds the [`Engine`] itself: construction, the role loop, and the
 //! helpers every role uses.
 
 use crate::app::{negotiate, write_versions, Agreement, Application, Feature, Refused, Tx};
