@@ -40,14 +40,14 @@ use understudy_runtime::control::{
 use understudy_runtime::liveness::ProcessIdentity;
 
 use crate::cluster::{Cluster, ClusterOps};
-use crate::config::{ClusterConfig, ConfigError, RestartConfig};
+use crate::config::{ClusterConfig, ConfigError};
 use crate::ops::{Operation, ResumeOp, Stepped};
 use crate::process::{self, EngineProc, ExitInfo, SpawnError};
 use crate::proto::{
-    Code, EngineStatus, ForeignEngine, InterruptedUpgrade, Reply, Request, RoleChange,
-    SlotRestarts, StatusReport,
+    Code, EngineStatus, ForeignEngine, InterruptedUpgrade, Reply, Request, RoleChange, StatusReport,
 };
 use crate::record;
+use crate::restarts::{killed_by_signal, Restarts};
 use crate::socket::Inbound;
 use crate::verify::{self, HeartbeatSeen};
 
@@ -128,32 +128,6 @@ impl std::fmt::Display for UpError {
 
 impl std::error::Error for UpError {}
 
-/// Restart bookkeeping of one slot.
-#[derive(Debug, Default)]
-pub(crate) struct Restart {
-    /// The engine's own crashes within the crash-loop window (an exit, a panic, a fault —
-    /// not a kill by a signal from outside, an operator's or the OOM killer's, nor the
-    /// supervisor's own fence): they set the backoff and trip the crash-loop breaker.
-    crashes: VecDeque<Instant>,
-    next_at: Option<Instant>,
-    /// The backoff before the pending restart (`next_at`).
-    delay_ms: u64,
-    given_up: bool,
-}
-
-/// The delay before restarting a slot whose engine crashed `crashes` times within the
-/// crash-loop window: none for the first start, then `backoff_initial_ms` doubling with each
-/// crash up to `backoff_max_ms`.
-pub(crate) fn restart_delay_ms(restart: &RestartConfig, crashes: u32) -> u64 {
-    if crashes == 0 {
-        return 0;
-    }
-    restart
-        .backoff_initial_ms
-        .saturating_mul(1 << (crashes - 1).min(20))
-        .min(restart.backoff_max_ms)
-}
-
 /// The supervisor's state; see the [module docs](self).
 pub struct Supervisor {
     /// The cluster: config, directory, control block, engines and managed slots; lent to
@@ -162,7 +136,7 @@ pub struct Supervisor {
     /// This supervisor found no live engine and started the cluster itself: only then may a
     /// failed `up` remove the cluster's files (re-adopted engines still run on them).
     pub(crate) fresh: bool,
-    restarts: [Restart; SLOTS],
+    restarts: Restarts,
     /// Slots whose active is hung with no hot standby to take over: reported, not fenced.
     hung_unfenced: [bool; SLOTS],
     /// How long the supervisor itself has seen each slot's heartbeat word unchanged.
@@ -194,6 +168,20 @@ pub struct Supervisor {
     foreign: [Option<ForeignSeen>; SLOTS],
     /// When the slots' records were last compared with the engines the supervisor watches.
     foreign_checked: Instant,
+}
+
+/// An engine the fence looks at: hung, or active in an old epoch.
+struct FenceCase {
+    slot: usize,
+    pid: u32,
+    role: Role,
+    /// Its heartbeat's age.
+    age_ns: u64,
+    /// Active in an old epoch while another engine holds the active's lock, for longer
+    /// than the hung threshold.
+    superseded: bool,
+    /// The engine holding the active's lock, if it was looked up.
+    holder: Option<usize>,
 }
 
 /// A live engine registered in a slot the supervisor did not start it in.
@@ -369,37 +357,42 @@ impl Supervisor {
                 return Err(e);
             }
         } else {
-            for (slot, identity) in live {
-                match EngineProc::adopt(slot, identity) {
-                    Ok(mut proc) => {
-                        match process::spawned_binary(&sup.cluster.dir, slot, &identity) {
-                            Ok(Some(binary)) => proc.binary = binary,
-                            Ok(None) => {}
-                            Err(e) => {
-                                warn!(slot = %slot_name(slot), "{e}; the engine's binary is taken from /proc, which misses a wrapper script")
-                            }
-                        }
-                        info!(slot = %slot_name(slot), pid = identity.pid, binary = %proc.binary.display(), "re-adopted a running engine");
-                        sup.cluster.engines[slot] = Some(proc);
-                        sup.cluster.managed[slot] = true;
-                    }
-                    Err(e) => warn!(slot = %slot_name(slot), "cannot adopt engine: {e}"),
-                }
-            }
-            // A `down` that a previous supervisor began and did not finish left the cluster
-            // marked down: clients would be told `ClusterDown` by a cluster we now serve.
-            if sup.cluster.control.cluster_state()
-                != Ok(understudy_runtime::control::ClusterState::Up)
-            {
-                sup.cluster
-                    .control
-                    .set_cluster_state(understudy_runtime::control::ClusterState::Up);
-            }
-            sup.cluster.ensure_two_managed();
-            sup.cluster.record_spawned();
-            sup.take_up_interrupted_upgrade();
+            sup.adopt_live(live);
         }
         Ok(sup)
+    }
+
+    /// Watches the live engines a previous supervisor left (`live`) and settles what it had
+    /// under way: a `down` it began, an upgrade it recorded.
+    fn adopt_live(&mut self, live: Vec<(usize, ProcessIdentity)>) {
+        for (slot, identity) in live {
+            match EngineProc::adopt(slot, identity) {
+                Ok(mut proc) => {
+                    match process::spawned_binary(&self.cluster.dir, slot, &identity) {
+                        Ok(Some(binary)) => proc.binary = binary,
+                        Ok(None) => {}
+                        Err(e) => {
+                            warn!(slot = %slot_name(slot), "{e}; the engine's binary is taken from /proc, which misses a wrapper script")
+                        }
+                    }
+                    info!(slot = %slot_name(slot), pid = identity.pid, binary = %proc.binary.display(), "re-adopted a running engine");
+                    self.cluster.engines[slot] = Some(proc);
+                    self.cluster.managed[slot] = true;
+                }
+                Err(e) => warn!(slot = %slot_name(slot), "cannot adopt engine: {e}"),
+            }
+        }
+        // A `down` that a previous supervisor began and did not finish left the cluster
+        // marked down: clients would be told `ClusterDown` by a cluster we now serve.
+        if self.cluster.control.cluster_state() != Ok(understudy_runtime::control::ClusterState::Up)
+        {
+            self.cluster
+                .control
+                .set_cluster_state(understudy_runtime::control::ClusterState::Up);
+        }
+        self.cluster.ensure_two_managed();
+        self.cluster.record_spawned();
+        self.take_up_interrupted_upgrade();
     }
 
     /// An upgrade recorded as in progress by a previous supervisor is settled (never
@@ -720,55 +713,10 @@ impl Supervisor {
             if proc.fenced || killed_by_signal(&exit) {
                 info!(slot = %slot_name(slot), "killed from outside or fenced, not a crash: restarting at once");
             } else {
-                self.count_crash(slot);
+                self.restarts
+                    .count_crash(slot, &self.cluster.config.restart);
             }
         }
-    }
-
-    /// Counts a crash of the engine in `slot`, for its restarts' backoff and breaker.
-    fn count_crash(&mut self, slot: usize) {
-        let now = Instant::now();
-        self.restarts[slot].crashes.push_back(now);
-        self.prune_restarts(slot, now);
-    }
-
-    /// Forgets the crashes older than the crash-loop window.
-    fn prune_restarts(&mut self, slot: usize, now: Instant) {
-        let window = Duration::from_millis(self.cluster.config.restart.crash_loop_window_ms);
-        let crashes = &mut self.restarts[slot].crashes;
-        while crashes
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > window)
-        {
-            crashes.pop_front();
-        }
-    }
-
-    /// `understudy resume-restarts`: forget every slot's crashes, so that restarts stopped by
-    /// the crash-loop breaker start again (with no backoff).
-    fn resume_restarts(&mut self) -> Reply {
-        let stopped: Vec<String> = (0..SLOTS)
-            .filter(|&s| self.restarts[s].given_up)
-            .map(|s| slot_name(s).to_string())
-            .collect();
-        for r in &mut self.restarts {
-            *r = Restart::default();
-        }
-        if stopped.is_empty() {
-            return Reply::result(
-                Code::Ok,
-                "no slot's restarts were stopped; crash counts cleared",
-            );
-        }
-        info!(slots = ?stopped, "restarts resumed by the operator");
-        Reply::result(
-            Code::Ok,
-            format!(
-                "restarts resumed for engine(s) {}; crash counts cleared",
-                stopped.join(", ")
-            ),
-        )
-        .with_data(serde_json::json!({ "resumed": stopped }))
     }
 
     /// With no engine active: a live engine that was a hot standby in the current epoch, so
@@ -872,15 +820,7 @@ impl Supervisor {
             }
             let pid = proc.pid();
             let role = self.cluster.role(slot);
-            let word = self.cluster.control.get(slot, Field::HeartbeatNs);
-            let unchanged_ns = match self.heartbeat_seen[slot].as_mut() {
-                Some(seen) => seen.observe(pid, word, seen_at),
-                None => {
-                    self.heartbeat_seen[slot] = Some(HeartbeatSeen::new(pid, word, seen_at));
-                    Duration::ZERO
-                }
-            }
-            .as_nanos() as u64;
+            let unchanged_ns = self.heartbeat_unchanged_ns(slot, pid, seen_at);
             let age = self.heartbeat_age_ns(slot, now);
             let limit = if role == Role::Active {
                 hung_ns
@@ -903,17 +843,7 @@ impl Supervisor {
             // lock was taken over at once): only a state that lasts the hung threshold is
             // a second active.
             let looks_superseded = claims_stale && holder.is_some_and(|h| h != slot);
-            let superseded = match (looks_superseded, self.superseded_since[slot]) {
-                (false, _) => {
-                    self.superseded_since[slot] = None;
-                    false
-                }
-                (true, Some((p, since))) if p == pid => since.elapsed().as_nanos() as u64 > hung_ns,
-                (true, _) => {
-                    self.superseded_since[slot] = Some((pid, seen_at));
-                    false
-                }
-            };
+            let superseded = self.superseded_for(slot, pid, looks_superseded, seen_at) > hung_ns;
             if claims_stale && !looks_superseded && !self.suspect_reported[slot] {
                 self.suspect_reported[slot] = true;
                 warn!(
@@ -932,36 +862,84 @@ impl Supervisor {
             if !(hung || superseded) {
                 continue;
             }
-            if superseded {
-                error!(slot = %slot_name(slot), pid, active = %holder.map_or('-', slot_name), "engine is active in an old epoch while another engine holds the active's lock; fencing it with SIGKILL");
-            } else if role == Role::Active && !self.can_take_over(slot, now, hung_ns) {
-                if !self.hung_unfenced[slot] {
-                    self.hung_unfenced[slot] = true;
-                    error!(slot = %slot_name(slot), pid, heartbeat_age_ms = age / 1_000_000, "the active engine is hung, but no hot standby could take over: not fencing it (that would lose the cluster's state); waiting for it to resume");
-                }
+            let case = FenceCase {
+                slot,
+                pid,
+                role,
+                age_ns: age,
+                superseded,
+                holder,
+            };
+            if !self.may_fence(&case, now, hung_ns) {
                 continue;
-            } else if role != Role::Active
-                && !holder.is_some_and(|h| h != slot && self.heartbeat_age_ns(h, now) <= hung_ns)
-            {
-                if !self.hung_unfenced[slot] {
-                    self.hung_unfenced[slot] = true;
-                    error!(
-                        slot = %slot_name(slot),
-                        pid,
-                        heartbeat_age_ms = age / 1_000_000,
-                        stopped = ?verify::is_stopped(pid),
-                        "the standby is hung, but no other engine verifiably serves: it may hold the last copy of the state; not fencing it, waiting for it to resume"
-                    );
-                }
-                continue;
-            } else {
-                error!(slot = %slot_name(slot), pid, heartbeat_age_ms = age / 1_000_000, "engine is hung; fencing it with SIGKILL");
             }
             if let Some(proc) = self.cluster.engines[slot].as_mut() {
                 proc.kill();
                 proc.fenced = true;
             }
         }
+    }
+
+    /// How long the supervisor has seen `slot`'s heartbeat word unchanged (by the engine
+    /// `pid`), as of `seen_at`.
+    fn heartbeat_unchanged_ns(&mut self, slot: usize, pid: u32, seen_at: Instant) -> u64 {
+        let word = self.cluster.control.get(slot, Field::HeartbeatNs);
+        match self.heartbeat_seen[slot].as_mut() {
+            Some(seen) => seen.observe(pid, word, seen_at),
+            None => {
+                self.heartbeat_seen[slot] = Some(HeartbeatSeen::new(pid, word, seen_at));
+                Duration::ZERO
+            }
+        }
+        .as_nanos() as u64
+    }
+
+    /// How long the engine `pid` in `slot` has looked superseded (0 when it does not now).
+    fn superseded_for(&mut self, slot: usize, pid: u32, looks: bool, seen_at: Instant) -> u64 {
+        match (looks, self.superseded_since[slot]) {
+            (false, _) => {
+                self.superseded_since[slot] = None;
+                0
+            }
+            (true, Some((p, since))) if p == pid => since.elapsed().as_nanos() as u64,
+            (true, _) => {
+                self.superseded_since[slot] = Some((pid, seen_at));
+                0
+            }
+        }
+    }
+
+    /// The verdict on an engine that is hung or superseded: fence it (`true`), or report why
+    /// not — the last copy of the state is never fenced (see [`Self::fence`]).
+    fn may_fence(&mut self, case: &FenceCase, now: u64, hung_ns: u64) -> bool {
+        if case.superseded {
+            error!(slot = %slot_name(case.slot), pid = case.pid, active = %case.holder.map_or('-', slot_name), "engine is active in an old epoch while another engine holds the active's lock; fencing it with SIGKILL");
+        } else if case.role == Role::Active && !self.can_take_over(case.slot, now, hung_ns) {
+            if !self.hung_unfenced[case.slot] {
+                self.hung_unfenced[case.slot] = true;
+                error!(slot = %slot_name(case.slot), pid = case.pid, heartbeat_age_ms = case.age_ns / 1_000_000, "the active engine is hung, but no hot standby could take over: not fencing it (that would lose the cluster's state); waiting for it to resume");
+            }
+            return false;
+        } else if case.role != Role::Active
+            && !case
+                .holder
+                .is_some_and(|h| h != case.slot && self.heartbeat_age_ns(h, now) <= hung_ns)
+        {
+            if !self.hung_unfenced[case.slot] {
+                self.hung_unfenced[case.slot] = true;
+                error!(
+                    slot = %slot_name(case.slot),
+                    pid = case.pid,
+                    heartbeat_age_ms = case.age_ns / 1_000_000,
+                    stopped = ?verify::is_stopped(case.pid),
+                    "the standby is hung, but no other engine verifiably serves: it may hold the last copy of the state; not fencing it, waiting for it to resume"
+                );
+            }
+            return false;
+        } else {
+            error!(slot = %slot_name(case.slot), pid = case.pid, heartbeat_age_ms = case.age_ns / 1_000_000, "engine is hung; fencing it with SIGKILL");
+        }
+        true
     }
 
     /// Every 100 ms: the control block's checked words verified, a copy damaged while the
@@ -1050,6 +1028,14 @@ impl Supervisor {
             return;
         }
         let active = self.cluster.active();
+        self.watch_outage(active);
+        self.restart_dead(active);
+    }
+
+    /// With no engine active for longer than the switchover timeout: says so once, verified
+    /// — an engine holding the active's lock serves whatever the control block says, and a
+    /// stalled last copy is waited for — before it calls it an outage.
+    fn watch_outage(&mut self, active: Option<usize>) {
         // A role change takes a moment (the old active hands over, the new one claims the
         // epoch): only an absence of any active that outlasts the switchover timeout is an
         // outage.
@@ -1115,6 +1101,11 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Restarts the dead engines of managed slots as standbys (of the active's binary), each
+    /// once its backoff has passed.
+    fn restart_dead(&mut self, active: Option<usize>) {
         let binary = active
             .and_then(|a| self.cluster.engines[a].as_ref())
             .map(|p| p.binary.clone())
@@ -1125,43 +1116,15 @@ impl Supervisor {
             if !self.cluster.managed[slot] || self.cluster.engines[slot].is_some() {
                 continue;
             }
-            if self.restarts[slot].next_at.is_none() {
-                self.prune_restarts(slot, now);
-            }
-            let restart = &self.cluster.config.restart;
-            let r = &mut self.restarts[slot];
-            if r.given_up {
+            if !self.restarts.due(slot, now, &self.cluster.config.restart) {
                 continue;
             }
-            let next_at = match r.next_at {
-                Some(t) => t,
-                None => {
-                    let crashes = r.crashes.len() as u32;
-
-                    if crashes > restart.crash_loop_max {
-                        r.given_up = true;
-                        error!(slot = %slot_name(slot), crashes, window_ms = restart.crash_loop_window_ms, "crash loop: restarts of this slot stopped; fix the engine, then run `understudy resume-restarts`");
-                        continue;
-                    }
-                    let delay_ms = restart_delay_ms(restart, crashes);
-                    if crashes > 0 {
-                        warn!(slot = %slot_name(slot), crashes, window_ms = restart.crash_loop_window_ms, delay_ms, "restarting the engine after a backoff");
-                    }
-                    r.delay_ms = delay_ms;
-                    let t = now + Duration::from_millis(delay_ms);
-                    r.next_at = Some(t);
-                    t
-                }
-            };
-            if now < next_at {
-                continue;
-            }
-            self.restarts[slot].next_at = None;
             match self.cluster.spawn(slot, &binary, true) {
                 Ok(()) => info!(slot = %slot_name(slot), "restarted as the new standby"),
                 Err(e) => {
                     error!(slot = %slot_name(slot), "restart failed: {e}");
-                    self.count_crash(slot);
+                    self.restarts
+                        .count_crash(slot, &self.cluster.config.restart);
                 }
             }
         }
@@ -1190,36 +1153,42 @@ impl Supervisor {
         }
     }
 
+    /// The answer to `status`: the report, and exit code 9 (outage) when no engine is
+    /// verifiably active.
+    fn status_reply(&self) -> Reply {
+        let report = self.status();
+        let mut message = status_summary(&report);
+        // An outage is exit 9, as `--help` says: no engine is active, verified (an
+        // engine holding the active's lock serves whatever the control block says),
+        // for longer than the switchover timeout — the same grace the loop gives before
+        // it says "outage": an ordinary failover's window is not one.
+        let code = if report.active.is_none()
+            && self.cluster.lock_holder().is_none()
+            && self
+                .no_active_since
+                .is_some_and(|t| t.elapsed() > self.cluster.config.timeouts.switchover())
+        {
+            if let Some(s) = self.last_copy() {
+                message.push_str(&format!(
+                    "; engine {} holds the last copy of the state and has not stepped up (stalled?)",
+                    slot_name(s)
+                ));
+            }
+            Code::Outage
+        } else {
+            Code::Ok
+        };
+        Reply::result(code, message).with_data(report)
+    }
+
     fn on_request(&mut self, request: Request, reply: Sender<Reply>) {
         use crate::proto::Op;
         match request.op {
             Op::Status => {
-                let report = self.status();
-                let mut message = status_summary(&report);
-                // An outage is exit 9, as `--help` says: no engine is active, verified (an
-                // engine holding the active's lock serves whatever the control block says),
-                // for longer than the switchover timeout — the same grace the loop gives before
-                // it says "outage": an ordinary failover's window is not one.
-                let code = if report.active.is_none()
-                    && self.cluster.lock_holder().is_none()
-                    && self
-                        .no_active_since
-                        .is_some_and(|t| t.elapsed() > self.cluster.config.timeouts.switchover())
-                {
-                    if let Some(s) = self.last_copy() {
-                        message.push_str(&format!(
-                            "; engine {} holds the last copy of the state and has not stepped up (stalled?)",
-                            slot_name(s)
-                        ));
-                    }
-                    Code::Outage
-                } else {
-                    Code::Ok
-                };
-                let _ = reply.send(Reply::result(code, message).with_data(report));
+                let _ = reply.send(self.status_reply());
             }
             Op::ResumeRestarts => {
-                let _ = reply.send(self.resume_restarts());
+                let _ = reply.send(self.restarts.resume());
             }
             Op::Promote(request) => {
                 let answer = match self.op {
@@ -1293,59 +1262,65 @@ impl Supervisor {
         }
     }
 
+    /// The `status` line of the engine `proc` in `slot`.
+    fn engine_status(&self, slot: usize, proc: &EngineProc) -> EngineStatus {
+        let ours = self.cluster.ours(slot);
+        let get = |f| {
+            if ours {
+                self.cluster.control.get(slot, f)
+            } else {
+                0
+            }
+        };
+        EngineStatus {
+            slot: slot_name(slot).to_string(),
+            pid: proc.pid(),
+            role: self.cluster.role(slot).name().to_string(),
+            epoch: get(Field::Epoch),
+            app_version: get(Field::AppVersion),
+            layout_version: get(Field::Layout),
+            features: get(Field::Features),
+            enableable: get(Field::Enableable),
+            state: if ours {
+                self.cluster.state(slot).name().to_string()
+            } else {
+                State::Starting.name().to_string()
+            },
+            // Only a standby's lag and only an active's rate mean anything; the slot's
+            // fields keep what an earlier role left there.
+            lag_bytes: if self.cluster.role(slot) == Role::Standby {
+                get(Field::LagBytes)
+            } else {
+                0
+            },
+            commits: get(Field::Commits),
+            requests_per_s: if self.cluster.role(slot) == Role::Active {
+                self.rates[slot].2
+            } else {
+                0.0
+            },
+            requests: get(Field::Requests),
+            step_ups: get(Field::StepUps),
+            last_step_up_ns: get(Field::LastStepUpNs),
+            last_step_up_dur_ns: get(Field::LastStepUpDurNs),
+            digest: get(Field::Digest),
+            binary: proc.binary.clone(),
+            heartbeat_age_ms: if ours {
+                self.heartbeat_age_ns(slot, monotonic_ns()) / 1_000_000
+            } else {
+                0
+            },
+        }
+    }
+
     /// A snapshot for `status`.
     pub fn status(&self) -> StatusReport {
-        let mut engines = Vec::new();
-        for (slot, proc) in self.cluster.engines.iter().enumerate() {
-            let Some(proc) = proc else { continue };
-            let ours = self.cluster.ours(slot);
-            let get = |f| {
-                if ours {
-                    self.cluster.control.get(slot, f)
-                } else {
-                    0
-                }
-            };
-            engines.push(EngineStatus {
-                slot: slot_name(slot).to_string(),
-                pid: proc.pid(),
-                role: self.cluster.role(slot).name().to_string(),
-                epoch: get(Field::Epoch),
-                app_version: get(Field::AppVersion),
-                layout_version: get(Field::Layout),
-                features: get(Field::Features),
-                enableable: get(Field::Enableable),
-                state: if ours {
-                    self.cluster.state(slot).name().to_string()
-                } else {
-                    State::Starting.name().to_string()
-                },
-                // Only a standby's lag and only an active's rate mean anything; the slot's
-                // fields keep what an earlier role left there.
-                lag_bytes: if self.cluster.role(slot) == Role::Standby {
-                    get(Field::LagBytes)
-                } else {
-                    0
-                },
-                commits: get(Field::Commits),
-                requests_per_s: if self.cluster.role(slot) == Role::Active {
-                    self.rates[slot].2
-                } else {
-                    0.0
-                },
-                requests: get(Field::Requests),
-                step_ups: get(Field::StepUps),
-                last_step_up_ns: get(Field::LastStepUpNs),
-                last_step_up_dur_ns: get(Field::LastStepUpDurNs),
-                digest: get(Field::Digest),
-                binary: proc.binary.clone(),
-                heartbeat_age_ms: if ours {
-                    self.heartbeat_age_ns(slot, monotonic_ns()) / 1_000_000
-                } else {
-                    0
-                },
-            });
-        }
+        let engines = (0..SLOTS)
+            .filter_map(|slot| {
+                let proc = self.cluster.engines[slot].as_ref()?;
+                Some(self.engine_status(slot, proc))
+            })
+            .collect();
         StatusReport {
             cluster: self.cluster.config.cluster.clone(),
             dir: self.cluster.dir.clone(),
@@ -1354,29 +1329,8 @@ impl Supervisor {
             active: self.cluster.active().map(|s| slot_name(s).to_string()),
             engines,
             operation: self.op.as_ref().map(|o| o.describe()),
-            crash_looping: (0..SLOTS)
-                .filter(|&s| self.restarts[s].given_up)
-                .map(|s| slot_name(s).to_string())
-                .collect(),
-            restarts: (0..SLOTS)
-                .filter_map(|s| {
-                    let r = &self.restarts[s];
-                    let window =
-                        Duration::from_millis(self.cluster.config.restart.crash_loop_window_ms);
-                    let crashes = r.crashes.iter().filter(|t| t.elapsed() <= window).count() as u32;
-                    (crashes > 0 || r.given_up).then(|| SlotRestarts {
-                        slot: slot_name(s).to_string(),
-                        crashes,
-                        // The backoff of the restart pending, or of the next one.
-                        backoff_ms: if r.next_at.is_some() {
-                            r.delay_ms
-                        } else {
-                            restart_delay_ms(&self.cluster.config.restart, crashes)
-                        },
-                        given_up: r.given_up,
-                    })
-                })
-                .collect(),
+            crash_looping: self.restarts.given_up(),
+            restarts: self.restarts.report(&self.cluster.config.restart),
             role_changes: self.role_changes.iter().cloned().collect(),
             interrupted_upgrade: self.cluster.outcomes.interrupted.clone(),
             foreign_engines: (0..SLOTS)
@@ -1397,20 +1351,6 @@ impl Supervisor {
     }
 }
 
-/// The engine was killed by a signal that comes from outside it (SIGKILL, SIGTERM, SIGINT,
-/// SIGHUP) rather than dying of its own fault (an exit, a panic's abort, a fault).
-fn killed_by_signal(exit: &ExitInfo) -> bool {
-    use std::os::unix::process::ExitStatusExt;
-    match exit {
-        ExitInfo::Status(s) => matches!(
-            s.signal(),
-            Some(libc::SIGKILL | libc::SIGTERM | libc::SIGINT | libc::SIGHUP)
-        ),
-        // An adopted engine's status went to its old parent: counted as a crash.
-        ExitInfo::Unknown => false,
-    }
-}
-
 /// One line summing up a status report.
 pub fn status_summary(report: &StatusReport) -> String {
     let standbys = report.hot_standbys().count();
@@ -1423,43 +1363,5 @@ pub fn status_summary(report: &StatusReport) -> String {
             "cluster {}: no engine is active (epoch {})",
             report.cluster, report.epoch
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn restart_backoff_doubles_from_the_initial_delay_up_to_the_maximum() {
-        // Proves the restart delays: none for a first start, then initial, 2×, 4× … capped.
-        let restart = RestartConfig {
-            backoff_initial_ms: 30,
-            backoff_max_ms: 200,
-            crash_loop_window_ms: 10_000,
-            crash_loop_max: 9,
-        };
-        let delays: Vec<u64> = (0..7).map(|n| restart_delay_ms(&restart, n)).collect();
-        assert_eq!(delays, [0, 30, 60, 120, 200, 200, 200]);
-        assert_eq!(restart_delay_ms(&restart, u32::MAX), 200);
-    }
-
-    #[test]
-    fn only_an_engine_dying_of_its_own_fault_counts_as_a_crash() {
-        // Proves the breaker's classification of exits: an exit code, a panic's abort and a
-        // fault are crashes; SIGKILL, SIGTERM, SIGINT and SIGHUP come from outside; an adopted
-        // engine's unknown status counts as a crash.
-        use std::os::unix::process::ExitStatusExt;
-        use std::process::ExitStatus;
-        let killed = |raw| killed_by_signal(&ExitInfo::Status(ExitStatus::from_raw(raw)));
-        for signal in [libc::SIGKILL, libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            assert!(killed(signal), "signal {signal}");
-        }
-        for signal in [libc::SIGSEGV, libc::SIGABRT, libc::SIGBUS, libc::SIGILL] {
-            assert!(!killed(signal), "signal {signal}");
-        }
-        assert!(!killed(1 << 8), "exit 1");
-        assert!(!killed(0), "exit 0");
-        assert!(!killed_by_signal(&ExitInfo::Unknown));
     }
 }

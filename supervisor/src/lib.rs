@@ -26,6 +26,7 @@ pub mod process;
 pub mod proto;
 pub mod record;
 mod reload;
+mod restarts;
 mod socket;
 pub mod systemd;
 mod verify;
