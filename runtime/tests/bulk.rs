@@ -5,6 +5,8 @@
 //! scan of the transaction's own changes made the 5,000-unit load about 100× the 500-unit one
 //! instead of about 10×). No wall-clock assert: the figures are printed for the README.
 //!
+//! An engine alone (no standby) applies the same stream limit as one with a standby.
+//!
 //! Run with `cargo test --release -p understudy-runtime --test bulk -- --nocapture` for the
 //! figures.
 
@@ -216,4 +218,83 @@ fn small_transaction_cost_is_printed() {
         best = best.min(t.elapsed().as_secs_f64() * 1e9 / n as f64);
     }
     println!("small transaction (4 unit updates + 1 record): {best:.1} ns");
+}
+
+/// Not a test: the test engine v1 when [`a_standalone_engine_refuses_an_oversize_transaction`]
+/// runs this binary again (an integration test only gets its own package's executables).
+#[test]
+#[ignore = "the test engine the standalone-engine test starts"]
+fn testapp_engine() {
+    if let Ok(a) = std::env::var(understudy_testkit::ENGINE_ARGS_VAR) {
+        let args: Vec<String> = a.lines().map(String::from).collect();
+        std::process::exit(understudy_testkit::engine_process_with(1, &args).into());
+    }
+}
+
+/// An engine alone (no standby ever attached) refuses a transaction over the stream's limit as
+/// an engine with a standby does: the 9 MiB write answered with the `TxTooLarge` refusal, a
+/// 2 MiB one committed, then an ordinary request served.
+#[test]
+fn a_standalone_engine_refuses_an_oversize_transaction() {
+    use std::process::{Child, Command, Stdio};
+    use std::time::Duration;
+    use understudy_runtime::client::Client;
+
+    /// Kills the engine and removes the cluster's files, whatever the test did.
+    struct Guard(Child, std::path::PathBuf);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let dir = std::path::PathBuf::from(format!(
+        "/dev/shm/understudy-test-{}-bulk-alone",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let args = [
+        "--dir".to_string(),
+        dir.display().to_string(),
+        "--slot".into(),
+        "a".into(),
+        "--clients".into(),
+        "--ring".into(),
+        (8u64 << 20).to_string(),
+    ];
+    let child = Command::new(std::env::current_exe().expect("current_exe"))
+        .args([
+            "--exact",
+            "testapp_engine",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(understudy_testkit::ENGINE_ARGS_VAR, args.join("\n"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("engine");
+    let _guard = Guard(child, dir.clone());
+    let mut c = Client::connect_timeout(&dir, Duration::from_secs(30)).expect("client");
+    let write = |c: &mut Client, bytes: u64| {
+        let mut req = understudy_testkit::BIG_WRITE.to_vec();
+        req.extend_from_slice(&bytes.to_le_bytes());
+        c.call(&req, Duration::from_secs(60))
+            .expect("call")
+            .expect("an answer")
+    };
+    let text = String::from_utf8_lossy(&write(&mut c, 9 << 20)).into_owned();
+    assert!(
+        text.starts_with("transaction too large for the replication stream")
+            && text.contains(&format!("expected at most {} bytes", (8 << 20) - 32)),
+        "{text}"
+    );
+    assert_eq!(&write(&mut c, 2 << 20)[..2], b"ok");
+    let mut req = understudy_testkit::COUNTER.to_vec();
+    req.extend_from_slice(&7u64.to_le_bytes());
+    let a = c.call(&req, Duration::from_secs(30)).expect("call");
+    assert_eq!(a, Some(1u64.to_le_bytes().to_vec()), "the next request");
 }
