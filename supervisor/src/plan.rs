@@ -1426,6 +1426,52 @@ impl UpgradePlan {
         };
     }
 
+    /// The successor the supervisor reports after the death of the engine in `slot` (which
+    /// had `role`) fits the model: a hot standby or none after an active's death, the
+    /// same active after another engine's.
+    fn check_successor(
+        &self,
+        slot: Slot,
+        role: Role,
+        reported: Option<Slot>,
+    ) -> Result<(), EventError> {
+        let bad = |expected: String| EventError::BadSuccessor {
+            slot,
+            active: reported,
+            expected,
+        };
+        if role == Role::Active {
+            if let Some(successor) = reported {
+                if successor == slot
+                    || self.cluster.engine(successor).map(|e| e.role) != Some(Role::Standby)
+                {
+                    return Err(bad("a hot standby, or none".to_owned()));
+                }
+            }
+        } else if reported != self.cluster.active() {
+            let active = self.cluster.active().expect("an active outside an outage");
+            return Err(bad(format!("engine {active}, which was active")));
+        }
+        Ok(())
+    }
+
+    /// A death (`what`) left no engine active: the plan ends in an outage.
+    fn end_in_outage(&mut self, what: &str) {
+        let step = self.current_step();
+        let number = self.step_number(step);
+        let recovering = match &self.mode {
+            Mode::Recovering { kind, .. } => format!(" during {kind}"),
+            _ => String::new(),
+        };
+        self.in_flight = None;
+        self.mode = Mode::Finished(Outcome::Outage {
+            reason: format!(
+                "step {number} ({}){recovering}: {what} and no hot standby could step up",
+                step.name()
+            ),
+        });
+    }
+
     fn on_death(&mut self, slot: Slot, reported: Option<Slot>) -> Result<(), EventError> {
         let starting = matches!(
             &self.in_flight,
@@ -1441,23 +1487,7 @@ impl UpgradePlan {
             self.fail(&in_flight, cause);
             return Ok(());
         };
-        let bad = |expected: String| EventError::BadSuccessor {
-            slot,
-            active: reported,
-            expected,
-        };
-        if dead.role == Role::Active {
-            if let Some(successor) = reported {
-                if successor == slot
-                    || self.cluster.engine(successor).map(|e| e.role) != Some(Role::Standby)
-                {
-                    return Err(bad("a hot standby, or none".to_owned()));
-                }
-            }
-        } else if reported != self.cluster.active() {
-            let active = self.cluster.active().expect("an active outside an outage");
-            return Err(bad(format!("engine {active}, which was active")));
-        }
+        self.check_successor(slot, dead.role, reported)?;
 
         // Apply the death to the model.
         self.cluster.slots[slot.index()] = None;
@@ -1466,19 +1496,7 @@ impl UpgradePlan {
         }
         let what = format!("engine {slot} ({}, {}) died", dead.version, dead.role);
         if self.cluster.active().is_none() {
-            let step = self.current_step();
-            let number = self.step_number(step);
-            let recovering = match &self.mode {
-                Mode::Recovering { kind, .. } => format!(" during {kind}"),
-                _ => String::new(),
-            };
-            self.in_flight = None;
-            self.mode = Mode::Finished(Outcome::Outage {
-                reason: format!(
-                    "step {number} ({}){recovering}: {what} and no hot standby could step up",
-                    step.name()
-                ),
-            });
+            self.end_in_outage(&what);
             return Ok(());
         }
 

@@ -214,6 +214,47 @@ impl EngineProc {
     /// passed; the process runs in its own process group (a Ctrl-C to the supervisor's
     /// terminal does not reach the engines) and is pinned to the slot's CPU if one is set.
     pub fn spawn(spec: &SpawnSpec<'_>) -> Result<EngineProc, SpawnError> {
+        let mut command = Self::command(spec)?;
+        let child = command.spawn().map_err(|source| SpawnError::Spawn {
+            binary: spec.binary.to_path_buf(),
+            source,
+        })?;
+        let pid = child.id();
+        // An engine that cannot be watched is not left running untracked (out of descriptors
+        // for its pidfd, say): it is killed and reaped before the error is returned.
+        let watched = ProcessIdentity::of(pid)
+            .map_err(|e| e.to_string())
+            .and_then(|identity| {
+                Pidfd::open(pid)
+                    .map(|pidfd| (identity, pidfd))
+                    .map_err(|e| e.to_string())
+            });
+        let (identity, pidfd) = match watched {
+            Ok(w) => w,
+            Err(e) => {
+                let mut child = child;
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SpawnError::Watch(format!(
+                    "pid {pid}: {e}; the engine was killed"
+                )));
+            }
+        };
+        Ok(EngineProc {
+            slot: spec.slot,
+            identity,
+            pidfd,
+            child: Some(child),
+            binary: spec.binary.to_path_buf(),
+            since: Instant::now(),
+            expected_exit: false,
+            fenced: false,
+        })
+    }
+
+    /// The command that starts the engine `spec` describes: its environment, arguments,
+    /// process group and CPU pinning.
+    fn command(spec: &SpawnSpec<'_>) -> Result<Command, SpawnError> {
         let config = spec.config;
         let mut command = Command::new(spec.binary);
         command
@@ -265,41 +306,7 @@ impl EngineProc {
                 });
             }
         }
-        let child = command.spawn().map_err(|source| SpawnError::Spawn {
-            binary: spec.binary.to_path_buf(),
-            source,
-        })?;
-        let pid = child.id();
-        // An engine that cannot be watched is not left running untracked (out of descriptors
-        // for its pidfd, say): it is killed and reaped before the error is returned.
-        let watched = ProcessIdentity::of(pid)
-            .map_err(|e| e.to_string())
-            .and_then(|identity| {
-                Pidfd::open(pid)
-                    .map(|pidfd| (identity, pidfd))
-                    .map_err(|e| e.to_string())
-            });
-        let (identity, pidfd) = match watched {
-            Ok(w) => w,
-            Err(e) => {
-                let mut child = child;
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(SpawnError::Watch(format!(
-                    "pid {pid}: {e}; the engine was killed"
-                )));
-            }
-        };
-        Ok(EngineProc {
-            slot: spec.slot,
-            identity,
-            pidfd,
-            child: Some(child),
-            binary: spec.binary.to_path_buf(),
-            since: Instant::now(),
-            expected_exit: false,
-            fenced: false,
-        })
+        Ok(command)
     }
 
     /// Watches an engine another supervisor started, if `identity` is still alive.

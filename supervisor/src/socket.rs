@@ -154,33 +154,61 @@ impl RateLimitedWarn {
 
 /// Serves the socket until the supervisor exits (this thread never returns on its own).
 pub fn serve(listener: UnixListener, tx: Sender<Inbound>) {
-    let uid = shm_layout::trust::euid();
     if let Err(e) = listener.set_nonblocking(true) {
         warn!("control socket: cannot make the listener non-blocking: {e}");
     }
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let mut pending: VecDeque<Pending> = VecDeque::new();
-    let mut backoff = ACCEPT_BACKOFF_MIN;
-    let mut accept_paused_until: Option<Instant> = None;
-    let mut warned = RateLimitedWarn {
-        last: None,
-        suppressed: 0,
+    let mut server = Server {
+        listener,
+        tx,
+        uid: shm_layout::trust::euid(),
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        pending: VecDeque::new(),
+        backoff: ACCEPT_BACKOFF_MIN,
+        accept_paused_until: None,
+        warned: RateLimitedWarn {
+            last: None,
+            suppressed: 0,
+        },
     };
     loop {
+        server.turn();
+    }
+}
+
+/// The socket thread's state.
+struct Server {
+    listener: UnixListener,
+    tx: Sender<Inbound>,
+    /// Our user: the only peer admitted.
+    uid: u32,
+    /// Requests relayed to the supervisor and not answered yet.
+    in_flight: Arc<AtomicUsize>,
+    /// Connections accepted that have not sent their whole line, oldest first.
+    pending: VecDeque<Pending>,
+    /// The pause after the next failed accept.
+    backoff: Duration,
+    accept_paused_until: Option<Instant>,
+    warned: RateLimitedWarn,
+}
+
+impl Server {
+    /// Waits (at most a second) for the listener or a waiting connection, then serves what
+    /// is ready.
+    fn turn(&mut self) {
         let now = Instant::now();
-        if accept_paused_until.is_some_and(|t| now >= t) {
-            accept_paused_until = None;
+        if self.accept_paused_until.is_some_and(|t| now >= t) {
+            self.accept_paused_until = None;
         }
-        let listening = accept_paused_until.is_none();
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(pending.len() + 1);
+        let listening = self.accept_paused_until.is_none();
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.pending.len() + 1);
         if listening {
             fds.push(libc::pollfd {
-                fd: listener.as_raw_fd(),
+                fd: self.listener.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             });
         }
-        for p in &pending {
+        for p in &self.pending {
             fds.push(libc::pollfd {
                 fd: p.stream.as_fd().as_raw_fd(),
                 events: libc::POLLIN,
@@ -188,10 +216,10 @@ pub fn serve(listener: UnixListener, tx: Sender<Inbound>) {
             });
         }
         let mut wake = now + Duration::from_secs(1);
-        if let Some(t) = accept_paused_until {
+        if let Some(t) = self.accept_paused_until {
             wake = wake.min(t);
         }
-        if let Some(p) = pending.front() {
+        if let Some(p) = self.pending.front() {
             wake = wake.min(p.deadline);
         }
         let timeout_ms = wake
@@ -203,19 +231,28 @@ pub fn serve(listener: UnixListener, tx: Sender<Inbound>) {
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
-                warned.warn(format_args!("poll failed: {e}"));
+                self.warned.warn(format_args!("poll failed: {e}"));
                 std::thread::sleep(ACCEPT_BACKOFF_MIN);
             }
-            continue;
+            return;
         }
         let (listener_fd, pending_fds) = if listening {
             (Some(fds[0]), &fds[1..])
         } else {
             (None, &fds[..])
         };
-        // Read what the waiting connections sent; a complete line is dispatched.
-        let mut kept = VecDeque::with_capacity(pending.len());
-        for (mut p, fd) in pending.drain(..).zip(pending_fds.iter()) {
+        self.read_pending(pending_fds);
+        self.expire();
+        if listener_fd.is_some_and(|fd| fd.revents != 0) {
+            self.accept_queued();
+        }
+    }
+
+    /// Reads what the waiting connections sent (`fds`, in their order); a complete line is
+    /// dispatched.
+    fn read_pending(&mut self, fds: &[libc::pollfd]) {
+        let mut kept = VecDeque::with_capacity(self.pending.len());
+        for (mut p, fd) in self.pending.drain(..).zip(fds.iter()) {
             if fd.revents == 0 {
                 kept.push_back(p);
                 continue;
@@ -224,7 +261,7 @@ pub fn serve(listener: UnixListener, tx: Sender<Inbound>) {
                 ReadState::More => kept.push_back(p),
                 ReadState::Line(end) => {
                     let line: Vec<u8> = p.line[..end].to_vec();
-                    dispatch(p.stream, &line, &tx, &in_flight);
+                    dispatch(p.stream, &line, &self.tx, &self.in_flight);
                 }
                 ReadState::Failed(e) => {
                     refuse(p.stream, &Reply::result(Code::Usage, e.to_string()))
@@ -232,11 +269,14 @@ pub fn serve(listener: UnixListener, tx: Sender<Inbound>) {
                 ReadState::Gone => {}
             }
         }
-        pending = kept;
-        // Connections that did not send a line in time.
+        self.pending = kept;
+    }
+
+    /// Refuses the connections that did not send a line in time.
+    fn expire(&mut self) {
         let now = Instant::now();
-        while pending.front().is_some_and(|p| p.deadline <= now) {
-            if let Some(p) = pending.pop_front() {
+        while self.pending.front().is_some_and(|p| p.deadline <= now) {
+            if let Some(p) = self.pending.pop_front() {
                 let e = RequestError::Incomplete {
                     found: format!(
                         "no complete line within {} s ({} bytes received)",
@@ -247,86 +287,97 @@ pub fn serve(listener: UnixListener, tx: Sender<Inbound>) {
                 refuse(p.stream, &Reply::result(Code::Usage, e.to_string()));
             }
         }
-        if listener_fd.is_some_and(|fd| fd.revents != 0) {
-            // Accept what is queued, a bounded number per turn.
-            let pending_max = pending_max();
-            for _ in 0..PENDING_MAX {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        backoff = ACCEPT_BACKOFF_MIN;
-                        if let Some(stream) = admit(stream, uid, &mut warned) {
-                            let mut fresh = Pending {
-                                stream,
-                                line: Vec::new(),
-                                deadline: Instant::now() + REQUEST_WAIT,
-                            };
-                            // A client that wrote its line with the connect is answered at
-                            // once, whatever crowd of idle connections surrounds it.
-                            match read_some(&mut fresh) {
-                                ReadState::More => {}
-                                ReadState::Line(end) => {
-                                    let line: Vec<u8> = fresh.line[..end].to_vec();
-                                    dispatch(fresh.stream, &line, &tx, &in_flight);
-                                    continue;
-                                }
-                                ReadState::Failed(e) => {
-                                    refuse(
-                                        fresh.stream,
-                                        &Reply::result(Code::Usage, e.to_string()),
-                                    );
-                                    continue;
-                                }
-                                ReadState::Gone => continue,
-                            }
-                            while pending.len() >= pending_max {
-                                if let Some(oldest) = pending.pop_front() {
-                                    refuse(
-                                        oldest.stream,
-                                        &Reply::result(
-                                            Code::Busy,
-                                            format!(
-                                                "refused: {pending_max} connections were waiting to send a request; the oldest (this one) made room"
-                                            ),
-                                        ),
-                                    );
-                                }
-                            }
-                            pending.push_back(fresh);
-                        }
+    }
+
+    /// Accepts what is queued, a bounded number per turn.
+    fn accept_queued(&mut self) {
+        let pending_max = pending_max();
+        for _ in 0..PENDING_MAX {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    self.backoff = ACCEPT_BACKOFF_MIN;
+                    if let Some(stream) = admit(stream, self.uid, &mut self.warned) {
+                        self.take(stream, pending_max);
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        // Out of descriptors (EMFILE/ENFILE) or memory. While connections
-                        // wait idle, the oldest makes room and the accept is retried (the
-                        // queue drains; a client that sent its line is answered on accept);
-                        // with none to free, accepting pauses instead of spinning.
-                        if let Some(oldest) = pending.pop_front() {
-                            warned.warn(format_args!(
-                                "accept failed: {e}; the oldest of {} idle connections was closed to make room",
-                                pending.len() + 1
-                            ));
-                            refuse(
-                                oldest.stream,
-                                &Reply::result(
-                                    Code::Busy,
-                                    "refused: the supervisor is out of file descriptors; the oldest waiting connection (this one) made room",
-                                ),
-                            );
-                            continue;
-                        }
-                        warned.warn(format_args!(
-                            "accept failed: {e}; pausing {} ms ({} requests running)",
-                            backoff.as_millis(),
-                            in_flight.load(Ordering::Relaxed)
-                        ));
-                        accept_paused_until = Some(Instant::now() + backoff);
-                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if !self.accept_failed(&e) {
                         break;
                     }
                 }
             }
         }
+    }
+
+    /// An admitted connection: answered at once if its line came with the connect, else it
+    /// waits (the oldest waiting one refused to make room when `pending_max` wait).
+    fn take(&mut self, stream: UnixStream, pending_max: usize) {
+        let mut fresh = Pending {
+            stream,
+            line: Vec::new(),
+            deadline: Instant::now() + REQUEST_WAIT,
+        };
+        // A client that wrote its line with the connect is answered at once, whatever crowd
+        // of idle connections surrounds it.
+        match read_some(&mut fresh) {
+            ReadState::More => {}
+            ReadState::Line(end) => {
+                let line: Vec<u8> = fresh.line[..end].to_vec();
+                dispatch(fresh.stream, &line, &self.tx, &self.in_flight);
+                return;
+            }
+            ReadState::Failed(e) => {
+                refuse(fresh.stream, &Reply::result(Code::Usage, e.to_string()));
+                return;
+            }
+            ReadState::Gone => return,
+        }
+        while self.pending.len() >= pending_max {
+            if let Some(oldest) = self.pending.pop_front() {
+                refuse(
+                    oldest.stream,
+                    &Reply::result(
+                        Code::Busy,
+                        format!(
+                            "refused: {pending_max} connections were waiting to send a request; the oldest (this one) made room"
+                        ),
+                    ),
+                );
+            }
+        }
+        self.pending.push_back(fresh);
+    }
+
+    /// An accept failed with `e`: `true` to try again at once.
+    ///
+    /// Out of descriptors (EMFILE/ENFILE) or memory. While connections wait idle, the oldest
+    /// makes room and the accept is retried (the queue drains; a client that sent its line
+    /// is answered on accept); with none to free, accepting pauses instead of spinning.
+    fn accept_failed(&mut self, e: &io::Error) -> bool {
+        if let Some(oldest) = self.pending.pop_front() {
+            self.warned.warn(format_args!(
+                "accept failed: {e}; the oldest of {} idle connections was closed to make room",
+                self.pending.len() + 1
+            ));
+            refuse(
+                oldest.stream,
+                &Reply::result(
+                    Code::Busy,
+                    "refused: the supervisor is out of file descriptors; the oldest waiting connection (this one) made room",
+                ),
+            );
+            return true;
+        }
+        self.warned.warn(format_args!(
+            "accept failed: {e}; pausing {} ms ({} requests running)",
+            self.backoff.as_millis(),
+            self.in_flight.load(Ordering::Relaxed)
+        ));
+        self.accept_paused_until = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(ACCEPT_BACKOFF_MAX);
+        false
     }
 }
 

@@ -130,23 +130,7 @@ impl UpgradeRun {
         check_binary(&request.binary).map_err(|e| Reply::result(Code::BadConfig, e.to_string()))?;
         let acceptance = upgrade_acceptance(cluster.config(), &request)
             .map_err(|e| Reply::result(Code::BadConfig, e))?;
-        let (active, standby) = active_and_standby(cluster)?;
-        if let Some(extra) =
-            (0..SLOTS).find(|&s| s != active && s != standby && cluster.engine(s).is_some())
-        {
-            return Err(Reply::result(
-                Code::WrongRole,
-                format!(
-                    "an upgrade starts from one active and one hot standby; engine {} runs too (wait for it to be hot, or `understudy status`)",
-                    slot_name(extra)
-                ),
-            ));
-        }
-        let old_binary = cluster
-            .engine(active)
-            .map(|p| p.binary.to_path_buf())
-            .filter(|b| !b.as_os_str().is_empty())
-            .unwrap_or_else(|| cluster.config().engine.binary.clone());
+        let (active, standby, old_binary) = starting_point(cluster)?;
         let spec = UpgradeSpec {
             active: plan_slot(active),
             standby: plan_slot(standby),
@@ -816,4 +800,27 @@ impl UpgradeRun {
             watchers: std::mem::take(&mut self.watchers),
         });
     }
+}
+
+/// An upgrade starts from one active and one hot standby, nothing else running: those two,
+/// and the binary the active runs.
+fn starting_point(cluster: &dyn ClusterOps) -> Result<(usize, usize, PathBuf), Reply> {
+    let (active, standby) = active_and_standby(cluster)?;
+    if let Some(extra) =
+        (0..SLOTS).find(|&s| s != active && s != standby && cluster.engine(s).is_some())
+    {
+        return Err(Reply::result(
+            Code::WrongRole,
+            format!(
+                "an upgrade starts from one active and one hot standby; engine {} runs too (wait for it to be hot, or `understudy status`)",
+                slot_name(extra)
+            ),
+        ));
+    }
+    let old_binary = cluster
+        .engine(active)
+        .map(|p| p.binary.to_path_buf())
+        .filter(|b| !b.as_os_str().is_empty())
+        .unwrap_or_else(|| cluster.config().engine.binary.clone());
+    Ok((active, standby, old_binary))
 }
