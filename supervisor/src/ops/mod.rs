@@ -7,6 +7,7 @@
 //! | `switchover`   | `switchover`: SWITCHOVER(target) through that machine                  |
 //! | `enable`       | `enable-features`: ENABLE_FEATURES(mask) through that machine          |
 //! | `upgrade`      | `upgrade`: the actions of an [`UpgradePlan`](crate::plan::UpgradePlan) performed |
+//! | `action`       | one action of the plan: begun, polled, abandoned                       |
 //! | `probe`        | the upgrade's compatibility check of the new binary                   |
 //! | `accept`       | the upgrade's acceptance bounds and soak                              |
 //! | `resume`       | an upgrade a previous supervisor left in the middle, settled          |
@@ -26,6 +27,7 @@ use crate::plan::Slot;
 use crate::proto::{Code, Op, Reply, StatusReport};
 
 mod accept;
+mod action;
 mod command;
 mod down;
 mod enable;

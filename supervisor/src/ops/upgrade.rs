@@ -22,12 +22,10 @@ use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 use understudy_runtime::control::{realtime_ns, slot_name, SLOTS};
 
-use super::accept::{upgrade_acceptance, Soak, SoakPoll};
-use super::command::{CommandExec, CommandPoll};
-use super::enable::Enable;
+use super::accept::upgrade_acceptance;
+use super::action::{Exec, Judged, Polled};
 use super::probe::Probe;
-use super::switchover::Switchover;
-use super::{active_and_standby, emit, plan_slot, slot_of, Final};
+use super::{active_and_standby, emit, plan_slot, Final};
 use crate::cluster::ClusterOps;
 use crate::config::{check_binary, AcceptanceConfig};
 use crate::plan::{Action, Event, Next, Outcome, Planned, UpgradePlan, UpgradeSpec, Verdict};
@@ -55,33 +53,6 @@ fn test_pause_at() -> Option<u8> {
 #[cfg(not(feature = "fault-injection"))]
 fn test_pause_at() -> Option<u8> {
     None
-}
-
-/// One plan action being performed.
-struct Exec {
-    planned: Planned,
-    started: Instant,
-    deadline: Instant,
-    phase: Phase,
-}
-
-enum Phase {
-    Stop {
-        slot: usize,
-        killed: bool,
-    },
-    Start {
-        slot: usize,
-        /// The binary, until it is spawned: the slot's previous engine was still exiting.
-        waiting: Option<PathBuf>,
-    },
-    Attach {
-        standby: usize,
-        active: usize,
-    },
-    Switchover(CommandExec<Switchover>),
-    Accept(Soak),
-    Enable(CommandExec<Enable>),
 }
 
 /// A rolling upgrade in progress.
@@ -263,11 +234,7 @@ impl UpgradeRun {
         self.record.progress = self.current.clone();
         self.record.supervisor_pid = std::process::id();
         self.record.updated_at_ns = realtime_ns();
-        self.record.command_seq = match self.exec.as_ref().map(|e| &e.phase) {
-            Some(Phase::Switchover(sw)) => sw.seq(),
-            Some(Phase::Enable(en)) => en.seq(),
-            _ => None,
-        };
+        self.record.command_seq = self.exec.as_ref().and_then(Exec::command_seq);
         self.record.engines = self.recorded_engines(cluster);
         record::store(cluster.dir(), &self.record)
     }
@@ -364,17 +331,28 @@ impl UpgradeRun {
         }
         loop {
             if let Some(outcome) = self.forced.take() {
-                self.cleanup(cluster);
+                self.cancel_exec(cluster);
                 self.finish(cluster, outcome);
                 return true;
             }
             if let Some(mut exec) = self.exec.take() {
-                match self.poll(cluster, &mut exec) {
-                    None => {
+                let soak = Judged {
+                    acceptance: &self.acceptance,
+                    accept_cmd: self.accept_cmd.as_deref(),
+                    abort: self.abort.as_deref(),
+                };
+                match exec.poll(cluster, &soak) {
+                    Polled::Pending => {
                         self.exec = Some(exec);
                         return false;
                     }
-                    Some(event) => {
+                    Polled::Spawned => {
+                        self.exec = Some(exec);
+                        // With the process it started, for a restarted supervisor.
+                        self.persist(cluster);
+                        return false;
+                    }
+                    Polled::Ended(event) => {
                         self.ended(cluster, &exec, event);
                         continue;
                     }
@@ -520,14 +498,9 @@ impl UpgradeRun {
         }
         info!(action = %planned, "upgrade action");
         self.event("begin", &planned, None, None);
-        match self.start_action(cluster, &planned) {
+        match Exec::start(cluster, &planned) {
             Ok(phase) => {
-                self.exec = Some(Exec {
-                    deadline: Instant::now() + Duration::from_millis(planned.timeout_ms),
-                    started: Instant::now(),
-                    planned,
-                    phase,
-                });
+                self.exec = Some(Exec::new(planned, phase));
                 // With the process it started or the command it posted.
                 self.persist(cluster);
             }
@@ -545,160 +518,10 @@ impl UpgradeRun {
         None
     }
 
-    fn start_action(
-        &mut self,
-        cluster: &mut dyn ClusterOps,
-        planned: &Planned,
-    ) -> Result<Phase, String> {
-        Ok(match &planned.action {
-            Action::Stop { slot } => {
-                let slot = slot_of(*slot);
-                if cluster.is_active(slot) {
-                    return Err(format!(
-                        "engine {} is active; it is not stopped",
-                        slot_name(slot)
-                    ));
-                }
-                cluster.request_stop(slot);
-                Phase::Stop {
-                    slot,
-                    killed: false,
-                }
-            }
-            Action::Start { slot, binary, .. } => {
-                let slot = slot_of(*slot);
-                check_binary(binary).map_err(|e| e.to_string())?;
-                match cluster.engine(slot) {
-                    // Told to stop or killed (an engine that never registered, timed out a
-                    // moment ago): the slot is free once it has exited, within the action's
-                    // timeout.
-                    Some(p) if p.expected_exit || p.fenced => {
-                        info!(slot = %slot_name(slot), pid = p.pid(), "waiting for the slot's previous engine to exit before starting");
-                        return Ok(Phase::Start {
-                            slot,
-                            waiting: Some(binary.clone()),
-                        });
-                    }
-                    Some(p) => {
-                        return Err(format!(
-                            "slot {} is still taken by pid {}, which was not told to stop",
-                            slot_name(slot),
-                            p.pid()
-                        ))
-                    }
-                    None => {}
-                }
-                cluster
-                    .spawn(slot, binary, true)
-                    .map_err(|e| e.to_string())?;
-                Phase::Start {
-                    slot,
-                    waiting: None,
-                }
-            }
-            Action::Attach { standby, active } => Phase::Attach {
-                standby: slot_of(*standby),
-                active: slot_of(*active),
-            },
-            Action::Switchover { from, to } => Phase::Switchover(CommandExec::post(
-                cluster,
-                Switchover::new(slot_of(*from), slot_of(*to)),
-            )),
-            Action::Accept {
-                active,
-                accept_for_ms,
-            } => Phase::Accept(Soak::begin(cluster, slot_of(*active), *accept_for_ms)),
-            Action::EnableFeatures { active, standby } => {
-                let enable = Enable::new(cluster, slot_of(*active), slot_of(*standby));
-                Phase::Enable(CommandExec::post(cluster, enable))
-            }
-        })
-    }
-
-    fn poll(&mut self, cluster: &mut dyn ClusterOps, exec: &mut Exec) -> Option<Event> {
-        let id = exec.planned.id;
-        let late = Instant::now() > exec.deadline;
-        match &mut exec.phase {
-            Phase::Stop { slot, killed } => {
-                if cluster.engine(*slot).is_none() {
-                    return Some(Event::Done { id });
-                }
-                if late && !*killed {
-                    warn!(slot = %slot_name(*slot), "engine did not stop in time; SIGKILL");
-                    cluster.kill_expected(*slot);
-                    *killed = true;
-                }
-                None
-            }
-            Phase::Start { slot, waiting } => {
-                if let Some(binary) = waiting.as_ref() {
-                    if cluster.engine(*slot).is_some() {
-                        return late.then_some(Event::TimedOut { id });
-                    }
-                    if let Err(e) = cluster.spawn(*slot, binary, true) {
-                        return Some(Event::Failed {
-                            id,
-                            error: e.to_string(),
-                        });
-                    }
-                    *waiting = None;
-                    // With the process it started, for a restarted supervisor.
-                    self.persist(cluster);
-                    return None;
-                }
-                if cluster.ours(*slot) {
-                    return Some(Event::Done { id });
-                }
-                if late {
-                    cluster.kill_expected(*slot);
-                    return Some(Event::TimedOut { id });
-                }
-                None
-            }
-            Phase::Attach { standby, active } => {
-                if cluster.is_hot_standby(*standby) && cluster.is_active(*active) {
-                    return Some(Event::Done { id });
-                }
-                late.then_some(Event::TimedOut { id })
-            }
-            Phase::Switchover(sw) => match sw.poll(cluster) {
-                CommandPoll::Done { took } => {
-                    info!(pause_us_max = took.as_micros() as u64, "switched over");
-                    Some(Event::Done { id })
-                }
-                CommandPoll::Refused(error) => Some(Event::Failed { id, error }),
-                CommandPoll::Pending if late => {
-                    sw.cancel(cluster);
-                    Some(Event::TimedOut { id })
-                }
-                CommandPoll::Pending => None,
-            },
-            Phase::Accept(soak) => match soak.poll(
-                cluster,
-                &self.acceptance,
-                self.accept_cmd.as_deref(),
-                self.abort.as_deref(),
-                late,
-            ) {
-                SoakPoll::Pending => None,
-                SoakPoll::Verdict(verdict) => Some(Event::Verdict { id, verdict }),
-                SoakPoll::TimedOut => Some(Event::TimedOut { id }),
-            },
-            Phase::Enable(en) => match en.poll(cluster) {
-                CommandPoll::Done { .. } => Some(Event::Done { id }),
-                CommandPoll::Refused(error) => Some(Event::Failed { id, error }),
-                CommandPoll::Pending => late.then_some(Event::TimedOut { id }),
-            },
-        }
-    }
-
-    fn cleanup(&mut self, cluster: &dyn ClusterOps) {
+    /// Abandons the action in flight (its accept command killed, its command withdrawn).
+    fn cancel_exec(&mut self, cluster: &dyn ClusterOps) {
         if let Some(exec) = self.exec.take() {
-            match exec.phase {
-                Phase::Accept(mut soak) => soak.kill_cmd(),
-                Phase::Switchover(sw) => sw.cancel(cluster),
-                _ => {}
-            }
+            exec.cancel(cluster);
         }
     }
 
@@ -753,7 +576,7 @@ impl UpgradeRun {
             let next = self.plan.next_action();
             if next != Next::Wait(exec.planned.id) {
                 // The plan abandoned the action that needed the dead engine.
-                self.cleanup(cluster);
+                self.cancel_exec(cluster);
                 self.pending = Some(next);
             }
         }
