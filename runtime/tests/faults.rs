@@ -30,6 +30,8 @@ fn spawn(cl: &mut Cluster, slot: usize, standby_only: bool, extra: &[(&'static s
 const CLOSE_CORRUPT: u64 = 2;
 /// The close reason of a standby untethered for a full stream (engine.rs `CLOSE_UNTETHERED`).
 const CLOSE_UNTETHERED: u64 = 1;
+/// The close reason of a standby the active refused (engine.rs `CLOSE_REFUSED`).
+const CLOSE_REFUSED: u64 = 3;
 
 /// A raw, writable view of a stream region's ring: what a stray write (or a bit flip) sees.
 /// Layout (shm-layout): the region's 4096-byte superblock, then the ring's control lines
@@ -249,10 +251,13 @@ fn stopped_standby_is_untethered_and_catches_up_after_resume() {
     let side = cl.side(0);
     let pace = ("US_PACE_US", "20".to_string());
     let bounded = ("US_BACKPRESSURE_MS", "20".to_string());
-    let env = [cl.side_env(0), pace.clone(), bounded];
+    // Small rings (the active's too: it refuses a standby whose ring is smaller than its
+    // own, which its largest transaction could not fit).
+    let ring = ("US_RING", "65536".to_string());
+    let env = [cl.side_env(0), pace.clone(), bounded, ring.clone()];
     spawn(&mut cl, 0, false, &env);
     wait_cluster(&c, "a active", T, || role(&c, 0) == Role::Active);
-    spawn(&mut cl, 1, true, &[pace, ("US_RING", "65536".to_string())]);
+    spawn(&mut cl, 1, true, &[pace, ring]);
     wait_cluster(&c, "b hot", T, || state(&c, 1) == State::Hot);
     let active = ActiveFacts::of(&c, 0);
     let (gen, _, region) = open_stream(&cl, &c, 1);
@@ -552,6 +557,8 @@ fn watch_hot_against_close(
 #[test]
 fn a_consistent_copy_survives_the_active_dying_during_a_re_catch_up_and_can_be_promoted() {
     const UNITS: u64 = 20_000;
+    // Four catch-ups and two freezes on a loaded 2-core host: generous bounds.
+    const LONG: Duration = Duration::from_secs(60);
     let mut cl = Cluster::new("prefix");
     let (c, side) = large_active_with(
         &mut cl,
@@ -562,6 +569,7 @@ fn a_consistent_copy_survives_the_active_dying_during_a_re_catch_up_and_can_be_p
         &[
             ("US_BACKPRESSURE_MS", "300".to_string()),
             ("US_PACE_US", "200".to_string()),
+            ("US_RING", "65536".to_string()),
         ],
     );
     side.set_limit(u64::MAX);
@@ -574,21 +582,21 @@ fn a_consistent_copy_survives_the_active_dying_during_a_re_catch_up_and_can_be_p
             ("US_RING", "65536".to_string()),
         ],
     );
-    wait_cluster(&c, "b hot", T, || state(&c, 1) == State::Hot);
+    wait_cluster(&c, "b hot", LONG, || state(&c, 1) == State::Hot);
     let mut tries = 0;
     let copy = loop {
         tries += 1;
         assert!(tries <= 5, "b was never caught in its second catch-up");
         // Untether b: freeze it until the active gives up on its full stream.
         cl.stop(1);
-        wait_cluster(&c, "the active untethers the frozen b", T, || {
+        wait_cluster(&c, "the active untethers the frozen b", LONG, || {
             state(&c, 1) == State::Stale
         });
         let copy = c.get(1, Field::Commits);
         let gen = c.get(1, Field::AttachGen);
         cl.signal(1, libc::SIGCONT);
         // Catch it in its second catch-up, freeze it, kill the active.
-        wait_cluster(&c, "b syncing again", T, || {
+        wait_cluster(&c, "b syncing again", LONG, || {
             c.get(1, Field::AttachGen) > gen && state(&c, 1) != State::Stale
         });
         cl.stop(1);
@@ -596,7 +604,7 @@ fn a_consistent_copy_survives_the_active_dying_during_a_re_catch_up_and_can_be_p
             break copy;
         }
         cl.signal(1, libc::SIGCONT);
-        wait_cluster(&c, "b hot", T, || state(&c, 1) == State::Hot);
+        wait_cluster(&c, "b hot", LONG, || state(&c, 1) == State::Hot);
     };
     cl.kill(0);
     cl.signal(1, libc::SIGCONT);
@@ -604,7 +612,7 @@ fn a_consistent_copy_survives_the_active_dying_during_a_re_catch_up_and_can_be_p
     // published when the active untethered it.
     let at_untether = copy;
     let mut copy = 0;
-    wait_cluster(&c, "b back to its consistent copy", T, || {
+    wait_cluster(&c, "b back to its consistent copy", LONG, || {
         copy = c.get(1, Field::Commits);
         state(&c, 1) == State::Stale && copy >= at_untether && c.get(1, Field::Epoch) == 1
     });
@@ -613,7 +621,7 @@ fn a_consistent_copy_survives_the_active_dying_during_a_re_catch_up_and_can_be_p
     let copy = c.get(1, Field::Commits);
     let mut m = keeping_model();
     let d = m.advance_to(copy);
-    wait_cluster(&c, "b's published digest is the copy's", T, || {
+    wait_cluster(&c, "b's published digest is the copy's", LONG, || {
         c.get(1, Field::Digest) == d
     });
     // It does not step up on its own.
@@ -625,7 +633,7 @@ fn a_consistent_copy_survives_the_active_dying_during_a_re_catch_up_and_can_be_p
         Field::Cmd,
         understudy_runtime::control::slot_cmd::PROMOTE,
     );
-    wait_cluster(&c, "b active after the promote", T, || {
+    wait_cluster(&c, "b active after the promote", LONG, || {
         role(&c, 1) == Role::Active && c.get(1, Field::StepUps) > 0
     });
     assert_eq!(
@@ -634,4 +642,33 @@ fn a_consistent_copy_survives_the_active_dying_during_a_re_catch_up_and_can_be_p
         "b took over from its copy"
     );
     assert_eq!(c.get(1, Field::StepUpDigest), d, "with the copy's state");
+}
+
+/// An active refuses a standby whose stream ring is smaller than its own (its largest
+/// transaction would not fit: the standby would be untethered by it, later and silently): the
+/// stream is closed as refused with a message naming both sizes, and the standby exits.
+#[test]
+fn a_standby_with_a_smaller_ring_than_the_active_is_refused() {
+    let mut cl = Cluster::new("smallring");
+    let c = cl.control();
+    let side = cl.side(0);
+    side.set_limit(100);
+    let env = [cl.side_env(0), ("US_RING", "1048576".to_string())];
+    spawn(&mut cl, 0, false, &env);
+    wait_cluster(&c, "a active", T, || role(&c, 0) == Role::Active);
+    spawn(&mut cl, 1, true, &[("US_RING", "65536".to_string())]);
+    wait_cluster(&c, "b announces a stream", T, || {
+        c.get(1, Field::AttachGen) > 0
+    });
+    let path = Control::stream_path(&cl.dir, c.epoch(), 1, c.get(1, Field::AttachGen));
+    let region = Region::open(&path, Duration::from_secs(5)).expect("b's stream");
+    wait_cluster(&c, "the active refuses b's stream", T, || {
+        region.closed() == Some(CLOSE_REFUSED)
+    });
+    let (status, _) = cl.wait_exit(1, T);
+    assert!(
+        !status.success(),
+        "the refused standby exits with an error: {status}"
+    );
+    assert_ne!(state(&c, 1), State::Hot);
 }

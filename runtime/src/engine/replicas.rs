@@ -2,6 +2,7 @@
 //! (feedback, heartbeats, detach).
 
 use super::*;
+use shm_layout::ring::Integrity;
 
 pub(super) enum ReplicaPhase {
     /// Waiting for the standby's hello on the feedback ring.
@@ -136,7 +137,10 @@ impl<A: Application, I: Input> Engine<A, I> {
                 }
                 stream_region.set_producer_identity(self.me);
                 feedback_region.set_consumer_identity(self.me);
-                let stream = stream_region.producer()?;
+                let mut stream = stream_region.producer()?;
+                // One checksum per transaction (batch) on the replication stream, not one per
+                // record: the standby is our own peer; client rings keep theirs per frame.
+                stream.set_integrity(Integrity::PerBatch);
                 let feedback = feedback_region.consumer()?;
                 Ok(Replica {
                     slot,
@@ -152,6 +156,20 @@ impl<A: Application, I: Input> Engine<A, I> {
                 })
             };
             match open() {
+                // A transaction may take up to our own ring's capacity (`Tx::limit`): a
+                // standby whose stream is smaller would be untethered by the first large one.
+                // Refuse it, saying what to set, rather than accept it and lose it later.
+                Ok(mut r) if r.stream.capacity() < self.opt.ring_capacity => {
+                    let msg = format!(
+                        "the standby's stream ring holds {} bytes; this active's transactions may take up to {} (its ring_capacity): start the standby with a ring at least as large",
+                        r.stream.capacity(),
+                        self.opt.ring_capacity
+                    );
+                    warn!(slot = %control::slot_name(slot), "standby refused: {msg}");
+                    let _ = r.stream.try_publish(rt::REFUSE, 1, 0, msg.as_bytes());
+                    r.stream_region.close(CLOSE_REFUSED);
+                    self.detached.push((slot, gen));
+                }
                 Ok(r) => {
                     debug!(slot = %control::slot_name(slot), gen, "standby attaching");
                     self.replicas.push(r);
