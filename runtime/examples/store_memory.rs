@@ -94,15 +94,24 @@ fn main() {
         state: vec![0u8; len],
     };
     let t = Instant::now();
+    // The longest single insert: a store that grows in steps (an index that rehashes all at
+    // once) stalls the engine that much at once.
+    let mut longest_ns = 0u128;
     for i in 0..n {
         if let Op::PutUnit { id, state, .. } = &mut o {
             *id = id_of(i);
             state[..len.min(8)].copy_from_slice(&i.to_le_bytes()[..len.min(8)]);
         }
+        let t1 = Instant::now();
         store.apply(&o);
+        longest_ns = longest_ns.max(t1.elapsed().as_nanos());
     }
     drop(o);
     ns_per("insert (apply)", n, t);
+    println!(
+        "longest single insert        {:>8.3} ms",
+        longest_ns as f64 / 1e6
+    );
     let rss = resident_bytes().saturating_sub(rss0);
     let heap = LIVE_BYTES.load(Relaxed).saturating_sub(heap0);
     println!(

@@ -389,12 +389,30 @@ impl Slots {
     }
 }
 
+/// Shards of the index: `2^SHARD_BITS` tables, so that a table that grows rehashes
+/// 1/1024 of the units at once (at 10 M units about 10 k, a millisecond or so), not all of
+/// them (one table: every id read back from its record, seconds at 10 M units, stalling the
+/// engine that grows its store).
+const SHARD_BITS: u32 = 10;
+const SHARDS: usize = 1 << SHARD_BITS;
+/// Which hash bits pick a shard: above the bucket bits (the low ones) of any table of up to
+/// 2^47 buckets and below hashbrown's 7-bit control tag (the top ones), so that the units of
+/// a shard still differ in both.
+const SHARD_SHIFT: u32 = 47;
+
 /// The units: an arena of records and an index by id (see the module doc).
 #[derive(Clone, Default)]
 pub(super) struct Units {
     slots: Slots,
-    index: HashTable<u32>,
+    /// `SHARDS` tables once the first unit is put (none before: an empty store allocates
+    /// nothing).
+    index: Vec<HashTable<u32>>,
+    count: usize,
     seed: IdHasher,
+}
+
+fn shard(hash: u64) -> usize {
+    (hash >> SHARD_SHIFT) as usize & (SHARDS - 1)
 }
 
 /// The index's hasher: foldhash (a few ns for a `u64`) with a per-store seed drawn from the
@@ -423,17 +441,20 @@ impl std::fmt::Debug for Units {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let pages = self.slots.pages.len() - self.slots.vacant.len();
         f.debug_struct("Units")
-            .field("units", &self.index.len())
+            .field("units", &self.count)
             .field("pages_of_64k", &pages)
             .field("big", &(self.slots.big.len()))
-            .field("index_buckets", &self.index.capacity())
+            .field(
+                "index_buckets",
+                &self.index.iter().map(|t| t.capacity()).sum::<usize>(),
+            )
             .finish()
     }
 }
 
 impl Units {
     pub(super) fn len(&self) -> usize {
-        self.index.len()
+        self.count
     }
 
     fn hash(&self, id: u64) -> u64 {
@@ -441,9 +462,11 @@ impl Units {
     }
 
     pub(super) fn get(&self, id: u64) -> Option<UnitRef<'_>> {
+        let hash = self.hash(id);
         let h = *self
             .index
-            .find(self.hash(id), |&h| self.slots.id(h) == id)?;
+            .get(shard(hash))?
+            .find(hash, |&h| self.slots.id(h) == id)?;
         Some(self.slots.get(h).1)
     }
 
@@ -451,7 +474,16 @@ impl Units {
     /// overwritten.
     pub(super) fn put(&mut self, id: u64, u: UnitRef<'_>, old: impl FnOnce(UnitRef<'_>)) {
         let hash = self.hash(id);
-        let Units { slots, index, seed } = self;
+        if self.index.is_empty() {
+            self.index.resize_with(SHARDS, HashTable::new);
+        }
+        let Units {
+            slots,
+            index,
+            count,
+            seed,
+        } = self;
+        let index = &mut index[shard(hash)];
         match index.find_entry(hash, |&h| slots.id(h) == id) {
             Ok(mut e) => {
                 let h = *e.get();
@@ -467,6 +499,7 @@ impl Units {
             Err(_) => {
                 let h = slots.insert(id, u);
                 index.insert_unique(hash, h, |&h| seed.hash_one(slots.id(h)));
+                *count += 1;
             }
         }
     }
@@ -474,12 +507,21 @@ impl Units {
     /// Retire unit `id`; `old` sees it before it goes. False if there was none.
     pub(super) fn retire(&mut self, id: u64, old: impl FnOnce(UnitRef<'_>)) -> bool {
         let hash = self.hash(id);
-        let Units { slots, index, .. } = self;
+        let Units {
+            slots,
+            index,
+            count,
+            ..
+        } = self;
+        let Some(index) = index.get_mut(shard(hash)) else {
+            return false;
+        };
         match index.find_entry(hash, |&h| slots.id(h) == id) {
             Ok(e) => {
                 let (h, _) = e.remove();
                 old(slots.get(h).1);
                 slots.remove(h);
+                *count -= 1;
                 true
             }
             Err(_) => false,
@@ -487,8 +529,9 @@ impl Units {
     }
 
     pub(super) fn clear(&mut self) {
-        self.index = HashTable::new();
+        self.index = Vec::new();
         self.slots = Slots::default();
+        self.count = 0;
     }
 
     /// Units from walk position `from` on, each with the position just past it.
