@@ -151,6 +151,11 @@ pub(crate) trait ClusterOps {
             && self.control().get(slot, Field::Epoch) == self.control().epoch()
     }
 
+    /// How old `slot`'s heartbeat is at `now` (CLOCK_MONOTONIC ns).
+    fn heartbeat_age_ns(&self, slot: usize, now: u64) -> u64 {
+        now.saturating_sub(self.control().get(slot, Field::HeartbeatNs))
+    }
+
     /// The active slot, if it is one of our engines.
     fn active(&self) -> Option<usize> {
         (0..SLOTS).find(|&s| self.is_active(s))

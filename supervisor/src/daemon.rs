@@ -41,15 +41,17 @@ use understudy_runtime::liveness::ProcessIdentity;
 
 use crate::cluster::{Cluster, ClusterOps};
 use crate::config::{ClusterConfig, ConfigError};
+use crate::fence::Fence;
+use crate::foreign::ForeignWatch;
 use crate::ops::{Operation, ResumeOp, Stepped};
 use crate::process::{self, EngineProc, ExitInfo, SpawnError};
 use crate::proto::{
-    Code, EngineStatus, ForeignEngine, InterruptedUpgrade, Reply, Request, RoleChange, StatusReport,
+    Code, EngineStatus, InterruptedUpgrade, Reply, Request, RoleChange, StatusReport,
 };
 use crate::record;
 use crate::restarts::{killed_by_signal, Restarts};
 use crate::socket::Inbound;
-use crate::verify::{self, HeartbeatSeen};
+use crate::verify;
 
 pub use crate::process::HUNG_BEATS;
 /// How many role changes `status` remembers.
@@ -137,18 +139,11 @@ pub struct Supervisor {
     /// failed `up` remove the cluster's files (re-adopted engines still run on them).
     pub(crate) fresh: bool,
     restarts: Restarts,
-    /// Slots whose active is hung with no hot standby to take over: reported, not fenced.
-    hung_unfenced: [bool; SLOTS],
-    /// How long the supervisor itself has seen each slot's heartbeat word unchanged.
-    heartbeat_seen: [Option<HeartbeatSeen>; SLOTS],
+    /// Who is hung or superseded, and what was reported of it.
+    fence: Fence,
     /// The engine (pid) in each slot last seen as a hot standby, and in which epoch: if the
     /// active of that epoch dies, it holds every committed transaction.
     hot_seen: [Option<(u32, u64)>; SLOTS],
-    /// A control-block record that a second source contradicted has been reported (once).
-    suspect_reported: [bool; SLOTS],
-    /// Since when each slot's engine (pid) has looked superseded: active in an old epoch
-    /// while another engine holds the active's lock.
-    superseded_since: [Option<(u32, Instant)>; SLOTS],
     /// "Waiting for the last copy" has been reported (once per episode).
     last_copy_reported: bool,
     pub(crate) op: Option<Operation>,
@@ -163,39 +158,9 @@ pub struct Supervisor {
     /// Since when no engine has been active (an outage once it outlasts the switchover
     /// timeout).
     no_active_since: Option<Instant>,
-    /// Per slot, a live engine its control-block record names that is not the one the
-    /// supervisor watches there: since when it has been seen, and whether it was reported.
-    foreign: [Option<ForeignSeen>; SLOTS],
-    /// When the slots' records were last compared with the engines the supervisor watches.
-    foreign_checked: Instant,
+    /// Live engines registered in slots the supervisor did not start them in.
+    foreign: ForeignWatch,
 }
-
-/// An engine the fence looks at: hung, or active in an old epoch.
-struct FenceCase {
-    slot: usize,
-    pid: u32,
-    role: Role,
-    /// Its heartbeat's age.
-    age_ns: u64,
-    /// Active in an old epoch while another engine holds the active's lock, for longer
-    /// than the hung threshold.
-    superseded: bool,
-    /// The engine holding the active's lock, if it was looked up.
-    holder: Option<usize>,
-}
-
-/// A live engine registered in a slot the supervisor did not start it in.
-#[derive(Debug, Clone, Copy)]
-struct ForeignSeen {
-    identity: ProcessIdentity,
-    since: Instant,
-    reported: bool,
-}
-
-/// How long a slot's record must name a live engine that is not the supervisor's before it is
-/// reported: an engine the supervisor is about to adopt (one a previous supervisor started)
-/// registers a moment before it is adopted.
-const FOREIGN_AFTER: Duration = Duration::from_secs(1);
 
 static SIGNALLED: AtomicBool = AtomicBool::new(false);
 
@@ -334,11 +299,8 @@ impl Supervisor {
             cluster: Cluster::new(config, dir, control),
             fresh: live.is_empty(),
             restarts: Default::default(),
-            hung_unfenced: [false; SLOTS],
-            heartbeat_seen: [None; SLOTS],
+            fence: Fence::default(),
             hot_seen: [None; SLOTS],
-            suspect_reported: [false; SLOTS],
-            superseded_since: [None; SLOTS],
             last_copy_reported: false,
             op: None,
             role_seen,
@@ -348,8 +310,7 @@ impl Supervisor {
             control_checked: (Instant::now(), false),
             outage_reported: false,
             no_active_since: None,
-            foreign: [None; SLOTS],
-            foreign_checked: Instant::now(),
+            foreign: ForeignWatch::new(),
         };
         if live.is_empty() {
             if let Err(e) = sup.start_fresh() {
@@ -544,79 +505,13 @@ impl Supervisor {
             }
             self.resend_stops();
             self.watch_hot();
-            self.fence();
+            self.fence.fence(&mut self.cluster);
             self.check_control();
             self.watch_roles();
             self.step_op();
             self.keep();
             self.sample_rates();
-            self.watch_foreign();
-        }
-    }
-
-    /// Every 100 ms: each slot's control-block record compared with the engine the supervisor
-    /// watches there. A live process the record names (pid and start time) that is not that
-    /// engine — one started by hand in a free slot, say — is warned about once, naming the
-    /// slot, the pid found and the pid expected, and shown by `status` while it lives. A word
-    /// damaged in both its copies decides nothing (the slot is compared again next time).
-    fn watch_foreign(&mut self) {
-        if self.foreign_checked.elapsed() < Duration::from_millis(100) {
-            return;
-        }
-        self.foreign_checked = Instant::now();
-        for slot in 0..SLOTS {
-            let (Ok(pid), Ok(start)) = (
-                self.cluster.control.get_checked(slot, Field::Pid),
-                self.cluster.control.get_checked(slot, Field::StartTime),
-            ) else {
-                continue;
-            };
-            let expected = self.cluster.engines[slot].as_ref().map(|p| p.identity);
-            let found = u32::try_from(pid)
-                .ok()
-                .filter(|&pid| pid != 0)
-                .map(|pid| ProcessIdentity {
-                    pid,
-                    start_time_ticks: start,
-                })
-                .filter(|id| Some(*id) != expected && id.is_alive());
-            let Some(identity) = found else {
-                if let Some(gone) = self.foreign[slot].take().filter(|f| f.reported) {
-                    info!(slot = %slot_name(slot), pid = gone.identity.pid, "the engine that registered in slot {} without this supervisor is gone from its record", slot_name(slot));
-                }
-                continue;
-            };
-            let seen = match self.foreign[slot] {
-                Some(f) if f.identity == identity => f,
-                _ => ForeignSeen {
-                    identity,
-                    since: Instant::now(),
-                    reported: false,
-                },
-            };
-            let seen = if !seen.reported && seen.since.elapsed() >= FOREIGN_AFTER {
-                let expected_pid = expected.map(|e| e.pid);
-                warn!(
-                    slot = %slot_name(slot),
-                    pid = identity.pid,
-                    start_time = identity.start_time_ticks,
-                    expected_pid = ?expected_pid,
-                    "engine pid {} registered in slot {}, which this supervisor did not start it in ({}): it is not watched, fenced or restarted",
-                    identity.pid,
-                    slot_name(slot),
-                    match expected_pid {
-                        Some(p) => format!("expected pid {p}"),
-                        None => "no engine of this supervisor runs there".to_string(),
-                    }
-                );
-                ForeignSeen {
-                    reported: true,
-                    ..seen
-                }
-            } else {
-                seen
-            };
-            self.foreign[slot] = Some(seen);
+            self.foreign.watch(&self.cluster);
         }
     }
 
@@ -649,7 +544,7 @@ impl Supervisor {
     fn on_exit(&mut self, slot: usize, exit: ExitInfo) {
         let was_active = self.cluster.role(slot) == Role::Active;
         let proc = self.cluster.engines[slot].take().expect("exited engine");
-        self.hung_unfenced[slot] = false;
+        self.fence.forget_hung(slot);
         if proc.expected_exit {
             info!(slot = %slot_name(slot), pid = proc.pid(), "engine exited ({exit})");
             return;
@@ -788,160 +683,6 @@ impl Supervisor {
         }
     }
 
-    /// SIGKILL a hung engine (its heartbeat is [`HUNG_BEATS`] intervals old; four times that
-    /// for one that is not active, since a busy catch-up may delay it), and any active of an
-    /// old epoch: never two actives.
-    ///
-    /// Never the last copy of the state, and never on the control block's word alone:
-    /// - a hung active only if a hot standby with a fresh heartbeat can take over. Without
-    ///   one, killing it would turn a stall (a paused VM, a debugger, a swap storm) into the
-    ///   loss of the cluster's whole state; it is reported and left to resume;
-    /// - a hung standby only if another live engine verifiably serves (it holds the active's
-    ///   robust mutex): with the active dead, a stalled standby is the last copy, and it steps
-    ///   up when it resumes;
-    /// - "hung" means the heartbeat word is old *and* the supervisor has seen it unchanged for
-    ///   the whole threshold (a word one flipped bit made old is rewritten within an interval);
-    /// - "active in an old epoch" only if another of our live engines holds the active's
-    ///   mutex: if this engine holds it, it is the active and the epoch word is what is wrong.
-    fn fence(&mut self) {
-        let now = monotonic_ns();
-        let seen_at = Instant::now();
-        let hung_ns = self.cluster.config.timeouts.heartbeat_ms * HUNG_BEATS * 1_000_000;
-        let epoch = self.cluster.control.epoch();
-        // Who holds the active's lock: looked up (in /proc) only when a decision needs it.
-        let mut holder_seen: Option<Option<usize>> = None;
-        for slot in 0..SLOTS {
-            let Some(proc) = self.cluster.engines[slot].as_ref() else {
-                self.heartbeat_seen[slot] = None;
-                continue;
-            };
-            if proc.expected_exit || proc.fenced || !self.cluster.ours(slot) {
-                continue;
-            }
-            let pid = proc.pid();
-            let role = self.cluster.role(slot);
-            let unchanged_ns = self.heartbeat_unchanged_ns(slot, pid, seen_at);
-            let age = self.heartbeat_age_ns(slot, now);
-            let limit = if role == Role::Active {
-                hung_ns
-            } else {
-                hung_ns * 4
-            };
-            let claims_stale = role == Role::Active
-                && self.cluster.control.get(slot, Field::Epoch) < epoch
-                && self.cluster.state(slot) == State::Serving
-                && self.cluster.engines[slot]
-                    .as_ref()
-                    .is_some_and(|p| p.identity.is_alive());
-            let hung = age > limit && unchanged_ns > limit;
-            let holder = if claims_stale || hung {
-                *holder_seen.get_or_insert_with(|| self.cluster.lock_holder())
-            } else {
-                None
-            };
-            // An active killed a moment ago looks superseded until its exit is complete (its
-            // lock was taken over at once): only a state that lasts the hung threshold is
-            // a second active.
-            let looks_superseded = claims_stale && holder.is_some_and(|h| h != slot);
-            let superseded = self.superseded_for(slot, pid, looks_superseded, seen_at) > hung_ns;
-            if claims_stale && !looks_superseded && !self.suspect_reported[slot] {
-                self.suspect_reported[slot] = true;
-                warn!(
-                    slot = %slot_name(slot),
-                    pid,
-                    engine_epoch = self.cluster.control.get(slot, Field::Epoch),
-                    control_epoch = epoch,
-                    lock_holder = holder.map(slot_name).map(String::from).as_deref().unwrap_or("none"),
-                    "the control block says this engine is active in an old epoch, but no other engine holds the active's lock: the control block is suspect; not fencing"
-                );
-            }
-            if !hung && self.hung_unfenced[slot] {
-                self.hung_unfenced[slot] = false;
-                info!(slot = %slot_name(slot), pid, "the hung engine's heartbeat resumed");
-            }
-            if !(hung || superseded) {
-                continue;
-            }
-            let case = FenceCase {
-                slot,
-                pid,
-                role,
-                age_ns: age,
-                superseded,
-                holder,
-            };
-            if !self.may_fence(&case, now, hung_ns) {
-                continue;
-            }
-            if let Some(proc) = self.cluster.engines[slot].as_mut() {
-                proc.kill();
-                proc.fenced = true;
-            }
-        }
-    }
-
-    /// How long the supervisor has seen `slot`'s heartbeat word unchanged (by the engine
-    /// `pid`), as of `seen_at`.
-    fn heartbeat_unchanged_ns(&mut self, slot: usize, pid: u32, seen_at: Instant) -> u64 {
-        let word = self.cluster.control.get(slot, Field::HeartbeatNs);
-        match self.heartbeat_seen[slot].as_mut() {
-            Some(seen) => seen.observe(pid, word, seen_at),
-            None => {
-                self.heartbeat_seen[slot] = Some(HeartbeatSeen::new(pid, word, seen_at));
-                Duration::ZERO
-            }
-        }
-        .as_nanos() as u64
-    }
-
-    /// How long the engine `pid` in `slot` has looked superseded (0 when it does not now).
-    fn superseded_for(&mut self, slot: usize, pid: u32, looks: bool, seen_at: Instant) -> u64 {
-        match (looks, self.superseded_since[slot]) {
-            (false, _) => {
-                self.superseded_since[slot] = None;
-                0
-            }
-            (true, Some((p, since))) if p == pid => since.elapsed().as_nanos() as u64,
-            (true, _) => {
-                self.superseded_since[slot] = Some((pid, seen_at));
-                0
-            }
-        }
-    }
-
-    /// The verdict on an engine that is hung or superseded: fence it (`true`), or report why
-    /// not — the last copy of the state is never fenced (see [`Self::fence`]).
-    fn may_fence(&mut self, case: &FenceCase, now: u64, hung_ns: u64) -> bool {
-        if case.superseded {
-            error!(slot = %slot_name(case.slot), pid = case.pid, active = %case.holder.map_or('-', slot_name), "engine is active in an old epoch while another engine holds the active's lock; fencing it with SIGKILL");
-        } else if case.role == Role::Active && !self.can_take_over(case.slot, now, hung_ns) {
-            if !self.hung_unfenced[case.slot] {
-                self.hung_unfenced[case.slot] = true;
-                error!(slot = %slot_name(case.slot), pid = case.pid, heartbeat_age_ms = case.age_ns / 1_000_000, "the active engine is hung, but no hot standby could take over: not fencing it (that would lose the cluster's state); waiting for it to resume");
-            }
-            return false;
-        } else if case.role != Role::Active
-            && !case
-                .holder
-                .is_some_and(|h| h != case.slot && self.heartbeat_age_ns(h, now) <= hung_ns)
-        {
-            if !self.hung_unfenced[case.slot] {
-                self.hung_unfenced[case.slot] = true;
-                error!(
-                    slot = %slot_name(case.slot),
-                    pid = case.pid,
-                    heartbeat_age_ms = case.age_ns / 1_000_000,
-                    stopped = ?verify::is_stopped(case.pid),
-                    "the standby is hung, but no other engine verifiably serves: it may hold the last copy of the state; not fencing it, waiting for it to resume"
-                );
-            }
-            return false;
-        } else {
-            error!(slot = %slot_name(case.slot), pid = case.pid, heartbeat_age_ms = case.age_ns / 1_000_000, "engine is hung; fencing it with SIGKILL");
-        }
-        true
-    }
-
     /// Every 100 ms: the control block's checked words verified, a copy damaged while the
     /// other is intact rewritten from it (the engines do the same; compare-and-swap, so a
     /// legitimate write wins), and the damage logged with each word named — once per episode.
@@ -959,24 +700,6 @@ impl Supervisor {
             info!("the control block's checked words are intact again");
         }
         self.control_checked = (Instant::now(), !found.is_empty());
-    }
-
-    /// How old `slot`'s heartbeat is at `now` (CLOCK_MONOTONIC ns).
-    fn heartbeat_age_ns(&self, slot: usize, now: u64) -> u64 {
-        now.saturating_sub(self.cluster.control.get(slot, Field::HeartbeatNs))
-    }
-
-    /// Some engine other than `active` is a hot standby of the epoch, alive, with a heartbeat
-    /// younger than `hung_ns`: it steps up if `active` dies.
-    fn can_take_over(&self, active: usize, now: u64, hung_ns: u64) -> bool {
-        (0..SLOTS).any(|s| {
-            s != active
-                && self.cluster.is_hot_standby(s)
-                && self.heartbeat_age_ns(s, now) <= hung_ns
-                && self.cluster.engines[s]
-                    .as_ref()
-                    .is_some_and(|p| !p.fenced && p.identity.is_alive())
-        })
     }
 
     fn watch_roles(&mut self) {
@@ -1059,8 +782,7 @@ impl Supervisor {
             // Verified before it is said: the control block alone never declares the state
             // lost.
             if let Some(h) = self.cluster.lock_holder() {
-                if !self.suspect_reported[h] {
-                    self.suspect_reported[h] = true;
+                if self.fence.first_suspicion(h) {
                     warn!(
                         serving = %slot_name(h),
                         pid = self.cluster.engines[h].as_ref().map_or(0, |p| p.pid()),
@@ -1306,7 +1028,7 @@ impl Supervisor {
             digest: get(Field::Digest),
             binary: proc.binary.clone(),
             heartbeat_age_ms: if ours {
-                self.heartbeat_age_ns(slot, monotonic_ns()) / 1_000_000
+                self.cluster.heartbeat_age_ns(slot, monotonic_ns()) / 1_000_000
             } else {
                 0
             },
@@ -1333,20 +1055,7 @@ impl Supervisor {
             restarts: self.restarts.report(&self.cluster.config.restart),
             role_changes: self.role_changes.iter().cloned().collect(),
             interrupted_upgrade: self.cluster.outcomes.interrupted.clone(),
-            foreign_engines: (0..SLOTS)
-                .filter_map(|s| {
-                    let f = self.foreign[s].filter(|f| f.reported)?;
-                    Some(ForeignEngine {
-                        slot: slot_name(s).to_string(),
-                        pid: f.identity.pid,
-                        start_time_ticks: f.identity.start_time_ticks,
-                        expected_pid: self.cluster.engines[s].as_ref().map(|p| p.pid()),
-                        role: Role::from_word(self.cluster.control.get(s, Field::Role))
-                            .name()
-                            .to_string(),
-                    })
-                })
-                .collect(),
+            foreign_engines: self.foreign.report(&self.cluster),
         }
     }
 }

@@ -19,6 +19,8 @@ mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+mod fence;
+mod foreign;
 pub mod metrics;
 mod ops;
 pub mod plan;
