@@ -30,7 +30,7 @@
 
 use criterion::{BenchmarkGroup, Criterion, Throughput};
 use shm_layout::region::{ensure_private_dir, Identity, Region, RegionMemory, RegionSpec};
-use shm_layout::ring::{BatchBuf, Consumer, Producer, PushError};
+use shm_layout::ring::{BatchBuf, Consumer, Integrity, Producer, PushError};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
@@ -86,7 +86,35 @@ const OP_RING_SINK: u64 = 3;
 const OP_UDS_ECHO: u64 = 4;
 const OP_UDS_SINK: u64 = 5;
 const OP_MSG_ECHO: u64 = 6;
+const OP_RING_ECHO_ZC: u64 = 7;
+const OP_RING_SINK_ZC: u64 = 8;
 const OP_EXIT: u64 = 9;
+/// Word of the `line` file giving the integrity of a zero-copy command (0 per frame, 1 per
+/// batch, 2 off), written before the command is published.
+const W_CMD_MODE: usize = 20;
+
+/// The integrity modes the zero-copy path is measured in, with their names in the results.
+const ZC_MODES: [(Integrity, &str); 3] = [
+    (Integrity::PerFrame, "sum-frame"),
+    (Integrity::PerBatch, "sum-batch"),
+    (Integrity::Off, "nosum"),
+];
+
+fn mode_word(i: Integrity) -> u64 {
+    match i {
+        Integrity::PerFrame => 0,
+        Integrity::PerBatch => 1,
+        Integrity::Off => 2,
+    }
+}
+
+fn word_mode(w: u64) -> Integrity {
+    match w {
+        0 => Integrity::PerFrame,
+        1 => Integrity::PerBatch,
+        _ => Integrity::Off,
+    }
+}
 
 fn main() {
     if let Some(dir) = std::env::var_os(ROLE_ENV) {
@@ -387,7 +415,8 @@ impl Parent {
         let solo_consumer = solo_region.consumer().expect("solo consumer");
         let line = LineFile::create(&dir.0.join("line"));
         let ping = ping_region.producer().expect("ping producer");
-        let pong = pong_region.consumer().expect("pong consumer");
+        let mut pong = pong_region.consumer().expect("pong consumer");
+        pong.set_require_integrity(false);
 
         let mut fds: [RawFd; 2] = [-1; 2];
         // SAFETY: `fds` is a valid array of two ints for socketpair to fill.
@@ -585,6 +614,110 @@ impl Parent {
         let elapsed = started.elapsed();
         self.wait_done();
         elapsed
+    }
+
+    /// `iters` round trips of one `len`-byte record through the zero-copy path: claimed in
+    /// place (the record written into the ring), read in place with batched release, echoed by
+    /// the child the same way, with the given integrity on both rings.
+    fn ring_rtt_zc(
+        &mut self,
+        iters: u64,
+        len: usize,
+        integrity: Integrity,
+        hist: &mut Hist,
+    ) -> Duration {
+        let mut payload = pattern(len);
+        self.ping.set_integrity(integrity);
+        self.line
+            .word(W_CMD_MODE)
+            .store(mode_word(integrity), Ordering::Relaxed);
+        self.command(OP_RING_ECHO_ZC, iters, len);
+        let started = Instant::now();
+        let mut t = ticks();
+        for i in 0..iters {
+            fill_payload(&mut payload, i);
+            loop {
+                let mut b = self.ping.batch();
+                match b.push_with(RECORD_TYPE, LAYOUT_VERSION, len as u16, len, |d| {
+                    d.copy_from_slice(&payload)
+                }) {
+                    Ok(()) => {
+                        b.commit();
+                        break;
+                    }
+                    Err(PushError::Full { .. }) => spin_loop(),
+                    Err(e) => panic!("ping claim: {e}"),
+                }
+            }
+            let mut deadline = 0u32;
+            let got = loop {
+                if let Some(v) = self.pong.read_batch().expect("pong frame is valid") {
+                    let f = v.frames().next().expect("one frame echoed");
+                    assert_eq!(f.payload.len(), len, "echoed record length");
+                    break payload_counter(f.payload);
+                }
+                deadline = deadline.wrapping_add(1);
+                if deadline == 0 {
+                    assert_eq!(
+                        self.line.word(W_CHILD_FAILED).load(Ordering::Acquire),
+                        0,
+                        "the child failed"
+                    );
+                }
+                spin_loop();
+            };
+            let now = ticks();
+            hist.record(now - t);
+            t = now;
+            if len >= 8 {
+                assert_eq!(got, Some(i), "echoed record counter");
+            }
+        }
+        let elapsed = started.elapsed();
+        self.wait_done();
+        self.ping.set_integrity(Integrity::PerFrame);
+        self.pong.release();
+        elapsed
+    }
+
+    /// Stream `iters` records of `len` bytes, claimed in place in batches of `batch`; the child
+    /// reads them in place (batched release) and checks them.
+    fn ring_stream_zc(
+        &mut self,
+        iters: u64,
+        len: usize,
+        batch: usize,
+        integrity: Integrity,
+    ) -> Duration {
+        let mut payload = pattern(len);
+        self.ping.set_integrity(integrity);
+        self.line
+            .word(W_CMD_MODE)
+            .store(mode_word(integrity), Ordering::Relaxed);
+        self.command(OP_RING_SINK_ZC, iters, len);
+        let started = Instant::now();
+        let mut i = 0u64;
+        while i < iters {
+            let k = (batch as u64).min(iters - i);
+            let mut b = self.ping.batch();
+            for _ in 0..k {
+                fill_payload(&mut payload, i);
+                loop {
+                    match b.push_with(RECORD_TYPE, LAYOUT_VERSION, len as u16, len, |d| {
+                        d.copy_from_slice(&payload)
+                    }) {
+                        Ok(()) => break,
+                        Err(PushError::Full { .. }) => spin_loop(),
+                        Err(e) => panic!("ping claim: {e}"),
+                    }
+                }
+                i += 1;
+            }
+            b.commit();
+        }
+        self.wait_done();
+        self.ping.set_integrity(Integrity::PerFrame);
+        started.elapsed()
     }
 
     /// `iters` round trips of one `len`-byte record over the socketpair.
@@ -1078,6 +1211,50 @@ fn summary(
         );
     }
 
+    let _ = writeln!(
+        s,
+        "\n## Zero-copy path (claim in place, read in place, batched release)\n"
+    );
+    let _ = writeln!(
+        s,
+        "Same run as above. `copy` is `push` + `poll` into a `BatchBuf` (per-frame checksum, \
+         release per batch); `zc` claims the record in the ring and reads it there. Latency \
+         one-way p50 ns, with the ratio to the cache line measured around it; throughput M \
+         records/s.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| record | copy p50 | zc sum-frame p50 | zc nosum p50 | zc nosum / line | copy b1 | \
+         zc sum-frame b1 | zc sum-batch b1 | zc nosum b1 | copy b{BATCH} | zc sum-frame b{BATCH} | \
+         zc sum-batch b{BATCH} | zc nosum b{BATCH} |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for size in SIZES {
+        let l = |n: &str| format!("latency/{size}B/{n}");
+        let t = |n: &str| format!("throughput/{size}B/{n}");
+        let line = avg(
+            oneway_p50(&l("cacheline-after")),
+            oneway_p50(&l("cacheline-after-zc")),
+        );
+        let nosum = oneway_p50(&l("ring-zc-nosum"));
+        let _ = writeln!(
+            s,
+            "| {size} B | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            fmt_opt(oneway_p50(&l("ring")), 0),
+            fmt_opt(oneway_p50(&l("ring-zc-sum-frame")), 0),
+            fmt_opt(nosum, 0),
+            fmt_opt(ratio(nosum, line), 2),
+            fmt_opt(r.mrate(&t("ring-batch1")), 2),
+            fmt_opt(r.mrate(&t("ring-zc-sum-frame-batch1")), 2),
+            fmt_opt(r.mrate(&t("ring-zc-sum-batch-batch1")), 2),
+            fmt_opt(r.mrate(&t("ring-zc-nosum-batch1")), 2),
+            fmt_opt(r.mrate(&t(&format!("ring-batch{BATCH}"))), 2),
+            fmt_opt(r.mrate(&t(&format!("ring-zc-sum-frame-batch{BATCH}"))), 2),
+            fmt_opt(r.mrate(&t(&format!("ring-zc-sum-batch-batch{BATCH}"))), 2),
+            fmt_opt(r.mrate(&t(&format!("ring-zc-nosum-batch{BATCH}"))), 2),
+        );
+    }
+
     let _ = writeln!(s, "\n## Targets\n");
     let _ = writeln!(
         s,
@@ -1199,6 +1376,19 @@ fn parent_main() {
         latency_bench(&mut g, "uds", &key("uds"), &mut results, |n, h| {
             p.uds_rtt(n, size, h)
         });
+        for (mode, name) in [ZC_MODES[0], ZC_MODES[2]] {
+            let id = format!("ring-zc-{name}");
+            latency_bench(&mut g, &id, &key(&id), &mut results, |n, h| {
+                p.ring_rtt_zc(n, size, mode, h)
+            });
+        }
+        latency_bench(
+            &mut g,
+            "cacheline-after-zc",
+            &key("cacheline-after-zc"),
+            &mut results,
+            |n, h| p.line_rtt(n, h),
+        );
         g.finish();
     }
 
@@ -1211,6 +1401,14 @@ fn parent_main() {
             throughput_bench(&mut g, &id, &key(&id), &mut results, |n| {
                 p.ring_stream(n, size, batch)
             });
+        }
+        for (mode, name) in ZC_MODES {
+            for batch in [1, BATCH] {
+                let id = format!("ring-zc-{name}-batch{batch}");
+                throughput_bench(&mut g, &id, &key(&id), &mut results, |n| {
+                    p.ring_stream_zc(n, size, batch, mode)
+                });
+            }
         }
         for batch in [1, BATCH] {
             let id = format!("uds-batch{batch}");
@@ -1272,6 +1470,7 @@ fn child_loop(dir: &Path, line: &LineFile) {
     let pong_region = Region::open(&dir.join("pong"), wait).expect("open pong");
     pong_region.set_producer_identity(me);
     let mut ping = ping_region.consumer().expect("ping consumer");
+    ping.set_require_integrity(false);
     let mut pong = pong_region.producer().expect("pong producer");
     let fd: RawFd = std::env::var(UDS_FD_ENV)
         .expect("uds fd in the environment")
@@ -1359,6 +1558,56 @@ fn child_loop(dir: &Path, line: &LineFile) {
                     }
                 }
                 assert_eq!(k, n, "records past the end of the stream");
+            }
+            OP_RING_ECHO_ZC => {
+                pong.set_integrity(word_mode(line.word(W_CMD_MODE).load(Ordering::Relaxed)));
+                let mut k = 0;
+                while k < n {
+                    let Some(v) = ping.read_batch().expect("ping frame is valid") else {
+                        spin_loop();
+                        continue;
+                    };
+                    for f in v.frames() {
+                        let m = f.meta;
+                        loop {
+                            let mut b = pong.batch();
+                            match b.push_with(
+                                m.record_type,
+                                m.layout_version,
+                                m.block_length,
+                                f.payload.len(),
+                                |d| d.copy_from_slice(f.payload),
+                            ) {
+                                Ok(()) => {
+                                    b.commit();
+                                    break;
+                                }
+                                Err(PushError::Full { .. }) => spin_loop(),
+                                Err(e) => panic!("pong claim: {e}"),
+                            }
+                        }
+                        k += 1;
+                    }
+                }
+                pong.set_integrity(Integrity::PerFrame);
+                ping.release();
+            }
+            OP_RING_SINK_ZC => {
+                let mut k = 0;
+                while k < n {
+                    let Some(v) = ping.read_batch().expect("ping frame is valid") else {
+                        spin_loop();
+                        continue;
+                    };
+                    for f in v.frames() {
+                        assert_eq!(f.payload.len(), len, "record length");
+                        assert_eq!(payload_counter(f.payload), Some(k), "record counter");
+                        k += 1;
+                    }
+                }
+                assert_eq!(k, n, "records past the end of the stream");
+                // Leave nothing unreleased for the next command's producer.
+                ping.release();
             }
             OP_MSG_ECHO => {
                 let words = len / 8;
