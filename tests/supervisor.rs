@@ -1276,7 +1276,9 @@ fn an_engine_started_by_hand_in_a_free_slot_is_reported() {
     let dir = h.dir();
     let mut engine = KillOnDrop(
         Command::new(testapp(1))
+            // The cluster's ring size (an active refuses a standby with a smaller ring).
             .args(["--dir", dir.to_str().unwrap(), "--slot", "c", "--standby"])
+            .args(["--ring", "8388608"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
