@@ -26,7 +26,6 @@
 //!   the heartbeat word as it saw it change. A flipped word never kills a serving engine or
 //!   declares a serving cluster lost.
 
-use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -34,8 +33,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 use understudy_runtime::control::{
-    monotonic_ns, realtime_ns, slot_cmd, slot_name, Control, ControlError, Field, Role, State,
-    SLOTS,
+    monotonic_ns, slot_cmd, slot_name, Control, ControlError, Field, Role, State, SLOTS,
 };
 use understudy_runtime::liveness::ProcessIdentity;
 
@@ -45,17 +43,14 @@ use crate::fence::Fence;
 use crate::foreign::ForeignWatch;
 use crate::ops::{Operation, ResumeOp, Stepped};
 use crate::process::{self, EngineProc, ExitInfo, SpawnError};
-use crate::proto::{
-    Code, EngineStatus, InterruptedUpgrade, Reply, Request, RoleChange, StatusReport,
-};
+use crate::proto::{Code, EngineStatus, InterruptedUpgrade, Reply, Request, StatusReport};
 use crate::record;
 use crate::restarts::{killed_by_signal, Restarts};
 use crate::socket::Inbound;
 use crate::verify;
+use crate::watch::{ControlCheck, HotWatch, Rates, RoleWatch};
 
 pub use crate::process::HUNG_BEATS;
-/// How many role changes `status` remembers.
-const ROLE_CHANGES_KEPT: usize = 16;
 
 /// Why `up` could not run the cluster.
 #[derive(Debug)]
@@ -141,19 +136,17 @@ pub struct Supervisor {
     restarts: Restarts,
     /// Who is hung or superseded, and what was reported of it.
     fence: Fence,
-    /// The engine (pid) in each slot last seen as a hot standby, and in which epoch: if the
-    /// active of that epoch dies, it holds every committed transaction.
-    hot_seen: [Option<(u32, u64)>; SLOTS],
+    /// Which engines hold the last copy of the state if the active dies.
+    hot: HotWatch,
     /// "Waiting for the last copy" has been reported (once per episode).
     last_copy_reported: bool,
     pub(crate) op: Option<Operation>,
-    role_seen: (u64, Option<usize>),
-    role_changes: VecDeque<RoleChange>,
-    rates: [(u64, Instant, f64); SLOTS],
-    last_rate_sample: Instant,
-    /// When the control block's checked words were last verified, and whether damage was
-    /// being reported.
-    control_checked: (Instant, bool),
+    /// The role changes seen, for `status`.
+    roles: RoleWatch,
+    /// The actives' request rates, for `status`.
+    rates: Rates,
+    /// The control block's checked words, verified every 100 ms.
+    control_check: ControlCheck,
     outage_reported: bool,
     /// Since when no engine has been active (an outage once it outlasts the switchover
     /// timeout).
@@ -294,20 +287,18 @@ impl Supervisor {
         control
             .supervisor_word(0)
             .store(u64::from(me.pid), Ordering::Release);
-        let role_seen = (control.epoch(), control.active_slot());
+        let roles = RoleWatch::new(&control);
         let mut sup = Supervisor {
             cluster: Cluster::new(config, dir, control),
             fresh: live.is_empty(),
             restarts: Default::default(),
             fence: Fence::default(),
-            hot_seen: [None; SLOTS],
+            hot: HotWatch::default(),
             last_copy_reported: false,
             op: None,
-            role_seen,
-            role_changes: VecDeque::new(),
-            rates: [(0, Instant::now(), 0.0); SLOTS],
-            last_rate_sample: Instant::now(),
-            control_checked: (Instant::now(), false),
+            roles,
+            rates: Rates::new(),
+            control_check: ControlCheck::new(),
             outage_reported: false,
             no_active_since: None,
             foreign: ForeignWatch::new(),
@@ -429,10 +420,7 @@ impl Supervisor {
             epoch = self.cluster.control.epoch(),
             "engine a is active"
         );
-        self.role_seen = (
-            self.cluster.control.epoch(),
-            self.cluster.control.active_slot(),
-        );
+        self.roles = RoleWatch::new(&self.cluster.control);
         self.cluster
             .spawn(1, &binary, true)
             .map_err(UpError::Spawn)?;
@@ -504,13 +492,15 @@ impl Supervisor {
                 self.on_request(request, reply);
             }
             self.resend_stops();
-            self.watch_hot();
+            self.hot.watch(&self.cluster);
             self.fence.fence(&mut self.cluster);
-            self.check_control();
-            self.watch_roles();
+            self.control_check.check(&self.cluster.control);
+            if self.roles.watch(&self.cluster.control) {
+                self.outage_reported = false;
+            }
             self.step_op();
             self.keep();
-            self.sample_rates();
+            self.rates.sample(&self.cluster);
             self.foreign.watch(&self.cluster);
         }
     }
@@ -572,7 +562,10 @@ impl Supervisor {
                 Some(s) => {
                     info!(dead = %slot_name(slot), active = %slot_name(s), "failover: the standby stepped up")
                 }
-                None => match (self.cluster.lock_holder(), self.last_copy()) {
+                None => match (
+                    self.cluster.lock_holder(),
+                    self.hot.last_copy(&self.cluster),
+                ) {
                     (Some(h), _) => warn!(
                         dead = %slot_name(slot),
                         serving = %slot_name(h),
@@ -614,38 +607,6 @@ impl Supervisor {
         }
     }
 
-    /// With no engine active: a live engine that was a hot standby in the current epoch, so
-    /// that it holds every transaction the dead active committed — the last copy of the
-    /// state, never to be killed; it steps up when it runs again.
-    fn last_copy(&self) -> Option<usize> {
-        let epoch = self.cluster.control.epoch();
-        (0..SLOTS).find(|&s| {
-            self.cluster.engines[s].as_ref().is_some_and(|p| {
-                !p.fenced
-                    && !p.expected_exit
-                    && self.hot_seen[s] == Some((p.pid(), epoch))
-                    && p.identity.is_alive()
-            })
-        })
-    }
-
-    /// Remembers which engines are hot standbys of which epoch (for [`Self::last_copy`]).
-    fn watch_hot(&mut self) {
-        for slot in 0..SLOTS {
-            if self.cluster.is_hot_standby(slot) {
-                if let Some(p) = self.cluster.engines[slot].as_ref() {
-                    self.hot_seen[slot] =
-                        Some((p.pid(), self.cluster.control.get(slot, Field::Epoch)));
-                }
-            } else {
-                // Gone, or no longer a hot standby of this epoch (it fell back to syncing, was
-                // untethered, stepped up): old evidence must not call it the last copy. A
-                // stalled standby keeps its words, so it stays marked while it cannot run.
-                self.hot_seen[slot] = None;
-            }
-        }
-    }
-
     /// After the active in `dead` died: the engine that stepped up, if any does within the
     /// switchover timeout.
     fn await_successor(&mut self, dead: usize, epoch: u64) -> Option<usize> {
@@ -681,62 +642,6 @@ impl Supervisor {
                 }
             }
         }
-    }
-
-    /// Every 100 ms: the control block's checked words verified, a copy damaged while the
-    /// other is intact rewritten from it (the engines do the same; compare-and-swap, so a
-    /// legitimate write wins), and the damage logged with each word named — once per episode.
-    fn check_control(&mut self) {
-        let (at, reporting) = self.control_checked;
-        if at.elapsed() < Duration::from_millis(100) {
-            return;
-        }
-        let found = self.cluster.control.repair();
-        if !found.is_empty() && !reporting {
-            for c in &found {
-                warn!("{c}; decisions on this word wait for a second source");
-            }
-        } else if found.is_empty() && reporting {
-            info!("the control block's checked words are intact again");
-        }
-        self.control_checked = (Instant::now(), !found.is_empty());
-    }
-
-    fn watch_roles(&mut self) {
-        // A damaged epoch or active-slot word is no role change (an engine repairs it).
-        let (Ok(epoch), Ok(active)) = (
-            self.cluster.control.epoch_checked(),
-            self.cluster.control.active_slot_checked(),
-        ) else {
-            return;
-        };
-        let now = (epoch, active);
-        if now == self.role_seen {
-            return;
-        }
-        let (epoch, active) = now;
-        let change = RoleChange {
-            at_ns: realtime_ns(),
-            epoch,
-            active: active.map(|s| slot_name(s).to_string()),
-            previous: self.role_seen.1.map(|s| slot_name(s).to_string()),
-            step_up_dur_ns: active
-                .map_or(0, |s| self.cluster.control.get(s, Field::LastStepUpDurNs)),
-        };
-        info!(
-            epoch,
-            active = change.active.as_deref().unwrap_or("none"),
-            previous = change.previous.as_deref().unwrap_or("none"),
-            step_ups = active.map_or(0, |s| self.cluster.control.get(s, Field::StepUps)),
-            step_up_us = change.step_up_dur_ns / 1000,
-            "role change"
-        );
-        self.role_changes.push_back(change);
-        while self.role_changes.len() > ROLE_CHANGES_KEPT {
-            self.role_changes.pop_front();
-        }
-        self.role_seen = now;
-        self.outage_reported = false;
     }
 
     /// Restart dead engines in managed slots as standbys, with backoff; not during an
@@ -794,7 +699,7 @@ impl Supervisor {
                         slot_name(h)
                     );
                 }
-            } else if let Some(s) = self.last_copy() {
+            } else if let Some(s) = self.hot.last_copy(&self.cluster) {
                 if !self.last_copy_reported {
                     self.last_copy_reported = true;
                     error!(
@@ -852,29 +757,6 @@ impl Supervisor {
         }
     }
 
-    fn sample_rates(&mut self) {
-        let now = Instant::now();
-        if now.duration_since(self.last_rate_sample) < Duration::from_millis(500) {
-            return;
-        }
-        self.last_rate_sample = now;
-        for slot in 0..SLOTS {
-            let requests = if self.cluster.ours(slot) {
-                self.cluster.control.get(slot, Field::Requests)
-            } else {
-                0
-            };
-            let (last, at, _) = self.rates[slot];
-            let dt = now.duration_since(at).as_secs_f64();
-            let rate = if requests >= last && dt > 0.0 {
-                (requests - last) as f64 / dt
-            } else {
-                0.0
-            };
-            self.rates[slot] = (requests, now, rate);
-        }
-    }
-
     /// The answer to `status`: the report, and exit code 9 (outage) when no engine is
     /// verifiably active.
     fn status_reply(&self) -> Reply {
@@ -890,7 +772,7 @@ impl Supervisor {
                 .no_active_since
                 .is_some_and(|t| t.elapsed() > self.cluster.config.timeouts.switchover())
         {
-            if let Some(s) = self.last_copy() {
+            if let Some(s) = self.hot.last_copy(&self.cluster) {
                 message.push_str(&format!(
                     "; engine {} holds the last copy of the state and has not stepped up (stalled?)",
                     slot_name(s)
@@ -1017,7 +899,7 @@ impl Supervisor {
             },
             commits: get(Field::Commits),
             requests_per_s: if self.cluster.role(slot) == Role::Active {
-                self.rates[slot].2
+                self.rates.per_s(slot)
             } else {
                 0.0
             },
@@ -1053,7 +935,7 @@ impl Supervisor {
             operation: self.op.as_ref().map(|o| o.describe()),
             crash_looping: self.restarts.given_up(),
             restarts: self.restarts.report(&self.cluster.config.restart),
-            role_changes: self.role_changes.iter().cloned().collect(),
+            role_changes: self.roles.changes(),
             interrupted_upgrade: self.cluster.outcomes.interrupted.clone(),
             foreign_engines: self.foreign.report(&self.cluster),
         }

@@ -32,3 +32,4 @@ mod restarts;
 mod socket;
 pub mod systemd;
 mod verify;
+mod watch;
