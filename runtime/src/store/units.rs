@@ -12,9 +12,11 @@
 //!   most 65536 / 12 = 5461 < 2^13 records, so up to 2^18 pages = 16 GiB of small records), or
 //!   `BIG | i` for a state longer than [`SMALL_MAX`], kept whole in its own buffer (`big[i]`;
 //!   its overhead, about 40 bytes and an allocation, is small beside a state of 4 KiB or more).
-//! - **Index.** `id → handle` is a `hashbrown::HashTable<u32>`: 4 bytes and 1 control byte a
-//!   bucket, at a load factor between 7/16 and 7/8, i.e. 5.7–11.4 bytes a unit. The id is
-//!   not stored in the index (it is in the record), so a probe reads the record to compare.
+//! - **Index.** `id → handle` is 1024 `hashbrown::HashTable<u32>`s picked by hash bits: 4
+//!   bytes and 1 control byte a bucket, at a load factor between 7/16 and 7/8, i.e. 5.7–11.4
+//!   bytes a unit. The id is not stored in the index (it is in the record), so a probe reads
+//!   the record to compare, and so does a table that grows, for each of its units: split in
+//!   1024, a growing store pauses for 1/1024 of its units at a time, not for all of them.
 //!   The id is hashed with foldhash keyed by a seed drawn per store from the OS's randomness
 //!   (so it differs between engines and runs): unit ids come from clients, and a keyed hash
 //!   keeps a client from choosing ids that pile into one probe sequence (HashDoS). The walk
