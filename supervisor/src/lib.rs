@@ -2,9 +2,16 @@
 //!
 //! It reads the cluster config ([`config`]), starts and watches the engine processes
 //! ([`process`]), keeps an active and a hot standby running ([`daemon`]), performs long
-//! operations such as the rolling upgrade (`ops`, driving the pure state machine in
-//! [`plan`], whose progress [`record`] keeps on disk for a restarted supervisor), and serves
-//! the control socket ([`proto`], [`client`]). [`doctor`] checks a host.
+//! operations such as the rolling upgrade (`ops`, one file per operation, driving the pure
+//! state machine in [`plan`], whose progress [`record`] keeps on disk for a restarted
+//! supervisor), and serves the control socket ([`proto`], [`client`]). [`doctor`] checks a
+//! host.
+//!
+//! The loop in [`daemon`] owns the cluster (`cluster::Cluster`: config, directory, control
+//! block, engines, managed slots) and lends it to the operation in progress through the
+//! `cluster::ClusterOps` trait, so operations never see the loop's own bookkeeping and are
+//! unit-tested against a fake cluster. The modules import one way: nothing imports
+//! [`daemon`], and `ops` imports neither the loop nor the socket.
 //!
 //! It talks to engines only through the shared control block of the runtime
 //! (`understudy_runtime::control`) and process signals. It must never know how engines
