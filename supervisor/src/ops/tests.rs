@@ -559,3 +559,45 @@ fn promote_serves_from_a_stale_copy_only_with_the_loss_accepted() {
     assert_eq!(done.code, Some(Code::Ok), "{done:?}");
     assert!(fake.is_active(1));
 }
+
+#[test]
+fn an_upgrade_interrupted_before_its_verdict_is_undone_by_the_next_supervisor() {
+    // Proves the resume path: an upgrade whose supervisor stopped (the operation dropped)
+    // after the switchover leaves its record; the next supervisor's ResumeOp lets the
+    // cluster settle, then the resumed plan restores the old version (no acceptance verdict
+    // was given), and the interrupted upgrade's outcome is kept for `status`.
+    let mut fake = FakeCluster::serving();
+    let mut request = upgrade_to_self();
+    request.accept_for_ms = Some(60_000);
+    let (mut op, _rx) = begin(&mut fake, Op::Upgrade(request));
+    for _ in 0..TURNS_MAX {
+        fake.turn();
+        assert!(matches!(op.step(&mut fake), Stepped::Running));
+        if op.describe().contains("acceptance") {
+            break;
+        }
+        std::thread::sleep(TURN);
+    }
+    assert!(op.describe().contains("acceptance"), "{}", op.describe());
+    drop(op);
+    let found = crate::record::load(fake.dir(), &fake.config.cluster)
+        .expect("a readable record")
+        .expect("the upgrade's record");
+    let mut op = Operation::Resume(super::ResumeOp::begin(&mut fake, found));
+    let reply = match drive(&mut fake, &mut op) {
+        End::Finished(reply) => reply,
+        End::Ended => panic!("expected the resumed upgrade's result"),
+    };
+    assert_eq!(reply.code, Some(Code::RolledBack), "{reply:?}");
+    let active = fake.active().expect("an active");
+    let binary = fake.engines[active].as_ref().map(|e| e.binary.clone());
+    assert_eq!(binary, Some("/bin/true".into()));
+    assert!(fake.hot_standby().is_some(), "expected a hot standby again");
+    let interrupted = fake
+        .outcomes
+        .interrupted
+        .clone()
+        .expect("the interrupted upgrade");
+    assert_eq!(interrupted.code, Some(Code::RolledBack));
+    assert!(!fake.dir().join(crate::record::RECORD_FILE).exists());
+}
