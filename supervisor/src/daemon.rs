@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 use understudy_runtime::control::{
-    monotonic_ns, slot_cmd, slot_name, Control, ControlError, Field, Role, State, SLOTS,
+    slot_cmd, slot_name, Control, ControlError, Field, Role, State, SLOTS,
 };
 use understudy_runtime::liveness::ProcessIdentity;
 
@@ -43,10 +43,12 @@ use crate::fence::Fence;
 use crate::foreign::ForeignWatch;
 use crate::ops::{Operation, ResumeOp, Stepped};
 use crate::process::{self, EngineProc, ExitInfo, SpawnError};
-use crate::proto::{Code, EngineStatus, InterruptedUpgrade, Reply, Request, StatusReport};
+use crate::proto::{Code, InterruptedUpgrade, Reply, Request, StatusReport};
 use crate::record;
 use crate::restarts::{killed_by_signal, Restarts};
 use crate::socket::Inbound;
+pub use crate::status::status_summary;
+use crate::status::Bookkeeping;
 use crate::verify;
 use crate::watch::{ControlCheck, HotWatch, Rates, RoleWatch};
 
@@ -866,93 +868,17 @@ impl Supervisor {
         }
     }
 
-    /// The `status` line of the engine `proc` in `slot`.
-    fn engine_status(&self, slot: usize, proc: &EngineProc) -> EngineStatus {
-        let ours = self.cluster.ours(slot);
-        let get = |f| {
-            if ours {
-                self.cluster.control.get(slot, f)
-            } else {
-                0
-            }
-        };
-        EngineStatus {
-            slot: slot_name(slot).to_string(),
-            pid: proc.pid(),
-            role: self.cluster.role(slot).name().to_string(),
-            epoch: get(Field::Epoch),
-            app_version: get(Field::AppVersion),
-            layout_version: get(Field::Layout),
-            features: get(Field::Features),
-            enableable: get(Field::Enableable),
-            state: if ours {
-                self.cluster.state(slot).name().to_string()
-            } else {
-                State::Starting.name().to_string()
-            },
-            // Only a standby's lag and only an active's rate mean anything; the slot's
-            // fields keep what an earlier role left there.
-            lag_bytes: if self.cluster.role(slot) == Role::Standby {
-                get(Field::LagBytes)
-            } else {
-                0
-            },
-            commits: get(Field::Commits),
-            requests_per_s: if self.cluster.role(slot) == Role::Active {
-                self.rates.per_s(slot)
-            } else {
-                0.0
-            },
-            requests: get(Field::Requests),
-            step_ups: get(Field::StepUps),
-            last_step_up_ns: get(Field::LastStepUpNs),
-            last_step_up_dur_ns: get(Field::LastStepUpDurNs),
-            digest: get(Field::Digest),
-            binary: proc.binary.clone(),
-            heartbeat_age_ms: if ours {
-                self.cluster.heartbeat_age_ns(slot, monotonic_ns()) / 1_000_000
-            } else {
-                0
-            },
-        }
-    }
-
     /// A snapshot for `status`.
     pub fn status(&self) -> StatusReport {
-        let engines = (0..SLOTS)
-            .filter_map(|slot| {
-                let proc = self.cluster.engines[slot].as_ref()?;
-                Some(self.engine_status(slot, proc))
-            })
-            .collect();
-        StatusReport {
-            cluster: self.cluster.config.cluster.clone(),
-            dir: self.cluster.dir.clone(),
-            supervisor_pid: std::process::id(),
-            epoch: self.cluster.control.epoch(),
-            active: self.cluster.active().map(|s| slot_name(s).to_string()),
-            engines,
-            operation: self.op.as_ref().map(|o| o.describe()),
-            crash_looping: self.restarts.given_up(),
-            restarts: self.restarts.report(&self.cluster.config.restart),
-            role_changes: self.roles.changes(),
-            interrupted_upgrade: self.cluster.outcomes.interrupted.clone(),
-            foreign_engines: self.foreign.report(&self.cluster),
-        }
-    }
-}
-
-/// One line summing up a status report.
-pub fn status_summary(report: &StatusReport) -> String {
-    let standbys = report.hot_standbys().count();
-    match &report.active {
-        Some(a) => format!(
-            "cluster {}: engine {a} active in epoch {}, {standbys} hot standby(s)",
-            report.cluster, report.epoch
-        ),
-        None => format!(
-            "cluster {}: no engine is active (epoch {})",
-            report.cluster, report.epoch
-        ),
+        crate::status::report(
+            &self.cluster,
+            &Bookkeeping {
+                operation: self.op.as_ref().map(|o| o.describe()),
+                restarts: &self.restarts,
+                roles: &self.roles,
+                rates: &self.rates,
+                foreign: &self.foreign,
+            },
+        )
     }
 }

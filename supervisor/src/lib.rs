@@ -37,6 +37,7 @@ pub mod record;
 mod reload;
 mod restarts;
 mod socket;
+mod status;
 pub mod systemd;
 mod verify;
 mod watch;
