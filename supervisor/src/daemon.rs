@@ -27,22 +27,20 @@
 //!   declares a serving cluster lost.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
-use understudy_runtime::control::{
-    slot_cmd, slot_name, Control, ControlError, Field, Role, State, SLOTS,
-};
+use understudy_runtime::control::{slot_cmd, slot_name, Control, Field, Role, State, SLOTS};
 use understudy_runtime::liveness::ProcessIdentity;
 
 use crate::cluster::{Cluster, ClusterOps};
-use crate::config::{ClusterConfig, ConfigError};
+use crate::config::ClusterConfig;
 use crate::fence::Fence;
 use crate::foreign::ForeignWatch;
 use crate::ops::{Operation, ResumeOp, Stepped};
-use crate::process::{self, EngineProc, ExitInfo, SpawnError};
+use crate::process::{self, EngineProc, ExitInfo};
 use crate::proto::{Code, InterruptedUpgrade, Reply, Request, StatusReport};
 use crate::record;
 use crate::restarts::{killed_by_signal, Restarts};
@@ -53,79 +51,7 @@ use crate::verify;
 use crate::watch::{ControlCheck, HotWatch, Rates, RoleWatch};
 
 pub use crate::process::HUNG_BEATS;
-
-/// Why `up` could not run the cluster.
-#[derive(Debug)]
-pub enum UpError {
-    /// The config or the engine binary.
-    Config(ConfigError),
-    /// The control block.
-    Control(ControlError),
-    /// Another supervisor runs this cluster.
-    AlreadyRunning {
-        /// Its pid.
-        pid: u32,
-    },
-    /// An engine could not be started.
-    Spawn(SpawnError),
-    /// Engine `a` did not become active in time.
-    NoActive {
-        /// The start timeout.
-        timeout_ms: u64,
-    },
-    /// The shared-memory or cluster directory is not private to this user.
-    Trust(shm_layout::trust::TrustError),
-    /// Anything else (socket, files).
-    Io(String),
-}
-
-impl UpError {
-    /// The exit code for this failure.
-    pub fn code(&self) -> Code {
-        match self {
-            UpError::Config(_) | UpError::Trust(_) => Code::BadConfig,
-            UpError::AlreadyRunning { .. } => Code::Busy,
-            UpError::NoActive { .. } => Code::Timeout,
-            UpError::Control(_) | UpError::Spawn(_) | UpError::Io(_) => Code::Failed,
-        }
-    }
-}
-
-impl std::fmt::Display for UpError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            UpError::Config(e) => e.fmt(f),
-            UpError::Control(e) => e.fmt(f),
-            UpError::AlreadyRunning { pid } => write!(
-                f,
-                "a supervisor (pid {pid}) already runs this cluster; talk to it with \
-                 `understudy status`, or stop it first"
-            ),
-            UpError::Spawn(e) => e.fmt(f),
-            UpError::NoActive { timeout_ms } => write!(
-                f,
-                "engine a did not become active within {timeout_ms} ms (timeouts.start_ms); \
-                 check its log above"
-            ),
-            UpError::Trust(e) => {
-                write!(
-                    f,
-                    "refusing to use the cluster's files: {e} (shm_dir must be private to the \
-                     user running understudy; nothing was started)"
-                )?;
-                // Another user's directory, or one whose mode keeps this user out: say what
-                // to set in the config.
-                match e.unusable_dir() {
-                    Some(dir) => write!(f, "; {}", crate::config::shm_dir_advice(dir)),
-                    None => Ok(()),
-                }
-            }
-            UpError::Io(e) => f.write_str(e),
-        }
-    }
-}
-
-impl std::error::Error for UpError {}
+pub use crate::up_error::UpError;
 
 /// The supervisor's state; see the [module docs](self).
 pub struct Supervisor {
@@ -157,25 +83,6 @@ pub struct Supervisor {
     foreign: ForeignWatch,
 }
 
-static SIGNALLED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    SIGNALLED.store(true, Ordering::Relaxed);
-}
-
-fn install_signal_handlers() {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for signal in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        let _ = unsafe { sigaction(signal, &action) };
-    }
-}
-
 /// Runs the supervisor in the foreground until `down` or SIGINT/SIGTERM (which leave the
 /// engines running, for a later `up` to re-adopt).
 ///
@@ -199,7 +106,7 @@ pub fn up(config: ClusterConfig) -> Result<(), UpError> {
             let _ = std::fs::remove_dir(dir.parent().unwrap_or(&dir));
         }
     };
-    install_signal_handlers();
+    crate::signals::install();
     let mut sup = match Supervisor::start(config) {
         Ok(sup) => sup,
         Err(e) => {
@@ -475,7 +382,7 @@ impl Supervisor {
 
     /// The loop; returns after `down` or a signal.
     pub fn run(&mut self, requests: &Receiver<Inbound>) {
-        while !self.cluster.outcomes.finished && !SIGNALLED.load(Ordering::Relaxed) {
+        while !self.cluster.outcomes.finished && !crate::signals::received() {
             crate::systemd::loop_tick();
             if self.op.is_some() {
                 // Role changes are watched closely while an operation runs.
