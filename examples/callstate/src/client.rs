@@ -48,6 +48,16 @@ impl CallClient {
         Ok(self.client.call(&request.encode(), timeout)?.map(parse))
     }
 
+    /// Calls ringing and calls active, from the active engine's in-memory index.
+    pub fn state_counts(&mut self, timeout: Duration) -> Result<Option<(u64, u64)>, ClientError> {
+        let a = self.call(&Request::GetStateCounts, timeout)?;
+        Ok(a.and_then(|a| a.ok()).and_then(|b| {
+            let b = b.get(..16)?;
+            let n = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+            Some((n(0), n(8)))
+        }))
+    }
+
     /// The cluster's totals.
     pub fn totals(&mut self, timeout: Duration) -> Result<Option<Totals>, ClientError> {
         let a = self.call(&Request::GetTotals, timeout)?;

@@ -16,6 +16,7 @@
 //! [`CallState::new`] takes the version.
 
 use understudy_runtime::records::{Record, TemplateInfo};
+use understudy_runtime::store::{Before, Op};
 use understudy_runtime::zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 use understudy_runtime::{Activation, Application, Feature, Refused, Store, Timer, TimerId, Tx};
 
@@ -127,6 +128,10 @@ pub enum Request {
         callee: u64,
         ring_ms: u64,
     },
+    /// Read how many calls ring and how many are active, from the engine's in-memory index
+    /// (kept by the handler on the active and by `on_apply` on a standby, never rebuilt from
+    /// the store): the answer is two u64s.
+    GetStateCounts,
 }
 
 impl Request {
@@ -149,6 +154,7 @@ impl Request {
                 callee,
                 ring_ms,
             } => (6, [call, caller, callee, ring_ms]),
+            Request::GetStateCounts => (7, [0; 4]),
         };
         [&[op][..], args.as_bytes()].concat()
     }
@@ -175,6 +181,7 @@ impl Request {
                 callee: b,
                 ring_ms: c,
             },
+            7 => Request::GetStateCounts,
             _ => return Err(refuse("unknown request")),
         })
     }
@@ -188,15 +195,41 @@ fn refuse(why: &str) -> Refused {
     Refused([b"-", why.as_bytes()].concat())
 }
 
-/// The application: no in-memory state besides what the store holds.
+/// The application. Its one in-memory structure is an index derived from the store: how many
+/// calls are in each state. The active's handler keeps it for its own transactions; a
+/// standby keeps it in `on_apply` from what each change replaced (no shadow copy of the
+/// calls), and empties it when a catch-up begins, so it is whole when the catch-up ends and
+/// after a step-up, with nothing rebuilt.
 pub struct CallState {
     version: u32,
+    /// Calls per state: `[_, ringing, active]`.
+    by_state: [u64; 3],
+}
+
+/// The state word of a call's record bytes (the same offset in layouts 1 and 2).
+fn state_of(record: &[u8]) -> Option<u32> {
+    let b = record.get(24..28)?;
+    Some(u32::from_le_bytes(b.try_into().ok()?))
 }
 
 impl CallState {
     /// Version 1 or 2.
     pub fn new(version: u32) -> CallState {
-        CallState { version }
+        CallState {
+            version,
+            by_state: [0; 3],
+        }
+    }
+
+    /// A call left state `from` (if it had one) for `to` (if it still exists).
+    fn moved(&mut self, from: Option<u32>, to: Option<u32>) {
+        let slot = |s: u32| (s as usize).min(2);
+        if let Some(f) = from {
+            self.by_state[slot(f)] = self.by_state[slot(f)].saturating_sub(1);
+        }
+        if let Some(t) = to {
+            self.by_state[slot(t)] += 1;
+        }
     }
 
     /// Count something in the totals record.
@@ -273,13 +306,78 @@ impl Application for CallState {
     }
 
     fn handle(&mut self, tx: &mut Tx<'_>, request: &[u8]) -> Result<(), Refused> {
+        // The index changes only once the handler has succeeded (a refusal rolls back).
+        let (from, to) = self.run(tx, request)?;
+        if from.is_some() || to.is_some() {
+            self.moved(from, to);
+        }
+        Ok(())
+    }
+
+    /// A ring timeout: the call is still ringing (its answer or release would have cancelled
+    /// the timer), so it is released.
+    fn on_timer(&mut self, tx: &mut Tx<'_>, timer: &Timer) -> Result<(), Refused> {
+        if timer.tag != RING_TIMEOUT {
+            return Ok(());
+        }
+        let call = timer.unit_id;
+        tx.delete(RING_TIMERS, &call.to_le_bytes());
+        if Self::call(tx, call)?.state == RINGING {
+            tx.retire(call);
+            Self::count(tx, |t| t.released += 1)?;
+            self.moved(Some(RINGING), None);
+        }
+        Ok(())
+    }
+
+    /// On a standby, for every change it applies: move the call between states, from what
+    /// the change replaced to what it wrote.
+    fn on_apply(&mut self, op: &Op, before: Before<'_>, _store: &Store) {
+        let from = match before {
+            Before::Unit(Some(u)) => state_of(u.state),
+            _ => None,
+        };
+        match op {
+            Op::PutUnit { state, .. } => self.moved(from, state_of(state)),
+            Op::RetireUnit { .. } => self.moved(from, None),
+            _ => {}
+        }
+    }
+
+    /// A catch-up begins with an empty store: so does the index (every call arrives again
+    /// through `on_apply`).
+    fn on_snapshot_begin(&mut self, _store: &Store) {
+        self.by_state = [0; 3];
+    }
+
+    /// Where a real switch would open its signalling links; here: one line on stderr.
+    fn on_active(&mut self, a: &Activation, store: &Store) {
+        let calls = store.unit_count();
+        eprintln!(
+            "callstate-v{}: active ({:?}, epoch {}, {} commits, {calls} calls)",
+            self.version, a.takeover, a.epoch, a.commits
+        );
+    }
+}
+
+impl CallState {
+    /// Run one request; the state move of the call it changed, for the index.
+    fn run(
+        &mut self,
+        tx: &mut Tx<'_>,
+        request: &[u8],
+    ) -> Result<(Option<u32>, Option<u32>), Refused> {
+        let mut moved = (None, None);
         match Request::decode(request)? {
             Request::Setup {
                 call,
                 caller,
                 callee,
                 max_secs,
-            } => Self::setup(tx, call, caller, callee, max_secs)?,
+            } => {
+                Self::setup(tx, call, caller, callee, max_secs)?;
+                moved = (None, Some(RINGING));
+            }
             Request::SetupRinging {
                 call,
                 caller,
@@ -287,6 +385,7 @@ impl Application for CallState {
                 ring_ms,
             } => {
                 Self::setup(tx, call, caller, callee, 0)?;
+                moved = (None, Some(RINGING));
                 let id = tx.arm_timer_after(
                     std::time::Duration::from_millis(ring_ms),
                     call,
@@ -303,6 +402,7 @@ impl Application for CallState {
                 tx.update_record(call, &c);
                 Self::stop_ringing(tx, call);
                 Self::count(tx, |t| t.answered += 1)?;
+                moved = (Some(RINGING), Some(ACTIVE));
             }
             Request::Bill { call, secs } => {
                 let mut c = Self::call(tx, call)?;
@@ -320,10 +420,11 @@ impl Application for CallState {
                 Self::count(tx, |t| t.billed_secs = t.billed_secs.wrapping_add(secs))?;
             }
             Request::Release { call } => {
-                Self::call(tx, call)?;
+                let c = Self::call(tx, call)?;
                 Self::stop_ringing(tx, call);
                 tx.retire(call);
                 Self::count(tx, |t| t.released += 1)?;
+                moved = (Some(c.state), None);
             }
             Request::GetTotals => {
                 let t = tx
@@ -331,34 +432,16 @@ impl Application for CallState {
                     .map_err(|e| refuse(&e.to_string()))?;
                 tx.respond(b"+");
                 tx.respond(t.unwrap_or_default().as_bytes());
-                return Ok(());
+                return Ok(moved);
+            }
+            Request::GetStateCounts => {
+                tx.respond(b"+");
+                tx.respond(self.by_state[1].as_bytes());
+                tx.respond(self.by_state[2].as_bytes());
+                return Ok(moved);
             }
         }
         tx.respond(b"+");
-        Ok(())
-    }
-
-    /// A ring timeout: the call is still ringing (its answer or release would have cancelled
-    /// the timer), so it is released.
-    fn on_timer(&mut self, tx: &mut Tx<'_>, timer: &Timer) -> Result<(), Refused> {
-        if timer.tag != RING_TIMEOUT {
-            return Ok(());
-        }
-        let call = timer.unit_id;
-        tx.delete(RING_TIMERS, &call.to_le_bytes());
-        if Self::call(tx, call)?.state == RINGING {
-            tx.retire(call);
-            Self::count(tx, |t| t.released += 1)?;
-        }
-        Ok(())
-    }
-
-    /// Where a real switch would open its signalling links; here: one line on stderr.
-    fn on_active(&mut self, a: &Activation, store: &Store) {
-        let calls = store.unit_count();
-        eprintln!(
-            "callstate-v{}: active ({:?}, epoch {}, {} commits, {calls} calls)",
-            self.version, a.takeover, a.epoch, a.commits
-        );
+        Ok(moved)
     }
 }

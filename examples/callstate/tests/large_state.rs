@@ -229,6 +229,18 @@ fn a_standby_replaced_under_full_load_catches_up_without_untether_and_is_truly_h
         .expect("totals")
         .expect("a totals answer");
 
+    // The new active's in-memory index of calls by state was kept by `on_apply` while it was
+    // a standby (from the catch-up's snapshot on, with what each change replaced), never
+    // rebuilt: it must count every call as active.
+    let by_state = c
+        .state_counts(Duration::from_secs(60))
+        .expect("state counts")
+        .expect("a state-counts answer");
+    assert_eq!(
+        by_state,
+        (0, n),
+        "(ringing, active) calls by the index the standby kept in on_apply"
+    );
     eprintln!(
         "large state: {n} calls loaded in {load_s:.1} s; standby killed → new standby hot in {:.2} s \
          ({untethered} untethers) while one client billed {rate:.0} requests/s; longest pause: \
