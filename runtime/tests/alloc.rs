@@ -3,14 +3,14 @@
 //! of work units, a table record replaced, a response — goes through the same public steps the
 //! engines take: on the active `execute`, `push_tx` into a real /dev/shm ring and
 //! `TxBuffers::apply_to` (the stream with one checksum per batch, as the engine sets it); on
-//! the standby `Consumer::read_batch` (in place, batched release), `decode_op_into`, `Store::apply`
+//! the standby `Consumer::poll`, `decode_op_into`, `Store::apply`
 //! and `Spare::recycle`. After a warm-up, not one allocation may happen on this thread.
 //!
 //! This file holds one test, so no other test thread allocates while it counts (the count is
 //! per thread anyway).
 
 use shm_layout::region::{ensure_private_dir, Identity, Region, RegionSpec};
-use shm_layout::ring::Integrity;
+use shm_layout::ring::{BatchBuf, Integrity};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::PathBuf;
@@ -83,7 +83,6 @@ fn steady_state_transactions_allocate_nothing_on_either_engine() {
     let mut producer = region.producer().expect("producer");
     producer.set_integrity(Integrity::PerBatch);
     let mut consumer = region.consumer().expect("consumer");
-    consumer.set_release_every((1 << 20) / 16);
 
     // Updates 4 units and replaces one table record per request; answers 8 bytes.
     let mut app = Update4 {
@@ -95,6 +94,7 @@ fn steady_state_transactions_allocate_nothing_on_either_engine() {
     let mut standby = active.clone();
     let mut tx = TxBuffers::new();
     let mut scratch = Vec::with_capacity(4096);
+    let mut buf = BatchBuf::with_capacity(1 << 16);
     let mut standby_tx = TxBuffers::new();
 
     let mut run = |k: u64| {
@@ -111,11 +111,8 @@ fn steady_state_transactions_allocate_nothing_on_either_engine() {
         push_tx(&mut producer, &tx.ops, &commit, &mut scratch).expect("room");
         tx.apply_to(&mut active);
         // The standby.
-        let batch = consumer
-            .read_batch()
-            .expect("valid batch")
-            .expect("a batch");
-        for f in batch.frames() {
+        assert!(consumer.poll(&mut buf).expect("valid batch"), "a batch");
+        for f in buf.frames() {
             let t = f.meta.record_type;
             if t == rt::COMMIT {
                 continue;

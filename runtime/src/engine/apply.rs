@@ -5,19 +5,27 @@
 //! `Ok(Some(_))` for a frame that changes the role.
 
 use super::*;
-use shm_layout::ring::Frame;
 
 impl<A: Application, I: Input> Engine<A, I> {
-    /// Apply the frames of one batch of the stream, read in place
-    /// (`Consumer::read_batch`: the stream is the engine's own peer's, so its frames are
-    /// validated where they lie and never copied). `Ok(Some)` when the batch changes the role.
-    pub(super) fn apply_frames<'f>(
+    /// Apply the batch in `self.buf`. `Ok(Some)` when the batch changes the role.
+    pub(super) fn apply_batch(
         &mut self,
-        frames: impl Iterator<Item = Frame<'f>>,
         state: &mut State,
         stream: &Region,
     ) -> Result<Option<Follow>, EngineError> {
-        for f in frames {
+        let frames = std::mem::take(&mut self.buf);
+        let r = self.apply_frames(&frames, state, stream);
+        self.buf = frames;
+        r
+    }
+
+    fn apply_frames(
+        &mut self,
+        frames: &BatchBuf,
+        state: &mut State,
+        stream: &Region,
+    ) -> Result<Option<Follow>, EngineError> {
+        for f in frames.frames() {
             let (payload, bl) = (f.payload, f.meta.block_length);
             match f.meta.record_type {
                 t @ (rt::PUT_UNIT | rt::RETIRE_UNIT | rt::PUT | rt::DELETE) => {

@@ -113,11 +113,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         let stream_region = Region::create(&sp, spec(KIND_STREAM), self.me)?;
         let feedback_region = Region::create(&fp, spec(KIND_FEEDBACK), self.me)?;
         stream_region.set_consumer_identity(self.me);
-        let mut stream = stream_region.consumer()?;
-        // Read in place, the position published every 1/16 of the ring or when caught up:
-        // the active's flow control, lag and catch-up budget see the standby at most that far
-        // behind what it applied.
-        stream.set_release_every(self.opt.ring_capacity / 16);
+        let stream = stream_region.consumer()?;
         let feedback = feedback_region.producer()?;
         Ok(Prepared {
             epoch,
@@ -349,12 +345,12 @@ impl<A: Application, I: Input> Engine<A, I> {
             // dying process exits, before its memory is torn down.
             let died = matches!(lock.word(), LockWord::OwnerDied { .. });
             let mut got = false;
-            match u.stream.read_batch() {
-                Ok(Some(batch)) => {
+            match u.stream.poll(&mut self.buf) {
+                Ok(true) => {
                     w.idle_polls = 0;
                     got = true;
                     w.batches = w.batches.wrapping_add(1);
-                    match self.apply_frames(batch.frames(), &mut state, &u.stream_region) {
+                    match self.apply_batch(&mut state, &u.stream_region) {
                         Ok(Some(f)) => return Ok(f),
                         Ok(None) => {}
                         Err(e) => {
@@ -375,7 +371,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                         continue;
                     }
                 }
-                Ok(None) => {}
+                Ok(false) => {}
                 Err(e) => {
                     warn!(slot = %control::slot_name(s), "corrupt frame in the stream: {e}; resyncing");
                     self.control.set(s, Field::State, State::Stale as u64);
@@ -632,10 +628,9 @@ impl<A: Application, I: Input> Engine<A, I> {
     /// or does not apply means our copy is not the committed state: never step up on it.
     pub(super) fn drain(&mut self, u: &mut Upstream, state: &mut State) -> Drained {
         loop {
-            match u.stream.read_batch() {
-                Ok(None) => return Drained::Clean,
-                Ok(Some(batch)) => match self.apply_frames(batch.frames(), state, &u.stream_region)
-                {
+            match u.stream.poll(&mut self.buf) {
+                Ok(false) => return Drained::Clean,
+                Ok(true) => match self.apply_batch(state, &u.stream_region) {
                     Ok(None) => {}
                     Ok(Some(f)) => return Drained::RoleChange(f),
                     Err(e) => {
