@@ -603,3 +603,117 @@ impl<'a> Iterator for Walk<'a> {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl Units {
+        /// The arena's bookkeeping agrees with itself: every page with a free slot (and only
+        /// those) is on its length's partial list, free lists and bitmaps count alike, every
+        /// indexed handle names a live unit with its id, and nothing live is unindexed.
+        fn check(&self) {
+            let s = &self.slots;
+            let mut on_list = vec![false; s.pages.len()];
+            for (len, &head) in s.partial_head.iter().enumerate() {
+                let (mut p, mut prev) = (head, NONE);
+                while p != NONE {
+                    let page = &s.pages[p as usize];
+                    assert_eq!(page.len as usize, len, "page {p} on another length's list");
+                    assert_eq!(page.prev, prev, "page {p}'s back link");
+                    assert!(!on_list[p as usize], "page {p} twice on a partial list");
+                    on_list[p as usize] = true;
+                    (prev, p) = (p, page.next);
+                }
+            }
+            let vacant: std::collections::BTreeSet<u32> = s.vacant.iter().copied().collect();
+            let mut live_total = 0;
+            for (p, page) in s.pages.iter().enumerate() {
+                if vacant.contains(&(p as u32)) {
+                    assert!(
+                        page.bytes.is_empty() && !on_list[p],
+                        "vacant page {p} in use"
+                    );
+                    continue;
+                }
+                let bits: u32 = page.live_bits.iter().map(|w| w.count_ones()).sum();
+                assert_eq!(bits, u32::from(page.live), "page {p}: bitmap vs live count");
+                assert!(page.live > 0, "page {p} is empty but not released");
+                let mut free = 0;
+                let mut f = page.free;
+                while f != NO_SLOT {
+                    assert!(
+                        !page.is_live(f as usize),
+                        "page {p}: live slot {f} on free list"
+                    );
+                    let rec = page.at(f as usize);
+                    f = u16::from_le_bytes([rec[0], rec[1]]);
+                    free += 1;
+                }
+                assert_eq!(free + page.live, page.used, "page {p}: free + live vs used");
+                let has_room = free > 0 || (page.used as usize) < page.capacity();
+                assert_eq!(has_room, on_list[p], "page {p}: room vs partial list");
+                assert_eq!(page.partial, on_list[p], "page {p}: partial flag");
+                live_total += page.live as usize;
+            }
+            live_total += s
+                .big
+                .iter()
+                .filter(|b| matches!(b, Big::Live { .. }))
+                .count();
+            assert_eq!(live_total, self.count, "live units vs count");
+            let mut indexed = 0;
+            for (i, t) in self.index.iter().enumerate() {
+                for &h in t.iter() {
+                    let id = s.id(h);
+                    assert_eq!(shard(self.hash(id)), i, "unit {id} in the wrong shard");
+                    if h & BIG == 0 {
+                        let page = &s.pages[(h >> SLOT_BITS) as usize];
+                        assert!(page.is_live((h & SLOT_MASK) as usize), "{h:#x} not live");
+                    }
+                    indexed += 1;
+                }
+            }
+            assert_eq!(indexed, self.count, "indexed units vs count");
+        }
+    }
+
+    /// Random puts (lengths that fill pages, move units between lengths, cross the inline
+    /// limit) and retires keep the bookkeeping consistent after every step.
+    #[test]
+    fn bookkeeping_stays_consistent() {
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut units = Units::default();
+        let lens = [0usize, 1, 48, 2000, SMALL_MAX, SMALL_MAX + 1];
+        let state = vec![0xA5u8; SMALL_MAX + 1];
+        for step in 0..40_000 {
+            let id = next(3000);
+            if next(3) == 0 {
+                units.retire(id, |_| {});
+            } else {
+                let len = lens[next(lens.len() as u64) as usize];
+                let u = UnitRef {
+                    kind: 1,
+                    layout_version: 1,
+                    state: &state[..len],
+                };
+                units.put(id, u, |_| {});
+            }
+            if step % 997 == 0 {
+                units.check();
+            }
+        }
+        units.check();
+        for id in 0..3000 {
+            units.retire(id, |_| {});
+        }
+        units.check();
+        assert!(units.slots.pages.iter().all(|p| p.bytes.is_empty()));
+    }
+}
