@@ -220,6 +220,7 @@ fn can_take_over(cluster: &Cluster, active: usize, now: u64, hung_ns: u64) -> bo
             && cluster.heartbeat_age_ns(s, now) <= hung_ns
             && cluster.engines[s]
                 .as_ref()
-                .is_some_and(|p| !p.fenced && p.identity.is_alive())
+                // A standby being stopped (an upgrade's step 1, `down`) will not take over.
+                .is_some_and(|p| !p.fenced && !p.expected_exit && p.identity.is_alive())
     })
 }
