@@ -129,13 +129,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         bl: u16,
         stream: &Region,
     ) -> Result<State, EngineError> {
-        let p: Position = decode(payload, bl).map_err(other)?;
-        if p.digest != self.store.digest() || p.commits != self.commits {
-            return Err(EngineError::Other(format!(
-                "base position differs: active at {} commits digest {:#x}, standby at {} digest {:#x}",
-                p.commits, p.digest, self.commits, self.store.digest()
-            )));
-        }
+        let p = self.same_state_as(payload, bl, "the base position")?;
         self.consistent = true;
         drop_off_thread(self.prefix.take());
         let state = self.become_hot(stream);
@@ -178,13 +172,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         bl: u16,
         stream: &Region,
     ) -> Result<State, EngineError> {
-        let p: Position = decode(payload, bl).map_err(other)?;
-        if p.digest != self.store.digest() || p.commits != self.commits {
-            return Err(EngineError::Other(format!(
-                "catch-up ended with a different state: active {} commits digest {:#x}, standby {} digest {:#x}",
-                p.commits, p.digest, self.commits, self.store.digest()
-            )));
-        }
+        let p = self.same_state_as(payload, bl, "the catch-up's end")?;
         self.app.on_reset(&self.store);
         self.consistent = true;
         drop_off_thread(self.prefix.take());
@@ -196,6 +184,18 @@ impl<A: Application, I: Input> Engine<A, I> {
             k.add(Counter::CATCHUPS_TOTAL, 1);
         }
         Ok(state)
+    }
+
+    /// Decode a position frame and check that our store is the state it describes.
+    fn same_state_as(&self, payload: &[u8], bl: u16, what: &str) -> Result<Position, EngineError> {
+        let p: Position = decode(payload, bl).map_err(other)?;
+        if p.digest != self.store.digest() || p.commits != self.commits {
+            return Err(EngineError::Other(format!(
+                "{what}: expected the active's state ({} transactions, digest {:#x}), found {} transactions, digest {:#x} on this standby",
+                p.commits, p.digest, self.commits, self.store.digest()
+            )));
+        }
+        Ok(p)
     }
 
     /// The active enabled features at this point of the stream.
