@@ -570,10 +570,15 @@ impl<A: Application, I: Input> Engine<A, I> {
                 if why == NoStepUpBecause::NotHot {
                     self.back_to_prefix();
                 }
-                // What we hold now, for the supervisor's report (and `promote`).
+                // What we hold now, for the supervisor's report (and `promote`): a consistent
+                // copy is `Stale` (also one that no catch-up had touched yet: the active died
+                // between our attach and its snapshot's begin).
                 let s = self.opt.slot;
                 self.control.set(s, Field::Commits, self.commits);
                 self.control.set(s, Field::Digest, self.store.digest());
+                if self.consistent {
+                    self.control.set(s, Field::State, State::Stale as u64);
+                }
                 if loud
                     && why == NoStepUpBecause::NotHot
                     && self.not_hot_reported_epoch != Some(self.epoch)
