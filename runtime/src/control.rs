@@ -1165,6 +1165,21 @@ impl Control {
         }
     }
 
+    /// Take (an engine) or withdraw (the supervisor) the slot command `cmd` if it is still
+    /// posted in `slot`: a compare-and-swap to 0, so exactly one side gets a command — a
+    /// command the supervisor gave up on is never acted on later.
+    pub fn take_slot_cmd(&self, slot: usize, cmd: u64) -> bool {
+        debug_assert!(!Field::Cmd.is_checked());
+        assert!(
+            slot < SLOTS,
+            "slot {slot} out of range (our own caller's bug)"
+        );
+        // SYNC POINT: slot command taken (AcqRel; the post is the Release in `set`).
+        self.slot_word(slot, Field::Cmd)
+            .compare_exchange(cmd, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
     /// XOR `mask` into the control file's word at `byte_offset` (8-aligned): a bit flip, for
     /// tests of the checks. False if the offset is not an aligned word of the file.
     #[cfg(feature = "fault-injection")]

@@ -260,8 +260,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
                 return Ok(Attach::Stop);
             }
-            if self.control.get(s, Field::Cmd) == slot_cmd::PROMOTE {
-                self.control.set(s, Field::Cmd, 0);
+            if self.control.take_slot_cmd(s, slot_cmd::PROMOTE) {
                 if let Some(next) = self.promote(started)? {
                     return Ok(next);
                 }

@@ -194,8 +194,7 @@ impl FakeCluster {
                     self.write(slot, Role::None, State::Stopped);
                     self.control.set(slot, Field::Pid, 0);
                 }
-                slot_cmd::PROMOTE => {
-                    self.control.set(slot, Field::Cmd, 0);
+                slot_cmd::PROMOTE if self.control.take_slot_cmd(slot, slot_cmd::PROMOTE) => {
                     self.step_up(slot);
                 }
                 _ => {}

@@ -41,11 +41,19 @@ pub(crate) fn promote(cluster: &mut dyn ClusterOps, request: &PromoteRequest) ->
         }
         std::thread::sleep(POLL_EVERY);
     }
+    // Withdrawn if the engine never took it: a command given up on must not make it active
+    // later, on its own, at some other outage.
+    let withdrawn = cluster.control().take_slot_cmd(slot, slot_cmd::PROMOTE);
     Reply::result(
         Code::Failed,
         format!(
-            "engine {} did not become active within the switchover timeout; see its log",
-            slot_name(slot)
+            "engine {} did not become active within the switchover timeout ({}); see its log",
+            slot_name(slot),
+            if withdrawn {
+                "it never took the command, which is withdrawn"
+            } else {
+                "it took the command and refused or is still claiming"
+            }
         ),
     )
 }

@@ -500,6 +500,30 @@ fn rollback_after_an_upgrade_returns_to_the_previous_binary() {
 }
 
 #[test]
+fn a_promote_the_engine_never_takes_is_withdrawn_at_its_timeout() {
+    // Proves a promote given up on cannot fire later: the engine (which acts only between
+    // turns, and `promote` blocks the loop) never takes the command, the reply says so, and
+    // the slot's command word is empty again.
+    let mut fake = FakeCluster::serving();
+    fake.die(0);
+    fake.write(1, Role::Standby, State::Stale);
+    let reply = super::promote(
+        &mut fake,
+        &PromoteRequest {
+            slot: "b".into(),
+            accept_loss: true,
+        },
+    );
+    assert_eq!(reply.code, Some(Code::Failed), "{reply:?}");
+    assert!(reply.message.contains("withdrawn"), "{reply:?}");
+    assert_eq!(
+        fake.control().get(1, Field::Cmd),
+        0,
+        "the command is withdrawn"
+    );
+}
+
+#[test]
 fn promote_serves_from_a_stale_copy_only_with_the_loss_accepted() {
     // Proves `promote`: refused while an active serves, without --accept-loss, and for an
     // engine with no consistent copy; done for a stale standby once the loss is accepted.
@@ -538,8 +562,7 @@ fn promote_serves_from_a_stale_copy_only_with_the_loss_accepted() {
     let engine = std::thread::spawn(move || {
         let control = understudy_runtime::control::Control::open(&dir).expect("control");
         for _ in 0..TURNS_MAX {
-            if control.get(1, Field::Cmd) == understudy_runtime::control::slot_cmd::PROMOTE {
-                control.set(1, Field::Cmd, 0);
+            if control.take_slot_cmd(1, understudy_runtime::control::slot_cmd::PROMOTE) {
                 let epoch = control.epoch();
                 control.claim_epoch(epoch, 1).expect("the next epoch");
                 control.set(1, Field::Role, Role::Active as u64);
