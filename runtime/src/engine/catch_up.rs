@@ -90,9 +90,13 @@ impl<A: Application, I: Input> Engine<A, I> {
         {
             use std::sync::atomic::{AtomicBool, Ordering};
             static FIRED: AtomicBool = AtomicBool::new(false);
-            let at = std::env::var("UNDERSTUDY_TEST_UNTETHER_AT_STEP")
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok());
+            // Read once: this runs after every live transaction of a catch-up.
+            static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+            let at = *AT.get_or_init(|| {
+                std::env::var("UNDERSTUDY_TEST_UNTETHER_AT_STEP")
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+            });
             if at.is_some_and(|at| at == self.replicas[i].catchup_steps)
                 && !FIRED.swap(true, Ordering::Relaxed)
             {
