@@ -534,11 +534,16 @@ impl Store {
     }
 
     /// Up to `max` records after `(table, key)` (a snapshot chunk; `None` = from the start).
-    pub fn records_after<'a>(
+    /// The items borrow the store only, so the cursor may be updated from them once the walk
+    /// is done.
+    pub fn records_after<'a, 'b>(
         &'a self,
-        after: Option<&'a (u16, Vec<u8>)>,
+        after: Option<&'b (u16, Vec<u8>)>,
         max: usize,
-    ) -> impl Iterator<Item = (u16, &'a [u8], &'a [u8])> + 'a {
+    ) -> impl Iterator<Item = (u16, &'a [u8], &'a [u8])> + 'b
+    where
+        'a: 'b,
+    {
         use std::ops::Bound;
         let first_table = after.map_or(0, |(t, _)| *t);
         self.records

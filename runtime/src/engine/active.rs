@@ -142,6 +142,10 @@ impl<A: Application, I: Input> Engine<A, I> {
         self.commit_tx(&commit_block(self.commits, &meta));
         self.requests += 1;
         self.input.committed(&meta, &self.tx.response);
+        // Every transaction carries a piece of any catch-up under way (see `catch_up`): after
+        // the store has it (a snapshot end carries the digest after it) and after the answer
+        // is out. Timer and source-retiring transactions do the same after their commit.
+        self.catch_up_with_live_traffic();
         self.refusals += refused as u64;
         if timed {
             let ns = monotonic_ns().saturating_sub(t0);
@@ -154,9 +158,6 @@ impl<A: Application, I: Input> Engine<A, I> {
             k.add(Counter::REQUESTS_TOTAL, 1);
             k.add(Counter::REFUSALS_TOTAL, refused as u64);
         }
-        // After the store has this transaction (a snapshot end carries the digest after it),
-        // and after the response is out.
-        self.catch_up_with_live_traffic();
     }
 
     /// Keep command `seq` pending (true) for up to `bound`, while a standby finishes
@@ -183,6 +184,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             flags: 1,
         };
         self.commit_tx(&commit);
+        self.catch_up_with_live_traffic();
         info!(source, "input source retired");
     }
 

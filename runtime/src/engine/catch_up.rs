@@ -13,8 +13,10 @@
 //! - **Per transaction** ([`Engine::catch_up_with_live_traffic`]): after every live
 //!   transaction, a small piece of the walk (`catchup_chunk / 128`, at least 2 items) is
 //!   pushed under the same back-pressure policy as the transaction itself. This is the
-//!   progress guarantee: the walk has N items, so it ends after at most N / piece live
-//!   transactions, however fast they come. It is also the flow control: when the standby
+//!   progress guarantee: every transaction carries at least one item of the walk (a piece
+//!   whose rest does not fit the ring now is cut short, never skipped), so a walk of N items
+//!   ends after at most N transactions however fast they come, and after N / piece while the
+//!   ring has room. It is also the flow control: when the standby
 //!   applies slower than the active commits, every transaction waits for room for itself and
 //!   its piece, so the active's admission slows to what the standby takes, instead of the
 //!   ring filling until the standby is untethered.
@@ -225,7 +227,8 @@ pub(super) fn send_chunk(
         snap.units_after = last;
         snap.units_sent += n as u64;
     } else {
-        let mut last = snap.records_after.clone();
+        // The last record sent, seen in place; copied into the cursor once, after the loop.
+        let mut last: Option<(u16, &[u8])> = None;
         for (table, key, value) in store.records_after(snap.records_after.as_ref(), max) {
             if b.bytes() >= budget {
                 break;
@@ -235,13 +238,22 @@ pub(super) fn send_chunk(
                 stop = Some(e);
                 break;
             }
-            last = Some((table, key.to_vec()));
+            last = Some((table, key));
             n += 1;
+        }
+        if let Some((table, key)) = last {
+            match &mut snap.records_after {
+                Some((t, k)) => {
+                    *t = table;
+                    k.clear();
+                    k.extend_from_slice(key);
+                }
+                none => *none = Some((table, key.to_vec())),
+            }
         }
         if stop.is_none() && n < max && b.bytes() < budget {
             snap.records_done = true;
         }
-        snap.records_after = last;
         snap.records_sent += n as u64;
     }
     if n > 0 {

@@ -76,12 +76,16 @@ impl<A: Application, I: Input> Engine<A, I> {
             k.add(Counter::UNTETHERS_TOTAL, 1);
         }
         rep.stream_region.close(CLOSE_UNTETHERED);
-        // SYNC POINT (store → store): the close is ordered before `Stale`; pairs with the
-        // standby's `Hot`-then-re-read in `Engine::become_hot`, so a closed stream never leaves
-        // `Hot` in its slot.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.control
-            .set(rep.slot, Field::State, State::Stale as u64);
+        // A standby still in its catch-up (`SNAP_END` not sent) cannot go hot on this stream
+        // and holds a partial store: it publishes its own state when it sees the close.
+        if matches!(rep.phase, ReplicaPhase::Streaming(None)) {
+            // SYNC POINT (store → store): the close is ordered before `Stale`; pairs with the
+            // standby's `Hot`-then-re-read in `Engine::become_hot`, so a closed stream never
+            // leaves `Hot` in its slot.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            self.control
+                .set(rep.slot, Field::State, State::Stale as u64);
+        }
     }
 
     /// Find standbys that announced a new attach generation in our epoch and open them.

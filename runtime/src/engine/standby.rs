@@ -566,18 +566,12 @@ impl<A: Application, I: Input> Engine<A, I> {
                 Follow::StepUp { planned: false }
             }
             OnActiveDead::Reattach(why) => {
-                if why == NoStepUpBecause::NotHot {
-                    self.back_to_prefix();
-                }
+                // A broken drain leaves a partial store too: the copy kept aside is still good.
+                self.back_to_prefix();
                 // What we hold now, for the supervisor's report (and `promote`): a consistent
                 // copy is `Stale` (also one that no catch-up had touched yet: the active died
                 // between our attach and its snapshot's begin).
-                let s = self.opt.slot;
-                self.control.set(s, Field::Commits, self.commits);
-                self.control.set(s, Field::Digest, self.store.digest());
-                if self.consistent {
-                    self.control.set(s, Field::State, State::Stale as u64);
-                }
+                self.publish_holding();
                 if loud
                     && why == NoStepUpBecause::NotHot
                     && self.not_hot_reported_epoch != Some(self.epoch)
@@ -616,10 +610,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         self.consistent = true;
         self.app.on_snapshot_begin(&self.store);
         self.app.on_reset(&self.store);
-        let s = self.opt.slot;
-        self.control.set(s, Field::State, State::Stale as u64);
-        self.control.set(s, Field::Commits, self.commits);
-        self.control.set(s, Field::Digest, self.store.digest());
+        self.publish_holding();
         warn!(
             commits = self.commits,
             digest = format_args!("{:#x}", self.store.digest()),
@@ -675,17 +666,32 @@ impl<A: Application, I: Input> Engine<A, I> {
         State::Hot
     }
 
-    /// Our state once the stream is seen closed: `Stale` if our copy fell behind for good
-    /// (untethered, corrupt), `Syncing` if we were merely detached (we re-attach at once, and
-    /// a copy that still matches needs no catch-up).
+    /// Our state once the stream is seen closed: `Stale` if our consistent copy fell behind
+    /// for good (untethered, corrupt), `Syncing` if we were merely detached (we re-attach at
+    /// once, and a copy that still matches needs no catch-up) or hold a partial store.
     pub(super) fn not_hot_after_close(&mut self, why: u64) -> State {
-        let st = if why == CLOSE_UNTETHERED || why == CLOSE_CORRUPT {
+        let st = if (why == CLOSE_UNTETHERED || why == CLOSE_CORRUPT) && self.consistent {
             State::Stale
         } else {
             State::Syncing
         };
         self.control.set(self.opt.slot, Field::State, st as u64);
         st
+    }
+
+    /// Publish what this standby holds when it is not hot: its count and digest first, then
+    /// its state (the word readers decide on, stored last): `Stale` for a consistent copy,
+    /// `Syncing` for a partial one.
+    pub(super) fn publish_holding(&mut self) {
+        let s = self.opt.slot;
+        self.control.set(s, Field::Commits, self.commits);
+        self.control.set(s, Field::Digest, self.store.digest());
+        let st = if self.consistent {
+            State::Stale
+        } else {
+            State::Syncing
+        };
+        self.control.set(s, Field::State, st as u64);
     }
 }
 

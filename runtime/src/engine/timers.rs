@@ -314,6 +314,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                 flags: COMMIT_TIMER,
             };
             self.commit_tx(&commit);
+            self.catch_up_with_live_traffic();
         }
         // More may be due: the next turn looks again.
     }
