@@ -996,12 +996,33 @@ fn a_stale_copy_is_not_declared_lost_and_promote_with_accept_loss_serves_from_it
         message.contains("--accept-loss") && message.contains("transactions"),
         "the refusal names the loss: {message}"
     );
+    // What the stale standby holds, as `status` shows it before the promote.
+    let held = h
+        .wait("the stale copy in status", Duration::from_secs(10), |s| {
+            s.engines
+                .iter()
+                .any(|e| e.pid == standby.pid && e.state == "stale")
+        })
+        .engines
+        .iter()
+        .find(|e| e.pid == standby.pid)
+        .map(|e| e.commits)
+        .unwrap();
     let (code, lines) = h.run(&["promote", &standby.slot, "--accept-loss"]);
     assert_eq!(
         code,
         0,
         "promote --accept-loss: {lines:?}\n{}",
         h.log_tail()
+    );
+    let done = lines
+        .last()
+        .and_then(|l| l["message"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        done.contains(&format!("its copy of {held} transactions")),
+        "the promoted engine served from the copy status showed ({held} transactions): {done}"
     );
     let s = h.wait(
         "the promoted standby active",

@@ -186,6 +186,35 @@ pub(crate) trait ClusterOps {
         self.ensure_two_managed();
     }
 
+    /// Whether `promote` could make the engine in `slot` active: one of ours, not being stopped
+    /// or fenced, holding a consistent copy (`Stale`: a hot standby steps up by itself). The
+    /// outage report suggests only such a slot, and `promote` refuses any other with this
+    /// reason.
+    fn promotable(&self, slot: usize) -> Result<(), String> {
+        let name = understudy_runtime::control::slot_name(slot);
+        let Some(view) = self.engine(slot) else {
+            return Err(format!("no engine of this supervisor runs in slot {name}"));
+        };
+        if !self.ours(slot) {
+            return Err(format!(
+                "the record of slot {name} is not this supervisor's engine's"
+            ));
+        }
+        if view.expected_exit || view.fenced {
+            return Err(format!("engine {name} is being stopped"));
+        }
+        match self.state(slot) {
+            State::Stale => Ok(()),
+            State::Hot => Err(format!(
+                "engine {name} is a hot standby: it steps up by itself when it runs (stalled?)"
+            )),
+            other => Err(format!(
+                "engine {name} holds no consistent copy (state {}): nothing to promote",
+                other.name()
+            )),
+        }
+    }
+
     /// For an outage report: how far the last active got and what each other engine holds,
     /// so the operator knows exactly which transactions are on no engine. The active's own
     /// transaction index (counters file, written at every commit, before the answer goes

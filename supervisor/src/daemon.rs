@@ -620,10 +620,7 @@ impl Supervisor {
                 }
             } else {
                 self.outage_reported = true;
-                let stale = (0..SLOTS).find(|&s| {
-                    self.cluster.state(s) == State::Stale
-                        && self.cluster.control.get(s, Field::Pid) != 0
-                });
+                let stale = (0..SLOTS).find(|&s| self.cluster.promotable(s).is_ok());
                 match stale {
                     Some(s) => error!(
                         "outage: no engine is active and none can step up; {}; `understudy promote {} --accept-loss` serves from that copy (or `understudy down` then `understudy up`)",

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use tracing::warn;
-use understudy_runtime::control::{slot_cmd, slot_index, slot_name, Field, State};
+use understudy_runtime::control::{slot_cmd, slot_index, slot_name, Field};
 
 use crate::cluster::ClusterOps;
 use crate::proto::{Code, PromoteRequest, Reply};
@@ -79,20 +79,13 @@ fn refusal(cluster: &dyn ClusterOps, request: &PromoteRequest) -> Result<usize, 
             slot_name(h)
         ));
     }
-    if cluster.engine(slot).is_none() {
-        return refuse(format!("no engine runs in slot {}", slot_name(slot)));
-    }
+    cluster
+        .promotable(slot)
+        .map_err(|why| Reply::result(Code::WrongRole, why))?;
     if !request.accept_loss {
         return refuse(format!(
             "promote loses what the dead active committed after the copy: {}; run again with --accept-loss to go ahead",
             cluster.what_was_committed()
-        ));
-    }
-    if cluster.state(slot) != State::Stale {
-        return refuse(format!(
-            "engine {} holds no consistent copy (state {}): nothing to promote",
-            slot_name(slot),
-            cluster.state(slot).name()
         ));
     }
     Ok(slot)
