@@ -206,9 +206,11 @@ pub struct CallState {
     by_state: [u64; 3],
 }
 
-/// The state word of a call's record bytes (the same offset in layouts 1 and 2).
+/// The state word of a call's record bytes (the same offset in layouts 1 and 2: fields are
+/// only appended).
 fn state_of(record: &[u8]) -> Option<u32> {
-    let b = record.get(24..28)?;
+    const AT: usize = std::mem::offset_of!(Call, state);
+    let b = record.get(AT..AT + 4)?;
     Some(u32::from_le_bytes(b.try_into().ok()?))
 }
 
