@@ -70,13 +70,16 @@
 
 pub mod app;
 pub mod client;
+/// The control block: the protocol between supervisor and engines (the control crate's).
 #[doc(hidden)]
-pub mod control;
-pub mod counters;
+pub use understudy_control::control;
+/// Live counters in shared memory (the control crate's).
+pub use understudy_control::counters;
 pub mod engine;
 pub mod launch;
+/// Process identity, the robust lock and death detection (the control crate's).
 #[doc(hidden)]
-pub mod liveness;
+pub use understudy_control::liveness;
 #[doc(hidden)]
 pub mod protocol;
 pub mod records;
@@ -135,7 +138,7 @@ fn run_code<A: Application>(app: A) -> i32 {
         Ok(l) => l,
         Err(e) => return fail(launch::exit::MISCONFIGURED, &e),
     };
-    let opt = match launch.options() {
+    let opt = match launch::options(&launch) {
         Ok(o) => o,
         Err(e) => return fail(launch::exit::MISCONFIGURED, &e),
     };

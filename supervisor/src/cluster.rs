@@ -14,8 +14,8 @@
 use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
-use understudy_runtime::control::{slot_cmd, slot_name, Control, Field, Role, State, SLOTS};
-use understudy_runtime::liveness::ProcessIdentity;
+use understudy_control::control::{slot_cmd, slot_name, Control, Field, Role, State, SLOTS};
+use understudy_control::liveness::ProcessIdentity;
 
 use crate::config::ClusterConfig;
 use crate::process::{self, EngineProc, SpawnError, SpawnSpec};
@@ -191,7 +191,7 @@ pub(crate) trait ClusterOps {
     /// outage report suggests only such a slot, and `promote` refuses any other with this
     /// reason.
     fn promotable(&self, slot: usize) -> Result<(), String> {
-        let name = understudy_runtime::control::slot_name(slot);
+        let name = understudy_control::control::slot_name(slot);
         let Some(view) = self.engine(slot) else {
             return Err(format!("no engine of this supervisor runs in slot {name}"));
         };
@@ -221,7 +221,7 @@ pub(crate) trait ClusterOps {
     /// out) bounds what clients were acknowledged; the control block's count is its fallback.
     fn what_was_committed(&self) -> String {
         let control = self.control();
-        let counters = understudy_runtime::counters::read(self.dir()).ok();
+        let counters = understudy_control::counters::read(self.dir()).ok();
         let committed = |slot: usize| {
             let published = control.get(slot, Field::Commits);
             counters

@@ -32,8 +32,8 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
-use understudy_runtime::control::{slot_cmd, slot_name, Control, Field, Role, State, SLOTS};
-use understudy_runtime::liveness::ProcessIdentity;
+use understudy_control::control::{slot_cmd, slot_name, Control, Field, Role, State, SLOTS};
+use understudy_control::liveness::ProcessIdentity;
 
 use crate::cluster::{Cluster, ClusterOps};
 use crate::config::ClusterConfig;
@@ -245,11 +245,11 @@ impl Supervisor {
         }
         // A `down` that a previous supervisor began and did not finish left the cluster
         // marked down: clients would be told `ClusterDown` by a cluster we now serve.
-        if self.cluster.control.cluster_state() != Ok(understudy_runtime::control::ClusterState::Up)
+        if self.cluster.control.cluster_state() != Ok(understudy_control::control::ClusterState::Up)
         {
             self.cluster
                 .control
-                .set_cluster_state(understudy_runtime::control::ClusterState::Up);
+                .set_cluster_state(understudy_control::control::ClusterState::Up);
         }
         self.cluster.ensure_two_managed();
         self.cluster.record_spawned();

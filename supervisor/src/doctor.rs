@@ -16,8 +16,8 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use understudy_runtime::control::{Control, Field, SLOTS};
-use understudy_runtime::liveness::ProcessIdentity;
+use understudy_control::control::{Control, Field, SLOTS};
+use understudy_control::liveness::ProcessIdentity;
 
 use crate::config::ClusterConfig;
 

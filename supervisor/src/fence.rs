@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
-use understudy_runtime::control::{monotonic_ns, slot_name, Field, Role, State, SLOTS};
+use understudy_control::control::{monotonic_ns, slot_name, Field, Role, State, SLOTS};
 
 use crate::cluster::{Cluster, ClusterOps};
 use crate::process::HUNG_BEATS;

@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
-use understudy_runtime::control::{slot_name, Field, Role, SLOTS};
-use understudy_runtime::liveness::ProcessIdentity;
+use understudy_control::control::{slot_name, Field, Role, SLOTS};
+use understudy_control::liveness::ProcessIdentity;
 
 use crate::cluster::Cluster;
 use crate::proto::ForeignEngine;

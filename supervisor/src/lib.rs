@@ -13,10 +13,11 @@
 //! unit-tested against a fake cluster. The modules import one way: nothing imports
 //! [`daemon`], and `ops` imports neither the loop nor the socket.
 //!
-//! It talks to engines only through the shared control block of the runtime
-//! (`understudy_runtime::control`) and process signals. It must never know how engines
-//! replicate: the runtime's store, rings and protocol are not its business, and failover does
-//! not need it (a standby steps up by itself when its active dies).
+//! It talks to engines only through the shared control block (`understudy_control::control`)
+//! and process signals. It must never know how engines replicate, and cannot: it depends on
+//! the control crate (the protocol), not on the runtime, whose store, rings and replication
+//! are not its business; failover does not need it (a standby steps up by itself when its
+//! active dies).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]

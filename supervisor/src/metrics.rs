@@ -1,5 +1,5 @@
 //! The Prometheus endpoint: the engines' live counters (`<cluster dir>/counters`, see
-//! [`understudy_runtime::counters`]) in the Prometheus text exposition format, read on each
+//! [`understudy_control::counters`]) in the Prometheus text exposition format, read on each
 //! scrape by a [`prometheus_client`] collector and served over HTTP by one small thread.
 //!
 //! Off by default; on with
@@ -35,8 +35,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
-use understudy_runtime::control::{monotonic_ns, Role};
-use understudy_runtime::counters::{self, ClientView, SlotCounters, Snapshot};
+use understudy_control::control::{monotonic_ns, Role};
+use understudy_control::counters::{self, ClientView, SlotCounters, Snapshot};
 
 /// `[metrics]`: the Prometheus endpoint (off unless `listen` is set).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,9 +22,9 @@ use std::process::{Child, Command, ExitStatus};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use understudy_runtime::control::{slot_index, slot_name};
-use understudy_runtime::launch;
-use understudy_runtime::liveness::{Pidfd, ProcessIdentity};
+use understudy_control::control::{slot_index, slot_name};
+use understudy_control::launch;
+use understudy_control::liveness::{Pidfd, ProcessIdentity};
 
 use crate::config::ClusterConfig;
 

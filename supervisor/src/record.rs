@@ -39,8 +39,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use understudy_runtime::control::realtime_ns;
-use understudy_runtime::liveness::ProcessIdentity;
+use understudy_control::control::realtime_ns;
+use understudy_control::liveness::ProcessIdentity;
 
 use crate::config::TimeoutsConfig;
 use crate::plan::{Checkpoint, Cluster, Engine, Role, Slot, UpgradePlan, UpgradeSpec, Version};

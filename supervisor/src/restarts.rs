@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
-use understudy_runtime::control::{slot_name, SLOTS};
+use understudy_control::control::{slot_name, SLOTS};
 
 use crate::config::RestartConfig;
 use crate::process::ExitInfo;

@@ -2,7 +2,7 @@
 //! is the supervisor's own) and the supervisor's bookkeeping (the operation in progress,
 //! restarts, role changes, foreign engines).
 
-use understudy_runtime::control::{monotonic_ns, slot_name, Field, Role, State, SLOTS};
+use understudy_control::control::{monotonic_ns, slot_name, Field, Role, State, SLOTS};
 
 use crate::cluster::{Cluster, ClusterOps};
 use crate::foreign::ForeignWatch;

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 use tracing::{info, warn};
-use understudy_runtime::control::{slot_name, Control, Field, Role, State, SLOTS};
+use understudy_control::control::{slot_name, Control, Field, Role, State, SLOTS};
 
 static LOOP_TICKS: AtomicU64 = AtomicU64::new(0);
 
@@ -48,7 +48,7 @@ fn observe(control: &Control) -> (bool, String) {
     let alive = |s: usize| {
         let pid = control.get(s, Field::Pid);
         pid != 0 && pid <= i32::MAX as u64 && {
-            understudy_runtime::liveness::ProcessIdentity {
+            understudy_control::liveness::ProcessIdentity {
                 pid: pid as u32,
                 start_time_ticks: control.get(s, Field::StartTime),
             }

@@ -1,6 +1,6 @@
 //! Why `understudy up` could not run the cluster, and the exit code each reason gets.
 
-use understudy_runtime::control::ControlError;
+use understudy_control::control::ControlError;
 
 use crate::config::ConfigError;
 use crate::process::SpawnError;

@@ -16,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use understudy_runtime::liveness::ProcStat;
+use understudy_control::liveness::ProcStat;
 
 /// `tid` is a thread of the process `pid` (the robust mutex names a thread, not a process).
 pub(crate) fn tid_belongs_to(pid: u32, tid: u32) -> bool {
@@ -84,7 +84,7 @@ mod tests {
         assert_eq!(is_stopped(pid), Some(false));
         assert!(tid_belongs_to(
             pid,
-            understudy_runtime::liveness::current_tid()
+            understudy_control::liveness::current_tid()
         ));
         assert!(!tid_belongs_to(pid, 0));
         assert!(!tid_belongs_to(pid, u32::MAX));

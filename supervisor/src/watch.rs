@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
-use understudy_runtime::control::{realtime_ns, slot_name, Control, Field, SLOTS};
+use understudy_control::control::{realtime_ns, slot_name, Control, Field, SLOTS};
 
 use crate::cluster::{Cluster, ClusterOps};
 use crate::proto::RoleChange;

@@ -139,21 +139,9 @@ const CLOSE_REFUSED: u64 = 3;
 
 const CLOSE_DETACHED: u64 = 4;
 
-/// Command result codes.
+/// Command result codes (the protocol's, in the control crate).
 #[doc(hidden)]
-pub mod result {
-    /// Done.
-    pub const OK: u64 = 0;
-    /// The target is not a hot standby.
-    pub const NOT_HOT: u64 = 2;
-    /// A feature cannot be enabled (a peer lacks it).
-    pub const NOT_ENABLEABLE: u64 = 3;
-    /// Unknown command.
-    pub const UNKNOWN: u64 = 4;
-    /// The switchover could not start (no room for the step-up frame, or a region could not
-    /// be created); the active stays active.
-    pub const BUSY: u64 = 5;
-}
+pub use understudy_control::result;
 
 /// One engine process.
 pub struct Engine<A: Application, I: Input> {

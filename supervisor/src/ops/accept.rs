@@ -5,7 +5,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::time::Instant;
 
-use understudy_runtime::control::{slot_name, Field};
+use understudy_control::control::{slot_name, Field};
 
 use crate::cluster::ClusterOps;
 use crate::config::{AcceptanceConfig, ClusterConfig};

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
-use understudy_runtime::control::slot_name;
+use understudy_control::control::slot_name;
 
 use super::accept::{Soak, SoakPoll};
 use super::command::{CommandExec, CommandPoll};

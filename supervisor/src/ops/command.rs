@@ -16,8 +16,8 @@ use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
-use understudy_runtime::control::slot_name;
-use understudy_runtime::engine::result;
+use understudy_control::control::slot_name;
+use understudy_control::result;
 
 use super::emit;
 use crate::cluster::ClusterOps;

@@ -5,7 +5,7 @@ use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
-use understudy_runtime::control::{slot_name, ClusterState, SLOTS};
+use understudy_control::control::{slot_name, ClusterState, SLOTS};
 
 use super::emit;
 use crate::cluster::ClusterOps;

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use understudy_runtime::control::{cmd, slot_name, Field};
+use understudy_control::control::{cmd, slot_name, Field};
 
 use super::command::Command;
 use crate::cluster::ClusterOps;

@@ -9,9 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
-use understudy_runtime::control::{cmd, slot_cmd, Control, Field, Role, State, SLOTS};
-use understudy_runtime::engine::result;
-use understudy_runtime::liveness::ProcessIdentity;
+use understudy_control::control::{cmd, slot_cmd, Control, Field, Role, State, SLOTS};
+use understudy_control::liveness::ProcessIdentity;
+use understudy_control::result;
 
 use crate::cluster::{ClusterOps, EngineView, Outcomes};
 use crate::config::ClusterConfig;

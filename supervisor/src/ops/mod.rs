@@ -20,7 +20,7 @@
 
 use std::sync::mpsc::Sender;
 
-use understudy_runtime::control::slot_name;
+use understudy_control::control::slot_name;
 
 use crate::cluster::ClusterOps;
 use crate::plan::Slot;

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
-use understudy_runtime::control::{slot_name, Field, Role, State, SLOTS};
+use understudy_control::control::{slot_name, Field, Role, State, SLOTS};
 
 use crate::cluster::ClusterOps;
 

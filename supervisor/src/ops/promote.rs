@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use tracing::warn;
-use understudy_runtime::control::{slot_cmd, slot_index, slot_name, Field};
+use understudy_control::control::{slot_cmd, slot_index, slot_name, Field};
 
 use crate::cluster::ClusterOps;
 use crate::proto::{Code, PromoteRequest, Reply};

@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use tracing::{error, info, warn};
-use understudy_runtime::control::{slot_cmd, slot_name, Field, SLOTS};
+use understudy_control::control::{slot_cmd, slot_name, Field, SLOTS};
 
 use super::upgrade::{UpgradeRun, UPGRADE_STARTING};
 use super::{plan_slot, slot_of, Operation, Stepped};

@@ -4,7 +4,7 @@
 
 use std::sync::mpsc::Sender;
 
-use understudy_runtime::control::Field;
+use understudy_control::control::Field;
 
 use super::upgrade::UpgradeRun;
 use crate::cluster::ClusterOps;

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use tracing::warn;
-use understudy_runtime::control::{cmd, slot_name, Field};
+use understudy_control::control::{cmd, slot_name, Field};
 
 use super::command::{warn_asked_again, Command, CommandResult};
 use crate::cluster::ClusterOps;

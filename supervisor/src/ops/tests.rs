@@ -4,8 +4,8 @@
 use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
 
-use understudy_runtime::control::{cmd, Field, Role, State};
-use understudy_runtime::engine::result;
+use understudy_control::control::{cmd, Field, Role, State};
+use understudy_control::result;
 
 use super::command::CommandResult;
 use super::fake::FakeCluster;
@@ -289,7 +289,7 @@ fn down_stops_the_standby_before_the_active_then_removes_the_files() {
     let (mut op, rx) = begin(&mut fake, Op::Down);
     assert_eq!(
         fake.control().cluster_state(),
-        Ok(understudy_runtime::control::ClusterState::Down)
+        Ok(understudy_control::control::ClusterState::Down)
     );
     assert_eq!(fake.managed, [false; 3]);
     fake.turn();
@@ -560,9 +560,9 @@ fn promote_serves_from_a_stale_copy_only_with_the_loss_accepted() {
     // before): played here by a thread on the same control block.
     let dir = fake.dir().to_path_buf();
     let engine = std::thread::spawn(move || {
-        let control = understudy_runtime::control::Control::open(&dir).expect("control");
+        let control = understudy_control::control::Control::open(&dir).expect("control");
         for _ in 0..TURNS_MAX {
-            if control.take_slot_cmd(1, understudy_runtime::control::slot_cmd::PROMOTE) {
+            if control.take_slot_cmd(1, understudy_control::control::slot_cmd::PROMOTE) {
                 let epoch = control.epoch();
                 control.claim_epoch(epoch, 1).expect("the next epoch");
                 control.set(1, Field::Role, Role::Active as u64);

@@ -20,7 +20,7 @@ use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
-use understudy_runtime::control::{realtime_ns, slot_name, SLOTS};
+use understudy_control::control::{realtime_ns, slot_name, SLOTS};
 
 use super::accept::upgrade_acceptance;
 use super::action::{Exec, Judged, Polled};

@@ -34,7 +34,7 @@
 //! # Examples
 //!
 //! ```
-//! use understudy_runtime::counters::{self, Counter};
+//! use understudy_control::counters::{self, Counter};
 //! let dir = std::env::temp_dir().join(format!("counters-doc-{}", std::process::id()));
 //! let _ = std::fs::remove_dir_all(&dir);
 //! shm_layout::region::ensure_private_dir(&dir).unwrap();

@@ -23,7 +23,7 @@
 //! the epoch and the active slot) from its own view when both copies are lost.
 //!
 //! ```no_run
-//! use understudy_runtime::control::{Control, Field};
+//! use understudy_control::control::{Control, Field};
 //! let control = Control::open("/dev/shm/understudy/demo".as_ref()).unwrap();
 //! for damage in control.verify() {
 //!     eprintln!("{damage}"); // e.g. "control block word `slot a pid`: primary copy ..."
@@ -316,7 +316,7 @@ pub mod slot_cmd {
 }
 
 /// Whether the cluster is meant to run: `down` marks it before stopping the engines, so clients
-/// learn it at once ([`crate::client::ClientError::ClusterDown`]).
+/// learn it at once (the runtime's `ClientError::ClusterDown`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClusterState {
     /// Running (or starting).
@@ -542,7 +542,7 @@ fn copy_value(word: Word, raw: u64) -> Option<u64> {
 /// its operations.
 ///
 /// ```no_run
-/// # use understudy_runtime::control::Control;
+/// # use understudy_control::control::Control;
 /// let control = Control::open("/dev/shm/understudy/demo".as_ref()).unwrap();
 /// let lock = control.lock();
 /// println!("owner died: {}", lock.owner_died());
@@ -551,7 +551,7 @@ fn copy_value(word: Word, raw: u64) -> Option<u64> {
 /// Using the lock after the control block (its mapping) is gone does not compile:
 ///
 /// ```compile_fail
-/// # use understudy_runtime::control::Control;
+/// # use understudy_control::control::Control;
 /// let lock = {
 ///     let control = Control::open("/dev/shm/understudy/demo".as_ref()).unwrap();
 ///     control.lock() // error: `control` does not live long enough
@@ -562,8 +562,8 @@ fn copy_value(word: Word, raw: u64) -> Option<u64> {
 /// nor does taking the unbounded handle out of it:
 ///
 /// ```compile_fail
-/// # use understudy_runtime::control::Control;
-/// # use understudy_runtime::liveness::RobustLock;
+/// # use understudy_control::control::Control;
+/// # use understudy_control::liveness::RobustLock;
 /// let control = Control::open("/dev/shm/understudy/demo".as_ref()).unwrap();
 /// let escaped: RobustLock = *control.lock(); // error: cannot be dereferenced
 /// drop(control);

@@ -21,7 +21,7 @@
 //! # Examples
 //!
 //! ```
-//! use understudy_runtime::liveness::{current_tid, LockOutcome, LockWord, RobustLock};
+//! use understudy_control::liveness::{current_tid, LockOutcome, LockWord, RobustLock};
 //!
 //! // In production this is a MAP_SHARED mapping of a file under /dev/shm; any mapping with
 //! // 64-byte alignment works for a single process.
@@ -128,7 +128,7 @@ impl ProcStat {
     /// # Examples
     ///
     /// ```
-    /// use understudy_runtime::liveness::ProcStat;
+    /// use understudy_control::liveness::ProcStat;
     /// let line = "42 (a) b (c)) S 1 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 777 0 0";
     /// let stat = ProcStat::parse(line).unwrap();
     /// assert_eq!((stat.pid, stat.state, stat.start_time_ticks), (42, 'S', 777));
