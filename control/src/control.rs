@@ -36,6 +36,7 @@
 //! ```
 
 use crate::liveness::{LockError, LockOutcome, LockWord, RobustLock, TryLockOutcome};
+use crate::result::CommandResult;
 use memmap2::{MmapOptions, MmapRaw};
 use shm_layout::memory::{MappedWords, WordMemory};
 use shm_layout::{AtomicU64, Ordering};
@@ -161,10 +162,13 @@ pub enum Field {
     /// 1 once the active committed a transaction since it became active (set before the
     /// first commit is replicated; 0 while a standby).
     Served,
+    /// Why the engine refused the slot command it took ([`CommandResult`] code; 0: no
+    /// refusal). Cleared by [`Control::post_slot_command`].
+    CmdRefusal,
 }
 
 /// Slot fields are only appended (engines of two versions share the control block).
-const _: () = assert!((Field::Served as usize) < SLOT_WORDS);
+const _: () = assert!((Field::CmdRefusal as usize) < SLOT_WORDS);
 
 impl Field {
     /// Lower-case name, as errors and reports print it.
@@ -199,6 +203,7 @@ impl Field {
             Field::Refusals => "refusals",
             Field::ServiceP99Ns => "service p99",
             Field::Served => "served",
+            Field::CmdRefusal => "command refusal",
         }
     }
 
@@ -311,9 +316,139 @@ pub mod slot_cmd {
     pub const STOP: u64 = 1;
     /// With no live active: become active with the consistent copy this engine holds
     /// (`understudy promote --accept-loss`), losing what the dead active committed after it.
-    /// Ignored by an engine that holds no consistent copy, or while an active serves.
+    /// Refused by an engine that holds no consistent copy, or while an active serves (the
+    /// reason in its [`Field::CmdRefusal`](super::Field::CmdRefusal)).
     pub const PROMOTE: u64 = 2;
 }
+
+/// A command to the active, in the cluster mailbox ([`Control::post_command`]); its wire
+/// form is a code of [`cmd`] and an argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterCommand {
+    /// Hand the active role to the hot standby in slot `target` (a planned switchover).
+    Switchover {
+        /// The slot that becomes active (`< SLOTS`).
+        target: usize,
+    },
+    /// Enable the features `mask` (bit `i`: feature `i`) on every engine, at one point of the
+    /// replication stream.
+    EnableFeatures {
+        /// The features.
+        mask: u64,
+    },
+}
+
+impl ClusterCommand {
+    /// The mailbox's command word and argument.
+    pub fn words(self) -> (u64, u64) {
+        match self {
+            ClusterCommand::Switchover { target } => (cmd::SWITCHOVER, target as u64),
+            ClusterCommand::EnableFeatures { mask } => (cmd::ENABLE_FEATURES, mask),
+        }
+    }
+
+    /// The command the words hold (untrusted: a code or target out of range is named).
+    pub fn decode(word: u64, arg: u64) -> Result<ClusterCommand, BadCommand> {
+        match word {
+            cmd::SWITCHOVER if arg < SLOTS as u64 => Ok(ClusterCommand::Switchover {
+                target: arg as usize,
+            }),
+            cmd::SWITCHOVER => Err(BadCommand::NoSuchSlot { found: arg }),
+            cmd::ENABLE_FEATURES => Ok(ClusterCommand::EnableFeatures { mask: arg }),
+            other => Err(BadCommand::UnknownCode { found: other }),
+        }
+    }
+}
+
+impl std::fmt::Display for ClusterCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClusterCommand::Switchover { target } => {
+                write!(f, "switchover to engine {}", slot_name(*target))
+            }
+            ClusterCommand::EnableFeatures { mask } => write!(f, "enable features {mask:#x}"),
+        }
+    }
+}
+
+/// What the mailbox holds past the last acknowledgement ([`Control::pending_command`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// A command.
+    Command(ClusterCommand),
+    /// A command withdrawn by the supervisor ([`Control::withdraw_command`]): acknowledge it,
+    /// do nothing.
+    Withdrawn,
+    /// Words that are not a command this build knows.
+    Bad(BadCommand),
+}
+
+/// A per-slot command to one engine ([`Control::post_slot_command`]); its wire form is a code
+/// of [`slot_cmd`] in the slot's [`Field::Cmd`] (0: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotCommand {
+    /// Stop cleanly (out of service).
+    Stop,
+    /// With no live active: become active with the consistent copy this engine holds (see
+    /// [`slot_cmd::PROMOTE`]); a refusal is written to [`Field::CmdRefusal`].
+    Promote,
+}
+
+impl SlotCommand {
+    /// The command word.
+    pub fn code(self) -> u64 {
+        match self {
+            SlotCommand::Stop => slot_cmd::STOP,
+            SlotCommand::Promote => slot_cmd::PROMOTE,
+        }
+    }
+
+    /// The command a slot's command word holds (`None`: no command).
+    pub fn decode(word: u64) -> Result<Option<SlotCommand>, BadCommand> {
+        match word {
+            0 => Ok(None),
+            slot_cmd::STOP => Ok(Some(SlotCommand::Stop)),
+            slot_cmd::PROMOTE => Ok(Some(SlotCommand::Promote)),
+            other => Err(BadCommand::UnknownCode { found: other }),
+        }
+    }
+
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SlotCommand::Stop => "stop",
+            SlotCommand::Promote => "promote",
+        }
+    }
+}
+
+/// Command words that decode to no command this build knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadCommand {
+    /// The command code.
+    UnknownCode {
+        /// The word found.
+        found: u64,
+    },
+    /// A switchover to a slot that does not exist.
+    NoSuchSlot {
+        /// The argument found.
+        found: u64,
+    },
+}
+
+impl std::fmt::Display for BadCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BadCommand::UnknownCode { found } => write!(f, "unknown command code {found}"),
+            BadCommand::NoSuchSlot { found } => write!(
+                f,
+                "switchover target: expected a slot below {SLOTS}, found {found}"
+            ),
+        }
+    }
+}
+impl std::error::Error for BadCommand {}
 
 /// Whether the cluster is meant to run: `down` marks it before stopping the engines, so clients
 /// learn it at once (the runtime's `ClientError::ClusterDown`).
@@ -1232,6 +1367,72 @@ impl Control {
         (a, self.words.word(W_CMD_RESULT).load(Ordering::Relaxed))
     }
 
+    /// Post `command` to the active; returns its sequence number.
+    pub fn post_command(&self, command: ClusterCommand) -> u64 {
+        let (word, arg) = command.words();
+        self.post(word, arg)
+    }
+
+    /// Withdraw the command posted last, if the active has not taken it: post "no command"
+    /// over it (an active acknowledges it and does nothing). Its sequence number.
+    pub fn withdraw_command(&self) -> u64 {
+        self.post(0, 0)
+    }
+
+    /// The command pending for the active, typed, with its sequence number.
+    pub fn pending_command(&self) -> Option<(u64, Pending)> {
+        let (seq, word, arg) = self.pending()?;
+        let pending = match word {
+            0 => Pending::Withdrawn,
+            _ => match ClusterCommand::decode(word, arg) {
+                Ok(c) => Pending::Command(c),
+                Err(bad) => Pending::Bad(bad),
+            },
+        };
+        Some((seq, pending))
+    }
+
+    /// Acknowledge command `seq` with `result`.
+    pub fn answer(&self, seq: u64, result: CommandResult) {
+        self.ack(seq, result.code());
+    }
+
+    /// The acknowledged sequence and its result, typed.
+    pub fn acked_result(&self) -> (u64, CommandResult) {
+        let (seq, code) = self.acked();
+        (seq, CommandResult::from_code(code))
+    }
+
+    /// Post the slot command `command` to the engine in `slot`, clearing its last refusal.
+    pub fn post_slot_command(&self, slot: usize, command: SlotCommand) {
+        self.set(slot, Field::CmdRefusal, 0);
+        self.set(slot, Field::Cmd, command.code());
+    }
+
+    /// The slot command posted in `slot` and not taken yet (`None`: none).
+    pub fn slot_command(&self, slot: usize) -> Result<Option<SlotCommand>, BadCommand> {
+        SlotCommand::decode(self.get(slot, Field::Cmd))
+    }
+
+    /// [`take_slot_cmd`](Self::take_slot_cmd), typed.
+    pub fn take_slot_command(&self, slot: usize, command: SlotCommand) -> bool {
+        self.take_slot_cmd(slot, command.code())
+    }
+
+    /// An engine refuses the slot command it took, for `why` (read by
+    /// [`slot_refusal`](Self::slot_refusal)).
+    pub fn refuse_slot_command(&self, slot: usize, why: CommandResult) {
+        self.set(slot, Field::CmdRefusal, why.code());
+    }
+
+    /// Why the engine in `slot` refused the slot command it took last (`None`: no refusal).
+    pub fn slot_refusal(&self, slot: usize) -> Option<CommandResult> {
+        match self.get(slot, Field::CmdRefusal) {
+            0 => None,
+            code => Some(CommandResult::from_code(code)),
+        }
+    }
+
     /// Supervisor identity words (pid, start time).
     pub fn supervisor_word(&self, i: usize) -> &AtomicU64 {
         assert!(i < 2);
@@ -1349,5 +1550,137 @@ pub fn slot_index(name: &str) -> Option<usize> {
         "b" => Some(1),
         "c" => Some(2),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cluster directory under /dev/shm, removed on drop even when the test fails.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(tag: &str) -> Dir {
+            let d = PathBuf::from(format!(
+                "/dev/shm/understudy-control-test-{}-{tag}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&d);
+            Dir(d)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Every cluster command encodes to words that decode back to it; every slot is a
+    /// switchover target.
+    #[test]
+    fn cluster_commands_round_trip() {
+        let mut all: Vec<ClusterCommand> = (0..SLOTS)
+            .map(|target| ClusterCommand::Switchover { target })
+            .collect();
+        all.extend([0, 1, 0x4, u64::MAX].map(|mask| ClusterCommand::EnableFeatures { mask }));
+        for c in all {
+            let (word, arg) = c.words();
+            assert_eq!(ClusterCommand::decode(word, arg), Ok(c), "{c}");
+        }
+        assert_eq!(
+            ClusterCommand::Switchover { target: 1 }.words(),
+            (cmd::SWITCHOVER, 1)
+        );
+        assert_eq!(
+            ClusterCommand::EnableFeatures { mask: 6 }.words(),
+            (cmd::ENABLE_FEATURES, 6)
+        );
+    }
+
+    /// Words no command has (untrusted memory) decode to a named error, never a command: an
+    /// unknown code, a switchover to a slot that does not exist.
+    #[test]
+    fn bad_cluster_commands_are_named() {
+        for word in [0, 3, 4, 99, u64::MAX] {
+            let bad = ClusterCommand::decode(word, 1);
+            assert_eq!(bad, Err(BadCommand::UnknownCode { found: word }));
+            assert_eq!(
+                bad.unwrap_err().to_string(),
+                format!("unknown command code {word}")
+            );
+        }
+        for target in [SLOTS as u64, 7, u64::MAX] {
+            let bad = ClusterCommand::decode(cmd::SWITCHOVER, target);
+            assert_eq!(bad, Err(BadCommand::NoSuchSlot { found: target }));
+            assert!(bad.unwrap_err().to_string().contains(&target.to_string()));
+        }
+    }
+
+    /// Every slot command round-trips; 0 is no command; anything else is named.
+    #[test]
+    fn slot_commands_decode_and_unknown_codes_are_named() {
+        for c in [SlotCommand::Stop, SlotCommand::Promote] {
+            assert_eq!(SlotCommand::decode(c.code()), Ok(Some(c)), "{}", c.name());
+        }
+        assert_eq!(SlotCommand::decode(0), Ok(None));
+        for word in [3, 1000, u64::MAX] {
+            let bad = SlotCommand::decode(word);
+            assert_eq!(bad, Err(BadCommand::UnknownCode { found: word }));
+            assert_eq!(
+                bad.unwrap_err().to_string(),
+                format!("unknown command code {word}")
+            );
+        }
+    }
+
+    /// The mailbox through the typed API: a posted command is pending (typed) until it is
+    /// answered, its result reads back typed; a withdrawn one reads as withdrawn; raw words
+    /// another process wrote read as `Bad` or an unknown result code.
+    #[test]
+    fn mailbox_round_trip_typed() {
+        let dir = Dir::new("mailbox");
+        let c = Control::open_or_create(&dir.0).expect("control");
+        assert_eq!(c.pending_command(), None);
+        let command = ClusterCommand::Switchover { target: 2 };
+        let seq = c.post_command(command);
+        assert_eq!(c.pending_command(), Some((seq, Pending::Command(command))));
+        c.answer(seq, CommandResult::NotHot);
+        assert_eq!(c.pending_command(), None);
+        assert_eq!(c.acked_result(), (seq, CommandResult::NotHot));
+        let seq = c.withdraw_command();
+        assert_eq!(c.pending_command(), Some((seq, Pending::Withdrawn)));
+        c.ack(seq, 4242);
+        assert_eq!(c.acked_result(), (seq, CommandResult::UnknownCode(4242)));
+        let seq = c.post(77, 0);
+        assert_eq!(
+            c.pending_command(),
+            Some((seq, Pending::Bad(BadCommand::UnknownCode { found: 77 })))
+        );
+    }
+
+    /// Slot commands: posted, taken exactly once, and a refusal is read back typed; a new
+    /// post clears the last refusal.
+    #[test]
+    fn slot_command_taken_once_and_refusal_read_back() {
+        let dir = Dir::new("slotcmd");
+        let c = Control::open_or_create(&dir.0).expect("control");
+        assert_eq!(c.slot_command(1), Ok(None));
+        c.post_slot_command(1, SlotCommand::Promote);
+        assert_eq!(c.slot_command(1), Ok(Some(SlotCommand::Promote)));
+        assert!(
+            !c.take_slot_command(1, SlotCommand::Stop),
+            "not that command"
+        );
+        assert!(c.take_slot_command(1, SlotCommand::Promote));
+        assert!(!c.take_slot_command(1, SlotCommand::Promote), "taken once");
+        assert_eq!(c.slot_refusal(1), None);
+        c.refuse_slot_command(1, CommandResult::NoConsistentCopy);
+        assert_eq!(c.slot_refusal(1), Some(CommandResult::NoConsistentCopy));
+        c.post_slot_command(1, SlotCommand::Promote);
+        assert_eq!(c.slot_refusal(1), None, "a new post clears the refusal");
+        c.set(1, Field::Cmd, 9);
+        assert_eq!(c.slot_command(1), Err(BadCommand::UnknownCode { found: 9 }));
     }
 }

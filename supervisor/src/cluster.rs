@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
-use understudy_control::control::{slot_cmd, slot_name, Control, Field, Role, State, SLOTS};
+use understudy_control::control::{slot_name, Control, Field, Role, SlotCommand, State, SLOTS};
 use understudy_control::liveness::ProcessIdentity;
 
 use crate::config::ClusterConfig;
@@ -101,7 +101,7 @@ pub(crate) trait ClusterOps {
     fn request_stop(&mut self, slot: usize) {
         if self.engine(slot).is_some() {
             self.expect_exit(slot);
-            self.control().set(slot, Field::Cmd, slot_cmd::STOP);
+            self.control().post_slot_command(slot, SlotCommand::Stop);
         }
     }
 

@@ -32,7 +32,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
-use understudy_control::control::{slot_cmd, slot_name, Control, Field, Role, State, SLOTS};
+use understudy_control::control::{slot_name, Control, Field, Role, SlotCommand, State, SLOTS};
 use understudy_control::liveness::ProcessIdentity;
 
 use crate::cluster::{Cluster, ClusterOps};
@@ -545,8 +545,12 @@ impl Supervisor {
             if let Some(proc) = proc {
                 if proc.expected_exit && self.cluster.ours(slot) {
                     let state = self.cluster.state(slot);
-                    if state != State::Stopped && self.cluster.control.get(slot, Field::Cmd) == 0 {
-                        self.cluster.control.set(slot, Field::Cmd, slot_cmd::STOP);
+                    if state != State::Stopped
+                        && self.cluster.control.slot_command(slot) == Ok(None)
+                    {
+                        self.cluster
+                            .control
+                            .post_slot_command(slot, SlotCommand::Stop);
                     }
                 }
             }

@@ -1,6 +1,7 @@
 //! The standby role: attach to the active's stream, follow it (apply each committed batch),
 //! and watch the active for death.
 
+use super::result::CommandResult;
 use super::role::{self, NoStepUpBecause, OnActiveDead, OnLivenessCheck, StepUpBecause};
 use super::*;
 
@@ -314,6 +315,8 @@ impl<A: Application, I: Input> Engine<A, I> {
     pub(super) fn promote(&mut self, started: Instant) -> Result<Option<Attach>, EngineError> {
         if !self.consistent {
             warn!("promote refused: this engine holds no consistent copy (it was catching up, or has nothing yet)");
+            self.control
+                .refuse_slot_command(self.opt.slot, CommandResult::NoConsistentCopy);
             return Ok(None);
         }
         if self.try_claim(None)? {
@@ -328,6 +331,8 @@ impl<A: Application, I: Input> Engine<A, I> {
             return Ok(Some(Attach::BecomeActive));
         }
         warn!("promote refused: an active serves (or another engine claimed the epoch first)");
+        self.control
+            .refuse_slot_command(self.opt.slot, CommandResult::ActiveServes);
         Ok(None)
     }
 

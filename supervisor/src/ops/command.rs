@@ -16,66 +16,17 @@ use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
-use understudy_control::control::slot_name;
-use understudy_control::result;
+use understudy_control::control::{slot_name, ClusterCommand};
+pub(crate) use understudy_control::result::CommandResult;
 
 use super::emit;
 use crate::cluster::ClusterOps;
 use crate::proto::{Code, Reply};
 
-/// What the active answered a cluster command with (the control block's result word).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CommandResult {
-    /// Done.
-    Ok,
-    /// The switchover's target is not a hot standby.
-    NotHot,
-    /// A feature is not supported by every engine.
-    NotEnableable,
-    /// The engine does not know the command.
-    Unknown,
-    /// The switchover could not start; the active stays active.
-    Busy,
-    /// A code this supervisor does not know (a newer engine's).
-    Other(u64),
-}
-
-impl CommandResult {
-    /// The typed form of the result word.
-    pub(crate) fn from_code(code: u64) -> CommandResult {
-        match code {
-            result::OK => CommandResult::Ok,
-            result::NOT_HOT => CommandResult::NotHot,
-            result::NOT_ENABLEABLE => CommandResult::NotEnableable,
-            result::UNKNOWN => CommandResult::Unknown,
-            result::BUSY => CommandResult::Busy,
-            other => CommandResult::Other(other),
-        }
-    }
-}
-
-impl std::fmt::Display for CommandResult {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CommandResult::Ok => f.write_str("ok"),
-            CommandResult::NotHot => f.write_str("the target is not a hot standby"),
-            CommandResult::NotEnableable => {
-                f.write_str("a feature is not supported by every engine")
-            }
-            CommandResult::Unknown => f.write_str("unknown command"),
-            CommandResult::Busy => f.write_str(
-                "the switchover could not start (no room for the step-up frame, or a region could not be created); the active stays active",
-            ),
-            CommandResult::Other(code) => write!(f, "result code {code}"),
-        }
-    }
-}
-
 /// One kind of cluster command: what differs between `switchover` and `enable-features`.
 pub(crate) trait Command {
-    /// The command word and its argument; `None` when there is nothing to post (the effect
-    /// already holds).
-    fn word(&self) -> Option<(u64, u64)>;
+    /// The command; `None` when there is nothing to post (the effect already holds).
+    fn command(&self) -> Option<ClusterCommand>;
     /// The active that takes the command and answers it.
     fn taker(&self) -> usize;
     /// The command needs the engine in `slot`: its death fails the command.
@@ -123,8 +74,8 @@ pub(crate) struct CommandExec<C> {
 impl<C: Command> CommandExec<C> {
     /// Posts `command`.
     pub(crate) fn post(cluster: &dyn ClusterOps, command: C) -> CommandExec<C> {
-        let seq = match command.word() {
-            Some((word, arg)) => cluster.control().post(word, arg),
+        let seq = match command.command() {
+            Some(c) => cluster.control().post_command(c),
             None => 0,
         };
         info!("{} posted", command.describe());
@@ -145,24 +96,20 @@ impl<C: Command> CommandExec<C> {
     /// Advances the command: its acknowledgement, then its effect.
     pub(crate) fn poll(&mut self, cluster: &dyn ClusterOps) -> CommandPoll {
         if !self.acked {
-            let (ack, code) = cluster.control().acked();
+            let (ack, answer) = cluster.control().acked_result();
             if ack < self.seq {
                 return CommandPoll::Pending;
             }
             self.acked = true;
-            let answer = CommandResult::from_code(code);
-            if answer != CommandResult::Ok
-                && self.reposts == 0
-                && self.command.ask_again(cluster, answer)
-            {
-                if let Some((word, arg)) = self.command.word() {
+            if !answer.is_ok() && self.reposts == 0 && self.command.ask_again(cluster, answer) {
+                if let Some(c) = self.command.command() {
                     self.reposts += 1;
                     self.acked = false;
-                    self.seq = cluster.control().post(word, arg);
+                    self.seq = cluster.control().post_command(c);
                     return CommandPoll::Pending;
                 }
             }
-            if answer != CommandResult::Ok {
+            if !answer.is_ok() {
                 return CommandPoll::Refused(format!(
                     "engine {} refused: {answer}",
                     slot_name(self.command.taker())
@@ -179,7 +126,7 @@ impl<C: Command> CommandExec<C> {
     /// a new active must not take (or refuse) it in a later operation.
     pub(crate) fn cancel(&self, cluster: &dyn ClusterOps) {
         if !self.acked {
-            cluster.control().post(0, 0);
+            cluster.control().withdraw_command();
         }
     }
 }

@@ -1,10 +1,10 @@
 //! `enable-features` (and the upgrade's last action): turn on the features both engines
-//! support. Posted as the cluster command ENABLE_FEATURES(the standby's enableable mask); in
+//! support. Posted as the cluster command `EnableFeatures` (the standby's enableable mask); in
 //! effect once both engines report every feature of the mask.
 
 use std::time::{Duration, Instant};
 
-use understudy_control::control::{cmd, slot_name, Field};
+use understudy_control::control::{slot_name, ClusterCommand, Field};
 
 use super::command::Command;
 use crate::cluster::ClusterOps;
@@ -29,8 +29,8 @@ impl Enable {
 }
 
 impl Command for Enable {
-    fn word(&self) -> Option<(u64, u64)> {
-        (self.mask != 0).then_some((cmd::ENABLE_FEATURES, self.mask))
+    fn command(&self) -> Option<ClusterCommand> {
+        (self.mask != 0).then_some(ClusterCommand::EnableFeatures { mask: self.mask })
     }
 
     fn taker(&self) -> usize {

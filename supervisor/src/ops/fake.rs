@@ -9,9 +9,11 @@
 
 use std::path::{Path, PathBuf};
 
-use understudy_control::control::{cmd, slot_cmd, Control, Field, Role, State, SLOTS};
+use understudy_control::control::{
+    ClusterCommand, Control, Field, Pending, Role, SlotCommand, State, SLOTS,
+};
 use understudy_control::liveness::ProcessIdentity;
-use understudy_control::result;
+use understudy_control::result::CommandResult;
 
 use crate::cluster::{ClusterOps, EngineView, Outcomes};
 use crate::config::ClusterConfig;
@@ -65,7 +67,7 @@ pub(crate) struct FakeCluster {
     pub managed: [bool; SLOTS],
     pub outcomes: Outcomes,
     /// What the active answers every cluster command with; `None`: it performs it (ok).
-    pub answer: Option<u64>,
+    pub answer: Option<CommandResult>,
     /// The active never takes cluster commands.
     pub deaf: bool,
     /// A spawned engine never registers.
@@ -188,13 +190,15 @@ impl FakeCluster {
                 }
                 continue;
             }
-            match self.control.get(slot, Field::Cmd) {
-                slot_cmd::STOP if !self.stubborn[slot] => {
+            match self.control.slot_command(slot) {
+                Ok(Some(SlotCommand::Stop)) if !self.stubborn[slot] => {
                     self.engines[slot] = None;
                     self.write(slot, Role::None, State::Stopped);
                     self.control.set(slot, Field::Pid, 0);
                 }
-                slot_cmd::PROMOTE if self.control.take_slot_cmd(slot, slot_cmd::PROMOTE) => {
+                Ok(Some(SlotCommand::Promote))
+                    if self.control.take_slot_command(slot, SlotCommand::Promote) =>
+                {
                     self.step_up(slot);
                 }
                 _ => {}
@@ -206,35 +210,34 @@ impl FakeCluster {
     /// The active takes the pending cluster command, if any.
     fn take_command(&mut self) {
         let Some(active) = self.active() else { return };
-        let Some((seq, command, arg)) = self.control.pending() else {
+        let Some((seq, pending)) = self.control.pending_command() else {
             return;
         };
         if self.deaf {
             return;
         }
-        if command == 0 {
+        let command = match pending {
             // A withdrawn command: nothing to do.
-            self.control.ack(seq, result::OK);
+            Pending::Withdrawn => return self.control.answer(seq, CommandResult::Ok),
+            Pending::Bad(bad) => panic!("the fake was posted a bad command: {bad}"),
+            Pending::Command(c) => c,
+        };
+        if let Some(answer) = self.answer {
+            self.control.answer(seq, answer);
             return;
         }
-        if let Some(code) = self.answer {
-            self.control.ack(seq, code);
-            return;
-        }
-        self.control.ack(seq, result::OK);
+        self.control.answer(seq, CommandResult::Ok);
         match command {
-            cmd::SWITCHOVER => {
-                let target = arg as usize;
+            ClusterCommand::Switchover { target } => {
                 self.step_up(target);
                 self.write(active, Role::Standby, State::Hot);
             }
-            cmd::ENABLE_FEATURES => {
+            ClusterCommand::EnableFeatures { mask } => {
                 for slot in (0..SLOTS).filter(|&s| self.engines[s].is_some()) {
                     let features = self.control.get(slot, Field::Features);
-                    self.control.set(slot, Field::Features, features | arg);
+                    self.control.set(slot, Field::Features, features | mask);
                 }
             }
-            other => panic!("the fake does not know command {other}"),
         }
     }
 }

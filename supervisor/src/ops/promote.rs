@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use tracing::warn;
-use understudy_control::control::{slot_cmd, slot_index, slot_name, Field};
+use understudy_control::control::{slot_index, slot_name, Field, SlotCommand};
 
 use crate::cluster::ClusterOps;
 use crate::proto::{Code, PromoteRequest, Reply};
@@ -26,7 +26,9 @@ pub(crate) fn promote(cluster: &mut dyn ClusterOps, request: &PromoteRequest) ->
     };
     let what = cluster.what_was_committed();
     warn!(slot = %slot_name(slot), "promote requested by the operator, accepting the loss: {what}");
-    cluster.control().set(slot, Field::Cmd, slot_cmd::PROMOTE);
+    cluster
+        .control()
+        .post_slot_command(slot, SlotCommand::Promote);
     let deadline = Instant::now() + cluster.config().timeouts.switchover();
     while Instant::now() < deadline {
         if cluster.is_active(slot) {
@@ -43,7 +45,9 @@ pub(crate) fn promote(cluster: &mut dyn ClusterOps, request: &PromoteRequest) ->
     }
     // Withdrawn if the engine never took it: a command given up on must not make it active
     // later, on its own, at some other outage.
-    let withdrawn = cluster.control().take_slot_cmd(slot, slot_cmd::PROMOTE);
+    let withdrawn = cluster
+        .control()
+        .take_slot_command(slot, SlotCommand::Promote);
     Reply::result(
         Code::Failed,
         format!(

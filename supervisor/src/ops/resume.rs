@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use tracing::{error, info, warn};
-use understudy_control::control::{slot_cmd, slot_name, Field, SLOTS};
+use understudy_control::control::{slot_name, Field, Pending, SlotCommand, SLOTS};
 
 use super::upgrade::{UpgradeRun, UPGRADE_STARTING};
 use super::{plan_slot, slot_of, Operation, Stepped};
@@ -37,17 +37,27 @@ impl ResumeOp {
             "an upgrade was left in the middle by a previous supervisor; it does not go on: \
              before its acceptance verdict the old version is restored, after it the new version is kept"
         );
-        if let Some((seq, command, _)) = cluster.control().pending() {
-            if command != 0 {
+        match cluster.control().pending_command() {
+            None | Some((_, Pending::Withdrawn)) => {}
+            Some((seq, Pending::Command(command))) => {
                 warn!(
                     seq,
-                    command, "withdrawing a cluster command the previous supervisor posted and no engine took"
+                    %command, "withdrawing a cluster command the previous supervisor posted and no engine took"
                 );
-                cluster.control().post(0, 0);
+                cluster.control().withdraw_command();
+            }
+            Some((seq, Pending::Bad(bad))) => {
+                warn!(
+                    seq,
+                    "withdrawing a cluster command word no engine took: {bad}"
+                );
+                cluster.control().withdraw_command();
             }
         }
         for slot in 0..SLOTS {
-            if cluster.ours(slot) && cluster.control().get(slot, Field::Cmd) == slot_cmd::STOP {
+            if cluster.ours(slot)
+                && cluster.control().slot_command(slot) == Ok(Some(SlotCommand::Stop))
+            {
                 if let Some(proc) = cluster.engine(slot) {
                     info!(slot = %slot_name(slot), pid = proc.pid(), "the engine was being stopped; letting it stop");
                     cluster.expect_exit(slot);

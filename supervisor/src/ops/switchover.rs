@@ -1,12 +1,12 @@
 //! `switchover` (and the upgrade's switchover action): the active hands its role to a hot
-//! standby. Posted as the cluster command SWITCHOVER(target); in effect once the target is
+//! standby. Posted as the cluster command `Switchover { target }`; in effect once the target is
 //! the active of the new epoch and the old active re-attached to it as a hot standby (given
 //! the switchover timeout to do so, then reported done regardless).
 
 use std::time::{Duration, Instant};
 
 use tracing::warn;
-use understudy_control::control::{cmd, slot_name, Field};
+use understudy_control::control::{slot_name, ClusterCommand, Field};
 
 use super::command::{warn_asked_again, Command, CommandResult};
 use crate::cluster::ClusterOps;
@@ -32,8 +32,8 @@ impl Switchover {
 }
 
 impl Command for Switchover {
-    fn word(&self) -> Option<(u64, u64)> {
-        Some((cmd::SWITCHOVER, self.to as u64))
+    fn command(&self) -> Option<ClusterCommand> {
+        Some(ClusterCommand::Switchover { target: self.to })
     }
 
     fn taker(&self) -> usize {

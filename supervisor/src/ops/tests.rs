@@ -4,10 +4,9 @@
 use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
 
-use understudy_control::control::{cmd, Field, Role, State};
-use understudy_control::result;
+use understudy_control::control::{ClusterCommand, Field, Pending, Role, SlotCommand, State};
+use understudy_control::result::CommandResult;
 
-use super::command::CommandResult;
 use super::fake::FakeCluster;
 use super::{Operation, Stepped};
 use crate::cluster::ClusterOps;
@@ -71,34 +70,13 @@ fn run_to_result(fake: &mut FakeCluster, op: &mut Operation, rx: &Receiver<Reply
     }
 }
 
-/// The cluster command still posted, if any (a withdrawn one posts command 0).
-fn posted_command(fake: &FakeCluster) -> Option<u64> {
-    fake.control()
-        .pending()
-        .map(|(_, command, _)| command)
-        .filter(|&c| c != 0)
-}
-
-#[test]
-fn command_results_are_typed_from_the_engines_codes() {
-    // Proves every result code the engine writes reads as its own variant (an unknown one
-    // keeps its number), and that the operator reads what the code means.
-    let codes = [
-        (result::OK, CommandResult::Ok),
-        (result::NOT_HOT, CommandResult::NotHot),
-        (result::NOT_ENABLEABLE, CommandResult::NotEnableable),
-        (result::UNKNOWN, CommandResult::Unknown),
-        (result::BUSY, CommandResult::Busy),
-        (99, CommandResult::Other(99)),
-    ];
-    for (code, typed) in codes {
-        assert_eq!(CommandResult::from_code(code), typed, "code {code}");
+/// The cluster command still posted, if any (a withdrawn one is none).
+fn posted_command(fake: &FakeCluster) -> Option<ClusterCommand> {
+    match fake.control().pending_command() {
+        Some((_, Pending::Command(c))) => Some(c),
+        Some((_, Pending::Bad(bad))) => panic!("a bad command posted: {bad}"),
+        Some((_, Pending::Withdrawn)) | None => None,
     }
-    assert_eq!(
-        CommandResult::NotHot.to_string(),
-        "the target is not a hot standby"
-    );
-    assert_eq!(CommandResult::Other(99).to_string(), "result code 99");
 }
 
 #[test]
@@ -107,7 +85,10 @@ fn switchover_hands_the_active_role_to_the_hot_standby() {
     // epoch 2 and a its hot standby, and the result says so.
     let mut fake = FakeCluster::serving();
     let (mut op, rx) = begin(&mut fake, Op::Switchover);
-    assert_eq!(posted_command(&fake), Some(cmd::SWITCHOVER));
+    assert_eq!(
+        posted_command(&fake),
+        Some(ClusterCommand::Switchover { target: 1 })
+    );
     let reply = run_to_result(&mut fake, &mut op, &rx);
     assert_eq!(reply.code, Some(Code::Ok), "{reply:?}");
     assert_eq!(reply.data["from"], "a");
@@ -137,7 +118,7 @@ fn switchover_refused_as_not_hot_is_asked_once_more_then_reported() {
     // Proves the repost rule: "not hot" for a target that reports hot is asked once more
     // (two commands posted), and a second refusal is the answer, named for the operator.
     let mut fake = FakeCluster::serving();
-    fake.answer = Some(result::NOT_HOT);
+    fake.answer = Some(CommandResult::NotHot);
     let (mut op, rx) = begin(&mut fake, Op::Switchover);
     let reply = run_to_result(&mut fake, &mut op, &rx);
     assert_eq!(reply.code, Some(Code::WrongRole), "{reply:?}");
@@ -146,7 +127,7 @@ fn switchover_refused_as_not_hot_is_asked_once_more_then_reported() {
         "engine a refused: the target is not a hot standby"
     );
     assert_eq!(
-        fake.control().acked().0,
+        fake.control().acked_result().0,
         2,
         "expected the command asked twice"
     );
@@ -157,7 +138,7 @@ fn switchover_refused_as_not_hot_is_asked_once_more_then_reported() {
 fn switchover_refused_as_busy_is_reported_at_once() {
     // Proves a refusal other than "not hot" is not asked again.
     let mut fake = FakeCluster::serving();
-    fake.answer = Some(result::BUSY);
+    fake.answer = Some(CommandResult::Busy);
     let (mut op, rx) = begin(&mut fake, Op::Switchover);
     let reply = run_to_result(&mut fake, &mut op, &rx);
     assert_eq!(reply.code, Some(Code::WrongRole), "{reply:?}");
@@ -165,7 +146,7 @@ fn switchover_refused_as_busy_is_reported_at_once() {
         reply.message.contains("the active stays active"),
         "{reply:?}"
     );
-    assert_eq!(fake.control().acked().0, 1);
+    assert_eq!(fake.control().acked_result().0, 1);
 }
 
 #[test]
@@ -217,7 +198,10 @@ fn enable_features_turns_them_on_in_both_engines() {
     // once both engines report it.
     let mut fake = enableable();
     let (mut op, rx) = begin(&mut fake, Op::EnableFeatures);
-    assert_eq!(posted_command(&fake), Some(cmd::ENABLE_FEATURES));
+    assert_eq!(
+        posted_command(&fake),
+        Some(ClusterCommand::EnableFeatures { mask: 0x4 })
+    );
     let reply = run_to_result(&mut fake, &mut op, &rx);
     assert_eq!(reply.code, Some(Code::Ok), "{reply:?}");
     assert_eq!(reply.data["enabled"], 4);
@@ -240,7 +224,7 @@ fn enable_features_with_nothing_to_enable_posts_nothing() {
 fn enable_features_refused_by_the_active_is_reported() {
     // Proves the engine refusing: its typed result reaches the operator, nothing enabled.
     let mut fake = enableable();
-    fake.answer = Some(result::NOT_ENABLEABLE);
+    fake.answer = Some(CommandResult::NotEnableable);
     let (mut op, rx) = begin(&mut fake, Op::EnableFeatures);
     let reply = run_to_result(&mut fake, &mut op, &rx);
     assert_eq!(reply.code, Some(Code::WrongRole), "{reply:?}");
@@ -382,7 +366,7 @@ fn upgrade_whose_switchover_is_refused_ends_with_the_old_version_serving() {
     // Proves the engine refusing during the upgrade: the plan recovers, and the old version
     // is active again with a hot standby.
     let mut fake = FakeCluster::serving();
-    fake.answer = Some(result::BUSY);
+    fake.answer = Some(CommandResult::Busy);
     let (mut op, rx) = begin(&mut fake, Op::Upgrade(upgrade_to_self()));
     let reply = run_to_result(&mut fake, &mut op, &rx);
     assert!(
@@ -562,7 +546,7 @@ fn promote_serves_from_a_stale_copy_only_with_the_loss_accepted() {
     let engine = std::thread::spawn(move || {
         let control = understudy_control::control::Control::open(&dir).expect("control");
         for _ in 0..TURNS_MAX {
-            if control.take_slot_cmd(1, understudy_control::control::slot_cmd::PROMOTE) {
+            if control.take_slot_command(1, SlotCommand::Promote) {
                 let epoch = control.epoch();
                 control.claim_epoch(epoch, 1).expect("the next epoch");
                 control.set(1, Field::Role, Role::Active as u64);
