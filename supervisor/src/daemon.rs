@@ -704,19 +704,6 @@ impl Supervisor {
             Op::ResumeRestarts => {
                 let _ = reply.send(self.restarts.resume());
             }
-            Op::Promote(request) => {
-                let answer = match self.op {
-                    Some(_) => self.busy(),
-                    None => {
-                        let answer = crate::ops::promote(&mut self.cluster, &request);
-                        if answer.code == Some(Code::Ok) {
-                            self.outage_reported = false;
-                        }
-                        answer
-                    }
-                };
-                let _ = reply.send(answer);
-            }
             Op::Reload(request) => {
                 let answer = match self.op {
                     Some(_) => self.busy(),

@@ -5,7 +5,7 @@
 //! plays what live engines would do between two turns of the supervisor's loop — a spawned
 //! engine registers and becomes a hot standby, an engine told to stop exits, the active takes
 //! the cluster command (answering as the test says) and performs it, an engine told to
-//! promote claims the next epoch. A test kills an engine with [`FakeCluster::die`].
+//! promote claims the next epoch (or refuses, or never takes the command, as the test says). A test kills an engine with [`FakeCluster::die`].
 
 use std::path::{Path, PathBuf};
 
@@ -74,6 +74,10 @@ pub(crate) struct FakeCluster {
     pub mute_starts: bool,
     /// Engines that ignore the slot command STOP.
     pub stubborn: [bool; SLOTS],
+    /// An engine told to promote never takes the command.
+    pub ignore_promote: bool,
+    /// An engine told to promote takes the command and refuses it for this reason.
+    pub promote_refusal: Option<CommandResult>,
     /// The engine holding the active's lock, as the live cluster would verify it.
     pub lock_holder: Option<usize>,
     /// Every engine spawned: (slot, binary).
@@ -99,6 +103,8 @@ impl FakeCluster {
             deaf: false,
             mute_starts: false,
             stubborn: [false; SLOTS],
+            ignore_promote: false,
+            promote_refusal: None,
             lock_holder: None,
             spawned: Vec::new(),
             killed: Vec::new(),
@@ -197,9 +203,13 @@ impl FakeCluster {
                     self.control.set(slot, Field::Pid, 0);
                 }
                 Ok(Some(SlotCommand::Promote))
-                    if self.control.take_slot_command(slot, SlotCommand::Promote) =>
+                    if !self.ignore_promote
+                        && self.control.take_slot_command(slot, SlotCommand::Promote) =>
                 {
-                    self.step_up(slot);
+                    match self.promote_refusal {
+                        Some(why) => self.control.refuse_slot_command(slot, why),
+                        None => self.step_up(slot),
+                    }
                 }
                 _ => {}
             }

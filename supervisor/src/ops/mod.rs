@@ -13,7 +13,7 @@
 //! | `resume`       | an upgrade a previous supervisor left in the middle, settled          |
 //! | `rollback`     | `rollback` of the last completed upgrade                              |
 //! | `down`         | `down`: standbys, then the active, then the files                     |
-//! | `promote`      | `promote SLOT --accept-loss` after an outage                          |
+//! | `promote`      | `promote SLOT --accept-loss` after an outage: post, poll for active or refusal |
 //!
 //! Operations see the cluster only through [`ClusterOps`]; they never see the supervisor's
 //! own bookkeeping, and what they leave for it goes in [`Outcomes`](crate::cluster::Outcomes).
@@ -46,7 +46,7 @@ mod tests;
 pub(crate) use command::CommandOp;
 pub(crate) use down::DownOp;
 pub(crate) use enable::Enable;
-pub(crate) use promote::promote;
+pub(crate) use promote::PromoteOp;
 pub(crate) use resume::ResumeOp;
 pub(crate) use switchover::Switchover;
 pub(crate) use upgrade::UpgradeRun;
@@ -76,6 +76,8 @@ pub(crate) enum Operation {
     Upgrade(Box<UpgradeRun>),
     /// `down`.
     Down(DownOp),
+    /// `promote SLOT --accept-loss`.
+    Promote(PromoteOp),
     /// After a supervisor restart: settling an upgrade a previous supervisor left in the
     /// middle, before a resumed plan takes over.
     Resume(ResumeOp),
@@ -140,7 +142,10 @@ impl Operation {
             Op::Upgrade(request) => UpgradeRun::begin(cluster, request, reply)
                 .map(|r| Operation::Upgrade(Box::new(r))),
             Op::Down => Ok(Operation::Down(DownOp::begin(cluster, reply))),
-            Op::Status | Op::Rollback | Op::ResumeRestarts | Op::Reload(_) | Op::Promote(_) => Err(Reply::result(
+            Op::Promote(request) => {
+                PromoteOp::begin(cluster, &request, reply).map(Operation::Promote)
+            }
+            Op::Status | Op::Rollback | Op::ResumeRestarts | Op::Reload(_) => Err(Reply::result(
                 Code::Failed,
                 "internal: status, rollback, resume-restarts and reload are handled by the supervisor loop",
             )),
@@ -170,6 +175,7 @@ impl Operation {
                 None => format!("upgrade to {}: {}", run.new_binary.display(), run.current),
             },
             Operation::Down(_) => "down".into(),
+            Operation::Promote(op) => op.describe(),
             Operation::Resume(op) => format!(
                 "upgrade to {} interrupted at {} by a supervisor restart: letting the action in flight settle",
                 op.record.new_binary.display(),
@@ -193,6 +199,7 @@ impl Operation {
                 };
             }
             Operation::Down(op) => op.step(cluster),
+            Operation::Promote(op) => op.step(cluster),
             Operation::Resume(op) => return op.step(cluster),
         };
         if ended {
@@ -213,6 +220,7 @@ impl Operation {
             Operation::Switchover(op) => op.on_death(cluster, slot, successor),
             Operation::Enable(op) => op.on_death(cluster, slot, successor),
             Operation::Upgrade(run) => run.on_death(cluster, slot, successor),
+            Operation::Promote(op) => op.on_death(cluster, slot),
             // The cluster is observed once it has settled: deaths before that are in it.
             Operation::Down(_) | Operation::Resume(_) => {}
         }

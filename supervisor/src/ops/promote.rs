@@ -2,64 +2,122 @@
 //! holds.
 //!
 //! With no engine active (verified: none holds the active's lock) and the operator accepting
-//! the loss, the engine in the slot is told (slot command PROMOTE) to become active with the
+//! the loss, the engine in the slot is told (slot command `Promote`) to become active with the
 //! consistent copy it holds. The engine itself refuses if it holds none, or if an active
-//! appeared meanwhile (the mutex and the epoch's compare-and-swap decide).
+//! appeared meanwhile (the mutex and the epoch's compare-and-swap decide), and says why in its
+//! slot ([`Control::slot_refusal`](understudy_control::control::Control::slot_refusal)).
+//!
+//! Polled like every operation, never blocking the supervisor's loop:
+//!
+//! ```text
+//!   post ──► each turn: active? ──► done (what the copy holds, what was lost)
+//!                       refused? ──► "the engine refused: <reason>"
+//!                       deadline? ─► withdrawn if not taken; timeout
+//!                       the engine died ─► failed
+//! ```
 
-use std::time::{Duration, Instant};
+use std::sync::mpsc::Sender;
+use std::time::Instant;
 
 use tracing::warn;
 use understudy_control::control::{slot_index, slot_name, Field, SlotCommand};
 
+use super::emit;
 use crate::cluster::ClusterOps;
 use crate::proto::{Code, PromoteRequest, Reply};
 
-/// How often the wait for the promoted engine looks at its record.
-const POLL_EVERY: Duration = Duration::from_millis(1);
+/// A promote in flight: the slot command posted, its effect (or refusal) awaited.
+pub(crate) struct PromoteOp {
+    slot: usize,
+    /// What the dead active had committed, as the operator was told at the post.
+    what: String,
+    deadline: Instant,
+    watchers: Vec<Sender<Reply>>,
+    /// Set when the engine died: the result of the next turn.
+    failed: Option<String>,
+}
 
-/// Promotes the engine `request` names, waiting (at most the switchover timeout) for it to
-/// be active; the reply says what was lost.
-pub(crate) fn promote(cluster: &mut dyn ClusterOps, request: &PromoteRequest) -> Reply {
-    let slot = match refusal(cluster, request) {
-        Ok(slot) => slot,
-        Err(reply) => return reply,
-    };
-    let what = cluster.what_was_committed();
-    warn!(slot = %slot_name(slot), "promote requested by the operator, accepting the loss: {what}");
-    cluster
-        .control()
-        .post_slot_command(slot, SlotCommand::Promote);
-    let deadline = Instant::now() + cluster.config().timeouts.switchover();
-    while Instant::now() < deadline {
-        if cluster.is_active(slot) {
-            return Reply::result(
+impl PromoteOp {
+    /// Posts the promote `request` names, or the reply that refuses it.
+    pub(crate) fn begin(
+        cluster: &mut dyn ClusterOps,
+        request: &PromoteRequest,
+        reply: Sender<Reply>,
+    ) -> Result<PromoteOp, Reply> {
+        let slot = refusal(cluster, request)?;
+        let what = cluster.what_was_committed();
+        warn!(slot = %slot_name(slot), "promote requested by the operator, accepting the loss: {what}");
+        cluster
+            .control()
+            .post_slot_command(slot, SlotCommand::Promote);
+        Ok(PromoteOp {
+            slot,
+            what,
+            deadline: Instant::now() + cluster.config().timeouts.switchover(),
+            watchers: vec![reply],
+            failed: None,
+        })
+    }
+
+    /// For `status`.
+    pub(crate) fn describe(&self) -> String {
+        format!("promote engine {}", slot_name(self.slot))
+    }
+
+    /// One turn; `true` once the result is sent.
+    pub(crate) fn step(&mut self, cluster: &dyn ClusterOps) -> bool {
+        let slot = self.slot;
+        let control = cluster.control();
+        let reply = if let Some(why) = self.failed.take() {
+            Reply::result(Code::Failed, why)
+        } else if cluster.is_active(slot) {
+            Reply::result(
                 Code::Ok,
                 format!(
-                    "engine {} is active with its copy of {} transactions ({what})",
+                    "engine {} is active with its copy of {} transactions ({})",
                     slot_name(slot),
-                    cluster.control().get(slot, Field::StepUpCommits)
+                    control.get(slot, Field::StepUpCommits),
+                    self.what
                 ),
-            );
-        }
-        std::thread::sleep(POLL_EVERY);
+            )
+        } else if let Some(why) = control.slot_refusal(slot) {
+            Reply::result(Code::WrongRole, format!("the engine refused: {why}"))
+        } else if Instant::now() >= self.deadline {
+            // Withdrawn if the engine never took it: a command given up on must not make it
+            // active later, on its own, at some other outage.
+            let withdrawn = control.take_slot_command(slot, SlotCommand::Promote);
+            Reply::result(
+                Code::Timeout,
+                format!(
+                    "engine {} did not become active within {} ms (timeouts.switchover_ms; {}); see its log",
+                    slot_name(slot),
+                    cluster.config().timeouts.switchover_ms,
+                    if withdrawn {
+                        "it never took the command, which is withdrawn"
+                    } else {
+                        "it took the command and is still claiming the epoch"
+                    }
+                ),
+            )
+        } else {
+            return false;
+        };
+        emit(&self.watchers, &reply);
+        true
     }
-    // Withdrawn if the engine never took it: a command given up on must not make it active
-    // later, on its own, at some other outage.
-    let withdrawn = cluster
-        .control()
-        .take_slot_command(slot, SlotCommand::Promote);
-    Reply::result(
-        Code::Failed,
-        format!(
-            "engine {} did not become active within the switchover timeout ({}); see its log",
-            slot_name(slot),
-            if withdrawn {
-                "it never took the command, which is withdrawn"
-            } else {
-                "it took the command and refused or is still claiming"
-            }
-        ),
-    )
+
+    /// An engine died: the promote fails if it is the one being promoted.
+    pub(crate) fn on_death(&mut self, cluster: &dyn ClusterOps, slot: usize) {
+        if slot == self.slot {
+            cluster
+                .control()
+                .take_slot_command(slot, SlotCommand::Promote);
+            self.failed = Some(format!(
+                "engine {} died while being promoted",
+                slot_name(slot)
+            ));
+        }
+    }
 }
 
 /// The slot to promote, or why not.

@@ -483,86 +483,133 @@ fn rollback_after_an_upgrade_returns_to_the_previous_binary() {
     assert_eq!(binary, Some("/bin/true".into()));
 }
 
-#[test]
-fn a_promote_the_engine_never_takes_is_withdrawn_at_its_timeout() {
-    // Proves a promote given up on cannot fire later: the engine (which acts only between
-    // turns, and `promote` blocks the loop) never takes the command, the reply says so, and
-    // the slot's command word is empty again.
+/// The serving fake after its active died, engine b holding a stale (consistent) copy.
+fn outage() -> FakeCluster {
     let mut fake = FakeCluster::serving();
     fake.die(0);
     fake.write(1, Role::Standby, State::Stale);
-    let reply = super::promote(
-        &mut fake,
-        &PromoteRequest {
-            slot: "b".into(),
-            accept_loss: true,
-        },
-    );
-    assert_eq!(reply.code, Some(Code::Failed), "{reply:?}");
+    fake
+}
+
+/// `promote b --accept-loss`.
+fn promote_b() -> Op {
+    Op::Promote(PromoteRequest {
+        slot: "b".into(),
+        accept_loss: true,
+    })
+}
+
+#[test]
+fn a_promote_the_engine_never_takes_is_withdrawn_at_its_timeout() {
+    // Proves a promote given up on cannot fire later: the engine never takes the command,
+    // the result is a timeout that says so, and the slot's command word is empty again.
+    let mut fake = outage();
+    fake.config.timeouts.switchover_ms = 20;
+    fake.ignore_promote = true;
+    let (mut op, rx) = begin(&mut fake, promote_b());
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert_eq!(reply.code, Some(Code::Timeout), "{reply:?}");
     assert!(reply.message.contains("withdrawn"), "{reply:?}");
+    assert_eq!(fake.control().slot_command(1), Ok(None), "withdrawn");
+    assert!(!fake.is_active(1));
+}
+
+#[test]
+fn promote_is_polled_and_does_not_block_the_loop() {
+    // Proves promote is an operation like the others: it begins by posting the slot command
+    // and returns; a turn before the engine acted is still running; once the engine takes
+    // the command and claims the epoch, the next turn reports it active.
+    let mut fake = outage();
+    let (mut op, rx) = begin(&mut fake, promote_b());
     assert_eq!(
-        fake.control().get(1, Field::Cmd),
-        0,
-        "the command is withdrawn"
+        fake.control().slot_command(1),
+        Ok(Some(SlotCommand::Promote))
     );
+    for _ in 0..3 {
+        assert!(matches!(op.step(&mut fake), Stepped::Running));
+    }
+    assert!(
+        op.describe().contains("promote engine b"),
+        "{}",
+        op.describe()
+    );
+    assert!(rx.try_recv().is_err(), "no result before the engine acted");
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert_eq!(reply.code, Some(Code::Ok), "{reply:?}");
+    assert!(reply.message.contains("engine b is active"), "{reply:?}");
+    assert!(fake.is_active(1));
+    assert_eq!(fake.control().epoch(), 3, "b claimed the next epoch");
+}
+
+#[test]
+fn promote_refused_by_the_engine_reports_its_reason() {
+    // Proves the engine's refusal reaches the operator, typed and named, for each reason an
+    // engine gives; the engine stays a standby.
+    for why in [CommandResult::NoConsistentCopy, CommandResult::ActiveServes] {
+        let mut fake = outage();
+        fake.promote_refusal = Some(why);
+        let (mut op, rx) = begin(&mut fake, promote_b());
+        let reply = run_to_result(&mut fake, &mut op, &rx);
+        assert_eq!(reply.code, Some(Code::WrongRole), "{reply:?}");
+        assert_eq!(reply.message, format!("the engine refused: {why}"));
+        assert!(!fake.is_active(1));
+    }
+}
+
+#[test]
+fn promote_fails_when_its_engine_dies() {
+    // Proves an engine dying mid-promote: the result names it, the command is withdrawn.
+    let mut fake = outage();
+    fake.ignore_promote = true;
+    let (mut op, rx) = begin(&mut fake, promote_b());
+    let successor = fake.die(1);
+    op.on_death(&mut fake, 1, successor);
+    let reply = run_to_result(&mut fake, &mut op, &rx);
+    assert_eq!(reply.code, Some(Code::Failed), "{reply:?}");
+    assert_eq!(reply.message, "engine b died while being promoted");
+    assert_eq!(fake.control().slot_command(1), Ok(None));
 }
 
 #[test]
 fn promote_serves_from_a_stale_copy_only_with_the_loss_accepted() {
-    // Proves `promote`: refused while an active serves, without --accept-loss, and for an
-    // engine with no consistent copy; done for a stale standby once the loss is accepted.
+    // Proves `promote`: refused while an active serves, without --accept-loss, while an
+    // engine holds the active's lock and for an engine with no consistent copy (nothing
+    // posted); done for a stale standby once the loss is accepted.
     let mut fake = FakeCluster::serving();
-    let ask = |slot: &str, accept_loss| PromoteRequest {
-        slot: slot.into(),
-        accept_loss,
+    let ask = |slot: &str, accept_loss| {
+        Op::Promote(PromoteRequest {
+            slot: slot.into(),
+            accept_loss,
+        })
     };
-    let refused = super::promote(&mut fake, &ask("b", true));
-    assert_eq!(refused.code, Some(Code::WrongRole));
-    assert!(
-        refused.message.contains("engine a is active"),
-        "{refused:?}"
-    );
+    let refused = |fake: &mut FakeCluster, op: Op| {
+        let (tx, _rx) = mpsc::channel();
+        match Operation::begin(fake, op, tx) {
+            Err(reply) => reply,
+            Ok(op) => panic!("expected a refusal, found `{}` begun", op.describe()),
+        }
+    };
+    let reply = refused(&mut fake, ask("b", true));
+    assert_eq!(reply.code, Some(Code::WrongRole));
+    assert!(reply.message.contains("engine a is active"), "{reply:?}");
     fake.die(0);
     fake.write(1, Role::Standby, State::Stale);
-    let refused = super::promote(&mut fake, &ask("b", false));
-    assert!(refused.message.contains("--accept-loss"), "{refused:?}");
+    let reply = refused(&mut fake, ask("b", false));
+    assert!(reply.message.contains("--accept-loss"), "{reply:?}");
     fake.lock_holder = Some(1);
-    let refused = super::promote(&mut fake, &ask("b", true));
+    let reply = refused(&mut fake, ask("b", true));
     assert!(
-        refused.message.contains("holds the active's lock"),
-        "{refused:?}"
+        reply.message.contains("holds the active's lock"),
+        "{reply:?}"
     );
     fake.lock_holder = None;
     fake.write(1, Role::Standby, State::Syncing);
-    let refused = super::promote(&mut fake, &ask("b", true));
-    assert!(
-        refused.message.contains("no consistent copy"),
-        "{refused:?}"
-    );
+    let reply = refused(&mut fake, ask("b", true));
+    assert!(reply.message.contains("no consistent copy"), "{reply:?}");
+    assert_eq!(fake.control().slot_command(1), Ok(None), "nothing posted");
     fake.write(1, Role::Standby, State::Stale);
-    // The engine takes its slot command while `promote` waits (it blocks the loop, as
-    // before): played here by a thread on the same control block.
-    let dir = fake.dir().to_path_buf();
-    let engine = std::thread::spawn(move || {
-        let control = understudy_control::control::Control::open(&dir).expect("control");
-        for _ in 0..TURNS_MAX {
-            if control.take_slot_command(1, SlotCommand::Promote) {
-                let epoch = control.epoch();
-                control.claim_epoch(epoch, 1).expect("the next epoch");
-                control.set(1, Field::Role, Role::Active as u64);
-                control.set(1, Field::State, State::Serving as u64);
-                control.set(1, Field::Epoch, control.epoch());
-                return true;
-            }
-            std::thread::sleep(TURN);
-        }
-        false
-    });
-    let done = super::promote(&mut fake, &ask("b", true));
-    assert!(
-        engine.join().expect("the engine thread"),
-        "expected PROMOTE posted"
-    );
+    let (mut op, rx) = begin(&mut fake, ask("b", true));
+    let done = run_to_result(&mut fake, &mut op, &rx);
     assert_eq!(done.code, Some(Code::Ok), "{done:?}");
     assert!(fake.is_active(1));
 }
