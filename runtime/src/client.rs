@@ -25,6 +25,19 @@
 //!   re-emit a response that did reach egress; the client drops any response whose request
 //!   sequence it has already seen (responses arrive in request order, so one counter suffices).
 //!
+//! What is copied and what is written in place (the rule, and why):
+//! - **Producers write in place.** A request is claimed in the request ring and written
+//!   straight into it ([`Client::try_submit_with`]; [`Client::submit`] copies the caller's
+//!   slice into the claimed room); the engine writes each response into the claimed room of the
+//!   response ring the same way. No staging buffer, no allocation, one Release store per frame.
+//! - **The engine copies what a client wrote.** Ingress is read with the copying
+//!   `Consumer::poll`: every frame is validated (positions, lengths, types, the per-frame
+//!   checksum a client ring keeps) while it is copied into the engine's own buffer, and the
+//!   handler runs on that copy. A view into the ring would let a misbehaving client rewrite a
+//!   request after it was checked and while the handler decides on it, or between the active
+//!   and a standby replaying it; a copy cannot change. The replication stream, written by the
+//!   engine's own peer, is the only stream an engine may read in place.
+//!
 //! A client learns of a role change only through latency: it never reconnects or resubmits.
 //! It does learn, within a bounded time, what would otherwise be silence:
 //!
@@ -380,19 +393,29 @@ impl Client {
     /// Submit a request; returns its sequence number (responses carry it). `Ok(None)` when the
     /// request ring is full (the engine is behind): try again later.
     pub fn try_submit(&mut self, request: &[u8]) -> Result<Option<u64>, ClientError> {
+        self.try_submit_with(request.len(), |out| out.copy_from_slice(request))
+    }
+
+    /// [`try_submit`](Self::try_submit) of a request of `len` bytes that `fill` writes in
+    /// place, straight into the request ring (claimed, filled, committed: no staging copy).
+    /// `fill` must write all `len` bytes (the room holds whatever an earlier lap left); it
+    /// runs only when there is room.
+    pub fn try_submit_with(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<Option<u64>, ClientError> {
         self.check_closed()?;
         // The request's sequence is its frame's: when the frame wraps, a padding frame with a
         // sequence of its own goes first, so read it from what was committed.
         let mut batch = self.requests.batch();
-        match batch.push(REQUEST, 1, 0, request) {
+        match batch.push_with(REQUEST, 1, 0, len, fill) {
             Ok(()) => {
                 let c = batch.commit().expect("a batch with one request");
                 Ok(Some(c.first_seq + c.frames as u64 - 1))
             }
             Err(PushError::Full { .. }) => Ok(None),
-            Err(_) => Err(ClientError::TooLarge {
-                found: request.len(),
-            }),
+            Err(_) => Err(ClientError::TooLarge { found: len }),
         }
     }
 
@@ -871,31 +894,34 @@ fn gone(owner: &ProcessIdentity) -> bool {
     )
 }
 
+/// Write the response to `request_seq` into the client's ring: one frame, the request sequence
+/// then the response, claimed and written in place (no staging copy, no allocation whatever
+/// its size).
 fn write_response(
     responses: &mut Producer<RegionMemory>,
     out_region: &Region,
     request_seq: u64,
     response: &[u8],
 ) -> Result<(), ClientError> {
-    // One frame: the request sequence, then the response (on the stack when it is small).
-    let mut small = [0u8; 256];
-    let heap;
-    let payload: &[u8] = if response.len() + 8 <= small.len() {
-        small[..8].copy_from_slice(&request_seq.to_le_bytes());
-        small[8..8 + response.len()].copy_from_slice(response);
-        &small[..8 + response.len()]
-    } else {
-        let mut v = request_seq.to_le_bytes().to_vec();
-        v.extend_from_slice(response);
-        heap = v;
-        &heap
-    };
-    let mut refusal = [0u8; 24];
-    let (mut record_type, mut payload) = (RESPONSE, payload);
+    let mut too_large: Option<usize> = None;
     let mut started = None;
     loop {
-        match responses.try_publish(record_type, 1, 8, payload) {
+        let mut b = responses.batch();
+        let pushed = match too_large {
+            None => b.push_with(RESPONSE, 1, 8, 8 + response.len(), |out| {
+                let (head, rest) = out.split_at_mut(8);
+                head.copy_from_slice(&request_seq.to_le_bytes());
+                rest.copy_from_slice(response);
+            }),
+            Some(max_bytes) => b.push_with(RESPONSE_TOO_LARGE, 1, 8, 24, |out| {
+                out[..8].copy_from_slice(&request_seq.to_le_bytes());
+                out[8..16].copy_from_slice(&(response.len() as u64).to_le_bytes());
+                out[16..].copy_from_slice(&(max_bytes as u64).to_le_bytes());
+            }),
+        };
+        match pushed {
             Ok(()) => {
+                b.commit();
                 // SYNC POINT: response emitted (Release; Acquire in `ClientInput::open`).
                 out_region
                     .user_word(0)
@@ -917,17 +943,14 @@ fn write_response(
             }
             // A response the ring can never carry: refused here, at the source, with an error
             // in its place that the client decodes; the client stays connected.
-            Err(PushError::TooLarge { max_bytes, .. }) if record_type == RESPONSE => {
+            Err(PushError::TooLarge { max_bytes, .. }) if too_large.is_none() => {
                 warn!(
                     request = request_seq,
                     bytes = response.len(),
                     max_bytes,
                     "response too large for the client's ring; sending an error in its place"
                 );
-                refusal[..8].copy_from_slice(&request_seq.to_le_bytes());
-                refusal[8..16].copy_from_slice(&(response.len() as u64).to_le_bytes());
-                refusal[16..].copy_from_slice(&(max_bytes as u64).to_le_bytes());
-                (record_type, payload) = (RESPONSE_TOO_LARGE, &refusal);
+                too_large = Some(max_bytes);
             }
             Err(_) => {
                 return Err(ClientError::TooLarge {

@@ -389,6 +389,76 @@ pub fn encode_op(op: &Op, out: &mut Vec<u8>) -> (u16, u16) {
     }
 }
 
+/// Where a store change goes in a frame: its record type, block length and payload length (the
+/// fixed block and its variable parts), for a producer that claims the room and writes the
+/// change in place with [`write_op`].
+#[inline]
+pub fn op_frame(op: &Op) -> (u16, u16, usize) {
+    match op {
+        Op::PutUnit { state, .. } => (rt::PUT_UNIT, 16, 16 + state.len()),
+        Op::RetireUnit { .. } => (rt::RETIRE_UNIT, 8, 8),
+        Op::Put { key, value, .. } => (rt::PUT, 16, 16 + key.len() + value.len()),
+        Op::Delete { key, .. } => (rt::DELETE, 16, 16 + key.len()),
+    }
+}
+
+/// Write `op` into `out` (exactly `op_frame(op).2` bytes: a claimed payload in the ring), the
+/// same bytes [`encode_op`] appends to a vector. Every byte of `out` is written.
+#[inline]
+pub fn write_op(op: &Op, out: &mut [u8]) {
+    #[inline(always)]
+    fn put(out: &mut [u8], block: &[u8], parts: &[&[u8]]) {
+        let (head, mut rest) = out.split_at_mut(block.len());
+        head.copy_from_slice(block);
+        for p in parts {
+            let (dst, tail) = rest.split_at_mut(p.len());
+            dst.copy_from_slice(p);
+            rest = tail;
+        }
+        debug_assert!(
+            rest.is_empty(),
+            "the payload claimed for an op is its encoded length"
+        );
+    }
+    match op {
+        Op::PutUnit {
+            id,
+            kind,
+            layout_version,
+            state,
+        } => {
+            let b = PutUnitBlock {
+                id: *id,
+                kind: *kind,
+                layout_version: *layout_version,
+                state_len: state.len() as u32,
+            };
+            put(out, b.as_bytes(), &[state]);
+        }
+        Op::RetireUnit { id } => put(out, RetireUnitBlock { id: *id }.as_bytes(), &[]),
+        Op::Put { table, key, value } => {
+            let b = RecordBlock {
+                table: *table,
+                _pad: 0,
+                key_len: key.len() as u32,
+                value_len: value.len() as u32,
+                _pad2: 0,
+            };
+            put(out, b.as_bytes(), &[key, value]);
+        }
+        Op::Delete { table, key } => {
+            let b = RecordBlock {
+                table: *table,
+                _pad: 0,
+                key_len: key.len() as u32,
+                value_len: 0,
+                _pad2: 0,
+            };
+            put(out, b.as_bytes(), &[key]);
+        }
+    }
+}
+
 /// Encode a `PutUnit` from borrowed parts (a snapshot chunk encodes the store's units without
 /// building an [`Op`]).
 pub fn encode_put_unit(
@@ -544,6 +614,11 @@ mod tests {
         for op in &ops {
             let (t, bl) = encode_op(op, &mut buf);
             assert_eq!(&decode_op(t, &buf, bl).unwrap(), op);
+            // Written in place, the same frame: type, block length, length and bytes.
+            let (t2, bl2, len) = op_frame(op);
+            let mut in_place = vec![0xAAu8; len];
+            write_op(op, &mut in_place);
+            assert_eq!((t2, bl2, &in_place[..]), (t, bl, &buf[..]), "{op:?}");
             for cut in 0..buf.len() {
                 let _ = decode_op(t, &buf[..cut], bl); // never panics
             }

@@ -1,22 +1,26 @@
 //! DESIGN: "the hot path allocates nothing". Counted, not assumed: a global allocator that
 //! counts calls wraps the system one, and a steady stream of transactions — read-modify-write
 //! of work units, a table record replaced, a response — goes through the same public steps the
-//! engines take: on the active `execute`, `push_tx` into a real /dev/shm ring and
-//! `TxBuffers::apply_to` (the stream with one checksum per batch, as the engine sets it); on
-//! the standby `Consumer::poll`, `decode_op_into`, `Store::apply`
-//! and `Spare::recycle`. After a warm-up, not one allocation may happen on this thread.
+//! engines take: on the active `execute`, `push_tx` (each record claimed and written in place)
+//! into a real /dev/shm ring and `TxBuffers::apply_to` (the stream with one checksum per batch,
+//! as the engine sets it, and with none); on the standby `Consumer::read_batch` (in place) or
+//! `Consumer::poll` (copied), `decode_op_into`, `Store::apply` and `Spare::recycle`. The client
+//! path too: a request claimed in place (`Client::try_submit_with`), the engine's ingress read
+//! (copied), its response claimed in place (`Input::committed`). After a warm-up, not one
+//! allocation may happen on this thread.
 //!
-//! This file holds one test, so no other test thread allocates while it counts (the count is
-//! per thread anyway).
+//! The count is per thread: another test thread allocating does not disturb it.
 
 use shm_layout::region::{ensure_private_dir, Identity, Region, RegionSpec};
-use shm_layout::ring::{BatchBuf, Integrity};
+use shm_layout::ring::{BatchBuf, Frame, Integrity};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::PathBuf;
 use understudy_runtime::app::write_versions;
-use understudy_runtime::engine::{commit_block, execute, push_tx, InputMeta, TxBuffers};
+use understudy_runtime::client::{Client, ClientInput};
+use understudy_runtime::engine::{commit_block, execute, push_tx, Input, InputMeta, TxBuffers};
 use understudy_runtime::protocol::{self, rt};
+use understudy_runtime::store::Store;
 use understudy_runtime::Application;
 use understudy_testkit::Update4;
 
@@ -63,10 +67,27 @@ impl Drop for ShmDir {
     }
 }
 
+/// How the standby reads in one run of the transaction test.
+#[derive(Clone, Copy, Debug)]
+enum Read {
+    InPlace,
+    Copied,
+}
+
 #[test]
 fn steady_state_transactions_allocate_nothing_on_either_engine() {
+    for (read, integrity) in [
+        (Read::InPlace, Integrity::PerBatch),
+        (Read::InPlace, Integrity::Off),
+        (Read::Copied, Integrity::PerBatch),
+    ] {
+        transactions_allocate_nothing(read, integrity);
+    }
+}
+
+fn transactions_allocate_nothing(read: Read, integrity: Integrity) {
     let dir = ShmDir(PathBuf::from(format!(
-        "/dev/shm/understudy-test-alloc-{}",
+        "/dev/shm/understudy-test-alloc-{}-{read:?}-{integrity:?}",
         std::process::id()
     )));
     ensure_private_dir(&dir.0).expect("shm dir");
@@ -81,8 +102,10 @@ fn steady_state_transactions_allocate_nothing_on_either_engine() {
     };
     let region = Region::create(&dir.0.join("stream"), spec, me).expect("create region");
     let mut producer = region.producer().expect("producer");
-    producer.set_integrity(Integrity::PerBatch);
+    producer.set_integrity(integrity);
     let mut consumer = region.consumer().expect("consumer");
+    consumer.set_require_integrity(integrity != Integrity::Off);
+    consumer.set_release_every((1 << 20) / 64);
 
     // Updates 4 units and replaces one table record per request; answers 8 bytes.
     let mut app = Update4 {
@@ -93,7 +116,6 @@ fn steady_state_transactions_allocate_nothing_on_either_engine() {
     let mut active = app.store();
     let mut standby = active.clone();
     let mut tx = TxBuffers::new();
-    let mut scratch = Vec::with_capacity(4096);
     let mut buf = BatchBuf::with_capacity(1 << 16);
     let mut standby_tx = TxBuffers::new();
 
@@ -108,20 +130,32 @@ fn steady_state_transactions_allocate_nothing_on_either_engine() {
         let refused = execute(&mut app, &active, &mut tx, 0, &wv, &meta, &k.to_le_bytes());
         assert!(!refused);
         let commit = commit_block(k, &meta);
-        push_tx(&mut producer, &tx.ops, &commit, &mut scratch).expect("room");
+        push_tx(&mut producer, &tx.ops, &commit).expect("room");
         tx.apply_to(&mut active);
         // The standby.
-        assert!(consumer.poll(&mut buf).expect("valid batch"), "a batch");
-        for f in buf.frames() {
+        let mut apply = |f: Frame<'_>| {
             let t = f.meta.record_type;
             if t == rt::COMMIT {
-                continue;
+                return;
             }
             let spare = &mut standby_tx.spare;
             let op = protocol::decode_op_into(t, f.payload, f.meta.block_length, spare)
                 .expect("valid op");
             standby.apply(&op);
             standby_tx.spare.recycle(op);
+        };
+        match read {
+            Read::InPlace => {
+                let view = consumer
+                    .read_batch()
+                    .expect("valid batch")
+                    .expect("a batch");
+                view.frames().for_each(&mut apply);
+            }
+            Read::Copied => {
+                assert!(consumer.poll(&mut buf).expect("valid batch"), "a batch");
+                buf.frames().for_each(&mut apply);
+            }
         }
     };
     // Warm-up: the ring's first lap, the table's keys, the pools' buffers.
@@ -135,7 +169,58 @@ fn steady_state_transactions_allocate_nothing_on_either_engine() {
     let during = allocations() - before;
     assert_eq!(
         during, 0,
-        "10 000 steady-state transactions allocated {during} times"
+        "10 000 steady-state transactions ({read:?} standby, {integrity:?}) allocated {during} times"
     );
     assert_eq!(active.digest(), standby.digest());
+}
+
+/// The client path allocates nothing per request on either side of the rings: the client's
+/// request claimed and written in place, the engine's ingress read (copied, validated), its
+/// response claimed and written in place. (Receiving a response hands the caller a `Vec`:
+/// that is the client API's allocation, outside this count.)
+#[test]
+fn steady_state_requests_and_responses_allocate_nothing() {
+    let dir = ShmDir(PathBuf::from(format!(
+        "/dev/shm/understudy-test-alloc-client-{}",
+        std::process::id()
+    )));
+    ensure_private_dir(&dir.0).expect("shm dir");
+    let mut input = ClientInput::new(&dir.0).expect("engine side");
+    let mut client = Client::connect_with(&dir.0, 1 << 16).expect("client");
+    input.resume(&Store::new());
+    let mut request = Vec::with_capacity(64);
+    let mut response = [0u8; 40];
+    let mut counted = 0u64;
+    let mut run = |k: u64, count: bool| {
+        let before = allocations();
+        let seq = client
+            .try_submit_with(24, |out| {
+                out[..8].copy_from_slice(&k.to_le_bytes());
+                out[8..].fill(7);
+            })
+            .expect("open")
+            .expect("room");
+        let meta = input.poll(&mut request).expect("the request");
+        assert_eq!(
+            (meta.request_seq, &request[..8]),
+            (seq, &k.to_le_bytes()[..])
+        );
+        response[..8].copy_from_slice(&k.to_le_bytes());
+        input.committed(&meta, &response);
+        if count {
+            counted += allocations() - before;
+        }
+        let (got_seq, got) = client.poll_response().expect("open").expect("the response");
+        assert_eq!((got_seq, &got[..]), (seq, &response[..]));
+    };
+    for k in 0..5_000 {
+        run(k, false);
+    }
+    for k in 5_000..15_000 {
+        run(k, true);
+    }
+    assert_eq!(
+        counted, 0,
+        "10 000 steady-state requests and responses allocated {counted} times"
+    );
 }

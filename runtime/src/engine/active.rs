@@ -215,9 +215,9 @@ impl<A: Application, I: Input> Engine<A, I> {
                 i += 1;
                 continue;
             }
-            let (ops, scratch) = (&self.tx.ops, &mut self.scratch);
+            let ops = &self.tx.ops;
             let ok = push_waiting(&mut self.replicas[i].stream, self.opt.backpressure, |p| {
-                push_tx(p, ops, commit, scratch)
+                push_tx(p, ops, commit)
             });
             if ok {
                 i += 1;

@@ -7,25 +7,46 @@
 use super::*;
 
 impl<A: Application, I: Input> Engine<A, I> {
-    /// Apply the batch in `self.buf`. `Ok(Some)` when the batch changes the role.
-    pub(super) fn apply_batch(
+    /// Read the next committed batch of `u`'s stream and apply it: `Ok(None)` when nothing
+    /// is committed, `Ok(Some(r))` with what applying it gave (`Ok(Some(_))` inside when the
+    /// batch changes the role), `Err` for a batch that fails validation (nothing applied).
+    ///
+    /// How it is read is [`STANDBY_READS_IN_PLACE`]'s choice: validated in place (views
+    /// into the ring, released in bursts) or copied out first (released per batch).
+    #[inline]
+    pub(super) fn read_and_apply(
         &mut self,
+        u: &mut Upstream,
         state: &mut State,
-        stream: &Region,
-    ) -> Result<Option<Follow>, EngineError> {
+    ) -> Result<Option<Result<Option<Follow>, EngineError>>, shm_layout::ring::ReadError> {
+        if STANDBY_READS_IN_PLACE {
+            let Some(view) = u.stream.read_batch()? else {
+                return Ok(None);
+            };
+            // The view lives until the next read: the active cannot write these bytes while
+            // they are applied (the consumer releases them only at a later read).
+            return Ok(Some(self.apply_frames(
+                view.frames(),
+                state,
+                &u.stream_region,
+            )));
+        }
+        if !u.stream.poll(&mut self.buf)? {
+            return Ok(None);
+        }
         let frames = std::mem::take(&mut self.buf);
-        let r = self.apply_frames(&frames, state, stream);
+        let r = self.apply_frames(frames.frames(), state, &u.stream_region);
         self.buf = frames;
-        r
+        Ok(Some(r))
     }
 
-    fn apply_frames(
+    fn apply_frames<'f>(
         &mut self,
-        frames: &BatchBuf,
+        frames: impl Iterator<Item = Frame<'f>>,
         state: &mut State,
         stream: &Region,
     ) -> Result<Option<Follow>, EngineError> {
-        for f in frames.frames() {
+        for f in frames {
             let (payload, bl) = (f.payload, f.meta.block_length);
             match f.meta.record_type {
                 t @ (rt::PUT_UNIT | rt::RETIRE_UNIT | rt::PUT | rt::DELETE) => {

@@ -34,7 +34,7 @@ use crate::protocol::{self, rt, CommitBlock, FeaturesBlock, HeartbeatBlock, Hell
 use crate::store::{Op, Spare, Store};
 use shm_layout::record::{decode, TemplateInfo};
 use shm_layout::region::{Identity, Region, RegionMemory, RegionSpec};
-use shm_layout::ring::{BatchBuf, Consumer, Producer, PushError};
+use shm_layout::ring::{BatchBuf, Consumer, Frame, Producer, PushError};
 use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -54,7 +54,7 @@ pub(crate) mod timers;
 mod transaction;
 
 pub use self::input::{Input, InputMeta, SourcePosition, SYS_INPUTS};
-pub use self::options::{Backpressure, Idle, OnPanic, Options};
+pub use self::options::{Backpressure, Idle, OnPanic, Options, StreamIntegrity, ENV_INTEGRITY};
 pub use self::transaction::{
     commit_block, execute, execute_local, execute_local_ops, push_tx, TxBuffers,
 };

@@ -12,6 +12,44 @@ pub enum Backpressure {
     Untether,
 }
 
+/// How the active protects each transaction it writes to a standby's stream (the consumer
+/// checks every frame's structure either way: positions, lengths, types, layout versions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StreamIntegrity {
+    /// One checksum per transaction (batch), verified by the standby before it applies any of
+    /// it: detects torn, misplaced or corrupted bytes. The default.
+    #[default]
+    Batch,
+    /// No checksum: for two engines of one host and user that want the last nanoseconds. A
+    /// standby accepts unsummed batches only when it is configured `Off` too.
+    Off,
+}
+
+impl StreamIntegrity {
+    /// The ring's setting for it.
+    pub fn ring(self) -> shm_layout::ring::Integrity {
+        match self {
+            StreamIntegrity::Batch => shm_layout::ring::Integrity::PerBatch,
+            StreamIntegrity::Off => shm_layout::ring::Integrity::Off,
+        }
+    }
+
+    /// `batch` or `off` (what the cluster config's `integrity` and [`ENV_INTEGRITY`] hold).
+    pub fn parse(s: &str) -> Result<StreamIntegrity, String> {
+        match s.trim() {
+            "batch" => Ok(StreamIntegrity::Batch),
+            "off" => Ok(StreamIntegrity::Off),
+            other => Err(format!(
+                "{ENV_INTEGRITY}: expected `batch` or `off`, found `{other}`"
+            )),
+        }
+    }
+}
+
+/// The replication stream's integrity, `batch` (default) or `off` ([`StreamIntegrity`]); the
+/// supervisor sets it from the cluster config's `integrity`.
+pub const ENV_INTEGRITY: &str = "UNDERSTUDY_INTEGRITY";
+
 /// How an idle loop waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Idle {
@@ -60,6 +98,8 @@ pub struct Options {
     /// Publish live counters in `<dir>/counters` ([`crate::counters`]; default on, off only
     /// to measure what they cost).
     pub counters: bool,
+    /// Checksums on the replication stream: one per transaction (default) or none.
+    pub integrity: StreamIntegrity,
 }
 
 /// What a panic in an engine process does.
@@ -91,7 +131,8 @@ impl Options {
     /// `UNDERSTUDY_BACKPRESSURE_US` / `_MS` (wait bound before untethering; 0 = untether at
     /// once),
     /// `UNDERSTUDY_HUNG_MS` (heartbeat age that counts as hung), `UNDERSTUDY_IDLE` (`spin`,
-    /// `shared`, or `<spin polls>,<sleep µs>`), `UNDERSTUDY_CATCHUP_CHUNK` (items per chunk).
+    /// `shared`, or `<spin polls>,<sleep µs>`), `UNDERSTUDY_CATCHUP_CHUNK` (items per chunk),
+    /// `UNDERSTUDY_INTEGRITY` (`batch` or `off`, see [`StreamIntegrity`]).
     /// A malformed value is an error naming the variable, the expected and the found value.
     pub fn apply_env(&mut self) -> Result<(), String> {
         fn num(var: &str) -> Result<Option<u64>, String> {
@@ -123,6 +164,9 @@ impl Options {
         }
         if let Some(n) = num(crate::launch::ENV_CATCHUP_CHUNK)? {
             self.catchup_chunk = (n as usize).max(1);
+        }
+        if let Ok(v) = std::env::var(ENV_INTEGRITY) {
+            self.integrity = StreamIntegrity::parse(&v)?;
         }
         if let Ok(v) = std::env::var(crate::launch::ENV_IDLE) {
             self.idle = match v.trim() {
@@ -157,6 +201,7 @@ impl Options {
             standby_only: false,
             on_panic: OnPanic::Abort,
             counters: true,
+            integrity: StreamIntegrity::Batch,
         }
     }
 }

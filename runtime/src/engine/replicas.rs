@@ -2,7 +2,6 @@
 //! (feedback, heartbeats, detach).
 
 use super::*;
-use shm_layout::ring::Integrity;
 
 pub(super) enum ReplicaPhase {
     /// Waiting for the standby's hello on the feedback ring.
@@ -143,8 +142,9 @@ impl<A: Application, I: Input> Engine<A, I> {
                 feedback_region.set_consumer_identity(self.me);
                 let mut stream = stream_region.producer()?;
                 // One checksum per transaction (batch) on the replication stream, not one per
-                // record: the standby is our own peer; client rings keep theirs per frame.
-                stream.set_integrity(Integrity::PerBatch);
+                // record, or none (`Options::integrity`): the standby is our own peer; client
+                // rings keep theirs per frame.
+                stream.set_integrity(self.opt.integrity.ring());
                 let feedback = feedback_region.consumer()?;
                 Ok(Replica {
                     slot,

@@ -5,6 +5,13 @@ use super::result::CommandResult;
 use super::role::{self, NoStepUpBecause, OnActiveDead, OnLivenessCheck, StepUpBecause};
 use super::*;
 
+/// How a standby reads its replication stream: validated in place, views into the ring, the
+/// position published once per burst (`true`), or copied out batch by batch first (`false`).
+/// The stream comes from the engine's own peer, so either is allowed by the design rule; the
+/// choice is the one that costs the active less per transaction, measured side by side in
+/// `benches/replication.rs` (see benches/RESULTS-runtime.md).
+pub(super) const STANDBY_READS_IN_PLACE: bool = true;
+
 /// Standby regions created but not yet announced (see `Engine::prepare_upstream`).
 pub(super) struct Prepared {
     pub(super) epoch: u64,
@@ -114,7 +121,14 @@ impl<A: Application, I: Input> Engine<A, I> {
         let stream_region = Region::create(&sp, spec(KIND_STREAM), self.me)?;
         let feedback_region = Region::create(&fp, spec(KIND_FEEDBACK), self.me)?;
         stream_region.set_consumer_identity(self.me);
-        let stream = stream_region.consumer()?;
+        let mut stream = stream_region.consumer()?;
+        // Read in place, the standby publishes its position once per burst: at most every
+        // 1/64 of the ring (and whenever it finds nothing new), so the active's view of the
+        // room left (back-pressure, catch-up headroom, the untether bound) lags by little.
+        stream.set_release_every(self.opt.ring_capacity / 64);
+        // Batches without a checksum are accepted only from an active configured like us
+        // (`integrity = "off"` for the cluster): otherwise one is a corrupt stream.
+        stream.set_require_integrity(self.opt.integrity != StreamIntegrity::Off);
         let feedback = feedback_region.producer()?;
         Ok(Prepared {
             epoch,
@@ -349,12 +363,12 @@ impl<A: Application, I: Input> Engine<A, I> {
             // dying process exits, before its memory is torn down.
             let died = matches!(lock.word(), LockWord::OwnerDied { .. });
             let mut got = false;
-            match u.stream.poll(&mut self.buf) {
-                Ok(true) => {
+            match self.read_and_apply(u, &mut state) {
+                Ok(Some(applied)) => {
                     w.idle_polls = 0;
                     got = true;
                     w.batches = w.batches.wrapping_add(1);
-                    match self.apply_batch(&mut state, &u.stream_region) {
+                    match applied {
                         Ok(Some(f)) => return Ok(f),
                         Ok(None) => {}
                         Err(e) => {
@@ -375,7 +389,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                         continue;
                     }
                 }
-                Ok(false) => {}
+                Ok(None) => {}
                 Err(e) => {
                     warn!(slot = %control::slot_name(s), "corrupt frame in the stream: {e}; resyncing");
                     self.control.set(s, Field::State, State::Stale as u64);
@@ -628,9 +642,9 @@ impl<A: Application, I: Input> Engine<A, I> {
     /// or does not apply means our copy is not the committed state: never step up on it.
     pub(super) fn drain(&mut self, u: &mut Upstream, state: &mut State) -> Drained {
         loop {
-            match u.stream.poll(&mut self.buf) {
-                Ok(false) => return Drained::Clean,
-                Ok(true) => match self.apply_batch(state, &u.stream_region) {
+            match self.read_and_apply(u, state) {
+                Ok(None) => return Drained::Clean,
+                Ok(Some(applied)) => match applied {
                     Ok(None) => {}
                     Ok(Some(f)) => return Drained::RoleChange(f),
                     Err(e) => {

@@ -188,12 +188,7 @@ impl TxBuffers {
 /// parts); checked against the encoder in this file's tests.
 #[inline]
 fn op_payload_bytes(op: &Op) -> usize {
-    match op {
-        Op::PutUnit { state, .. } => 16 + state.len(),
-        Op::RetireUnit { .. } => 8,
-        Op::Put { key, value, .. } => 16 + key.len() + value.len(),
-        Op::Delete { key, .. } => 16 + key.len(),
-    }
+    protocol::op_frame(op).2
 }
 
 /// A hash index of a transaction's changes by what each changes (open addressing, linear
@@ -410,19 +405,28 @@ pub fn commit_block(index: u64, meta: &InputMeta) -> CommitBlock {
 
 /// Push one transaction (its ops, then the commit) as one batch: what the active writes to
 /// each standby's stream per transaction (public for the replication benchmark).
+///
+/// Each record is written in place: its room is claimed in the ring and the change encoded
+/// straight into it ([`shm_layout::ring::Batch::push_with`]), with no staging copy; the
+/// batch is published by one Release store at its commit, with the one checksum the
+/// producer's [`shm_layout::ring::Integrity`] asks for (per transaction on an engine's stream,
+/// or none).
 #[doc(hidden)]
+#[inline]
 pub fn push_tx<M: shm_layout::memory::WordMemory>(
     stream: &mut Producer<M>,
     ops: &[Op],
     commit: &CommitBlock,
-    scratch: &mut Vec<u8>,
 ) -> Result<(), PushError> {
     let mut b = stream.batch();
     for op in ops {
-        let (t, bl) = protocol::encode_op(op, scratch);
-        b.push(t, 1, bl, scratch)?;
+        let (t, bl, len) = protocol::op_frame(op);
+        b.push_with(t, 1, bl, len, |out| protocol::write_op(op, out))?;
     }
-    b.push(rt::COMMIT, 1, 48, zerocopy::IntoBytes::as_bytes(commit))?;
+    let commit = zerocopy::IntoBytes::as_bytes(commit);
+    b.push_with(rt::COMMIT, 1, 48, commit.len(), |out| {
+        out.copy_from_slice(commit)
+    })?;
     b.commit();
     Ok(())
 }
@@ -483,7 +487,7 @@ mod tests {
         // Push the same transaction at every offset of the ring (two laps).
         for _ in 0..2 * capacity / FRAME_ALIGN {
             let start = p.position();
-            push_tx(&mut p, &tx.ops, &commit_block(0, &meta), &mut scratch).expect("fits");
+            push_tx(&mut p, &tx.ops, &commit_block(0, &meta)).expect("fits");
             largest = largest.max((p.position() - start) as usize);
             assert!(c.poll(&mut buf).expect("read"));
             // Shift the next start by one frame.
