@@ -112,6 +112,11 @@ impl<A: Application, I: Input> Engine<A, I> {
         }
     }
 
+    /// Does the idle strategy still spin after `polls` empty polls (rather than sleep)?
+    pub(super) fn spinning(&self, polls: u32) -> bool {
+        polls < self.opt.idle.spin_polls || self.opt.idle.sleep.is_zero()
+    }
+
     pub(super) fn idle_wait(&self, polls: u32) {
         if polls < self.opt.idle.spin_polls || self.opt.idle.sleep.is_zero() {
             std::hint::spin_loop();

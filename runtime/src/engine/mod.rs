@@ -54,7 +54,9 @@ pub(crate) mod timers;
 mod transaction;
 
 pub use self::input::{Input, InputMeta, SourcePosition, SYS_INPUTS};
-pub use self::options::{Backpressure, Idle, OnPanic, Options, StreamIntegrity, ENV_INTEGRITY};
+pub use self::options::{
+    Backpressure, Idle, OnPanic, Options, StreamIntegrity, ENV_INTEGRITY, ENV_STANDBY_POLL_PAUSE_US,
+};
 pub use self::transaction::{
     commit_block, execute, execute_local, execute_local_ops, push_tx, TxBuffers,
 };

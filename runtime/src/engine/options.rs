@@ -50,6 +50,10 @@ impl StreamIntegrity {
 /// supervisor sets it from the cluster config's `integrity`.
 pub const ENV_INTEGRITY: &str = "UNDERSTUDY_INTEGRITY";
 
+/// A standby's pause between polls that found nothing, in µs (0: poll continuously); see
+/// [`Options::standby_poll_pause`].
+pub const ENV_STANDBY_POLL_PAUSE_US: &str = "UNDERSTUDY_STANDBY_POLL_PAUSE_US";
+
 /// How an idle loop waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Idle {
@@ -100,6 +104,11 @@ pub struct Options {
     pub counters: bool,
     /// Checksums on the replication stream: one per transaction (default) or none.
     pub integrity: StreamIntegrity,
+    /// How long a standby waits, spinning, before polling its stream again after a poll that
+    /// found nothing new (default 20 µs; zero: poll continuously). A standby that polls
+    /// continuously costs the active a cache-line transfer per transaction; see
+    /// `benches/RESULTS-runtime.md`. Death detection does not wait for it.
+    pub standby_poll_pause: Duration,
 }
 
 /// What a panic in an engine process does.
@@ -132,7 +141,8 @@ impl Options {
     /// once),
     /// `UNDERSTUDY_HUNG_MS` (heartbeat age that counts as hung), `UNDERSTUDY_IDLE` (`spin`,
     /// `shared`, or `<spin polls>,<sleep µs>`), `UNDERSTUDY_CATCHUP_CHUNK` (items per chunk),
-    /// `UNDERSTUDY_INTEGRITY` (`batch` or `off`, see [`StreamIntegrity`]).
+    /// `UNDERSTUDY_INTEGRITY` (`batch` or `off`, see [`StreamIntegrity`]),
+    /// `UNDERSTUDY_STANDBY_POLL_PAUSE_US` (see [`Options::standby_poll_pause`]).
     /// A malformed value is an error naming the variable, the expected and the found value.
     pub fn apply_env(&mut self) -> Result<(), String> {
         fn num(var: &str) -> Result<Option<u64>, String> {
@@ -164,6 +174,9 @@ impl Options {
         }
         if let Some(n) = num(crate::launch::ENV_CATCHUP_CHUNK)? {
             self.catchup_chunk = (n as usize).max(1);
+        }
+        if let Some(us) = num(ENV_STANDBY_POLL_PAUSE_US)? {
+            self.standby_poll_pause = Duration::from_micros(us);
         }
         if let Ok(v) = std::env::var(ENV_INTEGRITY) {
             self.integrity = StreamIntegrity::parse(&v)?;
@@ -202,6 +215,7 @@ impl Options {
             on_panic: OnPanic::Abort,
             counters: true,
             integrity: StreamIntegrity::Batch,
+            standby_poll_pause: Duration::from_micros(20),
         }
     }
 }
