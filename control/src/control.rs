@@ -35,7 +35,9 @@
 //! }
 //! ```
 
-use crate::liveness::{LockError, LockOutcome, LockWord, RobustLock, TryLockOutcome};
+use crate::liveness::{
+    LockError, LockOutcome, LockWord, ProcStat, ProcessIdentity, RobustLock, TryLockOutcome,
+};
 use crate::result::CommandResult;
 use memmap2::{MmapOptions, MmapRaw};
 use shm_layout::memory::{MappedWords, WordMemory};
@@ -79,7 +81,12 @@ const W_CMD_ACK: usize = 19;
 const W_CMD_RESULT: usize = 20;
 const W_CLUSTER: usize = 22;
 const W_CLUSTER_MIRROR: usize = 23;
+/// The supervisor's pid (bit 63: a claim in progress) and start time
+/// ([`Control::claim_supervisor`]).
 const W_SUPERVISOR: usize = 24;
+const W_SUPERVISOR_START: usize = 25;
+/// Bit 63 of the supervisor's pid word: claimed, start time not written yet.
+const SUPERVISOR_CLAIMING: u64 = 1 << 63;
 const SLOT_BASE: usize = 64;
 const SLOT_WORDS: usize = 32;
 /// Mirrors of the checked slot fields: 8 words per slot after the slot records.
@@ -449,6 +456,98 @@ impl std::fmt::Display for BadCommand {
     }
 }
 impl std::error::Error for BadCommand {}
+
+/// The supervisor the control block records ([`Control::supervisor`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SupervisorHolder {
+    /// None recorded (or released).
+    None,
+    /// A supervisor between its claim and its start time (or one that died there).
+    Claiming {
+        /// Its pid.
+        pid: u32,
+    },
+    /// A supervisor, by identity.
+    Held(ProcessIdentity),
+    /// A pid word no claim writes (damage): holds nothing.
+    Damaged {
+        /// The word found.
+        found: u64,
+    },
+}
+
+impl SupervisorHolder {
+    fn from_words(raw: u64, start_time_ticks: u64) -> SupervisorHolder {
+        let claiming = raw & SUPERVISOR_CLAIMING != 0;
+        match (u32::try_from(raw & !SUPERVISOR_CLAIMING), claiming) {
+            _ if raw == 0 => SupervisorHolder::None,
+            (Ok(pid), true) if pid != 0 => SupervisorHolder::Claiming { pid },
+            (Ok(pid), false) => SupervisorHolder::Held(ProcessIdentity {
+                pid,
+                start_time_ticks,
+            }),
+            _ => SupervisorHolder::Damaged { found: raw },
+        }
+    }
+
+    /// The holder's pid, if any.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            SupervisorHolder::Claiming { pid } => Some(*pid),
+            SupervisorHolder::Held(id) => Some(id.pid),
+            SupervisorHolder::None | SupervisorHolder::Damaged { .. } => None,
+        }
+    }
+
+    /// Whether the holder is a live process: the identity checked against `/proc` (a pid
+    /// reused by a later process is not it); a claim in progress by its pid alone.
+    pub fn is_alive(&self) -> bool {
+        match self {
+            SupervisorHolder::Held(id) => id.is_alive(),
+            SupervisorHolder::Claiming { pid } => {
+                ProcStat::read(*pid).is_ok_and(|stat| !stat.is_exited())
+            }
+            SupervisorHolder::None | SupervisorHolder::Damaged { .. } => false,
+        }
+    }
+}
+
+impl std::fmt::Display for SupervisorHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SupervisorHolder::None => f.write_str("no supervisor"),
+            SupervisorHolder::Claiming { pid } => {
+                write!(f, "the supervisor with pid {pid} (claiming)")
+            }
+            SupervisorHolder::Held(id) => write!(
+                f,
+                "the supervisor with pid {} (started at tick {})",
+                id.pid, id.start_time_ticks
+            ),
+            SupervisorHolder::Damaged { found } => {
+                write!(f, "a damaged supervisor word ({found:#018x})")
+            }
+        }
+    }
+}
+
+/// The cluster's supervisor words are held by another live process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SupervisorTaken {
+    /// Who holds them.
+    pub holder: SupervisorHolder,
+}
+
+impl std::fmt::Display for SupervisorTaken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the cluster is supervised by {}, which is alive: expected no live supervisor (one per cluster); use that one, or stop it first",
+            self.holder
+        )
+    }
+}
+impl std::error::Error for SupervisorTaken {}
 
 /// Whether the cluster is meant to run: `down` marks it before stopping the engines, so clients
 /// learn it at once (the runtime's `ClientError::ClusterDown`).
@@ -1433,10 +1532,63 @@ impl Control {
         }
     }
 
-    /// Supervisor identity words (pid, start time).
-    pub fn supervisor_word(&self, i: usize) -> &AtomicU64 {
-        assert!(i < 2);
-        self.words.word(W_SUPERVISOR + i)
+    /// The supervisor recorded in the control block (its liveness is not checked: see
+    /// [`SupervisorHolder::is_alive`]).
+    pub fn supervisor(&self) -> SupervisorHolder {
+        // SYNC POINT: supervisor claimed (Acquire; the Release is the pid store at the end of
+        // `claim_supervisor`, which publishes the start time stored before it).
+        let raw = self.raw(W_SUPERVISOR).load(Ordering::Acquire);
+        let start_time_ticks = self.raw(W_SUPERVISOR_START).load(Ordering::Relaxed);
+        SupervisorHolder::from_words(raw, start_time_ticks)
+    }
+
+    /// Claim the cluster's supervisor words for the process (`pid`, `start_time_ticks`): one
+    /// supervisor per cluster, decided by compare-and-swap, so of two supervisors started at
+    /// once exactly one wins. The words are free when empty, held by a process that is not
+    /// alive (its identity names a process that is gone), or already this process's.
+    ///
+    /// The pid word is taken first, marked "claiming" (bit 63), then the start time is
+    /// stored, then the pid word without the mark is published: a reader never pairs the new
+    /// pid with the previous start time, and a claimer that died half-way leaves a mark whose
+    /// pid is gone, which the next claimer takes over.
+    pub fn claim_supervisor(&self, pid: u32, start_time_ticks: u64) -> Result<(), SupervisorTaken> {
+        let word = self.raw(W_SUPERVISOR);
+        // Each failed compare-and-swap means another claimer wrote in between: look again
+        // (a live winner is then reported); a bound, so a word that keeps changing under us
+        // is reported rather than spun on.
+        for _ in 0..8 {
+            let raw = word.load(Ordering::Acquire);
+            let holder = SupervisorHolder::from_words(
+                raw,
+                self.raw(W_SUPERVISOR_START).load(Ordering::Relaxed),
+            );
+            if holder.pid() != Some(pid) && holder.is_alive() {
+                return Err(SupervisorTaken { holder });
+            }
+            let claiming = u64::from(pid) | SUPERVISOR_CLAIMING;
+            if word
+                .compare_exchange(raw, claiming, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                continue;
+            }
+            self.raw(W_SUPERVISOR_START)
+                .store(start_time_ticks, Ordering::Relaxed);
+            // SYNC POINT: supervisor claimed (Release; Acquire in `supervisor`).
+            word.store(u64::from(pid), Ordering::Release);
+            return Ok(());
+        }
+        Err(SupervisorTaken {
+            holder: self.supervisor(),
+        })
+    }
+
+    /// Give up the supervisor words if `pid` still holds them (a compare-and-swap: a
+    /// successor's claim is never undone). Whether they were ours.
+    pub fn release_supervisor(&self, pid: u32) -> bool {
+        self.raw(W_SUPERVISOR)
+            .compare_exchange(u64::from(pid), 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
     }
 
     /// Claim a client registry entry for `id` (non-zero); the entry index, or `None` if the
@@ -1682,5 +1834,139 @@ mod tests {
         assert_eq!(c.slot_refusal(1), None, "a new post clears the refusal");
         c.set(1, Field::Cmd, 9);
         assert_eq!(c.slot_command(1), Err(BadCommand::UnknownCode { found: 9 }));
+    }
+
+    /// A child process (`sleep`), killed and reaped on drop even when the test fails.
+    struct Child(std::process::Child);
+
+    impl Child {
+        fn spawn() -> Child {
+            Child(
+                std::process::Command::new("sleep")
+                    .arg("60")
+                    .spawn()
+                    .expect("spawn sleep"),
+            )
+        }
+
+        fn identity(&self) -> ProcessIdentity {
+            ProcessIdentity::of(self.0.id()).expect("the child's identity")
+        }
+
+        /// Kill and reap it: its identity then names no live process.
+        fn end(mut self) -> ProcessIdentity {
+            let id = self.identity();
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            id
+        }
+    }
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// One supervisor per cluster: a second live claimer is refused, naming the holder; the
+    /// holder claims again (idempotent); after a release the other claims.
+    #[test]
+    fn supervisor_claim_refuses_a_second_live_claimer() {
+        let dir = Dir::new("sup-two");
+        let c = Control::open_or_create(&dir.0).expect("control");
+        assert_eq!(c.supervisor(), SupervisorHolder::None);
+        let me = ProcessIdentity::current().expect("our identity");
+        let other = Child::spawn();
+        let them = other.identity();
+        c.claim_supervisor(me.pid, me.start_time_ticks)
+            .expect("the first claim");
+        assert_eq!(c.supervisor(), SupervisorHolder::Held(me));
+        c.claim_supervisor(me.pid, me.start_time_ticks)
+            .expect("the holder claims again");
+        let taken = c
+            .claim_supervisor(them.pid, them.start_time_ticks)
+            .expect_err("a second live claimer");
+        assert_eq!(taken.holder, SupervisorHolder::Held(me));
+        assert!(
+            taken.to_string().contains(&format!("pid {}", me.pid)),
+            "{taken}"
+        );
+        assert!(!c.release_supervisor(them.pid), "not theirs to release");
+        assert!(c.release_supervisor(me.pid));
+        assert_eq!(c.supervisor(), SupervisorHolder::None);
+        c.claim_supervisor(them.pid, them.start_time_ticks)
+            .expect("free again");
+        assert_eq!(c.supervisor(), SupervisorHolder::Held(them));
+    }
+
+    /// Two claimers at once, each through its own mapping: exactly one wins, every round; the
+    /// loser names the winner.
+    #[test]
+    fn supervisor_claim_race_has_one_winner() {
+        let dir = Dir::new("sup-race");
+        let c = Control::open_or_create(&dir.0).expect("control");
+        let me = ProcessIdentity::current().expect("our identity");
+        let other = Child::spawn();
+        let them = other.identity();
+        for round in 0..200 {
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let claim = |who: ProcessIdentity| {
+                let mapping = Control::open(&dir.0).expect("control");
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    mapping.claim_supervisor(who.pid, who.start_time_ticks)
+                })
+            };
+            let (a, b) = (claim(me), claim(them));
+            let (a, b) = (a.join().expect("claimer a"), b.join().expect("claimer b"));
+            let (winner, loser) = match (a, b) {
+                (Ok(()), Err(lost)) => (me, lost),
+                (Err(lost), Ok(())) => (them, lost),
+                other => panic!("round {round}: expected exactly one winner, found {other:?}"),
+            };
+            assert_eq!(
+                c.supervisor(),
+                SupervisorHolder::Held(winner),
+                "round {round}"
+            );
+            assert_eq!(loser.holder.pid(), Some(winner.pid), "round {round}");
+            assert!(c.release_supervisor(winner.pid));
+        }
+    }
+
+    /// A holder that died (a supervisor killed, or one that died half-way through its claim)
+    /// holds nothing: the next claimer takes the words over.
+    #[test]
+    fn supervisor_claim_takes_over_from_a_dead_holder() {
+        let dir = Dir::new("sup-dead");
+        let c = Control::open_or_create(&dir.0).expect("control");
+        let me = ProcessIdentity::current().expect("our identity");
+        let gone = Child::spawn();
+        let dead = gone.identity();
+        c.claim_supervisor(dead.pid, dead.start_time_ticks)
+            .expect("the first claim");
+        let dead = gone.end();
+        assert!(!c.supervisor().is_alive());
+        c.claim_supervisor(me.pid, me.start_time_ticks)
+            .expect("a dead holder's words are free");
+        assert_eq!(c.supervisor(), SupervisorHolder::Held(me));
+        // Died half-way: the claiming mark with a pid that is gone.
+        c.raw(W_SUPERVISOR)
+            .store(u64::from(dead.pid) | SUPERVISOR_CLAIMING, Ordering::Release);
+        assert_eq!(c.supervisor(), SupervisorHolder::Claiming { pid: dead.pid });
+        c.claim_supervisor(me.pid, me.start_time_ticks)
+            .expect("a dead claimer's mark is free");
+        assert_eq!(c.supervisor(), SupervisorHolder::Held(me));
+        // A live claimer half-way holds the words.
+        let live = Child::spawn();
+        let them = live.identity();
+        c.raw(W_SUPERVISOR)
+            .store(u64::from(them.pid) | SUPERVISOR_CLAIMING, Ordering::Release);
+        let taken = c
+            .claim_supervisor(me.pid, me.start_time_ticks)
+            .expect_err("a live claimer holds it");
+        assert_eq!(taken.holder, SupervisorHolder::Claiming { pid: them.pid });
     }
 }

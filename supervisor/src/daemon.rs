@@ -27,7 +27,6 @@
 //!   declares a serving cluster lost.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
@@ -140,10 +139,7 @@ pub fn up(config: ClusterConfig) -> Result<(), UpError> {
     sup.run(&rx);
     if !sup.cluster.outcomes.finished {
         let _ = std::fs::remove_file(&socket);
-        sup.cluster
-            .control
-            .supervisor_word(0)
-            .store(0, Ordering::Release);
+        sup.cluster.control.release_supervisor(std::process::id());
         info!("supervisor exits; the engines keep running (`understudy up` re-adopts them, `understudy down` stops them)");
     }
     Ok(())
@@ -156,12 +152,11 @@ impl Supervisor {
         shm_layout::trust::ensure_private_dir(&dir).map_err(UpError::Trust)?;
         let mut control = Control::open_or_create(&dir).map_err(UpError::Control)?;
         let me = ProcessIdentity::current().map_err(|e| UpError::Io(e.to_string()))?;
-        let other = ProcessIdentity {
-            pid: control.supervisor_word(0).load(Ordering::Acquire) as u32,
-            start_time_ticks: control.supervisor_word(1).load(Ordering::Acquire),
-        };
-        if other.pid != 0 && other.pid != me.pid && other.is_alive() {
-            return Err(UpError::AlreadyRunning { pid: other.pid });
+        // Before anything is touched (a leftover cluster's files are removed below): the
+        // authoritative claim is the compare-and-swap further down.
+        let other = control.supervisor();
+        if let Some(pid) = other.pid().filter(|&p| p != me.pid && other.is_alive()) {
+            return Err(UpError::AlreadyRunning { pid });
         }
         let mut live = Vec::new();
         for slot in 0..SLOTS {
@@ -191,11 +186,10 @@ impl Supervisor {
             control = Control::open_or_create(&dir).map_err(UpError::Control)?;
         }
         control
-            .supervisor_word(1)
-            .store(me.start_time_ticks, Ordering::Release);
-        control
-            .supervisor_word(0)
-            .store(u64::from(me.pid), Ordering::Release);
+            .claim_supervisor(me.pid, me.start_time_ticks)
+            .map_err(|taken| UpError::AlreadyRunning {
+                pid: taken.holder.pid().unwrap_or(0),
+            })?;
         let roles = RoleWatch::new(&control);
         let mut sup = Supervisor {
             cluster: Cluster::new(config, dir, control),
@@ -357,10 +351,7 @@ impl Supervisor {
                 }
             }
         }
-        self.cluster
-            .control
-            .supervisor_word(0)
-            .store(0, Ordering::Release);
+        self.cluster.control.release_supervisor(std::process::id());
         match std::fs::read_dir(&self.cluster.dir) {
             Ok(entries) => {
                 for entry in entries.flatten() {

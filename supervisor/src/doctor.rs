@@ -324,14 +324,7 @@ pub fn dead_clusters(shm_dir: &Path) -> Vec<PathBuf> {
                 }
                 .is_alive()
         };
-        let supervisor = alive(
-            control
-                .supervisor_word(0)
-                .load(std::sync::atomic::Ordering::Acquire),
-            control
-                .supervisor_word(1)
-                .load(std::sync::atomic::Ordering::Acquire),
-        );
+        let supervisor = control.supervisor().is_alive();
         let engines =
             (0..SLOTS).any(|s| alive(control.get(s, Field::Pid), control.get(s, Field::StartTime)));
         if !supervisor && !engines {
