@@ -6,31 +6,45 @@
 //!                  seq_lo32 << 32 | CONT | len for a frame inside a batch: len = its own bytes
 //! word 1  payload_len u32 | record_type u16 << 32 | layout_version u16 << 48
 //! word 2  flags u16 | block_length u16 << 16 | checksum u32 << 32
-//! word 3  seq u64
+//! word 3  batch head: the batch's first sequence number (u64); inside a batch: not written
 //! then    the payload area: the payload, then zero bytes up to the next 32-byte boundary
 //! ```
+//!
+//! A frame's sequence number is implied by its position: the batch head's is the one the
+//! consumer expects next, and each frame after it in the batch adds one. Only the batch head
+//! stores it whole (word 3: what a successor reads back after a crash, see
+//! `Producer::resume` and `Consumer::torn_tail`); a frame inside a batch stores nothing in
+//! word 3 and the consumer does not read it there. The low 32 bits of every frame's sequence
+//! stay in its word 0 (the commit word of a head, the continuation stamp of the others): the
+//! lap and misplacement guard below.
 //!
 //! Integrity is chosen per batch by the producer ([`crate::ring::Integrity`]) and written in
 //! the flags of the batch head:
 //!
 //! - per frame (flags without [`FLAG_BATCH_SUM`] / [`FLAG_NO_SUM`], the default): each frame's
-//!   checksum covers its words 1, 2 (without the checksum) and 3, and its whole payload area,
-//!   zero padding included (a padding frame has no payload area to check);
+//!   checksum covers its words 1, 2 (without the checksum), its sequence number (the implied
+//!   one: stored or not, a frame read at another position or sequence fails) and its whole
+//!   payload area, zero padding included (a padding frame has no payload area to check);
 //! - per batch ([`FLAG_BATCH_SUM`] on the head): one checksum in the head covers the header
-//!   words and payload areas of every frame of the batch in order; the other frames' checksum
-//!   fields are 0 (one checksum per transaction instead of one per record);
+//!   words, sequence numbers and payload areas of every frame of the batch in order; the other
+//!   frames' checksum fields are 0 (one checksum per transaction instead of one per record);
 //! - off ([`FLAG_NO_SUM`] on the head): every checksum field of the batch is 0; the consumer
 //!   still checks the structure. A consumer that requires integrity (client rings) refuses it.
 //!
-//! Layout major 3 (this format) added the two batch flags; a major-2 reader would take a
-//! batch-sum or unchecked batch for corruption, so the region's major version tells them apart.
+//! Layout major 3 added the two batch flags; major 4 (this format) stopped writing word 3 in
+//! frames inside a batch. A major-3 reader would take such a frame's stale word 3 for a bad
+//! sequence, so the region's major version tells them apart.
 //!
 //! A frame never starts on a word the producer has not zeroed or written in this lap: the
 //! producer zeroes the commit word just past each batch before the Release store that
 //! publishes the batch (a one-frame batch while its frame is written, before the head line's
 //! last stores), so the consumer reading the next position sees either 0 (nothing yet) or a
-//! commit word of this lap — never a leftover from the previous lap. The sequence
-//! number in the commit word is a second guard: the consumer knows the exact sequence it expects.
+//! commit word of this lap — never a leftover from the previous lap. The sequence stamp in the
+//! commit word is a second guard, kept although the zeroing suffices for a producer that
+//! follows the protocol: the consumer knows the exact sequence it expects, so a word left by a
+//! crashed or misbehaving producer (a previous lap's, or one a hostile peer copied from
+//! elsewhere in the ring) is refused by name rather than read, at no cost on the hot path (the
+//! stamp is part of the one word stored and compared anyway).
 
 /// Bytes in a frame header.
 pub const HEADER_BYTES: usize = 32;
@@ -103,8 +117,8 @@ const fn step(lane: u64, w: u64, k: u64, r: u32) -> u64 {
 }
 
 /// The frame checksum: four independent multiply-xor-rotate lanes, each fed every fourth word
-/// of the sequence (header words 1, 2 without the checksum, 3, a zero word; then the frame's
-/// payload area, 32 bytes at a time, zero padding included). Four lanes keep the dependency
+/// of the sequence (header words 1, 2 without the checksum, the sequence number, a zero word;
+/// then the frame's payload area, 32 bytes at a time, zero padding included). Four lanes keep the dependency
 /// chain at one step (~5 cycles) per 32 bytes, so a 64-byte payload costs ~15 cycles of latency
 /// on each side instead of ~30 with two lanes, and no more instructions per word. It detects
 /// corruption, torn and misplaced frames, not adversaries: a peer that wants to forge a frame
@@ -123,7 +137,8 @@ pub struct Checksum {
 }
 
 impl Checksum {
-    /// A checksum seeded with the three checksummed header words.
+    /// A checksum seeded with the two checksummed header words and the frame's sequence number
+    /// (implied by its position; stored only in a batch head).
     #[inline(always)]
     pub fn new(w1: u64, w2_without_sum: u64, seq: u64) -> Self {
         let mut c = Checksum {

@@ -47,8 +47,10 @@ pub const READY: u64 = u64::from_le_bytes(*b"READY!!1");
 /// payload words only), so a reader of 1 would refuse every frame of 2 as corrupt. 3: the
 /// integrity of a batch is the producer's choice, in its head's flags (one checksum per
 /// frame, one per batch, or none; see [`crate::frame`]), so a reader of 2 would refuse a
-/// batch-sum or unchecked batch of 3 as corrupt.
-pub const LAYOUT_MAJOR: u16 = 3;
+/// batch-sum or unchecked batch of 3 as corrupt. 4: a frame inside a batch no longer stores
+/// its sequence number (word 3; the position implies it), so a reader of 3 would refuse such
+/// a frame's stale word 3 as out of sequence.
+pub const LAYOUT_MAJOR: u16 = 4;
 /// Layout minor version: additions a major-1 reader can ignore.
 pub const LAYOUT_MINOR: u16 = 0;
 /// Bytes before the ring: the superblock page.

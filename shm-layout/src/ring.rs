@@ -840,8 +840,8 @@ impl<'a, M: WordMemory> Batch<'a, M> {
     }
 
     /// Word 2 as stored for a frame whose checksum state after its payload area is `sum`: its
-    /// own checksum per frame; otherwise 0 in the checksum field (the batch's sum goes into the
-    /// head at `commit`).
+    /// own checksum per frame; per batch, the head's holds the sum of the batch so far (its
+    /// own), the other frames' 0 (`commit` stores the whole batch's sum in the head); off, 0.
     #[inline(always)]
     fn sum_end(&mut self, w2: u64, sum: Checksum) -> u64 {
         sum_end(
@@ -894,6 +894,15 @@ impl<'a, M: WordMemory> Batch<'a, M> {
         let fb = frame_bytes(len) as u64;
         let (pad, needed_end) = placement(self.producer.capacity, self.pos, fb);
         self.producer.reserve(needed_end)?;
+        if self.frames == 0 && pad == 0 {
+            // The batch's end if no frame follows it (as in `write_frame`), zeroed before the
+            // caller writes the payload: that word's line (when it is not the head's) is then
+            // taken from the consumer before the payload's stores, not between them and the
+            // header's, so the head line a caught-up consumer spins on is written in one burst
+            // more often. The word lies in the room just reserved (`needed_end` counts it) and
+            // no batch is committed there; a dropped claim leaves a zero in free room.
+            slot(self.producer.data(), self.pos + fb).store(0, Ordering::Relaxed);
+        }
         #[cfg(loom)]
         {
             let s = &mut self.producer.scratch;
@@ -978,10 +987,8 @@ impl<'a, M: WordMemory> Batch<'a, M> {
                 ]);
             }
         }
-        if self.frames == 0 {
-            // The batch's end if no frame follows it (as in `write_frame`).
-            slot(data, self.pos + fb).store(0, Ordering::Relaxed);
-        }
+        // A head frame's batch end was zeroed by `claim` (a frame after padding is not a head:
+        // `commit` zeroes its batch's end).
         let w2 = self.sum_end(w2, sum);
         let data = self.producer.data();
         let header = &data[i..i + CHUNK_WORDS];
@@ -1088,8 +1095,9 @@ impl<'a, M: WordMemory> Batch<'a, M> {
         if self.frames > 1 {
             slot(data, self.pos).store(0, Ordering::Relaxed);
         }
-        if self.integrity == Integrity::PerBatch {
-            // The batch's one checksum, in its head (same line as the commit word below).
+        if self.integrity == Integrity::PerBatch && self.frames > 1 {
+            // The batch's one checksum, in its head (same line as the commit word below); a
+            // one-frame batch's head already holds it (`sum_end`).
             let w2 = self.head_w2 | (self.sum.finish() as u64) << 32;
             slot(data, self.start + 16).store(w2, Ordering::Relaxed);
         }
@@ -1124,23 +1132,31 @@ fn sum_end(
         Integrity::PerBatch => {
             *batch_sum = sum;
             if head {
+                // The batch's sum if it ends with its head (a one-record transaction): stored
+                // with the header now, so that `commit` stores nothing more in the head line
+                // before the commit word; a batch with more frames stores it again there.
                 *head_w2 = w2;
+                w2 | (sum.finish() as u64) << 32
+            } else {
+                w2
             }
-            w2
         }
         Integrity::Off => w2,
     }
 }
 
-/// The header words of a frame of `fb` bytes with sequence `seq` (`w2` with its checksum);
-/// a frame inside a batch (not its head) also gets its continuation stamp, which the head's
-/// commit word publishes with it.
+/// The header words of a frame of `fb` bytes with sequence `seq` (`w2` with its checksum).
+/// A batch head stores its sequence number whole in word 3 (for a successor after a crash;
+/// its commit word is stored by `Batch::commit`); a frame inside a batch stores only its
+/// continuation stamp (low 32 bits of the sequence), which the head's commit word publishes
+/// with it: its sequence is implied by its position.
 #[inline(always)]
 fn store_header(header: &[AtomicU64], w1: u64, w2: u64, seq: u64, fb: u64, batch_head: bool) {
     header[1].store(w1, Ordering::Relaxed);
     header[2].store(w2, Ordering::Relaxed);
-    header[3].store(seq, Ordering::Relaxed);
-    if !batch_head {
+    if batch_head {
+        header[3].store(seq, Ordering::Relaxed);
+    } else {
         header[0].store(commit_word(seq, fb as usize, true), Ordering::Relaxed);
     }
 }
@@ -1289,7 +1305,7 @@ pub enum ReadError {
         /// What is wrong with it.
         why: &'static str,
     },
-    /// A frame inside a batch is out of sequence.
+    /// A batch head's stored sequence number (word 3) is not the one expected there.
     BadSequence {
         /// Position.
         pos: u64,
@@ -1902,7 +1918,13 @@ fn scan_batch<const COPY: bool>(
         };
         let w1 = header[1].load(Ordering::Relaxed);
         let w2 = header[2].load(Ordering::Relaxed);
-        let fseq = header[3].load(Ordering::Relaxed);
+        // Only a batch head stores its sequence (word 3); inside a batch the position implies
+        // it and the continuation stamp (checked below) carries its low 32 bits.
+        let fseq = if head {
+            header[3].load(Ordering::Relaxed)
+        } else {
+            seq
+        };
         let payload_len = w1 & 0xFFFF_FFFF;
         let record_type = (w1 >> 32) as u16;
         let flags = w2 as u16;

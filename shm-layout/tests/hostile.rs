@@ -114,10 +114,11 @@ impl Raw {
         self.set(pos + fb as u64, 0);
         self.set(pos, commit_word(seq, fb, false));
     }
-    /// Store the checksum the frame at `pos` has with its words as they are now.
-    fn reseal(&self, pos: u64) {
+    /// Store the checksum the frame at `pos` with sequence `seq` has with its words as they are
+    /// now.
+    fn reseal(&self, pos: u64, seq: u64) {
         let pos = pos & self.mask;
-        let (w1, w2, seq) = (self.get(pos + 8), self.get(pos + 16), self.get(pos + 24));
+        let (w1, w2) = (self.get(pos + 8), self.get(pos + 16));
         let area: Vec<u64> = if w2 as u16 & FLAG_PAD != 0 {
             Vec::new()
         } else {
@@ -769,7 +770,7 @@ fn fuzz_frames_of_a_committed_batch() {
                 raw.set(f + 8 * k, hostile_header_word(r, k, seq, fb, cap as u64));
             }
             if coin(r) {
-                raw.reseal(f);
+                raw.reseal(f, seq);
             }
         }
         if coin(r) {

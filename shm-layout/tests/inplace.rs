@@ -198,8 +198,10 @@ proptest! {
         bit in 0u32..64,
     ) {
         // Proves one checksum per batch still covers every frame: a bit flipped in any
-        // checksummed word (header words 1-3, payload area) of any frame of a committed
-        // per-batch batch is refused by both reads, never delivered.
+        // checksummed word (header words 1-2, the head's word 3, payload area) of any frame of
+        // a committed per-batch batch is refused by both reads, never delivered. (Word 3 of a
+        // frame inside a batch is not written since layout major 4: the position implies its
+        // sequence, which the checksum covers all the same.)
         let (mem, mut p, mut c) = ring(4096);
         p.set_integrity(Integrity::PerBatch);
         let mut b = p.batch();
@@ -207,7 +209,8 @@ proptest! {
             b.push(*rt, 1, 0, payload).unwrap();
         }
         let done = b.commit().unwrap();
-        // Checksummed words: every word of the batch but the commit words at frame starts.
+        // Checksummed words: every word of the batch but the commit words at frame starts and
+        // word 3 of the frames after the head.
         let mut starts = vec![];
         let mut at = 0u64;
         while at < done.end {
@@ -217,7 +220,7 @@ proptest! {
         }
         let candidates: Vec<u64> = (0..done.end / 8)
             .map(|w| w * 8)
-            .filter(|p| !starts.contains(p))
+            .filter(|p| !starts.contains(p) && (p % 32 != 24 || !starts[1..].contains(&(p - 24))))
             .collect();
         let target = candidates[pick.index(candidates.len())];
         let word = mem.word(DATA_WORD + (target as usize >> 3));

@@ -9,7 +9,8 @@ mod common;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use shm_layout::frame::{
-    checksum, frame_bytes, COMMIT_CONT, FLAG_PAD, FRAME_ALIGN, HEADER_BYTES, PAD_RECORD_TYPE,
+    checksum, commit_word, frame_bytes, COMMIT_CONT, FLAG_PAD, FRAME_ALIGN, HEADER_BYTES,
+    PAD_RECORD_TYPE,
 };
 use shm_layout::memory::{HeapMemory, WordMemory};
 use shm_layout::record::{
@@ -560,8 +561,10 @@ fn old_and_new_builds_agree_on_the_common_fingerprint() {
 // ---------------------------------------------------------------------------------------------
 
 /// The byte positions (ring positions, not wrapped) of every word in the batch that carries
-/// meaning: each frame's four header words and, for a real frame, its whole payload area (the
-/// payload words and the zero words that pad it to the next frame, which are checksummed too).
+/// meaning: the batch head's four header words, the three of every other frame (word 3 of a
+/// frame inside a batch is not written since layout major 4: its sequence is implied by its
+/// position) and, for a real frame, its whole payload area (the payload words and the zero
+/// words that pad it to the next frame, which are checksummed too).
 fn meaningful_words(mem: &HeapMemory, capacity: usize, c: &Committed) -> Vec<u64> {
     let mask = capacity as u64 - 1;
     let word = |pos: u64| mem.word(DATA_WORD + ((pos & mask) / 8) as usize);
@@ -572,7 +575,8 @@ fn meaningful_words(mem: &HeapMemory, capacity: usize, c: &Committed) -> Vec<u64
         let w2 = word(at + 16).load(Ordering::Relaxed);
         let payload_len = (w1 & 0xFFFF_FFFF) as usize;
         let pad = w2 as u16 & FLAG_PAD != 0;
-        out.extend((0..HEADER_BYTES as u64 / 8).map(|k| at + 8 * k));
+        let header_words = if at == c.start { 4 } else { 3 };
+        out.extend((0..header_words).map(|k| at + 8 * k));
         if !pad {
             let area_words = (frame_bytes(payload_len) - HEADER_BYTES) as u64 / 8;
             out.extend((0..area_words).map(|k| at + HEADER_BYTES as u64 + 8 * k));
@@ -670,7 +674,7 @@ fn padding_frame_fills_the_end_of_the_buffer() {
     h.send(std::slice::from_ref(&f)).unwrap(); // 960..1344: 64 bytes of padding, then the frame at 1024
     let (c, _) = h.expected.back().cloned().unwrap();
     assert_eq!(c.frames, 2, "padding + frame");
-    assert_eq!(meaningful_words(&h.mem, cap, &c).len(), 4 + 4 + 36);
+    assert_eq!(meaningful_words(&h.mem, cap, &c).len(), 4 + 3 + 36);
     h.drain().unwrap();
 }
 
@@ -744,11 +748,11 @@ impl Raw<'_> {
     fn set(&self, pos: u64, v: u64) {
         self.word(pos).store(v, Ordering::Relaxed);
     }
-    /// Store the checksum the frame at `pos` has with its words as they are now, as a peer
-    /// forging the frame would: the consumer's structural checks, not the checksum, must then
-    /// catch what is wrong with it.
-    fn reseal(&self, pos: u64) {
-        let (w1, w2, seq) = (self.get(pos + 8), self.get(pos + 16), self.get(pos + 24));
+    /// Store the checksum the frame at `pos` with sequence `seq` has with its words as they
+    /// are now, as a peer forging the frame would: the consumer's structural checks, not the
+    /// checksum, must then catch what is wrong with it.
+    fn reseal(&self, pos: u64, seq: u64) {
+        let (w1, w2) = (self.get(pos + 8), self.get(pos + 16));
         let area: Vec<u64> = if w2 as u16 & FLAG_PAD != 0 {
             Vec::new()
         } else {
@@ -793,22 +797,37 @@ fn forged_frames_with_right_checksums_are_refused_by_name() {
     // Proves every structural check stands on its own: a peer that writes a frame with a
     // checksum matching its (wrong) words is still refused, with the check that failed named
     // and the frame's position given, whether the frame takes the fast path or the slow one.
+    // A batch head that stores another sequence than the one expected at its position, its
+    // checksum sealed for either.
+    for sealed in [0, 2] {
+        let e = poll_forged(|r| {
+            r.set(24, 2);
+            r.reseal(0, sealed);
+        });
+        assert_eq!(
+            e,
+            ReadError::BadSequence {
+                pos: 0,
+                expected: 0,
+                found: 2
+            }
+        );
+    }
+    // A frame inside the batch stamped with another sequence (since layout major 4 its
+    // sequence is implied by its position; the stamp carries its low 32 bits), resealed for
+    // the sequence it claims.
     let e = poll_forged(|r| {
-        r.set(96 + 24, 2);
-        r.reseal(96);
+        r.set(96, commit_word(2, 64, true));
+        r.reseal(96, 2);
     });
-    assert_eq!(
-        e,
-        ReadError::BadSequence {
-            pos: 96,
-            expected: 1,
-            found: 2
-        }
+    assert!(
+        matches!(e, ReadError::BadCommit { pos: 96, why, .. } if why.contains("continuation")),
+        "{e:?}"
     );
 
     let e = poll_forged(|r| {
         r.set(160 + 8, (r.get(160 + 8) & !0xFFFF_FFFF) | 200);
-        r.reseal(160);
+        r.reseal(160, 2);
     });
     assert!(
         matches!(
@@ -825,7 +844,7 @@ fn forged_frames_with_right_checksums_are_refused_by_name() {
 
     let e = poll_forged(|r| {
         r.set(96 + 8, (r.get(96 + 8) & !0xFFFF_FFFF) | 40);
-        r.reseal(96);
+        r.reseal(96, 1);
     });
     assert!(
         matches!(e, ReadError::BadCommit { pos: 96, why, .. } if why.contains("length")),
@@ -842,7 +861,7 @@ fn forged_frames_with_right_checksums_are_refused_by_name() {
     // record frame of the padding type without the flag.
     let e = poll_forged(|r| {
         r.set(96 + 16, r.get(96 + 16) | FLAG_PAD as u64);
-        r.reseal(96);
+        r.reseal(96, 1);
     });
     assert!(
         matches!(
@@ -857,7 +876,7 @@ fn forged_frames_with_right_checksums_are_refused_by_name() {
     );
     let e = poll_forged(|r| {
         r.set(96 + 8, r.get(96 + 8) | (PAD_RECORD_TYPE as u64) << 32);
-        r.reseal(96);
+        r.reseal(96, 1);
     });
     assert!(
         matches!(
@@ -884,6 +903,40 @@ fn forged_frames_with_right_checksums_are_refused_by_name() {
         ),
         "{e:?}"
     );
+}
+
+#[test]
+fn word_3_of_a_frame_inside_a_batch_is_not_read() {
+    // Proves the layout-major-4 rule both ways: a frame inside a batch has no sequence word
+    // (its sequence is implied by its position), so whatever its word 3 holds — a previous
+    // lap's bytes, anything — the batch is delivered with the implied sequences; while the
+    // batch head's word 3 (the batch's first sequence, for recovery) is checked.
+    for junk in [0, 1, 2, u64::MAX, 0x5a5a_5a5a_5a5a_5a5a] {
+        let mut h = forged_batch();
+        let raw = Raw {
+            mem: &h.mem,
+            mask: 1023,
+        };
+        raw.set(96 + 24, junk);
+        raw.set(160 + 24, junk);
+        assert!(h.consumer.poll(&mut h.buf).expect("delivered"));
+        let seqs: Vec<u64> = h.buf.frames().map(|f| f.meta.seq).collect();
+        assert_eq!(seqs, [0, 1, 2]);
+    }
+    let mut h = forged_batch();
+    let raw = Raw {
+        mem: &h.mem,
+        mask: 1023,
+    };
+    raw.set(24, 1);
+    assert!(matches!(
+        h.consumer.poll(&mut h.buf),
+        Err(ReadError::BadSequence {
+            pos: 0,
+            expected: 0,
+            found: 1
+        })
+    ));
 }
 
 #[test]
@@ -914,7 +967,7 @@ fn a_forged_padding_frame_must_reach_the_end_of_the_buffer() {
     for pad_len in [64u64, 128] {
         let w1 = raw.get(896 + 8);
         raw.set(896 + 8, (w1 & !0xFFFF_FFFF) | pad_len);
-        raw.reseal(896);
+        raw.reseal(896, c.first_seq);
         let e = h
             .consumer
             .poll(&mut h.buf)
@@ -931,7 +984,7 @@ fn a_forged_padding_frame_must_reach_the_end_of_the_buffer() {
             "padding payload {pad_len}: {e:?}"
         );
         raw.set(896 + 8, w1);
-        raw.reseal(896);
+        raw.reseal(896, c.first_seq);
     }
     h.drain().unwrap();
 }

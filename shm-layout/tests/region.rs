@@ -196,21 +196,21 @@ fn unknown_major_version_is_refused() {
 
 #[test]
 fn a_region_of_the_previous_major_is_refused_naming_both_versions() {
-    // Proves a region written by a major-2 producer (per-frame checksums only, before the
-    // batch integrity flags of major 3) is refused, the error naming 3 expected and 2 found,
-    // rather than read with the newer frame rules.
+    // Proves a region written by a major-3 producer (every frame stores its sequence number
+    // in word 3, before major 4 stopped doing so inside a batch) is refused, the error naming
+    // 4 expected and 3 found, rather than read with the newer frame rules.
     assert_eq!(
-        LAYOUT_MAJOR, 3,
+        LAYOUT_MAJOR, 4,
         "update this test when the major changes again"
     );
-    let dir = TestDir::new("major2");
+    let dir = TestDir::new("major3");
     let path = make_region(&dir, "ring");
     let v = read_word(&path, W_VERSION);
-    write_word(&path, W_VERSION, (v & !0xFFFF) | 2);
+    write_word(&path, W_VERSION, (v & !0xFFFF) | 3);
     let err = open_err(&path);
-    assert_field(&err, "layout major version", "3", "2");
+    assert_field(&err, "layout major version", "4", "3");
     let text = err.to_string();
-    assert!(text.contains('3') && text.contains('2'), "{text}");
+    assert!(text.contains('4') && text.contains('3'), "{text}");
 }
 
 #[test]
