@@ -278,3 +278,66 @@ fn a_claim_waits_for_the_batched_release() {
         assert_eq!(c.released().0, 960, "released when it found nothing new");
     });
 }
+
+#[test]
+fn batches_over_a_previous_lap_carry_their_sequences_by_position() {
+    // Proves the layout-major-4 frame in every interleaving: a one-frame per-batch-sum batch
+    // (its sum stored with its header, the batch end zeroed at the claim, before the payload)
+    // and then a three-frame batch whose frames inside the batch store no sequence word, both
+    // written over the previous lap's frames (whose stale words, sequences included, lie where
+    // the new frames' headers and payloads go), are read whole or not at all by a concurrent
+    // in-place reader, with the sequences their positions imply.
+    loom::model(|| {
+        let (mut p, mut c) = ring();
+        // Set the scene: a lap of three-frame batches written and read (stale headers with
+        // their sequence words all over the buffer), the position back at 1024.
+        let mut buf = BatchBuf::default();
+        for _ in 0..4 {
+            let mut b = p.batch();
+            for k in 0..3 {
+                b.push(9, 1, 0, &payload(9 + k, 32)).unwrap();
+            }
+            b.commit().unwrap();
+            assert!(c.poll(&mut buf).unwrap());
+        }
+        p.try_publish(9, 1, 0, &payload(9, 224)).unwrap();
+        assert!(c.poll(&mut buf).unwrap());
+        assert_eq!(c.position(), 1024);
+        let seq0 = c.next_seq();
+        p.set_integrity(Integrity::PerBatch);
+        let producer = thread::spawn(move || {
+            let mut b = p.batch();
+            b.push_with(1, 1, 0, 24, |d| d.copy_from_slice(&payload(1, 24)))
+                .unwrap();
+            b.commit().unwrap();
+            let mut b = p.batch();
+            b.push(2, 1, 0, &payload(2, 8)).unwrap();
+            b.push_with(3, 1, 0, 40, |d| d.copy_from_slice(&payload(3, 40)))
+                .unwrap();
+            b.push(4, 1, 0, &[]).unwrap();
+            b.commit().unwrap();
+        });
+        let seqs = |c: &mut Consumer<Mem>| loop {
+            match c.read_batch() {
+                Ok(Some(v)) => {
+                    return v
+                        .frames()
+                        .map(|f| (f.meta.seq, f.meta.record_type, f.payload.to_vec()))
+                        .collect::<Vec<_>>()
+                }
+                Ok(None) => thread::yield_now(),
+                Err(e) => panic!("consumer saw a bad frame: {e}"),
+            }
+        };
+        assert_eq!(seqs(&mut c), vec![(seq0, 1, payload(1, 24))]);
+        assert_eq!(
+            seqs(&mut c),
+            vec![
+                (seq0 + 1, 2, payload(2, 8)),
+                (seq0 + 2, 3, payload(3, 40)),
+                (seq0 + 3, 4, vec![]),
+            ]
+        );
+        producer.join().unwrap();
+    });
+}
