@@ -34,6 +34,47 @@
 //!     Err(damage) => eprintln!("not deciding on slot a: {damage}"),
 //! }
 //! ```
+//!
+//! # Who writes what, who reads it, and what the ordering publishes
+//!
+//! Every word is an atomic: [`Control::set`] stores with Release, [`Control::get`] loads with
+//! Acquire. Most fields are a value on their own (a statistic, a state): a reader may see one
+//! field newer than another and nothing depends on more than the value. The pairs that
+//! *carry data* — a Release store that makes other words visible to the Acquire load that
+//! sees it — are named `SYNC POINT: <name>` at both ends, as the ring does.
+//!
+//! Global words:
+//!
+//! | word | written by | read by | ordering: what it publishes |
+//! |---|---|---|---|
+//! | magic, version, ready | the creator ([`Control::open_or_create`]): ready last | every opener ([`Control::open`]) | SYNC POINT *control published*: ready (Release/Acquire) publishes magic, version, every checked word and the robust mutex's initialisation |
+//! | epoch, active slot (checked) | the engine that becomes active ([`Control::claim_epoch`], a CAS), then the active slot | engines, supervisor, clients ([`Control::epoch`], [`Control::active_slot`]) | SYNC POINT *epoch claimed*: the CAS (AcqRel) is the decision; two claimers cannot both win |
+//! | cluster state (checked) | `understudy down` (down); a claimer of an epoch (up) | clients, engines | value only |
+//! | robust mutex (words 8..13) | the active's writing thread (lock, held for its life) | standbys ([`crate::liveness::DeathWatch`]), supervisor | the kernel's futex protocol: owner-died is set by the kernel |
+//! | command, argument, sequence | supervisor ([`Control::post_command`]): command and argument (Relaxed), then the sequence (Release) | the active ([`Control::pending_command`]) | SYNC POINT *command posted*: the sequence publishes the command and its argument |
+//! | ack, result | the active ([`Control::ack`]): result (Relaxed), then ack (Release) | supervisor ([`Control::acked_result`]) | SYNC POINT *command answered*: the ack publishes the result |
+//! | supervisor pid, start time | a supervisor ([`Control::claim_supervisor`]): pid marked claiming (CAS), start time (Relaxed), pid (Release) | supervisors, `doctor` ([`Control::supervisor`]) | SYNC POINT *supervisor claimed*: the pid publishes its start time |
+//! | client entry: id, pid, start time, close word | the client ([`Control::claim_client`]): reserve (CAS), pid and start time (Relaxed), id (Release) | the active ([`Control::client`]) | SYNC POINT *client registered*: the id publishes the pid and start time |
+//! | client close word | the active ([`Control::refuse_client`]) | the client ([`Control::client_refused`]) | value only |
+//!
+//! Slot fields ([`Field`]), each written only by the engine in that slot unless named:
+//!
+//! | field | written by | read by | ordering: what it publishes |
+//! |---|---|---|---|
+//! | pid (checked) | the engine: 0 first when it starts, its pid last | supervisor (adoption, fencing), engines (peer liveness), clients | SYNC POINT *slot registered*: the pid publishes start time, app version, app hash and the reset fields written before it (`Engine::new`) |
+//! | start time (checked), app version, app hash | the engine, before its pid | as pid; the active (version negotiation), supervisor (probe) | published by pid |
+//! | role, state, epoch (checked) | the engine at each role change | supervisor, peers, clients | value each; a decision checks all three (a hot standby is `standby` + `hot` in the current epoch) |
+//! | layout, features, enableable | the engine (attach, enable, the feature frame applied) | supervisor (`enable-features`, probe, status) | value only |
+//! | commits, digest, requests, refusals, lag, service p99, error | the engine | supervisor (status, acceptance) | value only (statistics) |
+//! | heartbeat | the engine, every few ms | supervisor (hung, fence), the standby (its active's) | value only |
+//! | step-ups, last step-up time and duration, step-up commits and digest | the engine stepping up, before it publishes role and state | supervisor (status, role changes, `promote`), tests | value only; read once the role shows active |
+//! | attach generation | a standby at every attach, after creating its regions | the active (opens `stream-<epoch>-<slot>-<gen>`) | value only: the regions are files, whose creation the kernel orders |
+//! | peer version | the active (the first standby's version) | no reader in this workspace (for debugging) | value only |
+//! | served | the active: 1 before its first commit enters a stream; 0 at step-up and attach | a handed-over old active (`took_nothing_since_handover`) | SYNC POINT *first commit of this role*: seen 0 with the stream empty, the new active has committed nothing |
+//! | command ([`SlotCommand`]) | supervisor ([`Control::post_slot_command`]); taken by the engine, or withdrawn by the supervisor ([`Control::take_slot_command`], a CAS: exactly one side gets it) | the engine | SYNC POINT *slot command posted*: the post (Release) publishes the cleared refusal; the take (AcqRel) orders the engine's refusal after it |
+//! | command refusal | the engine that took the slot command ([`Control::refuse_slot_command`]) | supervisor ([`Control::slot_refusal`]) | value only |
+//!
+//! Words 9 and 22 of a slot record are retired (fields no engine ever wrote), left zero.
 
 use crate::liveness::{
     LockError, LockOutcome, LockWord, ProcStat, ProcessIdentity, RobustLock, TryLockOutcome,
@@ -104,74 +145,75 @@ const _: () = assert!(CHECKED_FIELDS.len() <= MIRROR_WORDS);
 const _: () = assert!(LOCK_OFFSET + RobustLock::SIZE <= W_CMD * 8);
 const _: () = assert!(LOCK_OFFSET >= (W_ACTIVE_MIRROR + 1) * 8);
 
-/// Fields of a slot record (word index within the record).
+/// Fields of a slot record (word index within the record). Who writes and reads each, and
+/// what its ordering publishes: the table in the [module docs](self).
+///
+/// Words 9 and 22 held fields no engine ever wrote (an input position, a switchover pause):
+/// retired, left zero, never reused, so that every other field keeps its offset for engines
+/// of older versions sharing the block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(usize)]
 pub enum Field {
     /// Process id (0 = empty slot).
     Pid = 0,
     /// Process start time (ticks).
-    StartTime,
+    StartTime = 1,
     /// Application version.
-    AppVersion,
+    AppVersion = 2,
     /// [`Role`].
-    Role,
+    Role = 3,
     /// [`State`].
-    State,
+    State = 4,
     /// Epoch the engine is in.
-    Epoch,
+    Epoch = 5,
     /// Agreed layout version.
-    Layout,
+    Layout = 6,
     /// Enabled feature set.
-    Features,
+    Features = 7,
     /// Transactions committed (active) or applied (standby).
-    Commits,
-    /// Input position.
-    InputPos,
+    Commits = 8,
     /// Last heartbeat, CLOCK_MONOTONIC ns.
-    HeartbeatNs,
+    HeartbeatNs = 10,
     /// Times this engine stepped up.
-    StepUps,
+    StepUps = 11,
     /// CLOCK_REALTIME ns of the last step-up.
-    LastStepUpNs,
+    LastStepUpNs = 12,
     /// Duration of the last step-up (detection → active), ns.
-    LastStepUpDurNs,
+    LastStepUpDurNs = 13,
     /// Attach generation (bumped by a standby at every attach).
-    AttachGen,
+    AttachGen = 14,
     /// State digest.
-    Digest,
+    Digest = 15,
     /// Requests handled in total.
-    Requests,
+    Requests = 16,
     /// Replication lag in bytes (standby).
-    LagBytes,
+    LagBytes = 17,
     /// Peer's application version (0 = none) as seen by this engine.
-    PeerVersion,
-    /// Per-slot command to the engine ([`SlotCmd`]).
-    Cmd,
+    PeerVersion = 18,
+    /// Per-slot command to the engine ([`SlotCommand`]; 0: none).
+    Cmd = 19,
     /// Features both engines can enable.
-    Enableable,
+    Enableable = 20,
     /// Last error code (0 = none).
-    Error,
-    /// Pause of the last planned switchover, ns (active side: last request before → first after).
-    SwitchPauseNs,
+    Error = 21,
     /// The application's name hash.
-    AppHash,
+    AppHash = 23,
     /// Transactions committed when this engine last stepped up.
-    StepUpCommits,
+    StepUpCommits = 24,
     /// Digest when this engine last stepped up.
-    StepUpDigest,
+    StepUpDigest = 25,
     /// Requests the application refused (its handler returned an error), in total.
-    Refusals,
+    Refusals = 26,
     /// 99th percentile of the active's request service time (handler + commit to every
     /// standby + response), ns, over one request in 4, in windows of at least 1000 timed
     /// requests or 1 s (a power-of-two bucket's upper bound).
-    ServiceP99Ns,
+    ServiceP99Ns = 27,
     /// 1 once the active committed a transaction since it became active (set before the
     /// first commit is replicated; 0 while a standby).
-    Served,
+    Served = 28,
     /// Why the engine refused the slot command it took ([`CommandResult`] code; 0: no
     /// refusal). Cleared by [`Control::post_slot_command`].
-    CmdRefusal,
+    CmdRefusal = 29,
 }
 
 /// Slot fields are only appended (engines of two versions share the control block).
@@ -190,7 +232,6 @@ impl Field {
             Field::Layout => "layout",
             Field::Features => "features",
             Field::Commits => "commits",
-            Field::InputPos => "input position",
             Field::HeartbeatNs => "heartbeat",
             Field::StepUps => "step-ups",
             Field::LastStepUpNs => "last step-up time",
@@ -203,7 +244,6 @@ impl Field {
             Field::Cmd => "command",
             Field::Enableable => "enableable features",
             Field::Error => "error",
-            Field::SwitchPauseNs => "switchover pause",
             Field::AppHash => "app hash",
             Field::StepUpCommits => "step-up commits",
             Field::StepUpDigest => "step-up digest",
@@ -1335,7 +1375,8 @@ impl Control {
             return None;
         }
         let code = encode(w.primary(), next);
-        // SYNC POINT: epoch claimed (AcqRel CAS; every engine reads the epoch with Acquire).
+        // SYNC POINT: epoch claimed (AcqRel CAS; every engine reads the epoch with Acquire in
+        // `read`).
         self.raw(w.primary())
             .compare_exchange(raw, code, Ordering::AcqRel, Ordering::Acquire)
             .ok()?;
@@ -1380,6 +1421,19 @@ impl Control {
         Ok(self.slot_word(slot, f).load(Ordering::Acquire))
     }
 
+    /// The process registered in `slot` (`None`: empty, or a pid word that is no pid): its pid,
+    /// then the start time it published (liveness is not checked).
+    pub fn registered(&self, slot: usize) -> Option<ProcessIdentity> {
+        // SYNC POINT: slot registered (Acquire; the Release is the engine's pid store, last
+        // of its registration in `Engine::new`, after its start time).
+        let pid = self.get(slot, Field::Pid);
+        let pid = u32::try_from(pid).ok().filter(|&p| p != 0)?;
+        Some(ProcessIdentity {
+            pid,
+            start_time_ticks: self.get(slot, Field::StartTime),
+        })
+    }
+
     /// Write a slot field (both copies of a checked field; its value is cut to 48 bits).
     pub fn set(&self, slot: usize, f: Field, v: u64) {
         assert!(
@@ -1408,7 +1462,9 @@ impl Control {
             slot < SLOTS,
             "slot {slot} out of range (our own caller's bug)"
         );
-        // SYNC POINT: slot command taken (AcqRel; the post is the Release in `set`).
+        // SYNC POINT: slot command posted (AcqRel take; the post is the Release in
+        // `post_slot_command`): a refusal this engine writes next comes after the post's
+        // clearing of the last one.
         self.slot_word(slot, Field::Cmd)
             .compare_exchange(cmd, 0, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
@@ -1442,6 +1498,7 @@ impl Control {
 
     /// The command pending for the active, if its sequence is newer than the last acked.
     pub fn pending(&self) -> Option<(u64, u64, u64)> {
+        // SYNC POINT: command posted (Acquire; the Release is the sequence store in `post`).
         let seq = self.words.word(W_CMD_SEQ).load(Ordering::Acquire);
         let ack = self.words.word(W_CMD_ACK).load(Ordering::Relaxed);
         if seq == ack {
@@ -1457,11 +1514,13 @@ impl Control {
         self.words
             .word(W_CMD_RESULT)
             .store(result, Ordering::Relaxed);
+        // SYNC POINT: command answered (Release; Acquire in `acked`).
         self.words.word(W_CMD_ACK).store(seq, Ordering::Release);
     }
 
     /// The acked sequence and result.
     pub fn acked(&self) -> (u64, u64) {
+        // SYNC POINT: command answered (Acquire; the Release is the ack store in `ack`).
         let a = self.words.word(W_CMD_ACK).load(Ordering::Acquire);
         (a, self.words.word(W_CMD_RESULT).load(Ordering::Relaxed))
     }
@@ -1505,6 +1564,7 @@ impl Control {
     /// Post the slot command `command` to the engine in `slot`, clearing its last refusal.
     pub fn post_slot_command(&self, slot: usize, command: SlotCommand) {
         self.set(slot, Field::CmdRefusal, 0);
+        // SYNC POINT: slot command posted (Release; the AcqRel take in `take_slot_cmd`).
         self.set(slot, Field::Cmd, command.code());
     }
 
@@ -1623,6 +1683,8 @@ impl Control {
     /// Registry entry `i`: (id, pid, start time) if in use.
     pub fn client(&self, i: usize) -> Option<(u64, u64, u64)> {
         assert!(i < MAX_CLIENTS);
+        // SYNC POINT: client registered (Acquire; the Release is the id store in
+        // `claim_client`).
         let id = self
             .words
             .word(CLIENT_BASE + i * CLIENT_WORDS)

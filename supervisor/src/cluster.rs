@@ -352,17 +352,12 @@ impl ClusterOps for Cluster {
     }
 
     fn adopt_registered(&mut self, slot: usize) -> bool {
-        let pid = self.control.get(slot, Field::Pid);
-        if self.engines[slot].is_some() || pid == 0 || pid > u64::from(u32::MAX) {
+        if self.engines[slot].is_some() {
             return false;
         }
-        let identity = ProcessIdentity {
-            pid: pid as u32,
-            start_time_ticks: self.control.get(slot, Field::StartTime),
+        let Some(identity) = self.control.registered(slot).filter(|id| id.is_alive()) else {
+            return false;
         };
-        if !identity.is_alive() {
-            return false;
-        }
         match EngineProc::adopt(slot, identity) {
             Ok(mut proc) => {
                 if let Ok(Some(binary)) = process::spawned_binary(&self.dir, slot, &identity) {

@@ -160,13 +160,8 @@ impl Supervisor {
         }
         let mut live = Vec::new();
         for slot in 0..SLOTS {
-            let pid = control.get(slot, Field::Pid);
-            if pid == 0 || pid > u64::from(u32::MAX) {
+            let Some(identity) = control.registered(slot) else {
                 continue;
-            }
-            let identity = ProcessIdentity {
-                pid: pid as u32,
-                start_time_ticks: control.get(slot, Field::StartTime),
             };
             if identity.is_alive() {
                 live.push((slot, identity));

@@ -16,8 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use understudy_control::control::{Control, Field, SLOTS};
-use understudy_control::liveness::ProcessIdentity;
+use understudy_control::control::{Control, SLOTS};
 
 use crate::config::ClusterConfig;
 
@@ -315,18 +314,8 @@ pub fn dead_clusters(shm_dir: &Path) -> Vec<PathBuf> {
             // Unreadable or corrupt: not ours to judge.
             continue;
         };
-        let alive = |pid: u64, start: u64| {
-            pid != 0
-                && pid <= u64::from(u32::MAX)
-                && ProcessIdentity {
-                    pid: pid as u32,
-                    start_time_ticks: start,
-                }
-                .is_alive()
-        };
         let supervisor = control.supervisor().is_alive();
-        let engines =
-            (0..SLOTS).any(|s| alive(control.get(s, Field::Pid), control.get(s, Field::StartTime)));
+        let engines = (0..SLOTS).any(|s| control.registered(s).is_some_and(|id| id.is_alive()));
         if !supervisor && !engines {
             dead.push(dir);
         }

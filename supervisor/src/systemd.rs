@@ -45,16 +45,7 @@ fn watchdog_period() -> Option<Duration> {
 
 /// What the roles look like now: (active and hot standby present, the STATUS text).
 fn observe(control: &Control) -> (bool, String) {
-    let alive = |s: usize| {
-        let pid = control.get(s, Field::Pid);
-        pid != 0 && pid <= i32::MAX as u64 && {
-            understudy_control::liveness::ProcessIdentity {
-                pid: pid as u32,
-                start_time_ticks: control.get(s, Field::StartTime),
-            }
-            .is_alive()
-        }
-    };
+    let alive = |s: usize| control.registered(s).is_some_and(|id| id.is_alive());
     let active = match (control.epoch_checked(), control.active_slot_checked()) {
         (Ok(epoch), Ok(Some(a)))
             if a < SLOTS

@@ -92,6 +92,7 @@ impl<A: Application, I: Input> Engine<A, I> {
     pub(super) fn took_nothing_since_handover(&self, active: usize) -> bool {
         matches!(self.handed_over, Some((_, target, commits, digest))
             if target == active && commits == self.commits && digest == self.store.digest())
+            // SYNC POINT: first commit of this role (Acquire; the Release is in `transact`).
             && self.control.get(active, Field::Served) == 0
             && self.control.epoch() == self.epoch
     }

@@ -381,6 +381,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         c.set(s, Field::Requests, 0);
         c.set(s, Field::Refusals, 0);
         c.set(s, Field::HeartbeatNs, monotonic_ns());
+        // SYNC POINT: slot registered (Release, last; Acquire in `Control::registered`).
         c.set(s, Field::Pid, e.me.pid);
         Ok(e)
     }
