@@ -49,7 +49,7 @@
 //!   milliseconds) — an outage. Not final: once an engine is active again, polls answer again.
 //! - [`ClientError::ClientClosed`]: the engine closed this client's rings, with its reason
 //!   ([`CloseReason`]): it sent malformed frames, its rings could not be opened, it was taken
-//!   for dead, it did not read its responses. Final.
+//!   for dead, it did not read its responses. Final; seen within 16 polls that find no response.
 //! - [`ClientError::ResponseTooLarge`]: the answer to one request did not fit in this client's
 //!   response ring; the engine sent this error in its place. The client stays connected.
 //!
@@ -103,6 +103,8 @@ const CLOSE_UNUSABLE: u64 = 5;
 pub const DEFAULT_CAPACITY: usize = 1 << 20;
 /// Default of [`Client::set_no_active_bound`].
 pub const DEFAULT_NO_ACTIVE_BOUND: Duration = Duration::from_secs(2);
+/// Empty polls (and submits) between two looks at the rings' close words.
+const WORDS_EVERY: u32 = 16;
 /// How often an idle client looks at the cluster (a `stat` and a `/proc` read).
 const STATUS_EVERY: Duration = Duration::from_millis(20);
 
@@ -263,6 +265,8 @@ pub struct Client {
     no_active_since: Option<u64>,
     /// Empty polls since the last status check; the clock is read every 64.
     empty_polls: u32,
+    /// Requests submitted (the close words are read every `WORDS_EVERY`).
+    submits: u32,
     last_status: Option<Instant>,
 }
 
@@ -375,6 +379,7 @@ impl Client {
             no_active_bound: DEFAULT_NO_ACTIVE_BOUND,
             no_active_since: None,
             empty_polls: 0,
+            submits: 0,
             last_status: None,
         })
     }
@@ -405,7 +410,13 @@ impl Client {
         len: usize,
         fill: impl FnOnce(&mut [u8]),
     ) -> Result<Option<u64>, ClientError> {
-        self.check_closed()?;
+        // The close words every `WORDS_EVERY` submits and on a full ring, not on every one
+        // (see `status`); a request submitted into rings the engine closed meanwhile is
+        // answered by `ClientClosed` at the next polls.
+        self.submits = self.submits.wrapping_add(1);
+        if self.submits % WORDS_EVERY == 0 {
+            self.check_closed()?;
+        }
         // The request's sequence is its frame's: when the frame wraps, a padding frame with a
         // sequence of its own goes first, so read it from what was committed.
         let mut batch = self.requests.batch();
@@ -414,7 +425,10 @@ impl Client {
                 let c = batch.commit().expect("a batch with one request");
                 Ok(Some(c.first_seq + c.frames as u64 - 1))
             }
-            Err(PushError::Full { .. }) => Ok(None),
+            Err(PushError::Full { .. }) => {
+                self.check_closed()?;
+                Ok(None)
+            }
             Err(_) => Err(ClientError::TooLarge { found: len }),
         }
     }
@@ -525,7 +539,7 @@ impl Client {
 
     /// The next response, if one arrived: `(request sequence, response bytes)`. Duplicates (a
     /// response re-emitted by a new active) are dropped here. When none is waiting, the
-    /// cluster's status is checked (the down mark at every such poll; files and the active's
+    /// cluster's status is checked (the down mark at every such poll, the close words every 16; files and the active's
     /// liveness every 20 ms): `Err(ClusterDown)`, `Err(NoActive { .. })` once there has been
     /// no live active for longer than the bound, `Err(ClientClosed { .. })`; see the module
     /// documentation. `Err(ResponseTooLarge { .. })` answers one request and leaves the
@@ -545,11 +559,18 @@ impl Client {
     /// Check the cluster's status while nothing arrives: closed rings and the down mark each
     /// time; every [`STATUS_EVERY`] (or when `now`), the control file's link and the active.
     fn status(&mut self, now: bool) -> Result<(), ClientError> {
-        self.check_closed()?;
+        self.empty_polls = self.empty_polls.wrapping_add(1);
+        // The close words are looked at every `WORDS_EVERY` empty polls (tens of ns apart),
+        // not at every one: the response ring's close word shares its cache line with the
+        // word the engine writes after every response (the egress position), so reading it
+        // while waiting would pull that line across cores once per round trip, on the
+        // client's critical path. The down mark's line changes only with commands.
+        if now || self.empty_polls % WORDS_EVERY == 0 {
+            self.check_closed()?;
+        }
         if self.control.cluster_state() == Ok(ClusterState::Down) {
             return Err(ClientError::ClusterDown);
         }
-        self.empty_polls = self.empty_polls.wrapping_add(1);
         if !now && self.empty_polls % 64 != 0 {
             return Ok(());
         }
