@@ -13,6 +13,8 @@
 //! | [`ENV_HUNG_MS`] | supervisor, `[engine] env` | heartbeat age that counts as hung |
 //! | [`ENV_IDLE`] | `[engine] env` | `spin`, `shared` or `<spin polls>,<sleep µs>` |
 //! | [`ENV_CATCHUP_CHUNK`] | `[engine] env` | snapshot items per catch-up chunk |
+//! | [`ENV_INTEGRITY`] | supervisor (`ring.integrity`), `[engine] env` | the replication stream's checksums: `batch` or `off` |
+//! | [`ENV_STANDBY_POLL_PAUSE_US`] | `[engine] env` | a standby's pause between polls that found nothing, µs |
 //!
 //! The first four ([`SUPERVISOR_OWNED`]) are the supervisor's alone. An engine given
 //! `UNDERSTUDY_DIR` but no `UNDERSTUDY_SLOT` was launched by something that does not speak the
@@ -60,6 +62,11 @@ pub const ENV_HUNG_MS: &str = "UNDERSTUDY_HUNG_MS";
 pub const ENV_IDLE: &str = "UNDERSTUDY_IDLE";
 /// Snapshot items per catch-up chunk.
 pub const ENV_CATCHUP_CHUNK: &str = "UNDERSTUDY_CATCHUP_CHUNK";
+/// The replication stream's checksums: `batch` (one per transaction, the default) or `off`.
+pub const ENV_INTEGRITY: &str = "UNDERSTUDY_INTEGRITY";
+/// A standby's pause between polls of its stream that found nothing, in µs (0: poll
+/// continuously).
+pub const ENV_STANDBY_POLL_PAUSE_US: &str = "UNDERSTUDY_STANDBY_POLL_PAUSE_US";
 /// The variables only the supervisor may set (the config refuses them in `[engine] env`).
 pub const SUPERVISOR_OWNED: [&str; 4] = [ENV_DIR, ENV_SLOT, ENV_STANDBY, ENV_RING];
 

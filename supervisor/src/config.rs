@@ -395,12 +395,37 @@ impl Default for AcceptanceConfig {
 pub struct RingConfig {
     /// Data capacity, a power of two between 4 KiB and 1 GiB.
     pub capacity_bytes: u64,
+    /// Checksums on the replication stream: `"batch"` (one per transaction, the default) or
+    /// `"off"` (none: the standby still checks every frame's structure).
+    pub integrity: RingIntegrity,
 }
 
 impl Default for RingConfig {
     fn default() -> Self {
         Self {
             capacity_bytes: 8 * 1024 * 1024,
+            integrity: RingIntegrity::Batch,
+        }
+    }
+}
+
+/// `ring.integrity`: how the active protects each transaction it streams to a standby.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RingIntegrity {
+    /// One checksum per transaction (batch).
+    #[default]
+    Batch,
+    /// No checksum.
+    Off,
+}
+
+impl RingIntegrity {
+    /// The value of the engine's `UNDERSTUDY_INTEGRITY`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RingIntegrity::Batch => "batch",
+            RingIntegrity::Off => "off",
         }
     }
 }
@@ -537,7 +562,7 @@ impl ClusterConfig {
     /// use understudy_supervisor::config::{ClusterConfig, RingConfig};
     ///
     /// let config = ClusterConfig {
-    ///     ring: RingConfig { capacity_bytes: 1 << 16 },
+    ///     ring: RingConfig { capacity_bytes: 1 << 16, ..RingConfig::default() },
     ///     ..ClusterConfig::new("demo", "/bin/true")
     /// };
     /// assert!(config.validate().is_ok());
@@ -1028,6 +1053,7 @@ accept_cmd = "true"
 
 [ring]
 capacity_bytes = 65536
+integrity = "off"
 "#;
 
     fn parse_err(text: &str) -> String {
@@ -1077,6 +1103,7 @@ capacity_bytes = 65536
         assert_eq!(c.acceptance.max_latency_us_p99, 200);
         assert_eq!(c.acceptance.accept_cmd.as_deref(), Some("true"));
         assert_eq!(c.ring.capacity_bytes, 65536);
+        assert_eq!(c.ring.integrity, RingIntegrity::Off);
     }
 
     #[test]
@@ -1291,7 +1318,10 @@ cpu = 1
     fn ring_capacity_must_be_a_power_of_two_in_range() {
         // Proves capacity bounds and the power-of-two rule.
         let with = |capacity_bytes| ClusterConfig {
-            ring: RingConfig { capacity_bytes },
+            ring: RingConfig {
+                capacity_bytes,
+                ..RingConfig::default()
+            },
             ..ClusterConfig::new("demo", "/bin/true")
         };
         for good in [4096, 1 << 20, 1 << 30] {

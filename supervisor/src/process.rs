@@ -273,6 +273,9 @@ impl EngineProc {
                 launch::ENV_HUNG_MS,
                 (config.timeouts.heartbeat_ms * HUNG_BEATS).to_string(),
             )
+            // Every engine of the cluster protects its stream alike: a standby accepts
+            // unsummed batches only when it is configured `off` too.
+            .env(launch::ENV_INTEGRITY, config.ring.integrity.as_str())
             // The operator's `[engine] env` overrides the tuning above; the identity below
             // is the supervisor's alone (the config refuses those names in `engine.env`).
             .envs(&config.engine.env)

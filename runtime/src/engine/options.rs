@@ -34,7 +34,7 @@ impl StreamIntegrity {
         }
     }
 
-    /// `batch` or `off` (what the cluster config's `integrity` and [`ENV_INTEGRITY`] hold).
+    /// `batch` or `off` (what the cluster config's `ring.integrity` and [`ENV_INTEGRITY`] hold).
     pub fn parse(s: &str) -> Result<StreamIntegrity, String> {
         match s.trim() {
             "batch" => Ok(StreamIntegrity::Batch),
@@ -46,13 +46,7 @@ impl StreamIntegrity {
     }
 }
 
-/// The replication stream's integrity, `batch` (default) or `off` ([`StreamIntegrity`]); the
-/// supervisor sets it from the cluster config's `integrity`.
-pub const ENV_INTEGRITY: &str = "UNDERSTUDY_INTEGRITY";
-
-/// A standby's pause between polls that found nothing, in µs (0: poll continuously); see
-/// [`Options::standby_poll_pause`].
-pub const ENV_STANDBY_POLL_PAUSE_US: &str = "UNDERSTUDY_STANDBY_POLL_PAUSE_US";
+pub use crate::launch::{ENV_INTEGRITY, ENV_STANDBY_POLL_PAUSE_US};
 
 /// How an idle loop waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
