@@ -451,6 +451,39 @@ impl fmt::Display for FieldProblem {
     }
 }
 
+/// The lower end of a numeric field's range (see `Problems::bounded`).
+#[derive(Clone, Copy)]
+enum Bound {
+    /// 0 is meaningless for this field (a zero timeout, a zero crash budget).
+    AboveZero,
+    /// 0 is allowed (it means "none" or "off").
+    AnyFrom0,
+}
+
+/// Every bad field of a config, collected so that `validate` reports them all in one go.
+#[derive(Default)]
+struct Problems(Vec<FieldProblem>);
+
+impl Problems {
+    fn bad(&mut self, field: &str, expected: &str, found: String) {
+        self.0.push(FieldProblem {
+            field: field.to_owned(),
+            expected: expected.to_owned(),
+            found,
+        });
+    }
+
+    /// The one checked-field rule for durations and counts: above 0 when `low` says so, and at
+    /// most `max` (`unit` follows it in the message, e.g. "ms (1 day)").
+    fn bounded(&mut self, field: &str, value: u64, low: Bound, max: u64, unit: &str) {
+        if value == 0 && matches!(low, Bound::AboveZero) {
+            self.bad(field, "a value above 0", "0".into());
+        } else if value > max {
+            self.bad(field, &format!("at most {max} {unit}"), value.to_string());
+        }
+    }
+}
+
 /// What is wrong with the engine binary.
 #[derive(Debug)]
 pub enum BinaryProblem {
@@ -607,15 +640,22 @@ impl ClusterConfig {
 
     /// Checks every value against its range; returns all the bad fields, not just the first.
     pub fn validate(&self) -> Result<(), Vec<FieldProblem>> {
-        let mut problems = Vec::new();
-        let mut bad = |field: &str, expected: &str, found: String| {
-            problems.push(FieldProblem {
-                field: field.to_owned(),
-                expected: expected.to_owned(),
-                found,
-            })
-        };
+        let mut problems = Problems::default();
+        self.check_names(&mut problems);
+        self.check_engine(&mut problems);
+        self.check_pinned_cpus(&mut problems);
+        self.check_ranges(&mut problems);
+        self.check_relations(&mut problems);
+        self.check_acceptance_ring_metrics(&mut problems);
+        if problems.0.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.0)
+        }
+    }
 
+    /// The cluster name and the shared-memory directory (which also holds the socket).
+    fn check_names(&self, problems: &mut Problems) {
         let name_ok = !self.cluster.is_empty()
             && self.cluster.len() <= CLUSTER_NAME_LEN_MAX
             && self
@@ -623,7 +663,7 @@ impl ClusterConfig {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
         if !name_ok {
-            bad(
+            problems.bad(
                 "cluster",
                 "1 to 32 characters from [a-z0-9_-]",
                 format!("{:?}", self.cluster),
@@ -634,7 +674,7 @@ impl ClusterConfig {
             .components()
             .any(|c| c == std::path::Component::ParentDir);
         if !self.shm_dir.is_absolute() || parent_dir {
-            bad(
+            problems.bad(
                 "shm_dir",
                 "an absolute path without `..`",
                 format!("{:?}", self.shm_dir.display().to_string()),
@@ -643,7 +683,7 @@ impl ClusterConfig {
         let socket_bytes =
             self.shm_dir.as_os_str().len() + self.cluster.len() + "//supervisor.sock".len();
         if socket_bytes > SOCKET_PATH_BYTES_MAX {
-            bad(
+            problems.bad(
                 "shm_dir",
                 &format!(
                     "a path short enough that <shm_dir>/<cluster>/supervisor.sock fits a Unix socket address ({SOCKET_PATH_BYTES_MAX} bytes)"
@@ -654,9 +694,12 @@ impl ClusterConfig {
                 ),
             );
         }
+    }
 
+    /// `[engine]`: the binary, its arguments and its environment.
+    fn check_engine(&self, problems: &mut Problems) {
         if self.engine.binary.as_os_str().is_empty() {
-            bad(
+            problems.bad(
                 "engine.binary",
                 "a path to the engine executable",
                 "\"\"".into(),
@@ -664,7 +707,7 @@ impl ClusterConfig {
         }
         for (i, arg) in self.engine.args.iter().enumerate() {
             if arg.contains('\0') {
-                bad(
+                problems.bad(
                     &format!("engine.args[{i}]"),
                     "no NUL byte",
                     format!("{arg:?}"),
@@ -673,35 +716,38 @@ impl ClusterConfig {
         }
         for (key, value) in &self.engine.env {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
-                bad(
+                problems.bad(
                     "engine.env",
                     "variable names that are non-empty, without '=' or NUL",
                     format!("{key:?}"),
                 );
             }
             if let Some((_, instead)) = ENGINE_ENV_RESERVED.iter().find(|(k, _)| k == key) {
-                bad(
+                problems.bad(
                     &format!("engine.env.{key}"),
                     &format!("a variable the supervisor does not set (it sets this one {instead})"),
                     format!("{value:?}"),
                 );
             }
             if value.contains('\0') {
-                bad(
+                problems.bad(
                     &format!("engine.env.{key}"),
                     "no NUL byte",
                     format!("{value:?}"),
                 );
             }
             if let Some(expected) = engine_tuning_problem(key, value) {
-                bad(
+                problems.bad(
                     &format!("engine.env.{key}"),
                     &expected,
                     format!("{value:?}"),
                 );
             }
         }
+    }
 
+    /// `slots.*.cpu`: in range, and no two engines pinned to one CPU.
+    fn check_pinned_cpus(&self, problems: &mut Problems) {
         let pinned = [
             ("slots.a.cpu", &self.slots.a),
             ("slots.b.cpu", &self.slots.b),
@@ -712,7 +758,7 @@ impl ClusterConfig {
                 continue;
             };
             if cpu > CPU_MAX {
-                bad(
+                problems.bad(
                     field,
                     &format!("a CPU number from 0 to {CPU_MAX}"),
                     cpu.to_string(),
@@ -724,113 +770,48 @@ impl ClusterConfig {
                 .find(|(_, other)| other.as_ref().and_then(|s| s.cpu) == Some(cpu));
             if let Some((other_field, _)) = shared {
                 // Two spinning engines on one CPU would starve each other.
-                bad(
+                problems.bad(
                     field,
                     &format!("a CPU other than `{other_field}`'s"),
                     cpu.to_string(),
                 );
             }
         }
+    }
 
+    /// Every duration and count, each against its own range (one rule: `Problems::bounded`).
+    fn check_ranges(&self, problems: &mut Problems) {
+        const DAY_MS: &str = "ms (1 day)";
+        let (t, r) = (&self.timeouts, &self.restart);
+        let (b, a) = (&self.backpressure, &self.acceptance);
+        let above_0 = Bound::AboveZero;
+        let any = Bound::AnyFrom0;
+        #[rustfmt::skip] // one field per line reads as the table it is
+        let fields = [
+            ("timeouts.heartbeat_ms", t.heartbeat_ms, above_0, HEARTBEAT_MS_MAX, "ms (1 minute)"),
+            ("timeouts.start_ms", t.start_ms, above_0, DURATION_MS_MAX, DAY_MS),
+            ("timeouts.hot_ms", t.hot_ms, above_0, DURATION_MS_MAX, DAY_MS),
+            ("timeouts.switchover_ms", t.switchover_ms, above_0, DURATION_MS_MAX, DAY_MS),
+            ("timeouts.shutdown_ms", t.shutdown_ms, above_0, DURATION_MS_MAX, DAY_MS),
+            ("restart.backoff_initial_ms", r.backoff_initial_ms, above_0, DURATION_MS_MAX, DAY_MS),
+            ("restart.backoff_max_ms", r.backoff_max_ms, any, DURATION_MS_MAX, DAY_MS),
+            ("restart.crash_loop_window_ms", r.crash_loop_window_ms, above_0, DURATION_MS_MAX, DAY_MS),
+            ("restart.crash_loop_max", u64::from(r.crash_loop_max), above_0, u64::from(CRASH_LOOP_MAX_MAX), "crashes"),
+            ("backpressure.wait_max_us", b.wait_max_us, any, WAIT_MAX_US_MAX, "µs (60 s)"),
+            ("acceptance.accept_for_ms", a.accept_for_ms, any, ACCEPT_FOR_MS_MAX, "ms (7 days)"),
+            ("acceptance.max_latency_us_p99", a.max_latency_us_p99, above_0, LATENCY_US_MAX, "µs (1 hour)"),
+        ];
+        for (field, value, low, max, unit) in fields {
+            problems.bounded(field, value, low, max, unit);
+        }
+    }
+
+    /// Rules between fields: heartbeats faster than a switchover, a backoff that can grow,
+    /// a wait budget when the policy waits.
+    fn check_relations(&self, problems: &mut Problems) {
         let t = &self.timeouts;
-        for (field, value) in [
-            ("timeouts.heartbeat_ms", t.heartbeat_ms),
-            ("timeouts.start_ms", t.start_ms),
-            ("timeouts.hot_ms", t.hot_ms),
-            ("timeouts.switchover_ms", t.switchover_ms),
-            ("timeouts.shutdown_ms", t.shutdown_ms),
-            (
-                "restart.backoff_initial_ms",
-                self.restart.backoff_initial_ms,
-            ),
-            (
-                "restart.crash_loop_window_ms",
-                self.restart.crash_loop_window_ms,
-            ),
-            (
-                "acceptance.max_latency_us_p99",
-                self.acceptance.max_latency_us_p99,
-            ),
-        ] {
-            if value == 0 {
-                bad(field, "a value above 0", "0".into());
-            }
-        }
-        for (field, value, max, unit) in [
-            (
-                "timeouts.heartbeat_ms",
-                t.heartbeat_ms,
-                HEARTBEAT_MS_MAX,
-                "ms (1 minute)",
-            ),
-            (
-                "timeouts.start_ms",
-                t.start_ms,
-                DURATION_MS_MAX,
-                "ms (1 day)",
-            ),
-            ("timeouts.hot_ms", t.hot_ms, DURATION_MS_MAX, "ms (1 day)"),
-            (
-                "timeouts.switchover_ms",
-                t.switchover_ms,
-                DURATION_MS_MAX,
-                "ms (1 day)",
-            ),
-            (
-                "timeouts.shutdown_ms",
-                t.shutdown_ms,
-                DURATION_MS_MAX,
-                "ms (1 day)",
-            ),
-            (
-                "restart.backoff_initial_ms",
-                self.restart.backoff_initial_ms,
-                DURATION_MS_MAX,
-                "ms (1 day)",
-            ),
-            (
-                "restart.backoff_max_ms",
-                self.restart.backoff_max_ms,
-                DURATION_MS_MAX,
-                "ms (1 day)",
-            ),
-            (
-                "restart.crash_loop_window_ms",
-                self.restart.crash_loop_window_ms,
-                DURATION_MS_MAX,
-                "ms (1 day)",
-            ),
-            (
-                "restart.crash_loop_max",
-                u64::from(self.restart.crash_loop_max),
-                u64::from(CRASH_LOOP_MAX_MAX),
-                "crashes",
-            ),
-            (
-                "backpressure.wait_max_us",
-                self.backpressure.wait_max_us,
-                WAIT_MAX_US_MAX,
-                "µs (60 s)",
-            ),
-            (
-                "acceptance.accept_for_ms",
-                self.acceptance.accept_for_ms,
-                ACCEPT_FOR_MS_MAX,
-                "ms (7 days)",
-            ),
-            (
-                "acceptance.max_latency_us_p99",
-                self.acceptance.max_latency_us_p99,
-                LATENCY_US_MAX,
-                "µs (1 hour)",
-            ),
-        ] {
-            if value > max {
-                bad(field, &format!("at most {max} {unit}"), value.to_string());
-            }
-        }
         if t.heartbeat_ms >= t.switchover_ms {
-            bad(
+            problems.bad(
                 "timeouts.heartbeat_ms",
                 &format!(
                     "less than timeouts.switchover_ms ({}) so a switchover sees heartbeats",
@@ -841,7 +822,7 @@ impl ClusterConfig {
         }
         let r = &self.restart;
         if r.backoff_max_ms < r.backoff_initial_ms {
-            bad(
+            problems.bad(
                 "restart.backoff_max_ms",
                 &format!(
                     "at least restart.backoff_initial_ms ({})",
@@ -850,28 +831,29 @@ impl ClusterConfig {
                 r.backoff_max_ms.to_string(),
             );
         }
-        if r.crash_loop_max == 0 {
-            bad("restart.crash_loop_max", "at least 1", "0".into());
-        }
         if self.backpressure.policy == BackpressurePolicy::Wait
             && self.backpressure.wait_max_us == 0
         {
-            bad(
+            problems.bad(
                 "backpressure.wait_max_us",
                 "a value above 0 under policy \"wait\" (or policy \"untether\")",
                 "0".into(),
             );
         }
+    }
+
+    /// `[acceptance]`'s non-numeric rules, `[ring]` and `[metrics]`.
+    fn check_acceptance_ring_metrics(&self, problems: &mut Problems) {
         let a = &self.acceptance;
         if let Err(expected) = check_max_error_rate(a.max_error_rate) {
-            bad(
+            problems.bad(
                 "acceptance.max_error_rate",
                 expected,
                 a.max_error_rate.to_string(),
             );
         }
         if a.accept_cmd.as_deref().is_some_and(|c| c.trim().is_empty()) {
-            bad(
+            problems.bad(
                 "acceptance.accept_cmd",
                 "a command, or the key left out",
                 "an empty string".into(),
@@ -881,20 +863,14 @@ impl ClusterConfig {
         if !capacity.is_power_of_two()
             || !(RING_CAPACITY_BYTES_MIN..=RING_CAPACITY_BYTES_MAX).contains(&capacity)
         {
-            bad(
+            problems.bad(
                 "ring.capacity_bytes",
                 "a power of two between 4096 and 1073741824",
                 capacity.to_string(),
             );
         }
         if let Err((expected, found)) = self.metrics.listen_addr() {
-            bad("metrics.listen", &expected, found);
-        }
-
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems)
+            problems.bad("metrics.listen", &expected, found);
         }
     }
 
@@ -1350,6 +1326,34 @@ cpu = 1
         config.timeouts.hot_ms = 1;
         config.backpressure.policy = BackpressurePolicy::Untether;
         assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn each_ranged_field_is_checked_at_both_ends() {
+        // Proves the one range rule (`Problems::bounded`): a zero where 0 is meaningless and a
+        // value above the maximum are each reported once, naming the bound and the unit.
+        let mut config = ClusterConfig::new("demo", "/bin/true");
+        config.restart.crash_loop_max = 0;
+        config.restart.backoff_max_ms = DURATION_MS_MAX + 1;
+        config.backpressure.wait_max_us = WAIT_MAX_US_MAX + 1;
+        let problems = config.validate().unwrap_err();
+        let summary: Vec<_> = problems
+            .iter()
+            .map(|p| (p.field.as_str(), p.expected.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("restart.backoff_max_ms", "at most 86400000 ms (1 day)"),
+                ("restart.crash_loop_max", "a value above 0"),
+                ("backpressure.wait_max_us", "at most 60000000 µs (60 s)"),
+            ]
+        );
+        config.restart.crash_loop_max = 1;
+        config.restart.backoff_max_ms = DURATION_MS_MAX;
+        config.backpressure.wait_max_us = 0;
+        config.backpressure.policy = BackpressurePolicy::Untether;
+        assert!(config.validate().is_ok(), "0 is allowed for wait_max_us");
     }
 
     #[test]
