@@ -150,8 +150,8 @@ impl Drop for Stage {
             let ctl = self.ctl.clone();
             let h = std::thread::spawn(move || ctl.request(&Request::new(Op::Down), |_| {}));
             let t = Instant::now();
-            while !h.is_finished() && t.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(10));
+            while !h.is_finished() && t.elapsed() < DOWN_TIMEOUT {
+                std::thread::sleep(POLL_INTERVAL);
             }
         }
         if let Ok(c) = understudy_runtime::control::Control::open(&self.cluster_dir) {
@@ -234,7 +234,7 @@ fn wait_for(
         if t.elapsed() > timeout {
             return Err(format!("timed out after {timeout:?} waiting for {what}"));
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(STATUS_POLL_INTERVAL);
     }
 }
 
@@ -261,6 +261,23 @@ fn expect_ok(r: Reply, what: &str) -> Result<Reply, String> {
     }
 }
 
+/// How long the cluster may take to settle (an active and a hot standby): at start, and after
+/// each failover, switchover and restart.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the standby may take to step up after the active is SIGKILLed.
+const STEP_UP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `understudy down` may take before the supervisor is killed.
+const DOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a wait for the supervisor (or the cluster) looks again.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// How often `wait_for` asks the supervisor for its status.
+const STATUS_POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// How long one iceberg probe may wait for its refusal.
+const PROBE_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failover or switchover is done, how much later (µs of load time) its window still
+/// counts for the longest pause: answers already on their way when it finished.
+const PAUSE_WINDOW_TAIL_US: u64 = 50_000;
+
 /// Run the demo.
 pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
     let t0 = Instant::now();
@@ -269,23 +286,128 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
+    let mut p = Progress {
+        json: opts.json,
+        t0,
+        step: 0,
+        total: 8,
+    };
+    let (mut stage, setup) = set_up(opts)?;
+    let cluster_dir = stage.cluster_dir.clone();
+
+    p.step("start a cluster of two matchbook v1 engines under a supervisor");
+    start_supervisor(opts, &mut stage, &setup.config_path)?;
+    let ctl = stage.ctl.clone();
+
+    p.step("drive load: 2 clients through their shared-memory rings");
+    let mut cfg = LoadConfig::new(&cluster_dir);
+    cfg.rate_per_client = opts.rate_per_client;
+    let load = LoadGen::start(&cfg)?;
+    let phase = |secs_quick: f64, secs: f64| {
+        Duration::from_secs_f64(if opts.quick { secs_quick } else { secs })
+    };
+    // Iceberg orders before the feature exists: must be refused, not lost.
+    let refused_probe = probe_icebergs(&cluster_dir, 5)?;
+    let steady_from = load.now_us();
+    std::thread::sleep(phase(1.0, 3.0));
+    check_interrupt()?;
+    let steady = (steady_from, load.now_us());
+    p.note(&format!("{} requests acknowledged so far", load.acked()));
+
+    p.step("SIGKILL the active engine");
+    let failover = kill_active(&ctl, &load)?;
+    p.note(&format!("the standby was active {:.0} µs after the SIGKILL; the supervisor restarts the dead engine as standby", failover.step_up_us));
+    wait_for("a hot standby again", SETTLE_TIMEOUT, || {
+        Ok(cluster_settled(&status(&ctl)?))
+    })?;
+    std::thread::sleep(phase(0.3, 1.0));
+
+    p.step("planned switchover");
+    let switch_window = switch_over(&ctl, &load)?;
+    std::thread::sleep(phase(0.3, 1.0));
+
+    p.step("rolling upgrade to matchbook v2 (acceptance, then enable the new feature)");
+    let up_t = Instant::now();
+    let upgrade_window = rolling_upgrade(&ctl, &load, &setup, opts.json, t0)?;
+    let upgrade_s = up_t.elapsed().as_secs_f64();
+
+    p.step("send version-2-only orders (icebergs)");
+    load.icebergs.store(true, Ordering::Relaxed);
+    let after_from = load.now_us();
+    std::thread::sleep(phase(1.0, 3.0));
+    check_interrupt()?;
+    let after = (after_from, load.now_us());
+
+    p.step("stop the load and check every answer against the reference model");
+    let report: LoadReport = load.stop()?;
+    let model = model_of(&report)
+        .and_then(|m| check_against_model(&cluster_dir, &m, cfg.symbols, cfg.accounts));
+    let fin = status(&ctl)?;
+
+    p.step("stop the cluster (understudy down)");
+    stop_cluster(&ctl, stage);
+
+    if std::env::var_os("UNDERSTUDY_DEMO_DEBUG").is_some() {
+        eprintln!(
+            "phases (µs): steady {}..{} kill {}..{} switch {}..{} upgrade {}..{}",
+            steady.0,
+            steady.1,
+            failover.window.0,
+            failover.window.1,
+            switch_window.0,
+            switch_window.1,
+            upgrade_window.0,
+            upgrade_window.1
+        );
+        for (i, c) in report.clients.iter().enumerate() {
+            eprintln!(
+                "client {i}: lost {:?} duplicates {:?}",
+                c.lost_requests, c.duplicate_answers
+            );
+        }
+    }
+    let phases = Phases {
+        steady,
+        failover,
+        switch_window,
+        upgrade_window,
+        upgrade_s,
+        after,
+    };
+    Ok(demo_report(
+        &report,
+        refused_probe,
+        &phases,
+        model,
+        &fin,
+        t0,
+    ))
+}
+
+/// What `set_up` prepared besides the stage.
+struct Setup {
+    /// The cluster config the supervisor runs.
+    config_path: PathBuf,
+    /// The version-2 engine (a link to this binary).
+    v2: PathBuf,
+    /// `acceptance.accept_for_ms` of the upgrade.
+    accept_ms: u64,
+}
+
+/// Makes the temporary directory, the two engine links and the config; the stage returned
+/// tears them down when dropped.
+fn set_up(opts: &DemoOptions) -> Result<(Stage, Setup), String> {
     let pid = std::process::id();
     let name = format!("demo-{pid}");
     let tmp = std::env::temp_dir().join(format!("understudy-demo-{pid}"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let cluster_dir = opts.shm_dir.join(&name);
-    let mut stage = Stage {
+    let stage = Stage {
         tmp: tmp.clone(),
         cluster_dir: cluster_dir.clone(),
         supervisor: None,
         ctl: Ctl::new(cluster_dir.join(understudy_supervisor::proto::SOCKET_NAME)),
-    };
-    let mut p = Progress {
-        json: opts.json,
-        t0,
-        step: 0,
-        total: 8,
     };
     let v1 = tmp.join("matchbook-v1");
     let v2 = tmp.join("matchbook-v2");
@@ -310,13 +432,25 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
     // sets both to its service level.
     let config_path = tmp.join("demo.toml");
     std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+    let setup = Setup {
+        config_path,
+        v2,
+        accept_ms,
+    };
+    Ok((stage, setup))
+}
 
-    p.step("start a cluster of two matchbook v1 engines under a supervisor");
-    let log = std::fs::File::create(tmp.join("supervisor.log")).map_err(|e| e.to_string())?;
+/// `understudy up` as a child process; returns once the cluster has settled.
+fn start_supervisor(
+    opts: &DemoOptions,
+    stage: &mut Stage,
+    config_path: &Path,
+) -> Result<(), String> {
+    let log = std::fs::File::create(stage.tmp.join("supervisor.log")).map_err(|e| e.to_string())?;
     let child = Command::new(&opts.exe)
         .arg("up")
         .arg("--config")
-        .arg(&config_path)
+        .arg(config_path)
         .env(
             "RUST_LOG",
             std::env::var("UNDERSTUDY_DEMO_LOG").unwrap_or_else(|_| "info".into()),
@@ -330,27 +464,24 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
     let ctl = stage.ctl.clone();
     wait_for(
         "the cluster: an active engine and a hot standby",
-        Duration::from_secs(20),
+        SETTLE_TIMEOUT,
         || Ok(status(&ctl).map(|s| cluster_settled(&s)).unwrap_or(false)),
-    )?;
+    )
+}
 
-    p.step("drive load: 2 clients through their shared-memory rings");
-    let mut cfg = LoadConfig::new(&cluster_dir);
-    cfg.rate_per_client = opts.rate_per_client;
-    let load = LoadGen::start(&cfg)?;
-    let phase = |secs_quick: f64, secs: f64| {
-        Duration::from_secs_f64(if opts.quick { secs_quick } else { secs })
-    };
-    // Iceberg orders before the feature exists: must be refused, not lost.
-    let refused_probe = probe_icebergs(&cluster_dir, 5)?;
-    let steady_from = load.now_us();
-    std::thread::sleep(phase(1.0, 3.0));
-    check_interrupt()?;
-    let steady_to = load.now_us();
-    p.note(&format!("{} requests acknowledged so far", load.acked()));
+/// What the failover phase measured.
+struct Failover {
+    /// SIGKILL → the new active published its role, µs.
+    step_up_us: f64,
+    /// The new active's own detection → active, µs.
+    step_up_internal_us: f64,
+    /// Load time (µs) from the SIGKILL to shortly after the step-up.
+    window: (u64, u64),
+}
 
-    p.step("SIGKILL the active engine");
-    let s = status(&ctl)?;
+/// SIGKILLs the active engine and waits for the standby to step up.
+fn kill_active(ctl: &Ctl, load: &LoadGen) -> Result<Failover, String> {
+    let s = status(ctl)?;
     let active = s.active_engine().ok_or("no active engine")?.clone();
     let kill_us = load.now_us();
     let kill_ns = understudy_runtime::control::realtime_ns();
@@ -364,8 +495,8 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
     unsafe { libc::kill(active.pid as i32, libc::SIGKILL) };
     let mut step_up_us = 0.0;
     let mut step_up_internal_us = 0.0;
-    wait_for("the standby to step up", Duration::from_secs(10), || {
-        let s = status(&ctl)?;
+    wait_for("the standby to step up", STEP_UP_TIMEOUT, || {
+        let s = status(ctl)?;
         Ok(match s.active_engine() {
             Some(e) if e.slot != active.slot => {
                 // SIGKILL → the new active published its role (both CLOCK_REALTIME).
@@ -377,14 +508,16 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
         })
     })?;
     let stepped_us = load.now_us();
-    p.note(&format!("the standby was active {step_up_us:.0} µs after the SIGKILL; the supervisor restarts the dead engine as standby"));
-    wait_for("a hot standby again", Duration::from_secs(20), || {
-        Ok(cluster_settled(&status(&ctl)?))
-    })?;
-    std::thread::sleep(phase(0.3, 1.0));
-    let failover_window = (kill_us, stepped_us + 50_000);
+    Ok(Failover {
+        step_up_us,
+        step_up_internal_us,
+        window: (kill_us, stepped_us + PAUSE_WINDOW_TAIL_US),
+    })
+}
 
-    p.step("planned switchover");
+/// A planned switchover, waited for until the cluster has settled; returns its load-time
+/// window (µs).
+fn switch_over(ctl: &Ctl, load: &LoadGen) -> Result<(u64, u64), String> {
     let sw_from = load.now_us();
     expect_ok(
         ctl.request(&Request::new(Op::Switchover), |_| {})
@@ -392,21 +525,27 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
         "switchover",
     )?;
     let sw_to = load.now_us();
-    wait_for("a hot standby again", Duration::from_secs(20), || {
-        Ok(cluster_settled(&status(&ctl)?))
+    wait_for("a hot standby again", SETTLE_TIMEOUT, || {
+        Ok(cluster_settled(&status(ctl)?))
     })?;
-    std::thread::sleep(phase(0.3, 1.0));
-    let switch_window = (sw_from, sw_to + 50_000);
+    Ok((sw_from, sw_to + PAUSE_WINDOW_TAIL_US))
+}
 
-    p.step("rolling upgrade to matchbook v2 (acceptance, then enable the new feature)");
+/// The rolling upgrade to v2 with acceptance and the feature enabled, its events printed as
+/// they come; returns its load-time window (µs).
+fn rolling_upgrade(
+    ctl: &Ctl,
+    load: &LoadGen,
+    setup: &Setup,
+    json: bool,
+    t0: Instant,
+) -> Result<(u64, u64), String> {
     let up_from = load.now_us();
-    let up_t = Instant::now();
-    let json = opts.json;
     let r = ctl
         .request(
             &Request::new(Op::Upgrade(UpgradeRequest {
-                binary: v2.clone(),
-                accept_for_ms: Some(accept_ms),
+                binary: setup.v2.clone(),
+                accept_for_ms: Some(setup.accept_ms),
                 accept_cmd: None,
                 keep_standby: false,
                 no_enable: false,
@@ -426,68 +565,66 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
         )
         .map_err(|e| e.to_string())?;
     expect_ok(r, "the rolling upgrade")?;
-    let upgrade_s = up_t.elapsed().as_secs_f64();
-    let up_to = load.now_us();
-    let upgrade_window = (up_from, up_to);
+    Ok((up_from, load.now_us()))
+}
 
-    p.step("send version-2-only orders (icebergs)");
-    load.icebergs.store(true, Ordering::Relaxed);
-    let after_from = load.now_us();
-    std::thread::sleep(phase(1.0, 3.0));
-    check_interrupt()?;
-    let after_to = load.now_us();
-
-    p.step("stop the load and check every answer against the reference model");
-    let report: LoadReport = load.stop()?;
-    let model = model_of(&report)
-        .and_then(|m| check_against_model(&cluster_dir, &m, cfg.symbols, cfg.accounts));
-    let fin = status(&ctl)?;
-
-    p.step("stop the cluster (understudy down)");
+/// `understudy down`, then the stage's teardown (which kills whatever is left).
+fn stop_cluster(ctl: &Ctl, mut stage: Stage) {
     let _ = ctl.request(&Request::new(Op::Down), |_| {});
     if let Some(mut s) = stage.supervisor.take() {
         let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(5) {
+        while t.elapsed() < DOWN_TIMEOUT {
             if let Ok(Some(_)) = s.try_wait() {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(POLL_INTERVAL);
         }
         let _ = s.kill();
         let _ = s.wait();
     }
     drop(stage);
+}
 
-    if std::env::var_os("UNDERSTUDY_DEMO_DEBUG").is_some() {
-        eprintln!("phases (µs): steady {steady_from}..{steady_to} kill {kill_us} stepped {stepped_us} switch {sw_from}..{sw_to} upgrade {up_from}..{up_to}");
-        for (i, c) in report.clients.iter().enumerate() {
-            eprintln!(
-                "client {i}: lost {:?} duplicates {:?}",
-                c.lost_requests, c.duplicate_answers
-            );
-        }
-    }
+/// The load-time windows (µs) of each phase, and what the phases measured.
+struct Phases {
+    steady: (u64, u64),
+    failover: Failover,
+    switch_window: (u64, u64),
+    upgrade_window: (u64, u64),
+    upgrade_s: f64,
+    after: (u64, u64),
+}
+
+/// The report from what the clients saw in each phase, the model check and the final status.
+fn demo_report(
+    report: &LoadReport,
+    refused_probe: u64,
+    phases: &Phases,
+    model: Result<(), String>,
+    fin: &StatusReport,
+    t0: Instant,
+) -> DemoReport {
     let icebergs_after = report
         .clients
         .iter()
         .flat_map(|c| c.answered.iter())
         .filter(|a| a.request.kind == 1 && a.response.status == matchbook::app::status::ACK)
         .count() as u64;
+    let pause_ms = |(from, to): (u64, u64)| report.longest_wait_ns(from, to) as f64 / 1e6;
     let mut out = DemoReport {
         sent: report.total(|c| c.sent) + refused_probe,
         acknowledged: report.total(|c| c.acked) + refused_probe,
         lost: report.total(|c| c.lost),
         duplicated: report.total(|c| c.duplicated),
         rejected: report.total(|c| c.rejected) + refused_probe,
-        step_up_us,
-        step_up_after_detection_us: step_up_internal_us,
-        failover_pause_ms: report.longest_wait_ns(failover_window.0, failover_window.1) as f64
-            / 1e6,
-        switchover_pause_ms: report.longest_wait_ns(switch_window.0, switch_window.1) as f64 / 1e6,
-        upgrade_pause_ms: report.longest_wait_ns(upgrade_window.0, upgrade_window.1) as f64 / 1e6,
-        upgrade_s,
-        latency_before: latency(&report.histogram(steady_from, steady_to)),
-        latency_after: latency(&report.histogram(after_from, after_to)),
+        step_up_us: phases.failover.step_up_us,
+        step_up_after_detection_us: phases.failover.step_up_internal_us,
+        failover_pause_ms: pause_ms(phases.failover.window),
+        switchover_pause_ms: pause_ms(phases.switch_window),
+        upgrade_pause_ms: pause_ms(phases.upgrade_window),
+        upgrade_s: phases.upgrade_s,
+        latency_before: latency(&report.histogram(phases.steady.0, phases.steady.1)),
+        latency_after: latency(&report.histogram(phases.after.0, phases.after.1)),
         icebergs_refused_before: refused_probe,
         icebergs_accepted_after: icebergs_after,
         model_check: match &model {
@@ -512,7 +649,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
         ok: false,
     };
     out.ok = out.lost == 0 && out.duplicated == 0 && model.is_ok() && icebergs_after > 0;
-    Ok(out)
+    out
 }
 
 /// Send `n` iceberg orders while the feature is off: each must be answered with a refusal.
@@ -531,7 +668,7 @@ fn probe_icebergs(dir: &Path, n: u64) -> Result<u64, String> {
             10,
         );
         let r = c
-            .call(req.as_bytes(), Duration::from_secs(10))
+            .call(req.as_bytes(), PROBE_ANSWER_TIMEOUT)
             .map_err(|e| e.to_string())?
             .ok_or("iceberg probe unanswered")?;
         let (h, _) = matchbook::app::parse_response(&r).ok_or("bad response")?;
