@@ -233,7 +233,7 @@ impl Case {
             self.depth
         );
         let (a, s) = (self.active.app.engine(), self.standby.app.engine());
-        let book = |e: &matchbook::book::Engine| {
+        let book = |e: &matchbook::book::MatchingEngine| {
             e.book(matchbook::book::Symbol(SYMBOL))
                 .map(|b| b.orders().copied().collect::<Vec<_>>())
         };

@@ -13,14 +13,14 @@
 //! exactly as version 1, writes version-1 layouts, and refuses iceberg orders with a clear
 //! reason.
 //!
-//! The matching engine itself (`crate::book::Engine`) is the application's in-memory view; on
+//! The matching engine itself (`crate::book::MatchingEngine`) is the application's in-memory view; on
 //! a standby the runtime's apply hook keeps it hot one order at a time (insert, update or
 //! remove one order per change), so a step-up rebuilds nothing; after a snapshot it is rebuilt
 //! from the units. A record that cannot be read is skipped and counted, never a panic.
 
 use crate::book::{
-    AccountId, Cancel, Engine, Features, NewOrder, OrderId, OrderKind, PlacedOrder, Position,
-    RejectReason, Request, Response, Side, Symbol, Touched,
+    AccountId, AccountPosition, Cancel, Features, MatchingEngine, NewOrder, OrderId, OrderKind,
+    PlacedOrder, RejectReason, Request, Response, Side, Symbol, Touched,
 };
 use crate::units::{
     decode_book, decode_order, order_unit_id, BookRecord, OrderRecord, UnitError, ORDER_UNIT_BIT,
@@ -226,7 +226,7 @@ impl WireRequest {
 /// The application.
 pub struct Matchbook {
     version: u32,
-    engine: Engine,
+    engine: MatchingEngine,
     /// Per symbol: requests that changed the book (the `book_seq` of responses).
     seqs: HashMap<u32, u64>,
     fills: Vec<crate::book::Fill>,
@@ -241,7 +241,7 @@ impl Matchbook {
     pub fn new(version: u32) -> Self {
         Matchbook {
             version,
-            engine: Engine::new(),
+            engine: MatchingEngine::new(),
             seqs: HashMap::new(),
             fills: Vec::new(),
             touched: Vec::new(),
@@ -252,7 +252,7 @@ impl Matchbook {
     }
 
     /// The in-memory matching engine.
-    pub fn engine(&self) -> &Engine {
+    pub fn engine(&self) -> &MatchingEngine {
         &self.engine
     }
 
@@ -481,7 +481,10 @@ impl Application for Matchbook {
                 self.engine.remove(id & !ORDER_UNIT_BIT);
             }
             Op::Put { table, key, value } if *table == POSITIONS => {
-                if let (Ok(k), Ok(p)) = (<[u8; 4]>::try_from(&key[..]), Position::decode(value)) {
+                if let (Ok(k), Ok(p)) = (
+                    <[u8; 4]>::try_from(&key[..]),
+                    AccountPosition::decode(value),
+                ) {
                     self.engine
                         .set_position(AccountId(u32::from_le_bytes(k)), p);
                 }
@@ -491,7 +494,7 @@ impl Application for Matchbook {
     }
 
     fn on_reset(&mut self, store: &Store) {
-        self.engine = Engine::new();
+        self.engine = MatchingEngine::new();
         self.seqs.clear();
         self.bad_records = 0;
         // Books first, then every order in priority order, so each goes to the back of its
@@ -517,7 +520,7 @@ impl Application for Matchbook {
             self.skip(e);
         }
         for (k, v) in store.table(POSITIONS) {
-            if let (Ok(k), Ok(p)) = (<[u8; 4]>::try_from(k), Position::decode(v)) {
+            if let (Ok(k), Ok(p)) = (<[u8; 4]>::try_from(k), AccountPosition::decode(v)) {
                 self.engine
                     .set_position(AccountId(u32::from_le_bytes(k)), p);
             }

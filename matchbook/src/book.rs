@@ -1,17 +1,17 @@
-//! The matching core: order books with price-time priority, an [`Engine`] that routes requests
+//! The matching core: order books with price-time priority, a [`MatchingEngine`] that routes requests
 //! to one book per symbol and keeps account positions, and a compact byte encoding of both.
 //!
 //! This layer is pure: no I/O, no clocks, no threads, no randomness that reaches an output, no
 //! dependency outside `std`. It must never know about shared memory, processes, replication or
 //! upgrades. What it offers the application that wraps it (`crate::app`, which keeps every
 //! resting order as a work unit of its own, each book as a small one, and each account's
-//! [`Position`] as a 16-byte table record):
+//! [`AccountPosition`] as a 16-byte table record):
 //!
-//! - every request reports the orders it changed ([`Touched`], from [`Engine::process_into`]),
+//! - every request reports the orders it changed ([`Touched`], from [`MatchingEngine::process_into`]),
 //!   so the cost of saving a request's effects follows what it changed, not the book's depth;
 //! - every resting order carries its place in time priority ([`PlacedOrder`]): sequence numbers
 //!   from one engine-wide counter, so a book can be rebuilt order by order, in any order of
-//!   arrival, with the same FIFO at every price ([`Engine::place`], [`Engine::remove`]).
+//!   arrival, with the same FIFO at every price ([`MatchingEngine::place`], [`MatchingEngine::remove`]).
 //!
 //! [`OrderBook::encode`] is a whole book as bytes (the answer to a book query).
 //!
@@ -41,7 +41,7 @@
 //! ```
 //! use matchbook::book::*;
 //!
-//! let mut engine = Engine::new();
+//! let mut engine = MatchingEngine::new();
 //! let v1 = Features::V1;
 //! let sell = NewOrder {
 //!     id: OrderId(1),
@@ -61,8 +61,8 @@
 //! let outcome = engine.process(Request::New(buy), v1);
 //! assert_eq!(outcome.fills.len(), 1);
 //! assert_eq!((outcome.fills[0].maker, outcome.fills[0].price, outcome.fills[0].qty), (OrderId(1), 100, 4));
-//! assert_eq!(engine.position(AccountId(8)), Position { position_qty: 4, cash: -400 });
-//! assert_eq!(engine.position(AccountId(7)), Position { position_qty: -4, cash: 400 });
+//! assert_eq!(engine.position(AccountId(8)), AccountPosition { position_qty: 4, cash: -400 });
+//! assert_eq!(engine.position(AccountId(7)), AccountPosition { position_qty: -4, cash: 400 });
 //!
 //! // The book's state is a deterministic byte string.
 //! let book = engine.book(Symbol(0)).unwrap();
@@ -325,7 +325,7 @@ enum OrderProblem {
 }
 
 /// A resting order with its place in time priority: everything it takes to put it back into
-/// its book exactly where it was (see [`Engine::place`]).
+/// its book exactly where it was (see [`MatchingEngine::place`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PlacedOrder {
     /// The order.
@@ -361,7 +361,7 @@ impl PlacedOrder {
     }
 }
 
-/// An order one request changed (see [`Engine::process_into`]).
+/// An order one request changed (see [`MatchingEngine::process_into`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Touched {
     /// The order rests, as it is after the request: it is new, was partially filled, or
@@ -386,7 +386,7 @@ impl Touched {
     }
 }
 
-/// An order [`Engine::place`] refused: it breaks a rule that every resting order keeps, so it
+/// An order [`MatchingEngine::place`] refused: it breaks a rule that every resting order keeps, so it
 /// cannot have come from a matching engine (corrupt or forged bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct InvalidOrder {
@@ -408,20 +408,24 @@ impl fmt::Display for InvalidOrder {
 
 impl std::error::Error for InvalidOrder {}
 
-/// Net holdings of one account, changed by fills. Fixed 16-byte encoding (see [`Position::encode`]).
+/// Net holdings of one account, changed by fills. Fixed 16-byte encoding (see [`AccountPosition::encode`]).
 ///
 /// Arithmetic wraps on overflow, so the sums over all accounts stay exactly 0 (mod 2^64) even
 /// then; one fill's notional always fits (see [`PRICE_TICKS_MAX`] and [`QTY_MAX`]).
+///
+/// (Named `AccountPosition`, not `Position`: the runtime's `protocol::Position` is a point in a
+/// replication stream.)
+#[doc(alias = "Position")]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Position {
+pub struct AccountPosition {
     /// Units held: bought minus sold.
     pub position_qty: i64,
     /// Cash in price ticks × quantity: received minus paid.
     pub cash: i64,
 }
 
-impl Position {
-    /// Length of [`Position::encode`]'s output: `position_qty` then `cash`, each i64 little-endian.
+impl AccountPosition {
+    /// Length of [`AccountPosition::encode`]'s output: `position_qty` then `cash`, each i64 little-endian.
     pub const ENCODED_LEN: usize = 16;
 
     /// Books a trade of `qty` at `price` on `side` of this account.
@@ -441,8 +445,8 @@ impl Position {
     }
 
     /// The 16-byte record.
-    pub fn to_bytes(&self) -> [u8; Position::ENCODED_LEN] {
-        let mut bytes = [0u8; Position::ENCODED_LEN];
+    pub fn to_bytes(&self) -> [u8; AccountPosition::ENCODED_LEN] {
+        let mut bytes = [0u8; AccountPosition::ENCODED_LEN];
         bytes[..8].copy_from_slice(&self.position_qty.to_le_bytes());
         bytes[8..].copy_from_slice(&self.cash.to_le_bytes());
         bytes
@@ -453,16 +457,16 @@ impl Position {
         out.extend_from_slice(&self.to_bytes());
     }
 
-    /// Reads a record written by [`Position::encode`]; `bytes` must be exactly 16 bytes long.
-    pub fn decode(bytes: &[u8]) -> Result<Position, DecodeError> {
-        let bytes: &[u8; Position::ENCODED_LEN] =
-            bytes.try_into().map_err(|_| DecodeError::WrongLength {
+    /// Reads a record written by [`AccountPosition::encode`]; `bytes` must be exactly 16 bytes long.
+    pub fn decode(bytes: &[u8]) -> Result<AccountPosition, BookDecodeError> {
+        let bytes: &[u8; AccountPosition::ENCODED_LEN] =
+            bytes.try_into().map_err(|_| BookDecodeError::WrongLength {
                 what: "position record",
-                expected: Position::ENCODED_LEN,
+                expected: AccountPosition::ENCODED_LEN,
                 found: bytes.len(),
             })?;
         let (qty, cash) = bytes.split_at(8);
-        Ok(Position {
+        Ok(AccountPosition {
             position_qty: i64::from_le_bytes(qty.try_into().expect("split at 8 of 16")),
             cash: i64::from_le_bytes(cash.try_into().expect("split at 8 of 16")),
         })
@@ -508,8 +512,12 @@ impl fmt::Display for EncodeError {
 impl std::error::Error for EncodeError {}
 
 /// Why bytes could not be decoded. Each variant names the field or order that was wrong.
+///
+/// (Named `BookDecodeError`, not `DecodeError`: the runtime's `protocol::DecodeError` is about
+/// replication frames.)
+#[doc(alias = "DecodeError")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DecodeError {
+pub enum BookDecodeError {
     /// The input ended inside `field`.
     Truncated {
         /// What was being read.
@@ -594,12 +602,12 @@ pub enum DecodeError {
     },
 }
 
-impl fmt::Display for DecodeError {
+impl fmt::Display for BookDecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const CORRUPT: &str =
             "the bytes are corrupt or not an order book; restore them from a good copy";
         match self {
-            DecodeError::Truncated {
+            BookDecodeError::Truncated {
                 field,
                 offset,
                 needed,
@@ -609,14 +617,14 @@ impl fmt::Display for DecodeError {
                 "input ends inside {field} at offset {offset}: needed {needed} bytes, \
                  {available} left; the bytes were cut short, restore them from a good copy"
             ),
-            DecodeError::TrailingBytes {
+            BookDecodeError::TrailingBytes {
                 expected_len,
                 found_len,
             } => write!(
                 f,
                 "header implies {expected_len} bytes but the input has {found_len}; {CORRUPT}"
             ),
-            DecodeError::WrongLength {
+            BookDecodeError::WrongLength {
                 what,
                 expected,
                 found,
@@ -626,7 +634,7 @@ impl fmt::Display for DecodeError {
                     "{what} must be {expected} bytes, found {found}; {CORRUPT}"
                 )
             }
-            DecodeError::UnsupportedVersion {
+            BookDecodeError::UnsupportedVersion {
                 found,
                 oldest_supported,
                 newest_supported,
@@ -635,30 +643,30 @@ impl fmt::Display for DecodeError {
                 "book layout version {found} is not supported (this build reads \
                  {oldest_supported}..={newest_supported}); run a build that knows version {found}"
             ),
-            DecodeError::BadSide { index, found } => {
+            BookDecodeError::BadSide { index, found } => {
                 write!(
                     f,
                     "order #{index}: side byte {found}, expected 0 (buy) or 1 (sell); {CORRUPT}"
                 )
             }
-            DecodeError::PriceOutOfRange { index, id, found } => write!(
+            BookDecodeError::PriceOutOfRange { index, id, found } => write!(
                 f,
                 "order #{index} (id {}): price {found} outside 1..={PRICE_TICKS_MAX}; {CORRUPT}",
                 id.0
             ),
-            DecodeError::BadQty { index, id, problem } => {
+            BookDecodeError::BadQty { index, id, problem } => {
                 write!(f, "order #{index} (id {}): {problem}; {CORRUPT}", id.0)
             }
-            DecodeError::DuplicateOrderId { index, id } => {
+            BookDecodeError::DuplicateOrderId { index, id } => {
                 write!(f, "order #{index}: id {} already appeared; {CORRUPT}", id.0)
             }
-            DecodeError::OutOfPriorityOrder { index, id } => write!(
+            BookDecodeError::OutOfPriorityOrder { index, id } => write!(
                 f,
                 "order #{index} (id {}) is out of priority order (bids best first, then asks \
                  best first); {CORRUPT}",
                 id.0
             ),
-            DecodeError::CrossedBook { best_bid, best_ask } => write!(
+            BookDecodeError::CrossedBook { best_bid, best_ask } => write!(
                 f,
                 "best bid {best_bid} is not below best ask {best_ask}, which matching never \
                  leaves; {CORRUPT}"
@@ -667,7 +675,7 @@ impl fmt::Display for DecodeError {
     }
 }
 
-impl std::error::Error for DecodeError {}
+impl std::error::Error for BookDecodeError {}
 
 /// Slot index meaning "no order".
 const NIL: u32 = u32::MAX;
@@ -1181,14 +1189,14 @@ impl OrderBook {
     /// first thing found wrong. Whatever decodes re-encodes (in its layout) to the same bytes.
     /// The encoding carries no sequence numbers: the decoded orders are numbered 1, 2, … in
     /// priority order.
-    pub fn decode(bytes: &[u8]) -> Result<OrderBook, DecodeError> {
+    pub fn decode(bytes: &[u8]) -> Result<OrderBook, BookDecodeError> {
         let mut reader = Reader { bytes, offset: 0 };
         let version = reader.u16("layout version")?;
         let record_len = match version {
             LAYOUT_V1 => RECORD_V1_LEN,
             LAYOUT_V2 => RECORD_V2_LEN,
             found => {
-                return Err(DecodeError::UnsupportedVersion {
+                return Err(BookDecodeError::UnsupportedVersion {
                     found,
                     oldest_supported: LAYOUT_V1,
                     newest_supported: LAYOUT_V2,
@@ -1200,7 +1208,7 @@ impl OrderBook {
         let records_len = (count as usize).saturating_mul(record_len);
         let available = bytes.len() - reader.offset;
         if available < records_len {
-            return Err(DecodeError::Truncated {
+            return Err(BookDecodeError::Truncated {
                 field: "order records",
                 offset: reader.offset,
                 needed: records_len,
@@ -1208,7 +1216,7 @@ impl OrderBook {
             });
         }
         if available > records_len {
-            return Err(DecodeError::TrailingBytes {
+            return Err(BookDecodeError::TrailingBytes {
                 expected_len: reader.offset + records_len,
                 found_len: bytes.len(),
             });
@@ -1220,7 +1228,7 @@ impl OrderBook {
             let id = OrderId(reader.u64("order id")?);
             let account = AccountId(reader.u32("account")?);
             let side_byte = reader.u8("side")?;
-            let side = Side::from_byte(side_byte).ok_or(DecodeError::BadSide {
+            let side = Side::from_byte(side_byte).ok_or(BookDecodeError::BadSide {
                 index,
                 found: side_byte,
             })?;
@@ -1248,12 +1256,12 @@ impl OrderBook {
                 kind,
             };
             order.check().map_err(|problem| match problem {
-                OrderProblem::PriceOutOfRange => DecodeError::PriceOutOfRange {
+                OrderProblem::PriceOutOfRange => BookDecodeError::PriceOutOfRange {
                     index,
                     id,
                     found: price,
                 },
-                OrderProblem::Qty(problem) => DecodeError::BadQty { index, id, problem },
+                OrderProblem::Qty(problem) => BookDecodeError::BadQty { index, id, problem },
             })?;
             let in_order = match (previous, side) {
                 (None, _) | (Some((Side::Buy, _)), Side::Sell) => true,
@@ -1262,10 +1270,10 @@ impl OrderBook {
                 (Some((Side::Sell, _)), Side::Buy) => false,
             };
             if !in_order {
-                return Err(DecodeError::OutOfPriorityOrder { index, id });
+                return Err(BookDecodeError::OutOfPriorityOrder { index, id });
             }
             if book.index.contains_key(&id) {
-                return Err(DecodeError::DuplicateOrderId { index, id });
+                return Err(BookDecodeError::DuplicateOrderId { index, id });
             }
             previous = Some((side, price));
             // Numbered in priority order, so each goes to the back of its level.
@@ -1278,7 +1286,7 @@ impl OrderBook {
         }
         if let (Some(best_bid), Some(best_ask)) = (book.best_bid(), book.best_ask()) {
             if best_bid >= best_ask {
-                return Err(DecodeError::CrossedBook { best_bid, best_ask });
+                return Err(BookDecodeError::CrossedBook { best_bid, best_ask });
             }
         }
         debug_assert_eq!(reader.offset, bytes.len());
@@ -1451,9 +1459,9 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    fn take<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
+    fn take<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], BookDecodeError> {
         let available = self.bytes.len() - self.offset;
-        let truncated = DecodeError::Truncated {
+        let truncated = BookDecodeError::Truncated {
             field,
             offset: self.offset,
             needed: N,
@@ -1467,23 +1475,23 @@ impl Reader<'_> {
         Ok(chunk.try_into().expect("slice of length N"))
     }
 
-    fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+    fn u8(&mut self, field: &'static str) -> Result<u8, BookDecodeError> {
         Ok(self.take::<1>(field)?[0])
     }
 
-    fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
+    fn u16(&mut self, field: &'static str) -> Result<u16, BookDecodeError> {
         self.take(field).map(u16::from_le_bytes)
     }
 
-    fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+    fn u32(&mut self, field: &'static str) -> Result<u32, BookDecodeError> {
         self.take(field).map(u32::from_le_bytes)
     }
 
-    fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+    fn u64(&mut self, field: &'static str) -> Result<u64, BookDecodeError> {
         self.take(field).map(u64::from_le_bytes)
     }
 
-    fn i64(&mut self, field: &'static str) -> Result<i64, DecodeError> {
+    fn i64(&mut self, field: &'static str) -> Result<i64, BookDecodeError> {
         self.take(field).map(i64::from_le_bytes)
     }
 }
@@ -1491,13 +1499,13 @@ impl Reader<'_> {
 /// Books per symbol plus positions per account: everything the exchange knows.
 ///
 /// One counter numbers the resting orders of all books ([`PlacedOrder`]); an index from entry
-/// number to book finds an order named by its entry number alone ([`Engine::remove`]).
+/// number to book finds an order named by its entry number alone ([`MatchingEngine::remove`]).
 ///
 /// # Examples
 /// ```
 /// use matchbook::book::*;
 ///
-/// let mut engine = Engine::new();
+/// let mut engine = MatchingEngine::new();
 /// let iceberg = NewOrder {
 ///     id: OrderId(1), account: AccountId(1), symbol: Symbol(3), side: Side::Buy,
 ///     price: 50, qty: 100, kind: OrderKind::Iceberg { display_qty: 10 },
@@ -1511,7 +1519,7 @@ impl Reader<'_> {
 /// assert_eq!((resting.visible_qty, resting.hidden_qty), (10, 90));
 ///
 /// // A copy rebuilt order by order from what the requests reported equals the original.
-/// let mut copy = Engine::new();
+/// let mut copy = MatchingEngine::new();
 /// copy.restore_book(Symbol(3), engine.last_seq());
 /// for placed in engine.book(Symbol(3)).unwrap().placed_orders() {
 ///     copy.place(Symbol(3), *placed).unwrap();
@@ -1526,23 +1534,27 @@ impl Reader<'_> {
 /// assert!(copy.remove(1).is_some());
 /// assert_eq!(copy, engine);
 /// ```
+///
+/// (Named `MatchingEngine`, not `Engine`: `understudy_runtime::engine::Engine` is the replicated
+/// process that hosts this application.)
+#[doc(alias = "Engine")]
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Engine {
+pub struct MatchingEngine {
     books: BTreeMap<Symbol, OrderBook>,
-    positions: BTreeMap<AccountId, Position>,
+    positions: BTreeMap<AccountId, AccountPosition>,
     /// The last sequence number taken, by any book.
     last_seq: u64,
     /// Entry number → where the order rests, for every resting order.
     entries: HashMap<u64, (Symbol, OrderId)>,
 }
 
-impl Engine {
+impl MatchingEngine {
     /// No books, no positions.
-    pub fn new() -> Engine {
-        Engine::default()
+    pub fn new() -> MatchingEngine {
+        MatchingEngine::default()
     }
 
-    /// Processes one request; see [`Engine::process_into`] to reuse buffers and learn which
+    /// Processes one request; see [`MatchingEngine::process_into`] to reuse buffers and learn which
     /// resting orders changed.
     pub fn process(&mut self, request: Request, features: Features) -> Outcome {
         let (mut fills, mut touched) = (Vec::new(), Vec::new());
@@ -1706,19 +1718,19 @@ impl Engine {
     }
 
     /// The account's position; zero if it never traded.
-    pub fn position(&self, account: AccountId) -> Position {
+    pub fn position(&self, account: AccountId) -> AccountPosition {
         self.positions.get(&account).copied().unwrap_or_default()
     }
 
     /// Positions of every account that ever traded (or was set), by ascending account.
-    pub fn positions(&self) -> impl Iterator<Item = (AccountId, Position)> + '_ {
+    pub fn positions(&self) -> impl Iterator<Item = (AccountId, AccountPosition)> + '_ {
         self.positions
             .iter()
             .map(|(&account, &position)| (account, position))
     }
 
     /// Installs a position (for example one just decoded).
-    pub fn set_position(&mut self, account: AccountId, position: Position) {
+    pub fn set_position(&mut self, account: AccountId, position: AccountPosition) {
         self.positions.insert(account, position);
     }
 }

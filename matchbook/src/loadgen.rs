@@ -3,7 +3,7 @@
 //! lost and duplicated, with every request's latency kept for histograms and timelines.
 
 use crate::app::{parse_response, status, WireRequest, WireResponse};
-use crate::book::{AccountId, Engine, Features, OrderBook, Position, Symbol};
+use crate::book::{AccountId, AccountPosition, Features, MatchingEngine, OrderBook, Symbol};
 use hdrhistogram::Histogram;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -333,14 +333,14 @@ fn run_client(
 
 /// The reference model: replay every acknowledged order that changed a book, per symbol in
 /// the engine's order (`book_seq`), on a fresh matching engine.
-pub fn model_of(report: &LoadReport) -> Result<Engine, String> {
+pub fn model_of(report: &LoadReport) -> Result<MatchingEngine, String> {
     let mut per_symbol: HashMap<u32, Vec<&Answered>> = HashMap::new();
     for a in report.clients.iter().flat_map(|c| c.answered.iter()) {
         if a.response.book_seq > 0 {
             per_symbol.entry(a.request.symbol).or_default().push(a);
         }
     }
-    let mut engine = Engine::new();
+    let mut engine = MatchingEngine::new();
     for (symbol, mut list) in per_symbol {
         list.sort_by_key(|a| a.response.book_seq);
         for (i, a) in list.iter().enumerate() {
@@ -377,7 +377,7 @@ pub fn model_of(report: &LoadReport) -> Result<Engine, String> {
 /// Compare the cluster's books and positions (read through queries) with the model's.
 pub fn check_against_model(
     dir: &std::path::Path,
-    model: &Engine,
+    model: &MatchingEngine,
     symbols: u32,
     accounts: u32,
 ) -> Result<(), String> {
@@ -414,7 +414,7 @@ pub fn check_against_model(
             .map_err(|e| e.to_string())?
             .ok_or("position query unanswered")?;
         let (_, data) = parse_response(&r).ok_or("bad query response")?;
-        let got = Position::decode(data).map_err(|e| e.to_string())?;
+        let got = AccountPosition::decode(data).map_err(|e| e.to_string())?;
         let want = model.position(AccountId(a));
         if got != want {
             return Err(format!(

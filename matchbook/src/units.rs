@@ -15,7 +15,7 @@
 //!
 //! A request writes the order units it adds, changes or retires, its book's unit, and the
 //! positions it changes; nothing else. Every engine's in-memory books can be rebuilt from these
-//! units alone ([`crate::book::Engine::place`] puts each order back at its priority), in any
+//! units alone ([`crate::book::MatchingEngine::place`] puts each order back at its priority), in any
 //! order, with the same time priority at every price.
 //!
 //! Records are read as untrusted bytes: a wrong length, layout version, side or id is an error
@@ -387,7 +387,7 @@ pub fn decode_book(unit: u64, layout_version: u16, state: &[u8]) -> Result<BookR
 }
 
 /// Reads an order unit's state: the book it rests in and the order with its place in time
-/// priority. The quantity and priority rules are checked too, as [`crate::book::Engine::place`]
+/// priority. The quantity and priority rules are checked too, as [`crate::book::MatchingEngine::place`]
 /// would.
 pub fn decode_order(
     unit: u64,

@@ -31,7 +31,7 @@ struct ModelOrder {
 struct Model {
     orders: Vec<ModelOrder>,
     next_seq: u64,
-    positions: BTreeMap<AccountId, Position>,
+    positions: BTreeMap<AccountId, AccountPosition>,
 }
 
 impl Model {
@@ -277,7 +277,7 @@ fn ids(book: &OrderBook) -> Vec<u64> {
     book.orders().map(|o| o.id.0).collect()
 }
 
-fn resting(engine: &Engine, symbol: Symbol) -> Vec<RestingOrder> {
+fn resting(engine: &MatchingEngine, symbol: Symbol) -> Vec<RestingOrder> {
     engine
         .book(symbol)
         .map(|b| b.orders().copied().collect())
@@ -323,7 +323,7 @@ fn stream_strategy() -> impl Strategy<Value = Vec<(Request, Features)>> {
 }
 
 /// Sum of positions and of cash over all accounts (wrapping, as the engine books them).
-fn totals(engine: &Engine) -> (i64, i64) {
+fn totals(engine: &MatchingEngine) -> (i64, i64) {
     engine
         .positions()
         .fold((0i64, 0i64), |(qty, cash), (_, p)| {
@@ -331,7 +331,7 @@ fn totals(engine: &Engine) -> (i64, i64) {
         })
 }
 
-fn placed(engine: &Engine, symbol: Symbol) -> Vec<PlacedOrder> {
+fn placed(engine: &MatchingEngine, symbol: Symbol) -> Vec<PlacedOrder> {
     engine
         .book(symbol)
         .map(|b| b.placed_orders().copied().collect())
@@ -349,8 +349,11 @@ fn priorities_ascend(book: &OrderBook) -> bool {
 
 /// An engine rebuilt from `engine`'s books, orders put back in the sequence `arrange` leaves
 /// them in, and its positions: what a standby builds from the work units.
-fn rebuilt(engine: &Engine, arrange: impl Fn(&mut Vec<(Symbol, PlacedOrder)>)) -> Engine {
-    let mut copy = Engine::new();
+fn rebuilt(
+    engine: &MatchingEngine,
+    arrange: impl Fn(&mut Vec<(Symbol, PlacedOrder)>),
+) -> MatchingEngine {
+    let mut copy = MatchingEngine::new();
     let mut orders: Vec<(Symbol, PlacedOrder)> = engine
         .books()
         .flat_map(|(symbol, book)| book.placed_orders().map(move |p| (symbol, *p)))
@@ -394,7 +397,7 @@ proptest! {
     /// cash always sum to zero and no book is ever left crossed.
     #[test]
     fn engine_matches_reference_model(stream in stream_strategy()) {
-        let mut engine = Engine::new();
+        let mut engine = MatchingEngine::new();
         let mut model = Model::default();
         for (step, &(request, features)) in stream.iter().enumerate() {
             let got = engine.process(request, features);
@@ -408,7 +411,7 @@ proptest! {
                     }
                 }
             }
-            let positions: BTreeMap<AccountId, Position> = engine.positions().collect();
+            let positions: BTreeMap<AccountId, AccountPosition> = engine.positions().collect();
             prop_assert_eq!(&positions, &model.positions, "step {}", step);
             prop_assert_eq!(totals(&engine), (0, 0), "step {}: positions or cash not conserved", step);
         }
@@ -428,8 +431,8 @@ proptest! {
     /// order or by entry number, equal the live ones with the same FIFO at every price.
     #[test]
     fn touched_orders_rebuild_the_books(stream in stream_strategy()) {
-        let mut engine = Engine::new();
-        let mut mirror = Engine::new();
+        let mut engine = MatchingEngine::new();
+        let mut mirror = MatchingEngine::new();
         let (mut fills, mut touched) = (Vec::new(), Vec::new());
         for (step, &(request, features)) in stream.iter().enumerate() {
             fills.clear();
@@ -487,8 +490,8 @@ proptest! {
     /// equal, and every book is representable (and round-trips) in layout v1.
     #[test]
     fn feature_off_behaves_as_version_1(requests in prop::collection::vec(request_strategy(), 1..160)) {
-        let mut with_icebergs = Engine::new();
-        let mut without_icebergs = Engine::new();
+        let mut with_icebergs = MatchingEngine::new();
+        let mut without_icebergs = MatchingEngine::new();
         for request in &requests {
             let is_iceberg = matches!(request, Request::New(NewOrder { kind: OrderKind::Iceberg { .. }, .. }));
             let before = with_icebergs.clone();
@@ -517,7 +520,7 @@ proptest! {
     /// make encode_v1 refuse without writing anything.
     #[test]
     fn encode_decode_round_trip(stream in stream_strategy()) {
-        let mut engine = Engine::new();
+        let mut engine = MatchingEngine::new();
         for &(request, features) in &stream {
             engine.process(request, features);
         }
@@ -569,7 +572,7 @@ proptest! {
         position in any::<prop::sample::Index>(),
         byte in any::<u8>(),
     ) {
-        let mut engine = Engine::new();
+        let mut engine = MatchingEngine::new();
         for &(request, features) in &stream {
             engine.process(request, features);
         }
@@ -586,17 +589,17 @@ proptest! {
     /// A position round-trips through its fixed 16-byte record, and any other length is refused.
     #[test]
     fn position_round_trip(position_qty in any::<i64>(), cash in any::<i64>(), wrong_len in 0usize..40) {
-        let position = Position { position_qty, cash };
+        let position = AccountPosition { position_qty, cash };
         let mut bytes = Vec::new();
         position.encode(&mut bytes);
-        prop_assert_eq!(bytes.len(), Position::ENCODED_LEN);
+        prop_assert_eq!(bytes.len(), AccountPosition::ENCODED_LEN);
         prop_assert_eq!(&bytes[..], &position.to_bytes()[..]);
-        prop_assert_eq!(Position::decode(&bytes), Ok(position));
-        if wrong_len != Position::ENCODED_LEN {
+        prop_assert_eq!(AccountPosition::decode(&bytes), Ok(position));
+        if wrong_len != AccountPosition::ENCODED_LEN {
             let other = vec![0u8; wrong_len];
             prop_assert_eq!(
-                Position::decode(&other),
-                Err(DecodeError::WrongLength { what: "position record", expected: 16, found: wrong_len })
+                AccountPosition::decode(&other),
+                Err(BookDecodeError::WrongLength { what: "position record", expected: 16, found: wrong_len })
             );
         }
     }
@@ -623,7 +626,7 @@ fn assert_canonical_or_error(bytes: &[u8]) -> Result<(), TestCaseError> {
 /// the maker at the front of the book.
 #[test]
 fn partial_fill_leaves_remainder_resting() {
-    let mut engine = Engine::new();
+    let mut engine = MatchingEngine::new();
     engine.process(Request::New(order(1, 1, Side::Sell, 100, 10)), Features::V1);
     let outcome = engine.process(Request::New(order(2, 2, Side::Buy, 100, 4)), Features::V1);
     assert_eq!(outcome.response, Response::Ack { id: OrderId(2) });
@@ -633,14 +636,14 @@ fn partial_fill_leaves_remainder_resting() {
     assert_eq!(book.get(OrderId(1)).unwrap().visible_qty, 6);
     assert_eq!(
         engine.position(AccountId(2)),
-        Position {
+        AccountPosition {
             position_qty: 4,
             cash: -400
         }
     );
     assert_eq!(
         engine.position(AccountId(1)),
-        Position {
+        AccountPosition {
             position_qty: -4,
             cash: 400
         }
@@ -651,7 +654,7 @@ fn partial_fill_leaves_remainder_resting() {
 /// each fill at the maker's price, then rests its remainder at its own limit.
 #[test]
 fn full_fill_across_levels() {
-    let mut engine = Engine::new();
+    let mut engine = MatchingEngine::new();
     for (id, price, qty) in [(1, 102, 5), (2, 101, 3), (3, 101, 2), (4, 103, 9)] {
         engine.process(
             Request::New(order(id, 1, Side::Sell, price, qty)),
@@ -673,7 +676,7 @@ fn full_fill_across_levels() {
     assert_eq!((book.best_bid(), book.best_ask()), (Some(102), Some(103)));
     assert_eq!(
         engine.position(AccountId(2)),
-        Position {
+        AccountPosition {
             position_qty: 10,
             cash: -(5 * 101 + 5 * 102)
         }
@@ -684,7 +687,7 @@ fn full_fill_across_levels() {
 /// Cancelling a partially filled order reports only its unfilled quantity and removes it.
 #[test]
 fn cancel_of_partially_filled_order() {
-    let mut engine = Engine::new();
+    let mut engine = MatchingEngine::new();
     engine.process(Request::New(order(1, 1, Side::Buy, 100, 10)), Features::V1);
     engine.process(Request::New(order(2, 2, Side::Sell, 99, 7)), Features::V1);
     let outcome = engine.process(cancel(1, 1), Features::V1);
@@ -710,7 +713,7 @@ fn cancel_of_partially_filled_order() {
 /// refused and leave the order in place.
 #[test]
 fn cancel_rejections() {
-    let mut engine = Engine::new();
+    let mut engine = MatchingEngine::new();
     engine.process(Request::New(order(1, 1, Side::Buy, 100, 10)), Features::V1);
     let not_owner = engine.process(cancel(1, 2), Features::V1);
     assert_eq!(
@@ -739,7 +742,7 @@ fn cancel_rejections() {
 /// gone the id may be used again, and the same id may rest in another symbol's book.
 #[test]
 fn duplicate_order_id_rejected() {
-    let mut engine = Engine::new();
+    let mut engine = MatchingEngine::new();
     engine.process(Request::New(order(1, 1, Side::Buy, 100, 10)), Features::V1);
     let before = engine.clone();
     let duplicate = engine.process(Request::New(order(1, 2, Side::Sell, 100, 5)), Features::V1);
@@ -772,7 +775,7 @@ fn duplicate_order_id_rejected() {
 /// Each validation rule refuses its case, in the documented order of checks.
 #[test]
 fn invalid_new_orders_rejected() {
-    let mut engine = Engine::new();
+    let mut engine = MatchingEngine::new();
     let cases = [
         (order(1, 1, Side::Buy, 100, 0), RejectReason::ZeroQty),
         (
@@ -815,7 +818,7 @@ fn invalid_new_orders_rejected() {
 /// behind orders that arrived after it at the same price.
 #[test]
 fn iceberg_refresh_loses_priority() {
-    let mut engine = Engine::new();
+    let mut engine = MatchingEngine::new();
     engine.process(
         Request::New(iceberg(1, 1, Side::Sell, 100, 10, 3)),
         Features::V2,
@@ -857,7 +860,7 @@ fn iceberg_refresh_loses_priority() {
 /// keeps the right visible/hidden split when the taker runs out mid-slice.
 #[test]
 fn lone_iceberg_slices_merge_into_one_fill() {
-    let mut engine = Engine::new();
+    let mut engine = MatchingEngine::new();
     engine.process(
         Request::New(iceberg(1, 1, Side::Buy, 100, 1_000_000_000, 1)),
         Features::V2,
@@ -893,7 +896,7 @@ fn lone_iceberg_slices_merge_into_one_fill() {
 /// An incoming iceberg trades with its whole quantity, then rests showing one slice.
 #[test]
 fn incoming_iceberg_matches_in_full_then_rests_a_slice() {
-    let mut engine = Engine::new();
+    let mut engine = MatchingEngine::new();
     engine.process(Request::New(order(1, 1, Side::Sell, 100, 7)), Features::V2);
     let outcome = engine.process(
         Request::New(iceberg(2, 2, Side::Buy, 100, 20, 5)),
@@ -916,7 +919,7 @@ fn incoming_iceberg_matches_in_full_then_rests_a_slice() {
 /// invalid, and the same order is accepted with the feature on.
 #[test]
 fn feature_disabled_rejection() {
-    let mut engine = Engine::new();
+    let mut engine = MatchingEngine::new();
     for new in [
         iceberg(1, 1, Side::Buy, 100, 10, 2),
         iceberg(1, 1, Side::Buy, 0, 0, 0),
@@ -930,7 +933,7 @@ fn feature_disabled_rejection() {
             }
         );
     }
-    assert_eq!(engine, Engine::new());
+    assert_eq!(engine, MatchingEngine::new());
     let outcome = engine.process(
         Request::New(iceberg(1, 1, Side::Buy, 100, 10, 2)),
         Features::V2,
@@ -972,21 +975,21 @@ fn encoding_layout_is_as_documented() {
 fn decode_of_bad_bytes_names_the_problem() {
     assert!(matches!(
         OrderBook::decode(&[]),
-        Err(DecodeError::Truncated {
+        Err(BookDecodeError::Truncated {
             field: "layout version",
             ..
         })
     ));
     assert!(matches!(
         OrderBook::decode(&[2, 0, 1]),
-        Err(DecodeError::Truncated {
+        Err(BookDecodeError::Truncated {
             field: "order count",
             ..
         })
     ));
     assert_eq!(
         OrderBook::decode(&[3, 0, 0, 0, 0, 0]),
-        Err(DecodeError::UnsupportedVersion {
+        Err(BookDecodeError::UnsupportedVersion {
             found: 3,
             oldest_supported: 1,
             newest_supported: 2
@@ -995,7 +998,7 @@ fn decode_of_bad_bytes_names_the_problem() {
     // A huge count over a short input is refused before anything is allocated.
     assert!(matches!(
         OrderBook::decode(&[2, 0, 0xff, 0xff, 0xff, 0xff, 0]),
-        Err(DecodeError::Truncated { field: "order records", needed, available: 1, .. }) if needed == 45 * u32::MAX as usize
+        Err(BookDecodeError::Truncated { field: "order records", needed, available: 1, .. }) if needed == 45 * u32::MAX as usize
     ));
 
     let mut book = OrderBook::new();
@@ -1014,7 +1017,7 @@ fn decode_of_bad_bytes_names_the_problem() {
     padded.push(0);
     assert_eq!(
         OrderBook::decode(&padded),
-        Err(DecodeError::TrailingBytes {
+        Err(BookDecodeError::TrailingBytes {
             expected_len: 96,
             found_len: 97
         })
@@ -1029,11 +1032,11 @@ fn decode_of_bad_bytes_names_the_problem() {
     let (side, price, visible, hidden, display) = (12, 13, 21, 29, 37);
     assert_eq!(
         patched(record(0, side), &[2]),
-        Err(DecodeError::BadSide { index: 0, found: 2 })
+        Err(BookDecodeError::BadSide { index: 0, found: 2 })
     );
     assert_eq!(
         patched(record(1, price), &0i64.to_le_bytes()),
-        Err(DecodeError::PriceOutOfRange {
+        Err(BookDecodeError::PriceOutOfRange {
             index: 1,
             id: OrderId(2),
             found: 0
@@ -1041,26 +1044,26 @@ fn decode_of_bad_bytes_names_the_problem() {
     );
     assert!(matches!(
         patched(record(0, visible), &[0; 8]),
-        Err(DecodeError::BadQty { index: 0, .. })
+        Err(BookDecodeError::BadQty { index: 0, .. })
     ));
     assert!(matches!(
         patched(record(1, hidden), &[1]),
-        Err(DecodeError::BadQty { index: 1, .. })
+        Err(BookDecodeError::BadQty { index: 1, .. })
     ));
     assert!(matches!(
         patched(record(0, display), &[3]),
-        Err(DecodeError::BadQty { index: 0, .. })
+        Err(BookDecodeError::BadQty { index: 0, .. })
     ));
     assert_eq!(
         patched(record(1, 0), &1u64.to_le_bytes()),
-        Err(DecodeError::DuplicateOrderId {
+        Err(BookDecodeError::DuplicateOrderId {
             index: 1,
             id: OrderId(1)
         })
     );
     assert_eq!(
         patched(record(1, price), &99i64.to_le_bytes()),
-        Err(DecodeError::CrossedBook {
+        Err(BookDecodeError::CrossedBook {
             best_bid: 99,
             best_ask: 99
         })
@@ -1071,7 +1074,7 @@ fn decode_of_bad_bytes_names_the_problem() {
     swapped.extend_from_slice(&good[record(0, 0)..record(1, 0)]);
     assert_eq!(
         OrderBook::decode(&swapped),
-        Err(DecodeError::OutOfPriorityOrder {
+        Err(BookDecodeError::OutOfPriorityOrder {
             index: 1,
             id: OrderId(1)
         })
@@ -1088,7 +1091,7 @@ fn decode_of_bad_bytes_names_the_problem() {
 /// cash, so the sums over all accounts stay zero.
 #[test]
 fn positions_are_conserved() {
-    let mut engine = Engine::new();
+    let mut engine = MatchingEngine::new();
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = |bound: u64| {
         state ^= state << 13;
@@ -1123,7 +1126,7 @@ fn positions_are_conserved() {
 /// earlier request's, even when a reused taker id meets the same maker at the same price.
 #[test]
 fn process_into_reuses_buffer_without_merging_across_requests() {
-    let mut engine = Engine::new();
+    let mut engine = MatchingEngine::new();
     let (mut fills, mut touched) = (Vec::new(), Vec::new());
     engine.process_into(
         Request::New(order(1, 1, Side::Sell, 100, 10)),
@@ -1147,7 +1150,7 @@ fn process_into_reuses_buffer_without_merging_across_requests() {
     assert_eq!(got, vec![fill(2, 1, 100, 3), fill(2, 1, 100, 3)]);
     assert_eq!(
         engine.position(AccountId(2)),
-        Position {
+        AccountPosition {
             position_qty: 6,
             cash: -600
         }

@@ -3,7 +3,7 @@
 //! from the store, the record layouts, and bad records that must not panic the engine.
 
 use matchbook::app::{parse_response, status, Matchbook, WireRequest, POSITIONS};
-use matchbook::book::{Engine, PlacedOrder, Side, Symbol};
+use matchbook::book::{MatchingEngine, PlacedOrder, Side, Symbol};
 use matchbook::units::*;
 use proptest::prelude::*;
 use understudy_runtime::engine::{execute_local_ops, InputMeta};
@@ -55,7 +55,7 @@ impl Node {
     }
 }
 
-fn placed(engine: &Engine, symbol: u32) -> Vec<PlacedOrder> {
+fn placed(engine: &MatchingEngine, symbol: u32) -> Vec<PlacedOrder> {
     engine
         .book(Symbol(symbol))
         .map(|b| b.placed_orders().copied().collect())
