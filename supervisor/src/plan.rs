@@ -163,8 +163,11 @@ impl fmt::Display for Version {
 }
 
 /// An engine's role in the cluster.
+///
+/// (Named `PlannedRole`, not `Role`: `understudy_runtime::control::Role` is the word an engine
+/// publishes; this is the plan's model of it, without "no engine".)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
+pub enum PlannedRole {
     /// Does the work and streams its run state.
     Active,
     /// A hot standby: attached to the active and caught up, able to step up.
@@ -174,30 +177,33 @@ pub enum Role {
     OutOfService,
 }
 
-impl fmt::Display for Role {
+impl fmt::Display for PlannedRole {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Role::Active => "active",
-            Role::Standby => "standby",
-            Role::OutOfService => "out of service",
+            PlannedRole::Active => "active",
+            PlannedRole::Standby => "standby",
+            PlannedRole::OutOfService => "out of service",
         })
     }
 }
 
 /// The plan's model of one running engine.
+///
+/// (Named `PlannedEngine`, not `Engine`: `understudy_runtime::engine::Engine` is the engine
+/// process itself.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Engine {
+pub struct PlannedEngine {
     /// The binary it runs.
     pub version: Version,
     /// Its role.
-    pub role: Role,
+    pub role: PlannedRole,
     /// Whether the new version's features are enabled on it.
     pub features_enabled: bool,
 }
 
-impl Engine {
+impl PlannedEngine {
     /// An engine of `version` in `role`, new features disabled.
-    pub fn new(version: Version, role: Role) -> Self {
+    pub fn new(version: Version, role: PlannedRole) -> Self {
         Self {
             version,
             role,
@@ -209,12 +215,12 @@ impl Engine {
 /// The plan's model of the cluster: what runs in each slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cluster {
-    slots: [Option<Engine>; 3],
+    slots: [Option<PlannedEngine>; 3],
 }
 
 impl Cluster {
     /// A cluster of these engines (a slot named twice holds the last one).
-    pub fn new(engines: impl IntoIterator<Item = (Slot, Engine)>) -> Self {
+    pub fn new(engines: impl IntoIterator<Item = (Slot, PlannedEngine)>) -> Self {
         let mut slots = [None; 3];
         for (slot, engine) in engines {
             slots[slot.index()] = Some(engine);
@@ -223,16 +229,16 @@ impl Cluster {
     }
 
     /// The engine in `slot`, if one runs there.
-    pub fn engine(&self, slot: Slot) -> Option<&Engine> {
+    pub fn engine(&self, slot: Slot) -> Option<&PlannedEngine> {
         self.slots[slot.index()].as_ref()
     }
 
-    fn engine_mut(&mut self, slot: Slot) -> Option<&mut Engine> {
+    fn engine_mut(&mut self, slot: Slot) -> Option<&mut PlannedEngine> {
         self.slots[slot.index()].as_mut()
     }
 
     /// Every running engine with its slot.
-    pub fn engines(&self) -> impl Iterator<Item = (Slot, &Engine)> + '_ {
+    pub fn engines(&self) -> impl Iterator<Item = (Slot, &PlannedEngine)> + '_ {
         Slot::ALL
             .into_iter()
             .filter_map(|slot| self.engine(slot).map(|e| (slot, e)))
@@ -240,27 +246,27 @@ impl Cluster {
 
     /// The slot of the active engine (the first, if a broken model had two).
     pub fn active(&self) -> Option<Slot> {
-        self.slots_with(|e| e.role == Role::Active).next()
+        self.slots_with(|e| e.role == PlannedRole::Active).next()
     }
 
     /// How many engines are active; the plan keeps this at one except in an outage.
     pub fn active_count(&self) -> usize {
-        self.slots_with(|e| e.role == Role::Active).count()
+        self.slots_with(|e| e.role == PlannedRole::Active).count()
     }
 
     /// The slots of the hot standbys.
     pub fn standbys(&self) -> impl Iterator<Item = Slot> + '_ {
-        self.slots_with(|e| e.role == Role::Standby)
+        self.slots_with(|e| e.role == PlannedRole::Standby)
     }
 
     fn slots_with<'a>(
         &'a self,
-        pred: impl Fn(&Engine) -> bool + 'a,
+        pred: impl Fn(&PlannedEngine) -> bool + 'a,
     ) -> impl Iterator<Item = Slot> + 'a {
         self.engines().filter(move |(_, e)| pred(e)).map(|(s, _)| s)
     }
 
-    fn find(&self, version: Version, role: Role) -> Option<Slot> {
+    fn find(&self, version: Version, role: PlannedRole) -> Option<Slot> {
         self.slots_with(|e| e.version == version && e.role == role)
             .next()
     }
@@ -274,9 +280,9 @@ impl Cluster {
         for (slot, engine) in Slot::ALL.into_iter().zip(self.slots.iter_mut()) {
             if let Some(engine) = engine {
                 if slot == new_active {
-                    engine.role = Role::Active;
-                } else if engine.role == Role::Standby {
-                    engine.role = Role::OutOfService;
+                    engine.role = PlannedRole::Active;
+                } else if engine.role == PlannedRole::Standby {
+                    engine.role = PlannedRole::OutOfService;
                 }
             }
         }
@@ -868,8 +874,8 @@ impl UpgradePlan {
             return Err(PlanError::SameSlot { slot: spec.active });
         }
         let mut slots = [None; 3];
-        slots[spec.active.index()] = Some(Engine::new(Version::Old, Role::Active));
-        slots[spec.standby.index()] = Some(Engine::new(Version::Old, Role::Standby));
+        slots[spec.active.index()] = Some(PlannedEngine::new(Version::Old, PlannedRole::Active));
+        slots[spec.standby.index()] = Some(PlannedEngine::new(Version::Old, PlannedRole::Standby));
         let script = Self::script(&spec);
         Ok(Self {
             spec,
@@ -1024,8 +1030,8 @@ impl UpgradePlan {
     ///     plan.on_event(Event::Done { id: planned.id }).unwrap();
     /// };
     /// let now = Cluster::new([
-    ///     (Slot::A, Engine::new(Version::Old, Role::Standby)),
-    ///     (Slot::B, Engine::new(Version::New, Role::Active)),
+    ///     (Slot::A, PlannedEngine::new(Version::Old, PlannedRole::Standby)),
+    ///     (Slot::B, PlannedEngine::new(Version::New, PlannedRole::Active)),
     /// ]);
     /// let spec = UpgradeSpec::new("/opt/v1", "/opt/v2");
     /// let mut resumed = UpgradePlan::resume(spec, &checkpoint, now, "the supervisor restarted").unwrap();
@@ -1053,7 +1059,9 @@ impl UpgradePlan {
         }
         if cluster.active_count() > 1 {
             return Err(PlanError::TwoActives {
-                slots: cluster.slots_with(|e| e.role == Role::Active).collect(),
+                slots: cluster
+                    .slots_with(|e| e.role == PlannedRole::Active)
+                    .collect(),
             });
         }
         let active_new = cluster.active().and_then(|s| cluster.version(s)) == Some(Version::New);
@@ -1205,7 +1213,9 @@ impl UpgradePlan {
         };
         let cluster = &self.cluster;
         let active = cluster.active().expect("an outage ends the plan at once");
-        let out_of_service = cluster.slots_with(|e| e.role == Role::OutOfService).next();
+        let out_of_service = cluster
+            .slots_with(|e| e.role == PlannedRole::OutOfService)
+            .next();
         if kind == Recovery::Settle {
             return match out_of_service {
                 Some(slot) => Decision::Act(Action::Stop { slot }),
@@ -1214,14 +1224,14 @@ impl UpgradePlan {
         }
 
         // Restore the old version: an old active, one old hot standby, nothing else.
-        let old_standby = cluster.find(Version::Old, Role::Standby);
-        let old_idle = cluster.find(Version::Old, Role::OutOfService);
+        let old_standby = cluster.find(Version::Old, PlannedRole::Standby);
+        let old_idle = cluster.find(Version::Old, PlannedRole::OutOfService);
         let free = self
             .allowed_slots()
             .into_iter()
             .find(|&s| cluster.engine(s).is_none());
         // Make room by stopping an engine that cannot serve, else a new-version standby.
-        let victim = out_of_service.or_else(|| cluster.find(Version::New, Role::Standby));
+        let victim = out_of_service.or_else(|| cluster.find(Version::New, PlannedRole::Standby));
         let start_old = |slot| {
             if self.recovery_starts >= RECOVERY_STARTS_MAX {
                 Decision::Finish(Outcome::RollbackFailed {
@@ -1358,20 +1368,21 @@ impl UpgradePlan {
             }
             Action::Start { slot, version, .. } => {
                 assert!(cluster.engine(slot).is_none(), "start in a free slot");
-                cluster.slots[slot.index()] = Some(Engine::new(version, Role::OutOfService));
+                cluster.slots[slot.index()] =
+                    Some(PlannedEngine::new(version, PlannedRole::OutOfService));
             }
             Action::Attach { standby, .. } => {
                 cluster
                     .engine_mut(standby)
                     .expect("attach a running engine")
-                    .role = Role::Standby;
+                    .role = PlannedRole::Standby;
             }
             Action::Switchover { from, to } => {
                 cluster.make_active(to);
                 cluster
                     .engine_mut(from)
                     .expect("switch from a running engine")
-                    .role = Role::Standby;
+                    .role = PlannedRole::Standby;
             }
             Action::Accept { .. } => {}
             Action::EnableFeatures { active, standby } => {
@@ -1432,7 +1443,7 @@ impl UpgradePlan {
     fn check_successor(
         &self,
         slot: Slot,
-        role: Role,
+        role: PlannedRole,
         reported: Option<Slot>,
     ) -> Result<(), EventError> {
         let bad = |expected: String| EventError::BadSuccessor {
@@ -1440,10 +1451,10 @@ impl UpgradePlan {
             active: reported,
             expected,
         };
-        if role == Role::Active {
+        if role == PlannedRole::Active {
             if let Some(successor) = reported {
                 if successor == slot
-                    || self.cluster.engine(successor).map(|e| e.role) != Some(Role::Standby)
+                    || self.cluster.engine(successor).map(|e| e.role) != Some(PlannedRole::Standby)
                 {
                     return Err(bad("a hot standby, or none".to_owned()));
                 }
@@ -1491,7 +1502,7 @@ impl UpgradePlan {
 
         // Apply the death to the model.
         self.cluster.slots[slot.index()] = None;
-        if let (Role::Active, Some(successor)) = (dead.role, reported) {
+        if let (PlannedRole::Active, Some(successor)) = (dead.role, reported) {
             self.cluster.make_active(successor);
         }
         let what = format!("engine {slot} ({}, {}) died", dead.version, dead.role);
@@ -1502,7 +1513,7 @@ impl UpgradePlan {
 
         // The supervisor cancels an action that involves the dead engine, or the engine that
         // just stepped up (it may not be stopped, attached or switched as a standby now).
-        let successor = reported.filter(|_| dead.role == Role::Active);
+        let successor = reported.filter(|_| dead.role == PlannedRole::Active);
         let involved = self.in_flight.as_ref().is_some_and(|f| {
             f.planned.action.involves(slot)
                 || successor.is_some_and(|s| f.planned.action.involves(s))
@@ -1533,7 +1544,7 @@ impl UpgradePlan {
             }
             _ => {}
         }
-        if dead.version == Version::Old && dead.role != Role::Active && !involved {
+        if dead.version == Version::Old && dead.role != PlannedRole::Active && !involved {
             // An old engine that was going to be retired: carry on.
             return Ok(());
         }

@@ -43,7 +43,9 @@ use understudy_control::control::realtime_ns;
 use understudy_control::liveness::ProcessIdentity;
 
 use crate::config::TimeoutsConfig;
-use crate::plan::{Checkpoint, Cluster, Engine, Role, Slot, UpgradePlan, UpgradeSpec, Version};
+use crate::plan::{
+    Checkpoint, Cluster, PlannedEngine, PlannedRole, Slot, UpgradePlan, UpgradeSpec, Version,
+};
 
 /// The record's file name inside the cluster directory.
 pub const RECORD_FILE: &str = "upgrade.json";
@@ -323,7 +325,10 @@ impl UpgradeRecord {
             }
         }
         // The checkpoint must fit a plan of this shape: resume one on a minimal cluster.
-        let cluster = Cluster::new([(self.active, Engine::new(Version::Old, Role::Active))]);
+        let cluster = Cluster::new([(
+            self.active,
+            PlannedEngine::new(Version::Old, PlannedRole::Active),
+        )]);
         UpgradePlan::resume(
             self.spec(TimeoutsConfig::default()),
             &self.checkpoint,

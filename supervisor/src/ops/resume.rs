@@ -16,7 +16,7 @@ use understudy_control::control::{slot_name, Field, Pending, SlotCommand, SLOTS}
 use super::upgrade::{UpgradeRun, UPGRADE_STARTING};
 use super::{plan_slot, slot_of, Operation, Stepped};
 use crate::cluster::ClusterOps;
-use crate::plan::{self, Action, Engine, Recovery, Role as PlanRole, UpgradePlan};
+use crate::plan::{self, Action, PlannedEngine, PlannedRole, Recovery, UpgradePlan};
 use crate::proto::{Code, InterruptedUpgrade};
 use crate::record::{self, UpgradeRecord};
 
@@ -152,15 +152,15 @@ impl ResumeOp {
                     )
                 })?;
             let role = if cluster.is_active(slot) {
-                PlanRole::Active
+                PlannedRole::Active
             } else if cluster.is_hot_standby(slot) {
-                PlanRole::Standby
+                PlannedRole::Standby
             } else {
-                PlanRole::OutOfService
+                PlannedRole::OutOfService
             };
             engines.push((
                 at,
-                Engine {
+                PlannedEngine {
                     version,
                     role,
                     features_enabled: cluster.ours(slot)

@@ -61,8 +61,8 @@ fn assert_terminal(plan: &UpgradePlan, accepted: bool) {
     let pair_of = |version| {
         engines.len() == 2
             && engines.iter().all(|(_, e)| e.version == version)
-            && engines.iter().any(|(_, e)| e.role == Role::Active)
-            && engines.iter().any(|(_, e)| e.role == Role::Standby)
+            && engines.iter().any(|(_, e)| e.role == PlannedRole::Active)
+            && engines.iter().any(|(_, e)| e.role == PlannedRole::Standby)
     };
     match outcome {
         Outcome::Completed => {
@@ -73,7 +73,9 @@ fn assert_terminal(plan: &UpgradePlan, accepted: bool) {
         Outcome::RolledBack { .. } => assert!(pair_of(Version::Old), "{engines:?}"),
         Outcome::Aborted { .. } => {
             assert!(
-                engines.iter().all(|(_, e)| e.role != Role::OutOfService),
+                engines
+                    .iter()
+                    .all(|(_, e)| e.role != PlannedRole::OutOfService),
                 "{engines:?}"
             );
             if !accepted {
@@ -348,7 +350,9 @@ fn death(plan: &UpgradePlan, in_flight: &Planned, version: Version) -> Option<Ev
     let successor = if slot == active {
         // Prefer the switchover target, as the runtime would hand over to it.
         match in_flight.action {
-            Action::Switchover { to, .. } if cluster.engine(to).unwrap().role == Role::Standby => {
+            Action::Switchover { to, .. }
+                if cluster.engine(to).unwrap().role == PlannedRole::Standby =>
+            {
                 Some(to)
             }
             _ => cluster.standbys().next(),
@@ -738,14 +742,23 @@ fn a_resume_that_does_not_fit_is_refused_and_one_without_active_is_an_outage() {
         PlanError::RecoveryWithoutReason
     );
     let two = Cluster::new([
-        (Slot::A, Engine::new(Version::Old, Role::Active)),
-        (Slot::B, Engine::new(Version::New, Role::Active)),
+        (
+            Slot::A,
+            PlannedEngine::new(Version::Old, PlannedRole::Active),
+        ),
+        (
+            Slot::B,
+            PlannedEngine::new(Version::New, PlannedRole::Active),
+        ),
     ]);
     assert!(resume(spec(false, false), &checkpoint, two)
         .unwrap_err()
         .to_string()
         .contains("found engines a and b active"));
-    let none = Cluster::new([(Slot::A, Engine::new(Version::New, Role::Standby))]);
+    let none = Cluster::new([(
+        Slot::A,
+        PlannedEngine::new(Version::New, PlannedRole::Standby),
+    )]);
     let mut plan = resume(spec(false, false), &checkpoint, none).unwrap();
     assert!(
         matches!(plan.next_action(), Next::Finished(Outcome::Outage { ref reason }) if reason.contains(RESTARTED)),
