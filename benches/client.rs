@@ -40,7 +40,7 @@ mod common;
 
 use common::{fmt_ns, median, quantile, row, TABLE_HEAD};
 use criterion::Criterion;
-use shm_layout::region::{Identity, Region, RegionMemory, RegionSpec};
+use shm_layout::region::{IdentityWords, Region, RegionMemory, RegionSpec};
 use shm_layout::ring::{BatchBuf, Consumer, Producer, PushError};
 use std::fs::File;
 use std::hint::spin_loop;
@@ -109,9 +109,9 @@ fn pin_from_env() {
     set_affinity(cpu);
 }
 
-fn identity() -> Identity {
+fn identity() -> IdentityWords {
     let me = ProcessIdentity::current().expect("read /proc/self/stat");
-    Identity {
+    IdentityWords {
         pid: me.pid as u64,
         start_time: me.start_time_ticks,
     }

@@ -50,7 +50,7 @@ mod common;
 
 use common::{fmt_ns, median, quantile, row, write_section, TABLE_HEAD};
 use criterion::{Criterion, Throughput};
-use shm_layout::region::{ensure_private_dir, Identity, Region, RegionMemory, RegionSpec};
+use shm_layout::region::{ensure_private_dir, IdentityWords, Region, RegionMemory, RegionSpec};
 use shm_layout::ring::{BatchBuf, Consumer, Integrity, Producer};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -204,7 +204,7 @@ impl Drop for ShmDir {
 /// A ring over a /dev/shm region of the engine's default stream capacity.
 fn ring(dir: &ShmDir, name: &str) -> (Region, Producer<RegionMemory>, Consumer<RegionMemory>) {
     let capacity = Options::new(&dir.0, 0).ring_capacity;
-    let me = Identity {
+    let me = IdentityWords {
         pid: std::process::id() as u64,
         start_time: 0,
     };

@@ -33,7 +33,7 @@
 const HARNESS_MARKER: &str = "<!-- shared-harness section: kept by benches/ring.rs -->";
 
 use criterion::{BenchmarkGroup, Criterion, Throughput};
-use shm_layout::region::{ensure_private_dir, Identity, Region, RegionMemory, RegionSpec};
+use shm_layout::region::{ensure_private_dir, IdentityWords, Region, RegionMemory, RegionSpec};
 use shm_layout::ring::{BatchBuf, Consumer, Integrity, Producer, PushError};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -144,7 +144,7 @@ fn pin_to_cpu(cpu: usize) {
 }
 
 /// This process's identity: pid and start time (field 22 of /proc/self/stat).
-fn own_identity() -> Identity {
+fn own_identity() -> IdentityWords {
     let start_time = std::fs::read_to_string("/proc/self/stat")
         .ok()
         .and_then(|s| {
@@ -152,7 +152,7 @@ fn own_identity() -> Identity {
             after.split_whitespace().nth(19)?.parse().ok()
         })
         .unwrap_or(0);
-    Identity {
+    IdentityWords {
         pid: std::process::id() as u64,
         start_time,
     }

@@ -74,7 +74,7 @@ use crate::control::{ClusterState, Control, Field, Role, MAX_CLIENTS};
 use crate::engine::{Input, InputMeta, SourcePosition};
 use crate::liveness::{Liveness, ProcessIdentity};
 use crate::store::Store;
-use shm_layout::region::{Identity, Region, RegionMemory, RegionSpec};
+use shm_layout::region::{IdentityWords, Region, RegionMemory, RegionSpec};
 use shm_layout::ring::{BatchBuf, Consumer, Producer, PushError};
 use shm_layout::Ordering;
 use std::collections::VecDeque;
@@ -335,7 +335,7 @@ impl Client {
         }
         let me = ProcessIdentity::current()
             .map_err(|e| ClientError::Setup(format!("cannot read this process's identity: {e}")))?;
-        let ident = Identity {
+        let ident = IdentityWords {
             pid: me.pid as u64,
             start_time: me.start_time_ticks,
         };

@@ -11,7 +11,7 @@
 //!
 //! The count is per thread: another test thread allocating does not disturb it.
 
-use shm_layout::region::{ensure_private_dir, Identity, Region, RegionSpec};
+use shm_layout::region::{ensure_private_dir, IdentityWords, Region, RegionSpec};
 use shm_layout::ring::{BatchBuf, Frame, Integrity};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -91,7 +91,7 @@ fn transactions_allocate_nothing(read: Read, integrity: Integrity) {
         std::process::id()
     )));
     ensure_private_dir(&dir.0).expect("shm dir");
-    let me = Identity {
+    let me = IdentityWords {
         pid: std::process::id() as u64,
         start_time: 0,
     };

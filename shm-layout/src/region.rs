@@ -71,10 +71,14 @@ const W_USER: usize = 14;
 /// Words of the superblock (the rest of its page is zero and unused).
 pub const SUPERBLOCK_WORDS: usize = 16;
 
-/// A process's identity: pid and start time (clock ticks since boot, `/proc/<pid>/stat` field
-/// 22), so that a reused pid is never mistaken for the same process.
+/// A process's identity as a region stores it, two words: pid and start time (clock ticks since
+/// boot, `/proc/<pid>/stat` field 22), so that a reused pid is never mistaken for the same
+/// process.
+///
+/// (Named `IdentityWords`, not `Identity`: the identity itself, with its 32-bit pid and its
+/// liveness checks, is the runtime's `liveness::ProcessIdentity`; this layer only stores it.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Identity {
+pub struct IdentityWords {
     /// Process id.
     pub pid: u64,
     /// Start time in clock ticks since boot.
@@ -292,7 +296,7 @@ impl Region {
     pub fn create(
         path: &Path,
         spec: RegionSpec,
-        producer: Identity,
+        producer: IdentityWords,
     ) -> Result<Region, RegionError> {
         if !spec.capacity.is_power_of_two()
             || spec.capacity < MIN_CAPACITY
@@ -579,19 +583,19 @@ impl Region {
         (v as u16, (v >> 16) as u16)
     }
 
-    fn identity(&self, w: usize) -> Option<Identity> {
+    fn identity(&self, w: usize) -> Option<IdentityWords> {
         // SYNC POINT: identity published (Acquire side; Release is in `set_identity`).
         let pid = self.sb.word(w).load(Ordering::Acquire);
         if pid == 0 {
             return None;
         }
-        Some(Identity {
+        Some(IdentityWords {
             pid,
             start_time: self.sb.word(w + 1).load(Ordering::Relaxed),
         })
     }
 
-    fn set_identity(&self, w: usize, id: Identity) {
+    fn set_identity(&self, w: usize, id: IdentityWords) {
         self.sb.word(w).store(0, Ordering::Relaxed);
         self.sb.word(w + 1).store(id.start_time, Ordering::Relaxed);
         // SYNC POINT: identity published (Release side).
@@ -599,22 +603,22 @@ impl Region {
     }
 
     /// The producer's identity.
-    pub fn producer_identity(&self) -> Option<Identity> {
+    pub fn producer_identity(&self) -> Option<IdentityWords> {
         self.identity(W_PRODUCER)
     }
 
     /// The consumer's identity, once one attached.
-    pub fn consumer_identity(&self) -> Option<Identity> {
+    pub fn consumer_identity(&self) -> Option<IdentityWords> {
         self.identity(W_CONSUMER)
     }
 
     /// Record a (new) producer.
-    pub fn set_producer_identity(&self, id: Identity) {
+    pub fn set_producer_identity(&self, id: IdentityWords) {
         self.set_identity(W_PRODUCER, id)
     }
 
     /// Record a (new) consumer.
-    pub fn set_consumer_identity(&self, id: Identity) {
+    pub fn set_consumer_identity(&self, id: IdentityWords) {
         self.set_identity(W_CONSUMER, id)
     }
 

@@ -2,7 +2,7 @@
 //! futex word): a consumer in `Wait::Futex` falls asleep whenever the producer pauses, and
 //! still receives every record, in order, whatever the moment of each commit relative to its
 //! sleeps — the first ones included, made before any producer has acknowledged `MAY_SLEEP`.
-use shm_layout::region::{ensure_private_dir, Identity, Region, RegionSpec};
+use shm_layout::region::{ensure_private_dir, IdentityWords, Region, RegionSpec};
 use shm_layout::ring::{BatchBuf, Wait};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,7 +21,7 @@ fn futex_waiting_consumer_receives_every_record_across_producer_pauses() {
         std::process::id()
     )));
     ensure_private_dir(&dir.0).unwrap();
-    let me = Identity {
+    let me = IdentityWords {
         pid: std::process::id() as u64,
         start_time: 0,
     };

@@ -31,7 +31,7 @@ use shm_layout::frame::{
 use shm_layout::memory::{HeapMemory, WordMemory};
 use shm_layout::record::{decode, Record, RecordError};
 use shm_layout::region::{
-    file_bytes, Identity, Region, RegionError, RegionSpec, LAYOUT_MAJOR, MAGIC, READY,
+    file_bytes, IdentityWords, Region, RegionError, RegionSpec, LAYOUT_MAJOR, MAGIC, READY,
     SUPERBLOCK_WORDS,
 };
 use shm_layout::ring::{
@@ -1229,7 +1229,7 @@ fn hostile_region_files_are_refused_by_name() {
             epoch: i as u64,
             kind: 1,
         };
-        let created = Region::create(&path, spec, Identity::default()).unwrap();
+        let created = Region::create(&path, spec, IdentityWords::default()).unwrap();
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         let mut w = valid_superblock(spec.capacity as u64, uid);
         w[4] = created.region_id() as u64;
@@ -1367,7 +1367,7 @@ fn a_hostile_client_process_stops_only_its_own_ring() {
     use std::process::{Command, Stdio};
     use std::time::Instant;
     let dir = TestDir::new("hostile-client");
-    let me = Identity {
+    let me = IdentityWords {
         pid: std::process::id() as u64,
         start_time: 0,
     };

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{Rng, TestDir};
-use shm_layout::region::{Identity, Region, RegionSpec};
+use shm_layout::region::{IdentityWords, Region, RegionSpec};
 use shm_layout::ring::{BatchBuf, Consumer, PushError};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, Stdio};
@@ -54,7 +54,7 @@ fn child_writer() {
     // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     let region = Region::open(path.as_ref(), WAIT_MAX).expect("child: open the region");
-    region.set_producer_identity(Identity {
+    region.set_producer_identity(IdentityWords {
         pid: u64::from(std::process::id()),
         start_time: 0,
     });
@@ -229,7 +229,7 @@ fn sigkill_leaves_a_gap_free_prefix_of_whole_batches() {
                 epoch: round as u64,
                 kind: 0x6b69,
             },
-            Identity::default(),
+            IdentityWords::default(),
         )
         .unwrap();
         let consumer = region.consumer().unwrap();

@@ -6,7 +6,8 @@ mod common;
 
 use common::TestDir;
 use shm_layout::region::{
-    file_bytes, Identity, Region, RegionError, RegionSpec, HEADER_BYTES, LAYOUT_MAJOR, MAGIC, READY,
+    file_bytes, IdentityWords, Region, RegionError, RegionSpec, HEADER_BYTES, LAYOUT_MAJOR, MAGIC,
+    READY,
 };
 use shm_layout::ring::{CONTROL_BYTES, MIN_CAPACITY};
 use std::fs::OpenOptions;
@@ -34,8 +35,8 @@ fn spec() -> RegionSpec {
     }
 }
 
-fn producer() -> Identity {
-    Identity {
+fn producer() -> IdentityWords {
+    IdentityWords {
         pid: 4242,
         start_time: 987_654,
     }
@@ -135,7 +136,7 @@ fn open_sees_what_create_published() {
     assert_eq!(opened.closed(), None);
 
     // Both mappings are the same memory: a write through one is seen through the other.
-    let consumer = Identity {
+    let consumer = IdentityWords {
         pid: 77,
         start_time: 5,
     };
@@ -539,7 +540,7 @@ fn create_twice_fails_and_leaves_the_first_intact() {
             epoch: 1,
             kind: 1,
         },
-        Identity::default(),
+        IdentityWords::default(),
     );
     match again {
         Err(RegionError::Io { op, source, .. }) => {

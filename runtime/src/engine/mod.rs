@@ -33,7 +33,7 @@ use crate::liveness::{self, LockError, LockWord, ProcessIdentity, TryLockOutcome
 use crate::protocol::{self, rt, CommitBlock, FeaturesBlock, HeartbeatBlock, Hello, Position};
 use crate::store::{Op, Spare, Store};
 use shm_layout::record::{decode, TemplateInfo};
-use shm_layout::region::{Identity, Region, RegionMemory, RegionSpec};
+use shm_layout::region::{IdentityWords, Region, RegionMemory, RegionSpec};
 use shm_layout::ring::{BatchBuf, Consumer, Frame, Producer, PushError};
 use std::fmt;
 use std::path::PathBuf;
@@ -152,7 +152,7 @@ pub struct Engine<A: Application, I: Input> {
     opt: Options,
     control: Control,
     store: Store,
-    me: Identity,
+    me: IdentityWords,
     hello_base: Hello,
     templates: Vec<TemplateInfo>,
     features: Vec<Feature>,
@@ -209,8 +209,8 @@ pub struct Engine<A: Application, I: Input> {
     next_timer: timers::NextTimer,
 }
 
-fn identity_of(p: &ProcessIdentity) -> Identity {
-    Identity {
+fn identity_of(p: &ProcessIdentity) -> IdentityWords {
+    IdentityWords {
         pid: p.pid as u64,
         start_time: p.start_time_ticks,
     }
