@@ -359,116 +359,66 @@ impl Application for TestApp {
         }
     }
     fn handle(&mut self, tx: &mut Tx<'_>, req: &[u8]) -> Result<(), Refused> {
-        if req.len() >= 10 && req[..8] == FAULT[..] {
-            let (kind, on_standby, token) = (req[8], req[9] == 1, &req[10..]);
-            if on_standby {
-                // The standby's apply hook fires it (once: the token).
-                tx.put(FAULT_TABLE, b"fault", &req[8..]);
-                tx.respond(FAULT_FIRED);
-            } else if fire_once(kind, token, "request handler") {
-                tx.respond(FAULT_FIRED);
-            } else {
-                tx.respond(FAULT_SPENT);
-            }
-            return Ok(());
+        // Each request kind is told apart by its 8-byte prefix (and length); the rest are the
+        // numbered requests of the unit workload.
+        let prefix = req.get(..8).unwrap_or(&[]);
+        if req.len() >= 10 && prefix == FAULT {
+            fault(tx, req);
+        } else if req.len() == 16 && prefix == LEDGER {
+            ledger(tx, &req[8..16]);
+        } else if req.len() == 16 && (prefix == COUNTER || prefix == COUNTER_READ) {
+            counter(tx, &req[8..16], prefix == COUNTER_READ);
+        } else if req.len() == 16 && prefix == BIG_WRITE {
+            big_write(
+                tx,
+                u64::from_le_bytes(req[8..16].try_into().unwrap_or([0; 8])) as usize,
+            );
+        } else if req.len() == 24 && prefix == TIMER_ARM {
+            arm_timers(tx, &req[8..24]);
+        } else if req == TIMER_STATS {
+            timer_stats(tx);
+        } else if req == STATS {
+            ledger_stats(tx);
+        } else {
+            return self.numbered(tx, req);
         }
-        if req.len() == 16 && req[..8] == LEDGER[..] {
-            // Ledger request: count how many times request k was applied (must be once).
-            let k = &req[8..16];
-            let n = tx.get(LEDGER_TABLE, k).map_or(0, |v| {
-                u64::from_le_bytes(v[..8].try_into().unwrap_or([0; 8]))
-            }) + 1;
-            tx.put(LEDGER_TABLE, k, &n.to_le_bytes());
-            tx.respond(&n.to_le_bytes());
-            return Ok(());
-        }
-        if req.len() == 16 && (req[..8] == COUNTER[..] || req[..8] == COUNTER_READ[..]) {
-            // Per-source counter: how many requests of tag t were applied. Each client's
-            // requests are applied in order, so its n-th answer must say n: a lost or doubly
-            // applied request shows at once, with a state that stays small however long the
-            // test runs.
-            let tag = &req[8..16];
-            let n = tx.get(COUNTER_TABLE, tag).map_or(0, |v| {
-                u64::from_le_bytes(v[..8].try_into().unwrap_or([0; 8]))
-            });
-            if req[..8] == COUNTER_READ[..] {
-                tx.respond(&n.to_le_bytes());
-            } else {
-                tx.put(COUNTER_TABLE, tag, &(n + 1).to_le_bytes());
-                tx.respond(&(n + 1).to_le_bytes());
+        Ok(())
+    }
+    fn on_timer(
+        &mut self,
+        tx: &mut Tx<'_>,
+        timer: &understudy_runtime::Timer,
+    ) -> Result<(), Refused> {
+        // Count the firing, with the clock of the first one (the check that none fires early).
+        let key = timer.tag.to_le_bytes();
+        let (n, first) = tx.get(TIMER_FIRED, &key).map_or((0, tx.now_ns()), |v| {
+            let w = |i: usize| u64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+            (w(0), w(1))
+        });
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&(n + 1).to_le_bytes());
+        v[8..].copy_from_slice(&first.to_le_bytes());
+        tx.put(TIMER_FIRED, &key, &v);
+        Ok(())
+    }
+    fn on_apply(
+        &mut self,
+        op: &understudy_runtime::store::Op,
+        _before: understudy_runtime::store::Before<'_>,
+        _store: &Store,
+    ) {
+        if let understudy_runtime::store::Op::Put { table, value, .. } = op {
+            if *table == FAULT_TABLE && value.len() >= 2 {
+                fire_once(value[0], &value[2..], "apply hook");
             }
-            return Ok(());
         }
-        if req.len() == 16 && req[..8] == BIG_WRITE[..] {
-            let n = u64::from_le_bytes(req[8..16].try_into().unwrap_or([0; 8])) as usize;
-            let chunk = vec![0x5a; BIG_RECORD];
-            let mut i = 0u64;
-            let mut written = 0usize;
-            while written < n {
-                let len = BIG_RECORD.min(n - written);
-                tx.put(BIG_TABLE, &i.to_le_bytes(), &chunk[..len]);
-                written += len;
-                i += 1;
-            }
-            tx.respond(b"ok");
-            let (len, limit) = (tx.encoded_len() as u64, tx.limit() as u64);
-            tx.respond(&len.to_le_bytes());
-            tx.respond(&limit.to_le_bytes());
-            return Ok(());
-        }
-        if req.len() == 24 && req[..8] == TIMER_ARM[..] {
-            let count = u32::from_le_bytes(req[8..12].try_into().unwrap_or([0; 4])) as u64;
-            let spread_ns =
-                u32::from_le_bytes(req[12..16].try_into().unwrap_or([0; 4])) as u64 * 1_000_000;
-            let first = u64::from_le_bytes(req[16..24].try_into().unwrap_or([0; 8]));
-            let now = tx.now_ns();
-            for i in 0..count {
-                let deadline = now + (i + 1) * spread_ns / count.max(1);
-                let tag = first + i;
-                tx.arm_timer(deadline, tag, tag);
-                tx.put(TIMER_ARMED, &tag.to_le_bytes(), &deadline.to_le_bytes());
-            }
-            tx.respond(&count.to_le_bytes());
-            return Ok(());
-        }
-        if req == TIMER_STATS {
-            let now = tx.now_ns();
-            let word = |v: &[u8], i: usize| {
-                u64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
-            };
-            let (mut armed, mut fired, mut firings, mut early, mut twice, mut overdue) =
-                (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
-            let mut late_max = 0u64;
-            for (tag, d) in tx.store().table(TIMER_ARMED) {
-                armed += 1;
-                let deadline = word(d, 0);
-                match tx.store().get(TIMER_FIRED, tag) {
-                    Some(f) => {
-                        fired += 1;
-                        firings += word(f, 0);
-                        early += (word(f, 1) < deadline) as u64;
-                        twice += (word(f, 0) > 1) as u64;
-                        late_max = late_max.max(word(f, 1).saturating_sub(deadline));
-                    }
-                    None => overdue += (deadline < now) as u64,
-                }
-            }
-            for w in [armed, fired, firings, early, twice, overdue, late_max] {
-                tx.respond(&w.to_le_bytes());
-            }
-            return Ok(());
-        }
-        if req == STATS {
-            // Ledger statistics: keys and the sum of their counts.
-            let (mut keys, mut sum) = (0u64, 0u64);
-            for (_, v) in tx.store().table(LEDGER_TABLE) {
-                keys += 1;
-                sum += u64::from_le_bytes(v[..8].try_into().unwrap_or([0; 8]));
-            }
-            tx.respond(&keys.to_le_bytes());
-            tx.respond(&sum.to_le_bytes());
-            return Ok(());
-        }
+    }
+}
+
+impl TestApp {
+    /// Request `k` (8 bytes, then an optional `1` for the v2-only tagged form): registers unit
+    /// `k`, updates unit `k - 3`, retires unit `k - 7` (unless `keep`), and touches table 1.
+    fn numbered(&mut self, tx: &mut Tx<'_>, req: &[u8]) -> Result<(), Refused> {
         if req.len() < 8 {
             return Err(Refused(b"short request".to_vec()));
         }
@@ -510,35 +460,118 @@ impl Application for TestApp {
         tx.respond(&(k * 2).to_le_bytes());
         Ok(())
     }
-    fn on_timer(
-        &mut self,
-        tx: &mut Tx<'_>,
-        timer: &understudy_runtime::Timer,
-    ) -> Result<(), Refused> {
-        // Count the firing, with the clock of the first one (the check that none fires early).
-        let key = timer.tag.to_le_bytes();
-        let (n, first) = tx.get(TIMER_FIRED, &key).map_or((0, tx.now_ns()), |v| {
-            let w = |i: usize| u64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-            (w(0), w(1))
-        });
-        let mut v = [0u8; 16];
-        v[..8].copy_from_slice(&(n + 1).to_le_bytes());
-        v[8..].copy_from_slice(&first.to_le_bytes());
-        tx.put(TIMER_FIRED, &key, &v);
-        Ok(())
+}
+
+/// A fault request (`FAULT`, kind, on-standby flag, token): fired here once per token, or left
+/// in the store for the standby's apply hook to fire.
+fn fault(tx: &mut Tx<'_>, req: &[u8]) {
+    let (kind, on_standby, token) = (req[8], req[9] == 1, &req[10..]);
+    if on_standby {
+        // The standby's apply hook fires it (once: the token).
+        tx.put(FAULT_TABLE, b"fault", &req[8..]);
+        tx.respond(FAULT_FIRED);
+    } else if fire_once(kind, token, "request handler") {
+        tx.respond(FAULT_FIRED);
+    } else {
+        tx.respond(FAULT_SPENT);
     }
-    fn on_apply(
-        &mut self,
-        op: &understudy_runtime::store::Op,
-        _before: understudy_runtime::store::Before<'_>,
-        _store: &Store,
-    ) {
-        if let understudy_runtime::store::Op::Put { table, value, .. } = op {
-            if *table == FAULT_TABLE && value.len() >= 2 {
-                fire_once(value[0], &value[2..], "apply hook");
+}
+
+/// Ledger request: count how many times request `k` was applied (must be once).
+fn ledger(tx: &mut Tx<'_>, k: &[u8]) {
+    let n = tx.get(LEDGER_TABLE, k).map_or(0, |v| {
+        u64::from_le_bytes(v[..8].try_into().unwrap_or([0; 8]))
+    }) + 1;
+    tx.put(LEDGER_TABLE, k, &n.to_le_bytes());
+    tx.respond(&n.to_le_bytes());
+}
+
+/// Per-source counter: how many requests of `tag` were applied. Each client's requests are
+/// applied in order, so its n-th answer must say n: a lost or doubly applied request shows at
+/// once, with a state that stays small however long the test runs.
+fn counter(tx: &mut Tx<'_>, tag: &[u8], read_only: bool) {
+    let n = tx.get(COUNTER_TABLE, tag).map_or(0, |v| {
+        u64::from_le_bytes(v[..8].try_into().unwrap_or([0; 8]))
+    });
+    if read_only {
+        tx.respond(&n.to_le_bytes());
+    } else {
+        tx.put(COUNTER_TABLE, tag, &(n + 1).to_le_bytes());
+        tx.respond(&(n + 1).to_le_bytes());
+    }
+}
+
+/// Writes `n` bytes in records of `BIG_RECORD`; answers "ok", the transaction's encoded
+/// length and its limit.
+fn big_write(tx: &mut Tx<'_>, n: usize) {
+    let chunk = vec![0x5a; BIG_RECORD];
+    let mut i = 0u64;
+    let mut written = 0usize;
+    while written < n {
+        let len = BIG_RECORD.min(n - written);
+        tx.put(BIG_TABLE, &i.to_le_bytes(), &chunk[..len]);
+        written += len;
+        i += 1;
+    }
+    tx.respond(b"ok");
+    let (len, limit) = (tx.encoded_len() as u64, tx.limit() as u64);
+    tx.respond(&len.to_le_bytes());
+    tx.respond(&limit.to_le_bytes());
+}
+
+/// Arms `count` timers (u32) spread evenly over `spread` ms (u32), tagged from `first` (u64),
+/// each recorded with its deadline in `TIMER_ARMED`.
+fn arm_timers(tx: &mut Tx<'_>, args: &[u8]) {
+    let count = u32::from_le_bytes(args[0..4].try_into().unwrap_or([0; 4])) as u64;
+    let spread_ns = u32::from_le_bytes(args[4..8].try_into().unwrap_or([0; 4])) as u64 * 1_000_000;
+    let first = u64::from_le_bytes(args[8..16].try_into().unwrap_or([0; 8]));
+    let now = tx.now_ns();
+    for i in 0..count {
+        let deadline = now + (i + 1) * spread_ns / count.max(1);
+        let tag = first + i;
+        tx.arm_timer(deadline, tag, tag);
+        tx.put(TIMER_ARMED, &tag.to_le_bytes(), &deadline.to_le_bytes());
+    }
+    tx.respond(&count.to_le_bytes());
+}
+
+/// Timer statistics: armed, fired, firings, early, fired twice, overdue, and the latest firing
+/// after its deadline (ns).
+fn timer_stats(tx: &mut Tx<'_>) {
+    let now = tx.now_ns();
+    let word =
+        |v: &[u8], i: usize| u64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+    let (mut armed, mut fired, mut firings, mut early, mut twice, mut overdue) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut late_max = 0u64;
+    for (tag, d) in tx.store().table(TIMER_ARMED) {
+        armed += 1;
+        let deadline = word(d, 0);
+        match tx.store().get(TIMER_FIRED, tag) {
+            Some(f) => {
+                fired += 1;
+                firings += word(f, 0);
+                early += (word(f, 1) < deadline) as u64;
+                twice += (word(f, 0) > 1) as u64;
+                late_max = late_max.max(word(f, 1).saturating_sub(deadline));
             }
+            None => overdue += (deadline < now) as u64,
         }
     }
+    for w in [armed, fired, firings, early, twice, overdue, late_max] {
+        tx.respond(&w.to_le_bytes());
+    }
+}
+
+/// Ledger statistics: keys and the sum of their counts.
+fn ledger_stats(tx: &mut Tx<'_>) {
+    let (mut keys, mut sum) = (0u64, 0u64);
+    for (_, v) in tx.store().table(LEDGER_TABLE) {
+        keys += 1;
+        sum += u64::from_le_bytes(v[..8].try_into().unwrap_or([0; 8]));
+    }
+    tx.respond(&keys.to_le_bytes());
+    tx.respond(&sum.to_le_bytes());
 }
 
 /// The test application's input in client mode: the shared-memory clients, plus the faults
