@@ -341,6 +341,25 @@ impl TryFrom<serde_json::Value> for Request {
     }
 }
 
+/// Takes an optional field out of `fields`: absent or null is `None`; anything else is what
+/// `parse` makes of it, or a [`RequestError::Field`] naming what `parse` expected.
+fn take_optional<T>(
+    fields: &mut serde_json::Map<String, serde_json::Value>,
+    field: &str,
+    parse: impl FnOnce(&serde_json::Value) -> Result<T, String>,
+) -> Result<Option<T>, RequestError> {
+    match fields.remove(field) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(value) => parse(&value)
+            .map(Some)
+            .map_err(|expected| RequestError::Field {
+                field: field.into(),
+                expected,
+                found: shown_value(&value),
+            }),
+    }
+}
+
 impl UpgradeRequest {
     /// Takes the upgrade's fields out of `fields`, checking each one's type and bounds.
     fn from_fields(
@@ -364,85 +383,45 @@ impl UpgradeRequest {
                 ))
             }
         };
-        let accept_for_ms = match fields.remove("accept_for_ms") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(value) => match value.as_u64() {
-                Some(ms) if ms <= ACCEPT_FOR_MS_MAX => Some(ms),
-                _ => {
-                    return Err(bad(
-                        "accept_for_ms",
-                        &format!("a whole number of milliseconds from 0 to {ACCEPT_FOR_MS_MAX} (7 days), or null"),
-                        &value,
-                    ))
-                }
-            },
-        };
-        let accept_cmd = match fields.remove("accept_cmd") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(s)) if !s.trim().is_empty() && !s.contains('\0') => {
-                Some(s)
-            }
-            Some(other) => {
-                return Err(bad(
-                    "accept_cmd",
-                    "a shell command (a non-empty string without NUL), or null",
-                    &other,
-                ))
-            }
-        };
+        let accept_for_ms = take_optional(fields, "accept_for_ms", |value| {
+            value
+                .as_u64()
+                .filter(|&ms| ms <= ACCEPT_FOR_MS_MAX)
+                .ok_or_else(|| {
+                    format!("a whole number of milliseconds from 0 to {ACCEPT_FOR_MS_MAX} (7 days), or null")
+                })
+        })?;
+        let accept_cmd = take_optional(fields, "accept_cmd", |value| match value.as_str() {
+            Some(s) if !s.trim().is_empty() && !s.contains('\0') => Ok(s.to_owned()),
+            _ => Err("a shell command (a non-empty string without NUL), or null".into()),
+        })?;
         // The acceptance bounds this upgrade overrides: the config's bounds, exactly.
-        let max_error_rate = match fields.remove("max_error_rate") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(value) => match value.as_f64().map(crate::config::check_max_error_rate) {
-                Some(Ok(rate)) => Some(rate),
-                Some(Err(expected)) => {
-                    return Err(bad(
-                        "max_error_rate",
-                        &format!("{expected}, or null"),
-                        &value,
-                    ))
-                }
-                None => {
-                    return Err(bad(
-                        "max_error_rate",
-                        "a fraction between 0 and 1 as a number, or null",
-                        &value,
-                    ))
-                }
-            },
-        };
-        let max_latency_us_p99 = match fields.remove("max_latency_us_p99") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(value) => match value.as_u64().map(crate::config::check_max_latency_us_p99) {
-                Some(Ok(us)) => Some(us),
-                _ => {
-                    return Err(bad(
-                        "max_latency_us_p99",
-                        &format!(
-                            "a whole number of µs from 0 to {} (1 hour), or null",
-                            crate::config::LATENCY_US_MAX
-                        ),
-                        &value,
-                    ))
-                }
-            },
-        };
-        let count_refusals = match fields.remove("count_refusals") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::Bool(b)) => Some(b),
-            Some(other) => return Err(bad("count_refusals", "true, false or null", &other)),
-        };
-        let config_toml = match fields.remove("config_toml") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(s)) => Some(s),
-            Some(other) => {
-                return Err(bad(
-                    "config_toml",
-                    "the configuration file's TOML text as a string, or null",
-                    &other,
-                ))
+        let max_error_rate = take_optional(fields, "max_error_rate", |value| {
+            match value.as_f64().map(crate::config::check_max_error_rate) {
+                Some(Ok(rate)) => Ok(rate),
+                Some(Err(expected)) => Err(format!("{expected}, or null")),
+                None => Err("a fraction between 0 and 1 as a number, or null".into()),
             }
-        };
+        })?;
+        let max_latency_us_p99 = take_optional(fields, "max_latency_us_p99", |value| match value
+            .as_u64()
+            .map(crate::config::check_max_latency_us_p99)
+        {
+            Some(Ok(us)) => Ok(us),
+            _ => Err(format!(
+                "a whole number of µs from 0 to {} (1 hour), or null",
+                crate::config::LATENCY_US_MAX
+            )),
+        })?;
+        let count_refusals = take_optional(fields, "count_refusals", |value| {
+            value.as_bool().ok_or_else(|| "true, false or null".into())
+        })?;
+        let config_toml = take_optional(fields, "config_toml", |value| {
+            value
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| "the configuration file's TOML text as a string, or null".into())
+        })?;
         let mut flag = |field: &'static str| match fields.remove(field) {
             None => Ok(false),
             Some(serde_json::Value::Bool(b)) => Ok(b),
