@@ -170,8 +170,20 @@ fn encode_snapshot(
     snap: &Snapshot,
 ) -> Result<(), std::fmt::Error> {
     let used: Vec<&SlotCounters> = snap.slots.iter().filter(|s| s.used()).collect();
+    encode_engines(encoder, &used)?;
+    encode_streams(encoder, snap, &used)?;
+    encode_clients(encoder, snap, &used)?;
+    encode_service_times(encoder, &used)
+}
+
+/// Per engine: up, role, epoch, heartbeat age, transaction index, the event counters and the
+/// times of the last step-up and switchover.
+fn encode_engines(
+    encoder: &mut DescriptorEncoder,
+    used: &[&SlotCounters],
+) -> Result<(), std::fmt::Error> {
     let now = monotonic_ns();
-    gauge_family(encoder, "understudy_engine_up", &used, |s| {
+    gauge_family(encoder, "understudy_engine_up", used, |s| {
         f64::from(u8::from(s.alive()))
     })?;
     let roles = used
@@ -185,41 +197,47 @@ fn encode_snapshot(
         })
         .collect();
     family(encoder, "understudy_engine_role", roles)?;
-    gauge_family(encoder, "understudy_epoch", &used, |s| s.epoch as f64)?;
-    gauge_family(encoder, "understudy_heartbeat_age_seconds", &used, |s| {
+    gauge_family(encoder, "understudy_epoch", used, |s| s.epoch as f64)?;
+    gauge_family(encoder, "understudy_heartbeat_age_seconds", used, |s| {
         ns_to_s(s.heartbeat_age_ns(now))
     })?;
-    gauge_family(encoder, "understudy_transaction_index", &used, |s| {
+    gauge_family(encoder, "understudy_transaction_index", used, |s| {
         s.tx_index as f64
     })?;
-    counter_family(encoder, "understudy_requests", &used, |s| s.requests_total)?;
-    counter_family(encoder, "understudy_refusals", &used, |s| s.refusals_total)?;
-    counter_family(encoder, "understudy_transactions_committed", &used, |s| {
+    counter_family(encoder, "understudy_requests", used, |s| s.requests_total)?;
+    counter_family(encoder, "understudy_refusals", used, |s| s.refusals_total)?;
+    counter_family(encoder, "understudy_transactions_committed", used, |s| {
         s.commits_total
     })?;
-    counter_family(encoder, "understudy_transactions_applied", &used, |s| {
+    counter_family(encoder, "understudy_transactions_applied", used, |s| {
         s.applied_total
     })?;
-    counter_family(encoder, "understudy_backpressure_waits", &used, |s| {
+    counter_family(encoder, "understudy_backpressure_waits", used, |s| {
         s.backpressure_waits_total
     })?;
-    counter_family(encoder, "understudy_untethers", &used, |s| {
-        s.untethers_total
-    })?;
-    counter_family(encoder, "understudy_catchups", &used, |s| s.catchups_total)?;
-    counter_family(encoder, "understudy_step_ups", &used, |s| s.step_ups_total)?;
-    counter_family(encoder, "understudy_switchovers", &used, |s| {
+    counter_family(encoder, "understudy_untethers", used, |s| s.untethers_total)?;
+    counter_family(encoder, "understudy_catchups", used, |s| s.catchups_total)?;
+    counter_family(encoder, "understudy_step_ups", used, |s| s.step_ups_total)?;
+    counter_family(encoder, "understudy_switchovers", used, |s| {
         s.switchovers_total
     })?;
-    counter_family(encoder, "understudy_engine_starts", &used, |s| {
+    counter_family(encoder, "understudy_engine_starts", used, |s| {
         s.starts_total
     })?;
-    gauge_family(encoder, "understudy_last_step_up_seconds", &used, |s| {
+    gauge_family(encoder, "understudy_last_step_up_seconds", used, |s| {
         ns_to_s(s.last_step_up_ns)
     })?;
-    gauge_family(encoder, "understudy_last_switchover_seconds", &used, |s| {
+    gauge_family(encoder, "understudy_last_switchover_seconds", used, |s| {
         ns_to_s(s.last_switchover_ns)
-    })?;
+    })
+}
+
+/// Per replication stream of a live active: position, lag in bytes and in transactions.
+fn encode_streams(
+    encoder: &mut DescriptorEncoder,
+    snap: &Snapshot,
+    used: &[&SlotCounters],
+) -> Result<(), std::fmt::Error> {
     // Streams: only a live active's view is current.
     let streams: Vec<StreamRow> = used
         .iter()
@@ -251,7 +269,15 @@ fn encode_snapshot(
         pick(|x| Some(x.1)),
     )?;
     family(encoder, "understudy_stream_lag_bytes", pick(|x| Some(x.2)))?;
-    family(encoder, "understudy_stream_lag_transactions", pick(|x| x.3))?;
+    family(encoder, "understudy_stream_lag_transactions", pick(|x| x.3))
+}
+
+/// Per client: position, lag and responses.
+fn encode_clients(
+    encoder: &mut DescriptorEncoder,
+    snap: &Snapshot,
+    used: &[&SlotCounters],
+) -> Result<(), std::fmt::Error> {
     // Clients: the area a live active writes (a dead one's entries are stale).
     let clients: Vec<&ClientView> = if used.iter().any(|s| s.alive() && s.role() == Role::Active) {
         snap.clients.iter().collect()
@@ -282,7 +308,14 @@ fn encode_snapshot(
             .iter()
             .map(|c| (client_labels(c), ConstCounter::new(c.responses_total)))
             .collect(),
-    )?;
+    )
+}
+
+/// The sampled service-time histogram of each engine that has samples.
+fn encode_service_times(
+    encoder: &mut DescriptorEncoder,
+    used: &[&SlotCounters],
+) -> Result<(), std::fmt::Error> {
     // The sampled service-time histogram of each engine that has samples.
     let with_samples: Vec<&&SlotCounters> =
         used.iter().filter(|s| s.service_samples() > 0).collect();
@@ -365,6 +398,11 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest request head read.
 const REQUEST_BYTES_MAX: usize = 8192;
 
+/// How long the endpoint pauses after a failed accept (out of descriptors and the like).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// How long the wake-up connect of a stopping endpoint may take.
+const WAKE_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
+
 impl MetricsServer {
     /// Bind `addr` and serve the counters of the cluster at `dir`.
     pub fn start(addr: SocketAddr, dir: PathBuf, cluster: String) -> std::io::Result<Self> {
@@ -382,7 +420,7 @@ impl MetricsServer {
                     match conn {
                         Ok(stream) => serve(stream, &dir, &cluster),
                         // Out of descriptors and the like: do not spin on it.
-                        Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                        Err(_) => std::thread::sleep(ACCEPT_ERROR_PAUSE),
                     }
                 }
             })?;
@@ -403,7 +441,7 @@ impl Drop for MetricsServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         // Wake the accept; a failed connect means the thread is gone already.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        let _ = TcpStream::connect_timeout(&self.addr, WAKE_CONNECT_TIMEOUT);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
