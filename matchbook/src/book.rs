@@ -1191,6 +1191,46 @@ impl OrderBook {
     /// priority order.
     pub fn decode(bytes: &[u8]) -> Result<OrderBook, BookDecodeError> {
         let mut reader = Reader { bytes, offset: 0 };
+        let (version, count) = Self::decode_header(&mut reader)?;
+        let mut book = OrderBook::with_capacity(count as usize);
+        let mut previous: Option<(Side, i64)> = None;
+        for index in 0..count {
+            let order = Self::decode_order(&mut reader, version, index)?;
+            let (id, side, price) = (order.id, order.side, order.price);
+            let in_order = match (previous, side) {
+                (None, _) | (Some((Side::Buy, _)), Side::Sell) => true,
+                (Some((Side::Buy, previous_price)), Side::Buy) => price <= previous_price,
+                (Some((Side::Sell, previous_price)), Side::Sell) => price >= previous_price,
+                (Some((Side::Sell, _)), Side::Buy) => false,
+            };
+            if !in_order {
+                return Err(BookDecodeError::OutOfPriorityOrder { index, id });
+            }
+            if book.index.contains_key(&id) {
+                return Err(BookDecodeError::DuplicateOrderId { index, id });
+            }
+            previous = Some((side, price));
+            // Numbered in priority order, so each goes to the back of its level.
+            let seq = u64::from(index) + 1;
+            book.insert(PlacedOrder {
+                order,
+                entry_seq: seq,
+                priority_seq: seq,
+            });
+        }
+        if let (Some(best_bid), Some(best_ask)) = (book.best_bid(), book.best_ask()) {
+            if best_bid >= best_ask {
+                return Err(BookDecodeError::CrossedBook { best_bid, best_ask });
+            }
+        }
+        debug_assert_eq!(reader.offset, bytes.len());
+        Ok(book)
+    }
+
+    /// The layout version and the order count, once the input's length is exactly what they
+    /// announce.
+    fn decode_header(reader: &mut Reader<'_>) -> Result<(u16, u32), BookDecodeError> {
+        let bytes = reader.bytes;
         let version = reader.u16("layout version")?;
         let record_len = match version {
             LAYOUT_V1 => RECORD_V1_LEN,
@@ -1221,76 +1261,54 @@ impl OrderBook {
                 found_len: bytes.len(),
             });
         }
+        Ok((version, count))
+    }
 
-        let mut book = OrderBook::with_capacity(count as usize);
-        let mut previous: Option<(Side, i64)> = None;
-        for index in 0..count {
-            let id = OrderId(reader.u64("order id")?);
-            let account = AccountId(reader.u32("account")?);
-            let side_byte = reader.u8("side")?;
-            let side = Side::from_byte(side_byte).ok_or(BookDecodeError::BadSide {
+    /// Order `index` of a book of layout `version`, checked on its own (price, quantities).
+    fn decode_order(
+        reader: &mut Reader<'_>,
+        version: u16,
+        index: u32,
+    ) -> Result<RestingOrder, BookDecodeError> {
+        let id = OrderId(reader.u64("order id")?);
+        let account = AccountId(reader.u32("account")?);
+        let side_byte = reader.u8("side")?;
+        let side = Side::from_byte(side_byte).ok_or(BookDecodeError::BadSide {
+            index,
+            found: side_byte,
+        })?;
+        let price = reader.i64("price")?;
+        let visible_qty = reader.u64("visible qty")?;
+        let (hidden_qty, kind) = if version == LAYOUT_V2 {
+            let hidden_qty = reader.u64("hidden qty")?;
+            let display_qty = reader.u64("display qty")?;
+            let kind = match display_qty {
+                0 => OrderKind::Limit,
+                display_qty => OrderKind::Iceberg { display_qty },
+            };
+            (hidden_qty, kind)
+        } else {
+            (0, OrderKind::Limit)
+        };
+
+        let order = RestingOrder {
+            id,
+            account,
+            side,
+            price,
+            visible_qty,
+            hidden_qty,
+            kind,
+        };
+        order.check().map_err(|problem| match problem {
+            OrderProblem::PriceOutOfRange => BookDecodeError::PriceOutOfRange {
                 index,
-                found: side_byte,
-            })?;
-            let price = reader.i64("price")?;
-            let visible_qty = reader.u64("visible qty")?;
-            let (hidden_qty, kind) = if version == LAYOUT_V2 {
-                let hidden_qty = reader.u64("hidden qty")?;
-                let display_qty = reader.u64("display qty")?;
-                let kind = match display_qty {
-                    0 => OrderKind::Limit,
-                    display_qty => OrderKind::Iceberg { display_qty },
-                };
-                (hidden_qty, kind)
-            } else {
-                (0, OrderKind::Limit)
-            };
-
-            let order = RestingOrder {
                 id,
-                account,
-                side,
-                price,
-                visible_qty,
-                hidden_qty,
-                kind,
-            };
-            order.check().map_err(|problem| match problem {
-                OrderProblem::PriceOutOfRange => BookDecodeError::PriceOutOfRange {
-                    index,
-                    id,
-                    found: price,
-                },
-                OrderProblem::Qty(problem) => BookDecodeError::BadQty { index, id, problem },
-            })?;
-            let in_order = match (previous, side) {
-                (None, _) | (Some((Side::Buy, _)), Side::Sell) => true,
-                (Some((Side::Buy, previous_price)), Side::Buy) => price <= previous_price,
-                (Some((Side::Sell, previous_price)), Side::Sell) => price >= previous_price,
-                (Some((Side::Sell, _)), Side::Buy) => false,
-            };
-            if !in_order {
-                return Err(BookDecodeError::OutOfPriorityOrder { index, id });
-            }
-            if book.index.contains_key(&id) {
-                return Err(BookDecodeError::DuplicateOrderId { index, id });
-            }
-            previous = Some((side, price));
-            // Numbered in priority order, so each goes to the back of its level.
-            let seq = u64::from(index) + 1;
-            book.insert(PlacedOrder {
-                order,
-                entry_seq: seq,
-                priority_seq: seq,
-            });
-        }
-        if let (Some(best_bid), Some(best_ask)) = (book.best_bid(), book.best_ask()) {
-            if best_bid >= best_ask {
-                return Err(BookDecodeError::CrossedBook { best_bid, best_ask });
-            }
-        }
-        debug_assert_eq!(reader.offset, bytes.len());
-        Ok(book)
+                found: price,
+            },
+            OrderProblem::Qty(problem) => BookDecodeError::BadQty { index, id, problem },
+        })?;
+        Ok(order)
     }
 }
 
@@ -1362,44 +1380,7 @@ fn match_level(
         let alone = level.head == level.tail;
         let placed = &mut slab.get_mut(idx).placed;
         let priority_before = placed.priority_seq;
-        let maker = &mut placed.order;
-        let (take, after) = match maker.kind {
-            // Alone at its level, an iceberg's slices would all go to this taker one after the
-            // other, so take them in one step instead of one loop turn per slice.
-            OrderKind::Iceberg { display_qty } if alone => {
-                let total = maker.remaining_qty();
-                let take = remaining_qty.min(total);
-                if take == total {
-                    (take, After::Remove)
-                } else {
-                    let refreshed = take >= maker.visible_qty;
-                    (maker.visible_qty, maker.hidden_qty) =
-                        iceberg_after_take(maker.visible_qty, maker.hidden_qty, display_qty, take);
-                    if refreshed {
-                        // Back of its level, where it is alone: a new priority, same place.
-                        placed.priority_seq = effects.next_seq();
-                    }
-                    (take, After::Stays)
-                }
-            }
-            _ => {
-                let take = remaining_qty.min(maker.visible_qty);
-                maker.visible_qty -= take;
-                if maker.visible_qty > 0 {
-                    (take, After::Stays)
-                } else if maker.hidden_qty > 0 {
-                    let OrderKind::Iceberg { display_qty } = maker.kind else {
-                        panic!("limit order {} has hidden qty", maker.id.0);
-                    };
-                    maker.visible_qty = display_qty.min(maker.hidden_qty);
-                    maker.hidden_qty -= maker.visible_qty;
-                    placed.priority_seq = effects.next_seq();
-                    (take, After::Requeue)
-                } else {
-                    (take, After::Remove)
-                }
-            }
-        };
+        let (take, after) = take_from_maker(placed, alone, remaining_qty, effects);
         let placed = *placed;
         let maker = placed.order;
         remaining_qty -= take;
@@ -1436,6 +1417,54 @@ fn match_level(
         }
     }
     remaining_qty
+}
+
+/// Takes up to `remaining_qty` from the maker `placed` (alone at its level or not), refreshing
+/// an iceberg's slice as the rules say; returns the quantity taken and where the maker goes.
+fn take_from_maker(
+    placed: &mut PlacedOrder,
+    alone: bool,
+    remaining_qty: u64,
+    effects: &mut Effects<'_>,
+) -> (u64, After) {
+    let maker = &mut placed.order;
+    match maker.kind {
+        // Alone at its level, an iceberg's slices would all go to this taker one after the
+        // other, so take them in one step instead of one loop turn per slice.
+        OrderKind::Iceberg { display_qty } if alone => {
+            let total = maker.remaining_qty();
+            let take = remaining_qty.min(total);
+            if take == total {
+                (take, After::Remove)
+            } else {
+                let refreshed = take >= maker.visible_qty;
+                (maker.visible_qty, maker.hidden_qty) =
+                    iceberg_after_take(maker.visible_qty, maker.hidden_qty, display_qty, take);
+                if refreshed {
+                    // Back of its level, where it is alone: a new priority, same place.
+                    placed.priority_seq = effects.next_seq();
+                }
+                (take, After::Stays)
+            }
+        }
+        _ => {
+            let take = remaining_qty.min(maker.visible_qty);
+            maker.visible_qty -= take;
+            if maker.visible_qty > 0 {
+                (take, After::Stays)
+            } else if maker.hidden_qty > 0 {
+                let OrderKind::Iceberg { display_qty } = maker.kind else {
+                    panic!("limit order {} has hidden qty", maker.id.0);
+                };
+                maker.visible_qty = display_qty.min(maker.hidden_qty);
+                maker.hidden_qty -= maker.visible_qty;
+                placed.priority_seq = effects.next_seq();
+                (take, After::Requeue)
+            } else {
+                (take, After::Remove)
+            }
+        }
+    }
 }
 
 impl PartialEq for OrderBook {

@@ -205,6 +205,109 @@ impl Rng {
     }
 }
 
+/// How long a stopped client waits for the answers to the requests it still has in flight;
+/// those still unanswered then count as lost.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The orders one client sends: new orders and cancels of its own resting ones.
+struct OrderGen {
+    rng: Rng,
+    /// Orders that may still rest: (id, account, symbol), the latest 256.
+    resting: Vec<(u64, u32, u32)>,
+    next_id: u64,
+    new_orders: u64,
+}
+
+impl OrderGen {
+    fn new(index: u64, seed: u64) -> Self {
+        OrderGen {
+            rng: Rng(seed ^ (index + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
+            resting: Vec::new(),
+            next_id: (index + 1) << 40,
+            new_orders: 0,
+        }
+    }
+
+    /// The next request; every 10th new order is an iceberg when `icebergs` is set.
+    fn next(&mut self, cfg: &LoadConfig, icebergs: bool) -> WireRequest {
+        // A third of the requests cancel an earlier order, and prices lean towards crossing
+        // the other side: books stay a few hundred orders deep, as a live market's do
+        // (each resting order is a work unit of its own: a request writes the orders it
+        // changed, not its book, so its cost does not grow with that depth).
+        let rng = &mut self.rng;
+        if !self.resting.is_empty() && rng.below(3) == 0 {
+            let i = rng.below(self.resting.len() as u64) as usize;
+            let (id, account, symbol) = self.resting.swap_remove(i);
+            return WireRequest::cancel(id, account, symbol);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.new_orders += 1;
+        let account = rng.below(cfg.accounts as u64) as u32 + 1;
+        let symbol = rng.below(cfg.symbols as u64) as u32 + 1;
+        let side = if rng.below(2) == 0 {
+            crate::book::Side::Buy
+        } else {
+            crate::book::Side::Sell
+        };
+        let lean = rng.below(6) as i64;
+        let price = match side {
+            crate::book::Side::Buy => 998 + lean,
+            crate::book::Side::Sell => 1003 - lean,
+        };
+        let qty = rng.below(100) + 1;
+        if rng.below(2) == 0 {
+            self.resting.push((id, account, symbol));
+            if self.resting.len() > 256 {
+                self.resting.swap_remove(0);
+            }
+        }
+        if icebergs && self.new_orders % 10 == 0 {
+            WireRequest::iceberg(id, account, symbol, side, price, qty * 3, qty.div_ceil(2))
+        } else {
+            WireRequest::limit(id, account, symbol, side, price, qty)
+        }
+    }
+}
+
+/// One client's requests in flight: sequence number → (sent at, ns since the load started;
+/// the request).
+type Inflight = HashMap<u64, (u64, WireRequest)>;
+
+/// Takes every answer the client has, matching each to its request in `inflight`; an answer
+/// to no request in flight counts as a duplicate.
+fn poll_answers(
+    c: &mut Client,
+    report: &mut ClientReport,
+    inflight: &mut Inflight,
+    started: Instant,
+    acked_total: &AtomicU64,
+) -> Result<(), String> {
+    while let Some((seq, bytes)) = c.poll_response().map_err(|e| e.to_string())? {
+        let now_ns = started.elapsed().as_nanos() as u64;
+        let Some((sent_ns, req)) = inflight.remove(&seq) else {
+            report.duplicated += 1;
+            report.duplicate_answers.push((seq, now_ns / 1000));
+            continue;
+        };
+        let Some((resp, _)) = parse_response(&bytes) else {
+            return Err(format!("malformed response to request {seq}"));
+        };
+        if resp.status == status::REJECT || resp.status == status::MALFORMED {
+            report.rejected += 1;
+        }
+        report.acked += 1;
+        acked_total.fetch_add(1, Ordering::Relaxed);
+        report.answered.push(Answered {
+            sent_us: sent_ns / 1000,
+            latency_ns: now_ns - sent_ns,
+            request: req,
+            response: resp,
+        });
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_client(
     mut c: Client,
@@ -216,44 +319,13 @@ fn run_client(
     sent_total: &AtomicU64,
     acked_total: &AtomicU64,
 ) -> Result<ClientReport, String> {
-    let mut rng = Rng(cfg.seed ^ (index + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut orders = OrderGen::new(index, cfg.seed);
     let mut report = ClientReport::default();
-    let mut inflight: HashMap<u64, (u64, WireRequest)> = HashMap::new();
-    let mut resting: Vec<(u64, u32, u32)> = Vec::new();
-    let mut next_id = (index + 1) << 40;
+    let mut inflight = Inflight::new();
     let interval_ns = 1_000_000_000u64
         .checked_div(cfg.rate_per_client)
         .unwrap_or(0);
     let mut next_send_ns = 0u64;
-    let mut new_orders = 0u64;
-    let poll = |c: &mut Client,
-                report: &mut ClientReport,
-                inflight: &mut HashMap<u64, (u64, WireRequest)>|
-     -> Result<(), String> {
-        while let Some((seq, bytes)) = c.poll_response().map_err(|e| e.to_string())? {
-            let now_ns = started.elapsed().as_nanos() as u64;
-            let Some((sent_ns, req)) = inflight.remove(&seq) else {
-                report.duplicated += 1;
-                report.duplicate_answers.push((seq, now_ns / 1000));
-                continue;
-            };
-            let Some((resp, _)) = parse_response(&bytes) else {
-                return Err(format!("malformed response to request {seq}"));
-            };
-            if resp.status == status::REJECT || resp.status == status::MALFORMED {
-                report.rejected += 1;
-            }
-            report.acked += 1;
-            acked_total.fetch_add(1, Ordering::Relaxed);
-            report.answered.push(Answered {
-                sent_us: sent_ns / 1000,
-                latency_ns: now_ns - sent_ns,
-                request: req,
-                response: resp,
-            });
-        }
-        Ok(())
-    };
     while !stop.load(Ordering::Relaxed) {
         let now_ns = started.elapsed().as_nanos() as u64;
         if inflight.len() < cfg.inflight_max && now_ns >= next_send_ns {
@@ -262,43 +334,7 @@ fn run_client(
             } else {
                 next_send_ns.max(now_ns.saturating_sub(interval_ns * 10)) + interval_ns
             };
-            // A third of the requests cancel an earlier order, and prices lean towards crossing
-            // the other side: books stay a few hundred orders deep, as a live market's do
-            // (each resting order is a work unit of its own: a request writes the orders it
-            // changed, not its book, so its cost does not grow with that depth).
-            let req = if !resting.is_empty() && rng.below(3) == 0 {
-                let i = rng.below(resting.len() as u64) as usize;
-                let (id, account, symbol) = resting.swap_remove(i);
-                WireRequest::cancel(id, account, symbol)
-            } else {
-                let id = next_id;
-                next_id += 1;
-                new_orders += 1;
-                let account = rng.below(cfg.accounts as u64) as u32 + 1;
-                let symbol = rng.below(cfg.symbols as u64) as u32 + 1;
-                let side = if rng.below(2) == 0 {
-                    crate::book::Side::Buy
-                } else {
-                    crate::book::Side::Sell
-                };
-                let lean = rng.below(6) as i64;
-                let price = match side {
-                    crate::book::Side::Buy => 998 + lean,
-                    crate::book::Side::Sell => 1003 - lean,
-                };
-                let qty = rng.below(100) + 1;
-                if rng.below(2) == 0 {
-                    resting.push((id, account, symbol));
-                    if resting.len() > 256 {
-                        resting.swap_remove(0);
-                    }
-                }
-                if icebergs.load(Ordering::Relaxed) && new_orders % 10 == 0 {
-                    WireRequest::iceberg(id, account, symbol, side, price, qty * 3, qty.div_ceil(2))
-                } else {
-                    WireRequest::limit(id, account, symbol, side, price, qty)
-                }
-            };
+            let req = orders.next(cfg, icebergs.load(Ordering::Relaxed));
             let t = started.elapsed().as_nanos() as u64;
             match c.try_submit(req.as_bytes()).map_err(|e| e.to_string())? {
                 Some(seq) => {
@@ -309,7 +345,7 @@ fn run_client(
                 None => std::thread::yield_now(),
             }
         }
-        poll(&mut c, &mut report, &mut inflight)?;
+        poll_answers(&mut c, &mut report, &mut inflight, started, acked_total)?;
         // Leave the CPUs to the engines while there is nothing to do: sleep until shortly
         // before the next send when nothing is in flight; otherwise poll, yielding.
         let now_ns = started.elapsed().as_nanos() as u64;
@@ -320,9 +356,9 @@ fn run_client(
         }
     }
     // Drain: every request sent must be answered.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
     while !inflight.is_empty() && Instant::now() < deadline {
-        poll(&mut c, &mut report, &mut inflight)?;
+        poll_answers(&mut c, &mut report, &mut inflight, started, acked_total)?;
         std::thread::yield_now();
     }
     report.lost = inflight.len() as u64;
