@@ -84,9 +84,27 @@ fn main() {
     let len: usize = args.next().map_or(48, |a| a.parse().expect("state bytes"));
     println!("{n} units of {len}-byte states");
 
+    let mut store = Store::new();
+    insert(&mut store, n, len);
+    random_replaces_and_lookups(&mut store, n, len);
+    snapshot_walk(&store, n);
+
+    let digest = store.digest();
+    let t = Instant::now();
+    for i in 0..n {
+        store.apply(&Op::RetireUnit { id: id_of(i) });
+    }
+    ns_per("retire (apply)", n, t);
+    assert_eq!(store.unit_count(), 0);
+    assert_eq!(store.digest(), 0);
+    println!("digest when full: {digest:#018x}");
+}
+
+/// Inserts `n` units of `len` bytes; prints the time per insert, the longest one, and the
+/// memory the units take.
+fn insert(store: &mut Store, n: u64, len: usize) {
     let rss0 = resident_bytes();
     let heap0 = LIVE_BYTES.load(Relaxed);
-    let mut store = Store::new();
     let mut o = Op::PutUnit {
         id: 0,
         kind: 1,
@@ -122,8 +140,11 @@ fn main() {
         heap as f64 / n as f64,
         heap as f64 / n as f64 - len as f64
     );
+}
 
-    // Random replaces, as a standby applies them (copying) and as the active does (owning).
+/// Random replaces, as a standby applies them (copying) and as the active does (owning), then
+/// random lookups of the same units.
+fn random_replaces_and_lookups(store: &mut Store, n: u64, len: usize) {
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     let mut next = move || {
         rng ^= rng << 13;
@@ -165,8 +186,10 @@ fn main() {
     }
     ns_per("random lookup", ops, t);
     assert_eq!(found, ops as usize * len);
+}
 
-    // A snapshot walk in chunks of 256, as a catch-up does.
+/// A snapshot walk in chunks of 256, as a catch-up does.
+fn snapshot_walk(store: &Store, n: u64) {
     let t = Instant::now();
     let mut cursor = UnitCursor::START;
     let mut walked = 0u64;
@@ -184,14 +207,4 @@ fn main() {
     }
     ns_per("snapshot walk", walked, t);
     assert_eq!(walked, n);
-
-    let digest = store.digest();
-    let t = Instant::now();
-    for i in 0..n {
-        store.apply(&Op::RetireUnit { id: id_of(i) });
-    }
-    ns_per("retire (apply)", n, t);
-    assert_eq!(store.unit_count(), 0);
-    assert_eq!(store.digest(), 0);
-    println!("digest when full: {digest:#018x}");
 }
