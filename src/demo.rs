@@ -188,6 +188,14 @@ struct Progress {
 }
 
 impl Progress {
+    fn new(json: bool, t0: Instant, total: usize) -> Self {
+        Progress {
+            json,
+            t0,
+            step: 0,
+            total,
+        }
+    }
     fn step(&mut self, what: &str) {
         self.step += 1;
         let t = self.t0.elapsed().as_secs_f64();
@@ -286,12 +294,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    let mut p = Progress {
-        json: opts.json,
-        t0,
-        step: 0,
-        total: 8,
-    };
+    let mut p = Progress::new(opts.json, t0, 8);
     let (mut stage, setup) = set_up(opts)?;
     let cluster_dir = stage.cluster_dir.clone();
 
@@ -308,18 +311,13 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
     };
     // Iceberg orders before the feature exists: must be refused, not lost.
     let refused_probe = probe_icebergs(&cluster_dir, 5)?;
-    let steady_from = load.now_us();
-    std::thread::sleep(phase(1.0, 3.0));
-    check_interrupt()?;
-    let steady = (steady_from, load.now_us());
+    let steady = load_for(&load, phase(1.0, 3.0))?;
     p.note(&format!("{} requests acknowledged so far", load.acked()));
 
     p.step("SIGKILL the active engine");
     let failover = kill_active(&ctl, &load)?;
     p.note(&format!("the standby was active {:.0} µs after the SIGKILL; the supervisor restarts the dead engine as standby", failover.step_up_us));
-    wait_for("a hot standby again", SETTLE_TIMEOUT, || {
-        Ok(cluster_settled(&status(&ctl)?))
-    })?;
+    wait_settled_again(&ctl)?;
     std::thread::sleep(phase(0.3, 1.0));
 
     p.step("planned switchover");
@@ -333,10 +331,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
 
     p.step("send version-2-only orders (icebergs)");
     load.icebergs.store(true, Ordering::Relaxed);
-    let after_from = load.now_us();
-    std::thread::sleep(phase(1.0, 3.0));
-    check_interrupt()?;
-    let after = (after_from, load.now_us());
+    let after = load_for(&load, phase(1.0, 3.0))?;
 
     p.step("stop the load and check every answer against the reference model");
     let report: LoadReport = load.stop()?;
@@ -347,25 +342,6 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
     p.step("stop the cluster (understudy down)");
     stop_cluster(&ctl, stage);
 
-    if std::env::var_os("UNDERSTUDY_DEMO_DEBUG").is_some() {
-        eprintln!(
-            "phases (µs): steady {}..{} kill {}..{} switch {}..{} upgrade {}..{}",
-            steady.0,
-            steady.1,
-            failover.window.0,
-            failover.window.1,
-            switch_window.0,
-            switch_window.1,
-            upgrade_window.0,
-            upgrade_window.1
-        );
-        for (i, c) in report.clients.iter().enumerate() {
-            eprintln!(
-                "client {i}: lost {:?} duplicates {:?}",
-                c.lost_requests, c.duplicate_answers
-            );
-        }
-    }
     let phases = Phases {
         steady,
         failover,
@@ -374,6 +350,9 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
         upgrade_s,
         after,
     };
+    if std::env::var_os("UNDERSTUDY_DEMO_DEBUG").is_some() {
+        print_debug(&phases, &report);
+    }
     Ok(demo_report(
         &report,
         refused_probe,
@@ -382,6 +361,42 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, String> {
         &fin,
         t0,
     ))
+}
+
+/// `UNDERSTUDY_DEMO_DEBUG`: the phases' windows and each client's lost and duplicated requests.
+fn print_debug(phases: &Phases, report: &LoadReport) {
+    eprintln!(
+        "phases (µs): steady {}..{} kill {}..{} switch {}..{} upgrade {}..{}",
+        phases.steady.0,
+        phases.steady.1,
+        phases.failover.window.0,
+        phases.failover.window.1,
+        phases.switch_window.0,
+        phases.switch_window.1,
+        phases.upgrade_window.0,
+        phases.upgrade_window.1
+    );
+    for (i, c) in report.clients.iter().enumerate() {
+        eprintln!(
+            "client {i}: lost {:?} duplicates {:?}",
+            c.lost_requests, c.duplicate_answers
+        );
+    }
+}
+
+/// Lets the load run for `len`; returns its load-time window (µs).
+fn load_for(load: &LoadGen, len: Duration) -> Result<(u64, u64), String> {
+    let from = load.now_us();
+    std::thread::sleep(len);
+    check_interrupt()?;
+    Ok((from, load.now_us()))
+}
+
+/// Waits until the cluster has an active and a hot standby again.
+fn wait_settled_again(ctl: &Ctl) -> Result<(), String> {
+    wait_for("a hot standby again", SETTLE_TIMEOUT, || {
+        Ok(cluster_settled(&status(ctl)?))
+    })
 }
 
 /// What `set_up` prepared besides the stage.
@@ -525,9 +540,7 @@ fn switch_over(ctl: &Ctl, load: &LoadGen) -> Result<(u64, u64), String> {
         "switchover",
     )?;
     let sw_to = load.now_us();
-    wait_for("a hot standby again", SETTLE_TIMEOUT, || {
-        Ok(cluster_settled(&status(ctl)?))
-    })?;
+    wait_settled_again(ctl)?;
     Ok((sw_from, sw_to + PAUSE_WINDOW_TAIL_US))
 }
 

@@ -124,35 +124,7 @@ enum Command {
     /// this upgrade's bounds, and the upgrade is refused (exit 10, nothing done) if the file
     /// differs from the running config anywhere else: apply such changes with `reload` first.
     /// Without it, the running config's bounds (as last reloaded) are the base.
-    Upgrade {
-        /// The new engine executable.
-        #[arg(long)]
-        binary: PathBuf,
-        /// The soak period after the switchover (e.g. `30s`, `500ms`, `2m`).
-        #[arg(long, value_parser = parse_duration)]
-        accept_for: Option<Duration>,
-        /// A shell command that must exit 0 for the upgrade to be accepted.
-        #[arg(long)]
-        accept_cmd: Option<String>,
-        /// The highest acceptable fraction of refused requests during the soak, 0 to 1
-        /// (`acceptance.max_error_rate`; counted only with refusals counted).
-        #[arg(long, value_name = "FRACTION", value_parser = parse_error_rate)]
-        max_error_rate: Option<f64>,
-        /// Count the handler's refusals as errors against the error rate, `true` or `false`
-        /// (`acceptance.count_refusals`).
-        #[arg(long, value_name = "BOOL", value_parser = parse_bool_flag)]
-        count_refusals: Option<bool>,
-        /// The highest acceptable p99 request service time of the new active, in µs, at most
-        /// 3600000000 (`acceptance.max_latency_us_p99`).
-        #[arg(long, value_name = "MICROSECONDS", value_parser = parse_latency_us)]
-        max_latency_us_p99: Option<u64>,
-        /// Start the new version as a third standby first: a hot standby at every moment.
-        #[arg(long)]
-        keep_standby: bool,
-        /// Leave the new features disabled.
-        #[arg(long)]
-        no_enable: bool,
-    },
+    Upgrade(UpgradeArgs),
     /// Roll back the upgrade in progress, or the last completed one (features still off).
     Rollback,
     /// Enable every feature both engines support, at the same point of the update stream.
@@ -184,6 +156,38 @@ enum Command {
         #[arg(long)]
         fix: bool,
     },
+}
+
+/// The flags of `understudy upgrade`.
+#[derive(clap::Args, Debug)]
+struct UpgradeArgs {
+    /// The new engine executable.
+    #[arg(long)]
+    binary: PathBuf,
+    /// The soak period after the switchover (e.g. `30s`, `500ms`, `2m`).
+    #[arg(long, value_parser = parse_duration)]
+    accept_for: Option<Duration>,
+    /// A shell command that must exit 0 for the upgrade to be accepted.
+    #[arg(long)]
+    accept_cmd: Option<String>,
+    /// The highest acceptable fraction of refused requests during the soak, 0 to 1
+    /// (`acceptance.max_error_rate`; counted only with refusals counted).
+    #[arg(long, value_name = "FRACTION", value_parser = parse_error_rate)]
+    max_error_rate: Option<f64>,
+    /// Count the handler's refusals as errors against the error rate, `true` or `false`
+    /// (`acceptance.count_refusals`).
+    #[arg(long, value_name = "BOOL", value_parser = parse_bool_flag)]
+    count_refusals: Option<bool>,
+    /// The highest acceptable p99 request service time of the new active, in µs, at most
+    /// 3600000000 (`acceptance.max_latency_us_p99`).
+    #[arg(long, value_name = "MICROSECONDS", value_parser = parse_latency_us)]
+    max_latency_us_p99: Option<u64>,
+    /// Start the new version as a third standby first: a hot standby at every moment.
+    #[arg(long)]
+    keep_standby: bool,
+    /// Leave the new features disabled.
+    #[arg(long)]
+    no_enable: bool,
 }
 
 /// The longest duration a flag takes: 7 days, the bound of `acceptance.accept_for_ms`, so
@@ -294,46 +298,7 @@ fn main() {
             dir,
         } => stat_cmd(&cli, *once, *interval, *count, dir.as_deref()),
         Command::Switchover => request(&cli, Op::Switchover),
-        Command::Upgrade {
-            binary,
-            accept_for,
-            accept_cmd,
-            max_error_rate,
-            count_refusals,
-            max_latency_us_p99,
-            keep_standby,
-            no_enable,
-        } => {
-            // The supervisor runs in another directory: send an absolute path.
-            let binary = std::path::absolute(binary).unwrap_or_else(|_| binary.clone());
-            // A config file the operator named is used (its [acceptance] is this upgrade's
-            // base, the rest must match the running config), never ignored.
-            let config_toml = if config_given {
-                match std::fs::read_to_string(&cli.config) {
-                    Ok(text) => Some(text),
-                    Err(e) => {
-                        eprintln!("understudy: reading {}: {e}", cli.config.display());
-                        std::process::exit(Code::BadConfig.exit_code());
-                    }
-                }
-            } else {
-                None
-            };
-            request(
-                &cli,
-                Op::Upgrade(UpgradeRequest {
-                    binary,
-                    accept_for_ms: accept_for.map(|d| d.as_millis() as u64),
-                    accept_cmd: accept_cmd.clone(),
-                    keep_standby: *keep_standby,
-                    no_enable: *no_enable,
-                    max_error_rate: *max_error_rate,
-                    count_refusals: *count_refusals,
-                    max_latency_us_p99: *max_latency_us_p99,
-                    config_toml,
-                }),
-            )
-        }
+        Command::Upgrade(args) => upgrade(&cli, args, config_given),
         Command::Rollback => request(&cli, Op::Rollback),
         Command::EnableFeatures => request(&cli, Op::EnableFeatures),
         Command::Down => request(&cli, Op::Down),
@@ -357,6 +322,39 @@ fn main() {
         },
     };
     std::process::exit(code.exit_code());
+}
+
+/// `understudy upgrade`: the request, with the config file's text when the operator named one.
+fn upgrade(cli: &Cli, args: &UpgradeArgs, config_given: bool) -> Code {
+    // The supervisor runs in another directory: send an absolute path.
+    let binary = std::path::absolute(&args.binary).unwrap_or_else(|_| args.binary.clone());
+    // A config file the operator named is used (its [acceptance] is this upgrade's
+    // base, the rest must match the running config), never ignored.
+    let config_toml = if config_given {
+        match std::fs::read_to_string(&cli.config) {
+            Ok(text) => Some(text),
+            Err(e) => {
+                eprintln!("understudy: reading {}: {e}", cli.config.display());
+                return Code::BadConfig;
+            }
+        }
+    } else {
+        None
+    };
+    request(
+        cli,
+        Op::Upgrade(UpgradeRequest {
+            binary,
+            accept_for_ms: args.accept_for.map(|d| d.as_millis() as u64),
+            accept_cmd: args.accept_cmd.clone(),
+            keep_standby: args.keep_standby,
+            no_enable: args.no_enable,
+            max_error_rate: args.max_error_rate,
+            count_refusals: args.count_refusals,
+            max_latency_us_p99: args.max_latency_us_p99,
+            config_toml,
+        }),
+    )
 }
 
 fn demo(json: bool, quick: bool, rate: u64) -> Code {
@@ -561,6 +559,12 @@ fn print_status(r: &StatusReport) {
         Some(a) => println!("active: engine {a}"),
         None => println!("active: NONE (outage)"),
     }
+    print_engine_table(&r.engines);
+    print_status_notes(r);
+}
+
+/// One line per engine: pid, role, epoch, versions, state, lag, rate, step-ups.
+fn print_engine_table(engines: &[understudy_supervisor::proto::EngineStatus]) {
     println!(
         "{:<4} {:>7} {:<14} {:>5} {:>3} {:>6} {:>8} {:<14} {:>10} {:>10} {:>8}  last step-up",
         "slot",
@@ -575,7 +579,7 @@ fn print_status(r: &StatusReport) {
         "req/s",
         "step-ups"
     );
-    for e in &r.engines {
+    for e in engines {
         let last = if e.step_ups == 0 {
             "never".to_string()
         } else {
@@ -601,6 +605,11 @@ fn print_status(r: &StatusReport) {
             e.step_ups
         );
     }
+}
+
+/// What the status says besides the engines: the operation in progress, stopped restarts,
+/// foreign engines, an interrupted upgrade, the last role change.
+fn print_status_notes(r: &StatusReport) {
     if let Some(op) = &r.operation {
         println!("in progress: {op}");
     }

@@ -232,12 +232,22 @@ fn fmt_dur(ns: u64) -> String {
 
 /// One view as a table.
 pub fn render(dir: &Path, prev: Option<&Snapshot>, cur: &Snapshot) -> String {
-    let now = monotonic_ns();
     let mut o = String::new();
     o.push_str(&format!(
         "understudy stat — {}   (rates per second; service times sampled 1 in 4, bucket upper bounds)\n\n",
         dir.display()
     ));
+    let used: Vec<&SlotCounters> = cur.slots.iter().filter(|s| s.used()).collect();
+    render_engines(&mut o, prev, cur, &used);
+    render_events(&mut o, &used);
+    render_streams(&mut o, cur, &used);
+    render_clients(&mut o, prev, cur);
+    o
+}
+
+/// The engines' table: role, state, rates, transaction index, service times, heartbeat age.
+fn render_engines(o: &mut String, prev: Option<&Snapshot>, cur: &Snapshot, used: &[&SlotCounters]) {
+    let now = monotonic_ns();
     o.push_str(&format!(
         "{:<4} {:<8} {:<8} {:>7} {:>5} {:>10} {:>8} {:>8} {:>8} {:>12} {:>8} {:>8} {:>6}\n",
         "slot",
@@ -254,11 +264,10 @@ pub fn render(dir: &Path, prev: Option<&Snapshot>, cur: &Snapshot) -> String {
         "p99",
         "hb age"
     ));
-    let used: Vec<&SlotCounters> = cur.slots.iter().filter(|s| s.used()).collect();
     if used.is_empty() {
         o.push_str("  (no engine has written its counters yet)\n");
     }
-    for s in &used {
+    for s in used {
         let [rq, rf, _, ap] = rates(prev, cur, s.slot);
         o.push_str(&format!(
             "{:<4} {:<8} {:<8} {:>7} {:>5} {:>10} {:>8} {:>8} {:>8} {:>12} {:>8} {:>8} {:>6}\n",
@@ -281,6 +290,11 @@ pub fn render(dir: &Path, prev: Option<&Snapshot>, cur: &Snapshot) -> String {
             },
         ));
     }
+}
+
+/// The engines' event counters: waits, untethers, catch-ups, starts, step-ups, switchovers,
+/// refusals.
+fn render_events(o: &mut String, used: &[&SlotCounters]) {
     o.push_str(&format!(
         "\n{:<4} {:>9} {:>9} {:>9} {:>8} {:>18} {:>18} {:>7}\n",
         "slot",
@@ -292,7 +306,7 @@ pub fn render(dir: &Path, prev: Option<&Snapshot>, cur: &Snapshot) -> String {
         "switchovers (last)",
         "refused"
     ));
-    for s in &used {
+    for s in used {
         o.push_str(&format!(
             "{:<4} {:>9} {:>9} {:>9} {:>8} {:>18} {:>18} {:>7}\n",
             s.name(),
@@ -309,6 +323,10 @@ pub fn render(dir: &Path, prev: Option<&Snapshot>, cur: &Snapshot) -> String {
             s.refusals_total,
         ));
     }
+}
+
+/// The live active's replication streams: position and lag of each standby.
+fn render_streams(o: &mut String, cur: &Snapshot, used: &[&SlotCounters]) {
     let streams: Vec<(&SlotCounters, _)> = used
         .iter()
         .filter(|s| s.alive() && s.role() == Role::Active)
@@ -329,6 +347,10 @@ pub fn render(dir: &Path, prev: Option<&Snapshot>, cur: &Snapshot) -> String {
             ));
         }
     }
+}
+
+/// The clients' request rings, as the active serves them.
+fn render_clients(o: &mut String, prev: Option<&Snapshot>, cur: &Snapshot) {
     if !cur.clients.is_empty() {
         o.push_str(&format!(
             "\nclients (request rings, as the active serves them)\n  {:<16} {:>14} {:>10} {:>12} {:>8}\n",
@@ -345,5 +367,4 @@ pub fn render(dir: &Path, prev: Option<&Snapshot>, cur: &Snapshot) -> String {
             ));
         }
     }
-    o
 }

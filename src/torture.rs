@@ -272,16 +272,14 @@ impl Cluster {
             .spawn()
             .map_err(|e| format!("starting the supervisor ({}): {e}", self.exe.display()))?;
         self.supervisor = Some(child);
-        self.wait("the supervisor to answer", Duration::from_secs(30), |_| {
-            true
-        })?;
+        self.wait("the supervisor to answer", START_TIMEOUT, |_| true)?;
         Ok(())
     }
 
     /// Starts the supervisor and waits for an active engine with a hot standby.
     pub fn up(&mut self) -> Result<StatusReport, String> {
         self.start_supervisor()?;
-        self.wait_settled(Duration::from_secs(30))
+        self.wait_settled(START_TIMEOUT)
     }
 
     /// SIGKILLs the supervisor (the engines keep running).
@@ -340,7 +338,7 @@ impl Cluster {
                         .unwrap_or_else(|| "the supervisor did not answer".into())
                 ));
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(STATUS_POLL_INTERVAL);
         }
     }
 
@@ -357,6 +355,54 @@ impl Cluster {
         Ok(p)
     }
 
+    /// Sends fault `f` for the `target` engine and waits until it has fired (its token file
+    /// removed): at once for the active, when the standby applies it for the standby.
+    fn fire_fault(&mut self, f: Fault, target: Target, faults: &mut Client) -> Result<(), String> {
+        let token = self.token()?;
+        let req = fault_request(f, target == Target::Standby, &token);
+        let answer = faults
+            .call(&req, ANSWER_TIMEOUT)
+            .map_err(|e| format!("fault request `{}`: {e}", f.name()))?;
+        if answer.is_none() {
+            return Err(format!(
+                "fault request `{}` to the {} got no answer in {ANSWER_TIMEOUT:?}",
+                f.name(),
+                target.name()
+            ));
+        }
+        // A standby fires it when it applies the change, a moment after the answer.
+        let deadline = Instant::now() + FAULT_FIRE_TIMEOUT;
+        while token.exists() && Instant::now() < deadline {
+            std::thread::sleep(FAULT_TOKEN_POLL_INTERVAL);
+        }
+        if token.exists() {
+            let _ = std::fs::remove_file(&token);
+            return Err(format!(
+                "fault `{}` did not fire in {FAULT_FIRE_TIMEOUT:?}: its token is still there",
+                f.name()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The incident of an active that changed (from `was` to `now`) after a standby's death,
+    /// saying whether the log shows it was fenced as hung.
+    fn active_changed(&self, death: Death, was: u32, now: u32) -> String {
+        format!(
+            "after {} of the standby the active changed from pid {} to pid {} ({})",
+            death.name(),
+            was,
+            now,
+            if self.log_text().lines().any(|l| {
+                l.contains("fencing") && l.split_whitespace().any(|w| w == format!("pid={was}"))
+            }) {
+                "fenced as hung"
+            } else {
+                "not fenced: unexplained"
+            }
+        )
+    }
+
     /// Kills `death` into the `target` engine of a settled cluster and waits for the cluster
     /// to settle again (a failover if the active died; the dead engine restarted as a hot
     /// standby in either case). `faults` is the client that sends fault requests.
@@ -366,7 +412,7 @@ impl Cluster {
         target: Target,
         faults: &mut Client,
     ) -> Result<DeathOutcome, String> {
-        let s0 = self.wait_settled(Duration::from_secs(60))?;
+        let s0 = self.wait_settled(SETTLE_TIMEOUT)?;
         let active = s0.active_engine().ok_or("no active engine")?.clone();
         let standby = s0.hot_standbys().next().ok_or("no hot standby")?.clone();
         let (victim, survivor) = match target {
@@ -382,32 +428,7 @@ impl Cluster {
         }
         let t0 = Instant::now();
         match death {
-            Death::Fault(f) => {
-                let token = self.token()?;
-                let req = fault_request(f, target == Target::Standby, &token);
-                let answer = faults
-                    .call(&req, Duration::from_secs(60))
-                    .map_err(|e| format!("fault request `{}`: {e}", f.name()))?;
-                if answer.is_none() {
-                    return Err(format!(
-                        "fault request `{}` to the {} got no answer in 60 s",
-                        f.name(),
-                        target.name()
-                    ));
-                }
-                // A standby fires it when it applies the change, a moment after the answer.
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while token.exists() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                if token.exists() {
-                    let _ = std::fs::remove_file(&token);
-                    return Err(format!(
-                        "fault `{}` did not fire in 30 s: its token is still there",
-                        f.name()
-                    ));
-                }
-            }
+            Death::Fault(f) => self.fire_fault(f, target, faults)?,
             Death::Signal(sig) => {
                 let fd = engine_pidfd(victim.pid)?;
                 let _ = fd.send_signal(sig.number());
@@ -421,7 +442,7 @@ impl Cluster {
                 victim.pid,
                 death.name()
             ),
-            Duration::from_secs(60),
+            SETTLE_TIMEOUT,
             |s| settled(s) && s.engines.iter().all(|e| e.pid != victim.pid),
         )?;
         let new_active = s.active_engine().ok_or("no active engine")?;
@@ -437,23 +458,8 @@ impl Cluster {
         }
         // After a standby's death the active must stay; if it changed, its standby or the
         // supervisor fenced it as hung meanwhile (on a loaded host) — reported, not hidden.
-        let incident = (target == Target::Standby && new_active.pid != survivor.pid).then(|| {
-            format!(
-                "after {} of the standby the active changed from pid {} to pid {} ({})",
-                death.name(),
-                survivor.pid,
-                new_active.pid,
-                if self.log_text().lines().any(|l| {
-                    l.contains("fencing")
-                        && l.split_whitespace()
-                            .any(|w| w == format!("pid={}", survivor.pid))
-                }) {
-                    "fenced as hung"
-                } else {
-                    "not fenced: unexplained"
-                }
-            )
-        });
+        let incident = (target == Target::Standby && new_active.pid != survivor.pid)
+            .then(|| self.active_changed(death, survivor.pid, new_active.pid));
         Ok(DeathOutcome {
             victim_pid: victim.pid,
             failover: failover || incident.is_some(),
@@ -493,8 +499,8 @@ impl Drop for Cluster {
             let ctl = self.ctl.clone();
             let h = std::thread::spawn(move || ctl.request(&Request::new(Op::Down), |_| {}));
             let t = Instant::now();
-            while !h.is_finished() && t.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(10));
+            while !h.is_finished() && t.elapsed() < DOWN_TIMEOUT {
+                std::thread::sleep(DOWN_POLL_INTERVAL);
             }
         }
         for pid in self.engine_pids() {
@@ -583,6 +589,16 @@ struct LoadShared {
     errors: Mutex<Vec<String>>,
 }
 
+impl LoadShared {
+    /// Records a client's error for the report.
+    fn error(&self, e: String) {
+        self.errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(e)
+    }
+}
+
 /// Load clients: each sends `COUNTER` requests for its own tag, one at a time, and checks
 /// every answer against its own count.
 pub struct Load {
@@ -663,7 +679,7 @@ impl Load {
                     n * self.threads.len() as u64
                 ));
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(PROGRESS_POLL_INTERVAL);
         }
         Ok(())
     }
@@ -691,6 +707,28 @@ impl Load {
     }
 }
 
+/// How long the supervisor may take to answer after it starts, a new cluster to settle, and
+/// the load to show its first progress.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a cluster may take to settle again after an event (a death, a restart, an
+/// upgrade step) on a loaded 2-core host, and the load to show progress after it.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a fault's token file may stay after its request was answered (a standby fires
+/// the fault when it applies the change) before the fault counts as not fired.
+const FAULT_FIRE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the token file of a fault is looked at.
+const FAULT_TOKEN_POLL_INTERVAL: Duration = Duration::from_millis(1);
+/// How often a wait asks the supervisor for its status.
+const STATUS_POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// How often a wait for the load's progress looks again.
+const PROGRESS_POLL_INTERVAL: Duration = Duration::from_millis(2);
+/// How long `understudy down` may take at teardown before everything is killed.
+const DOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the teardown looks whether `understudy down` has returned.
+const DOWN_POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// The default pause of each load client between two requests.
+const PACE_DEFAULT: Duration = Duration::from_micros(200);
+
 /// How long a client waits for one answer before it counts the request as unanswered.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -699,87 +737,89 @@ fn load_client(mut client: Client, stop: &AtomicBool, shared: &LoadShared, pace:
     let mut req = COUNTER.to_vec();
     req.extend_from_slice(&tag);
     let mut count = 0u64;
-    let error = |e: String| {
-        shared
-            .errors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(e)
-    };
-    let answer = |r: Vec<u8>| -> Result<u64, String> {
-        r.get(..8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes)
-            .ok_or_else(|| format!("expected an 8-byte count, found {} bytes", r.len()))
-    };
     while !stop.load(Ordering::Acquire) {
         let t = Instant::now();
         let n = match client.call(&req, ANSWER_TIMEOUT) {
-            Ok(Some(r)) => match answer(r) {
+            Ok(Some(r)) => match count_in(r) {
                 Ok(n) => n,
-                Err(e) => return error(format!("client {:x}: {e}", client.id())),
+                Err(e) => return shared.error(format!("client {:x}: {e}", client.id())),
             },
             Ok(None) => {
-                return error(format!(
+                return shared.error(format!(
                     "client {:x}: request {} unanswered after {ANSWER_TIMEOUT:?}",
                     client.id(),
                     count + 1
                 ))
             }
-            Err(e) => return error(format!("client {:x}: {e}", client.id())),
+            Err(e) => return shared.error(format!("client {:x}: {e}", client.id())),
         };
         let waited = t.elapsed().as_nanos() as u64;
         shared.window_wait_ns.fetch_max(waited, Ordering::AcqRel);
         shared.longest_wait_ns.fetch_max(waited, Ordering::AcqRel);
-        let expected = count + 1;
-        if n < expected {
-            shared.lost.fetch_add(expected - n, Ordering::AcqRel);
-            error(format!(
-                "client {:x}: request {expected} answered {n}: {} acknowledged effects missing",
-                client.id(),
-                expected - n
-            ));
-        } else if n > expected {
-            shared.duplicated.fetch_add(n - expected, Ordering::AcqRel);
-            error(format!(
-                "client {:x}: request {expected} answered {n}: applied {} times too many",
-                client.id(),
-                n - expected
-            ));
-        }
+        check_count(shared, client.id(), count + 1, n);
         count = n;
         shared.acked.fetch_add(1, Ordering::AcqRel);
         if !pace.is_zero() {
             std::thread::sleep(pace);
         }
     }
-    // The counter read back must equal the count every answer confirmed.
+    final_read(&mut client, shared, count);
+}
+
+/// The count an answer of the test application's counter holds.
+fn count_in(r: Vec<u8>) -> Result<u64, String> {
+    r.get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(|| format!("expected an 8-byte count, found {} bytes", r.len()))
+}
+
+/// Request `expected` of client `id` was answered `n`: fewer is lost effects, more is
+/// duplicated ones; either is counted and reported.
+fn check_count(shared: &LoadShared, id: u64, expected: u64, n: u64) {
+    if n < expected {
+        shared.lost.fetch_add(expected - n, Ordering::AcqRel);
+        shared.error(format!(
+            "client {id:x}: request {expected} answered {n}: {} acknowledged effects missing",
+            expected - n
+        ));
+    } else if n > expected {
+        shared.duplicated.fetch_add(n - expected, Ordering::AcqRel);
+        shared.error(format!(
+            "client {id:x}: request {expected} answered {n}: applied {} times too many",
+            n - expected
+        ));
+    }
+}
+
+/// The counter read back must equal the `count` every answer confirmed.
+fn final_read(client: &mut Client, shared: &LoadShared, count: u64) {
     let mut read = COUNTER_READ.to_vec();
-    read.extend_from_slice(&tag);
+    read.extend_from_slice(&client.id().to_le_bytes());
     match client.call(&read, ANSWER_TIMEOUT) {
-        Ok(Some(r)) => match answer(r) {
+        Ok(Some(r)) => match count_in(r) {
             Ok(n) if n < count => {
                 shared.lost.fetch_add(count - n, Ordering::AcqRel);
-                error(format!(
+                shared.error(format!(
                     "client {:x}: final counter {n}, {count} acknowledged",
                     client.id()
                 ))
             }
             Ok(n) if n > count => {
                 shared.duplicated.fetch_add(n - count, Ordering::AcqRel);
-                error(format!(
+                shared.error(format!(
                     "client {:x}: final counter {n}, {count} acknowledged",
                     client.id()
                 ))
             }
             Ok(_) => {}
-            Err(e) => error(format!("client {:x}: final read: {e}", client.id())),
+            Err(e) => shared.error(format!("client {:x}: final read: {e}", client.id())),
         },
-        Ok(None) => error(format!(
+        Ok(None) => shared.error(format!(
             "client {:x}: final read unanswered after {ANSWER_TIMEOUT:?}",
             client.id()
         )),
-        Err(e) => error(format!("client {:x}: final read: {e}", client.id())),
+        Err(e) => shared.error(format!("client {:x}: final read: {e}", client.id())),
     }
 }
 
@@ -811,7 +851,7 @@ impl TortureOptions {
             events,
             seed: 1,
             clients: 2,
-            pace: Duration::from_micros(200),
+            pace: PACE_DEFAULT,
             exe,
             progress: false,
             skip: Vec::new(),
@@ -998,7 +1038,7 @@ fn campaign(
     cluster.up()?;
     let mut faults = Client::connect(&cluster.dir).map_err(|e| format!("fault client: {e}"))?;
     let load = load_slot.insert(Load::start(&cluster.dir, opts.clients, opts.pace)?);
-    load.wait_progress(10, Duration::from_secs(30))?;
+    load.wait_progress(10, START_TIMEOUT)?;
     let mut rng = Rng(opts.seed);
     let mut version = 1u32;
     let t0 = Instant::now();
@@ -1018,14 +1058,14 @@ fn campaign(
         let applied = match apply(cluster, event, &mut faults, &mut version) {
             Ok(a) => a,
             Err(e) => {
-                if cluster.wait_settled(Duration::from_secs(60)).is_err() {
+                if cluster.wait_settled(SETTLE_TIMEOUT).is_err() {
                     report.outages += 1;
                 }
                 return Err(format!("event {i} ({kind}): {e}"));
             }
         };
         // Every client answered again after the event.
-        load.wait_progress(2, Duration::from_secs(60))
+        load.wait_progress(2, SETTLE_TIMEOUT)
             .map_err(|e| format!("event {i} ({kind}): {e}"))?;
         let wait = load.take_window_wait_ms();
         let k = report.kinds.entry(kind.clone()).or_default();
@@ -1098,7 +1138,7 @@ fn apply(
     faults: &mut Client,
     version: &mut u32,
 ) -> Result<Applied, String> {
-    let s0 = cluster.wait_settled(Duration::from_secs(60))?;
+    let s0 = cluster.wait_settled(SETTLE_TIMEOUT)?;
     let active0 = s0.active_engine().ok_or("no active")?.slot.clone();
     let stepped = |s: &StatusReport| s.active_engine().is_some_and(|a| a.slot != active0);
     match event {
@@ -1123,12 +1163,12 @@ fn apply(
             let _ = fd.send_signal(libc::SIGSTOP);
             std::thread::sleep(d);
             let _ = fd.send_signal(libc::SIGCONT);
-            let s = cluster.wait_settled(Duration::from_secs(60))?;
+            let s = cluster.wait_settled(SETTLE_TIMEOUT)?;
             Ok(stepped(&s).into())
         }
         Event::Switchover => {
             let refused = outcome("switchover", &cluster.request(Op::Switchover)?)?;
-            let s = cluster.wait_settled(Duration::from_secs(60))?;
+            let s = cluster.wait_settled(SETTLE_TIMEOUT)?;
             Ok(Applied {
                 failover: stepped(&s),
                 refused,
@@ -1146,7 +1186,7 @@ fn apply(
                 ..Default::default()
             }))?;
             let refused = outcome(&format!("upgrade to v{to}"), &r)?;
-            let s = cluster.wait_settled(Duration::from_secs(60))?;
+            let s = cluster.wait_settled(SETTLE_TIMEOUT)?;
             let now = if refused.is_none() { to } else { *version };
             if s.engines.iter().any(|e| e.app_version != now as u64) {
                 return Err(format!(
@@ -1165,7 +1205,7 @@ fn apply(
         Event::SupervisorRestart => {
             cluster.kill_supervisor();
             cluster.start_supervisor()?;
-            let s = cluster.wait_settled(Duration::from_secs(60))?;
+            let s = cluster.wait_settled(SETTLE_TIMEOUT)?;
             Ok(stepped(&s).into())
         }
     }

@@ -396,31 +396,10 @@ impl CallState {
                 tx.put(RING_TIMERS, &call.to_le_bytes(), &id.to_bytes());
             }
             Request::Answer { call } => {
-                let mut c = Self::call(tx, call)?;
-                if c.state != RINGING {
-                    return Err(refuse("not ringing"));
-                }
-                c.state = ACTIVE;
-                tx.update_record(call, &c);
-                Self::stop_ringing(tx, call);
-                Self::count(tx, |t| t.answered += 1)?;
+                Self::answer(tx, call)?;
                 moved = (Some(RINGING), Some(ACTIVE));
             }
-            Request::Bill { call, secs } => {
-                let mut c = Self::call(tx, call)?;
-                if c.state != ACTIVE {
-                    return Err(refuse("not active"));
-                }
-                c.billed_secs = c
-                    .billed_secs
-                    .checked_add(secs)
-                    .ok_or_else(|| refuse("overflow"))?;
-                if c.max_secs != 0 && c.billed_secs > c.max_secs {
-                    return Err(refuse("limit reached"));
-                }
-                tx.update_record(call, &c);
-                Self::count(tx, |t| t.billed_secs = t.billed_secs.wrapping_add(secs))?;
-            }
+            Request::Bill { call, secs } => Self::bill(tx, call, secs)?,
             Request::Release { call } => {
                 let c = Self::call(tx, call)?;
                 Self::stop_ringing(tx, call);
@@ -445,5 +424,34 @@ impl CallState {
         }
         tx.respond(b"+");
         Ok(moved)
+    }
+
+    /// A ringing call is answered: it becomes active and stops ringing.
+    fn answer(tx: &mut Tx<'_>, call: u64) -> Result<(), Refused> {
+        let mut c = Self::call(tx, call)?;
+        if c.state != RINGING {
+            return Err(refuse("not ringing"));
+        }
+        c.state = ACTIVE;
+        tx.update_record(call, &c);
+        Self::stop_ringing(tx, call);
+        Self::count(tx, |t| t.answered += 1)
+    }
+
+    /// `secs` more of an active call are billed, within its limit.
+    fn bill(tx: &mut Tx<'_>, call: u64, secs: u64) -> Result<(), Refused> {
+        let mut c = Self::call(tx, call)?;
+        if c.state != ACTIVE {
+            return Err(refuse("not active"));
+        }
+        c.billed_secs = c
+            .billed_secs
+            .checked_add(secs)
+            .ok_or_else(|| refuse("overflow"))?;
+        if c.max_secs != 0 && c.billed_secs > c.max_secs {
+            return Err(refuse("limit reached"));
+        }
+        tx.update_record(call, &c);
+        Self::count(tx, |t| t.billed_secs = t.billed_secs.wrapping_add(secs))
     }
 }
