@@ -107,6 +107,14 @@ pub const DEFAULT_NO_ACTIVE_BOUND: Duration = Duration::from_secs(2);
 const WORDS_EVERY: u32 = 16;
 /// How often an idle client looks at the cluster (a `stat` and a `/proc` read).
 const STATUS_EVERY: Duration = Duration::from_millis(20);
+/// How often `connect_timeout` tries again while the cluster is not ready.
+const CONNECT_RETRY_EVERY: Duration = Duration::from_millis(10);
+/// How long the engine waits for a client's regions to be ready: the client made them before
+/// it claimed its entry, so they are ready or never will be.
+const REGION_READY_WAIT: Duration = Duration::from_millis(1);
+/// How long the engine keeps trying to push into a full response ring before it closes the
+/// client as too slow (never long enough to stall the engine).
+const FULL_RESPONSE_RING_GRACE: Duration = Duration::from_millis(2);
 
 /// Why the engine closed a client's rings (the word it wrote).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -317,7 +325,7 @@ impl Client {
                 }
                 Err(e) => return Err(e),
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(CONNECT_RETRY_EVERY);
         }
     }
 
@@ -823,16 +831,10 @@ impl ClientInput {
     }
 
     fn open(&mut self, entry: usize, id: u64, pid: u64, st: u64) -> Result<Conn, ClientError> {
-        let in_region = Region::open(
-            &Control::client_in_path(&self.dir, id),
-            Duration::from_millis(1),
-        )
-        .map_err(ClientError::Region)?;
-        let out_region = Region::open(
-            &Control::client_out_path(&self.dir, id),
-            Duration::from_millis(1),
-        )
-        .map_err(ClientError::Region)?;
+        let in_region = Region::open(&Control::client_in_path(&self.dir, id), REGION_READY_WAIT)
+            .map_err(ClientError::Region)?;
+        let out_region = Region::open(&Control::client_out_path(&self.dir, id), REGION_READY_WAIT)
+            .map_err(ClientError::Region)?;
         if let Some(r) = in_region.closed().or(out_region.closed()) {
             return Err(ClientError::ClientClosed {
                 reason: CloseReason::from_word(r),
@@ -953,7 +955,7 @@ fn write_response(
             // thousands of responses); give it 2 ms, never long enough to stall the engine.
             Err(PushError::Full { .. })
                 if started.get_or_insert_with(Instant::now).elapsed()
-                    < Duration::from_millis(2) =>
+                    < FULL_RESPONSE_RING_GRACE =>
             {
                 std::hint::spin_loop();
             }

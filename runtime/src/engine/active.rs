@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// How long a cluster command waits for a standby mid-handshake to say which features it
+/// has, before it is carried out without that standby.
+const COMMAND_DEFER_MAX: Duration = Duration::from_secs(1);
+
 impl<A: Application, I: Input> Engine<A, I> {
     pub(super) fn run_active(&mut self) -> Result<Next, EngineError> {
         let s = self.opt.slot;
@@ -305,7 +309,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                     .zip(&alive)
                     .any(|(r, a)| *a && r.agreement.is_none());
                 // A standby mid-handshake: decide once it has said which features it has.
-                if attaching && self.defer_command(seq, Duration::from_secs(1)) {
+                if attaching && self.defer_command(seq, COMMAND_DEFER_MAX) {
                     return Ok(None);
                 }
                 self.cmd_seen = None;

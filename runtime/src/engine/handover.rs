@@ -4,6 +4,10 @@
 use super::role::{self, OnLockBusy};
 use super::*;
 
+/// How often a standby stepping up checks (in `/proc`) whether a lock holder that left the
+/// lock word unmarked is gone; never in the first period (a planned handover's unlock).
+const GONE_CHECK_EVERY: Duration = Duration::from_millis(1);
+
 impl<A: Application, I: Input> Engine<A, I> {
     /// Planned switchover to `target`: returns this engine's new upstream (as standby).
     pub(super) fn switchover(&mut self, target: usize) -> Result<Upstream, SwitchoverRefused> {
@@ -111,10 +115,10 @@ impl<A: Application, I: Input> Engine<A, I> {
         // that died without the kernel marking the word (its memory unmapped before its thread
         // exited) is recovered once its thread is provably gone; that check reads /proc, so it
         // runs once a millisecond, never in the first one (a planned handover's unlock).
-        let mut next_gone_check = Duration::from_millis(1);
+        let mut next_gone_check = GONE_CHECK_EVERY;
         loop {
             let outcome = if t0.elapsed() >= next_gone_check {
-                next_gone_check = t0.elapsed() + Duration::from_millis(1);
+                next_gone_check = t0.elapsed() + GONE_CHECK_EVERY;
                 try_lock_recovering(&lock, self.control.path())
             } else {
                 lock.try_lock()

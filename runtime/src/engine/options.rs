@@ -3,6 +3,14 @@
 
 use super::*;
 
+/// How long the active waits by default for room in a standby's full stream before it
+/// untethers the standby.
+const BACKPRESSURE_WAIT_DEFAULT: Duration = Duration::from_millis(20);
+/// The default heartbeat interval.
+const HEARTBEAT_DEFAULT: Duration = Duration::from_millis(1);
+/// By default, a heartbeat older than this means the active is hung.
+const HUNG_AFTER_DEFAULT: Duration = Duration::from_millis(500);
+
 /// What to do when a standby's stream is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backpressure {
@@ -200,10 +208,10 @@ impl Options {
             dir: dir.into(),
             slot,
             ring_capacity: 8 << 20,
-            backpressure: Backpressure::Wait(Duration::from_millis(20)),
+            backpressure: Backpressure::Wait(BACKPRESSURE_WAIT_DEFAULT),
             idle: Idle::SHARED,
-            heartbeat: Duration::from_millis(1),
-            hung_after: Duration::from_millis(500),
+            heartbeat: HEARTBEAT_DEFAULT,
+            hung_after: HUNG_AFTER_DEFAULT,
             catchup_chunk: 512,
             standby_only: false,
             on_panic: OnPanic::Abort,

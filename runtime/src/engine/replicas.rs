@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// How long opening a standby's regions waits for them to be ready: the standby made them
+/// before it announced its attach generation, so they are ready or never will be.
+const REGION_READY_WAIT: Duration = Duration::from_millis(1);
+
 pub(super) enum ReplicaPhase {
     /// Waiting for the standby's hello on the feedback ring.
     AwaitHello,
@@ -119,8 +123,8 @@ impl<A: Application, I: Input> Engine<A, I> {
                 let (stream_region, feedback_region) = match pre {
                     Some(p) => p,
                     None => (
-                        Region::open(&sp, Duration::from_millis(1))?,
-                        Region::open(&fp, Duration::from_millis(1))?,
+                        Region::open(&sp, REGION_READY_WAIT)?,
+                        Region::open(&fp, REGION_READY_WAIT)?,
                     ),
                 };
                 // Untrusted: the files must be this epoch's stream and feedback rings.

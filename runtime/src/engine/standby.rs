@@ -80,7 +80,7 @@ impl Leftovers {
         let Some(since) = self.since else {
             return;
         };
-        if !done && since.elapsed() < Duration::from_millis(20) {
+        if !done && since.elapsed() < REAP_AFTER {
             return;
         }
         for u in self.upstream.drain(..) {
@@ -287,7 +287,7 @@ impl<A: Application, I: Input> Engine<A, I> {
             if let Some((from, target, _, _)) = self.handed_over {
                 if epoch > from {
                     self.handed_over = None;
-                } else if !self.slot_alive(target) || started.elapsed() > Duration::from_secs(5) {
+                } else if !self.slot_alive(target) || started.elapsed() > HANDOVER_TARGET_TIMEOUT {
                     self.epoch = from;
                     if self.try_claim(Some(from))? {
                         self.handed_over = None;
@@ -313,13 +313,13 @@ impl<A: Application, I: Input> Engine<A, I> {
             // steps up (an empty engine taking over would lose the state).
             if !self.opt.standby_only
                 && self.control.epoch() == 0
-                && started.elapsed() > Duration::from_millis(20)
+                && started.elapsed() > FIRST_ACTIVE_AFTER
                 && self.try_become_first_active()?
             {
                 self.mark_step_up(started, false);
                 return Ok(Attach::BecomeActive);
             }
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(ATTACH_POLL_INTERVAL);
         }
     }
 
@@ -768,6 +768,17 @@ const LIVENESS_CHECK_NS: u64 = 5_000_000;
 pub(super) const REPAIR_EVERY_NS: u64 = 10_000_000;
 /// How often a standby acknowledges its position.
 const ACK_EVERY: Duration = Duration::from_millis(1);
+/// How long the old upstreams of a standby are kept before they are dropped, unless the new
+/// one has done its first work sooner (see `reap`).
+const REAP_AFTER: Duration = Duration::from_millis(20);
+/// How long an old active that handed over waits for the switchover target to step up before
+/// it takes the role back.
+const HANDOVER_TARGET_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an engine of a fresh cluster (epoch 0) looks for an active before it becomes the
+/// first one itself.
+const FIRST_ACTIVE_AFTER: Duration = Duration::from_millis(20);
+/// How often an engine looking for its active (to attach, or to step up) looks again.
+const ATTACH_POLL_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Spin hints between two looks at `died` and the clock in [`paced_pause`] (one hint is
 /// 10–140 cycles by CPU: a look every ~0.1–1 µs).
