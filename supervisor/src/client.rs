@@ -30,6 +30,11 @@ use crate::proto::{Code, Reply, ReplyKind, Request};
 /// How long a client waits to connect, and then for each line, unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The shortest timeout a client takes (a zero one could never connect).
+const TIMEOUT_MIN: Duration = Duration::from_millis(1);
+/// How often a connect in progress looks whether the supervisor accepted it.
+const CONNECT_POLL_INTERVAL: Duration = Duration::from_millis(2);
+
 /// A client of one supervisor's socket.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -121,7 +126,7 @@ impl Client {
 
     /// The same client with another timeout (to connect, then per line; at least 1 ms).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout.max(Duration::from_millis(1));
+        self.timeout = timeout.max(TIMEOUT_MIN);
         self
     }
 
@@ -155,7 +160,7 @@ impl Client {
                             waited: self.timeout,
                         });
                     }
-                    std::thread::sleep(Duration::from_millis(2));
+                    std::thread::sleep(CONNECT_POLL_INTERVAL);
                 }
                 Err(e) => return Err(not_running(e.into())),
             }

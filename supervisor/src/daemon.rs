@@ -52,6 +52,19 @@ use crate::watch::{ControlCheck, HotWatch, Rates, RoleWatch};
 pub use crate::process::HUNG_BEATS;
 pub use crate::up_error::UpError;
 
+/// How often a fresh start looks whether engine `a` became active.
+const START_POLL_INTERVAL: Duration = Duration::from_millis(1);
+/// How long a failed start waits for each engine it killed to exit.
+const ABANDON_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a failed start looks whether a killed engine has exited.
+const EXIT_POLL_INTERVAL: Duration = Duration::from_millis(2);
+/// The loop's turn while an operation runs: role changes are watched closely.
+const OPERATION_TURN: Duration = Duration::from_micros(100);
+/// The loop's turn otherwise: the longest it waits for an engine's exit.
+const IDLE_TURN: Duration = Duration::from_millis(2);
+/// How often the supervisor looks for the engine that stepped up after an active died.
+const SUCCESSOR_POLL_INTERVAL: Duration = Duration::from_micros(200);
+
 /// The supervisor's state; see the [module docs](self).
 pub struct Supervisor {
     /// The cluster: config, directory, control block, engines and managed slots; lent to
@@ -311,7 +324,7 @@ impl Supervisor {
                     timeout_ms: self.cluster.config.timeouts.start_ms,
                 });
             }
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(START_POLL_INTERVAL);
         }
         info!(
             slot = "a",
@@ -340,9 +353,9 @@ impl Supervisor {
         for slot in 0..SLOTS {
             if let Some(mut proc) = self.cluster.engines[slot].take() {
                 proc.kill();
-                let deadline = Instant::now() + Duration::from_secs(10);
+                let deadline = Instant::now() + ABANDON_EXIT_TIMEOUT;
                 while proc.exited().is_none() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(2));
+                    std::thread::sleep(EXIT_POLL_INTERVAL);
                 }
             }
         }
@@ -373,9 +386,9 @@ impl Supervisor {
             if self.op.is_some() {
                 // Role changes are watched closely while an operation runs.
                 self.wait_for_exits(Duration::ZERO);
-                std::thread::sleep(Duration::from_micros(100));
+                std::thread::sleep(OPERATION_TURN);
             } else {
-                self.wait_for_exits(Duration::from_millis(2));
+                self.wait_for_exits(IDLE_TURN);
             }
             for slot in 0..SLOTS {
                 let exit = self.cluster.engines[slot].as_mut().and_then(|p| p.exited());
@@ -521,7 +534,7 @@ impl Supervisor {
             if !candidates || Instant::now() > deadline {
                 return None;
             }
-            std::thread::sleep(Duration::from_micros(200));
+            std::thread::sleep(SUCCESSOR_POLL_INTERVAL);
         }
     }
 

@@ -68,6 +68,11 @@ pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(50);
 
+/// A rate-limited warning is logged at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(1);
+/// The longest the socket thread sleeps in `poll` with nothing due.
+const POLL_WAKE_MAX: Duration = Duration::from_secs(1);
+
 /// Binds `<dir>/supervisor.sock` with mode 0600 in the private cluster directory `dir`.
 ///
 /// The umask is process-wide: this is called before the socket thread starts, from the one
@@ -141,7 +146,7 @@ impl RateLimitedWarn {
         let now = Instant::now();
         if self
             .last
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+            .is_some_and(|t| now.duration_since(t) < WARN_EVERY)
         {
             self.suppressed += 1;
             return;
@@ -215,7 +220,7 @@ impl Server {
                 revents: 0,
             });
         }
-        let mut wake = now + Duration::from_secs(1);
+        let mut wake = now + POLL_WAKE_MAX;
         if let Some(t) = self.accept_paused_until {
             wake = wake.min(t);
         }

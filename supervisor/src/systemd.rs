@@ -24,6 +24,9 @@ use sd_notify::NotifyState;
 use tracing::{info, warn};
 use understudy_control::control::{slot_name, Control, Field, Role, State, SLOTS};
 
+/// How often the systemd thread looks at the cluster (status, readiness, the watchdog).
+const WATCH_EVERY: Duration = Duration::from_millis(50);
+
 static LOOP_TICKS: AtomicU64 = AtomicU64::new(0);
 
 /// Called by the supervisor's loop on every iteration: the watchdog's proof of life.
@@ -173,6 +176,6 @@ fn run(control: Control, watchdog: Option<Duration>, stop: &AtomicBool) {
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(WATCH_EVERY);
     }
 }
