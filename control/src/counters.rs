@@ -240,6 +240,13 @@ fn map_file(path: &Path, file: &std::fs::File) -> Result<Mapped, CountersError> 
 /// A header word to check: (name, index, expected value, how to show a value).
 type HeaderCheck = (&'static str, usize, u64, fn(u64) -> String);
 
+/// How long an opener waits for a racing creator to size the file, and then to publish it.
+const CREATION_WAIT: Duration = Duration::from_secs(2);
+/// How often an opener looks again whether the file has been sized.
+const SIZE_POLL_INTERVAL: Duration = Duration::from_millis(1);
+/// How often an opener looks again whether the file has been published.
+const READY_POLL_INTERVAL: Duration = Duration::from_micros(200);
+
 /// Open the file for reading or writing, validating everything in the header.
 fn open_existing(dir: &Path) -> Result<Mapped, CountersError> {
     let path = dir.join(FILE_NAME);
@@ -250,56 +257,71 @@ fn open_existing(dir: &Path) -> Result<Mapped, CountersError> {
             source: e.into(),
         }
     })?;
+    check_size(&path, &file)?;
+    let m = map_file(&path, &file)?;
+    wait_ready(&path, &m)?;
+    check_header(&path, &m)?;
+    Ok(m)
+}
+
+/// The file has this layout's size, once a racing creator has sized it (bounded); a file of
+/// another layout version is named by its version, not its size.
+fn check_size(path: &Path, file: &std::fs::File) -> Result<(), CountersError> {
     let io = |op| {
-        let path = path.clone();
+        let path = path.to_path_buf();
         move |source| CountersError::Io { path, op, source }
     };
     let mut meta = file.metadata().map_err(io("stat"))?;
-    // A creator racing with us may not have sized the file yet: wait for it, bounded.
     let sizing = Instant::now();
-    while meta.len() == 0 && sizing.elapsed() < Duration::from_secs(2) {
-        std::thread::sleep(Duration::from_millis(1));
+    while meta.len() == 0 && sizing.elapsed() < CREATION_WAIT {
+        std::thread::sleep(SIZE_POLL_INTERVAL);
         meta = file.metadata().map_err(io("stat"))?;
     }
-    if meta.len() != FILE_BYTES as u64 {
-        // A file of another layout version has another size: name the version, not the size.
-        let mut head = [0u8; 16];
-        if std::os::unix::fs::FileExt::read_exact_at(&file, &mut head, 0).is_ok() {
-            let word = |i: usize| {
-                u64::from_le_bytes(head[i * 8..i * 8 + 8].try_into().unwrap_or_default())
-            };
-            if word(H_MAGIC) == MAGIC && word(H_VERSION) != LAYOUT_VERSION {
-                return Err(CountersError::Field {
-                    path,
-                    field: "layout version",
-                    expected: LAYOUT_VERSION.to_string(),
-                    found: word(H_VERSION).to_string(),
-                });
-            }
-        }
-        return Err(CountersError::Field {
-            path,
-            field: "file size",
-            expected: FILE_BYTES.to_string(),
-            found: meta.len().to_string(),
-        });
+    if meta.len() == FILE_BYTES as u64 {
+        return Ok(());
     }
-    let m = map_file(&path, &file)?;
-    let w = |i: usize| m.words.word(i).load(Ordering::Relaxed);
+    let mut head = [0u8; 16];
+    if std::os::unix::fs::FileExt::read_exact_at(file, &mut head, 0).is_ok() {
+        let word =
+            |i: usize| u64::from_le_bytes(head[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+        if word(H_MAGIC) == MAGIC && word(H_VERSION) != LAYOUT_VERSION {
+            return Err(CountersError::Field {
+                path: path.to_path_buf(),
+                field: "layout version",
+                expected: LAYOUT_VERSION.to_string(),
+                found: word(H_VERSION).to_string(),
+            });
+        }
+    }
+    Err(CountersError::Field {
+        path: path.to_path_buf(),
+        field: "file size",
+        expected: FILE_BYTES.to_string(),
+        found: meta.len().to_string(),
+    })
+}
+
+/// Waits (bounded) until the creator has published the file.
+fn wait_ready(path: &Path, m: &Mapped) -> Result<(), CountersError> {
     let started = Instant::now();
     // SYNC POINT: counters published (Acquire side; Release is in `Writer::open_or_create`).
     while m.words.word(H_READY).load(Ordering::Acquire) != READY {
-        if started.elapsed() > Duration::from_secs(2) {
+        if started.elapsed() > CREATION_WAIT {
             return Err(CountersError::Field {
-                path,
+                path: path.to_path_buf(),
                 field: "ready",
                 expected: "a published counters file".into(),
-                found: "one still being initialised after 2 s".into(),
+                found: format!("one still being initialised after {CREATION_WAIT:?}"),
             });
         }
-        std::thread::sleep(Duration::from_micros(200));
+        std::thread::sleep(READY_POLL_INTERVAL);
     }
-    let checks: [HeaderCheck; 5] = [
+    Ok(())
+}
+
+/// Every header word holds what this layout says: the first wrong one is named.
+fn check_header(path: &Path, m: &Mapped) -> Result<(), CountersError> {
+    let checks: [HeaderCheck; 7] = [
         ("magic", H_MAGIC, MAGIC, |v| format!("{v:#018x}")),
         ("layout version", H_VERSION, LAYOUT_VERSION, |v| {
             v.to_string()
@@ -311,35 +333,28 @@ fn open_existing(dir: &Path) -> Result<Mapped, CountersError> {
         ("words per slot", H_SLOT_WORDS, SLOT_WORDS as u64, |v| {
             v.to_string()
         }),
+        ("client entries", H_CLIENTS, MAX_CLIENTS as u64, |v| {
+            v.to_string()
+        }),
+        (
+            "histogram buckets",
+            H_HIST_BUCKETS,
+            HIST_BUCKETS as u64,
+            |v| v.to_string(),
+        ),
     ];
     for (field, i, want, show) in checks {
-        let found = w(i);
+        let found = m.words.word(i).load(Ordering::Relaxed);
         if found != want {
             return Err(CountersError::Field {
-                path,
+                path: path.to_path_buf(),
                 field,
                 expected: show(want),
                 found: show(found),
             });
         }
     }
-    if w(H_CLIENTS) != MAX_CLIENTS as u64 {
-        return Err(CountersError::Field {
-            path,
-            field: "client entries",
-            expected: MAX_CLIENTS.to_string(),
-            found: w(H_CLIENTS).to_string(),
-        });
-    }
-    if w(H_HIST_BUCKETS) != HIST_BUCKETS as u64 {
-        return Err(CountersError::Field {
-            path,
-            field: "histogram buckets",
-            expected: HIST_BUCKETS.to_string(),
-            found: w(H_HIST_BUCKETS).to_string(),
-        });
-    }
-    Ok(m)
+    Ok(())
 }
 
 /// The engine's handle on its own slot block: the only writer of those words.
