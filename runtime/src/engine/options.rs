@@ -10,6 +10,9 @@ const BACKPRESSURE_WAIT_DEFAULT: Duration = Duration::from_millis(20);
 const HEARTBEAT_DEFAULT: Duration = Duration::from_millis(1);
 /// By default, a heartbeat older than this means the active is hung.
 const HUNG_AFTER_DEFAULT: Duration = Duration::from_millis(500);
+/// By default, how long a standby pauses between two polls of an empty stream, so that it
+/// does not hold the cache line the active writes next.
+const STANDBY_POLL_PAUSE_DEFAULT: Duration = Duration::from_micros(20);
 
 /// What to do when a standby's stream is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,7 +220,7 @@ impl Options {
             on_panic: OnPanic::Abort,
             counters: true,
             integrity: StreamIntegrity::Batch,
-            standby_poll_pause: Duration::from_micros(20),
+            standby_poll_pause: STANDBY_POLL_PAUSE_DEFAULT,
         }
     }
 }
