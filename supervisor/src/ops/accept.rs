@@ -116,13 +116,16 @@ impl Soak {
             self.kill_cmd();
             return reject(why.to_owned());
         }
+        // A rejection kills the accept command too, if it runs (with whatever it started).
         if let Err(reason) = self.watch(cluster, acceptance) {
+            self.kill_cmd();
             return reject(reason);
         }
         if Instant::now() < self.until {
             return SoakPoll::Pending;
         }
         if let Err(reason) = self.judge_traffic(cluster, acceptance) {
+            self.kill_cmd();
             return reject(reason);
         }
         let Some(accept_cmd) = accept_cmd else {
@@ -243,4 +246,65 @@ fn kill_group(child: &mut Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::fake::FakeCluster;
+    use std::time::Duration;
+    use understudy_control::control::{Role, State};
+
+    /// A bound on each wait below, failing with a message: not a timing.
+    const WAIT_MAX: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_rejection_during_the_accept_command_kills_it_and_what_it_started() {
+        // Proves that when the soak rejects the new active (here: it lost its role) while the
+        // accept command runs, the command's process group is killed, so a process it started
+        // in the background is not left behind (before, only a timeout or an abort killed it).
+        let fake = FakeCluster::serving();
+        let acceptance = AcceptanceConfig::default();
+        let pidfile = fake.dir().join("child.pid");
+        let cmd = format!("sleep 600 & echo $! > {}; wait", pidfile.display());
+        let mut soak = Soak::begin(&fake, 0, 0);
+        let started = Instant::now();
+        let pid: u32 = loop {
+            let turn = soak.poll(&fake, &acceptance, Some(&cmd), None, false);
+            assert!(
+                matches!(turn, SoakPoll::Pending),
+                "expected the command running"
+            );
+            let written = std::fs::read_to_string(&pidfile).unwrap_or_default();
+            if let Ok(pid) = written.trim().parse() {
+                break pid;
+            }
+            assert!(
+                started.elapsed() < WAIT_MAX,
+                "the accept command never started"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        fake.write(0, Role::Standby, State::Hot);
+        let turn = soak.poll(&fake, &acceptance, Some(&cmd), None, false);
+        assert!(
+            matches!(turn, SoakPoll::Verdict(Verdict::Rejected { .. })),
+            "expected a rejection once engine a is no longer active"
+        );
+        assert!(soak.cmd.is_none(), "expected the accept command reaped");
+        let killed = Instant::now();
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat.is_empty() || stat.contains(") Z") {
+                break;
+            }
+            if killed.elapsed() > WAIT_MAX {
+                // Do not leave it behind either way.
+                // SAFETY: kill(2) of the sleep this test started.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                panic!("expected the command's background sleep {pid} dead, found: {stat}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
