@@ -46,11 +46,13 @@ use common::{fmt_ns, median, quantile, row, write_section, TABLE_HEAD};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use understudy_runtime::control::{
     cmd, monotonic_ns, realtime_ns, slot_cmd, Control, Field, Role, State,
 };
+use understudy_test_support::cluster::{role, state, Engines};
+use understudy_test_support::{ChildGuard, Rng, Wait};
 use understudy_testkit::Side;
 
 const BUILD_HINT: &str = "cargo build --release -p understudy-runtime --bins";
@@ -71,55 +73,48 @@ fn engine_bin() -> PathBuf {
     bin
 }
 
-/// A cluster directory under /dev/shm with its engine processes; on drop (panics included)
-/// every engine is killed and reaped and the directory removed.
+/// A cluster directory under /dev/shm with its engine processes, on the workspace harness
+/// ([`Engines`]): on drop (panics included) every engine is killed and reaped and the
+/// directory removed, and every engine dies with the bench process.
 struct Cluster {
-    dir: PathBuf,
+    engines: Engines,
     bin: PathBuf,
     control: Control,
-    children: Vec<(usize, Child, PathBuf)>,
+    /// The log file of the engine last started in each slot.
+    logs: Vec<(usize, PathBuf)>,
     spawned: usize,
 }
 
 impl Cluster {
     fn new(tag: &str) -> Cluster {
-        let dir = PathBuf::from(format!(
-            "/dev/shm/understudy-bench-{}-{tag}",
-            std::process::id()
-        ));
         // The engine executable first: a missing one must not leave a directory behind.
         let bin = engine_bin();
-        let _ = std::fs::remove_dir_all(&dir);
-        let control = Control::open_or_create(&dir).expect("create the control file");
+        let engines = Engines::new(&format!("bench-{tag}"));
+        let control = engines.control();
         Cluster {
-            dir,
+            engines,
             bin,
             control,
-            children: Vec::new(),
+            logs: Vec::new(),
             spawned: 0,
         }
     }
 
-    fn side_path(&self, slot: usize) -> PathBuf {
-        self.dir.join(format!("side-{slot}"))
-    }
-
     fn side(&self, slot: usize) -> Side {
-        Side::open(&self.side_path(slot))
+        self.engines.side(slot)
     }
 
     /// Start an engine in `slot` with the common arguments and `extra`.
     fn spawn(&mut self, slot: usize, standby: bool, extra: &[&str]) {
         // US_BENCH_LOG_DIR keeps the engines' logs (at US_BENCH_LOG level) after the run.
-        let log_dir = std::env::var_os("US_BENCH_LOG_DIR").map_or(self.dir.clone(), PathBuf::from);
+        let log_dir =
+            std::env::var_os("US_BENCH_LOG_DIR").map_or(self.engines.dir.clone(), PathBuf::from);
         let log = log_dir.join(format!("log-{slot}-{}", self.spawned));
         self.spawned += 1;
         let mut c = Command::new(&self.bin);
-        c.arg("--dir")
-            .arg(&self.dir)
-            .args(["--slot", ["a", "b", "c"][slot]])
+        c.args(self.engines.engine_args(slot, standby))
             .arg("--side")
-            .arg(self.side_path(slot))
+            .arg(self.engines.side_path(slot))
             .args(extra)
             .env(
                 "RUST_LOG",
@@ -128,46 +123,35 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).expect("log file"));
-        if standby {
-            c.arg("--standby");
-        }
-        let child = c.spawn().expect("spawn the test engine");
-        self.children.push((slot, child, log));
+        self.engines.start(slot, &mut c);
+        self.logs.retain(|(s, _)| *s != slot);
+        self.logs.push((slot, log));
     }
 
     /// Take the engine of `slot` out of the watch list (it is about to die on purpose).
-    fn take(&mut self, slot: usize) -> Child {
-        let i = self
-            .children
-            .iter()
-            .position(|(s, _, _)| *s == slot)
-            .expect("an engine in the slot");
-        self.children.remove(i).1
+    fn take(&mut self, slot: usize) -> ChildGuard {
+        self.logs.retain(|(s, _)| *s != slot);
+        self.engines.take(slot)
     }
 
     /// Panic, with the engine's log, if an engine exited.
     fn check(&mut self) {
-        for (slot, child, log) in &mut self.children {
-            if let Ok(Some(status)) = child.try_wait() {
-                let text = std::fs::read_to_string(&*log).unwrap_or_default();
-                let tail: String = text
-                    .lines()
-                    .rev()
-                    .take(15)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                panic!(
-                    "engine in slot {slot} exited ({status}); expected it to keep running. \
-                     Its log:\n{tail}\n(if it rejects an argument, rebuild it: `{BUILD_HINT}`)"
-                );
-            }
+        if let Some((slot, status)) = self.engines.exited() {
+            let log = self.logs.iter().find(|(s, _)| *s == slot).map(|(_, l)| l);
+            let text = log
+                .and_then(|l| std::fs::read_to_string(l).ok())
+                .unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+            panic!(
+                "engine in slot {slot} exited ({status}); expected it to keep running. \
+                 Its log:\n{tail}\n(if it rejects an argument, rebuild it: `{BUILD_HINT}`)"
+            );
         }
     }
 
-    /// Wait (bounded, polling every `step`) until `f`; panics naming `what`.
+    /// Wait (bounded, polling every `step`) until `f`; panics naming `what`, or the engine
+    /// that exited meanwhile (engines are checked every 64 polls, to keep polls cheap).
     fn wait(
         &mut self,
         what: &str,
@@ -175,38 +159,16 @@ impl Cluster {
         step: Duration,
         mut f: impl FnMut(&Control) -> bool,
     ) {
-        let t = Instant::now();
+        let start = Instant::now();
         let mut n = 0u32;
-        while !f(&self.control) {
+        Wait::new(what, timeout).every(step).until(|| {
             n = n.wrapping_add(1);
-            if n % 64 == 0 {
+            if n % 64 == 0 || start.elapsed() > timeout {
                 self.check();
             }
-            if t.elapsed() > timeout {
-                self.check();
-                panic!("timed out after {timeout:?} waiting for {what}");
-            }
-            std::thread::sleep(step);
-        }
+            f(&self.control)
+        })
     }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for (_, c, _) in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn role_of(c: &Control, slot: usize) -> Role {
-    Role::from_word(c.get(slot, Field::Role))
-}
-
-fn state_of(c: &Control, slot: usize) -> State {
-    State::from_word(c.get(slot, Field::State))
 }
 
 fn pidfd_open(pid: u32) -> OwnedFd {
@@ -237,16 +199,6 @@ fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
             _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
             _ => panic!("poll(pidfd): {}", std::io::Error::last_os_error()),
         }
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
     }
 }
 
@@ -282,9 +234,9 @@ fn bench_kill(ballast_mib: u64, kills: usize) -> KillFigures {
     let long = Duration::from_secs(60);
     let step = Duration::from_micros(200);
     cl.spawn(0, false, &args);
-    cl.wait("a active", long, step, |c| role_of(c, 0) == Role::Active);
+    cl.wait("a active", long, step, |c| role(c, 0) == Role::Active);
     cl.spawn(1, true, &args);
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ballast_mib);
+    let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15 ^ ballast_mib);
     let mut active = 0usize;
     let warmup = 2;
     let mut f = KillFigures {
@@ -298,10 +250,10 @@ fn bench_kill(ballast_mib: u64, kills: usize) -> KillFigures {
     for i in 0..kills + warmup {
         let standby = 1 - active;
         cl.wait(&format!("kill {i}: standby hot"), long, step, |c| {
-            state_of(c, standby) == State::Hot && role_of(c, standby) == Role::Standby
+            state(c, standby) == State::Hot && role(c, standby) == Role::Standby
         });
         // Past one pace interval, at a random phase of the workload.
-        std::thread::sleep(Duration::from_micros(2000 + rng.next() % 4000));
+        std::thread::sleep(Duration::from_micros(2000 + rng.next_u64() % 4000));
         let stepups = cl.control.get(standby, Field::StepUps);
         let mut victim = cl.take(active);
         let pidfd = pidfd_open(victim.id());
@@ -319,7 +271,7 @@ fn bench_kill(ballast_mib: u64, kills: usize) -> KillFigures {
             &format!("kill {i}: standby steps up"),
             Duration::from_secs(10),
             Duration::from_micros(50),
-            |c| c.get(standby, Field::StepUps) > stepups && role_of(c, standby) == Role::Active,
+            |c| c.get(standby, Field::StepUps) > stepups && role(c, standby) == Role::Active,
         );
         cl.wait(
             &format!("kill {i}: first commit of the new active"),
@@ -333,7 +285,7 @@ fn bench_kill(ballast_mib: u64, kills: usize) -> KillFigures {
             .get(standby, Field::LastStepUpNs)
             .saturating_sub(t_rt);
         let dur = cl.control.get(standby, Field::LastStepUpDurNs);
-        let _ = victim.wait();
+        let _ = victim.child_mut().wait();
         if i >= warmup {
             f.first_commit.push(first as f64);
             f.stepped_up.push(stepped as f64);
@@ -365,7 +317,7 @@ fn bench_switch(switches: usize) -> SwitchFigures {
     let long = Duration::from_secs(30);
     let step = Duration::from_micros(200);
     cl.spawn(0, false, &args);
-    cl.wait("a active", long, step, |c| role_of(c, 0) == Role::Active);
+    cl.wait("a active", long, step, |c| role(c, 0) == Role::Active);
     cl.spawn(1, true, &args);
     let sides = [cl.side(0), cl.side(1)];
     let mut active = 0usize;
@@ -381,7 +333,7 @@ fn bench_switch(switches: usize) -> SwitchFigures {
     for i in 0..switches + warmup {
         let standby = 1 - active;
         cl.wait(&format!("switch {i}: standby hot"), long, step, |c| {
-            state_of(c, standby) == State::Hot && role_of(c, standby) == Role::Standby
+            state(c, standby) == State::Hot && role(c, standby) == Role::Standby
         });
         // Baseline: the longest gap between commits over 2 ms of normal running.
         std::thread::sleep(Duration::from_millis(1));
@@ -398,7 +350,7 @@ fn bench_switch(switches: usize) -> SwitchFigures {
             |c| {
                 c.acked().0 == seq
                     && c.get(standby, Field::StepUps) > stepups
-                    && role_of(c, standby) == Role::Active
+                    && role(c, standby) == Role::Active
                     && sides[standby].first_commit_ns() > t_mono
             },
         );
@@ -450,7 +402,7 @@ fn bench_catchup(units: u64, runs: usize) -> CatchupFigures {
     let long = Duration::from_secs(30);
     let step = Duration::from_micros(200);
     cl.spawn(0, false, &args);
-    cl.wait("a active", long, step, |c| role_of(c, 0) == Role::Active);
+    cl.wait("a active", long, step, |c| role(c, 0) == Role::Active);
     let fill = Instant::now();
     cl.wait(
         &format!("the active holds {units} units"),
@@ -479,7 +431,7 @@ fn bench_catchup(units: u64, runs: usize) -> CatchupFigures {
             &format!("catch-up {i}: standby hot"),
             Duration::from_secs(60),
             Duration::from_micros(200),
-            |c| state_of(c, 1) == State::Hot && role_of(c, 1) == Role::Standby,
+            |c| state(c, 1) == State::Hot && role(c, 1) == Role::Standby,
         );
         let to_hot_ns = t.elapsed().as_nanos() as f64;
         let gap_during = side.take_longest_gap_ns() as f64;
@@ -495,14 +447,10 @@ fn bench_catchup(units: u64, runs: usize) -> CatchupFigures {
         // before it untethers it).
         cl.control.set(1, Field::Cmd, slot_cmd::STOP);
         let mut child = cl.take(1);
-        let t = Instant::now();
-        while child.try_wait().ok().flatten().is_none() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "catch-up {i}: the standby did not stop on command"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        child.wait_exit(
+            &format!("catch-up {i}: the standby to stop on command"),
+            Duration::from_secs(10),
+        );
         cl.control.set(1, Field::Cmd, 0);
         std::thread::sleep(Duration::from_millis(200));
     }

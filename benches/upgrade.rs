@@ -35,51 +35,40 @@ use common::{fmt_ns, row, TABLE_HEAD};
 use matchbook::loadgen::{LoadConfig, LoadGen, LoadReport};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use understudy_runtime::control::{Control, Field, SLOTS};
-use understudy_runtime::liveness::ProcessIdentity;
-use understudy_supervisor::client::Client as Ctl;
-use understudy_supervisor::proto::{
-    Code, Op, Request, StatusReport, UpgradeEvent, UpgradeRequest, SOCKET_NAME,
-};
+use understudy_supervisor::proto::{Code, Op, Request, UpgradeEvent, UpgradeRequest};
+use understudy_test_support::cluster::Supervised;
+use understudy_test_support::Wait;
 
 /// The multi-call `understudy` executable of this package (built by cargo for the bench).
 const EXE: &str = env!("CARGO_BIN_EXE_understudy");
-const CLUSTER: &str = "mb";
 
-/// A supervised cluster: the supervisor child, its engines, the temporary directory with the
-/// config and the engine links, and the cluster's shared-memory directory. On drop (panics
-/// included): a clean `down` if the supervisor answers within 5 s, then SIGKILL of every
-/// engine named in the control block and of the supervisor, and both directories removed.
+/// A supervised cluster on the workspace harness ([`Supervised`]): the supervisor child, its
+/// engines, the temporary directory with the config and the engine links, and the cluster's
+/// shared-memory directory. On drop (panics included): a clean `down` if the supervisor
+/// answers within 5 s, then the harness SIGKILLs every engine and the supervisor and removes
+/// both directories (the temporary one is kept with `US_BENCH_KEEP`). Everything dies with
+/// the bench process too.
 struct Stage {
-    tmp: PathBuf,
-    shm_dir: PathBuf,
+    cluster: Supervised,
     cluster_dir: PathBuf,
-    supervisor: Option<Child>,
-    ctl: Ctl,
     v2: PathBuf,
 }
 
+/// How long a stage waits for an active engine and a hot standby.
+const SETTLE_MAX: Duration = Duration::from_secs(30);
+/// How long a stage's drop waits for a clean `down`.
+const DOWN_MAX: Duration = Duration::from_secs(5);
+
 impl Stage {
     fn start(run: usize, accept_ms: u64) -> Stage {
-        let pid = std::process::id();
-        let tmp = std::env::temp_dir().join(format!("understudy-bench-upgrade-{pid}-{run}"));
-        let shm_dir = PathBuf::from(format!("/dev/shm/understudy-bench-{pid}-upgrade-{run}"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        let _ = std::fs::remove_dir_all(&shm_dir);
-        std::fs::create_dir_all(&tmp).expect("create the temporary directory");
-        let cluster_dir = shm_dir.join(CLUSTER);
-        let mut stage = Stage {
-            tmp: tmp.clone(),
-            shm_dir: shm_dir.clone(),
-            cluster_dir: cluster_dir.clone(),
-            supervisor: None,
-            ctl: Ctl::new(cluster_dir.join(SOCKET_NAME)),
-            v2: tmp.join("matchbook-v2"),
-        };
-        let v1 = tmp.join("matchbook-v1");
-        for link in [&v1, &stage.v2] {
+        let mut cluster = Supervised::new(Path::new(EXE), "bench-upgrade", &format!("r{run}"));
+        if std::env::var_os("US_BENCH_KEEP").is_some() {
+            cluster.keep_work();
+        }
+        let v1 = cluster.work().join("matchbook-v1");
+        let v2 = cluster.work().join("matchbook-v2");
+        for link in [&v1, &v2] {
             std::os::unix::fs::symlink(EXE, link).expect("link the engine executable");
         }
         let mut env = format!(
@@ -89,95 +78,56 @@ impl Stage {
         if let Ok(idle) = std::env::var("US_BENCH_ENGINE_IDLE") {
             let _ = write!(env, ", UNDERSTUDY_IDLE = \"{idle}\"");
         }
-        let config = format!(
-            "cluster = \"{CLUSTER}\"\nshm_dir = \"{}\"\n\n[engine]\nbinary = \"{}\"\nenv = {{ {env} }}\n\n[acceptance]\naccept_for_ms = {accept_ms}\n",
-            shm_dir.display(),
+        cluster.write_config(&format!(
+            "cluster = \"{}\"\nshm_dir = \"{}\"\n\n[engine]\nbinary = \"{}\"\nenv = {{ {env} }}\n\n[acceptance]\naccept_for_ms = {accept_ms}\n",
+            cluster.name,
+            cluster.shm_dir.display(),
             v1.display(),
-        );
-        let config_path = tmp.join("cluster.toml");
-        std::fs::write(&config_path, config).expect("write the config");
-        let log = std::fs::File::create(tmp.join("supervisor.log")).expect("supervisor log");
-        let child = Command::new(EXE)
-            .arg("up")
-            .arg("--config")
-            .arg(&config_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("US_BENCH_SUPERVISOR_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start the supervisor (`understudy up`)");
-        stage.supervisor = Some(child);
+        ));
+        let log_level = std::env::var("US_BENCH_SUPERVISOR_LOG").unwrap_or_else(|_| "info".into());
+        cluster.start(&[], &[("RUST_LOG", &log_level)]);
+        let mut stage = Stage {
+            cluster_dir: cluster.dir(),
+            cluster,
+            v2,
+        };
         stage.wait_settled("the cluster: an active engine and a hot standby");
         stage
     }
 
-    fn status(&self) -> Option<StatusReport> {
-        let r = self.ctl.request(&Request::new(Op::Status), |_| {}).ok()?;
-        serde_json::from_value(r.data).ok()
-    }
-
     fn wait_settled(&mut self, what: &str) {
-        let t = Instant::now();
-        loop {
-            let ok = self.status().is_some_and(|s| {
-                s.active_engine().is_some()
-                    && s.hot_standbys().count() >= 1
-                    && s.operation.is_none()
-            });
-            if ok {
-                return;
-            }
-            if let Some(Ok(Some(status))) = self.supervisor.as_mut().map(Child::try_wait) {
-                panic!(
-                    "the supervisor exited ({status}) while waiting for {what}; its log: {}",
-                    self.tmp.join("supervisor.log").display()
-                );
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "timed out after 30 s waiting for {what}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let log = self.cluster.log.clone();
+        let cluster = &mut self.cluster;
+        Wait::new(what, SETTLE_MAX)
+            .every(Duration::from_millis(10))
+            .until(|| {
+                let ok = cluster.try_status().is_some_and(|s| {
+                    s.active_engine().is_some()
+                        && s.hot_standbys().count() >= 1
+                        && s.operation.is_none()
+                });
+                if let Some(status) = cluster.supervisor().and_then(|s| s.try_wait()) {
+                    panic!(
+                        "the supervisor exited ({status}) while waiting for {what}; its log: {}",
+                        log.display()
+                    );
+                }
+                ok
+            })
     }
 }
 
 impl Drop for Stage {
     fn drop(&mut self) {
-        if self.supervisor.is_some() {
-            let ctl = self.ctl.clone();
+        if self.cluster.supervisor().is_some() {
+            let ctl = self.cluster.client();
             let h = std::thread::spawn(move || ctl.request(&Request::new(Op::Down), |_| {}));
             let t = Instant::now();
-            while !h.is_finished() && t.elapsed() < Duration::from_secs(5) {
+            while !h.is_finished() && t.elapsed() < DOWN_MAX {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        if let Ok(c) = Control::open(&self.cluster_dir) {
-            for slot in 0..SLOTS {
-                let pid = c.get(slot, Field::Pid);
-                let id = ProcessIdentity {
-                    pid: pid.min(u32::MAX as u64) as u32,
-                    start_time_ticks: c.get(slot, Field::StartTime),
-                };
-                if pid > 1 && id.is_alive() {
-                    // SAFETY: plain kill(2) of a process whose identity (pid and start time)
-                    // we just checked is one of this cluster's engines.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                }
-            }
-        }
-        if let Some(mut s) = self.supervisor.take() {
-            let _ = s.kill();
-            let _ = s.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.shm_dir);
-        if std::env::var_os("US_BENCH_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
+        // The harness kills what is left and removes the files.
     }
 }
 
@@ -220,7 +170,8 @@ fn one_run(run: usize, rate: u64, accept_ms: u64, pre: Duration, warm: Duration)
     let up_from = load.now_us();
     let up_t = Instant::now();
     let reply = stage
-        .ctl
+        .cluster
+        .client()
         .request(
             &Request::new(Op::Upgrade(UpgradeRequest {
                 binary: stage.v2.clone(),

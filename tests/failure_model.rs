@@ -12,32 +12,26 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use understudy_runtime::control::{slot_index, Control, Field, Word, SLOTS};
+use understudy_runtime::control::{slot_index, Field, Word};
 use understudy_runtime::liveness::ProcessIdentity;
-use understudy_supervisor::client::Client;
-use understudy_supervisor::proto::{Code, Op, Request, StatusReport, SOCKET_NAME};
-use understudy_testkit::{Model, Side};
+use understudy_supervisor::proto::{Code, StatusReport};
+use understudy_test_support::cluster::{self, Supervised};
+use understudy_testkit::Model;
 
 const CLI: &str = env!("CARGO_BIN_EXE_understudy");
 
 fn testapp(version: u32) -> PathBuf {
-    let path = Path::new(CLI)
-        .parent()
-        .expect("target dir")
-        .join(format!("understudy-testapp-v{version}"));
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` before these tests",
-        path.display()
-    );
-    path
+    cluster::testapp(Path::new(CLI), version)
 }
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
+/// How long a test waits for an active and a hot standby.
+const UP_MAX: Duration = Duration::from_secs(30);
+/// How long the supervisor may take to exit after `down`.
+const EXIT_MAX: Duration = Duration::from_secs(20);
+/// Log lines shown in a failure message.
+const LOG_LINES: usize = 60;
 
 /// Quick timeouts: a standby counts as hung after 20 ms × 10 × 4 = 800 ms, an active after
 /// 200 ms, and no active for 600 ms is an outage unless a second source says otherwise.
@@ -46,46 +40,35 @@ heartbeat_ms = 20
 switchover_ms = 600
 ";
 
-/// One cluster under a private shm directory, with its supervisor; everything (engines,
-/// supervisor, files) is killed and removed on drop, also when the test fails.
+/// One cluster under a private shm directory, with its supervisor, on the workspace harness
+/// ([`Supervised`]: engines, supervisor and files are killed and removed on drop, also when
+/// the test fails, frozen engines thawed first; everything dies with the test runner); its
+/// engines run the self-driving workload of `max` requests.
 struct Harness {
-    name: String,
-    work: PathBuf,
-    shm_dir: PathBuf,
-    config: PathBuf,
-    side: PathBuf,
-    log: PathBuf,
+    cluster: Supervised,
     max: u64,
-    supervisor: Option<Child>,
-    /// Processes a test froze: thawed on drop, so that they can be killed and reaped.
-    frozen: Vec<u32>,
+}
+
+impl std::ops::Deref for Harness {
+    type Target = Supervised;
+    fn deref(&self) -> &Supervised {
+        &self.cluster
+    }
+}
+
+impl std::ops::DerefMut for Harness {
+    fn deref_mut(&mut self) -> &mut Supervised {
+        &mut self.cluster
+    }
 }
 
 impl Harness {
     /// Engines run `max` requests paced `pace_us` apart; `args` are extra engine arguments,
     /// `extra` is appended to the config.
     fn new(tag: &str, max: u64, pace_us: u64, args: &str, extra: &str) -> Harness {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{tag}-{n}");
-        let work =
-            std::env::temp_dir().join(format!("understudy-fm-{}-{name}", std::process::id()));
-        let shm_dir = PathBuf::from(format!(
-            "/dev/shm/understudy-fm-{}-{name}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&work);
-        let _ = std::fs::remove_dir_all(&shm_dir);
-        std::fs::create_dir_all(&work).unwrap();
         let h = Harness {
-            log: work.join("supervisor.log"),
-            side: work.join("side"),
-            config: work.join("cluster.toml"),
-            name,
-            work,
-            shm_dir,
+            cluster: Supervised::new(Path::new(CLI), "fm", tag),
             max,
-            supervisor: None,
-            frozen: Vec::new(),
         };
         h.write_config(&testapp(1), pace_us, args, extra);
         h
@@ -108,56 +91,12 @@ max_latency_us_p99 = 60000000
             max = self.max,
             side = self.side.display(),
         );
-        std::fs::write(&self.config, text).unwrap();
-    }
-
-    /// An executable shell script in the work directory.
-    fn script(&self, name: &str, body: &str) -> PathBuf {
-        let path = self.work.join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
-        let mut perms = std::fs::metadata(&path).unwrap().permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-        std::fs::set_permissions(&path, perms).unwrap();
-        path
-    }
-
-    fn dir(&self) -> PathBuf {
-        self.shm_dir.join(&self.name)
-    }
-
-    fn cli(&self) -> Command {
-        let mut c = Command::new(CLI);
-        c.arg("--config").arg(&self.config).arg("--json");
-        c
+        self.cluster.write_config(&text);
     }
 
     /// Starts `understudy up` and waits for an active and a hot standby.
     fn up(&mut self) -> StatusReport {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = self
-            .cli()
-            .arg("up")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.supervisor = Some(child);
-        self.wait(
-            "an active and a hot standby",
-            Duration::from_secs(30),
-            |s| s.active.is_some() && s.hot_standbys().count() >= 1,
-        )
-    }
-
-    fn try_status(&self) -> Option<StatusReport> {
-        let reply = Client::new(self.dir().join(SOCKET_NAME))
-            .request(&Request::new(Op::Status), |_| {})
-            .ok()?;
-        serde_json::from_value(reply.data).ok()
+        self.cluster.up(UP_MAX)
     }
 
     /// `understudy <args>`: exit code and the JSON lines it printed.
@@ -168,59 +107,6 @@ max_latency_us_p99 = 60000000
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
         (out.status.code().unwrap_or(-1), lines)
-    }
-
-    /// The supervisor's log (its engines' too), without terminal colours.
-    fn log_text(&self) -> String {
-        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
-    }
-
-    fn log_tail(&self) -> String {
-        let text = self.log_text();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
-    }
-
-    /// Waits until a line of the log contains every one of `parts`; returns that line.
-    fn wait_log(&self, parts: &[&str], timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let text = self.log_text();
-            if let Some(line) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
-                return line.to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "waited {timeout:?} for a log line with {parts:?}; log:\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Polls status until `done` holds; panics with the last status and the log after
-    /// `timeout`.
-    fn wait(
-        &self,
-        what: &str,
-        timeout: Duration,
-        mut done: impl FnMut(&StatusReport) -> bool,
-    ) -> StatusReport {
-        let deadline = Instant::now() + timeout;
-        let mut last = None;
-        while Instant::now() < deadline {
-            if let Some(s) = self.try_status() {
-                if done(&s) {
-                    return s;
-                }
-                last = Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!(
-            "waited {timeout:?} for {what}; last status: {last:#?}\nsupervisor log:\n{}",
-            self.log_tail()
-        );
     }
 
     /// Waits for the workload to end on an active and a hot standby with equal digests, and
@@ -248,111 +134,6 @@ max_latency_us_p99 = 60000000
         );
         s
     }
-
-    fn side(&self) -> Side {
-        Side::open(&self.side)
-    }
-
-    fn control(&self) -> Control {
-        Control::open(&self.dir()).unwrap()
-    }
-
-    /// SIGSTOPs `pid` and returns once all its threads are stopped; thawed on drop.
-    fn freeze(&mut self, pid: u32) {
-        self.frozen.push(pid);
-        signal(pid, libc::SIGSTOP);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-                return;
-            };
-            let all_stopped = tasks.flatten().all(|t| {
-                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-                stat.rsplit_once(')').map_or(true, |(_, rest)| {
-                    let state = rest.trim_start();
-                    state.starts_with('T') || state.starts_with('Z') || state.starts_with('X')
-                })
-            });
-            if all_stopped {
-                return;
-            }
-            assert!(Instant::now() < deadline, "pid {pid} did not stop");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    fn thaw(&mut self, pid: u32) {
-        signal(pid, libc::SIGCONT);
-        self.frozen.retain(|p| *p != pid);
-    }
-
-    /// SIGKILLs `pid` and waits until it is gone; returns the requests acknowledged just
-    /// before the kill (the side channel's count).
-    fn kill_engine(&self, pid: u32) -> u64 {
-        let identity = ProcessIdentity::of(pid).ok();
-        let acked = self.side().committed();
-        signal(pid, libc::SIGKILL);
-        if let Some(identity) = identity {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while identity.is_alive() {
-                assert!(Instant::now() < deadline, "pid {pid} survives SIGKILL");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        acked
-    }
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(pid as i32, sig) };
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        for pid in std::mem::take(&mut self.frozen) {
-            signal(pid, libc::SIGCONT);
-        }
-        if let Some(mut child) = self.supervisor.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if let Ok(control) = Control::open(&self.dir()) {
-            for slot in 0..SLOTS {
-                let identity = ProcessIdentity {
-                    pid: control.get(slot, Field::Pid) as u32,
-                    start_time_ticks: control.get(slot, Field::StartTime),
-                };
-                if identity.pid != 0 && identity.is_alive() {
-                    signal(identity.pid, libc::SIGKILL);
-                }
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.shm_dir);
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.work);
-        } else {
-            eprintln!("test files kept in {}", self.work.display());
-        }
-    }
-}
-
-/// `text` without ANSI escape sequences.
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The log lines a destructive decision writes.
@@ -394,7 +175,7 @@ fn a_stalled_standby_is_the_last_copy_when_the_active_dies_and_steps_up_when_res
         assert!(
             stalled.is_alive(),
             "the stalled last copy was killed; log:\n{}",
-            h.log_tail()
+            h.log_tail(LOG_LINES)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -534,7 +315,7 @@ fn a_flipped_bit_in_any_control_block_word_a_decision_reads_kills_nothing_and_de
             "after a flip in `{what}` the engines are {pids:?}, expected {} and {}; log:\n{}",
             active.pid,
             standby.pid,
-            h.log_tail()
+            h.log_tail(LOG_LINES)
         );
         let log = h.log_text();
         assert!(
@@ -572,7 +353,7 @@ fn kills_do_not_trip_the_crash_loop_breaker_and_resume_restarts_restarts_a_stopp
         "",
         "[restart]\nbackoff_initial_ms = 20\nbackoff_max_ms = 100\ncrash_loop_window_ms = 600000\ncrash_loop_max = 1\n",
     );
-    let broken = h.work.join("break-b");
+    let broken = h.work().join("break-b");
     let wrapper = h.script(
         "engine",
         &format!(
@@ -646,15 +427,11 @@ fn down_always_answers_with_its_result() {
             (code, result.map(|r| r["code"].clone())),
             (0, Some(serde_json::json!("ok"))),
             "round {round}: {lines:?}\n{}",
-            h.log_tail()
+            h.log_tail(LOG_LINES)
         );
         assert!(!h.dir().exists(), "round {round}: the cluster files remain");
-        if let Some(mut child) = h.supervisor.take() {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while child.try_wait().unwrap().is_none() {
-                assert!(Instant::now() < deadline, "the supervisor did not exit");
-                std::thread::sleep(Duration::from_millis(10));
-            }
+        if let Some(mut child) = h.take_supervisor() {
+            child.wait_exit("the supervisor", EXIT_MAX);
         }
     }
 }
@@ -694,7 +471,7 @@ fn refusals_count_against_acceptance_only_when_configured() {
             code,
             expected,
             "count_refusals = {count}: {result}\n{}",
-            h.log_tail()
+            h.log_tail(LOG_LINES)
         );
         if count {
             assert!(
@@ -723,7 +500,7 @@ fn an_acceptance_window_without_requests_is_not_enough_evidence() {
         "300ms",
     ]);
     let result = result_of(&lines);
-    assert_eq!(code, 6, "{result}\n{}", h.log_tail());
+    assert_eq!(code, 6, "{result}\n{}", h.log_tail(LOG_LINES));
     assert!(
         result["message"]
             .as_str()
@@ -745,7 +522,7 @@ fn an_accept_command_that_times_out_is_killed_with_its_children() {
         "[timeouts]\nstart_ms = 2000\n",
     );
     h.up();
-    let pidfile = h.work.join("child.pid");
+    let pidfile = h.work().join("child.pid");
     let cmd = format!("sleep 600 & echo $! > {}; wait", pidfile.display());
     let v2 = testapp(2);
     let (code, lines) = h.run(&[
@@ -757,7 +534,7 @@ fn an_accept_command_that_times_out_is_killed_with_its_children() {
         "--accept-cmd",
         &cmd,
     ]);
-    assert_eq!(code, 6, "{}\n{}", result_of(&lines), h.log_tail());
+    assert_eq!(code, 6, "{}\n{}", result_of(&lines), h.log_tail(LOG_LINES));
     let pid: u32 = std::fs::read_to_string(&pidfile)
         .unwrap()
         .trim()
@@ -793,9 +570,9 @@ fn a_rollback_of_a_completed_upgrade_says_rollback() {
         "300ms",
         "--no-enable",
     ]);
-    assert_eq!(code, 0, "{}\n{}", result_of(&lines), h.log_tail());
+    assert_eq!(code, 0, "{}\n{}", result_of(&lines), h.log_tail(LOG_LINES));
     let (code, lines) = h.run(&["rollback"]);
-    assert_eq!(code, 0, "{}\n{}", result_of(&lines), h.log_tail());
+    assert_eq!(code, 0, "{}\n{}", result_of(&lines), h.log_tail(LOG_LINES));
     let text: Vec<String> = lines
         .iter()
         .filter_map(|l| l["message"].as_str().map(String::from))
@@ -831,7 +608,7 @@ fn an_upgrade_binary_that_never_registers_is_aborted_and_the_old_standby_restore
         "[timeouts]\nstart_ms = 1500\n",
     );
     h.up();
-    let once = h.work.join("registered-once");
+    let once = h.work().join("registered-once");
     let hang = h.script(
         "hang",
         &format!(
@@ -842,7 +619,7 @@ fn an_upgrade_binary_that_never_registers_is_aborted_and_the_old_standby_restore
     );
     let (code, lines) = h.run(&["upgrade", "--binary", hang.to_str().unwrap()]);
     let result = result_of(&lines);
-    assert_eq!(code, 8, "{result}\n{}", h.log_tail());
+    assert_eq!(code, 8, "{result}\n{}", h.log_tail(LOG_LINES));
     let s = h.wait(
         "an old-version active and hot standby",
         Duration::from_secs(30),
@@ -907,11 +684,11 @@ fn an_incompatible_binary_is_refused_before_anything_is_taken_out_of_service() {
         p.sort();
         p
     };
-    let other = h.work.join("matchbook-v1");
+    let other = h.work().join("matchbook-v1");
     std::os::unix::fs::symlink(CLI, &other).unwrap();
     let (code, lines) = h.run(&["upgrade", "--binary", other.to_str().unwrap()]);
     let result = result_of(&lines);
-    assert_eq!(code, 8, "{result}\n{}", h.log_tail());
+    assert_eq!(code, 8, "{result}\n{}", h.log_tail(LOG_LINES));
     let message = result["message"].as_str().unwrap_or_default();
     assert!(
         message.contains("nothing was changed")
@@ -927,7 +704,7 @@ fn an_incompatible_binary_is_refused_before_anything_is_taken_out_of_service() {
 
     let v2 = testapp(2);
     let (code, lines) = h.run(&["upgrade", "--binary", v2.to_str().unwrap()]);
-    assert_eq!(code, 0, "{}\n{}", result_of(&lines), h.log_tail());
+    assert_eq!(code, 0, "{}\n{}", result_of(&lines), h.log_tail(LOG_LINES));
     let upgraded = h.wait("v2 with its feature on", Duration::from_secs(30), |s| {
         s.hot_standbys().count() == 1
             && s.engines.len() == 2
@@ -938,7 +715,7 @@ fn an_incompatible_binary_is_refused_before_anything_is_taken_out_of_service() {
     let v1 = testapp(1);
     let (code, lines) = h.run(&["upgrade", "--binary", v1.to_str().unwrap()]);
     let result = result_of(&lines);
-    assert_eq!(code, 8, "{result}\n{}", h.log_tail());
+    assert_eq!(code, 8, "{result}\n{}", h.log_tail(LOG_LINES));
     assert!(
         result["message"]
             .as_str()
@@ -1013,7 +790,7 @@ fn a_stale_copy_is_not_declared_lost_and_promote_with_accept_loss_serves_from_it
         code,
         0,
         "promote --accept-loss: {lines:?}\n{}",
-        h.log_tail()
+        h.log_tail(LOG_LINES)
     );
     let done = lines
         .last()

@@ -18,7 +18,7 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,9 @@ use understudy_runtime::liveness::ProcessIdentity;
 use understudy_supervisor::config::{default_shm_dir_for, SHM_DIR_ROOT};
 use understudy_supervisor::doctor::CLUSTER_DIR_CHECK;
 use understudy_supervisor::proto::StatusReport;
+use understudy_test_support::cluster::Reaper;
+use understudy_test_support::dir::unique_name;
+use understudy_test_support::{ChildGuard, TestDir, Wait};
 use understudy_testkit::{COUNTER, COUNTER_READ};
 
 const CLI: &str = env!("CARGO_BIN_EXE_understudy");
@@ -348,7 +351,8 @@ enum Runner<'a> {
 }
 
 /// One cluster of the test application in client mode, with its supervisor; the supervisor
-/// and engines are killed and the cluster directory removed on drop.
+/// and engines are killed and the cluster directory removed on drop, and they die with the
+/// test runner (the workspace harness's child guard and reaper: every command is marked).
 struct Cluster<'a> {
     runner: Runner<'a>,
     bins: &'a Binaries,
@@ -357,8 +361,13 @@ struct Cluster<'a> {
     dir: PathBuf,
     config: PathBuf,
     log: PathBuf,
-    supervisor: Option<Child>,
+    supervisor: Option<ChildGuard>,
+    reaper: Reaper,
 }
+
+/// How long a test waits for a cluster state, or for the supervisor to leave after `down`.
+const WAIT_MAX: Duration = Duration::from_secs(60);
+const DOWN_MAX: Duration = Duration::from_secs(30);
 
 impl<'a> Cluster<'a> {
     /// A cluster `name` whose config, written in `work`, leaves `shm_dir` out (or sets the
@@ -406,11 +415,12 @@ max_latency_us_p99 = 60000000
             config,
             log,
             supervisor: None,
+            reaper: Reaper::new(&unique_name("nonroot", name)),
         }
     }
 
     fn command(&self, program: &Path) -> Command {
-        match self.runner {
+        let mut c = match self.runner {
             Runner::Root => {
                 let mut c = Command::new(program);
                 c.env("RUST_LOG", "info")
@@ -419,7 +429,9 @@ max_latency_us_p99 = 60000000
                 c
             }
             Runner::User(u) => u.command(program),
-        }
+        };
+        self.reaper.mark(&mut c);
+        c
     }
 
     /// `understudy --config <config> --json <args>`, as the cluster's user.
@@ -437,16 +449,15 @@ max_latency_us_p99 = 60000000
     /// Starts `understudy up` as the cluster's user, stderr into the log.
     fn start(&mut self) {
         let log = std::fs::File::create(&self.log).unwrap();
-        let child = self
-            .command(&self.bins.cli)
-            .arg("--config")
-            .arg(&self.config)
-            .arg("up")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = ChildGuard::spawn(
+            self.command(&self.bins.cli)
+                .arg("--config")
+                .arg(&self.config)
+                .arg("up")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log),
+        );
         self.supervisor = Some(child);
     }
 
@@ -460,24 +471,27 @@ max_latency_us_p99 = 60000000
         serde_json::from_value(reply.get("data")?.clone()).ok()
     }
 
-    /// Polls `status` until `done`; fails with the last status and the log after 60 s.
+    /// Polls `status` until `done`; fails with the last status and the log after
+    /// [`WAIT_MAX`].
     fn wait(&self, what: &str, mut done: impl FnMut(&StatusReport) -> bool) -> StatusReport {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut last = None;
-        while Instant::now() < deadline {
-            if let Some(s) = self.try_status() {
-                if done(&s) {
-                    return s;
+        let last = std::cell::RefCell::new(None);
+        Wait::new(&format!("{what} in {}", self.name), WAIT_MAX)
+            .every(Duration::from_millis(100))
+            .context(|| {
+                format!(
+                    "last status: {:#?}\nlog:\n{}",
+                    last.borrow(),
+                    self.log_text()
+                )
+            })
+            .until(|| match self.try_status() {
+                Some(s) if done(&s) => Ok(s),
+                Some(s) => {
+                    *last.borrow_mut() = Some(s);
+                    Err("a status that does not hold")
                 }
-                last = Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "waited 60 s for {what} in {}; last status: {last:#?}\nlog:\n{}",
-            self.name,
-            self.log_text()
-        );
+                None => Err("no answer"),
+            })
     }
 
     fn wait_serving(&self, what: &str) -> StatusReport {
@@ -545,11 +559,7 @@ max_latency_us_p99 = 60000000
             self.log_text()
         );
         if let Some(mut child) = self.supervisor.take() {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while child.try_wait().unwrap().is_none() {
-                assert!(Instant::now() < deadline, "the supervisor survives down");
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            child.wait_exit("the supervisor after down", DOWN_MAX);
         }
     }
 }
@@ -557,8 +567,7 @@ max_latency_us_p99 = 60000000
 impl Drop for Cluster<'_> {
     fn drop(&mut self) {
         if let Some(mut child) = self.supervisor.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill();
         }
         // Root's engines by their control file; the service user's are killed by its guard
         // (root cannot open the user's control file: it trusts only its own).
@@ -676,15 +685,7 @@ fn a_service_user_runs_up_failover_upgrade_and_down_beside_root() {
     };
     let bins = user.binaries();
     let name = format!("nr-{}", std::process::id());
-    let root_work = std::env::temp_dir().join(format!("understudy-nonroot-root-{name}"));
-    std::fs::create_dir_all(&root_work).unwrap();
-    struct RemoveDir(PathBuf);
-    impl Drop for RemoveDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _root_work_guard = RemoveDir(root_work.clone());
+    let root_work = TestDir::temp("nonroot-root", &name);
     let root_shm = RootShmDir::ensure();
 
     let mut mine = Cluster::new(Runner::User(&user), &bins, &name, &user.work, None);
@@ -790,17 +791,16 @@ fn a_service_user_runs_up_failover_upgrade_and_down_beside_root() {
 
     // Rolling upgrade to v2, as the user, under a client's load (acceptance needs traffic).
     let stop = user.work.join("stop-client");
-    struct StopClient<'a>(&'a Path, Option<Child>);
+    struct StopClient<'a>(&'a Path, Option<ChildGuard>);
     impl Drop for StopClient<'_> {
         fn drop(&mut self) {
             let _ = std::fs::write(self.0, b"");
-            if let Some(mut child) = self.1.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
         }
     }
-    let mut load = StopClient(&stop, Some(mine.client(0, Some(&stop)).spawn().unwrap()));
+    let mut load = StopClient(
+        &stop,
+        Some(ChildGuard::spawn(&mut mine.client(0, Some(&stop)))),
+    );
     let out = mine.cli(&[
         "upgrade",
         "--binary",
@@ -817,7 +817,14 @@ fn a_service_user_runs_up_failover_upgrade_and_down_beside_root() {
         mine.log_text()
     );
     std::fs::write(&stop, b"").unwrap();
-    let loaded = mine.client_count(load.1.take().unwrap().wait_with_output().unwrap());
+    let loaded = mine.client_count(
+        load.1
+            .take()
+            .unwrap()
+            .into_inner()
+            .wait_with_output()
+            .unwrap(),
+    );
     drop(load);
     assert!(loaded > 40, "the load client sent nothing: {loaded}");
     let upgraded = mine.wait_serving("both engines on v2 after the upgrade");

@@ -11,43 +11,40 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use understudy_runtime::control::{Control, Field, SLOTS};
 use understudy_runtime::counters::{self, Snapshot};
-use understudy_runtime::liveness::ProcessIdentity;
-use understudy_supervisor::client::Client;
-use understudy_supervisor::proto::{Op, Request, StatusReport, SOCKET_NAME};
+use understudy_supervisor::proto::{StatusReport, SOCKET_NAME};
+use understudy_test_support::cluster::{self, Supervised};
+use understudy_test_support::Wait;
 use understudy_testkit::Side;
 
 const CLI: &str = env!("CARGO_BIN_EXE_understudy");
 
 fn testapp() -> PathBuf {
-    let path = Path::new(CLI)
-        .parent()
-        .expect("target dir")
-        .join("understudy-testapp-v1");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` before these tests",
-        path.display()
-    );
-    path
+    cluster::testapp(Path::new(CLI), 1)
 }
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
+/// How long a test waits for a cluster state, a counter or the supervisor's exit.
+const WAIT_MAX: Duration = Duration::from_secs(60);
 
-/// One cluster under a private shm directory with its supervisor; engines killed and every
-/// file removed on drop, even when the test fails.
-struct Cluster {
-    name: String,
-    work: PathBuf,
-    shm_dir: PathBuf,
-    config: PathBuf,
-    log: PathBuf,
-    supervisor: Option<Child>,
+/// One cluster under a private shm directory with its supervisor, on the workspace harness
+/// ([`Supervised`]): engines killed and every file removed on drop, even when the test
+/// fails, and everything dies with the test runner.
+struct Cluster(Supervised);
+
+impl std::ops::Deref for Cluster {
+    type Target = Supervised;
+    fn deref(&self) -> &Supervised {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut Supervised {
+        &mut self.0
+    }
 }
 
 impl Cluster {
@@ -55,22 +52,9 @@ impl Cluster {
     /// generous (heartbeat 500 ms, hung after 5 s): a loaded CI machine must not turn a slow
     /// engine into a fence, which would change the counts these tests check.
     fn new(tag: &str, max: u64, pace_us: u64, extra: &str) -> Cluster {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{tag}-{n}");
-        let work =
-            std::env::temp_dir().join(format!("understudy-ops-{}-{name}", std::process::id()));
-        let shm_dir = PathBuf::from(format!(
-            "/dev/shm/understudy-ops-{}-{name}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&work);
-        let _ = std::fs::remove_dir_all(&shm_dir);
-        std::fs::create_dir_all(&work).unwrap();
-        let config = work.join("cluster.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"cluster = "{name}"
+        let c = Supervised::new(Path::new(CLI), "ops", tag);
+        c.write_config(&format!(
+            r#"cluster = "{name}"
 shm_dir = "{shm}"
 [engine]
 binary = "{bin}"
@@ -82,156 +66,37 @@ heartbeat_ms = 500
 max_latency_us_p99 = 60000000
 {extra}
 "#,
-                shm = shm_dir.display(),
-                bin = testapp().display(),
-                side = work.join("side").display(),
-            ),
-        )
-        .unwrap();
-        Cluster {
-            log: work.join("supervisor.log"),
-            name,
-            work,
-            shm_dir,
-            config,
-            supervisor: None,
-        }
-    }
-
-    fn dir(&self) -> PathBuf {
-        self.shm_dir.join(&self.name)
-    }
-
-    fn cli(&self) -> Command {
-        let mut c = Command::new(CLI);
-        c.arg("--config").arg(&self.config).arg("--json");
-        c
+            name = c.name,
+            shm = c.shm_dir.display(),
+            bin = testapp().display(),
+            side = c.side.display(),
+        ));
+        Cluster(c)
     }
 
     /// Starts `understudy up` (with `env`, and `args` before `up`), waits for an active and a
     /// hot standby.
     fn up(&mut self, args: &[&str], env: &[(&str, &str)]) -> StatusReport {
-        let log = std::fs::File::create(&self.log).unwrap();
-        let child = self
-            .cli()
-            .args(args)
-            .arg("up")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.supervisor = Some(child);
+        self.start(args, env);
         self.wait("an active and a hot standby", |s| {
             s.active.is_some() && s.hot_standbys().count() >= 1
         })
     }
 
-    fn try_status(&self) -> Option<StatusReport> {
-        let reply = Client::new(self.dir().join(SOCKET_NAME))
-            .request(&Request::new(Op::Status), |_| {})
-            .ok()?;
-        serde_json::from_value(reply.data).ok()
+    /// Polls status until `done`; fails with the last status and the log after [`WAIT_MAX`].
+    fn wait(&self, what: &str, done: impl FnMut(&StatusReport) -> bool) -> StatusReport {
+        self.0.wait(what, WAIT_MAX, done)
     }
 
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Polls status until `done`; fails with the last status and the log after 60 s.
-    fn wait(&self, what: &str, mut done: impl FnMut(&StatusReport) -> bool) -> StatusReport {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut last = None;
-        while Instant::now() < deadline {
-            if let Some(s) = self.try_status() {
-                if done(&s) {
-                    return s;
-                }
-                last = Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!(
-            "waited 60 s for {what}; last status: {last:#?}\nlog:\n{}",
-            self.log_text()
-        );
-    }
-
-    /// Polls the counters until `done`; fails with the last snapshot after 60 s.
+    /// Polls the counters until `done`; fails with the last snapshot after [`WAIT_MAX`].
     fn wait_counters(&self, what: &str, mut done: impl FnMut(&Snapshot) -> bool) -> Snapshot {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut last = None;
-        while Instant::now() < deadline {
-            if let Ok(s) = counters::read(&self.dir()) {
-                if done(&s) {
-                    return s;
-                }
-                last = Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!(
-            "waited 60 s for {what}; last counters: {last:#?}\nlog:\n{}",
-            self.log_text()
-        );
-    }
-
-    fn kill_engine(&self, pid: u32) {
-        let identity = ProcessIdentity::of(pid).ok();
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        if let Some(identity) = identity {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while identity.is_alive() {
-                assert!(Instant::now() < deadline, "pid {pid} survives SIGKILL");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-    }
-
-    fn signal_supervisor(&self, signal: libc::c_int) {
-        if let Some(child) = &self.supervisor {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(child.id() as i32, signal) };
-        }
-    }
-
-    fn engine_pids(&self) -> Vec<u32> {
-        let Ok(control) = Control::open(&self.dir()) else {
-            return Vec::new();
-        };
-        (0..SLOTS)
-            .filter_map(|slot| {
-                let pid = control.get(slot, Field::Pid);
-                let identity = ProcessIdentity {
-                    pid: pid as u32,
-                    start_time_ticks: control.get(slot, Field::StartTime),
-                };
-                (pid != 0 && identity.is_alive()).then_some(pid as u32)
+        Wait::new(what, WAIT_MAX)
+            .every(Duration::from_millis(10))
+            .context(|| format!("log:\n{}", self.log_raw()))
+            .until(|| match counters::read(&self.dir()) {
+                Ok(s) if done(&s) => Ok(s),
+                last => Err(last),
             })
-            .collect()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.supervisor.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for pid in self.engine_pids() {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGCONT);
-                libc::kill(pid as i32, libc::SIGKILL);
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.shm_dir);
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.work);
-        } else {
-            eprintln!("test files kept in {}", self.work.display());
-        }
     }
 }
 
@@ -258,7 +123,7 @@ fn counters_follow_load_a_kill_a_switchover_and_an_untether() {
         100,
         "[ring]\ncapacity_bytes = 262144\n",
     );
-    let side = Side::open(&c.work.join("side"));
+    let side = Side::open(&c.work().join("side"));
     side.set_limit(3000);
     let s = c.up(&[], &[]);
     let first = slot_index(s.active.as_deref().unwrap());
@@ -379,7 +244,7 @@ fn counters_follow_load_a_kill_a_switchover_and_an_untether() {
     // Without a counters file `stat` says so (exit 3), naming the directory.
     let out = Command::new(CLI)
         .args(["stat", "--once", "--dir"])
-        .arg(c.work.join("nowhere"))
+        .arg(c.work().join("nowhere"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
@@ -505,7 +370,7 @@ fn prometheus_scrape_over_loopback_shows_counters_that_move() {
     // The bound port is in the log line `metrics endpoint ready … listen=127.0.0.1:PORT`.
     let deadline = Instant::now() + Duration::from_secs(20);
     let addr = loop {
-        let text = c.log_text();
+        let text = c.log_raw();
         if let Some(line) = text.lines().find(|l| l.contains("metrics endpoint ready")) {
             let at = line.find("listen=").expect("listen= in the line") + "listen=".len();
             break line[at..].split_whitespace().next().unwrap().to_owned();
@@ -571,7 +436,7 @@ fn prometheus_scrape_over_loopback_shows_counters_that_move() {
     let (status, _) = http_get(&addr, "/other");
     assert!(status.contains("404"), "{status}");
     // Item 6 of the issue: the log is a file here, so no ANSI colour codes in it.
-    let log = c.log_text();
+    let log = c.log_raw();
     assert!(
         !log.contains('\x1b'),
         "colour codes in a log that is not a terminal:\n{log}"
@@ -586,7 +451,7 @@ fn prometheus_scrape_over_loopback_shows_counters_that_move() {
 #[test]
 fn systemd_notifications_reach_a_fake_notify_socket() {
     let mut c = Cluster::new("systemd", u64::MAX, 500, "");
-    let sock_path = c.work.join("notify.sock");
+    let sock_path = c.work().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
@@ -661,8 +526,8 @@ fn systemd_notifications_reach_a_fake_notify_socket() {
     recv_until(&mut seen, "STOPPING", &|s| {
         s.iter().any(|l| l == "STOPPING=1")
     });
-    if let Some(mut child) = c.supervisor.take() {
-        let _ = child.wait();
+    if let Some(mut child) = c.take_supervisor() {
+        child.wait_exit("the supervisor after SIGTERM", WAIT_MAX);
     }
     assert_eq!(
         c.engine_pids().len(),
@@ -670,7 +535,7 @@ fn systemd_notifications_reach_a_fake_notify_socket() {
         "the engines outlive the supervisor"
     );
 
-    let log = c.log_text();
+    let log = c.log_raw();
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(lines.len() >= 3, "{log}");
     for line in &lines {
@@ -798,9 +663,9 @@ fn reload_changes_the_acceptance_between_two_upgrades() {
     });
     assert!(s.active.is_some());
     assert!(
-        c.log_text().contains("metrics endpoint ready"),
+        c.log_raw().contains("metrics endpoint ready"),
         "the reloaded metrics section started the endpoint:\n{}",
-        c.log_text()
+        c.log_raw()
     );
     // Nothing changed: said so.
     let (code, line) = reload(&c);
@@ -884,9 +749,9 @@ fn upgrade_flags_override_the_acceptance_for_that_upgrade_only() {
         );
     }
     assert!(
-        !c.log_text().contains("upgrade begins"),
+        !c.log_raw().contains("upgrade begins"),
         "a refused flag sent nothing:\n{}",
-        c.log_text()
+        c.log_raw()
     );
 
     // The soak is long enough for the engine to publish its p99 (at least every second).
@@ -897,9 +762,9 @@ fn upgrade_flags_override_the_acceptance_for_that_upgrade_only() {
     assert_eq!(code, 6, "the tightened p99 bound rolls back: {last}");
     assert!(last.contains("rolled back"), "{last}");
     assert!(
-        c.log_text().contains("acceptance.max_latency_us_p99"),
+        c.log_raw().contains("acceptance.max_latency_us_p99"),
         "the rejection names the bound:\n{}",
-        c.log_text()
+        c.log_raw()
     );
     let s = c.wait("both engines on v1 again", |s| {
         s.engines.len() == 2 && s.engines.iter().all(|e| e.app_version == 1)

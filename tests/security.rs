@@ -16,18 +16,19 @@
 //! Another user is simulated by giving files to uid 65534 (`nobody`) with chown when the tests
 //! run as root; the cases that need it are skipped with a printed reason otherwise.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use understudy_runtime::control::{Control, Field, SLOTS};
 use understudy_runtime::liveness::ProcessIdentity;
 use understudy_supervisor::client::Client;
 use understudy_supervisor::proto::{Op, Request, StatusReport, SOCKET_NAME};
+use understudy_test_support::cluster::{self, Supervised};
+use understudy_test_support::{ChildGuard, Wait};
 
 const CLI: &str = env!("CARGO_BIN_EXE_understudy");
 const NOBODY: u32 = 65534;
@@ -37,56 +38,45 @@ fn testapp() -> PathBuf {
 }
 
 fn testapp_version(version: u32) -> PathBuf {
-    let path = Path::new(CLI)
-        .parent()
-        .expect("target dir")
-        .join(format!("understudy-testapp-v{version}"));
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` before these tests",
-        path.display()
-    );
-    path
+    cluster::testapp(Path::new(CLI), version)
 }
 
 fn is_root() -> bool {
     shm_layout::trust::euid() == 0
 }
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
+/// How long a test waits for an active and a hot standby.
+const UP_MAX: Duration = Duration::from_secs(30);
+/// How long `understudy up` may take to refuse, and engines to be gone after `down`.
+const EXIT_MAX: Duration = Duration::from_secs(60);
+/// How long the supervisor and its engines may take to leave after `down`.
+const DOWN_MAX: Duration = Duration::from_secs(30);
+/// Log lines shown in a failure message.
+const LOG_LINES: usize = 40;
 
-/// A cluster's files (work directory, shm directory, config) and its supervisor; every process
-/// it started is killed and every file removed on drop, also when the test fails.
-struct Cluster {
-    name: String,
-    work: PathBuf,
-    shm_dir: PathBuf,
-    config: PathBuf,
-    log: PathBuf,
-    supervisor: Option<Child>,
-    /// Every engine seen, to prove none is left behind.
-    engines_seen: Vec<ProcessIdentity>,
+/// A cluster's files (work directory, shm directory, config) and its supervisor on the
+/// workspace harness ([`Supervised`]): every process it started is killed and every file
+/// removed on drop, also when the test fails, and everything dies with the test runner.
+struct Cluster(Supervised);
+
+impl std::ops::Deref for Cluster {
+    type Target = Supervised;
+    fn deref(&self) -> &Supervised {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut Supervised {
+        &mut self.0
+    }
 }
 
 impl Cluster {
     fn new(tag: &str) -> Cluster {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{tag}-{n}");
-        let pid = std::process::id();
-        let work = std::env::temp_dir().join(format!("understudy-sec-{pid}-{name}"));
-        let shm_dir = PathBuf::from(format!("/dev/shm/understudy-sec-{pid}-{n}"));
-        let _ = std::fs::remove_dir_all(&work);
-        let _ = std::fs::remove_dir_all(&shm_dir);
-        std::fs::create_dir_all(&work).unwrap();
-        let c = Cluster {
-            log: work.join("supervisor.log"),
-            config: work.join("cluster.toml"),
-            name,
-            work,
-            shm_dir,
-            supervisor: None,
-            engines_seen: Vec::new(),
-        };
+        let c = Cluster(
+            Supervised::new(Path::new(CLI), "sec", tag).status_timeout(Duration::from_secs(5)),
+        );
         c.write_config(&testapp(), "");
         c
     }
@@ -109,13 +99,13 @@ impl Cluster {
             shm = self.shm_dir.display(),
             bin = binary.display(),
         );
-        std::fs::write(&self.config, text).unwrap();
+        self.0.write_config(&text);
     }
 
     /// An executable script in the work directory that leaves `marker` when it runs.
     fn marker_script(&self, name: &str) -> (PathBuf, PathBuf) {
-        let marker = self.work.join(format!("{name}.ran"));
-        let path = self.work.join(name);
+        let marker = self.work().join(format!("{name}.ran"));
+        let path = self.work().join(name);
         std::fs::write(
             &path,
             format!("#!/bin/sh\ntouch {}\nexit 1\n", marker.display()),
@@ -125,127 +115,19 @@ impl Cluster {
         (path, marker)
     }
 
-    fn dir(&self) -> PathBuf {
-        self.shm_dir.join(&self.name)
-    }
-
-    fn cli(&self) -> Command {
-        let mut c = Command::new(CLI);
-        c.arg("--config").arg(&self.config).arg("--json");
-        c
-    }
-
     /// Runs `understudy up` expecting it to fail: its exit code and stderr (killed, and the
     /// test failed, if it is still running after a generous bound).
     fn up_fails(&self) -> (i32, String) {
-        let mut child = self
-            .cli()
-            .arg("up")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                return (status.code().unwrap_or(-1), err);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("`understudy up` should have refused, but it still runs after 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut up = self.cli();
+        up.arg("up").stdout(Stdio::null()).stderr(Stdio::piped());
+        let (status, err) =
+            ChildGuard::spawn(&mut up).wait_exit("`understudy up` (which should refuse)", EXIT_MAX);
+        (status.code().unwrap_or(-1), err)
     }
 
     /// Starts `understudy up` and waits for an active and a hot standby.
     fn up(&mut self) -> StatusReport {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = self
-            .cli()
-            .arg("up")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.supervisor = Some(child);
-        self.wait(
-            "an active and a hot standby",
-            Duration::from_secs(30),
-            |s| s.active.is_some() && s.hot_standbys().count() >= 1,
-        )
-    }
-
-    fn kill_supervisor(&mut self) {
-        if let Some(mut child) = self.supervisor.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn client(&self) -> Client {
-        Client::new(self.dir().join(SOCKET_NAME)).with_timeout(Duration::from_secs(5))
-    }
-
-    fn try_status(&mut self) -> Option<StatusReport> {
-        let reply = self
-            .client()
-            .request(&Request::new(Op::Status), |_| {})
-            .ok()?;
-        let report: StatusReport = serde_json::from_value(reply.data).ok()?;
-        self.note_engines(&report);
-        Some(report)
-    }
-
-    fn note_engines(&mut self, report: &StatusReport) {
-        for e in &report.engines {
-            if let Ok(identity) = ProcessIdentity::of(e.pid) {
-                if !self.engines_seen.contains(&identity) {
-                    self.engines_seen.push(identity);
-                }
-            }
-        }
-    }
-
-    fn wait(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        mut done: impl FnMut(&StatusReport) -> bool,
-    ) -> StatusReport {
-        let deadline = Instant::now() + timeout;
-        let mut last = None;
-        while Instant::now() < deadline {
-            if let Some(s) = self.try_status() {
-                if done(&s) {
-                    return s;
-                }
-                last = Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!(
-            "waited {timeout:?} for {what}; last status: {last:#?}\nsupervisor log:\n{}",
-            self.log_tail()
-        );
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        self.0.up(UP_MAX)
     }
 
     /// Sends raw bytes on a new connection (then shuts the writing side) and returns the
@@ -272,7 +154,7 @@ impl Cluster {
     fn down_and_check_no_orphan(&mut self) {
         let reply = self
             .client()
-            .with_timeout(Duration::from_secs(30))
+            .with_timeout(DOWN_MAX)
             .request(&Request::new(Op::Down), |_| {})
             .unwrap();
         assert_eq!(
@@ -280,57 +162,16 @@ impl Cluster {
             Some(understudy_supervisor::proto::Code::Ok),
             "{reply:?}"
         );
-        if let Some(mut child) = self.supervisor.take() {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while child.try_wait().unwrap().is_none() {
-                assert!(
-                    Instant::now() < deadline,
-                    "the supervisor did not exit after down"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        if let Some(mut supervisor) = self.take_supervisor() {
+            supervisor.wait_exit("the supervisor after down", DOWN_MAX);
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for identity in &self.engines_seen {
-            while identity.is_alive() {
-                assert!(
-                    Instant::now() < deadline,
-                    "engine pid {} outlived `down`: orphaned",
-                    identity.pid
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.kill_supervisor();
-        let mut pids: Vec<ProcessIdentity> = self.engines_seen.clone();
-        if let Ok(control) = Control::open(&self.dir()) {
-            for slot in 0..SLOTS {
-                let pid = control.get(slot, Field::Pid);
-                if pid != 0 && pid <= u64::from(u32::MAX) {
-                    pids.push(ProcessIdentity {
-                        pid: pid as u32,
-                        start_time_ticks: control.get(slot, Field::StartTime),
-                    });
-                }
-            }
-        }
-        for identity in pids {
-            if identity.is_alive() {
-                // SAFETY: kill has no memory-safety preconditions; the identity check above
-                // makes a reused pid unlikely to be hit.
-                unsafe { libc::kill(identity.pid as i32, libc::SIGKILL) };
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.shm_dir);
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.work);
-        } else {
-            eprintln!("test files kept in {}", self.work.display());
+        for identity in self.engines_seen() {
+            Wait::new(
+                &format!("engine pid {} gone after `down`", identity.pid),
+                DOWN_MAX,
+            )
+            .every(Duration::from_millis(20))
+            .until(|| !identity.is_alive());
         }
     }
 }
@@ -390,7 +231,7 @@ fn a_cluster_directory_another_user_could_write_is_refused_and_nothing_runs() {
             "symbolic link for the cluster directory",
             Box::new(|c: &Cluster| {
                 std::fs::create_dir_all(&c.shm_dir).unwrap();
-                let target = c.work.join("elsewhere");
+                let target = c.work().join("elsewhere");
                 std::fs::create_dir_all(&target).unwrap();
                 std::os::unix::fs::symlink(&target, c.dir()).unwrap();
             }),
@@ -433,7 +274,7 @@ fn a_cluster_directory_another_user_could_write_is_refused_and_nothing_runs() {
         c.write_config(&script, "");
         prepare(&c);
         let before_dir = entries(&c.dir());
-        let before_target = entries(&c.work.join("elsewhere"));
+        let before_target = entries(&c.work().join("elsewhere"));
         let (code, err) = c.up_fails();
         assert_ne!(code, 0, "{what}: up accepted it: {err}");
         assert!(
@@ -451,7 +292,7 @@ fn a_cluster_directory_another_user_could_write_is_refused_and_nothing_runs() {
             "{what}: the directory was changed"
         );
         assert_eq!(
-            entries(&c.work.join("elsewhere")),
+            entries(&c.work().join("elsewhere")),
             before_target,
             "{what}: the link's target was written"
         );
@@ -504,7 +345,7 @@ fn a_forged_engines_file_is_not_believed_and_its_binary_never_runs() {
     assert!(
         log.contains("not trusted"),
         "the restarted supervisor did not report the forged file:\n{}",
-        c.log_tail()
+        c.log_tail(LOG_LINES)
     );
     assert!(s.engines.iter().all(|e| e.binary != script), "{s:#?}");
     // Kill the standby: the supervisor restarts it with a binary of its own choosing.
@@ -717,10 +558,10 @@ fn two_thousand_idle_connections_neither_block_status_nor_orphan_an_engine_in_a_
         }
     }
     let status_1s = |c: &mut Cluster| -> StatusReport {
-        let mut seen = std::mem::take(&mut c.engines_seen);
+        let mut seen = Vec::new();
         let result = status_within_1s(&socket, &mut seen);
-        c.engines_seen = seen;
-        result.unwrap_or_else(|e| panic!("status under the flood: {e}\n{}", c.log_tail()))
+        c.note_engines(seen);
+        result.unwrap_or_else(|e| panic!("status under the flood: {e}\n{}", c.log_tail(LOG_LINES)))
     };
     let s = status_1s(&mut c);
     assert_eq!(s.active, before.active);
@@ -741,7 +582,7 @@ fn two_thousand_idle_connections_neither_block_status_nor_orphan_an_engine_in_a_
         assert!(
             Instant::now() < deadline,
             "no failover and restart under the flood in 60 s: {s:#?}\n{}",
-            c.log_tail()
+            c.log_tail(LOG_LINES)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -786,8 +627,8 @@ fn two_thousand_idle_connections_neither_block_status_nor_orphan_an_engine_in_a_
             (answered, failures, seen)
         })
     };
-    let out_path = c.work.join("upgrade.out");
-    let err_path = c.work.join("upgrade.err");
+    let out_path = c.work().join("upgrade.out");
+    let err_path = c.work().join("upgrade.err");
     let mut upgrade = c
         .cli()
         .args(["upgrade", "--binary"])
@@ -808,7 +649,7 @@ fn two_thousand_idle_connections_neither_block_status_nor_orphan_an_engine_in_a_
             stop.store(true, Ordering::Relaxed);
             panic!(
                 "`understudy upgrade` still runs after 120 s under the flood\n{}",
-                c.log_tail()
+                c.log_tail(LOG_LINES)
             );
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -816,18 +657,14 @@ fn two_thousand_idle_connections_neither_block_status_nor_orphan_an_engine_in_a_
     stop.store(true, Ordering::Relaxed);
     let (answered, failures, seen) = poller.join().expect("the status poller panicked");
     let (idle, renewed) = flooder.join().expect("the flooder panicked");
-    for identity in seen {
-        if !c.engines_seen.contains(&identity) {
-            c.engines_seen.push(identity);
-        }
-    }
+    c.note_engines(seen);
     let out = std::fs::read_to_string(&out_path).unwrap_or_default();
     let err = std::fs::read_to_string(&err_path).unwrap_or_default();
     assert_eq!(
         code,
         Some(0),
         "upgrade under the flood failed:\n{out}\n{err}\n{}",
-        c.log_tail()
+        c.log_tail(LOG_LINES)
     );
     let last_step = out
         .lines()
@@ -851,7 +688,7 @@ fn two_thousand_idle_connections_neither_block_status_nor_orphan_an_engine_in_a_
         failures.len(),
         answered + failures.len() as u64,
         failures[0],
-        c.log_tail()
+        c.log_tail(LOG_LINES)
     );
     assert!(answered >= 1, "no status answered during the upgrade");
     assert!(renewed >= 1, "the flood was not renewed during the upgrade");
@@ -871,7 +708,7 @@ fn a_supervisor_out_of_descriptors_still_answers_and_says_so_at_a_bounded_rate()
     // at most about once a second. It used to spin on accept() and leave `status` hanging.
     let mut c = Cluster::new("emfile");
     c.up();
-    let sup_pid = c.supervisor.as_ref().unwrap().id();
+    let sup_pid = c.supervisor().unwrap().id();
     let used = std::fs::read_dir(format!("/proc/{sup_pid}/fd"))
         .unwrap()
         .count() as u64;
@@ -911,7 +748,12 @@ fn a_supervisor_out_of_descriptors_still_answers_and_says_so_at_a_bounded_rate()
         let reply = Client::new(&socket)
             .with_timeout(Duration::from_secs(5))
             .request(&Request::new(Op::Status), |_| {})
-            .unwrap_or_else(|e| panic!("status at the descriptor limit: {e}\n{}", c.log_tail()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "status at the descriptor limit: {e}\n{}",
+                    c.log_tail(LOG_LINES)
+                )
+            });
         assert_eq!(
             reply.code,
             Some(understudy_supervisor::proto::Code::Ok),
@@ -926,12 +768,12 @@ fn a_supervisor_out_of_descriptors_still_answers_and_says_so_at_a_bounded_rate()
     assert!(
         warnings >= 1,
         "the descriptor limit was never reached (raise the flood?):\n{}",
-        c.log_tail()
+        c.log_tail(LOG_LINES)
     );
     assert!(
         warnings <= seconds + 2,
         "{warnings} accept-error lines in ~{seconds} s: not rate-limited\n{}",
-        c.log_tail()
+        c.log_tail(LOG_LINES)
     );
     drop(idle);
     // With the flood gone, the supervisor recovers fully.

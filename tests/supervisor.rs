@@ -15,49 +15,54 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use understudy_runtime::control::{Control, Field, Role, SLOTS};
+use understudy_runtime::control::{Control, Field, Role};
 use understudy_runtime::engine::{execute_local, InputMeta};
 use understudy_runtime::liveness::ProcessIdentity;
 use understudy_runtime::store::Store;
-use understudy_supervisor::client::Client;
-use understudy_supervisor::proto::{Code, Op, Request, StatusReport, SOCKET_NAME};
+use understudy_supervisor::proto::{Code, StatusReport};
 use understudy_supervisor::record::{self, RECORD_FILE};
-use understudy_testkit::{Model, Side, TestApp};
+use understudy_test_support::child::{self, ChildGuard};
+use understudy_test_support::cluster::{self, Supervised};
+use understudy_testkit::{Model, TestApp};
 
 const CLI: &str = env!("CARGO_BIN_EXE_understudy");
 
 fn testapp(version: u32) -> PathBuf {
-    let path = Path::new(CLI)
-        .parent()
-        .expect("target dir")
-        .join(format!("understudy-testapp-v{version}"));
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` before these tests",
-        path.display()
-    );
-    path
+    cluster::testapp(Path::new(CLI), version)
 }
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
+/// How long a test waits for the supervisor to answer, or for an active and a hot standby.
+const UP_MAX: Duration = Duration::from_secs(20);
+/// Log lines shown in a failure message.
+const LOG_LINES: usize = 60;
 
-/// One cluster under a private shm directory, with its supervisor; everything is killed and
-/// removed on drop.
+/// One cluster under a private shm directory, with its supervisor, on the workspace harness
+/// ([`Supervised`]: everything is killed and removed on drop, and dies with the test runner);
+/// its engines run the self-driving workload of `max` requests paced `pace_us` apart.
 struct Harness {
-    name: String,
-    work: PathBuf,
-    shm_dir: PathBuf,
-    config: PathBuf,
-    side: PathBuf,
-    log: PathBuf,
+    cluster: Supervised,
     max: u64,
     pace_us: u64,
-    supervisor: Option<Child>,
 }
+
+impl std::ops::Deref for Harness {
+    type Target = Supervised;
+    fn deref(&self) -> &Supervised {
+        &self.cluster
+    }
+}
+
+impl std::ops::DerefMut for Harness {
+    fn deref_mut(&mut self) -> &mut Supervised {
+        &mut self.cluster
+    }
+}
+
+/// How long a frozen engine may take to stop.
+const FREEZE_MAX: Duration = Duration::from_secs(20);
 
 /// The restart settings of most tests: quick restarts, no crash-loop cutoff in practice.
 const DEFAULT_RESTART: &str = "[restart]
@@ -71,27 +76,10 @@ impl Harness {
     /// A cluster whose engines run `max` requests paced `pace_us` apart; `extra` is appended
     /// to the config.
     fn new(tag: &str, max: u64, pace_us: u64, extra: &str) -> Harness {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{tag}-{n}");
-        let work =
-            std::env::temp_dir().join(format!("understudy-sup-{}-{name}", std::process::id()));
-        let shm_dir = PathBuf::from(format!(
-            "/dev/shm/understudy-sup-{}-{name}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&work);
-        let _ = std::fs::remove_dir_all(&shm_dir);
-        std::fs::create_dir_all(&work).unwrap();
         let h = Harness {
-            log: work.join("supervisor.log"),
-            side: work.join("side"),
-            config: work.join("cluster.toml"),
-            name,
-            work,
-            shm_dir,
+            cluster: Supervised::new(Path::new(CLI), "sup", tag),
             max,
             pace_us,
-            supervisor: None,
         };
         h.write_config(&testapp(1), DEFAULT_RESTART, extra);
         h
@@ -120,133 +108,18 @@ max_latency_us_p99 = 60000000
             pace_us = self.pace_us,
             side = self.side.display(),
         );
-        std::fs::write(&self.config, text).unwrap();
-    }
-
-    /// An executable shell script in the work directory.
-    fn script(&self, name: &str, body: &str) -> PathBuf {
-        let path = self.work.join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
-        let mut perms = std::fs::metadata(&path).unwrap().permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-        std::fs::set_permissions(&path, perms).unwrap();
-        path
-    }
-
-    fn dir(&self) -> PathBuf {
-        self.shm_dir.join(&self.name)
-    }
-
-    fn cli(&self) -> Command {
-        let mut c = Command::new(CLI);
-        c.arg("--config").arg(&self.config).arg("--json");
-        c
+        self.cluster.write_config(&text);
     }
 
     /// Starts `understudy up` and waits until it answers with an active and a hot standby.
     fn up(&mut self) -> StatusReport {
-        self.start_supervisor(&[]);
-        self.wait(
-            "an active and a hot standby",
-            Duration::from_secs(20),
-            |s| s.active.is_some() && s.hot_standbys().count() >= 1,
-        )
+        self.cluster.up(UP_MAX)
     }
 
     /// Starts `understudy up` with `env` and waits until it answers.
     fn start_supervisor(&mut self, env: &[(&str, &str)]) -> StatusReport {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = self
-            .cli()
-            .arg("up")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.supervisor = Some(child);
-        self.wait("the supervisor to answer", Duration::from_secs(20), |_| {
-            true
-        })
-    }
-
-    fn kill_supervisor(&mut self) {
-        if let Some(mut child) = self.supervisor.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn try_status(&self) -> Option<StatusReport> {
-        let reply = Client::new(self.dir().join(SOCKET_NAME))
-            .request(&Request::new(Op::Status), |_| {})
-            .ok()?;
-        serde_json::from_value(reply.data).ok()
-    }
-
-    fn status(&self) -> StatusReport {
-        self.try_status().unwrap_or_else(|| {
-            panic!(
-                "the supervisor does not answer; its log:\n{}",
-                self.log_tail()
-            )
-        })
-    }
-
-    fn log_tail(&self) -> String {
-        let text = self.log_text();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
-    }
-
-    /// The supervisor's log (its engines' too), without terminal colours.
-    fn log_text(&self) -> String {
-        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
-    }
-
-    /// Waits until a line of the log contains every one of `parts`; returns that line.
-    fn wait_log(&self, parts: &[&str], timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let text = self.log_text();
-            if let Some(line) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
-                return line.to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "waited {timeout:?} for a log line with {parts:?}; log:\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Polls status until `done` holds; panics with the last status and log after `timeout`.
-    fn wait(
-        &self,
-        what: &str,
-        timeout: Duration,
-        mut done: impl FnMut(&StatusReport) -> bool,
-    ) -> StatusReport {
-        let deadline = Instant::now() + timeout;
-        let mut last = None;
-        while Instant::now() < deadline {
-            if let Some(s) = self.try_status() {
-                if done(&s) {
-                    return s;
-                }
-                last = Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!(
-            "waited {timeout:?} for {what}; last status: {last:#?}\nsupervisor log:\n{}",
-            self.log_tail()
-        );
+        self.start(&[], env);
+        self.wait("the supervisor to answer", UP_MAX, |_| true)
     }
 
     /// Waits for the workload to end on a stable active + hot standby, then checks both
@@ -295,56 +168,12 @@ max_latency_us_p99 = 60000000
         store.digest()
     }
 
-    fn side(&self) -> Side {
-        Side::open(&self.side)
-    }
-
-    /// SIGKILLs the engine `pid` and waits until it is gone; returns the requests the side
-    /// channel saw acknowledged just before the kill (a lower bound of what the dead engine
-    /// acknowledged: after its death the new active writes the side channel too).
-    fn kill_engine(&self, pid: u32) -> u64 {
-        let identity = ProcessIdentity::of(pid).ok();
-        let acked = self.side().committed();
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        if let Some(identity) = identity {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while identity.is_alive() {
-                assert!(Instant::now() < deadline, "pid {pid} survives SIGKILL");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        acked
-    }
-
     /// Runs `understudy upgrade` to its end; returns the exit code and the JSON lines.
     fn upgrade(&self, args: &[&str]) -> (i32, Vec<serde_json::Value>) {
         let out = self.cli().arg("upgrade").args(args).output().unwrap();
         let lines = parse_lines(&out.stdout);
         (out.status.code().unwrap_or(-1), lines)
     }
-
-    fn control(&self) -> Control {
-        Control::open(&self.dir()).unwrap()
-    }
-}
-
-/// `text` without ANSI escape sequences (`ESC [ … letter`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The timestamp that starts a log line (`2026-01-02T03:04:05.678901Z`), as seconds since
@@ -370,72 +199,11 @@ fn log_time_s(line: &str) -> Option<f64> {
     Some(days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + sec)
 }
 
-/// Sends SIGSTOP to `pid` and returns once every thread of it is stopped (state `T` in
-/// /proc), or it is gone: the signal is only queued, and a thread running on the other CPU
-/// goes on until it is interrupted.
-fn freeze(pid: u32) {
-    // SAFETY: kill has no memory-safety preconditions.
-    assert_eq!(
-        unsafe { libc::kill(pid as i32, libc::SIGSTOP) },
-        0,
-        "SIGSTOP {pid}"
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            return;
-        };
-        let all_stopped = tasks.flatten().all(|t| {
-            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-            // The state follows the parenthesised command name, which may hold ')'.
-            stat.rsplit_once(')').map_or(true, |(_, rest)| {
-                let state = rest.trim_start();
-                state.starts_with('T') || state.starts_with('Z') || state.starts_with('X')
-            })
-        });
-        if all_stopped {
-            return;
-        }
-        assert!(Instant::now() < deadline, "pid {pid} did not stop");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-fn thaw(pid: u32) {
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-}
-
 fn parse_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(bytes)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        self.kill_supervisor();
-        if let Ok(control) = Control::open(&self.dir()) {
-            for slot in 0..SLOTS {
-                let pid = control.get(slot, Field::Pid);
-                let identity = ProcessIdentity {
-                    pid: pid as u32,
-                    start_time_ticks: control.get(slot, Field::StartTime),
-                };
-                if pid != 0 && identity.is_alive() {
-                    // SAFETY: kill has no memory-safety preconditions.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                }
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.shm_dir);
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.work);
-        } else {
-            eprintln!("test files kept in {}", self.work.display());
-        }
-    }
 }
 
 fn version_of(s: &StatusReport, slot: &str) -> u64 {
@@ -491,7 +259,7 @@ fn a_killed_supervisor_is_not_missed_and_readopts_its_engines() {
     // starting new ones, then restarts the missing standby with the binary it was configured
     // with — a wrapper script that `exec`s the engine, which /proc does not name.
     let mut h = Harness::new("readopt", 20_000, 200, "");
-    let starts = h.work.join("starts");
+    let starts = h.work().join("starts");
     let wrapper = h.script(
         "engine",
         &format!(
@@ -575,7 +343,7 @@ fn a_hung_engine_is_fenced_by_the_supervisor_and_replaced() {
 
     // The standby hangs: only the supervisor watches it.
     let frozen = ProcessIdentity::of(standby.pid).unwrap();
-    freeze(standby.pid);
+    child::freeze(standby.pid, FREEZE_MAX);
     h.wait_log(
         &[
             "engine is hung; fencing it with SIGKILL",
@@ -602,7 +370,7 @@ fn a_hung_engine_is_fenced_by_the_supervisor_and_replaced() {
     // The active hangs.
     let epoch = s.epoch;
     let frozen = ProcessIdentity::of(active.pid).unwrap();
-    freeze(active.pid);
+    child::freeze(active.pid, FREEZE_MAX);
     let acked = h.side().committed();
     let s = h.wait("a new active", Duration::from_secs(60), |s| {
         if s.epoch > epoch && s.active.is_some() {
@@ -655,7 +423,7 @@ fn a_crash_looping_engine_is_given_up_while_the_active_serves_on() {
     // standby to take over (that would lose the state); a supervisor restarted once the
     // engine is fixed brings the standby back, and nothing was lost.
     let mut h = Harness::new("crashloop", 20_000, 200, "");
-    let broken = h.work.join("break-b");
+    let broken = h.work().join("break-b");
     let wrapper = h.script(
         "engine",
         &format!(
@@ -742,7 +510,7 @@ fn a_crash_looping_engine_is_given_up_while_the_active_serves_on() {
 
     // Hung with no standby: reported, not fenced.
     let frozen = ProcessIdentity::of(active.pid).unwrap();
-    freeze(active.pid);
+    child::freeze(active.pid, FREEZE_MAX);
     h.wait_log(
         &[
             "no hot standby could take over",
@@ -762,7 +530,7 @@ fn a_crash_looping_engine_is_given_up_while_the_active_serves_on() {
         frozen.is_alive(),
         "the hung active without a standby was killed"
     );
-    thaw(active.pid);
+    child::send_if_alive(active.pid, libc::SIGCONT);
     h.wait_log(&["heartbeat resumed", "slot=a"], Duration::from_secs(60));
 
     // Fixed: a restarted supervisor starts b again.
@@ -786,7 +554,12 @@ fn a_full_upgrade_ends_with_both_engines_on_v2_with_features_enabled() {
         "--accept-for",
         "300ms",
     ]);
-    assert_eq!(code, 0, "upgrade failed: {lines:#?}\n{}", h.log_tail());
+    assert_eq!(
+        code,
+        0,
+        "upgrade failed: {lines:#?}\n{}",
+        h.log_tail(LOG_LINES)
+    );
     let steps: Vec<u64> = lines
         .iter()
         .filter(|l| l["data"]["event"] == "end")
@@ -815,7 +588,7 @@ fn an_upgrade_rejected_by_the_accept_command_rolls_back_to_v1() {
         "--accept-cmd",
         "false",
     ]);
-    assert_eq!(code, 6, "{lines:#?}\n{}", h.log_tail());
+    assert_eq!(code, 6, "{lines:#?}\n{}", h.log_tail(LOG_LINES));
     let result = lines.last().unwrap();
     assert!(
         result["message"]
@@ -836,7 +609,7 @@ fn an_upgrade_whose_new_version_crashes_rolls_back_to_v1() {
     // steps up (failover), an old-version standby is restored, exit code 6, nothing lost.
     let mut h = Harness::new("crash", 20_000, 150, "");
     h.up();
-    let wrapper = h.work.join("v2-bad");
+    let wrapper = h.work().join("v2-bad");
     std::fs::write(
         &wrapper,
         format!(
@@ -849,7 +622,7 @@ fn an_upgrade_whose_new_version_crashes_rolls_back_to_v1() {
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
     std::fs::set_permissions(&wrapper, perms).unwrap();
     let (code, lines) = h.upgrade(&["--binary", wrapper.to_str().unwrap(), "--accept-for", "1s"]);
-    assert_eq!(code, 6, "{lines:#?}\n{}", h.log_tail());
+    assert_eq!(code, 6, "{lines:#?}\n{}", h.log_tail(LOG_LINES));
     let s = h.check_invariant(&[h.model(false)]);
     for e in &s.engines {
         assert_eq!(e.app_version, 1, "{s:#?}");
@@ -899,7 +672,7 @@ fn keep_standby_keeps_a_hot_standby_throughout_the_upgrade() {
     }
     let code = upgrade.wait().unwrap().code();
     let lines = reader.join().unwrap();
-    assert_eq!(code, Some(0), "{lines:#?}\n{}", h.log_tail());
+    assert_eq!(code, Some(0), "{lines:#?}\n{}", h.log_tail(LOG_LINES));
     assert!(samples > 20, "only {samples} samples");
     assert!(without.is_empty(), "no hot standby in: {without:#?}");
     let s = h.check_invariant(&[h.model(true)]);
@@ -960,7 +733,7 @@ fn an_engine_killed_at_each_step_of_the_upgrade_ends_in_a_safe_reported_state() 
         assert!(
             [0, 6, 7, 8].contains(&code),
             "step {step}: exit {code}\n{lines:#?}\n{}",
-            h.log_tail()
+            h.log_tail(LOG_LINES)
         );
         assert!(began, "step {step} never began: {lines:#?}");
         if killed.is_none() {
@@ -1017,13 +790,13 @@ fn the_old_active_killed_while_handing_over_is_a_failover_not_an_outage() {
     assert!(
         [0, 6].contains(&code),
         "exit {code}: {lines:#?}\n{}",
-        h.log_tail()
+        h.log_tail(LOG_LINES)
     );
     let log = h.log_text();
     assert!(
         !log.contains("outage"),
         "an outage was declared:\n{}",
-        h.log_tail()
+        h.log_tail(LOG_LINES)
     );
     let s = h.check_invariant(&[h.model(false), h.model(true)]);
     assert!(s.active.is_some(), "{s:#?}");
@@ -1254,16 +1027,6 @@ fn operator_errors_are_reported_clearly_with_their_exit_codes() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
-/// A child process killed and reaped when dropped (a test that fails midway leaves nothing).
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn an_engine_started_by_hand_in_a_free_slot_is_reported() {
     // Proves the supervisor reports a live engine registered in a slot it did not start it
@@ -1274,17 +1037,15 @@ fn an_engine_started_by_hand_in_a_free_slot_is_reported() {
     let before = h.up();
     assert!(before.foreign_engines.is_empty(), "{before:#?}");
     let dir = h.dir();
-    let mut engine = KillOnDrop(
+    let mut engine = ChildGuard::spawn(
         Command::new(testapp(1))
             // The cluster's ring size (an active refuses a standby with a smaller ring).
             .args(["--dir", dir.to_str().unwrap(), "--slot", "c", "--standby"])
             .args(["--ring", "8388608"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::null()),
     );
-    let pid = engine.0.id();
+    let pid = engine.id();
     let s = h.wait(
         "the hand-started engine in slot c reported",
         Duration::from_secs(30),
@@ -1336,8 +1097,7 @@ fn an_engine_started_by_hand_in_a_free_slot_is_reported() {
     );
 
     // Gone once the engine is.
-    let _ = engine.0.kill();
-    let _ = engine.0.wait();
+    engine.kill();
     let s = h.wait(
         "the report to end with the engine",
         Duration::from_secs(30),

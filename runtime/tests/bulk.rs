@@ -236,48 +236,36 @@ fn testapp_engine() {
 /// 2 MiB one committed, then an ordinary request served.
 #[test]
 fn a_standalone_engine_refuses_an_oversize_transaction() {
-    use std::process::{Child, Command, Stdio};
+    use std::process::{Command, Stdio};
     use std::time::Duration;
     use understudy_runtime::client::Client;
+    use understudy_test_support::cluster::Engines;
 
-    /// Kills the engine and removes the cluster's files, whatever the test did.
-    struct Guard(Child, std::path::PathBuf);
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-            let _ = std::fs::remove_dir_all(&self.1);
-        }
-    }
-    let dir = std::path::PathBuf::from(format!(
-        "/dev/shm/understudy-test-{}-bulk-alone",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    let args = [
-        "--dir".to_string(),
-        dir.display().to_string(),
-        "--slot".into(),
-        "a".into(),
+    // The workspace harness kills the engine and removes the cluster's files, whatever the
+    // test did.
+    let mut engines = Engines::new("bulk-alone");
+    let dir = engines.dir.clone();
+    let mut args = engines.engine_args(0, false);
+    args.extend([
         "--clients".into(),
         "--ring".into(),
         (8u64 << 20).to_string(),
-    ];
-    let child = Command::new(std::env::current_exe().expect("current_exe"))
-        .args([
-            "--exact",
-            "testapp_engine",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(understudy_testkit::ENGINE_ARGS_VAR, args.join("\n"))
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("engine");
-    let _guard = Guard(child, dir.clone());
+    ]);
+    engines.start(
+        0,
+        Command::new(std::env::current_exe().expect("current_exe"))
+            .args([
+                "--exact",
+                "testapp_engine",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(understudy_testkit::ENGINE_ARGS_VAR, args.join("\n"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
     let mut c = Client::connect_timeout(&dir, Duration::from_secs(30)).expect("client");
     let write = |c: &mut Client, bytes: u64| {
         let mut req = understudy_testkit::BIG_WRITE.to_vec();

@@ -9,8 +9,6 @@ mod common;
 use common::*;
 
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use understudy_runtime::client::{Client, ClientError, ClientInput, CloseReason};
 use understudy_runtime::control::{
@@ -18,22 +16,6 @@ use understudy_runtime::control::{
 };
 use understudy_runtime::store::Store;
 use understudy_runtime::Input;
-
-/// The test engine v1 (`understudy-testapp-v1 <args>`), run by this test binary re-executing
-/// itself as [`testapp_engine`]: an integration test only gets its own package's executables,
-/// and the test engines live in the testkit crate.
-fn engine_command(args: &[&str]) -> Command {
-    let mut c = Command::new(std::env::current_exe().expect("current_exe"));
-    c.args([
-        "--exact",
-        "testapp_engine",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(understudy_testkit::ENGINE_ARGS_VAR, args.join("\n"));
-    c
-}
 
 /// Not a test: the test engine v1 when [`engine_command`] runs this binary.
 #[test]
@@ -47,83 +29,21 @@ fn testapp_engine() {
 /// Generous bound for anything that should take milliseconds (2 loaded cores, debug build).
 const LONG: Duration = Duration::from_secs(20);
 
-/// Engines of one cluster; killed, and the cluster's files removed, on drop.
-struct Engines {
-    dir: PathBuf,
-    kids: Vec<(usize, std::process::Child)>,
-}
+/// Engines of one cluster (the workspace harness: killed, and the cluster's files removed,
+/// on drop), started with [`TestEngines::spawn_testapp`].
+type Engines = Cluster;
 
-impl Engines {
-    fn new(tag: &str) -> Engines {
-        let dir = PathBuf::from(format!(
-            "/dev/shm/understudy-test-{}-clerr-{tag}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        Engines { dir, kids: vec![] }
-    }
-    fn spawn(&mut self, slot: usize, standby: bool) {
-        let mut args = vec![
-            "--dir",
-            self.dir.to_str().unwrap(),
-            "--slot",
-            ["a", "b", "c"][slot],
-            "--clients",
-        ];
-        if standby {
-            args.push("--standby");
-        }
-        let mut c = engine_command(&args);
-        c.env("RUST_LOG", std::env::var("US_LOG").unwrap_or("warn".into()))
-            .env("UNDERSTUDY_BACKPRESSURE_MS", "500")
-            // Hang detection is not under test: a starved debug engine must not be fenced.
-            .env("UNDERSTUDY_HUNG_MS", "10000")
-            .stdout(Stdio::null());
-        if std::env::var("US_VERBOSE").is_err() {
-            c.stderr(Stdio::null());
-        }
-        die_with_parent(&mut c);
-        self.kids.retain(|(s, _)| *s != slot);
-        self.kids.push((slot, c.spawn().unwrap()));
-    }
-    fn kill(&mut self, slot: usize) {
-        if let Some(i) = self.kids.iter().position(|(s, _)| *s == slot) {
-            let (_, mut k) = self.kids.remove(i);
-            let _ = k.kill();
-            let _ = k.wait();
-        }
-    }
-    /// Every engine started is still running (none died).
-    fn all_running(&mut self) -> bool {
-        self.kids
-            .iter_mut()
-            .all(|(_, k)| matches!(k.try_wait(), Ok(None)))
-    }
-    fn control(&self) -> Control {
-        Control::open_or_create(&self.dir).unwrap()
-    }
-    /// Engine a active, b a hot standby.
-    fn pair(tag: &str) -> (Engines, Control) {
-        let mut e = Engines::new(tag);
-        let c = e.control();
-        e.spawn(0, false);
-        wait_until("a active", LONG, || role(&c, 0) == Role::Active);
-        e.spawn(1, true);
-        wait_until("b hot", LONG, || {
-            state(&c, 1) == State::Hot && role(&c, 1) == Role::Standby
-        });
-        (e, c)
-    }
-}
-
-impl Drop for Engines {
-    fn drop(&mut self) {
-        for (_, k) in &mut self.kids {
-            let _ = k.kill();
-            let _ = k.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Engine a active, b a hot standby.
+fn pair(tag: &str) -> (Engines, Control) {
+    let mut e = Engines::new(tag);
+    let c = e.control();
+    e.spawn_testapp(0, false, &[]);
+    wait_until("a active", LONG, || role(&c, 0) == Role::Active);
+    e.spawn_testapp(1, true, &[]);
+    wait_until("b hot", LONG, || {
+        state(&c, 1) == State::Hot && role(&c, 1) == Role::Standby
+    });
+    (e, c)
 }
 
 fn ledger(k: u64) -> Vec<u8> {
@@ -155,7 +75,7 @@ fn poll_until_err(
 /// from the files as well.
 #[test]
 fn a_client_is_told_the_cluster_is_down() {
-    let (mut e, c) = Engines::pair("down");
+    let (mut e, c) = pair("down");
     let mut cl = Client::connect(&e.dir).unwrap();
     assert_eq!(
         cl.call(&ledger(1), LONG).unwrap(),
@@ -192,7 +112,7 @@ fn a_client_is_told_the_cluster_is_down() {
 /// forever. A failover before that, within the bound, stays silent.
 #[test]
 fn a_client_is_told_of_an_outage_after_its_bound_and_not_of_a_failover() {
-    let (mut e, c) = Engines::pair("outage");
+    let (mut e, c) = pair("outage");
     let mut cl = Client::connect(&e.dir).unwrap();
     let bound = Duration::from_millis(500);
     cl.set_no_active_bound(bound);
@@ -241,7 +161,7 @@ fn a_client_is_told_of_an_outage_after_its_bound_and_not_of_a_failover() {
 /// nothing, and another client is served on. A client sending garbage is told `Malformed`.
 #[test]
 fn a_client_is_told_why_its_rings_were_closed() {
-    let (mut e, c) = Engines::pair("closed");
+    let (mut e, c) = pair("closed");
     let mut good = Client::connect(&e.dir).unwrap();
     let mut damaged = Client::connect(&e.dir).unwrap();
     let mut garbage = Client::connect(&e.dir).unwrap();
@@ -296,7 +216,7 @@ fn a_client_is_told_why_its_rings_were_closed() {
 /// afterwards, in order.
 #[test]
 fn call_keeps_the_answers_to_other_requests() {
-    let (_e, _c) = Engines::pair("call");
+    let (_e, _c) = pair("call");
     let mut cl = Client::connect(&_e.dir).unwrap();
     let s1 = cl.submit(&ledger(11)).unwrap();
     let s2 = cl.submit(&ledger(11)).unwrap();
@@ -370,7 +290,7 @@ fn connect_timeout_waits_for_the_cluster() {
     let dir = e.dir.clone();
     let waiter = std::thread::spawn(move || Client::connect_timeout(&dir, LONG).map(|c| c.id()));
     std::thread::sleep(Duration::from_millis(200));
-    e.spawn(0, false);
+    e.spawn_testapp(0, false, &[]);
     assert!(
         waiter.join().unwrap().is_ok(),
         "connected once the cluster came up"
@@ -384,7 +304,7 @@ fn connect_timeout_waits_for_the_cluster() {
 /// the live active from its own view.
 #[test]
 fn flipped_control_words_are_named_and_repaired_by_live_engines() {
-    let (mut e, c) = Engines::pair("flips");
+    let (mut e, c) = pair("flips");
     let mut cl = Client::connect(&e.dir).unwrap();
     let before = (
         c.epoch(),

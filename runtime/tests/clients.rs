@@ -10,24 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use understudy_runtime::client::{Client, ClientError};
 use understudy_runtime::control::{Control, Field, Role, State};
+use understudy_test_support::ChildGuard;
 
 static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// The test engine v1 (`understudy-testapp-v1 <args>`), run by this test binary re-executing
-/// itself as [`testapp_engine`]: an integration test only gets its own package's executables,
-/// and the test engines live in the testkit crate.
-fn engine_command(args: &[&str]) -> Command {
-    let mut c = Command::new(std::env::current_exe().expect("current_exe"));
-    c.args([
-        "--exact",
-        "testapp_engine",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(understudy_testkit::ENGINE_ARGS_VAR, args.join("\n"));
-    c
-}
 
 /// Not a test: the test engine v1 when [`engine_command`] runs this binary.
 #[test]
@@ -57,69 +42,9 @@ fn child_client() {
     }
 }
 
-struct Engines {
-    dir: std::path::PathBuf,
-    kids: Vec<(usize, std::process::Child)>,
-}
-
-impl Engines {
-    fn new(tag: &str) -> Engines {
-        let dir = std::path::PathBuf::from(format!(
-            "/dev/shm/understudy-test-{}-clients-{tag}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        Engines { dir, kids: vec![] }
-    }
-    fn spawn(&mut self, slot: usize, standby: bool, env: &[(&str, &str)]) {
-        let mut args = vec![
-            "--dir",
-            self.dir.to_str().unwrap(),
-            "--slot",
-            ["a", "b", "c"][slot],
-            "--clients",
-        ];
-        if standby {
-            args.push("--standby");
-        }
-        let mut c = engine_command(&args);
-        // Debug builds on 2 shared cores: a standby can be descheduled for tens of ms.
-        c.env("RUST_LOG", std::env::var("US_LOG").unwrap_or("warn".into()))
-            .env("UNDERSTUDY_BACKPRESSURE_MS", "500")
-            // Hang detection is not under test here: a starved debug engine must not be fenced.
-            .env("UNDERSTUDY_HUNG_MS", "10000")
-            .stdout(Stdio::null());
-        if std::env::var("US_VERBOSE").is_err() {
-            c.stderr(Stdio::null());
-        }
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        die_with_parent(&mut c);
-        self.kids.retain(|(s, _)| *s != slot);
-        self.kids.push((slot, c.spawn().unwrap()));
-    }
-    fn kill(&mut self, slot: usize) {
-        if let Some(i) = self.kids.iter().position(|(s, _)| *s == slot) {
-            let (_, mut k) = self.kids.remove(i);
-            let _ = k.kill();
-            let _ = k.wait();
-        }
-    }
-    fn control(&self) -> Control {
-        Control::open_or_create(&self.dir).unwrap()
-    }
-}
-
-impl Drop for Engines {
-    fn drop(&mut self) {
-        for (_, k) in &mut self.kids {
-            let _ = k.kill();
-            let _ = k.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+/// Engines of one cluster (the workspace harness: killed, and the cluster's files removed,
+/// on drop), started with [`TestEngines::spawn_testapp`].
+type Engines = Cluster;
 
 /// What one load client saw.
 #[derive(Default)]
@@ -218,11 +143,11 @@ fn run_under_disruption(
     let _one = HEAVY.lock().unwrap_or_else(|p| p.into_inner());
     let mut e = Engines::new(tag);
     let c = e.control();
-    e.spawn(0, false, &[]);
+    e.spawn_testapp(0, false, &[]);
     wait_until("a active", Duration::from_secs(10), || {
         role(&c, 0) == Role::Active
     });
-    e.spawn(1, true, &[]);
+    e.spawn_testapp(1, true, &[]);
     let stop = Arc::new(AtomicBool::new(false));
     let acks = Arc::new(AtomicU64::new(0));
     let clients: Vec<_> = (1..=2)
@@ -284,7 +209,7 @@ fn kills_under_client_load_lose_and_duplicate_nothing() {
             Duration::from_secs(10),
             || c.get(standby, Field::StepUps) > ups && role(c, standby) == Role::Active,
         );
-        e.spawn(active, true, &[]);
+        e.spawn_testapp(active, true, &[]);
         standby
     });
 }
@@ -297,7 +222,7 @@ fn switchovers_under_client_load_lose_and_duplicate_nothing() {
         .map_or(100, |v| v.parse().unwrap());
     run_under_disruption("switches", n, |_e, c, active, i| {
         let standby = 1 - active;
-        let r = post_switchover(c, standby, &format!("switch {i}"));
+        let r = switchover::post(c, standby, &format!("switch {i}"));
         assert_eq!(r, 0, "switch {i}: refused");
         wait_until(
             &format!("switch {i}: role change"),
@@ -314,11 +239,11 @@ fn switchovers_under_client_load_lose_and_duplicate_nothing() {
 fn crash_between_commit_and_egress_gives_exactly_one_response() {
     let mut e = Engines::new("egress");
     let c = e.control();
-    e.spawn(0, false, &[("UNDERSTUDY_TEST_CRASH_BEFORE_EGRESS", "5")]);
+    e.spawn_testapp(0, false, &[("UNDERSTUDY_TEST_CRASH_BEFORE_EGRESS", "5")]);
     wait_until("a active", Duration::from_secs(10), || {
         role(&c, 0) == Role::Active
     });
-    e.spawn(1, true, &[]);
+    e.spawn_testapp(1, true, &[]);
     wait_until("b hot", Duration::from_secs(10), || {
         state(&c, 1) == State::Hot
     });
@@ -350,11 +275,11 @@ fn crash_between_commit_and_egress_gives_exactly_one_response() {
 fn bad_and_dead_clients_leave_others_unaffected() {
     let mut e = Engines::new("bad");
     let c = e.control();
-    e.spawn(0, false, &[]);
+    e.spawn_testapp(0, false, &[]);
     wait_until("a active", Duration::from_secs(10), || {
         role(&c, 0) == Role::Active
     });
-    e.spawn(1, true, &[]);
+    e.spawn_testapp(1, true, &[]);
     wait_until("b hot", Duration::from_secs(10), || {
         state(&c, 1) == State::Hot
     });
@@ -374,13 +299,14 @@ fn bad_and_dead_clients_leave_others_unaffected() {
     }
     assert!(closed, "the garbage-writing client's rings must be closed");
     // A client process killed mid-request.
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_client", "--ignored", "--nocapture"])
-        .env("US_CLIENT_DIR", &e.dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // Guarded: it spins until killed, also when the test fails before the kill below.
+    let mut child = ChildGuard::spawn(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_client", "--ignored", "--nocapture"])
+            .env("US_CLIENT_DIR", &e.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     let files = |d: &std::path::Path| {
         std::fs::read_dir(d)
             .unwrap()
@@ -397,8 +323,7 @@ fn bad_and_dead_clients_leave_others_unaffected() {
         files(&e.dir) >= 6
     });
     std::thread::sleep(Duration::from_millis(30));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
     for k in 0..100u64 {
         let mut req = LEDGER.to_vec();
         req.extend_from_slice(&k.to_le_bytes());

@@ -3,9 +3,7 @@
 //! (well over 100 000 in the CI-sized form; `US_FUZZ_SCALE=10` for a longer run): no panic,
 //! no hang, and every damaged checked word named by a typed error.
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 use understudy_runtime::client::{Client, ClientError, ClientInput};
 use understudy_runtime::control::{
@@ -14,69 +12,8 @@ use understudy_runtime::control::{
 };
 use understudy_runtime::store::Store;
 use understudy_runtime::Input;
-
-/// A cluster directory removed on drop, even when the test fails.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let d = PathBuf::from(format!(
-            "/dev/shm/understudy-test-{}-fuzz-{tag}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        Dir(d)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Aborts the test process if the test has not finished within `limit`: a hang fails CI
-/// instead of stalling it.
-struct Watchdog(Arc<AtomicBool>);
-
-impl Watchdog {
-    fn new(what: &'static str, limit: Duration) -> Watchdog {
-        let done = Arc::new(AtomicBool::new(false));
-        let d = done.clone();
-        std::thread::spawn(move || {
-            let t = Instant::now();
-            while !d.load(Ordering::Relaxed) {
-                if t.elapsed() > limit {
-                    eprintln!("{what}: no progress within {limit:?}: a hang");
-                    std::process::abort();
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        Watchdog(done)
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-/// xorshift64*: deterministic, seeded per test (the seed is printed on failure).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use understudy_test_support::wait::Watchdog;
+use understudy_test_support::{Rng, TestDir};
 
 fn scale() -> u64 {
     std::env::var("US_FUZZ_SCALE")
@@ -139,8 +76,8 @@ fn populated(dir: &Path) -> Control {
 #[test]
 fn every_one_and_two_bit_flip_of_a_checked_word_is_named_and_repaired() {
     let _w = Watchdog::new("bit flips", Duration::from_secs(600));
-    let d = Dir::new("flips");
-    let c = populated(&d.0);
+    let d = TestDir::named("fuzz-flips");
+    let c = populated(d.path());
     let before = snapshot(&c);
     let mut cases = 0u64;
     for word in Word::all() {
@@ -185,11 +122,14 @@ fn every_one_and_two_bit_flip_of_a_checked_word_is_named_and_repaired() {
 #[test]
 fn random_control_words_never_panic_and_damage_is_named() {
     let _w = Watchdog::new("random control words", Duration::from_secs(600));
-    let d = Dir::new("random");
-    let c = populated(&d.0);
-    let path = d.0.join("control");
-    let seed = 0x5EED_C0DE_u64 ^ std::process::id() as u64;
-    let mut rng = Rng(seed | 1);
+    let d = TestDir::named("fuzz-random");
+    let c = populated(d.path());
+    let path = d.path().join("control");
+    let mut rng = Rng::seeded(
+        "random_control_words",
+        0x5EED_C0DE_u64 ^ u64::from(std::process::id()),
+    );
+    let seed = rng.seed().expect("seeded");
     let checked: Vec<(Word, usize, usize)> = Word::all()
         .map(|w| (w, w.primary_offset(), w.mirror_offset()))
         .collect();
@@ -218,8 +158,8 @@ fn random_control_words_never_panic_and_damage_is_named() {
         let saved: Vec<u64> = offsets.iter().map(|&o| read_word(&path, o)).collect();
         for &o in &offsets {
             let v = match rng.below(4) {
-                0 => rng.next(),
-                1 => rng.next() & CHECKED_MAX,
+                0 => rng.next_u64(),
+                1 => rng.next_u64() & CHECKED_MAX,
                 2 => [0, u64::MAX, 1, 1 << 63][rng.below(4) as usize],
                 _ => read_word(&path, o) ^ 1 << rng.below(64),
             };
@@ -276,10 +216,10 @@ fn random_control_words_never_panic_and_damage_is_named() {
 #[test]
 fn open_names_the_damaged_header_field() {
     let _w = Watchdog::new("control headers", Duration::from_secs(600));
-    let d = Dir::new("headers");
-    drop(populated(&d.0));
-    let path = d.0.join("control");
-    let mut rng = Rng(0xABCD_EF01);
+    let d = TestDir::named("fuzz-headers");
+    drop(populated(d.path()));
+    let path = d.path().join("control");
+    let mut rng = Rng::seeded("control_headers", 0xABCD_EF01);
     let n = 5_000 * scale();
     for i in 0..n {
         let (offset, field) = if i % 2 == 0 {
@@ -288,7 +228,7 @@ fn open_names_the_damaged_header_field() {
             (8, "version")
         };
         let saved = read_word(&path, offset);
-        let mut v = rng.next();
+        let mut v = rng.next_u64();
         if i % 3 == 0 {
             v = 1; // the previous layout version (or a tiny magic)
         }
@@ -296,7 +236,7 @@ fn open_names_the_damaged_header_field() {
             continue;
         }
         write_word(&path, offset, v);
-        match Control::open(&d.0) {
+        match Control::open(d.path()) {
             Err(ControlError::Field {
                 field: f,
                 expected,
@@ -313,7 +253,7 @@ fn open_names_the_damaged_header_field() {
     }
     // The previous layout (version 1) names both versions.
     write_word(&path, 8, 1);
-    let e = Control::open(&d.0).err().expect("version 1 refused");
+    let e = Control::open(d.path()).err().expect("version 1 refused");
     assert!(e.to_string().contains("expected 2, found 1"), "{e}");
     write_word(&path, 8, understudy_runtime::control::VERSION);
     // Another size.
@@ -323,7 +263,7 @@ fn open_names_the_damaged_header_field() {
         .unwrap()
         .set_len(FILE_BYTES as u64 * 2)
         .unwrap();
-    let e = Control::open(&d.0).err().expect("size refused");
+    let e = Control::open(d.path()).err().expect("size refused");
     assert!(e.to_string().contains("file size"), "{e}");
 }
 
@@ -331,8 +271,8 @@ fn open_names_the_damaged_header_field() {
 /// mirror), exactly once; a claim from a stale epoch still fails.
 #[test]
 fn the_epoch_is_claimed_from_its_mirror_when_the_primary_is_damaged() {
-    let d = Dir::new("claim");
-    let c = populated(&d.0);
+    let d = TestDir::named("fuzz-claim");
+    let c = populated(d.path());
     let w = Word::Epoch;
     assert!(c.flip_bits(w.primary_offset(), 1 << 40));
     assert_eq!(c.epoch(), 2, "the mirror answers");
@@ -352,8 +292,8 @@ fn the_epoch_is_claimed_from_its_mirror_when_the_primary_is_damaged() {
 /// the active, the epoch and the active slot. Another slot's lost word is not guessed.
 #[test]
 fn an_engine_rewrites_words_lost_in_both_copies_from_its_own_view() {
-    let d = Dir::new("own");
-    let c = populated(&d.0);
+    let d = TestDir::named("fuzz-own");
+    let c = populated(d.path());
     // This process plays the active in slot 0 (it wrote slot 0 last: role active, epoch 2).
     c.set(0, Field::Role, 1);
     for w in [
@@ -404,13 +344,15 @@ fn an_engine_rewrites_words_lost_in_both_copies_from_its_own_view() {
 #[test]
 fn random_client_ring_words_give_typed_errors_never_panics() {
     let _w = Watchdog::new("client rings", Duration::from_secs(600));
-    let d = Dir::new("rings");
-    let _control = Control::open_or_create(&d.0).unwrap();
-    let mut input = ClientInput::new(&d.0).unwrap();
+    let d = TestDir::named("fuzz-rings");
+    let _control = Control::open_or_create(d.path()).unwrap();
+    let mut input = ClientInput::new(d.path()).unwrap();
     let store = Store::new();
-    let seed = 0x00C1_1E47_u64 ^ std::process::id() as u64;
-    let mut rng = Rng(seed | 1);
-    let mut client = Client::connect_with(&d.0, 4096).unwrap();
+    let mut rng = Rng::seeded(
+        "random_client_ring_words",
+        0x00C1_1E47_u64 ^ u64::from(std::process::id()),
+    );
+    let mut client = Client::connect_with(d.path(), 4096).unwrap();
     input.resume(&store);
     let mut buf = Vec::new();
     let n = 100_000 * scale();
@@ -419,9 +361,9 @@ fn random_client_ring_words_give_typed_errors_never_panics() {
     for i in 0..n {
         let which = rng.below(2);
         let path = if which == 0 {
-            Control::client_in_path(&d.0, client.id())
+            Control::client_in_path(d.path(), client.id())
         } else {
-            Control::client_out_path(&d.0, client.id())
+            Control::client_out_path(d.path(), client.id())
         };
         let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         if len >= 4096 + 64 {
@@ -432,7 +374,7 @@ fn random_client_ring_words_give_typed_errors_never_panics() {
                 _ => rng.below(len / 8) * 8,
             };
             let v = match rng.below(3) {
-                0 => rng.next(),
+                0 => rng.next_u64(),
                 1 => rng.below(1 << 16),
                 _ => read_word(&path, o as usize) ^ 1 << rng.below(64),
             };
@@ -466,7 +408,7 @@ fn random_client_ring_words_give_typed_errors_never_panics() {
         }
         if closed || i % 997 == 0 {
             // Start over with a fresh client, as an application would.
-            client = Client::connect_with(&d.0, 4096).unwrap();
+            client = Client::connect_with(d.path(), 4096).unwrap();
             input.resume(&store);
             reconnects += 1;
         }

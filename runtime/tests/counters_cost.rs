@@ -12,7 +12,6 @@
 //! `UNDERSTUDY_COST_TXS` (transactions per run, default 300000) and `UNDERSTUDY_COST_ROUNDS`
 //! (on/off pairs, default 7) size it.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +20,7 @@ use understudy_runtime::control::{slot_cmd, Control, Field};
 use understudy_runtime::engine::{Input, InputMeta};
 use understudy_runtime::store::Store;
 use understudy_runtime::{Engine, Idle, OnPanic, Options};
+use understudy_test_support::{TestDir, Wait};
 use understudy_testkit::{TestApp, Workload};
 
 /// The workload, timed from its first request to the commit of its last.
@@ -51,22 +51,14 @@ impl Input for Timed {
     }
 }
 
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+/// Bound on one run (a hang, not a performance limit).
+const RUN_MAX: Duration = Duration::from_secs(300);
 
 /// One run of `txs` transactions; ns per transaction.
 fn run(txs: u64, counters: bool, round: usize) -> f64 {
-    let dir = Dir(PathBuf::from(format!(
-        "/dev/shm/understudy-cost-{}-{round}-{counters}",
-        std::process::id()
-    )));
-    let _ = std::fs::remove_dir_all(&dir.0);
+    let dir = TestDir::named(&format!("cost-{round}-{counters}"));
     let elapsed = Arc::new(AtomicU64::new(0));
-    let (path, flag) = (dir.0.clone(), elapsed.clone());
+    let (path, flag) = (dir.path().to_path_buf(), elapsed.clone());
     let engine = std::thread::spawn(move || {
         let mut opt = Options::new(&path, 0);
         opt.counters = counters;
@@ -83,17 +75,15 @@ fn run(txs: u64, counters: bool, round: usize) -> f64 {
             .run()
             .expect("run");
     });
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while elapsed.load(Ordering::Acquire) == 0 {
-        assert!(Instant::now() < deadline, "the run did not finish");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Control::open(&dir.0)
+    Wait::new("the run to finish", RUN_MAX)
+        .every(Duration::from_millis(5))
+        .until(|| elapsed.load(Ordering::Acquire) != 0);
+    Control::open(dir.path())
         .expect("control")
         .set(0, Field::Cmd, slot_cmd::STOP);
     engine.join().expect("engine thread");
     assert_eq!(
-        understudy_runtime::counters::read(&dir.0).map_or(0, |k| k.slots[0].requests_total),
+        understudy_runtime::counters::read(dir.path()).map_or(0, |k| k.slots[0].requests_total),
         if counters { txs } else { 0 },
         "the counters file counts every request when on, and is not even written when off"
     );
@@ -140,13 +130,9 @@ fn counters_cost_per_transaction() {
     // The stores alone, as the engine makes them per transaction (requests, refusals, commits,
     // transaction index, and one service-time bucket in four), on a real counters file: a
     // figure the machine's noise does not swamp.
-    let dir = Dir(PathBuf::from(format!(
-        "/dev/shm/understudy-cost-{}-stores",
-        std::process::id()
-    )));
-    let _ = std::fs::remove_dir_all(&dir.0);
-    shm_layout::region::ensure_private_dir(&dir.0).unwrap();
-    let w = understudy_runtime::counters::Writer::open_or_create(&dir.0, 0).unwrap();
+    let dir = TestDir::named("cost-writer");
+    shm_layout::region::ensure_private_dir(dir.path()).unwrap();
+    let w = understudy_runtime::counters::Writer::open_or_create(dir.path(), 0).unwrap();
     use understudy_runtime::counters::Counter;
     let n = 50_000_000u64;
     let t0 = Instant::now();

@@ -14,7 +14,7 @@
 use std::fs::OpenOptions;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -24,6 +24,8 @@ use understudy_runtime::liveness::{
     current_tid, DeathWatch, HolderGone, Liveness, LockOutcome, Pidfd, PidfdOpenError, ProcStat,
     ProcessIdentity, RobustLock, SpinPolicy, TryLockOutcome,
 };
+use understudy_test_support::dir::TestFile;
+use understudy_test_support::{ChildGuard, Wait};
 
 /// Path of the shared file; set only in a child process.
 const CHILD_SHM_ENV: &str = "UNDERSTUDY_LIVENESS_CHILD_SHM";
@@ -48,26 +50,21 @@ struct ShmFile {
     path: PathBuf,
     map: MmapMut,
     /// Declared after `map`, so the file is unmapped before it is removed.
-    _remove: Option<RemoveOnDrop>,
+    _remove: Option<TestFile>,
 }
 
 impl ShmFile {
     /// Creates and maps a fresh file for the parent.
     fn create() -> ShmFile {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = PathBuf::from(format!(
-            "/dev/shm/understudy-test-{}-{n}",
-            std::process::id()
-        ));
+        // Armed before anything can fail, so the file is always removed.
+        let remove = TestFile::new("liveness");
+        let path = remove.path().to_path_buf();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&path)
             .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-        // Armed before anything else can fail, so the file is always removed.
-        let remove = RemoveOnDrop(path.clone());
         file.set_len(MAP_LEN as u64).expect("sizing the shm file");
         // SAFETY: the file is ours (create_new) and only this test and its child map it.
         let map = unsafe { MmapMut::map_mut(&file) }.expect("mapping the shm file");
@@ -119,99 +116,64 @@ impl ShmFile {
     }
 }
 
-/// Removes a file on drop.
-struct RemoveOnDrop(PathBuf);
+/// The child that holds the lock, on the workspace's child guard: it dies with the test
+/// runner, and is SIGKILLed and reaped on drop unless the test reaped it already.
+struct LockChild(ChildGuard);
 
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// A child that is SIGKILLed and reaped on drop unless the test reaped it already.
-struct ChildGuard {
-    child: Option<Child>,
-    pid: u32,
-}
-
-impl ChildGuard {
+impl LockChild {
     /// Starts a child that touches `touch_mib` MiB, locks the lock in `shm`, publishes its TID
     /// in the ready word and sleeps until killed.
-    fn spawn(shm: &ShmFile, touch_mib: usize) -> ChildGuard {
+    fn spawn(shm: &ShmFile, touch_mib: usize) -> LockChild {
         let exe = std::env::current_exe().expect("current_exe");
-        let child = Command::new(exe)
-            .args([
-                "--exact",
-                "child_entry",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_SHM_ENV, &shm.path)
-            .env(CHILD_TOUCH_MIB_ENV, touch_mib.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawning the child");
-        let pid = child.id();
-        ChildGuard {
-            child: Some(child),
-            pid,
-        }
+        LockChild(ChildGuard::spawn(
+            Command::new(exe)
+                .args([
+                    "--exact",
+                    "child_entry",
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CHILD_SHM_ENV, &shm.path)
+                .env(CHILD_TOUCH_MIB_ENV, touch_mib.to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit()),
+        ))
     }
 
     /// Waits (bounded) for the child to hold the lock; returns the TID it locked from.
     fn wait_ready(&mut self, shm: &ShmFile) -> u32 {
-        let start = Instant::now();
-        loop {
-            // SYNC POINT: child holds the lock (Release store in child_entry).
-            let tid = shm.ready().load(Ordering::Acquire);
-            if tid != 0 {
-                return tid;
-            }
-            let child = self.child.as_mut().expect("child not reaped yet");
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                panic!("expected the child to hold the lock and sleep, found it exited: {status}");
-            }
-            assert!(
-                start.elapsed() < PATIENCE,
-                "expected the child to hold the lock within {PATIENCE:?}, found ready word still 0"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let child = &mut self.0;
+        Wait::new("the child to hold the lock", PATIENCE)
+            .every(Duration::from_millis(1))
+            .until(|| {
+                // SYNC POINT: child holds the lock (Release store in child_entry).
+                let tid = shm.ready().load(Ordering::Acquire);
+                if tid != 0 {
+                    return Ok(tid);
+                }
+                if let Some(status) = child.try_wait() {
+                    panic!(
+                        "expected the child to hold the lock and sleep, found it exited: {status}"
+                    );
+                }
+                Err("ready word still 0")
+            })
     }
 
     fn kill(&self) {
-        let pid = libc::pid_t::try_from(self.pid).expect("pid fits pid_t");
-        // SAFETY: kill takes plain integers; the child is unreaped, so the pid is still ours.
-        let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
-        assert_eq!(
-            rc,
-            0,
-            "kill({pid}, SIGKILL): {}",
-            std::io::Error::last_os_error()
-        );
+        self.0.signal(libc::SIGKILL);
     }
 
     /// Reaps the child and checks it died of SIGKILL.
     fn reap(&mut self) {
-        let mut child = self.child.take().expect("reaped once");
-        let status = child.wait().expect("waitpid");
+        let status = self.0.child_mut().wait().expect("waitpid");
         assert_eq!(
             status.signal(),
             Some(libc::SIGKILL),
             "expected the child killed by SIGKILL, found {status}"
         );
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -252,7 +214,7 @@ fn child_entry() {
 fn sigkill_of_holder_marks_owner_died_and_lock_recovers() {
     let shm = ShmFile::create();
     let lock = shm.init_lock();
-    let mut child = ChildGuard::spawn(&shm, 0);
+    let mut child = LockChild::spawn(&shm, 0);
     let child_tid = child.wait_ready(&shm);
 
     // The holder is the child's thread, seen across processes.
@@ -261,7 +223,7 @@ fn sigkill_of_holder_marks_owner_died_and_lock_recovers() {
     assert!(!lock.owner_died());
     assert_eq!(lock.try_lock(), Ok(TryLockOutcome::WouldBlock));
 
-    let identity = ProcessIdentity::of(child.pid).expect("child identity");
+    let identity = ProcessIdentity::of(child.0.id()).expect("child identity");
     assert!(
         identity.is_alive(),
         "expected the live child {identity:?} alive"
@@ -327,9 +289,9 @@ fn sigkill_of_holder_marks_owner_died_and_lock_recovers() {
 fn zombie_is_dead_and_pidfd_checks_identity() {
     let shm = ShmFile::create();
     shm.init_lock();
-    let mut child = ChildGuard::spawn(&shm, 0);
+    let mut child = LockChild::spawn(&shm, 0);
     child.wait_ready(&shm);
-    let identity = ProcessIdentity::of(child.pid).expect("child identity");
+    let identity = ProcessIdentity::of(child.0.id()).expect("child identity");
 
     let impostor = ProcessIdentity {
         start_time_ticks: identity.start_time_ticks + 1,
@@ -349,7 +311,7 @@ fn zombie_is_dead_and_pidfd_checks_identity() {
     }
 
     let pidfd = Pidfd::open_identity(&identity).expect("pidfd for the live child");
-    assert_eq!(pidfd.pid(), child.pid);
+    assert_eq!(pidfd.pid(), child.0.id());
     assert!(
         !pidfd.poll_exited(Some(Duration::ZERO)).expect("poll"),
         "live child read as exited"
@@ -361,7 +323,7 @@ fn zombie_is_dead_and_pidfd_checks_identity() {
         "expected the pidfd readable within {PATIENCE:?} of SIGKILL"
     );
     // Exited but not reaped: the stat file is there and says Z.
-    let stat = ProcStat::read(child.pid).expect("zombie still has /proc/<pid>/stat");
+    let stat = ProcStat::read(child.0.id()).expect("zombie still has /proc/<pid>/stat");
     assert_eq!(stat.state, 'Z', "expected zombie state, found {stat:?}");
     assert_eq!(stat.start_time_ticks, identity.start_time_ticks);
     assert_eq!(identity.check().expect("check zombie"), Liveness::Exited);
@@ -380,9 +342,9 @@ fn owner_died_precedes_pidfd_timing() {
         for run in 0..3 {
             let shm = ShmFile::create();
             let lock = shm.init_lock();
-            let mut child = ChildGuard::spawn(&shm, touch_mib);
+            let mut child = LockChild::spawn(&shm, touch_mib);
             child.wait_ready(&shm);
-            let identity = ProcessIdentity::of(child.pid).expect("child identity");
+            let identity = ProcessIdentity::of(child.0.id()).expect("child identity");
             let pidfd = Pidfd::open_identity(&identity).expect("pidfd");
             let watch = DeathWatch::arm(lock).expect("arm");
 

@@ -268,7 +268,7 @@ fn planned_switchovers_lose_nothing() {
         );
         std::thread::sleep(Duration::from_millis(2));
         let stepups = c.get(standby, Field::StepUps);
-        let r = post_switchover(&c, standby, &format!("switch {i}"));
+        let r = switchover::post(&c, standby, &format!("switch {i}"));
         assert_eq!(r, 0, "switch {i}: refused with code {r}");
         wait_until(
             &format!("switch {i}: target active"),
@@ -309,7 +309,7 @@ fn switchover_target_dying_before_step_up_leaves_the_old_active_in_charge() {
     // Freeze b so it cannot step up, hand over to it, then kill it.
     cl.stop(1);
     assert_eq!(
-        post_switchover(&c, 1, "switchover"),
+        switchover::post(&c, 1, "switchover"),
         0,
         "switchover refused"
     );
@@ -376,7 +376,7 @@ fn switchover_target_dying_right_after_step_up_hands_back() {
     });
     std::thread::sleep(Duration::from_millis(20));
     let ups = c.get(0, Field::StepUps);
-    post_switchover(&c, 1, "switchover");
+    switchover::post(&c, 1, "switchover");
     wait_until("a active again", Duration::from_secs(20), || {
         role(&c, 0) == Role::Active && c.get(0, Field::StepUps) > ups
     });
@@ -447,7 +447,7 @@ fn switchover_waits_for_an_old_active_stalled_before_releasing_the_mutex() {
     });
     wait_ready_to_hand_over(&cl, &c, 0);
     assert_eq!(
-        post_switchover(&c, 1, "switchover"),
+        switchover::post(&c, 1, "switchover"),
         0,
         "switchover refused"
     );

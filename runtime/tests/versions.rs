@@ -136,7 +136,7 @@ fn rolling_upgrade_streams_old_layout_and_enables_features_at_one_point() {
     // 2. Planned switchover: version-2 active (b), version-1 standby (a); still layout 1.
     let a_gen = c.get(0, Field::AttachGen);
     assert_eq!(
-        post_switchover(&c, 1, "switchover"),
+        switchover::post(&c, 1, "switchover"),
         result::OK,
         "switchover"
     );

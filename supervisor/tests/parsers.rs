@@ -6,8 +6,9 @@
 //! `UNDERSTUDY_FUZZ_CASES` for a longer run (e.g. `UNDERSTUDY_FUZZ_CASES=5000000 cargo test
 //! -p understudy-supervisor --release --test parsers`). The properties: no panic, no hang
 //! (each input is parsed once, synchronously), an accepted input is exactly a well-formed one,
-//! and a refusal names the field at fault. The generator is a seeded xorshift, so a failure
-//! prints a case that reproduces.
+//! and a refusal names the field at fault. The generator is the workspace's seeded xorshift
+//! (`understudy_test_support::Rng`), so a failure prints a case that reproduces, and the seed
+//! (`UNDERSTUDY_TEST_SEED` runs another sequence).
 //!
 //! Below them, the regression tests of the bugs of issue 10 that live in these parsers.
 
@@ -16,33 +17,13 @@ use understudy_supervisor::proto::{
     Op, PromoteRequest, ReloadRequest, Request, RequestError, UpgradeRequest, ACCEPT_FOR_MS_MAX,
     OP_NAMES, REQUEST_BYTES_MAX,
 };
+use understudy_test_support::Rng;
 
 fn cases() -> u64 {
     std::env::var("UNDERSTUDY_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000)
-}
-
-/// xorshift64*: small, seeded, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
 }
 
 /// A JSON value of a random type, sometimes extreme.
@@ -52,9 +33,9 @@ fn json_value(rng: &mut Rng, depth: u32) -> serde_json::Value {
         0 => json!(null),
         1 => json!(rng.chance(50)),
         2 => json!(rng.below(10)),
-        3 => json!(rng.next()),
+        3 => json!(rng.next_u64()),
         4 => json!(-(rng.below(1 << 40) as i64)),
-        5 => json!(rng.next() as f64 / 7.0),
+        5 => json!(rng.next_u64() as f64 / 7.0),
         6 => json!(*rng.pick(&OP_NAMES)),
         7 => json!(*rng.pick(&[
             "",
@@ -115,7 +96,7 @@ fn field_name(rng: &mut Rng) -> String {
 /// One request line: mostly request-shaped JSON, some raw bytes, some huge.
 fn request_bytes(rng: &mut Rng) -> Vec<u8> {
     match rng.below(20) {
-        0 => (0..rng.below(64)).map(|_| rng.next() as u8).collect(),
+        0 => (0..rng.below(64)).map(|_| rng.next_u64() as u8).collect(),
         1 => {
             // Valid JSON text, broken UTF-8 inside.
             let mut b = br#"{"v":1,"op":"st"#.to_vec();
@@ -310,7 +291,7 @@ fn request_lines_of_every_shape_parse_exactly_as_the_rules_say_and_refusals_name
     // Proves, over 100,000 generated lines, that the request parser never panics, accepts
     // exactly the well-formed requests (an independent statement of the rules agrees on every
     // input), round-trips what it accepts, and names the field at fault when it refuses.
-    let mut rng = Rng(0x5eed_0001);
+    let mut rng = Rng::seeded("requests", 0x5eed_0001);
     let mut accepted = 0u64;
     for case in 0..cases() {
         let bytes = request_bytes(&mut rng);
@@ -396,7 +377,7 @@ fn toml_value(rng: &mut Rng) -> String {
     match rng.below(14) {
         0 => rng.below(100).to_string(),
         1 => rng.below(100_000).to_string(),
-        2 => (rng.next() >> 1).to_string(),
+        2 => (rng.next_u64() >> 1).to_string(),
         3 => format!("-{}", rng.below(1000)),
         4 => "18446744073709551615".into(),
         5 => "1844674407371".into(),
@@ -473,7 +454,7 @@ fn configs_of_every_shape_are_accepted_only_with_values_whose_derived_values_fit
     // keys, truncated text), that parsing never panics, every refusal of a value names its
     // field, and every accepted config's derived values (hung thresholds in ns, deadlines from
     // now) fit without overflow.
-    let mut rng = Rng(0x5eed_0002);
+    let mut rng = Rng::seeded("configs", 0x5eed_0002);
     let mut accepted = 0u64;
     let now = std::time::Instant::now();
     for case in 0..cases() {

@@ -175,7 +175,7 @@ fn callstate_under_the_supervisor() {
     progress(&mut probe, 100);
 
     // The role hook ran for each way of becoming active (the engines' stderr is in the log).
-    let log = std::fs::read_to_string(cluster.work.join("supervisor.log")).unwrap();
+    let log = std::fs::read_to_string(cluster.log.clone()).unwrap();
     for how in ["active (Start,", "active (Failover,", "active (Planned,"] {
         assert!(
             log.contains(how),

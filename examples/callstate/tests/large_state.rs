@@ -11,6 +11,7 @@
 
 mod common;
 use common::*;
+use understudy_test_support::child::send_if_alive;
 
 use callstate::client::CallClient;
 use callstate::Request;
@@ -138,11 +139,6 @@ fn untethers(cl: &Cluster) -> u64 {
         .unwrap_or(0)
 }
 
-fn kill(pid: u32) {
-    // SAFETY: kill has no memory-safety preconditions; the pid is one of this test's engines.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-}
-
 #[test]
 fn a_standby_replaced_under_full_load_catches_up_without_untether_and_is_truly_hot() {
     let n = calls();
@@ -194,7 +190,7 @@ fn a_standby_replaced_under_full_load_catches_up_without_untether_and_is_truly_h
 
     // Kill the standby; the supervisor starts a new one, which catches up under the load.
     let killed = Instant::now();
-    kill(standby_pid);
+    send_if_alive(standby_pid, libc::SIGKILL);
     let s = cl.wait("a new hot standby", |s| {
         s.hot_standbys().any(|e| e.pid != standby_pid)
     });
@@ -207,7 +203,7 @@ fn a_standby_replaced_under_full_load_catches_up_without_untether_and_is_truly_h
     let untethered = untethers(&cl) - untethers_before;
 
     // The "hot" is true: SIGKILL the active right away; nothing acknowledged may be lost.
-    kill(active_pid);
+    send_if_alive(active_pid, libc::SIGKILL);
     cl.wait("the new standby active", |s| {
         s.engines
             .iter()
