@@ -3,13 +3,31 @@
 
 use super::*;
 
-/// How long a cluster command waits for a standby mid-handshake to say which features it
-/// has, before it is carried out without that standby.
-const COMMAND_DEFER_MAX: Duration = Duration::from_secs(1);
+/// Housekeeping while busy runs at most this often (ns): it costs tens of µs with standbys.
+const HOUSEKEEPING_BUSY_NS: u64 = 200_000;
+/// Housekeeping while idle runs at most this often (ns).
+const HOUSEKEEPING_IDLE_NS: u64 = 20_000;
+/// The service-time p99 is published this often (ns) once its window holds enough samples...
+const SERVICE_P99_EVERY_NS: u64 = 100_000_000;
+/// ... and at least this often (ns) whatever the window holds.
+const SERVICE_P99_AT_LEAST_EVERY_NS: u64 = 1_000_000_000;
+/// A switchover's target that already says it is hot gets this long to confirm it to the
+/// active (acks come every millisecond, but on a loaded host one can take seconds).
+const SWITCHOVER_HOT_TARGET_WAIT: Duration = Duration::from_secs(5);
+/// ... and a target still attaching gets this long.
+const SWITCHOVER_ATTACHING_TARGET_WAIT: Duration = Duration::from_secs(1);
+/// An enable waits this long for a standby mid-handshake to say which features it has.
+const ENABLE_HANDSHAKE_WAIT: Duration = Duration::from_secs(1);
+
+/// When the active loop's periodic work last ran (CLOCK_MONOTONIC ns).
+#[derive(Default)]
+struct Housekeeping {
+    last: u64,
+    last_heartbeat_frame: u64,
+}
 
 impl<A: Application, I: Input> Engine<A, I> {
     pub(super) fn run_active(&mut self) -> Result<Next, EngineError> {
-        let s = self.opt.slot;
         self.publish_status(Role::Active, State::Serving);
         // The role hook runs before the first request is taken (and before a committed but
         // undelivered response is re-emitted).
@@ -25,13 +43,12 @@ impl<A: Application, I: Input> Engine<A, I> {
         self.timers_resume();
         self.input.resume(&self.store);
         let mut idle_polls: u32 = 0;
-        let mut last_house = 0u64;
-        let mut last_hb_frame = 0u64;
+        let mut house = Housekeeping::default();
         let mut iter: u32 = 0;
         loop {
             iter = iter.wrapping_add(1);
-            if let Some((seq, c, a)) = self.control.pending() {
-                if let Some(next) = self.command(seq, c, a)? {
+            if let Some((seq, pending)) = self.control.pending_command() {
+                if let Some(next) = self.command(seq, pending)? {
                     return Ok(next);
                 }
             }
@@ -56,50 +73,14 @@ impl<A: Application, I: Input> Engine<A, I> {
                 !busy && (idle_polls % 16 == 0 || idle_polls >= self.opt.idle.spin_polls);
             if idle_tick || busy && iter % 64 == 0 {
                 let now = monotonic_ns();
-                if now - last_house > 200_000 || !busy && now - last_house > 20_000 {
-                    if now / 10_000_000 != last_house / 10_000_000 {
-                        self.control.repair_own(s); // checked words, every ~10 ms
-                    }
-                    last_house = now;
-                    self.control.set(s, Field::HeartbeatNs, now);
-                    self.control.set(s, Field::Commits, self.commits);
-                    self.control.set(s, Field::Requests, self.requests);
-                    self.control.set(s, Field::Refusals, self.refusals);
-                    self.publish_counters(now);
-                    // A p99 says something over enough requests: publish every 100 ms once
-                    // the window holds `MIN_SAMPLES` timed requests, else every second (a window of under 100
-                    // requests has its maximum for its p99: one preemption would be "the p99").
-                    let age = now - self.service_published_ns;
-                    if age > 100_000_000 && self.service.count >= ServiceTimes::MIN_SAMPLES
-                        || age > 1_000_000_000
-                    {
-                        self.service_published_ns = now;
-                        self.control
-                            .set(s, Field::ServiceP99Ns, self.service.p99_and_reset());
-                    }
-                    self.control.set(s, Field::Digest, self.store.digest());
-                    self.leftovers.reap(self.served);
-                    if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
-                        self.control.set(s, Field::Cmd, 0);
-                        info!(slot = %control::slot_name(s), "stopping on command");
-                        return Ok(Next::Stop);
-                    }
-                    self.attach_new_replicas();
-                    self.service_replicas();
-                    // With a hot standby, a planned switchover may come: prepare our standby
-                    // regions of the next epoch now, outside its pause.
-                    if self.prepared.as_ref().map(|p| p.epoch) != Some(self.epoch + 1)
-                        && self.replicas.iter().any(|r| r.hot)
-                    {
-                        self.discard_prepared();
-                        match self.prepare_upstream(self.epoch + 1) {
-                            Ok(p) => self.prepared = Some(p),
-                            Err(e) => debug!("cannot prepare the next epoch's regions: {e}"),
-                        }
-                    }
-                    if now - last_hb_frame > self.opt.heartbeat.as_nanos() as u64 * 10 {
-                        last_hb_frame = now;
-                        self.heartbeat_frames(now);
+                let due = if busy {
+                    HOUSEKEEPING_BUSY_NS
+                } else {
+                    HOUSEKEEPING_IDLE_NS
+                };
+                if now - house.last > due {
+                    if let Some(next) = self.housekeeping(now, &mut house) {
+                        return Ok(next);
                     }
                 }
                 if idle_tick {
@@ -113,6 +94,64 @@ impl<A: Application, I: Input> Engine<A, I> {
                 idle_polls = idle_polls.saturating_add(1);
                 self.idle_wait(idle_polls);
             }
+        }
+    }
+
+    /// The active's periodic work between requests: its heartbeat and published words, the
+    /// supervisor's stop command, attaching and serving standbys, preparing the next epoch's
+    /// regions, heartbeat frames. `Some` when the engine is to stop.
+    fn housekeeping(&mut self, now: u64, house: &mut Housekeeping) -> Option<Next> {
+        let s = self.opt.slot;
+        if now / REPAIR_EVERY_NS != house.last / REPAIR_EVERY_NS {
+            self.control.repair_own(s);
+        }
+        house.last = now;
+        self.control.set(s, Field::HeartbeatNs, now);
+        self.control.set(s, Field::Commits, self.commits);
+        self.control.set(s, Field::Requests, self.requests);
+        self.control.set(s, Field::Refusals, self.refusals);
+        self.publish_counters(now);
+        self.publish_service_p99(now);
+        self.control.set(s, Field::Digest, self.store.digest());
+        self.leftovers.reap(self.served);
+        if self.control.take_slot_command(s, SlotCommand::Stop) {
+            info!(slot = %control::slot_name(s), "stopping on command");
+            return Some(Next::Stop);
+        }
+        self.attach_new_replicas();
+        self.service_replicas();
+        // With a hot standby, a planned switchover may come: prepare our standby regions of
+        // the next epoch now, outside its pause.
+        if self.prepared.as_ref().map(|p| p.epoch) != Some(self.epoch + 1)
+            && self.replicas.iter().any(|r| r.hot)
+        {
+            self.discard_prepared();
+            match self.prepare_upstream(self.epoch + 1) {
+                Ok(p) => self.prepared = Some(p),
+                Err(e) => debug!("cannot prepare the next epoch's regions: {e}"),
+            }
+        }
+        if now - house.last_heartbeat_frame > self.opt.heartbeat.as_nanos() as u64 * 10 {
+            house.last_heartbeat_frame = now;
+            self.heartbeat_frames(now);
+        }
+        None
+    }
+
+    /// A p99 says something over enough requests: publish every 100 ms once the window holds
+    /// `MIN_SAMPLES` timed requests, else every second (a window of under 100 requests has its
+    /// maximum for its p99: one preemption would be "the p99").
+    fn publish_service_p99(&mut self, now: u64) {
+        let age = now - self.service_published_ns;
+        if age > SERVICE_P99_EVERY_NS && self.service.count >= ServiceTimes::MIN_SAMPLES
+            || age > SERVICE_P99_AT_LEAST_EVERY_NS
+        {
+            self.service_published_ns = now;
+            self.control.set(
+                self.opt.slot,
+                Field::ServiceP99Ns,
+                self.service.p99_and_reset(),
+            );
         }
     }
 
@@ -252,98 +291,115 @@ impl<A: Application, I: Input> Engine<A, I> {
     }
 
     /// Handle a cluster command; `Some(next)` if the role changes.
+    /// Obey the supervisor's command `seq`. `Some` when the engine leaves the active role.
     pub(super) fn command(
         &mut self,
         seq: u64,
-        c: u64,
-        arg: u64,
+        pending: Pending,
     ) -> Result<Option<Next>, EngineError> {
-        match c {
-            cmd::SWITCHOVER => {
-                let target = arg as usize;
-                let ok = self.replicas.iter().any(|r| {
-                    r.slot == target && r.hot && matches!(r.phase, ReplicaPhase::Streaming(None))
-                });
-                // The target may be attached without having confirmed it is hot yet (acks
-                // come every millisecond). A target that already says it is hot (what an
-                // operator or the supervisor saw before asking) gets seconds: on a loaded
-                // host its acknowledgement can take that long to arrive; one still attaching
-                // gets one second.
-                let says_hot = target < control::SLOTS
-                    && State::from_word(self.control.get(target, Field::State)) == State::Hot;
-                let bound = Duration::from_secs(if says_hot { 5 } else { 1 });
-                if !ok && target < control::SLOTS && self.defer_command(seq, bound) {
-                    return Ok(None);
-                }
-                self.cmd_seen = None;
-                if !ok {
-                    warn!(target = %control::slot_name(target.min(2)), "switchover refused: target is not a hot standby");
-                    self.control.ack(seq, result::NOT_HOT);
-                    return Ok(None);
-                }
-                match self.switchover(target) {
-                    Ok(up) => {
-                        self.control.ack(seq, result::OK);
-                        Ok(Some(Next::Standby(Some(Box::new(up)))))
-                    }
-                    Err(e) => {
-                        warn!("switchover refused: {e}; still active");
-                        self.control.ack(seq, result::BUSY);
-                        Ok(None)
-                    }
-                }
+        match pending {
+            Pending::Command(ClusterCommand::Switchover { target }) => {
+                Ok(self.switchover_command(seq, target))
             }
-            cmd::ENABLE_FEATURES => {
-                let want = arg;
-                // Drop standbys that stopped or died since the last housekeeping: a retired
-                // old-version engine must not veto the features.
-                self.service_replicas();
-                let alive: Vec<bool> = self
-                    .replicas
-                    .iter()
-                    .map(|r| self.slot_alive(r.slot))
-                    .collect();
-                let attaching = self
-                    .replicas
-                    .iter()
-                    .zip(&alive)
-                    .any(|(r, a)| *a && r.agreement.is_none());
-                // A standby mid-handshake: decide once it has said which features it has.
-                if attaching && self.defer_command(seq, COMMAND_DEFER_MAX) {
-                    return Ok(None);
-                }
-                self.cmd_seen = None;
-                let mut can = self
-                    .features
-                    .iter()
-                    .filter(|f| f.id < 64)
-                    .fold(0u64, |m, f| m | 1 << f.id);
-                for (r, a) in self.replicas.iter().zip(&alive) {
-                    if !*a {
-                        continue;
-                    }
-                    match &r.agreement {
-                        Some(a) => can &= a.enableable,
-                        None => can = 0,
-                    }
-                }
-                if want & !can != 0 {
-                    warn!(
-                        want,
-                        can, "enable refused: not every engine supports these features"
-                    );
-                    self.control.ack(seq, result::NOT_ENABLEABLE);
-                    return Ok(None);
-                }
-                self.set_features(self.enabled | want);
-                self.control.ack(seq, result::OK);
+            Pending::Command(ClusterCommand::EnableFeatures { mask }) => {
+                self.enable_command(seq, mask);
                 Ok(None)
             }
-            _ => {
-                self.control.ack(seq, result::UNKNOWN);
+            Pending::Withdrawn => {
+                self.cmd_seen = None;
+                self.control.answer(seq, CommandResult::Ok);
+                Ok(None)
+            }
+            Pending::Bad(bad) => {
+                warn!("command refused: {bad}");
+                self.cmd_seen = None;
+                self.control.answer(seq, CommandResult::UnknownCommand);
                 Ok(None)
             }
         }
+    }
+
+    /// Hand the role to the hot standby in `target` (`target < SLOTS`: decoded so).
+    fn switchover_command(&mut self, seq: u64, target: usize) -> Option<Next> {
+        let ok = self
+            .replicas
+            .iter()
+            .any(|r| r.slot == target && r.hot && matches!(r.phase, ReplicaPhase::Streaming(None)));
+        // The target may be attached without having confirmed it is hot yet (acks come every
+        // millisecond). A target that already says it is hot (what an operator or the
+        // supervisor saw before asking) gets seconds; one still attaching gets one second.
+        let says_hot = State::from_word(self.control.get(target, Field::State)) == State::Hot;
+        let bound = if says_hot {
+            SWITCHOVER_HOT_TARGET_WAIT
+        } else {
+            SWITCHOVER_ATTACHING_TARGET_WAIT
+        };
+        if !ok && self.defer_command(seq, bound) {
+            return None;
+        }
+        self.cmd_seen = None;
+        if !ok {
+            warn!(target = %control::slot_name(target), "switchover refused: target is not a hot standby");
+            self.control.answer(seq, CommandResult::NotHot);
+            return None;
+        }
+        match self.switchover(target) {
+            Ok(up) => {
+                self.control.answer(seq, CommandResult::Ok);
+                Some(Next::Standby(Some(Box::new(up))))
+            }
+            Err(e) => {
+                warn!("switchover refused: {e}; still active");
+                self.control.answer(seq, CommandResult::Busy);
+                None
+            }
+        }
+    }
+
+    /// Enable the features `want` on every engine, if every live one supports them.
+    fn enable_command(&mut self, seq: u64, want: u64) {
+        // Drop standbys that stopped or died since the last housekeeping: a retired
+        // old-version engine must not veto the features.
+        self.service_replicas();
+        let alive: Vec<bool> = self
+            .replicas
+            .iter()
+            .map(|r| self.slot_alive(r.slot))
+            .collect();
+        let attaching = self
+            .replicas
+            .iter()
+            .zip(&alive)
+            .any(|(r, a)| *a && r.agreement.is_none());
+        // A standby mid-handshake: decide once it has said which features it has.
+        if attaching && self.defer_command(seq, ENABLE_HANDSHAKE_WAIT) {
+            return;
+        }
+        self.cmd_seen = None;
+        let mut can = self
+            .features
+            .iter()
+            .filter(|f| f.id < 64)
+            .fold(0u64, |m, f| m | 1 << f.id);
+        for (r, a) in self.replicas.iter().zip(&alive) {
+            if !*a {
+                continue;
+            }
+            match &r.agreement {
+                Some(a) => can &= a.enableable,
+                None => can = 0,
+            }
+        }
+        if want & !can != 0 {
+            warn!(
+                want,
+                can, "enable refused: not every engine supports these features"
+            );
+            self.control.answer(seq, CommandResult::NotEnableable);
+            return;
+        }
+        self.set_features(self.enabled | want);
+        self.control.answer(seq, CommandResult::Ok);
     }
 
     pub(super) fn set_features(&mut self, enabled: u64) {

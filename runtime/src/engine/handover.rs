@@ -4,8 +4,8 @@
 use super::role::{self, OnLockBusy};
 use super::*;
 
-/// How often a standby stepping up checks (in `/proc`) whether a lock holder that left the
-/// lock word unmarked is gone; never in the first period (a planned handover's unlock).
+/// How often a waiting step-up checks, in /proc, whether the mutex's holder thread is gone
+/// (never in the first interval: a planned handover's unlock comes then).
 const GONE_CHECK_EVERY: Duration = Duration::from_millis(1);
 
 impl<A: Application, I: Input> Engine<A, I> {
@@ -110,6 +110,34 @@ impl<A: Application, I: Input> Engine<A, I> {
             self.preopened = None;
         }
         let lock = self.control.lock();
+        if !self.wait_for_mutex(&lock, planned, t0) {
+            return false;
+        }
+        let e = self.epoch;
+        match self.control.claim_epoch(e, self.opt.slot) {
+            Some(ne) => {
+                self.epoch = ne;
+                #[cfg(feature = "fault-injection")]
+                if planned && std::env::var_os("UNDERSTUDY_TEST_ABORT_AFTER_STEP_UP").is_some() {
+                    // Test hook (cargo feature `fault-injection` only): die in the worst spot of
+                    // a switchover (epoch claimed, mutex held, nothing served, the old active
+                    // not yet re-attached).
+                    eprintln!("test hook: aborting right after a planned step-up");
+                    std::process::abort();
+                }
+                self.mark_step_up(t0, planned);
+                true
+            }
+            None => {
+                let _ = lock.unlock();
+                false
+            }
+        }
+    }
+
+    /// Take the robust mutex for a step-up begun at `t0` (true), or give up (false) as
+    /// [`role::on_lock_busy`] decides.
+    fn wait_for_mutex(&self, lock: &control::ControlLock<'_>, planned: bool, t0: Instant) -> bool {
         // A planned switchover: the old active releases the mutex right after the step-up
         // frame; a crash: the mutex is owner-died and try_lock recovers it at once. A holder
         // that died without the kernel marking the word (its memory unmapped before its thread
@@ -119,12 +147,12 @@ impl<A: Application, I: Input> Engine<A, I> {
         loop {
             let outcome = if t0.elapsed() >= next_gone_check {
                 next_gone_check = t0.elapsed() + GONE_CHECK_EVERY;
-                try_lock_recovering(&lock, self.control.path())
+                try_lock_recovering(lock, self.control.path())
             } else {
                 lock.try_lock()
             };
             match outcome {
-                Ok(TryLockOutcome::Acquired) | Ok(TryLockOutcome::OwnerDied) => break,
+                Ok(TryLockOutcome::Acquired) | Ok(TryLockOutcome::OwnerDied) => return true,
                 Ok(TryLockOutcome::WouldBlock) => {
                     let busy = role::LockBusy {
                         planned,
@@ -164,26 +192,6 @@ impl<A: Application, I: Input> Engine<A, I> {
                     error!("robust mutex: {e}");
                     return false;
                 }
-            }
-        }
-        let e = self.epoch;
-        match self.control.claim_epoch(e, self.opt.slot) {
-            Some(ne) => {
-                self.epoch = ne;
-                #[cfg(feature = "fault-injection")]
-                if planned && std::env::var_os("UNDERSTUDY_TEST_ABORT_AFTER_STEP_UP").is_some() {
-                    // Test hook (cargo feature `fault-injection` only): die in the worst spot of
-                    // a switchover (epoch claimed, mutex held, nothing served, the old active
-                    // not yet re-attached).
-                    eprintln!("test hook: aborting right after a planned step-up");
-                    std::process::abort();
-                }
-                self.mark_step_up(t0, planned);
-                true
-            }
-            None => {
-                let _ = lock.unlock();
-                false
             }
         }
     }

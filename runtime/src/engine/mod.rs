@@ -27,7 +27,10 @@
 //! helpers every role uses.
 
 use crate::app::{negotiate, write_versions, Agreement, Application, Feature, Refused, Tx};
-use crate::control::{self, cmd, monotonic_ns, realtime_ns, slot_cmd, Control, Field, Role, State};
+use crate::control::{
+    self, monotonic_ns, realtime_ns, ClusterCommand, Control, Field, Pending, Role, SlotCommand,
+    State,
+};
 use crate::counters::Counter;
 use crate::liveness::{self, LockError, LockWord, ProcessIdentity, TryLockOutcome};
 use crate::protocol::{self, rt, CommitBlock, FeaturesBlock, HeartbeatBlock, Hello, Position};
@@ -39,6 +42,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
+use understudy_control::result::CommandResult;
 
 mod active;
 mod apply;
@@ -254,6 +258,40 @@ fn claim_slot(dir: &std::path::Path, slot: usize) -> Result<std::fs::File, Optio
     Ok(file)
 }
 
+/// Take `opt.slot` for this process: refused while a live engine holds it (its words), and
+/// between two engines started at once (the slot's lock file). The lock is held while the
+/// returned file is open.
+fn claim_free_slot(
+    control: &Control,
+    opt: &Options,
+    me: &ProcessIdentity,
+) -> Result<std::fs::File, EngineError> {
+    let taken = |holder_pid: u64| EngineError::SlotTaken {
+        slot: control::slot_name(opt.slot),
+        dir: opt.dir.clone(),
+        holder_pid,
+        our_pid: me.pid as u64,
+    };
+    // Two engines in one slot would overwrite each other's words: the cluster would look like
+    // it had one engine, with no standby and no active the supervisor can see.
+    let holder = control.get(opt.slot, Field::Pid);
+    if holder != 0 && holder != me.pid as u64 && holder <= u32::MAX as u64 {
+        let id = ProcessIdentity {
+            pid: holder as u32,
+            start_time_ticks: control.get(opt.slot, Field::StartTime),
+        };
+        if id.is_alive() {
+            return Err(taken(holder));
+        }
+    }
+    // The words above are read, then written later: two engines started at once in one slot
+    // would both pass. The slot's lock file decides between them.
+    claim_slot(&opt.dir, opt.slot).map_err(|e| match e {
+        Some(e) => e,
+        None => taken(control.get(opt.slot, Field::Pid)),
+    })
+}
+
 fn app_hash(name: &str) -> u64 {
     crate::store::hash_parts(&[name.as_bytes()])
 }
@@ -272,34 +310,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         let control = Control::open_or_create(&opt.dir)?;
         let me = ProcessIdentity::current()
             .map_err(|e| EngineError::Other(format!("reading own identity: {e}")))?;
-        // Two engines in one slot would overwrite each other's words: the cluster would look
-        // like it had one engine, with no standby and no active the supervisor can see.
-        let holder = control.get(opt.slot, Field::Pid);
-        if holder != 0 && holder != me.pid as u64 && holder <= u32::MAX as u64 {
-            let id = ProcessIdentity {
-                pid: holder as u32,
-                start_time_ticks: control.get(opt.slot, Field::StartTime),
-            };
-            if id.is_alive() {
-                return Err(EngineError::SlotTaken {
-                    slot: control::slot_name(opt.slot),
-                    dir: opt.dir.clone(),
-                    holder_pid: holder,
-                    our_pid: me.pid as u64,
-                });
-            }
-        }
-        // The words above are read, then written later: two engines started at once in one
-        // slot would both pass. The slot's lock file decides between them.
-        let slot_claim = claim_slot(&opt.dir, opt.slot).map_err(|e| match e {
-            Some(e) => e,
-            None => EngineError::SlotTaken {
-                slot: control::slot_name(opt.slot),
-                dir: opt.dir.clone(),
-                holder_pid: control.get(opt.slot, Field::Pid),
-                our_pid: me.pid as u64,
-            },
-        })?;
+        let slot_claim = claim_free_slot(&control, &opt, &me)?;
         let templates = app.templates();
         let features = app.features();
         let hello_base = Hello {
@@ -365,12 +376,19 @@ impl<A: Application, I: Input> Engine<A, I> {
             next_timer: timers::NextTimer::NONE,
             opt,
         };
-        let s = e.opt.slot;
-        let c = &e.control;
+        e.publish_start();
+        Ok(e)
+    }
+
+    /// Our slot's words at start: identity and version, no role yet, per-incarnation counts
+    /// zeroed; the pid last (it says the slot is taken).
+    fn publish_start(&self) {
+        let s = self.opt.slot;
+        let c = &self.control;
         c.set(s, Field::Pid, 0);
-        c.set(s, Field::StartTime, e.me.start_time);
-        c.set(s, Field::AppVersion, e.app.version() as u64);
-        c.set(s, Field::AppHash, app_hash(e.app.name()));
+        c.set(s, Field::StartTime, self.me.start_time);
+        c.set(s, Field::AppVersion, self.app.version() as u64);
+        c.set(s, Field::AppHash, app_hash(self.app.name()));
         c.set(s, Field::Role, Role::None as u64);
         c.set(s, Field::State, State::Starting as u64);
         c.set(s, Field::Cmd, 0);
@@ -381,9 +399,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         c.set(s, Field::Requests, 0);
         c.set(s, Field::Refusals, 0);
         c.set(s, Field::HeartbeatNs, monotonic_ns());
-        // SYNC POINT: slot registered (Release, last; Acquire in `Control::registered`).
-        c.set(s, Field::Pid, e.me.pid);
-        Ok(e)
+        c.set(s, Field::Pid, self.me.pid);
     }
 
     /// The engine's store.

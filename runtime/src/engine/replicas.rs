@@ -3,10 +3,6 @@
 
 use super::*;
 
-/// How long opening a standby's regions waits for them to be ready: the standby made them
-/// before it announced its attach generation, so they are ready or never will be.
-const REGION_READY_WAIT: Duration = Duration::from_millis(1);
-
 pub(super) enum ReplicaPhase {
     /// Waiting for the standby's hello on the feedback ring.
     AwaitHello,
@@ -57,6 +53,10 @@ pub(super) struct Replica {
     /// sent, its end (for the operator's log and the test hook that untethers at a step).
     pub(super) catchup_steps: u64,
 }
+
+/// How long the active waits for a standby's ring file to be ready when it attaches (the
+/// standby made it before announcing its generation; next housekeeping tries again).
+const REPLICA_OPEN_WAIT: Duration = Duration::from_millis(1);
 
 impl<A: Application, I: Input> Engine<A, I> {
     /// Drop replica `i` for good (this attach generation is never reopened); keep the first
@@ -110,8 +110,6 @@ impl<A: Application, I: Input> Engine<A, I> {
                 continue;
             }
             self.replicas.retain(|r| r.slot != slot);
-            let sp = Control::stream_path(&self.opt.dir, self.epoch, slot, gen);
-            let fp = Control::feedback_path(&self.opt.dir, self.epoch, slot, gen);
             // Regions opened ahead of a planned step-up (see `preopen_next`) skip the file work.
             let pre = match self.preopened.take() {
                 Some(p) if p.slot == slot && p.epoch == self.epoch && p.gen == gen => {
@@ -119,51 +117,7 @@ impl<A: Application, I: Input> Engine<A, I> {
                 }
                 _ => None,
             };
-            let open = || -> Result<Replica, EngineError> {
-                let (stream_region, feedback_region) = match pre {
-                    Some(p) => p,
-                    None => (
-                        Region::open(&sp, REGION_READY_WAIT)?,
-                        Region::open(&fp, REGION_READY_WAIT)?,
-                    ),
-                };
-                // Untrusted: the files must be this epoch's stream and feedback rings.
-                for (r, kind) in [
-                    (&stream_region, KIND_STREAM),
-                    (&feedback_region, KIND_FEEDBACK),
-                ] {
-                    if r.kind() != kind || r.epoch() != self.epoch {
-                        return Err(EngineError::Other(format!(
-                            "{}: expected a ring of kind {kind} for epoch {}, found kind {} epoch {}",
-                            r.path().display(),
-                            self.epoch,
-                            r.kind(),
-                            r.epoch()
-                        )));
-                    }
-                }
-                stream_region.set_producer_identity(self.me);
-                feedback_region.set_consumer_identity(self.me);
-                let mut stream = stream_region.producer()?;
-                // One checksum per transaction (batch) on the replication stream, not one per
-                // record, or none (`Options::integrity`): the standby is our own peer; client
-                // rings keep theirs per frame.
-                stream.set_integrity(self.opt.integrity.ring());
-                let feedback = feedback_region.consumer()?;
-                Ok(Replica {
-                    slot,
-                    gen,
-                    stream_region,
-                    feedback_region,
-                    stream,
-                    feedback,
-                    phase: ReplicaPhase::AwaitHello,
-                    agreement: None,
-                    hot: false,
-                    catchup_steps: 0,
-                })
-            };
-            match open() {
+            match self.open_replica(slot, gen, pre) {
                 // A transaction may take up to our own ring's capacity (`Tx::limit`): a
                 // standby whose stream is smaller would be untethered by the first large one.
                 // Refuse it, saying what to set, rather than accept it and lose it later.
@@ -189,6 +143,64 @@ impl<A: Application, I: Input> Engine<A, I> {
                 }
             }
         }
+    }
+
+    /// Open the stream and feedback rings a standby in `slot` made for attach generation
+    /// `gen` (or take the ones opened ahead, `pre`) and check they are this epoch's.
+    fn open_replica(
+        &self,
+        slot: usize,
+        gen: u64,
+        pre: Option<(Region, Region)>,
+    ) -> Result<Replica, EngineError> {
+        let (stream_region, feedback_region) = match pre {
+            Some(p) => p,
+            None => (
+                Region::open(
+                    &Control::stream_path(&self.opt.dir, self.epoch, slot, gen),
+                    REPLICA_OPEN_WAIT,
+                )?,
+                Region::open(
+                    &Control::feedback_path(&self.opt.dir, self.epoch, slot, gen),
+                    REPLICA_OPEN_WAIT,
+                )?,
+            ),
+        };
+        // Untrusted: the files must be this epoch's stream and feedback rings.
+        for (r, kind) in [
+            (&stream_region, KIND_STREAM),
+            (&feedback_region, KIND_FEEDBACK),
+        ] {
+            if r.kind() != kind || r.epoch() != self.epoch {
+                return Err(EngineError::Other(format!(
+                    "{}: expected a ring of kind {kind} for epoch {}, found kind {} epoch {}",
+                    r.path().display(),
+                    self.epoch,
+                    r.kind(),
+                    r.epoch()
+                )));
+            }
+        }
+        stream_region.set_producer_identity(self.me);
+        feedback_region.set_consumer_identity(self.me);
+        let mut stream = stream_region.producer()?;
+        // One checksum per transaction (batch) on the replication stream, not one per record,
+        // or none (`Options::integrity`): the standby is our own peer; client rings keep
+        // theirs per frame.
+        stream.set_integrity(self.opt.integrity.ring());
+        let feedback = feedback_region.consumer()?;
+        Ok(Replica {
+            slot,
+            gen,
+            stream_region,
+            feedback_region,
+            stream,
+            feedback,
+            phase: ReplicaPhase::AwaitHello,
+            agreement: None,
+            hot: false,
+            catchup_steps: 0,
+        })
     }
 
     /// Handshakes, catch-up chunks, acks, detaches.

@@ -272,10 +272,10 @@ impl<A: Application, I: Input> Engine<A, I> {
         let started = Instant::now();
         loop {
             self.control.set(s, Field::HeartbeatNs, monotonic_ns());
-            if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
+            if self.control.slot_command(s) == Ok(Some(SlotCommand::Stop)) {
                 return Ok(Attach::Stop);
             }
-            if self.control.take_slot_cmd(s, slot_cmd::PROMOTE) {
+            if self.control.take_slot_command(s, SlotCommand::Promote) {
                 if let Some(next) = self.promote(started)? {
                     return Ok(next);
                 }
@@ -461,7 +461,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         if *state == State::Hot && self.control.epoch() == self.epoch {
             self.preopen_next(w.active);
         }
-        if self.control.get(s, Field::Cmd) == slot_cmd::STOP {
+        if self.control.slot_command(s) == Ok(Some(SlotCommand::Stop)) {
             return Step::Exit(Follow::Stop);
         }
         if let Some(why) = u.stream_region.closed() {
