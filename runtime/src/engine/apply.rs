@@ -180,7 +180,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         }
         self.consistent = false;
         self.app.on_snapshot_begin(&self.store);
-        self.commits = p.commits;
+        self.set_commits(p.commits);
         self.control.set(s, Field::State, State::Syncing as u64);
         info!(slot = %control::slot_name(s), units = p.units, "catch-up begins");
         Ok(State::Syncing)
@@ -205,6 +205,16 @@ impl<A: Application, I: Input> Engine<A, I> {
             k.add(Counter::CATCHUPS_TOTAL, 1);
         }
         Ok(state)
+    }
+
+    /// Our transaction count set other than by applying a commit (a catch-up's start, a
+    /// return to the kept copy): the live counters follow, or a catch-up that ends after the
+    /// last live transaction left `tx_index` at the count before it.
+    pub(super) fn set_commits(&mut self, commits: u64) {
+        self.commits = commits;
+        if let Some(k) = &self.counters {
+            k.set(Counter::TX_INDEX, commits);
+        }
     }
 
     /// Decode a position frame and check that our store is the state it describes.

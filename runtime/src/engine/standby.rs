@@ -632,7 +632,7 @@ impl<A: Application, I: Input> Engine<A, I> {
         };
         let partial = std::mem::replace(&mut self.store, p.store);
         drop_off_thread(partial);
-        self.commits = p.commits;
+        self.set_commits(p.commits);
         self.consistent = true;
         self.app.on_snapshot_begin(&self.store);
         self.app.on_reset(&self.store);
