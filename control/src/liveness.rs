@@ -799,12 +799,26 @@ pub fn thread_group_of(tid: u32) -> Option<u32> {
 /// An engine keeps its cluster's control block mapped for as long as it may hold the robust
 /// mutex, so "the holder's process maps our control file" tells a live engine from an
 /// unrelated thread that was given a dead holder's thread id.
+///
+/// "Not mapped" is answered only after [`MAPS_READS`] reads all said so: the kernel writes
+/// `/proc/<pid>/maps` a page at a time and resumes by address, so a read that races with the
+/// process mapping or unmapping other files (an active does, for its rings) can miss a line,
+/// and one missed line would make a live engine's lock look free.
 pub fn process_maps_file(pid: u32, path: &Path) -> Option<bool> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    Some(maps_name_file(&maps, meta.dev(), meta.ino()))
+    for _ in 0..MAPS_READS {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+        if maps_name_file(&maps, meta.dev(), meta.ino()) {
+            return Some(true);
+        }
+    }
+    Some(false)
 }
+
+/// Reads of `/proc/<pid>/maps` that must all miss a file before [`process_maps_file`] says
+/// the process does not map it.
+pub const MAPS_READS: usize = 3;
 
 /// Whether a `/proc/<pid>/maps` text has a line for device `dev` (as `st_dev`) and inode `ino`.
 fn maps_name_file(maps: &str, dev: u64, ino: u64) -> bool {

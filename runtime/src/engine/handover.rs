@@ -336,6 +336,10 @@ pub(super) fn live_holder(
     control_path: &std::path::Path,
 ) -> Option<u32> {
     let tid = lock.holder_tid()?;
-    let pid = liveness::thread_group_of(tid)?;
-    (liveness::process_maps_file(pid, control_path) == Some(true)).then_some(pid)
+    // Errs on the side of a live holder, as `holder_is_gone` does: a `/proc` read that fails
+    // or races must never make a live active's mutex look free (a second active).
+    if holder_is_gone(tid, control_path) {
+        return None;
+    }
+    Some(liveness::thread_group_of(tid).unwrap_or(tid))
 }
