@@ -42,12 +42,11 @@ use common::{fmt_ns, median, quantile, row, TABLE_HEAD};
 use criterion::Criterion;
 use shm_layout::region::{IdentityWords, Region, RegionMemory, RegionSpec};
 use shm_layout::ring::{BatchBuf, Consumer, Producer, PushError};
-use std::fs::File;
 use std::hint::spin_loop;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use understudy_runtime::client::Client;
 use understudy_runtime::control::{realtime_ns, Control, Field, Role, State};
@@ -55,6 +54,9 @@ use understudy_runtime::engine::execute_local;
 use understudy_runtime::liveness::ProcessIdentity;
 use understudy_runtime::store::Store;
 use understudy_runtime::InputMeta;
+use understudy_test_support::cluster::Engines;
+use understudy_test_support::dir::SHM_ROOT;
+use understudy_test_support::{ChildGuard, Rng, TestDir};
 use understudy_testkit::TestApp;
 
 /// Selects a child's role (`engine`, `ring-echo`, `uds-handler`, `uds-echo`).
@@ -117,46 +119,29 @@ fn identity() -> IdentityWords {
     }
 }
 
-fn bench_dir(tag: &str) -> PathBuf {
-    let dir = PathBuf::from(format!(
-        "/dev/shm/understudy-bench-{}-{tag}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create the bench directory under /dev/shm");
-    dir
+/// A directory of the bench's under /dev/shm (the workspace harness: removed on drop).
+fn bench_dir(tag: &str) -> TestDir {
+    TestDir::under(Path::new(SHM_ROOT), "bench", tag)
 }
 
-/// A child process of this bench, killed and reaped on drop (panics included), and its
-/// directory removed.
+/// A child process of this bench and its directory (the workspace harness: the child dies with
+/// the bench, and is killed and reaped on drop, panics included; the directory is removed
+/// after it).
 struct Peer {
-    child: Option<Child>,
-    dir: PathBuf,
+    child: ChildGuard,
+    _dir: TestDir,
 }
 
 impl Peer {
-    fn spawn(role: &str, dir: &Path, cpu: Option<usize>) -> Peer {
-        let child = Command::new(std::env::current_exe().expect("current_exe"))
-            .env(ROLE_ENV, role)
-            .env(DIR_ENV, dir)
-            .env(CPU_ENV, cpu.map_or(String::new(), |c| c.to_string()))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn a bench child");
-        Peer {
-            child: Some(child),
-            dir: dir.to_owned(),
-        }
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+    fn spawn(role: &str, dir: TestDir, cpu: Option<usize>) -> Peer {
+        let child = ChildGuard::spawn(
+            Command::new(std::env::current_exe().expect("current_exe"))
+                .env(ROLE_ENV, role)
+                .env(DIR_ENV, dir.path())
+                .env(CPU_ENV, cpu.map_or(String::new(), |c| c.to_string()))
+                .stdin(Stdio::null()),
+        );
+        Peer { child, _dir: dir }
     }
 }
 
@@ -192,7 +177,7 @@ impl RingPair {
             .expect("create pong");
         pong.set_consumer_identity(me);
         let requests = ping.producer().expect("ping producer");
-        let peer = Peer::spawn("ring-echo", &dir, cpu);
+        let peer = Peer::spawn("ring-echo", dir, cpu);
         // The child attaches as the consumer of ping and producer of pong, which resets pong.
         let t = Instant::now();
         while pong.producer_identity().map(|i| i.pid) != Some(peer_pid(&peer)) {
@@ -214,7 +199,7 @@ impl RingPair {
 }
 
 fn peer_pid(p: &Peer) -> u64 {
-    p.child.as_ref().map_or(0, |c| c.id() as u64)
+    u64::from(p.child.id())
 }
 
 impl RoundTrip for RingPair {
@@ -294,7 +279,7 @@ impl UdsPair {
         let dir = bench_dir(if handler { "uds-handler" } else { "uds-echo" });
         let listener = UnixListener::bind(dir.join("uds.sock")).expect("bind the socket");
         listener.set_nonblocking(true).expect("nonblocking");
-        let peer = Peer::spawn(if handler { "uds-handler" } else { "uds-echo" }, &dir, cpu);
+        let peer = Peer::spawn(if handler { "uds-handler" } else { "uds-echo" }, dir, cpu);
         let t = Instant::now();
         let stream = loop {
             match listener.accept() {
@@ -373,23 +358,24 @@ enum IdleMode {
     Sleep,
 }
 
-/// A cluster directory with engine processes (this bench re-executed as the test engine); on
-/// drop (panics included) every engine is killed and reaped and the directory removed.
+/// A cluster directory with engine processes (this bench re-executed as the test engine), on
+/// the workspace harness ([`Engines`]): on drop (panics included) every engine is killed and
+/// reaped and the directory removed, and every engine dies with the bench.
 struct Cluster {
+    engines: Engines,
     dir: PathBuf,
     control: Control,
-    children: Vec<(usize, Child, PathBuf)>,
     spawned: usize,
 }
 
 impl Cluster {
     fn new(tag: &str) -> Cluster {
-        let dir = bench_dir(tag);
-        let control = Control::open_or_create(&dir).expect("create the control file");
+        let engines = Engines::new(&format!("bench-{tag}"));
+        let control = engines.control();
         Cluster {
-            dir,
+            dir: engines.dir.clone(),
+            engines,
             control,
-            children: Vec::new(),
             spawned: 0,
         }
     }
@@ -400,63 +386,42 @@ impl Cluster {
         let mut c = Command::new(std::env::current_exe().expect("current_exe"));
         c.env(ROLE_ENV, "engine")
             .env(CPU_ENV, cpu.map_or(String::new(), |c| c.to_string()))
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(["--slot", ["a", "b", "c"][slot], "--clients"])
+            .args(self.engines.engine_args(slot, standby))
+            .arg("--clients")
             .env(
                 "RUST_LOG",
                 std::env::var("US_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("log file"));
+            .stdout(Stdio::null());
         match idle {
             IdleMode::Spin => c.arg("--spin"),
             IdleMode::Sleep => c.env("UNDERSTUDY_IDLE", "100,20"),
         };
-        if standby {
-            c.arg("--standby");
-        }
-        let child = c.spawn().expect("spawn an engine");
-        self.children.push((slot, child, log));
+        self.engines.start_logged(slot, &mut c, log);
     }
 
     /// Take the engine of `slot` out of the watch list (it is about to die on purpose).
-    fn take(&mut self, slot: usize) -> Child {
-        let i = self
-            .children
-            .iter()
-            .position(|(s, _, _)| *s == slot)
-            .expect("an engine in the slot");
-        self.children.remove(i).1
+    fn take(&mut self, slot: usize) -> ChildGuard {
+        self.engines.take(slot)
     }
 
     /// Panic, with the engine's log, if an engine exited.
     fn check(&mut self) {
-        for (slot, child, log) in &mut self.children {
-            if let Ok(Some(status)) = child.try_wait() {
-                let text = std::fs::read_to_string(&*log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                panic!(
-                    "engine in slot {slot} exited ({status}); expected it to keep running. Its log:\n{}",
-                    tail.join("\n")
-                );
-            }
-        }
+        self.engines.check_running("");
     }
 
-    /// Wait (bounded, polling every millisecond) until `f`; panics naming `what`.
-    fn wait(&mut self, what: &str, timeout: Duration, mut f: impl FnMut(&Control) -> bool) {
-        let t = Instant::now();
-        while !f(&self.control) {
-            self.check();
-            assert!(
-                t.elapsed() < timeout,
-                "timed out after {timeout:?} waiting for {what}"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+    /// Wait (bounded, polling every millisecond) until `f`; panics naming `what`, or the
+    /// engine that exited meanwhile.
+    fn wait(&mut self, what: &str, timeout: Duration, f: impl FnMut(&Control) -> bool) {
+        self.engines.wait_running(
+            &self.control,
+            what,
+            timeout,
+            Duration::from_millis(1),
+            "",
+            f,
+        )
     }
 
     fn wait_hot(&mut self, slot: usize, what: &str) {
@@ -464,16 +429,6 @@ impl Cluster {
             State::from_word(c.get(slot, Field::State)) == State::Hot
                 && Role::from_word(c.get(slot, Field::Role)) == Role::Standby
         });
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for (_, c, _) in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -650,16 +605,6 @@ struct KillFigures {
     seconds: f64,
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 fn bench_kills(standby_idle: IdleMode, kills: usize) -> KillFigures {
     let started = Instant::now();
     let mut cl = Cluster::new(match standby_idle {
@@ -673,7 +618,7 @@ fn bench_kills(standby_idle: IdleMode, kills: usize) -> KillFigures {
     cl.spawn(1, true, standby_idle, None);
     let mut client = Client::connect(&cl.dir).expect("connect a client");
     let mut k = 0u64;
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ standby_idle as u64);
+    let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15 ^ standby_idle as u64);
     let mut active = 0usize;
     let warmup = 2;
     let mut f = KillFigures {
@@ -694,7 +639,7 @@ fn bench_kills(standby_idle: IdleMode, kills: usize) -> KillFigures {
             }
         }
         // Calls back to back for 2..10 ms, so the kill lands in a steady flow.
-        let flow = Duration::from_micros(2000 + rng.next() % 8000);
+        let flow = Duration::from_micros(2000 + rng.next_u64() % 8000);
         let t = Instant::now();
         while t.elapsed() < flow {
             let r = client
@@ -710,7 +655,8 @@ fn bench_kills(standby_idle: IdleMode, kills: usize) -> KillFigures {
         client.submit(&k.to_le_bytes()).expect("submit");
         k += 1;
         let t_kill = realtime_ns();
-        victim.kill().expect("SIGKILL the active");
+        // Not reaped here: the measurement starts at the kill.
+        victim.signal(libc::SIGKILL);
         // Responses until one is received at or after the new active's step-up.
         let mut step_up_ns = None;
         let deadline = Instant::now() + PEER_TIMEOUT;
@@ -748,7 +694,7 @@ fn bench_kills(standby_idle: IdleMode, kills: usize) -> KillFigures {
             f.engine_dur
                 .push(cl.control.get(standby, Field::LastStepUpDurNs) as f64);
         }
-        let _ = victim.wait();
+        let _ = victim.child_mut().wait();
         cl.spawn(active, true, standby_idle, None);
         restarted_at = Some(Instant::now());
         active = standby;

@@ -43,7 +43,6 @@
 mod common;
 
 use common::{fmt_ns, median, quantile, row, write_section, TABLE_HEAD};
-use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -52,7 +51,7 @@ use understudy_runtime::control::{
     cmd, monotonic_ns, realtime_ns, slot_cmd, Control, Field, Role, State,
 };
 use understudy_test_support::cluster::{role, state, Engines};
-use understudy_test_support::{ChildGuard, Rng, Wait};
+use understudy_test_support::{ChildGuard, Rng};
 use understudy_testkit::Side;
 
 const BUILD_HINT: &str = "cargo build --release -p understudy-runtime --bins";
@@ -80,8 +79,6 @@ struct Cluster {
     engines: Engines,
     bin: PathBuf,
     control: Control,
-    /// The log file of the engine last started in each slot.
-    logs: Vec<(usize, PathBuf)>,
     spawned: usize,
 }
 
@@ -95,7 +92,6 @@ impl Cluster {
             engines,
             bin,
             control,
-            logs: Vec::new(),
             spawned: 0,
         }
     }
@@ -121,53 +117,27 @@ impl Cluster {
                 std::env::var("US_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("log file"));
-        self.engines.start(slot, &mut c);
-        self.logs.retain(|(s, _)| *s != slot);
-        self.logs.push((slot, log));
+            .stdout(Stdio::null());
+        self.engines.start_logged(slot, &mut c, log);
     }
 
     /// Take the engine of `slot` out of the watch list (it is about to die on purpose).
     fn take(&mut self, slot: usize) -> ChildGuard {
-        self.logs.retain(|(s, _)| *s != slot);
         self.engines.take(slot)
     }
 
-    /// Panic, with the engine's log, if an engine exited.
-    fn check(&mut self) {
-        if let Some((slot, status)) = self.engines.exited() {
-            let log = self.logs.iter().find(|(s, _)| *s == slot).map(|(_, l)| l);
-            let text = log
-                .and_then(|l| std::fs::read_to_string(l).ok())
-                .unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
-            panic!(
-                "engine in slot {slot} exited ({status}); expected it to keep running. \
-                 Its log:\n{tail}\n(if it rejects an argument, rebuild it: `{BUILD_HINT}`)"
-            );
-        }
-    }
-
     /// Wait (bounded, polling every `step`) until `f`; panics naming `what`, or the engine
-    /// that exited meanwhile (engines are checked every 64 polls, to keep polls cheap).
+    /// that exited meanwhile.
     fn wait(
         &mut self,
         what: &str,
         timeout: Duration,
         step: Duration,
-        mut f: impl FnMut(&Control) -> bool,
+        f: impl FnMut(&Control) -> bool,
     ) {
-        let start = Instant::now();
-        let mut n = 0u32;
-        Wait::new(what, timeout).every(step).until(|| {
-            n = n.wrapping_add(1);
-            if n % 64 == 0 || start.elapsed() > timeout {
-                self.check();
-            }
-            f(&self.control)
-        })
+        let hint = format!("(if it rejects an argument, rebuild it: `{BUILD_HINT}`)");
+        self.engines
+            .wait_running(&self.control, what, timeout, step, &hint, f)
     }
 }
 

@@ -50,9 +50,8 @@ mod common;
 
 use common::{fmt_ns, median, quantile, row, write_section, TABLE_HEAD};
 use criterion::{Criterion, Throughput};
-use shm_layout::region::{ensure_private_dir, IdentityWords, Region, RegionMemory, RegionSpec};
+use shm_layout::region::{IdentityWords, Region, RegionMemory, RegionSpec};
 use shm_layout::ring::{BatchBuf, Consumer, Integrity, Producer};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,6 +62,7 @@ use understudy_runtime::engine::{execute, InputMeta, TxBuffers};
 use understudy_runtime::protocol::{self, rt, CommitBlock};
 use understudy_runtime::store::{Op, Spare, Store};
 use understudy_runtime::{Application, Options};
+use understudy_test_support::TestDir;
 use understudy_testkit::Update4;
 
 /// Work units in the store; each transaction updates 4 of them.
@@ -193,17 +193,9 @@ impl Active {
     }
 }
 
-/// A directory under /dev/shm for the bench's regions, removed on drop (panics included).
-struct ShmDir(PathBuf);
-impl Drop for ShmDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A ring over a /dev/shm region of the engine's default stream capacity.
-fn ring(dir: &ShmDir, name: &str) -> (Region, Producer<RegionMemory>, Consumer<RegionMemory>) {
-    let capacity = Options::new(&dir.0, 0).ring_capacity;
+fn ring(dir: &TestDir, name: &str) -> (Region, Producer<RegionMemory>, Consumer<RegionMemory>) {
+    let capacity = Options::new(dir.path(), 0).ring_capacity;
     let me = IdentityWords {
         pid: std::process::id() as u64,
         start_time: 0,
@@ -213,7 +205,7 @@ fn ring(dir: &ShmDir, name: &str) -> (Region, Producer<RegionMemory>, Consumer<R
         epoch: 1,
         kind: 1,
     };
-    let region = Region::create(&dir.0.join(name), spec, me).expect("create region");
+    let region = Region::create(&dir.join(name), spec, me).expect("create region");
     let p = region.producer().expect("producer");
     let c = region.consumer().expect("consumer");
     (region, p, c)
@@ -364,13 +356,8 @@ struct Variant {
 fn main() {
     let bench_mode = std::env::args().any(|a| a == "--bench");
     let load_start = common::load_note();
-    let dir = ShmDir(PathBuf::from(format!(
-        "/dev/shm/understudy-bench-replication-{}",
-        std::process::id()
-    )));
-    let _ = std::fs::remove_dir_all(&dir.0);
-    ensure_private_dir(&dir.0).expect("create /dev/shm bench directory");
-    let capacity = Options::new(&dir.0, 0).ring_capacity;
+    let dir = TestDir::new("bench-replication");
+    let capacity = Options::new(dir.path(), 0).ring_capacity;
 
     let mut regions = Vec::new();
     let mut consumers = Vec::new();
@@ -426,7 +413,7 @@ fn main() {
     let (_ri, mut prod_i, mut cons_i) = ring(&dir, "inline");
     prod_i.set_integrity(Integrity::PerBatch);
     let drainer = Drainer::start(consumers);
-    let pause = Options::new(&dir.0, 0).standby_poll_pause;
+    let pause = Options::new(dir.path(), 0).standby_poll_pause;
     drainer
         .pause_ns
         .store(pause.as_nanos() as u64, Ordering::Relaxed);

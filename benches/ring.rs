@@ -33,7 +33,7 @@
 const HARNESS_MARKER: &str = "<!-- shared-harness section: kept by benches/ring.rs -->";
 
 use criterion::{BenchmarkGroup, Criterion, Throughput};
-use shm_layout::region::{ensure_private_dir, IdentityWords, Region, RegionMemory, RegionSpec};
+use shm_layout::region::{IdentityWords, Region, RegionMemory, RegionSpec};
 use shm_layout::ring::{BatchBuf, Consumer, Integrity, Producer, PushError};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -43,10 +43,12 @@ use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use understudy_test_support::dir::SHM_ROOT;
+use understudy_test_support::{ChildGuard, TestDir};
 
 /// Selects the child's role; its value is the directory of the shared files.
 const ROLE_ENV: &str = "UNDERSTUDY_RING_BENCH_CHILD_DIR";
@@ -338,25 +340,6 @@ fn median(v: &mut [f64]) -> Option<f64> {
 // Parent
 // ---------------------------------------------------------------------------------------------
 
-/// Removes the shared directory (and everything in it) on drop, panics included.
-struct ShmDir(PathBuf);
-
-impl Drop for ShmDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills and reaps the child on drop, panics included.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Spin until `ready()`, for at most PEER_TIMEOUT; panics (so the guards clean up) when the
 /// peer does not answer. The deadline is checked once per 2^16 spins to stay off the hot path.
 #[inline(always)]
@@ -393,31 +376,27 @@ struct Parent {
     bounce: u64,
     msg_seq: u64,
     ticks_per_ns: f64,
-    _dir: ShmDir,
+    _dir: TestDir,
 }
 
 impl Parent {
     fn start() -> Parent {
         pin_to_cpu(0);
-        let dir = ShmDir(PathBuf::from(format!(
-            "/dev/shm/understudy-bench-ring-{}",
-            std::process::id()
-        )));
-        let _ = std::fs::remove_dir_all(&dir.0);
-        ensure_private_dir(&dir.0).expect("create the bench directory under /dev/shm");
+        // The workspace harness: removed on drop, panics included.
+        let dir = TestDir::under(Path::new(SHM_ROOT), "bench", "ring");
         let me = own_identity();
         let spec = RegionSpec {
             capacity: RING_CAPACITY,
             epoch: 1,
             kind: REGION_KIND,
         };
-        let ping_region = Region::create(&dir.0.join("ping"), spec, me).expect("create ping");
-        let pong_region = Region::create(&dir.0.join("pong"), spec, me).expect("create pong");
+        let ping_region = Region::create(&dir.join("ping"), spec, me).expect("create ping");
+        let pong_region = Region::create(&dir.join("pong"), spec, me).expect("create pong");
         pong_region.set_consumer_identity(me);
-        let solo_region = Region::create(&dir.0.join("solo"), spec, me).expect("create solo");
+        let solo_region = Region::create(&dir.join("solo"), spec, me).expect("create solo");
         let solo_producer = solo_region.producer().expect("solo producer");
         let solo_consumer = solo_region.consumer().expect("solo consumer");
-        let line = LineFile::create(&dir.0.join("line"));
+        let line = LineFile::create(&dir.join("line"));
         let ping = ping_region.producer().expect("ping producer");
         let mut pong = pong_region.consumer().expect("pong consumer");
         pong.set_require_integrity(false);
@@ -434,12 +413,13 @@ impl Parent {
         let uds = unsafe { UnixStream::from_raw_fd(fds[0]) };
 
         let exe = std::env::current_exe().expect("current_exe");
-        let child = Command::new(exe)
-            .env(ROLE_ENV, &dir.0)
-            .env(UDS_FD_ENV, fds[1].to_string())
-            .spawn()
-            .expect("spawn the echo child");
-        let child = ChildGuard(child);
+        // The workspace's child guard: it dies with this process, and is killed and reaped on
+        // drop, panics included.
+        let child = ChildGuard::spawn(
+            Command::new(exe)
+                .env(ROLE_ENV, dir.path())
+                .env(UDS_FD_ENV, fds[1].to_string()),
+        );
         // SAFETY: fds[1] is ours and now duplicated into the child; the parent never uses it.
         unsafe {
             libc::close(fds[1]);
@@ -794,7 +774,7 @@ impl Parent {
         self.command(OP_EXIT, 0, 0);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.0.try_wait() {
+            if let Some(status) = self.child.try_wait() {
                 assert!(status.success(), "child exited with {status}");
                 return;
             }
@@ -1434,7 +1414,7 @@ fn parent_main() {
         (sweep_frame_sizes(&mut p), sweep_batches(&mut p))
     };
 
-    let ours = process_ticks(std::process::id()) + process_ticks(p.child.0.id()) - ours_start;
+    let ours = process_ticks(std::process::id()) + process_ticks(p.child.id()) - ours_start;
     let load = interference(ticks_start, machine_ticks(), ours, run_started.elapsed());
     let text = summary(&results, p.ticks_per_ns, &load, &frames, &batches);
     println!("\n{text}");

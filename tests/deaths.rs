@@ -29,16 +29,7 @@ use understudy_testkit::Fault;
 const CLI: &str = env!("CARGO_BIN_EXE_understudy");
 
 fn testapp(version: u32) -> PathBuf {
-    let path = Path::new(CLI)
-        .parent()
-        .expect("target dir")
-        .join(format!("understudy-testapp-v{version}"));
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` before these tests",
-        path.display()
-    );
-    path
+    understudy_test_support::cluster::testapp(Path::new(CLI), version)
 }
 
 /// A started cluster with load running; fails with the supervisor's log.

@@ -49,18 +49,7 @@ struct Harness {
     max: u64,
 }
 
-impl std::ops::Deref for Harness {
-    type Target = Supervised;
-    fn deref(&self) -> &Supervised {
-        &self.cluster
-    }
-}
-
-impl std::ops::DerefMut for Harness {
-    fn deref_mut(&mut self) -> &mut Supervised {
-        &mut self.cluster
-    }
-}
+understudy_test_support::derefs_to_supervised!(Harness, cluster);
 
 impl Harness {
     /// Engines run `max` requests paced `pace_us` apart; `args` are extra engine arguments,

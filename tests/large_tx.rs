@@ -38,15 +38,7 @@ fn big_write(c: &Cluster, client: &mut Client, bytes: u64) -> Vec<u8> {
 #[test]
 fn a_transaction_larger_than_the_stream_is_refused_and_the_standby_stays_hot() {
     for v in [1, 2] {
-        let p = Path::new(CLI)
-            .parent()
-            .expect("target dir")
-            .join(format!("understudy-testapp-v{v}"));
-        assert!(
-            p.exists(),
-            "{} is missing: run `cargo build --workspace --bins` first",
-            p.display()
-        );
+        understudy_test_support::cluster::testapp(Path::new(CLI), v);
     }
     let mut c = Cluster::new(Path::new(CLI), "large-tx", "info").expect("cluster");
     let s0 = c

@@ -34,18 +34,7 @@ const WAIT_MAX: Duration = Duration::from_secs(60);
 /// fails, and everything dies with the test runner.
 struct Cluster(Supervised);
 
-impl std::ops::Deref for Cluster {
-    type Target = Supervised;
-    fn deref(&self) -> &Supervised {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Cluster {
-    fn deref_mut(&mut self) -> &mut Supervised {
-        &mut self.0
-    }
-}
+understudy_test_support::derefs_to_supervised!(Cluster, 0);
 
 impl Cluster {
     /// A cluster whose engines run `max` requests paced `pace_us` apart. Thresholds are

@@ -59,18 +59,7 @@ const LOG_LINES: usize = 40;
 /// removed on drop, also when the test fails, and everything dies with the test runner.
 struct Cluster(Supervised);
 
-impl std::ops::Deref for Cluster {
-    type Target = Supervised;
-    fn deref(&self) -> &Supervised {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Cluster {
-    fn deref_mut(&mut self) -> &mut Supervised {
-        &mut self.0
-    }
-}
+understudy_test_support::derefs_to_supervised!(Cluster, 0);
 
 impl Cluster {
     fn new(tag: &str) -> Cluster {

@@ -48,18 +48,7 @@ struct Harness {
     pace_us: u64,
 }
 
-impl std::ops::Deref for Harness {
-    type Target = Supervised;
-    fn deref(&self) -> &Supervised {
-        &self.cluster
-    }
-}
-
-impl std::ops::DerefMut for Harness {
-    fn deref_mut(&mut self) -> &mut Supervised {
-        &mut self.cluster
-    }
-}
+understudy_test_support::derefs_to_supervised!(Harness, cluster);
 
 /// How long a frozen engine may take to stop.
 const FREEZE_MAX: Duration = Duration::from_secs(20);

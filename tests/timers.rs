@@ -21,15 +21,7 @@ const CLI: &str = env!("CARGO_BIN_EXE_understudy");
 
 fn testapps_built() {
     for v in [1, 2] {
-        let p = Path::new(CLI)
-            .parent()
-            .expect("target dir")
-            .join(format!("understudy-testapp-v{v}"));
-        assert!(
-            p.exists(),
-            "{} is missing: run `cargo build --workspace --bins` before these tests",
-            p.display()
-        );
+        understudy_test_support::cluster::testapp(Path::new(CLI), v);
     }
 }
 

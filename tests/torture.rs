@@ -26,15 +26,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 #[test]
 fn torture_campaign() {
     for v in [1, 2] {
-        let p = Path::new(CLI)
-            .parent()
-            .expect("target dir")
-            .join(format!("understudy-testapp-v{v}"));
-        assert!(
-            p.exists(),
-            "{} is missing: run `cargo build --workspace --bins` before this test",
-            p.display()
-        );
+        understudy_test_support::cluster::testapp(Path::new(CLI), v);
     }
     let events = env_u64("UNDERSTUDY_TORTURE_EVENTS", 250);
     let seed = env_u64("UNDERSTUDY_TORTURE_SEED", 2026);

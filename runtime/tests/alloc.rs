@@ -11,17 +11,17 @@
 //!
 //! The count is per thread: another test thread allocating does not disturb it.
 
-use shm_layout::region::{ensure_private_dir, IdentityWords, Region, RegionSpec};
+use shm_layout::region::{IdentityWords, Region, RegionSpec};
 use shm_layout::ring::{BatchBuf, Frame, Integrity};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::path::PathBuf;
 use understudy_runtime::app::write_versions;
 use understudy_runtime::client::{Client, ClientInput};
 use understudy_runtime::engine::{commit_block, execute, push_tx, Input, InputMeta, TxBuffers};
 use understudy_runtime::protocol::{self, rt};
 use understudy_runtime::store::Store;
 use understudy_runtime::Application;
+use understudy_test_support::TestDir;
 use understudy_testkit::Update4;
 
 struct Counting;
@@ -60,13 +60,6 @@ fn allocations() -> u64 {
 const UNITS: u64 = 256;
 const TABLE: u16 = 7;
 
-struct ShmDir(PathBuf);
-impl Drop for ShmDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// How the standby reads in one run of the transaction test.
 #[derive(Clone, Copy, Debug)]
 enum Read {
@@ -86,11 +79,7 @@ fn steady_state_transactions_allocate_nothing_on_either_engine() {
 }
 
 fn transactions_allocate_nothing(read: Read, integrity: Integrity) {
-    let dir = ShmDir(PathBuf::from(format!(
-        "/dev/shm/understudy-test-alloc-{}-{read:?}-{integrity:?}",
-        std::process::id()
-    )));
-    ensure_private_dir(&dir.0).expect("shm dir");
+    let dir = TestDir::new(&format!("alloc-{read:?}-{integrity:?}"));
     let me = IdentityWords {
         pid: std::process::id() as u64,
         start_time: 0,
@@ -100,7 +89,7 @@ fn transactions_allocate_nothing(read: Read, integrity: Integrity) {
         epoch: 1,
         kind: 1,
     };
-    let region = Region::create(&dir.0.join("stream"), spec, me).expect("create region");
+    let region = Region::create(&dir.join("stream"), spec, me).expect("create region");
     let mut producer = region.producer().expect("producer");
     producer.set_integrity(integrity);
     let mut consumer = region.consumer().expect("consumer");
@@ -180,13 +169,9 @@ fn transactions_allocate_nothing(read: Read, integrity: Integrity) {
 /// that is the client API's allocation, outside this count.)
 #[test]
 fn steady_state_requests_and_responses_allocate_nothing() {
-    let dir = ShmDir(PathBuf::from(format!(
-        "/dev/shm/understudy-test-alloc-client-{}",
-        std::process::id()
-    )));
-    ensure_private_dir(&dir.0).expect("shm dir");
-    let mut input = ClientInput::new(&dir.0).expect("engine side");
-    let mut client = Client::connect_with(&dir.0, 1 << 16).expect("client");
+    let dir = TestDir::new("alloc-client");
+    let mut input = ClientInput::new(dir.path()).expect("engine side");
+    let mut client = Client::connect_with(dir.path(), 1 << 16).expect("client");
     input.resume(&Store::new());
     let mut request = Vec::with_capacity(64);
     let mut response = [0u8; 40];

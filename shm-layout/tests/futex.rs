@@ -2,25 +2,14 @@
 //! futex word): a consumer in `Wait::Futex` falls asleep whenever the producer pauses, and
 //! still receives every record, in order, whatever the moment of each commit relative to its
 //! sleeps — the first ones included, made before any producer has acknowledged `MAY_SLEEP`.
-use shm_layout::region::{ensure_private_dir, IdentityWords, Region, RegionSpec};
+use shm_layout::region::{IdentityWords, Region, RegionSpec};
 use shm_layout::ring::{BatchBuf, Wait};
-use std::path::PathBuf;
 use std::time::Duration;
-
-struct ShmDir(PathBuf);
-impl Drop for ShmDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use understudy_test_support::{Rng, TestDir};
 
 #[test]
 fn futex_waiting_consumer_receives_every_record_across_producer_pauses() {
-    let dir = ShmDir(PathBuf::from(format!(
-        "/dev/shm/understudy-test-futex-{}",
-        std::process::id()
-    )));
-    ensure_private_dir(&dir.0).unwrap();
+    let dir = TestDir::new("futex");
     let me = IdentityWords {
         pid: std::process::id() as u64,
         start_time: 0,
@@ -30,7 +19,7 @@ fn futex_waiting_consumer_receives_every_record_across_producer_pauses() {
         epoch: 1,
         kind: 1,
     };
-    let region = Region::create(&dir.0.join("ring"), spec, me).unwrap();
+    let region = Region::create(&dir.join("ring"), spec, me).unwrap();
     let mut producer = region.producer().unwrap();
     let mut consumer = region.consumer().unwrap();
     const N: u64 = 3000;
@@ -51,7 +40,7 @@ fn futex_waiting_consumer_receives_every_record_across_producer_pauses() {
         }
         next
     });
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15);
     for k in 0..N {
         loop {
             match producer.try_publish(1, 1, 8, &k.to_le_bytes()) {
@@ -60,12 +49,10 @@ fn futex_waiting_consumer_receives_every_record_across_producer_pauses() {
                 Err(e) => panic!("publish: {e}"),
             }
         }
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
+        let r = rng.next_u64();
         // Pauses of every length around the consumer's spin budget and its first sleeps.
-        match rng % 16 {
-            0 => std::thread::sleep(Duration::from_micros(rng % 500)),
+        match r % 16 {
+            0 => std::thread::sleep(Duration::from_micros(r % 500)),
             1 => std::thread::yield_now(),
             _ => {}
         }

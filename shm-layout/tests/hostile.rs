@@ -42,6 +42,7 @@ use shm_layout::Ordering;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use understudy_test_support::ChildGuard;
 
 /// Control words of a ring (see the layout in `shm_layout::ring`): line 0 holds the producer's
 /// head position and sequence, line 1 the consumer's tail position and sequence.
@@ -1344,18 +1345,6 @@ fn hostile_client_process() {
     }
 }
 
-/// Kills and reaps the child when dropped (also when the test fails).
-struct ChildGuard(Option<std::process::Child>);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 #[test]
 fn a_hostile_client_process_stops_only_its_own_ring() {
     // Proves, across two real processes and real /dev/shm files, that a client process writing
@@ -1381,7 +1370,8 @@ fn a_hostile_client_process_stops_only_its_own_ring() {
     let b = Region::create(&b_path, spec(2), me).unwrap();
     let (mut b_prod, mut b_cons) = (b.producer().unwrap(), b.consumer().unwrap());
     let mut a_cons = Some(a.consumer().unwrap());
-    let mut guard = ChildGuard(Some(
+    // The workspace's child guard: SIGKILLed with the test runner, and on drop.
+    let mut guard = ChildGuard::spawn(
         Command::new(std::env::current_exe().expect("current test binary"))
             .args([
                 "--exact",
@@ -1393,10 +1383,8 @@ fn a_hostile_client_process_stops_only_its_own_ring() {
             .env(HOSTILE_CHILD_ENV, &a_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn the hostile client"),
-    ));
+            .stderr(Stdio::inherit()),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     let (mut a_batches, mut a_refusals, mut a_attach_refusals) = (0u64, 0u64, 0u64);
     let (mut b_sent, mut b_read) = (0u64, 0u64);
@@ -1441,12 +1429,11 @@ fn a_hostile_client_process_stops_only_its_own_ring() {
                 }
             },
         }
-        if let Some(status) = guard.0.as_mut().unwrap().try_wait().unwrap() {
+        if let Some(status) = guard.try_wait() {
             break status;
         }
         std::thread::yield_now();
     };
-    guard.0 = None;
     assert!(status.success(), "the hostile client exited with {status}");
     while b_cons.poll(&mut buf).unwrap() {
         b_read += buf.len() as u64;

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
+use understudy_test_support::ChildGuard;
 
 /// Set for the child: the region file it writes to.
 const REGION_ENV: &str = "UNDERSTUDY_KILL_TEST_REGION";
@@ -123,27 +124,10 @@ impl Checked {
     }
 }
 
-/// The child, SIGKILLed (and reaped) when dropped: a failing test never leaves a writer behind.
-struct ChildGuard(Option<Child>);
-
-impl ChildGuard {
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("child still held")
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn spawn_writer(path: &std::path::Path) -> ChildGuard {
     let exe = std::env::current_exe().expect("current test binary");
-    let child = Command::new(exe)
+    let mut child = Command::new(exe);
+    child
         .args([
             "--exact",
             "child_writer",
@@ -154,10 +138,9 @@ fn spawn_writer(path: &std::path::Path) -> ChildGuard {
         .env(REGION_ENV, path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the writer");
-    ChildGuard(Some(child))
+        .stderr(Stdio::piped());
+    // The workspace's child guard: SIGKILLed with the test runner, and on drop.
+    ChildGuard::spawn(&mut child)
 }
 
 fn child_stderr(child: &mut Child) -> String {
@@ -243,8 +226,8 @@ fn sigkill_leaves_a_gap_free_prefix_of_whole_batches() {
         // ring that has wrapped.
         let waiting = Instant::now();
         while progress.load(Ordering::Acquire) < 2 * CAPACITY as u64 {
-            if let Some(status) = child.child().try_wait().unwrap() {
-                let err = child_stderr(child.child());
+            if let Some(status) = child.child_mut().try_wait().unwrap() {
+                let err = child_stderr(child.child_mut());
                 panic!("round {round}: writer exited on its own ({status}):\n{err}");
             }
             if reader.is_finished() {
@@ -267,14 +250,14 @@ fn sigkill_leaves_a_gap_free_prefix_of_whole_batches() {
             totals.paused_kills += 1;
         }
         thread::sleep(Duration::from_micros(rng.range(0, 20_000)));
-        let pid = child.child().id();
-        child.child().kill().unwrap();
-        let status = child.child().wait().unwrap();
+        let pid = child.child_mut().id();
+        child.child_mut().kill().unwrap();
+        let status = child.child_mut().wait().unwrap();
         assert_eq!(
             status.signal(),
             Some(libc::SIGKILL),
             "round {round}: the writer ended otherwise ({status}):\n{}",
-            child_stderr(child.child())
+            child_stderr(child.child_mut())
         );
         assert_eq!(
             region.producer_identity().map(|i| i.pid),

@@ -91,7 +91,7 @@ impl TestDir {
     }
 
     /// `name` inside the directory.
-    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+    pub fn join(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }
 }

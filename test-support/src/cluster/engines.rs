@@ -10,6 +10,11 @@ use understudy_testkit::Side;
 use crate::child::{self, ChildGuard};
 use crate::dir::{unique_name, SHM_ROOT};
 
+/// Log lines shown when an engine exited unexpectedly.
+const LOG_TAIL_LINES: usize = 15;
+/// How often (in polls) [`Engines::wait_running`] checks that every engine still runs.
+pub const CHECK_EVERY_POLLS: u32 = 64;
+
 /// The slot names engines take on their command line.
 pub const SLOT_NAMES: [&str; 3] = ["a", "b", "c"];
 
@@ -21,6 +26,8 @@ pub struct Engines {
     /// The cluster directory (created by the first engine or [`Engines::control`]).
     pub dir: PathBuf,
     children: Vec<(usize, ChildGuard)>,
+    /// The log file of the engine last started in a slot with [`Engines::start_logged`].
+    logs: Vec<(usize, PathBuf)>,
 }
 
 impl Engines {
@@ -31,6 +38,7 @@ impl Engines {
         Engines {
             dir,
             children: Vec::new(),
+            logs: Vec::new(),
         }
     }
 
@@ -59,6 +67,57 @@ impl Engines {
     pub fn start(&mut self, slot: usize, cmd: &mut Command) {
         self.kill(slot);
         self.children.push((slot, ChildGuard::spawn(cmd)));
+    }
+
+    /// As [`Engines::start`], the engine's stderr written to `log`, whose tail
+    /// [`Engines::check_running`] shows if the engine exits.
+    pub fn start_logged(&mut self, slot: usize, cmd: &mut Command, log: PathBuf) {
+        let file = std::fs::File::create(&log)
+            .unwrap_or_else(|e| panic!("creating the log {}: {e}", log.display()));
+        self.start(slot, cmd.stderr(file));
+        self.logs.retain(|(s, _)| *s != slot);
+        self.logs.push((slot, log));
+    }
+
+    /// Panics, with the last lines of its log, if an engine exited (`hint`: what to do then).
+    pub fn check_running(&mut self, hint: &str) {
+        if let Some((slot, status)) = self.exited() {
+            let text = self
+                .logs
+                .iter()
+                .find(|(s, _)| *s == slot)
+                .and_then(|(_, l)| std::fs::read_to_string(l).ok())
+                .unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            panic!(
+                "engine in slot {slot} exited ({status}); expected it to keep running. \
+                 Its log:\n{}\n{hint}",
+                lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+            );
+        }
+    }
+
+    /// Waits (bounded, polling every `step`) until `f(control)`; panics naming `what`, or
+    /// the engine that exited meanwhile (checked every [`CHECK_EVERY_POLLS`] polls and at the
+    /// timeout, to keep tight polls cheap).
+    pub fn wait_running(
+        &mut self,
+        control: &Control,
+        what: &str,
+        timeout: Duration,
+        step: Duration,
+        hint: &str,
+        mut f: impl FnMut(&Control) -> bool,
+    ) {
+        let start = std::time::Instant::now();
+        let mut polls = 0u32;
+        crate::wait::Wait::new(what, timeout).every(step).until(|| {
+            polls = polls.wrapping_add(1);
+            if polls % CHECK_EVERY_POLLS == 0 || start.elapsed() > timeout {
+                self.check_running(hint);
+            }
+            f(control)
+        })
     }
 
     fn child(&mut self, slot: usize) -> &mut ChildGuard {
@@ -118,6 +177,7 @@ impl Engines {
     /// Takes the engine of `slot` out of the cluster (still guarded): a test that kills it on
     /// purpose and watches it die.
     pub fn take(&mut self, slot: usize) -> ChildGuard {
+        self.logs.retain(|(s, _)| *s != slot);
         let i = self
             .children
             .iter()

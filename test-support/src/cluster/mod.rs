@@ -17,6 +17,25 @@ use understudy_runtime::control::{cmd, Control, Field, Role, State, SLOTS};
 
 use crate::wait::Wait;
 
+/// Makes a test's own cluster type (a [`Supervised`] field plus the test's config and waits)
+/// deref to its [`Supervised`], so the harness's methods are the type's.
+#[macro_export]
+macro_rules! derefs_to_supervised {
+    ($wrapper:ty, $field:tt) => {
+        impl ::std::ops::Deref for $wrapper {
+            type Target = $crate::cluster::Supervised;
+            fn deref(&self) -> &Self::Target {
+                &self.$field
+            }
+        }
+        impl ::std::ops::DerefMut for $wrapper {
+            fn deref_mut(&mut self) -> &mut Self::Target {
+                &mut self.$field
+            }
+        }
+    };
+}
+
 /// How long a test waits for what should take milliseconds (a role change, an
 /// acknowledgement): generous, for a debug build on two loaded CPUs.
 pub const LONG: Duration = Duration::from_secs(20);

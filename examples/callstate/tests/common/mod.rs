@@ -34,12 +34,7 @@ pub fn cli_path() -> PathBuf {
 /// A cluster under `understudy up` (see [`Supervised`]).
 pub struct Cluster(Supervised);
 
-impl std::ops::Deref for Cluster {
-    type Target = Supervised;
-    fn deref(&self) -> &Supervised {
-        &self.0
-    }
-}
+understudy_test_support::derefs_to_supervised!(Cluster, 0);
 
 impl Cluster {
     pub fn up(tag: &str) -> Cluster {
