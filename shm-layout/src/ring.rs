@@ -1856,6 +1856,11 @@ fn batch_head_error(capacity: u64, pos: u64, seq: u64, w0: u64) -> ReadError {
 /// `words` as it is read (`payload_word` indexes `words`); without, nothing is copied and
 /// `payload_word` indexes the ring's data area. Every word of the batch is read once, into
 /// locals, and checked before anything is recorded about it.
+///
+/// One long function on purpose (the only one over 80 lines outside tests): it is the
+/// consumer's hot path and its whole argument of safety, every check beside the load it
+/// guards, in the order the words are read; split into helpers, the reader would have to
+/// follow locals across calls to see that no word from shared memory is read twice.
 #[inline(always)]
 fn scan_batch<const COPY: bool>(
     data: &[AtomicU64],
