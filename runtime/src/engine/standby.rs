@@ -7,10 +7,15 @@ use super::*;
 
 /// How a standby reads its replication stream: validated in place, views into the ring, the
 /// position published once per burst (`true`), or copied out batch by batch first (`false`).
-/// The stream comes from the engine's own peer, so either is allowed by the design rule; the
-/// choice is the one that costs the active less per transaction, measured side by side in
-/// `benches/replication.rs` (see benches/RESULTS-runtime.md).
-pub(super) const STANDBY_READS_IN_PLACE: bool = true;
+/// The stream comes from the engine's own peer, so either is allowed by the design rule.
+///
+/// Copied: side by side in `benches/replication.rs` the two cost the active the same per
+/// transaction (126.5 ns copied vs 128.8 ns in place, standby paced; benches/RESULTS-runtime.md),
+/// but a batch read in place stays unreleased until it is applied, and a large catch-up chunk
+/// applied slowly (a debug build on a loaded host) kept the ring full and unconsumed past the
+/// untether bound: `examples/callstate/tests/large_state.rs` saw the standby untethered in 2
+/// of 3 runs at load 8-14. A copied batch is released before it is applied.
+pub(super) const STANDBY_READS_IN_PLACE: bool = false;
 
 /// Standby regions created but not yet announced (see `Engine::prepare_upstream`).
 pub(super) struct Prepared {
