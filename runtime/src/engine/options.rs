@@ -59,6 +59,10 @@ impl StreamIntegrity {
 
 pub use crate::launch::{ENV_INTEGRITY, ENV_STANDBY_POLL_PAUSE_US};
 
+/// The longest [`Options::standby_poll_pause`] the environment may set: the standby's
+/// heartbeat, acks and stop command are served between pauses.
+pub const MAX_STANDBY_POLL_PAUSE: Duration = Duration::from_millis(1);
+
 /// How an idle loop waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Idle {
@@ -181,6 +185,12 @@ impl Options {
             self.catchup_chunk = (n as usize).max(1);
         }
         if let Some(us) = num(ENV_STANDBY_POLL_PAUSE_US)? {
+            let max = MAX_STANDBY_POLL_PAUSE.as_micros();
+            if u128::from(us) > max {
+                return Err(format!(
+                    "{ENV_STANDBY_POLL_PAUSE_US}: expected at most {max} (µs; a longer pause delays the standby's heartbeat, acks and a switchover, and lets a busy active untether it), found {us}"
+                ));
+            }
             self.standby_poll_pause = Duration::from_micros(us);
         }
         if let Ok(v) = std::env::var(ENV_INTEGRITY) {
@@ -222,5 +232,28 @@ impl Options {
             integrity: StreamIntegrity::Batch,
             standby_poll_pause: STANDBY_POLL_PAUSE_DEFAULT,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pause typed in ms instead of µs is refused, naming the variable and the bound; the
+    /// bound itself is accepted. (No other test reads this variable.)
+    #[test]
+    fn a_standby_poll_pause_over_the_bound_is_refused() {
+        let mut o = Options::new(std::path::PathBuf::from("/nonexistent"), 0);
+        std::env::set_var(ENV_STANDBY_POLL_PAUSE_US, "1000000");
+        let err = o.apply_env().unwrap_err();
+        std::env::set_var(ENV_STANDBY_POLL_PAUSE_US, "1000");
+        let ok = o.apply_env();
+        std::env::remove_var(ENV_STANDBY_POLL_PAUSE_US);
+        assert!(
+            err.contains(ENV_STANDBY_POLL_PAUSE_US) && err.contains("at most 1000"),
+            "{err}"
+        );
+        assert_eq!(ok, Ok(()));
+        assert_eq!(o.standby_poll_pause, MAX_STANDBY_POLL_PAUSE);
     }
 }
