@@ -361,32 +361,14 @@ pub fn decode_op_into(
     }
 }
 
-/// Encode a store change as `(record type, block length, payload)` into `out`.
+/// Encode a store change as `(record type, block length, payload)` into `out` (replacing
+/// what it held): the bytes [`write_op`] writes in place, into a vector.
 pub fn encode_op(op: &Op, out: &mut Vec<u8>) -> (u16, u16) {
-    match op {
-        Op::PutUnit {
-            id,
-            kind,
-            layout_version,
-            state,
-        } => encode_put_unit(*id, *kind, *layout_version, state, out),
-        Op::RetireUnit { id } => {
-            encode_into(out, &RetireUnitBlock { id: *id }, &[]);
-            (rt::RETIRE_UNIT, 8)
-        }
-        Op::Put { table, key, value } => encode_put(*table, key, value, out),
-        Op::Delete { table, key } => {
-            let b = RecordBlock {
-                table: *table,
-                _pad: 0,
-                key_len: key.len() as u32,
-                value_len: 0,
-                _pad2: 0,
-            };
-            encode_into(out, &b, &[key]);
-            (rt::DELETE, 16)
-        }
-    }
+    let (t, bl, len) = op_frame(op);
+    out.clear();
+    out.resize(len, 0);
+    write_op(op, out);
+    (t, bl)
 }
 
 /// Where a store change goes in a frame: its record type, block length and payload length (the
@@ -403,7 +385,7 @@ pub fn op_frame(op: &Op) -> (u16, u16, usize) {
 }
 
 /// Write `op` into `out` (exactly `op_frame(op).2` bytes: a claimed payload in the ring), the
-/// same bytes [`encode_op`] appends to a vector. Every byte of `out` is written.
+/// bytes [`decode_op`] reads back. Every byte of `out` is written.
 #[inline]
 pub fn write_op(op: &Op, out: &mut [u8]) {
     #[inline(always)]
@@ -619,6 +601,27 @@ mod tests {
             let mut in_place = vec![0xAAu8; len];
             write_op(op, &mut in_place);
             assert_eq!((t2, bl2, &in_place[..]), (t, bl, &buf[..]), "{op:?}");
+            // The snapshot's encoders from borrowed parts write the same frames.
+            let mut parts = Vec::new();
+            let from_parts = match op {
+                Op::PutUnit {
+                    id,
+                    kind,
+                    layout_version,
+                    state,
+                } => Some(encode_put_unit(
+                    *id,
+                    *kind,
+                    *layout_version,
+                    state,
+                    &mut parts,
+                )),
+                Op::Put { table, key, value } => Some(encode_put(*table, key, value, &mut parts)),
+                _ => None,
+            };
+            if let Some(tb) = from_parts {
+                assert_eq!((tb, &parts[..]), ((t, bl), &buf[..]), "{op:?}");
+            }
             for cut in 0..buf.len() {
                 let _ = decode_op(t, &buf[..cut], bl); // never panics
             }
