@@ -463,8 +463,10 @@ impl Drop for Supervised {
         self.kill_supervisor();
         let mut engines = self.engine_identities();
         engines.extend(self.engines_seen.borrow().iter().copied());
+        // The control block's words are untrusted (a hostile or fault-injected engine in a
+        // test can name any process): only a live process carrying this cluster's mark is ours.
         for identity in engines {
-            if identity.is_alive() {
+            if identity.is_alive() && carries_mark(identity.pid, &self.mark) {
                 child::send_if_alive(identity.pid, libc::SIGCONT);
                 child::send_if_alive(identity.pid, libc::SIGKILL);
             }
@@ -473,6 +475,15 @@ impl Drop for Supervised {
         drop(self.reaper.take());
         let _ = std::fs::remove_dir_all(&self.shm_dir);
     }
+}
+
+/// Whether process `pid`'s environment holds `<CLUSTER_MARK_VAR>=<mark>` (every process a
+/// supervised cluster starts inherits it).
+fn carries_mark(pid: u32, mark: &str) -> bool {
+    let want = format!("{CLUSTER_MARK_VAR}={mark}");
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|env| env.split(|&b| b == 0).any(|v| v == want.as_bytes()))
+        .unwrap_or(false)
 }
 
 /// `text` without ANSI escape sequences (`ESC [ … letter`).
