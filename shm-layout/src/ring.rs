@@ -25,7 +25,8 @@
 //! claims its room and writes the record in place ([`Batch::claim`], [`Batch::push_with`]);
 //! either way one Release store (the batch head's commit word) publishes the batch. A consumer
 //! copies a batch out with [`Consumer::poll`] (ingress, where a client must not change what
-//! was checked; the engine's standby copies too, measured cheaper for the active) or validates
+//! was checked; the engine's standby copies too: no dearer for the active, and a copied batch
+//! is released before it is applied) or validates
 //! it where it lies and gets views ([`Consumer::read_batch`], for a trusted peer whose copy
 //! costs more), publishing its position once per burst rather than once per batch.
 //!

@@ -127,9 +127,10 @@ impl<A: Application, I: Input> Engine<A, I> {
         let feedback_region = Region::create(&fp, spec(KIND_FEEDBACK), self.me)?;
         stream_region.set_consumer_identity(self.me);
         let mut stream = stream_region.consumer()?;
-        // Read in place, the standby publishes its position once per burst: at most every
-        // 1/64 of the ring (and whenever it finds nothing new), so the active's view of the
-        // room left (back-pressure, catch-up headroom, the untether bound) lags by little.
+        // Read in place (`STANDBY_READS_IN_PLACE`), the standby would publish its position
+        // once per burst: at most every 1/64 of the ring (and whenever it finds nothing new),
+        // so the active's view of the room left lags by little. The copying poll it uses
+        // publishes each batch as soon as it is copied, before it is applied.
         stream.set_release_every(self.opt.ring_capacity / 64);
         // Batches without a checksum are accepted only from an active configured like us
         // (`integrity = "off"` for the cluster): otherwise one is a corrupt stream.
